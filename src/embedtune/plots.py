@@ -1,0 +1,29 @@
+"""Training curves as a PNG: loss on the left, the eval metric on the right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_curves(history: list[dict], path: str | Path, metric: str) -> Path:
+    """Plot the trainer's log history (loss per logging step, `metric` per eval) to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h[metric]) for h in history if metric in h and "step" in h]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    if loss:
+        ax_loss.plot(*zip(*loss), marker=".")
+    ax_loss.set(title="training loss", xlabel="step", ylabel="MNRL loss")
+    if evals:
+        ax_metric.plot(*zip(*evals), marker="o", color="tab:green")
+    ax_metric.set(title=metric.replace("eval_", ""), xlabel="step", ylabel="held-out score")
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

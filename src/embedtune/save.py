@@ -1,0 +1,118 @@
+"""Saving: merged SentenceTransformer folders, plain HF encoders and adapters, all written atomically.
+
+Every save writes into a temporary sibling folder and renames it into place, so a crash never
+leaves a half-written model, and a non-empty target is refused unless `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from .errors import SaveError
+from .loading import load_info
+from .lora import merge_lora
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def check_target(target: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse a target that exists as a file, or as a non-empty folder unless overwriting."""
+    path = Path(target)
+    if path.exists() and not path.is_dir():
+        raise SaveError(f"{path}: exists and is not a folder")
+    if _is_nonempty_dir(path) and not overwrite:
+        raise SaveError(f"{path}: folder exists and is not empty; pass overwrite=True (CLI: --overwrite)")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
+    """Yield a temp folder next to `target`; on success it replaces `target` in one rename."""
+    path = check_target(target, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{tag}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _split_st(model_or_st):
+    """(backbone, tokenizer or None, SentenceTransformer or None) for an ST or a transformers/peft model."""
+    from sentence_transformers import SentenceTransformer
+
+    if isinstance(model_or_st, SentenceTransformer):
+        return model_or_st[0].auto_model, model_or_st[0].tokenizer, model_or_st
+    return model_or_st, None, None
+
+
+def save_merged(st_model, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Merge LoRA into the encoder (in place) and write a complete SentenceTransformer folder.
+
+    After this call `st_model` runs the merged plain encoder, so what is saved is what is in memory.
+    """
+    from .st import install_compat
+
+    install_compat()
+    backbone, _, st = _split_st(st_model)
+    if st is None:
+        raise SaveError("save_merged needs a SentenceTransformer; use save_hf for a plain encoder")
+    merged = merge_lora(backbone)
+    if merged is not backbone:
+        st[0].auto_model = merged
+    with atomic_folder(output_dir, overwrite) as tmp:
+        st.save(str(tmp), safe_serialization=True)
+    return Path(output_dir)
+
+
+def save_hf(model, tokenizer=None, output_dir: str | os.PathLike = None, overwrite: bool = False) -> Path:
+    """Write a plain merged encoder + tokenizer; refuses a folder that holds a SentenceTransformer."""
+    backbone, st_tokenizer, _ = _split_st(model)
+    tokenizer = tokenizer or st_tokenizer
+    target = Path(output_dir)
+    if (target / "modules.json").exists():
+        raise SaveError(
+            f"{target}: holds a SentenceTransformer model; save the plain encoder to a different folder"
+        )
+    merged = merge_lora(backbone)
+    with atomic_folder(target, overwrite) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return target
+
+
+def save_adapter(model, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write only the LoRA adapter, recording the base model it belongs to."""
+    from peft import PeftModel
+
+    backbone, tokenizer, _ = _split_st(model)
+    if not isinstance(backbone, PeftModel):
+        raise SaveError("save_adapter needs a model with LoRA adapters (FastModel.get_peft_model)")
+    if getattr(backbone, "_embedtune_merged", False):
+        raise SaveError("the adapters were already merged into the encoder; there is no adapter left to save")
+    info = load_info(backbone)
+    if info is not None:
+        for config in backbone.peft_config.values():
+            config.base_model_name_or_path = info.source
+    with atomic_folder(output_dir, overwrite) as tmp:
+        backbone.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(output_dir)

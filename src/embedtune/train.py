@@ -1,0 +1,277 @@
+"""The recipe: the guide's whole workflow in one call.
+
+load pairs -> hold-out split -> FastModel + LoRA -> SentenceTransformer -> MNRL with the
+NO_DUPLICATES sampler and an IR evaluator -> best checkpoint restored -> merged save.
+
+A run works in `OUTPUT.partial/` (trainer checkpoints live there) and the finished folder is
+renamed to `OUTPUT` only at the end, so an interrupted run never leaves a half-written OUTPUT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import load_pairs, train_eval_split
+from .errors import EmbedtuneError
+from .evaluate import evaluate_model, ir_evaluator, metric_key, pairs_to_ir_task, summarize
+from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
+from .lora import get_peft_model
+from .save import check_target, save_merged
+from .st import to_sentence_transformer
+
+EVAL_NAME = "ir-eval"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; the CLI flags map one to one onto these fields."""
+
+    data: str
+    model: str = DEFAULT_MODEL_ID
+    output_dir: str | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float | None = None  # None: 2e-4 with LoRA, 2e-5 for full fine-tuning
+    max_seq_length: int = 256
+    lora_r: int | None = 16  # None: full fine-tuning
+    lora_alpha: int | None = None  # None: equal to lora_r
+    eval_size: int | None = None  # None: min(4096, 10%)
+    eval: bool = True
+    evals_per_run: int = 4
+    pooling: str | None = None
+    seed: int = 42
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    gradient_checkpointing: bool | str = False
+    dtype: str | None = None
+    overwrite: bool = False
+    logging_steps: int = 5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 2e-4 if self.lora_r else 2e-5
+
+
+@dataclass
+class RunResult:
+    model: Any
+    metrics: dict
+    output_dir: Path | None
+
+
+def _token_count(tokenizer, texts, max_len: int) -> int:
+    """Real (unpadded) tokens the model sees for `texts`, truncated at `max_len`."""
+    total = 0
+    for start in range(0, len(texts), 2048):
+        enc = tokenizer(list(texts[start:start + 2048]), truncation=True, max_length=max_len)
+        total += sum(len(ids) for ids in enc["input_ids"])
+    return total
+
+
+def _precision_flags(model_dtype: torch.dtype) -> dict:
+    if not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False}
+    bf16 = torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "fp16": not bf16, "tf32": True}
+
+
+class BestWeights:
+    """Keep an in-memory copy of the trainable weights at the best eval score, and restore it at the end.
+
+    Cheaper and sturdier than reloading a checkpoint folder: LoRA weights are a few MB, and the
+    metric of the restored weights is exactly the one measured, so no final re-evaluation is needed.
+    It also forces an evaluation at the last step, so the final weights always compete.
+    """
+
+    def __init__(self, model, key: str):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.max_steps and state.global_step >= state.max_steps:
+                    control.should_evaluate = True
+
+            def on_evaluate(self, args, state, control, metrics=None, **kw):
+                outer.offer(metrics or {}, state.global_step)
+
+        self.callback = _Callback()
+        self.model = model
+        self.key = key
+        self.best_value: float | None = None
+        self.best_metrics: dict = {}
+        self.best_step: int | None = None
+        self._weights: dict[str, torch.Tensor] = {}
+
+    def offer(self, metrics: dict, step: int) -> None:
+        value = metrics.get(self.key)
+        if value is None or (self.best_value is not None and value <= self.best_value):
+            return
+        self.best_value, self.best_metrics, self.best_step = float(value), dict(metrics), step
+        self._weights = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def restore(self) -> None:
+        if not self._weights:
+            return
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in self._weights:
+                    param.copy_(self._weights[name].to(param.device))
+
+
+def train(data: str | None = None, config: TrainConfig | None = None, **kwargs) -> tuple[Any, dict]:
+    """Fine-tune an embedding model on anchor/positive pairs; returns (SentenceTransformer, metrics)."""
+    if config is None:
+        config = TrainConfig(data=data, **kwargs)
+    result = run(config)
+    return result.model, result.metrics
+
+
+def run(config: TrainConfig, progress=None) -> RunResult:
+    """The recipe behind `train` and the CLI. Validates all input before writing anything."""
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.training_args import BatchSamplers
+
+    started = time.time()
+    loaded = load_pairs(config.data)
+    output = check_target(config.output_dir, config.overwrite) if config.output_dir else None
+    if config.batch_size < 2:
+        raise EmbedtuneError("--batch-size must be at least 2: in-batch negatives need company")
+    eval_size = 0 if not config.eval else config.eval_size
+    train_ds, eval_ds = train_eval_split(loaded.dataset, eval_size, seed=config.seed)
+    if len(train_ds) < config.batch_size:
+        raise EmbedtuneError(
+            f"{config.data}: {len(train_ds)} training pairs, fewer than one batch of {config.batch_size}"
+        )
+
+    torch.manual_seed(config.seed)
+    dtype = resolve_dtype(config.dtype)
+    if config.lora_r is None and dtype != torch.float32:
+        dtype = torch.float32  # full fine-tuning keeps fp32 master weights; autocast does the rest
+    model, tokenizer = FastModel.from_pretrained(config.model, max_seq_length=config.max_seq_length, dtype=dtype)
+    if config.lora_r:
+        model = get_peft_model(
+            model, r=config.lora_r, lora_alpha=config.lora_alpha or config.lora_r,
+            use_gradient_checkpointing=config.gradient_checkpointing, random_state=config.seed,
+        )
+    elif config.gradient_checkpointing:
+        from .checkpointing import enable_checkpointing
+
+        enable_checkpointing(model, config.gradient_checkpointing)
+    st_model = to_sentence_transformer(model, tokenizer, pooling=config.pooling)
+
+    evaluator, task, base_metrics = None, None, {}
+    if eval_ds is not None:
+        task = pairs_to_ir_task(eval_ds, corpus_texts=loaded.dataset["positive"])
+        evaluator = ir_evaluator(task, name=EVAL_NAME)
+        base_metrics = evaluate_model(st_model, task)
+
+    steps_per_epoch = len(train_ds) // config.batch_size
+    total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
+    eval_steps = max(1, math.ceil(total_steps / max(1, config.evals_per_run)))
+    work = Path(f"{output}.partial") if output else Path(os.environ.get("TMPDIR", "/tmp")) / f"embedtune-{os.getpid()}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+
+    columns = [c for c in train_ds.column_names if c == "anchor" or c == "positive" or c.startswith("negative_")]
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(work / "checkpoints"),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+        weight_decay=config.weight_decay,
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        eval_strategy="steps" if evaluator else "no",
+        eval_steps=eval_steps,
+        save_strategy="no",
+        logging_steps=config.logging_steps,
+        report_to="none",
+        seed=config.seed,
+        max_grad_norm=1.0,
+        dataloader_drop_last=True,
+        **_precision_flags(dtype),
+        **config.extra,
+    )
+    best = BestWeights(st_model, f"eval_{metric_key(EVAL_NAME)}")
+    trainer = SentenceTransformerTrainer(
+        model=st_model,
+        args=args,
+        train_dataset=train_ds.select_columns(columns),
+        loss=MultipleNegativesRankingLoss(st_model),
+        evaluator=evaluator,
+        callbacks=[best.callback] if evaluator else None,
+    )
+    train_started = time.time()
+    trainer.train()
+    train_time = time.time() - train_started
+    best.restore()
+    final_metrics = summarize(best.best_metrics) if evaluator else {}
+
+    state = trainer.state
+    rows_seen = min(state.global_step * config.batch_size, len(train_ds) * max(1, math.ceil(config.epochs)))
+    texts = list(train_ds["anchor"]) + list(train_ds["positive"])
+    mean_tokens = _token_count(tokenizer, texts, config.max_seq_length) / max(1, len(train_ds))
+    tokens = int(mean_tokens * rows_seen * (1 + loaded.num_negatives / 2))
+    metrics = {
+        "base": base_metrics,
+        "final": final_metrics,
+        "train_time_s": round(train_time, 2),
+        "total_time_s": round(time.time() - started, 2),
+        "steps": state.global_step,
+        "train_pairs": len(train_ds),
+        "eval_pairs": len(eval_ds) if eval_ds is not None else 0,
+        "skipped_rows": loaded.skipped,
+        "tokens_per_s": round(tokens / train_time, 1) if train_time > 0 else None,
+        "best_step": best.best_step,
+        "history": state.log_history,
+        "config": {k: v for k, v in asdict(config).items() if k != "extra"},
+    }
+    result_dir = None
+    if output is not None:
+        result_dir = _finish_output(st_model, metrics, work, output, config.overwrite)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return RunResult(st_model, metrics, result_dir)
+
+
+def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite: bool) -> Path:
+    """Assemble model/, metrics.json and curves in the work folder, then rename it into place."""
+    from .plots import plot_curves
+
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    model_dir = save_merged(st_model, work / "model")
+    metrics["artifacts"] = {
+        "model": str(output / "model"),
+        "metrics": str(output / "metrics.json"),
+        "plot": str(output / "training_curves.png"),
+    }
+    (work / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    plot_curves(metrics["history"], work / "training_curves.png", metric=f"eval_{metric_key(EVAL_NAME)}")
+    assert model_dir.exists()
+    if output.exists():
+        if not overwrite:
+            raise EmbedtuneError(f"{output}: appeared during the run; results left in {work}")
+        shutil.rmtree(output)
+    os.replace(work, output)
+    return output
