@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -416,7 +417,8 @@ def test_json_without_record_list(tmp_path):
 
 def test_no_usable_rows(tmp_path):
     path = tmp_path / "blank_rows.jsonl"
-    _write_jsonl(path, [{"anchor": "", "positive": "p"}, {"anchor": "a", "positive": None}, {"anchor": " ", "positive": "x"}])
+    rows = [{"anchor": "", "positive": "p"}, {"anchor": "a", "positive": None}, {"anchor": " ", "positive": "x"}]
+    _write_jsonl(path, rows)
     with pytest.raises(DataError) as e:
         load_pairs(path)
     assert _message(e) == f"{path}: no usable rows (3 skipped for empty or null text)"
@@ -465,16 +467,36 @@ _CSV_TOKENS = st.sampled_from(
 )
 
 
+# Well-formed records with random keys and values, so the column normaliser (not just the parsers)
+# meets nulls, numbers, lists, blanks and missing keys.
+_KEYS = st.sampled_from(["anchor", "query", "question", "positive", "pos", "answer", "negative", "neg",
+                         "negative_1", "negative_2", "other"])
+_SCALARS = st.one_of(st.none(), st.text(max_size=4), st.integers(), st.booleans(), st.just(" "))
+_RECORDS = st.lists(
+    st.dictionaries(_KEYS, st.one_of(_SCALARS, st.lists(_SCALARS, max_size=3)), max_size=5), max_size=6
+)
+
+
+def _to_csv_bytes(rows: list[list[str]]) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue().encode("utf-8", "surrogatepass")
+
+
 def _fuzz_inputs():
     return st.one_of(
         st.binary(max_size=200),
         st.lists(_JSON_TOKENS, max_size=40).map(lambda t: "".join(t).encode("utf-8")),
         st.lists(_CSV_TOKENS, max_size=40).map(lambda t: "".join(t).encode("utf-8")),
         st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass")),
+        _RECORDS.map(lambda rows: "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")),
+        st.lists(st.lists(st.one_of(_KEYS, st.text(max_size=4)), min_size=2, max_size=2), max_size=5).map(
+            _to_csv_bytes
+        ),
     )
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(content=_fuzz_inputs())
 def test_fuzz_load_pairs_returns_valid_pairs_or_data_error(content):
     with tempfile.TemporaryDirectory() as tmp:
@@ -520,7 +542,8 @@ def test_split_is_deterministic_per_seed():
     a_train, a_eval = train_eval_split(ds, eval_size=20, seed=7)
     b_train, b_eval = train_eval_split(ds, eval_size=20, seed=7)
     c_train, c_eval = train_eval_split(ds, eval_size=20, seed=8)
-    assert _column(a_train, "anchor") == _column(b_train, "anchor") and _column(a_eval, "anchor") == _column(b_eval, "anchor")
+    assert _column(a_train, "anchor") == _column(b_train, "anchor")
+    assert _column(a_eval, "anchor") == _column(b_eval, "anchor")
     assert _column(a_eval, "anchor") != _column(c_eval, "anchor")
     assert not set(_column(a_train, "anchor")) & set(_column(a_eval, "anchor"))
 

@@ -210,9 +210,11 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         seed=config.seed,
         max_grad_norm=1.0,
         dataloader_drop_last=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
         **_precision_flags(dtype),
         **config.extra,
     )
+    st_model.model_card_data.generate_widget_examples = False  # it encodes samples: slow, and not ours to show
     best = BestWeights(st_model, f"eval_{metric_key(EVAL_NAME)}")
     trainer = SentenceTransformerTrainer(
         model=st_model,

@@ -1,5 +1,11 @@
 """Read (anchor, positive[, negatives]) training pairs from the file formats people actually have.
 
+Accepted: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects, an object holding one list such as
+``{"data": [...]}``, or JSON lines), ``.csv`` (every cell read as text), ``.parquet``, and folders written
+by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk`` (the "train" split, else the first).
+Columns: anchor/query/question, positive/pos/answer, negative/neg/negative_<n>; values may be strings or
+lists of strings (FlagEmbedding style), a list of positives giving one row each.
+
 Every format is turned into a stream of row dicts and fed through one normaliser (:class:`_Collector`),
 so aliases, list-valued columns, skipping and negative handling behave the same everywhere. Any problem
 with the user's file surfaces as a one-line :class:`DataError` naming the file (and line, where known).
@@ -36,6 +42,7 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 _BATCH_ROWS = 8192  # rows per batch read from Parquet / saved datasets
 _FLUSH_ROWS = 65536  # rows buffered as Python strings before conversion to Arrow
 _MAX_DETAIL_CHARS = 300
+_MAX_PLANS = 4096  # distinct row shapes (key tuples) whose column resolution is cached
 
 
 @dataclass
@@ -154,7 +161,9 @@ class _Collector:
             negatives = tuple(a for a in NEGATIVE_ALIASES if a in keys) + tuple(k for _, k in numbered)
             self.has_anchor_column |= anchor is not None
             self.has_positive_column |= positive is not None
-            plan = self._plans[keys] = (anchor, positive, negatives)
+            plan = (anchor, positive, negatives)
+            if len(self._plans) < _MAX_PLANS:  # rows with ever-new keys must not grow this forever
+                self._plans[keys] = plan
         return plan
 
     def add(self, record: dict) -> None:
@@ -429,8 +438,12 @@ def _read_csv(p: Path, name: str, collector: _Collector) -> None:
         with pa_csv.open_csv(p, parse_options=parse, convert_options=convert) as reader:
             _feed_batches(collector, (batch.to_pydict() for batch in reader))
     except (pa.ArrowException, ValueError) as e:  # ValueError covers UnicodeDecodeError too
-        if "Empty CSV file" in str(e):  # pyarrow's take on a header line with no newline: no rows
-            raise DataError(f"{name}: file is empty") from None
+        if "Empty CSV file" in str(e):  # pyarrow found no complete row
+            with p.open("rb") as f:
+                head = f.read(1 << 20).rstrip()
+            if b"\n" not in head and b"\r" not in head:  # a lone header line: no rows
+                raise DataError(f"{name}: file is empty") from None
+            raise DataError(f"{name}: invalid CSV: the header row never ends (unbalanced quote?)") from None
         raise DataError(f"{name}: invalid CSV: {_one_line(str(e))}") from None
 
 

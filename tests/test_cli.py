@@ -1,0 +1,76 @@
+"""The CLI turns bad input into one clear line, a non-zero exit, and no output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from embedtune.cli import app
+
+runner = CliRunner()
+
+
+def _train(data: Path, out: Path, *extra: str):
+    return runner.invoke(app, ["train", str(data), "--output", str(out), "--max-steps", "1", *extra])
+
+
+def _assert_clean_failure(result, out: Path, *needles: str):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    text = " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in {text!r}"
+    assert not out.exists(), "nothing may be written before the data validates"
+    assert not Path(f"{out}.partial").exists()
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"anchor": "a", "positive": "b"}\n{"anchor": "c", "positive": \n')
+    _assert_clean_failure(_train(data, tmp_path / "out"), tmp_path / "out", "pairs.jsonl:2", "invalid JSON")
+
+
+def test_missing_columns_lists_columns_found(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"text": "a", "label": 1}) + "\n")
+    _assert_clean_failure(_train(data, tmp_path / "out"), tmp_path / "out", "missing columns", "text", "label")
+
+
+def test_empty_file_says_so(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("")
+    _assert_clean_failure(_train(data, tmp_path / "out"), tmp_path / "out", "empty")
+
+
+def test_no_usable_rows_says_so(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"anchor": "", "positive": "x"}\n{"anchor": null, "positive": "y"}\n')
+    _assert_clean_failure(_train(data, tmp_path / "out"), tmp_path / "out", "no usable rows", "2 skipped")
+
+
+def test_missing_path_is_named(tmp_path):
+    data = tmp_path / "nope.jsonl"
+    _assert_clean_failure(_train(data, tmp_path / "out"), tmp_path / "out", "nope.jsonl", "no such file")
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"anchor": f"q{i}", "positive": f"d{i}"}) + "\n" for i in range(8)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = _train(data, out)
+    assert result.exit_code != 0 and "not empty" in " ".join(result.output.split())
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("command", [["eval", "missing-model-dir/", "x.jsonl"], ["eval", ".", "x.jsonl"]])
+def test_eval_bad_input_is_one_line(tmp_path, command):
+    result = runner.invoke(app, command)
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert "error:" in result.output

