@@ -25,6 +25,10 @@ ALL_ARCHS = ENCODER_ARCHS + DECODER_ARCHS
 # ModernBERT's local (sliding-window) attention span and Gemma3's sliding window: small, so test
 # sentences longer than this many tokens exercise the windowed layers.
 LOCAL_WINDOW = 16
+# transformers' default init (std 0.02) makes a tiny encoder's CLS embedding almost independent of the
+# input (pairwise cosine > 0.9999), which would let padding/masking bugs slip through the equality
+# checks. std 0.2 spreads every architecture's embeddings (pairwise cosine roughly 0.2-0.95).
+INIT_RANGE = 0.2
 
 _BERT_LIKE = dict(
     hidden_size=32,
@@ -83,7 +87,7 @@ def _config_kwargs(arch: str) -> dict[str, Any]:
         return dict(_DECODER, sliding_window=LOCAL_WINDOW, layer_types=["sliding_attention", "full_attention"],
                     tie_word_embeddings=True)
     if arch == "mistral":
-        return dict(_DECODER, sliding_window=None)
+        return dict(_DECODER, sliding_window=LOCAL_WINDOW)
     if arch in ("qwen2", "qwen3", "llama"):
         return dict(_DECODER)
     raise ValueError(f"no tiny config for {arch!r}")
@@ -99,7 +103,7 @@ def make_tiny_model(arch: str, root: Path) -> Path:
     target = Path(root) / arch
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    config = AutoConfig.for_model(arch, vocab_size=VOCAB_SIZE, **_config_kwargs(arch))
+    config = AutoConfig.for_model(arch, vocab_size=VOCAB_SIZE, initializer_range=INIT_RANGE, **_config_kwargs(arch))
     model_cls = AutoModel._model_mapping[type(config)]
     torch.manual_seed(0)
     model = model_cls(config).eval()

@@ -89,6 +89,7 @@ def train(
     seed: int = typer.Option(42, "--seed"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Checkpoint activations (offloaded to CPU on GPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    no_fast: bool = typer.Option(False, "--no-fast", help="Use the standard padded forward instead of the packed fast path."),
 ):
     """Fine-tune an embedding model on anchor/positive pairs and save the merged SentenceTransformer."""
     from .loading import DEFAULT_MODEL_ID
@@ -100,6 +101,7 @@ def train(
             batch_size=batch_size, lr=lr, max_seq_length=max_seq_length, lora_r=None if full else lora_r,
             eval_size=eval_size, eval=not no_eval, evals_per_run=evals, pooling=pooling, seed=seed,
             gradient_checkpointing="unsloth" if gradient_checkpointing else False, overwrite=overwrite,
+            fast=not no_fast,
         )
         result = run(config)
         print_summary(result.metrics)
@@ -113,7 +115,7 @@ def evaluate(
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length"),
 ):
     """Retrieval metrics (nDCG@10, MRR@10, Recall@10) of a model on a pairs file."""
-    from .data import load_pairs
+    from .data import column, load_pairs
     from .evaluate import evaluate_model, pairs_to_ir_task
     from .loading import FastModel
     from .st import to_sentence_transformer
@@ -122,7 +124,7 @@ def evaluate(
         loaded = load_pairs(data)
         backbone, tokenizer = FastModel.from_pretrained(model, max_seq_length=max_seq_length or 512)
         st_model = to_sentence_transformer(backbone, tokenizer)
-        task = pairs_to_ir_task(loaded.dataset, corpus_texts=loaded.dataset["positive"])
+        task = pairs_to_ir_task(loaded.dataset, corpus_texts=column(loaded.dataset, "positive"))
         scores = evaluate_model(st_model, task, batch_size=batch_size, show_progress=True)
         table = Table(title=f"{model} on {data} ({len(task.queries)} queries, {len(task.corpus)} documents)",
                       title_justify="left")

@@ -33,7 +33,9 @@ def pairs_to_ir_task(eval_rows, corpus_texts=None) -> IRTask:
         doc_id(text)
     query_ids: dict[str, str] = {}
     relevant: dict[str, set[str]] = {}
-    for anchor, positive in zip(eval_rows["anchor"], eval_rows["positive"]):
+    from .data import column
+
+    for anchor, positive in zip(column(eval_rows, "anchor"), column(eval_rows, "positive")):
         qid = query_ids.setdefault(anchor, f"q{len(query_ids)}")
         relevant.setdefault(qid, set()).add(doc_id(positive))
     return IRTask(

@@ -211,9 +211,14 @@ class FastModel:
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         device: str | torch.device | None = None,
+        fast: bool = True,
         **kwargs: Any,
     ):
-        """Load `(model, tokenizer)` for fine-tuning. Weights load from safetensors only unless `allow_pickle`."""
+        """Load `(model, tokenizer)` for fine-tuning. Weights load from safetensors only unless `allow_pickle`.
+
+        `fast=True` switches supported architectures to the padding-free packed forward
+        (`embedtune.packing`); outputs are the same, the dense layers just skip padding.
+        """
         from transformers import AutoConfig, AutoTokenizer
 
         source, layout = _resolve_source(str(model_name))
@@ -263,6 +268,10 @@ class FastModel:
             spec=spec,
             prompts=layout.prompts if layout else None,
         )
+        if fast:
+            from .packing import enable_fast_path
+
+            enable_fast_path(model)
         return model, tokenizer
 
     @staticmethod

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .data import load_pairs, train_eval_split
+from .data import column, load_pairs, train_eval_split
 from .errors import EmbedtuneError
 from .evaluate import evaluate_model, ir_evaluator, metric_key, pairs_to_ir_task, summarize
 from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
@@ -56,6 +56,7 @@ class TrainConfig:
     dtype: str | None = None
     overwrite: bool = False
     logging_steps: int = 5
+    fast: bool = True  # padding-free packed forward where the architecture supports it
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -163,7 +164,8 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     dtype = resolve_dtype(config.dtype)
     if config.lora_r is None and dtype != torch.float32:
         dtype = torch.float32  # full fine-tuning keeps fp32 master weights; autocast does the rest
-    model, tokenizer = FastModel.from_pretrained(config.model, max_seq_length=config.max_seq_length, dtype=dtype)
+    model, tokenizer = FastModel.from_pretrained(config.model, max_seq_length=config.max_seq_length, dtype=dtype,
+                                              fast=config.fast)
     if config.lora_r:
         model = get_peft_model(
             model, r=config.lora_r, lora_alpha=config.lora_alpha or config.lora_r,
@@ -177,7 +179,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
 
     evaluator, task, base_metrics = None, None, {}
     if eval_ds is not None:
-        task = pairs_to_ir_task(eval_ds, corpus_texts=loaded.dataset["positive"])
+        task = pairs_to_ir_task(eval_ds, corpus_texts=column(loaded.dataset, "positive"))
         evaluator = ir_evaluator(task, name=EVAL_NAME)
         base_metrics = evaluate_model(st_model, task)
 
@@ -232,7 +234,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
 
     state = trainer.state
     rows_seen = min(state.global_step * config.batch_size, len(train_ds) * max(1, math.ceil(config.epochs)))
-    texts = list(train_ds["anchor"]) + list(train_ds["positive"])
+    texts = column(train_ds, "anchor") + column(train_ds, "positive")
     mean_tokens = _token_count(tokenizer, texts, config.max_seq_length) / max(1, len(train_ds))
     tokens = int(mean_tokens * rows_seen * (1 + loaded.num_negatives / 2))
     metrics = {

@@ -5,6 +5,7 @@ from embedtune.data.readers import (
     NEGATIVE_ALIASES,
     POSITIVE_ALIASES,
     LoadedPairs,
+    column,
     load_pairs,
     train_eval_split,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "POSITIVE_ALIASES",
     "LoadedPairs",
     "build_stdlib_pairs",
+    "column",
     "load_pairs",
     "train_eval_split",
     "write_jsonl",

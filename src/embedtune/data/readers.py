@@ -85,6 +85,11 @@ def load_pairs(path: str | os.PathLike) -> LoadedPairs:
     return collector.finish()
 
 
+def column(dataset, name: str) -> list[str]:
+    """One column as a Python list, read through Arrow (iterating a `datasets` Column is slow)."""
+    return dataset.with_format("arrow")[name].to_pylist()
+
+
 def train_eval_split(
     dataset: datasets.Dataset, eval_size: int | None = None, seed: int = 42
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:

@@ -1,0 +1,73 @@
+"""The padding-free fast path: packed batches, varlen attention, per-architecture packed forward.
+
+`enable_fast_path(model)` makes a supported model run packed: its `forward` (the instance's, not
+the class's) is replaced by `PackedForward`, which falls back to the original forward for anything
+it does not handle (hidden states requested, inputs_embeds, no attention mask). The weights and
+their names are untouched, so saving, merging and loading work as before.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers.modeling_outputs import BaseModelOutput
+
+from .bert import packed_bert_forward
+
+logger = logging.getLogger(__name__)
+
+PACKED_FORWARDS = {
+    "bert": packed_bert_forward,
+    "roberta": packed_bert_forward,
+    "xlm-roberta": packed_bert_forward,
+    "electra": packed_bert_forward,
+}
+
+
+class PackedForward:
+    """A model's forward that runs packed; anything unusual goes to the original forward."""
+
+    def __init__(self, model, packed_fn, attention_backend: str = "auto"):
+        self.original = model.forward
+        self.model = model
+        self.packed_fn = packed_fn
+        self.attention_backend = attention_backend
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=True, **kwargs):
+        if (input_ids is None or attention_mask is None or inputs_embeds is not None or position_ids is not None
+                or output_hidden_states or output_attentions):
+            return self.original(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                 position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                 output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                                 return_dict=return_dict, **kwargs)
+        hidden = self.packed_fn(self.model, input_ids, attention_mask, token_type_ids, self.attention_backend)
+        return BaseModelOutput(last_hidden_state=hidden)
+
+
+def base_model_of(model):
+    """The transformers model under peft wrappers."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports_fast_path(model) -> bool:
+    return base_model_of(model).config.model_type in PACKED_FORWARDS
+
+
+def enable_fast_path(model, attention_backend: str = "auto") -> bool:
+    """Switch `model` (plain or peft) to the packed forward; returns False (with a notice) if unsupported."""
+    base = base_model_of(model)
+    fn = PACKED_FORWARDS.get(base.config.model_type)
+    if fn is None:
+        logger.warning("embedtune: no packed forward for %s yet; using the standard (padded) path",
+                       base.config.model_type)
+        return False
+    if not isinstance(base.__dict__.get("forward"), PackedForward):
+        base.forward = PackedForward(base, fn, attention_backend)
+    return True
+
+
+def disable_fast_path(model) -> None:
+    base = base_model_of(model)
+    if isinstance(base.__dict__.get("forward"), PackedForward):
+        del base.forward

@@ -1,0 +1,56 @@
+"""Packed (padding-free) forward for the BERT family: BERT, RoBERTa, XLM-RoBERTa, ELECTRA.
+
+These share one layer layout (attention.self.{query,key,value}, attention.output.{dense,LayerNorm},
+intermediate.dense, output.{dense,LayerNorm}). We run the model's own submodules, so LoRA layers
+that peft put there are used as they are, on [tokens, hidden] instead of [batch, length, hidden].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .varlen import PackedBatch, varlen_attention
+
+# RoBERTa-style position ids start after the padding index.
+POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert"}
+
+
+def _embed(model, input_ids, token_type_ids, plan: PackedBatch):
+    ids = plan.pack(input_ids)[None]
+    positions = plan.position_ids
+    if model.config.model_type in POSITION_OFFSET_TYPES:
+        positions = positions + model.embeddings.padding_idx + 1
+    types = plan.pack(token_type_ids)[None] if token_type_ids is not None else torch.zeros_like(ids)
+    hidden = model.embeddings(input_ids=ids, token_type_ids=types, position_ids=positions[None])[0]
+    project = getattr(model, "embeddings_project", None)  # ELECTRA with embedding_size != hidden
+    return project(hidden) if project is not None else hidden
+
+
+def _layer(layer, hidden, plan: PackedBatch, attention_backend: str):
+    self_attn = layer.attention.self
+    tokens = hidden.shape[0]
+    heads, dim = self_attn.num_attention_heads, self_attn.attention_head_size
+    q = self_attn.query(hidden).view(tokens, heads, dim)
+    k = self_attn.key(hidden).view(tokens, heads, dim)
+    v = self_attn.value(hidden).view(tokens, heads, dim)
+    dropout = self_attn.dropout.p if self_attn.training else 0.0
+    scale = getattr(self_attn, "scaling", dim ** -0.5)
+    context = varlen_attention(q, k, v, plan, scale, dropout, backend=attention_backend).reshape(tokens, heads * dim)
+    out = layer.attention.output
+    hidden = out.LayerNorm(out.dropout(out.dense(context)) + hidden)
+    inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
+    out = layer.output
+    return out.LayerNorm(out.dropout(out.dense(inter)) + hidden)
+
+
+def packed_bert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
+    """Token embeddings [B, L, H] (zeros at padding) computed without running dense layers on padding."""
+    plan = PackedBatch.from_mask(attention_mask)
+    hidden = _embed(model, input_ids, token_type_ids, plan)
+    for layer in model.encoder.layer:
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            hidden = layer._gradient_checkpointing_func(
+                lambda h, _layer_=layer: _layer(_layer_, h, plan, attention_backend), hidden)
+        else:
+            hidden = _layer(layer, hidden, plan, attention_backend)
+    return plan.unpack(hidden)

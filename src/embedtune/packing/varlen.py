@@ -1,0 +1,96 @@
+"""Variable-length (packed) attention: many sequences in one token stream, none attending across.
+
+Inputs are packed `q, k, v` of shape [tokens, heads, head_dim] plus `cu_seqlens` (sequence starts,
+int32, length batch+1). On CUDA we use torch's fused `varlen_attn` (torch >= 2.10) or flash_attn
+when installed. Everywhere else, and whenever attention dropout is active in training, the exact
+fallback scatters q/k/v into a padded [batch, heads, max_len, head_dim] view for SDPA with a key
+mask and gathers the result back: only attention sees padding, every dense layer stays packed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PackedBatch:
+    """Where each real token of a padded batch lives in the packed stream."""
+
+    flat_index: torch.Tensor  # [T] positions of real tokens in the flattened [B*L] batch
+    cu_seqlens: torch.Tensor  # [B+1] int32 sequence starts in the packed stream
+    position_ids: torch.Tensor  # [T] position of each token inside its own sequence
+    seq_lens: torch.Tensor  # [B]
+    batch: int
+    max_len: int  # L of the padded batch
+    max_seqlen: int  # longest real sequence
+    key_mask: torch.Tensor  # [B, L] bool, True at real tokens
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> "PackedBatch":
+        """Build the packing plan from a padded batch's attention mask (left or right padded)."""
+        mask = attention_mask.bool()
+        batch, max_len = mask.shape
+        seq_lens = mask.sum(dim=1)
+        flat_index = mask.reshape(-1).nonzero(as_tuple=False).squeeze(1)
+        cu = torch.zeros(batch + 1, dtype=torch.int32, device=mask.device)
+        cu[1:] = torch.cumsum(seq_lens, dim=0).to(torch.int32)
+        positions = (torch.cumsum(mask.long(), dim=1) - 1).reshape(-1)[flat_index]
+        return cls(flat_index, cu, positions, seq_lens, batch, max_len, int(seq_lens.max().item()), mask)
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> [T, ...]"""
+        return padded.reshape(self.batch * self.max_len, *padded.shape[2:])[self.flat_index]
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [B, L, ...] with zeros at padding."""
+        out = packed.new_zeros(self.batch * self.max_len, *packed.shape[1:])
+        out = out.index_copy(0, self.flat_index, packed)
+        return out.view(self.batch, self.max_len, *packed.shape[1:])
+
+
+def _fused_varlen():
+    """torch's fused varlen attention, or None where this torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def padded_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False):
+    """Exact reference path: SDPA over the padded view with a key-padding (and causal) mask."""
+    heads, dim = q.shape[1], q.shape[2]
+    qp, kp, vp = (plan.unpack(t).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+    mask = plan.key_mask[:, None, None, :]
+    if causal:
+        pos = torch.arange(plan.max_len, device=q.device)
+        mask = mask & (pos[None, None, :, None] >= pos[None, None, None, :])
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return plan.pack(out.transpose(1, 2).reshape(plan.batch, plan.max_len, heads, dim))
+
+
+def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
+                     backend: str = "auto"):
+    """Attention over packed sequences; `backend` in {auto, fused, flash, padded}."""
+    if backend == "padded" or dropout_p > 0 or not q.is_cuda or q.dtype == torch.float32:
+        return padded_sdpa(q, k, v, plan, scale, dropout_p, causal)
+    fused = _fused_varlen() if backend in ("auto", "fused") else None
+    if fused is not None:
+        return fused(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
+                     is_causal=causal, scale=scale)
+    flash = _flash_attn_varlen() if backend in ("auto", "flash") else None
+    if flash is not None:
+        return flash(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
+                     softmax_scale=scale, causal=causal)
+    return padded_sdpa(q, k, v, plan, scale, dropout_p, causal)

@@ -1,0 +1,116 @@
+"""The packed fast path equals the padded path: outputs per sequence and gradients, on CPU in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embedtune import FastModel
+from embedtune.packing import PACKED_FORWARDS, disable_fast_path, enable_fast_path
+from embedtune.packing.varlen import PackedBatch, padded_sdpa
+from tiny_models import make_tiny_model
+
+ARCHS = sorted(PACKED_FORWARDS)
+TEXTS = [
+    "short",
+    "a much longer sentence with many more tokens in it so that padding matters a lot here",
+    "def f(x):\n    return x + 1",
+    "another medium length sentence",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny_packed")
+
+
+def _no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _load(arch, root, lora: bool):
+    torch.manual_seed(0)
+    model, tok = FastModel.from_pretrained(str(make_tiny_model(arch, root)), max_seq_length=64, fast=False)
+    if lora:
+        model = FastModel.get_peft_model(model, r=4)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    _no_dropout(model)
+    return model, tok
+
+
+def _outputs_and_grads(model, batch):
+    model.zero_grad()
+    out = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].bool()
+    weights = torch.linspace(0.5, 1.5, out.shape[-1])
+    (out[mask] * weights).pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_packed_equals_padded(arch, lora, padding_side, tiny_root):
+    """Reference: HF's padded forward on a right-padded batch (BERT-family position ids assume it).
+    The packed path must match it per sequence for either padding side."""
+    model, tok = _load(arch, tiny_root, lora)
+    tok.padding_side = "right"
+    ref_batch = tok(TEXTS, padding=True, return_tensors="pt")
+    ref_mask = ref_batch["attention_mask"].bool()
+    model.train()
+    ref_out, ref_grads = _outputs_and_grads(model, ref_batch)
+    tok.padding_side = padding_side
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    assert enable_fast_path(model)
+    fast_out, fast_grads = _outputs_and_grads(model, batch)
+    disable_fast_path(model)
+    assert (fast_out[mask] - ref_out[ref_mask]).abs().max().item() < 1e-5
+    assert set(fast_grads) == set(ref_grads) and ref_grads
+    # relative 1e-4 per tensor; the floor (1e-6 of the largest gradient) covers gradients that are
+    # zero in exact arithmetic, such as key biases, where both paths hold only rounding noise
+    floor = 1e-6 * max(g.norm().item() for g in ref_grads.values())
+    for name, ref in ref_grads.items():
+        err = (fast_grads[name] - ref).norm().item()
+        assert err <= 1e-4 * ref.norm().item() + floor, (name, err, ref.norm().item())
+
+
+def test_fast_path_is_really_used(tiny_root):
+    model, tok = _load("bert", tiny_root, lora=True)
+    calls = []
+    enable_fast_path(model)
+    packed = model.get_base_model().forward
+    original_fn = packed.packed_fn
+    packed.packed_fn = lambda *a, **k: calls.append(1) or original_fn(*a, **k)
+    model(**tok(TEXTS, padding=True, return_tensors="pt"))
+    assert calls == [1]
+
+
+def test_unsupported_architecture_falls_back_with_notice(tiny_root, caplog):
+    model, _ = _load("mpnet", tiny_root, lora=False)
+    with caplog.at_level("WARNING"):
+        assert enable_fast_path(model) is False
+    assert "padded" in caplog.text
+
+
+def test_packing_plan_roundtrip_and_attention():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0]])
+    plan = PackedBatch.from_mask(mask)
+    assert plan.cu_seqlens.tolist() == [0, 3, 8, 10]
+    assert plan.position_ids.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1]
+    x = torch.randn(3, 5, 4)
+    assert torch.equal(plan.unpack(plan.pack(x))[mask.bool()], x[mask.bool()])
+    q, k, v = (torch.randn(int(mask.sum()), 2, 4) for _ in range(3))
+    out = padded_sdpa(q, k, v, plan, scale=0.5)
+    for b in range(3):  # each sequence attends only to itself
+        s, e = plan.cu_seqlens[b].item(), plan.cu_seqlens[b + 1].item()
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), scale=0.5).transpose(0, 1)
+        assert torch.allclose(out[s:e], ref, atol=1e-6)
