@@ -5,6 +5,12 @@ transformers config class (seeded, so every build is identical), saves it as saf
 `root/arch`, and saves the bundled all-MiniLM-L6-v2 tokenizer (BERT WordPiece, vocab 30522) next to
 it. That tokenizer serves every architecture here; each config's special-token ids are pointed at
 valid ids of it: pad=0, cls/bos=101, sep/eos=102.
+
+One quirk: for model_type "qwen2", transformers 5's AutoTokenizer overrides the saved
+tokenizer_class (qwen2 is in its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS list) and builds a
+Qwen2Tokenizer from the WordPiece tokenizer.json: character-level pieces plus an added
+"<|endoftext|>" (id 30522, one past the embedding table). Ordinary text never produces that id and
+the pad token stays [PAD]=0, so the tiny qwen2 still works; it just sees longer token sequences.
 """
 
 from __future__ import annotations

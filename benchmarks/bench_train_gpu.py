@@ -1,0 +1,179 @@
+"""GPU training throughput: stock sentence-transformers (+PEFT) vs embedtune's packed fast path.
+
+Same data (stdlib docstring -> code pairs), same model config (random init), same batch, same
+loss (MNRL), same optimizer, in one process on one card. Prints a table and writes JSON.
+
+    python benchmarks/bench_train_gpu.py --models bert-base,bert-large --modes lora,full \
+        --tokenizer .bench/tokenizer --out $OUT/bench.json
+
+It also checks exactness first: packed vs padded outputs in bf16 on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+SHAPES = {
+    "bert-base": dict(kind="bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": dict(kind="bert", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+def build_model_dir(name: str, tokenizer_dir: str, root: str) -> str:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    shape = dict(SHAPES[name])
+    shape.pop("kind")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **shape)
+    torch.manual_seed(0)
+    path = os.path.join(root, name)
+    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def stock_model(path: str, lora: bool, max_len: int, compile_model: bool):
+    """Stock ST with SDPA; LoRA through peft directly on the backbone (transformers' add_adapter refuses peft<0.22)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune.st import st_modules
+
+    Transformer, Pooling = st_modules().Transformer, st_modules().Pooling
+    module = Transformer(path, max_seq_length=max_len, model_kwargs={"dtype": torch.bfloat16 if lora else torch.float32})
+    if lora:
+        peft = get_peft_model(module.model, LoraConfig(r=8, lora_alpha=8, target_modules=["query", "key", "value", "dense"],
+                                                       task_type=TaskType.FEATURE_EXTRACTION))
+        torch.nn.Module.__setattr__(module, "model", peft)
+    if compile_model:
+        torch.nn.Module.__setattr__(module, "model", torch.compile(module.model, dynamic=True))
+    st = SentenceTransformer(modules=[module, Pooling(module.auto_model.config.hidden_size, "mean")], device="cuda")
+    return st
+
+
+def embedtune_model(path: str, lora: bool, max_len: int):
+    from embedtune import FastModel, to_sentence_transformer
+
+    model, tok = FastModel.from_pretrained(path, max_seq_length=max_len, dtype=torch.bfloat16 if lora else torch.float32)
+    if lora:
+        model = FastModel.get_peft_model(model, r=8, lora_alpha=8, target_modules=["query", "key", "value", "dense"])
+    return to_sentence_transformer(model, tok, pooling="mean", normalize=False)
+
+
+def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool):
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    loss_fn = MultipleNegativesRankingLoss(st)
+    params = [p for p in st.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    st.train()
+    torch.cuda.reset_peak_memory_stats()
+    times, tokens = [], 0
+    for step in range(warmup + steps):
+        rows = [pairs[(step * batch + i) % len(pairs)] for i in range(batch)]
+        feats = [st.tokenize([r["anchor"] for r in rows]), st.tokenize([r["positive"] for r in rows])]
+        feats = [{k: v.cuda(non_blocking=True) for k, v in f.items()} for f in feats]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(feats, None)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+            tokens += sum(int(f["attention_mask"].sum()) for f in feats)
+    elapsed = sum(times)
+    return {"samples_per_s": batch * steps / elapsed, "tokens_per_s": tokens / elapsed,
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "step_ms": 1000 * elapsed / steps,
+            "tokens": tokens, "loss": float(loss)}
+
+
+def exactness(path: str) -> float:
+    """Packed vs padded last hidden states in bf16, relative error over real tokens."""
+    from embedtune import FastModel
+    from embedtune.packing import disable_fast_path, enable_fast_path
+
+    model, tok = FastModel.from_pretrained(path, max_seq_length=128, dtype=torch.bfloat16, fast=False)
+    model.eval()
+    texts = ["short", "a much longer text " * 12, "def f(x):\n    return x + 1", "medium length text here"] * 8
+    batch = {k: v.cuda() for k, v in tok(texts, padding=True, return_tensors="pt").items()}
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state[mask].float()
+        enable_fast_path(model)
+        out = model(**batch).last_hidden_state[mask].float()
+        disable_fast_path(model)
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def flops_per_token(name: str, lora: bool) -> float:
+    s = SHAPES[name]
+    h, n_layers, inter = s["hidden_size"], s["num_hidden_layers"], s["intermediate_size"]
+    n = n_layers * (4 * h * h + 2 * h * inter)
+    return (4 if lora else 6) * n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="bert-base")
+    parser.add_argument("--modes", default="lora,full")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--max-seq-length", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--compile", action="store_true", help="also run stock + torch.compile")
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args()
+
+    from embedtune.data.stdlib import build_stdlib_pairs
+
+    pairs = build_stdlib_pairs(seed=0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    peak_tflops = 989e12 if "H100" in results["card"] or "H200" in results["card"] else None
+    with tempfile.TemporaryDirectory() as root:
+        for name in args.models.split(","):
+            path = build_model_dir(name, args.tokenizer, root)
+            results.setdefault("exactness_bf16_rel_err", {})[name] = exactness(path)
+            for mode in args.modes.split(","):
+                lora = mode == "lora"
+                runners = [("stock", lambda: stock_model(path, lora, args.max_seq_length, False))]
+                if args.compile:
+                    runners.append(("stock+compile", lambda: stock_model(path, lora, args.max_seq_length, True)))
+                runners.append(("embedtune", lambda: embedtune_model(path, lora, args.max_seq_length)))
+                for label, make in runners:
+                    st = make()
+                    try:
+                        row = run_steps(st, pairs, args.batch, args.steps, args.warmup, lora)
+                    except torch.OutOfMemoryError:
+                        row = {"samples_per_s": math.nan, "tokens_per_s": math.nan, "peak_gb": math.nan, "oom": True}
+                    row.update(model=name, mode=mode, impl=label)
+                    if peak_tflops:
+                        row["mfu"] = row["tokens_per_s"] * flops_per_token(name, lora) / peak_tflops
+                    results["rows"].append(row)
+                    print(json.dumps(row), flush=True)
+                    del st
+                    torch.cuda.empty_cache()
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=2)
+    print(f"\ncard: {results['card']}  torch {results['torch']}  bf16 packed-vs-padded rel err: "
+          f"{results['exactness_bf16_rel_err']}")
+    print(f"{'model':11s} {'mode':5s} {'impl':14s} {'samples/s':>10s} {'tokens/s':>10s} {'MFU':>6s} {'peak GB':>8s}")
+    for r in results["rows"]:
+        print(f"{r['model']:11s} {r['mode']:5s} {r['impl']:14s} {r['samples_per_s']:10.1f} {r['tokens_per_s']:10.0f} "
+              f"{r.get('mfu', math.nan):6.1%} {r['peak_gb']:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
