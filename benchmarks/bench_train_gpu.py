@@ -79,8 +79,9 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool):
     times, tokens = [], 0
     for step in range(warmup + steps):
         rows = [pairs[(step * batch + i) % len(pairs)] for i in range(batch)]
-        feats = [st.tokenize([r["anchor"] for r in rows]), st.tokenize([r["positive"] for r in rows])]
-        feats = [{k: v.cuda(non_blocking=True) for k, v in f.items()} for f in feats]
+        encode = getattr(st, "preprocess", None) or st.tokenize
+        feats = [encode([r["anchor"] for r in rows]), encode([r["positive"] for r in rows])]
+        feats = [{k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in f.items()} for f in feats]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -60,6 +60,16 @@ def _fused_varlen():
     return varlen_attn
 
 
+def _causal_kwargs(fused, causal: bool) -> dict:
+    """torch's varlen_attn spelled causality `is_causal` first and `window_size=(-1, 0)` later."""
+    import inspect
+
+    params = inspect.signature(fused).parameters
+    if "window_size" in params:
+        return {"window_size": (-1, 0)} if causal else {}
+    return {"is_causal": causal} if "is_causal" in params else {}
+
+
 def _flash_attn_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
@@ -88,7 +98,7 @@ def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float 
     fused = _fused_varlen() if backend in ("auto", "fused") else None
     if fused is not None:
         return fused(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
-                     is_causal=causal, scale=scale)
+                     scale=scale, **_causal_kwargs(fused, causal))
     flash = _flash_attn_varlen() if backend in ("auto", "flash") else None
     if flash is not None:
         return flash(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
