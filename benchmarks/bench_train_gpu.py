@@ -59,10 +59,11 @@ def stock_model(path: str, lora: bool, max_len: int, compile_model: bool):
     return st
 
 
-def embedtune_model(path: str, lora: bool, max_len: int):
+def embedtune_model(path: str, lora: bool, max_len: int, fp32_base: bool = False):
     from embedtune import FastModel, to_sentence_transformer
 
-    model, tok = FastModel.from_pretrained(path, max_seq_length=max_len, dtype=torch.bfloat16 if lora else torch.float32)
+    dtype = torch.bfloat16 if lora and not fp32_base else torch.float32
+    model, tok = FastModel.from_pretrained(path, max_seq_length=max_len, dtype=dtype)
     if lora:
         model = FastModel.get_peft_model(model, r=8, lora_alpha=8, target_modules=["query", "key", "value", "dense"])
     return to_sentence_transformer(model, tok, pooling="mean", normalize=False)

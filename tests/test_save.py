@@ -97,4 +97,5 @@ def test_save_adapter_reloads_onto_base_with_plain_peft(tmp_path, lora_st):
     with torch.no_grad():
         expected = model.eval()(**batch).last_hidden_state
         got = restored(**batch).last_hidden_state
-    assert (expected - got).abs().max() < 1e-5
+    real = batch["attention_mask"].bool()  # the packed path leaves zeros at padding; HF leaves junk
+    assert (expected[real] - got[real]).abs().max() < 1e-5

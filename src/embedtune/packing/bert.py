@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .lora_linear import linear
 from .varlen import PackedBatch, varlen_attention
 
 # RoBERTa-style position ids start after the padding index.
@@ -30,17 +31,17 @@ def _layer(layer, hidden, plan: PackedBatch, attention_backend: str):
     self_attn = layer.attention.self
     tokens = hidden.shape[0]
     heads, dim = self_attn.num_attention_heads, self_attn.attention_head_size
-    q = self_attn.query(hidden).view(tokens, heads, dim)
-    k = self_attn.key(hidden).view(tokens, heads, dim)
-    v = self_attn.value(hidden).view(tokens, heads, dim)
+    q = linear(self_attn.query, hidden).view(tokens, heads, dim)
+    k = linear(self_attn.key, hidden).view(tokens, heads, dim)
+    v = linear(self_attn.value, hidden).view(tokens, heads, dim)
     dropout = self_attn.dropout.p if self_attn.training else 0.0
     scale = getattr(self_attn, "scaling", dim ** -0.5)
     context = varlen_attention(q, k, v, plan, scale, dropout, backend=attention_backend).reshape(tokens, heads * dim)
     out = layer.attention.output
-    hidden = out.LayerNorm(out.dropout(out.dense(context)) + hidden)
-    inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
+    hidden = out.LayerNorm(out.dropout(linear(out.dense, context)) + hidden)
+    inter = layer.intermediate.intermediate_act_fn(linear(layer.intermediate.dense, hidden))
     out = layer.output
-    return out.LayerNorm(out.dropout(out.dense(inter)) + hidden)
+    return out.LayerNorm(out.dropout(linear(out.dense, inter)) + hidden)
 
 
 def packed_bert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):

@@ -1,0 +1,78 @@
+"""Profile a few training steps of one configuration and print where the GPU time goes.
+
+    python benchmarks/profile_step.py --model bert-base --mode lora --tokenizer .bench/tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from bench_train_gpu import build_model_dir, embedtune_model, stock_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="bert-base")
+    parser.add_argument("--mode", default="lora")
+    parser.add_argument("--impl", default="embedtune")
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--no-dropout", action="store_true")
+    parser.add_argument("--fp32-base", action="store_true", help="LoRA on fp32 base weights (autocast bf16)")
+    args = parser.parse_args()
+
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    from embedtune.data.stdlib import build_stdlib_pairs
+
+    pairs = build_stdlib_pairs(seed=0)
+    with tempfile.TemporaryDirectory() as root:
+        path = build_model_dir(args.model, args.tokenizer, root)
+        lora = args.mode == "lora"
+        if args.impl == "embedtune":
+            st = embedtune_model(path, lora, 512, fp32_base=args.fp32_base)
+        else:
+            st = stock_model(path, lora, 512, False)
+        if args.no_dropout:
+            for m in st.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+        loss_fn = MultipleNegativesRankingLoss(st)
+        opt = torch.optim.AdamW([p for p in st.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        encode = getattr(st, "preprocess", None) or st.tokenize
+        batches = []
+        for step in range(8):
+            rows = [pairs[(step * args.batch + i) % len(pairs)] for i in range(args.batch)]
+            feats = [encode([r["anchor"] for r in rows]), encode([r["positive"] for r in rows])]
+            batches.append([{k: v.cuda() if torch.is_tensor(v) else v for k, v in f.items()} for f in feats])
+
+        def step(feats):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_fn(feats, None)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for feats in batches[:3]:
+            step(feats)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for feats in batches[3:]:
+            step(feats)
+        torch.cuda.synchronize()
+        print(f"{args.impl} {args.model} {args.mode} dropout={'off' if args.no_dropout else 'on'} "
+              f"fp32_base={args.fp32_base}: {(time.perf_counter() - t0) / 5 * 1000:.1f} ms/step")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for feats in batches[3:5]:
+                step(feats)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

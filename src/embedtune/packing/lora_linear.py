@@ -1,0 +1,41 @@
+"""Linear layers with LoRA applied directly, for the packed forward.
+
+peft's LoRA Linear casts its input to the adapter dtype (fp32) and back on every call and runs
+several Python checks; on GPU that is a large share of a step (copies and launch overhead). For
+the common case (one active vanilla LoRA adapter on an nn.Linear) we compute
+`x W^T + b + scaling * (x A^T) B^T` in the input's dtype with `torch.add(..., alpha=scaling)`,
+and defer to the module itself for anything else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _vanilla_adapter(module) -> str | None:
+    """The single active plain-LoRA adapter of a peft Linear, or None if it is anything else."""
+    base = getattr(module, "base_layer", None)
+    if base is None or type(base) is not torch.nn.Linear:
+        return None
+    if module.disable_adapters or module.merged or getattr(module, "fan_in_fan_out", False):
+        return None
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
+        return None
+    return active[0]
+
+
+def linear(module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` for an nn.Linear or a peft LoRA Linear, without peft's per-call dtype round-trips."""
+    adapter = _vanilla_adapter(module)
+    if adapter is None:
+        return module(x)
+    base = module.base_layer
+    out = F.linear(x, base.weight, base.bias)
+    dropout = module.lora_dropout[adapter]
+    h = x if isinstance(dropout, torch.nn.Identity) else dropout(x)
+    a = module.lora_A[adapter].weight
+    b = module.lora_B[adapter].weight
+    low_rank = F.linear(F.linear(h, a.to(h.dtype)), b.to(h.dtype))
+    return torch.add(out, low_rank.to(out.dtype), alpha=module.scaling[adapter])
