@@ -7,7 +7,7 @@ import torch
 
 from embedtune import FastModel
 from embedtune.packing import PACKED_FORWARDS, disable_fast_path, enable_fast_path
-from embedtune.packing.varlen import PackedBatch, padded_sdpa
+from embedtune.packing.varlen import PackedBatch, bucketed_sdpa, padded_sdpa
 from tiny_models import make_tiny_model
 
 ARCHS = sorted(PACKED_FORWARDS)
@@ -108,9 +108,24 @@ def test_packing_plan_roundtrip_and_attention():
     x = torch.randn(3, 5, 4)
     assert torch.equal(plan.unpack(plan.pack(x))[mask.bool()], x[mask.bool()])
     q, k, v = (torch.randn(int(mask.sum()), 2, 4) for _ in range(3))
-    out = padded_sdpa(q, k, v, plan, scale=0.5)
-    for b in range(3):  # each sequence attends only to itself
-        s, e = plan.cu_seqlens[b].item(), plan.cu_seqlens[b + 1].item()
-        ref = torch.nn.functional.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), scale=0.5).transpose(0, 1)
-        assert torch.allclose(out[s:e], ref, atol=1e-6)
+    for causal in (False, True):
+        for attend in (padded_sdpa, bucketed_sdpa):
+            out = attend(q, k, v, plan, scale=0.5, causal=causal)
+            for b in range(3):  # each sequence attends only to itself
+                s, e = plan.cu_seqlens[b].item(), plan.cu_seqlens[b + 1].item()
+                ref = torch.nn.functional.scaled_dot_product_attention(
+                    q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), scale=0.5,
+                    is_causal=causal).transpose(0, 1)
+                assert torch.allclose(out[s:e], ref, atol=1e-6), (attend.__name__, causal, b)
+
+
+def test_buckets_cover_every_token_once():
+    lengths = [3, 40, 41, 7, 120, 5, 39, 118]
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    plan = PackedBatch.from_mask(mask)
+    seen = torch.cat([index[valid] for index, valid in plan.buckets()])
+    assert sorted(seen.tolist()) == list(range(sum(lengths)))
+    padded_area = sum(index.numel() for index, _ in plan.buckets())
+    assert padded_area <= 1.25 * sum(lengths)

@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_curves(history: list[dict], path: str | Path, metric: str) -> Path:
-    """Plot the trainer's log history (loss per logging step, `metric` per eval) to `path`."""
+def plot_curves(history: list[dict], path: str | Path, metric: str, base: float | None = None,
+                label: str = "held-out nDCG@10") -> Path:
+    """Plot the trainer's log history (loss per logging step, `metric` per eval) to `path`.
+
+    `base` (the score before training) is drawn at step 0 so the curve shows the gain.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -14,13 +18,15 @@ def plot_curves(history: list[dict], path: str | Path, metric: str) -> Path:
 
     loss = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
     evals = [(h["step"], h[metric]) for h in history if metric in h and "step" in h]
+    if base is not None:
+        evals = [(0, base)] + evals
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     if loss:
         ax_loss.plot(*zip(*loss), marker=".")
     ax_loss.set(title="training loss", xlabel="step", ylabel="MNRL loss")
     if evals:
         ax_metric.plot(*zip(*evals), marker="o", color="tab:green")
-    ax_metric.set(title=metric.replace("eval_", ""), xlabel="step", ylabel="held-out score")
+    ax_metric.set(title=label, xlabel="step", ylabel="score")
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
     fig.tight_layout()

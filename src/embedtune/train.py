@@ -271,7 +271,8 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
         "plot": str(output / "training_curves.png"),
     }
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    plot_curves(metrics["history"], work / "training_curves.png", metric=f"eval_{metric_key(EVAL_NAME)}")
+    plot_curves(metrics["history"], work / "training_curves.png", metric=f"eval_{metric_key(EVAL_NAME)}",
+                base=metrics["base"].get("ndcg@10"))
     assert model_dir.exists()
     if output.exists():
         if not overwrite:

@@ -3,8 +3,10 @@
 Inputs are packed `q, k, v` of shape [tokens, heads, head_dim] plus `cu_seqlens` (sequence starts,
 int32, length batch+1). On CUDA we use torch's fused `varlen_attn` (torch >= 2.10) or flash_attn
 when installed. Everywhere else, and whenever attention dropout is active in training, the exact
-fallback scatters q/k/v into a padded [batch, heads, max_len, head_dim] view for SDPA with a key
-mask and gathers the result back: only attention sees padding, every dense layer stays packed.
+fallback runs SDPA over length buckets: sequences sorted by length are grouped so that padding
+inside a bucket stays small, each bucket is gathered into a [n, heads, len, head_dim] view with a
+key mask, and the results are scattered back. Retrieval batches mix 15-token queries with
+256-token passages, so this is far cheaper than one padded [batch, max_len] attention.
 """
 
 from __future__ import annotations
@@ -39,6 +41,37 @@ class PackedBatch:
         cu[1:] = torch.cumsum(seq_lens, dim=0).to(torch.int32)
         positions = (torch.cumsum(mask.long(), dim=1) - 1).reshape(-1)[flat_index]
         return cls(flat_index, cu, positions, seq_lens, batch, max_len, int(seq_lens.max().item()), mask)
+
+    def buckets(self, slack: float = 1.25) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Length buckets for attention: per bucket, a [n, len] index into the packed stream
+        (padding slots point at token 0) and its [n, len] validity mask. Cached per batch."""
+        cached = getattr(self, "_buckets", None)
+        if cached is not None:
+            return cached
+        lens = self.seq_lens.tolist()
+        starts = self.cu_seqlens[:-1].tolist()
+        order = sorted(range(self.batch), key=lambda i: lens[i])
+        groups: list[list[int]] = []
+        for i in order:  # grow a bucket while its padded area stays within `slack` of its real area
+            if groups:
+                group = groups[-1]
+                real = sum(lens[j] for j in group) + lens[i]
+                if lens[i] * (len(group) + 1) <= slack * real:
+                    group.append(i)
+                    continue
+            groups.append([i])
+        device = self.cu_seqlens.device
+        out = []
+        for group in groups:
+            width = max(lens[i] for i in group)
+            pos = torch.arange(width, device=device)
+            start = torch.tensor([starts[i] for i in group], device=device)[:, None]
+            length = torch.tensor([lens[i] for i in group], device=device)[:, None]
+            valid = pos[None, :] < length
+            index = torch.where(valid, start + pos[None, :], torch.zeros_like(start))
+            out.append((index, valid))
+        self._buckets = out
+        return out
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [T, ...]"""
@@ -90,11 +123,29 @@ def padded_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0
     return plan.pack(out.transpose(1, 2).reshape(plan.batch, plan.max_len, heads, dim))
 
 
+def bucketed_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False):
+    """Exact attention over length buckets (see the module docstring); padding only within buckets."""
+    out = torch.empty_like(q)
+    for index, valid in plan.buckets():
+        qb, kb, vb = (t[index].transpose(1, 2) for t in (q, k, v))  # [n, H, len, D]
+        mask = valid[:, None, None, :]
+        if causal:
+            width = index.shape[1]
+            pos = torch.arange(width, device=q.device)
+            mask = mask & (pos[:, None] >= pos[None, :])
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        ob = ob.transpose(1, 2)[valid]  # [real tokens of the bucket, H, D]
+        out = out.index_copy(0, index[valid], ob)
+    return out
+
+
 def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
                      backend: str = "auto"):
-    """Attention over packed sequences; `backend` in {auto, fused, flash, padded}."""
-    if backend == "padded" or dropout_p > 0 or not q.is_cuda or q.dtype == torch.float32:
+    """Attention over packed sequences; `backend` in {auto, fused, flash, bucketed, padded}."""
+    if backend == "padded":
         return padded_sdpa(q, k, v, plan, scale, dropout_p, causal)
+    if backend == "bucketed" or dropout_p > 0 or not q.is_cuda or q.dtype == torch.float32:
+        return bucketed_sdpa(q, k, v, plan, scale, dropout_p, causal)
     fused = _fused_varlen() if backend in ("auto", "fused") else None
     if fused is not None:
         return fused(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
@@ -103,4 +154,4 @@ def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float 
     if flash is not None:
         return flash(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
                      softmax_scale=scale, causal=causal)
-    return padded_sdpa(q, k, v, plan, scale, dropout_p, causal)
+    return bucketed_sdpa(q, k, v, plan, scale, dropout_p, causal)
