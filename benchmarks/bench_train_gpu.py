@@ -59,11 +59,13 @@ def stock_model(path: str, lora: bool, max_len: int, compile_model: bool):
     return st
 
 
-def embedtune_model(path: str, lora: bool, max_len: int, fp32_base: bool = False):
+def embedtune_model(path: str, lora: bool, max_len: int, fp32_base: bool = False, compile_model: bool = False):
     from embedtune import FastModel, to_sentence_transformer
+    from embedtune.packing import enable_fast_path
 
     dtype = torch.bfloat16 if lora and not fp32_base else torch.float32
-    model, tok = FastModel.from_pretrained(path, max_seq_length=max_len, dtype=dtype)
+    model, tok = FastModel.from_pretrained(path, max_seq_length=max_len, dtype=dtype, fast=False)
+    enable_fast_path(model, compile=compile_model)
     if lora:
         model = FastModel.get_peft_model(model, r=8, lora_alpha=8, target_modules=["query", "key", "value", "dense"])
     return to_sentence_transformer(model, tok, pooling="mean", normalize=False)
@@ -78,7 +80,11 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool):
     st.train()
     torch.cuda.reset_peak_memory_stats()
     times, tokens = [], 0
+    warm_start = time.perf_counter()
     for step in range(warmup + steps):
+        if step == warmup:
+            torch.cuda.synchronize()
+            warmup_s = time.perf_counter() - warm_start
         rows = [pairs[(step * batch + i) % len(pairs)] for i in range(batch)]
         encode = getattr(st, "preprocess", None) or st.tokenize
         feats = [encode([r["anchor"] for r in rows]), encode([r["positive"] for r in rows])]
@@ -97,7 +103,7 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool):
     elapsed = sum(times)
     return {"samples_per_s": batch * steps / elapsed, "tokens_per_s": tokens / elapsed,
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "step_ms": 1000 * elapsed / steps,
-            "tokens": tokens, "loss": float(loss)}
+            "tokens": tokens, "loss": float(loss), "warmup_s": warmup_s}
 
 
 def exactness(path: str) -> float:
@@ -154,6 +160,9 @@ def main() -> None:
                 if args.compile:
                     runners.append(("stock+compile", lambda: stock_model(path, lora, args.max_seq_length, True)))
                 runners.append(("embedtune", lambda: embedtune_model(path, lora, args.max_seq_length)))
+                if args.compile:
+                    runners.append(("embedtune+compile",
+                                    lambda: embedtune_model(path, lora, args.max_seq_length, compile_model=True)))
                 for label, make in runners:
                     st = make()
                     try:
@@ -171,10 +180,10 @@ def main() -> None:
         json.dump(results, fh, indent=2)
     print(f"\ncard: {results['card']}  torch {results['torch']}  bf16 packed-vs-padded rel err: "
           f"{results['exactness_bf16_rel_err']}")
-    print(f"{'model':11s} {'mode':5s} {'impl':14s} {'samples/s':>10s} {'tokens/s':>10s} {'MFU':>6s} {'peak GB':>8s}")
+    print(f"{'model':11s} {'mode':5s} {'impl':18s} {'samples/s':>10s} {'tokens/s':>10s} {'MFU':>6s} {'peak GB':>8s} {'warmup s':>9s}")
     for r in results["rows"]:
-        print(f"{r['model']:11s} {r['mode']:5s} {r['impl']:14s} {r['samples_per_s']:10.1f} {r['tokens_per_s']:10.0f} "
-              f"{r.get('mfu', math.nan):6.1%} {r['peak_gb']:8.1f}")
+        print(f"{r['model']:11s} {r['mode']:5s} {r['impl']:18s} {r['samples_per_s']:10.1f} {r['tokens_per_s']:10.0f} "
+              f"{r.get('mfu', math.nan):6.1%} {r['peak_gb']:8.1f} {r.get('warmup_s', math.nan):9.1f}")
 
 
 if __name__ == "__main__":

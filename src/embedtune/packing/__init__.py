@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from transformers.modeling_outputs import BaseModelOutput
 
 from .bert import packed_bert_forward
@@ -27,10 +29,10 @@ PACKED_FORWARDS = {
 class PackedForward:
     """A model's forward that runs packed; anything unusual goes to the original forward."""
 
-    def __init__(self, model, packed_fn, attention_backend: str = "auto"):
+    def __init__(self, model, packed_fn, attention_backend: str = "auto", compile: bool = False):
         self.original = model.forward
         self.model = model
-        self.packed_fn = packed_fn
+        self.packed_fn = torch.compile(packed_fn, dynamic=True) if compile else packed_fn
         self.attention_backend = attention_backend
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -54,7 +56,7 @@ def supports_fast_path(model) -> bool:
     return base_model_of(model).config.model_type in PACKED_FORWARDS
 
 
-def enable_fast_path(model, attention_backend: str = "auto") -> bool:
+def enable_fast_path(model, attention_backend: str = "auto", compile: bool = False) -> bool:
     """Switch `model` (plain or peft) to the packed forward; returns False (with a notice) if unsupported."""
     base = base_model_of(model)
     fn = PACKED_FORWARDS.get(base.config.model_type)
@@ -63,7 +65,7 @@ def enable_fast_path(model, attention_backend: str = "auto") -> bool:
                        base.config.model_type)
         return False
     if not isinstance(base.__dict__.get("forward"), PackedForward):
-        base.forward = PackedForward(base, fn, attention_backend)
+        base.forward = PackedForward(base, fn, attention_backend, compile)
     return True
 
 

@@ -27,7 +27,7 @@ class PackedBatch:
     seq_lens: torch.Tensor  # [B]
     batch: int
     max_len: int  # L of the padded batch
-    max_seqlen: int  # longest real sequence
+    max_seqlen: int  # bound on the longest real sequence (the padded width: no device sync needed)
     key_mask: torch.Tensor  # [B, L] bool, True at real tokens
 
     @classmethod
@@ -40,7 +40,7 @@ class PackedBatch:
         cu = torch.zeros(batch + 1, dtype=torch.int32, device=mask.device)
         cu[1:] = torch.cumsum(seq_lens, dim=0).to(torch.int32)
         positions = (torch.cumsum(mask.long(), dim=1) - 1).reshape(-1)[flat_index]
-        return cls(flat_index, cu, positions, seq_lens, batch, max_len, int(seq_lens.max().item()), mask)
+        return cls(flat_index, cu, positions, seq_lens, batch, max_len, max_len, mask)
 
     def buckets(self, slack: float = 1.25) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Length buckets for attention: per bucket, a [n, len] index into the packed stream
@@ -144,8 +144,11 @@ def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float 
     """Attention over packed sequences; `backend` in {auto, fused, flash, bucketed, padded}."""
     if backend == "padded":
         return padded_sdpa(q, k, v, plan, scale, dropout_p, causal)
-    if backend == "bucketed" or dropout_p > 0 or not q.is_cuda or q.dtype == torch.float32:
+    if backend == "bucketed" or not q.is_cuda:
         return bucketed_sdpa(q, k, v, plan, scale, dropout_p, causal)
+    if dropout_p > 0 or q.dtype == torch.float32:
+        # On the GPU one padded SDPA call (flash / memory-efficient kernels) beats many bucket launches.
+        return padded_sdpa(q, k, v, plan, scale, dropout_p, causal)
     fused = _fused_varlen() if backend in ("auto", "fused") else None
     if fused is not None:
         return fused(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
