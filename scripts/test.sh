@@ -6,3 +6,11 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m pytest -q -p no:cacheprovider "$@"
+
+# The same compat, save and round-trip tests against sentence-transformers 5.x, which
+# embedtune also supports (installed beside the venv, not into it).
+if [ -z "${EMBEDTUNE_SKIP_ST5:-}" ]; then
+  python -m pip install -q --no-deps --upgrade --target .st5 "sentence-transformers>=5.7,<6"
+  PYTHONPATH=.st5 python -m pytest -q -p no:cacheprovider tests/test_compat_and_loading.py tests/test_save.py \
+    tests/test_architectures.py -k "roundtrip or compat or save or assigning or wrapper"
+fi

@@ -74,3 +74,32 @@ def test_eval_bad_input_is_one_line(tmp_path, command):
     assert result.exit_code != 0
     assert "Traceback" not in result.output
     assert "error:" in result.output
+
+
+def test_bad_pooling_is_one_line(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"anchor": f"q{i}", "positive": f"d{i}"}) + "\n" for i in range(8)))
+    _assert_clean_failure(_train(data, tmp_path / "out", "--pooling", "median"), tmp_path / "out", "--pooling", "median")
+
+
+def test_train_then_eval_happy_path(tmp_path):
+    """A tiny real run: summary printed, artifacts written, and `eval` scores the saved model."""
+    from embedtune.data import build_stdlib_pairs, write_jsonl
+
+    data = write_jsonl(build_stdlib_pairs(max_pairs=120, seed=3), tmp_path / "pairs.jsonl")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(data), "--output", str(out), "--max-steps", "2", "--batch-size", "8",
+                                 "--max-seq-length", "32", "--eval-size", "20", "--evals", "1"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for needle in ("ndcg@10", "mrr@10", "recall@10", "tokens/s", str(out / "model"), "training_curves.png"):
+        assert needle in text, needle
+    assert (out / "model" / "model.safetensors").exists()
+    assert not (out / "model" / "adapter_config.json").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["eval_pairs"] == 20 and "ndcg@10" in metrics["final"]
+    assert not Path(f"{out}.partial").exists()
+
+    result = runner.invoke(app, ["eval", str(out / "model"), str(data), "--max-seq-length", "32"])
+    assert result.exit_code == 0, result.output
+    assert "ndcg@10" in result.output and "120 queries" in " ".join(result.output.split())

@@ -64,10 +64,11 @@ def print_summary(metrics: dict) -> None:
     console.print(
         f"trained {metrics['steps']} steps on {metrics['train_pairs']} pairs in {metrics['train_time_s']:.1f} s "
         f"({metrics['tokens_per_s']:,.0f} tokens/s); {metrics['eval_pairs']} held-out pairs; "
-        f"{metrics['skipped_rows']} rows skipped for empty text"
+        f"{metrics['skipped_rows']} rows skipped for empty text",
+        soft_wrap=True,
     )
     for name, path in metrics.get("artifacts", {}).items():
-        console.print(f"  {name:8s} {path}")
+        console.print(f"  {name:8s} {path}", soft_wrap=True, highlight=False)
 
 
 @app.command()

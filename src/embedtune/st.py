@@ -44,16 +44,29 @@ def _backbone_is_property(cls) -> bool:
 
 
 def replace_backbone(module, model) -> None:
-    """Swap the transformers model a ST Transformer module runs, refreshing what ST derived from it."""
+    """Swap the transformers model a ST Transformer module runs, refreshing what ST derived from it.
+
+    ST caches the parameter names of the backbone's forward to filter features; versions differ in
+    how (5.x: always a set with a safety net of common names; 6.x: None when forward takes
+    **kwargs). We keep the module's own convention and only swap the names that came from the
+    old backbone's signature.
+    """
+    old = getattr(module, "model", None)
+    old_names = set(inspect.signature(old.forward).parameters) if old is not None else set()
     torch.nn.Module.__setattr__(module, "model", model)
     signature = inspect.signature(model.forward)
-    module._declared_forward_params = set(signature.parameters)
-    module.model_forward_params = None
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+    names = set(signature.parameters)
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    if hasattr(module, "_declared_forward_params"):
+        module._declared_forward_params = names
+    cached = getattr(module, "model_forward_params", None)
+    if isinstance(cached, set):
+        module.model_forward_params = names | (cached - old_names)
+    elif hasattr(module, "model_forward_params"):  # ST 6.x: None means "forward takes **kwargs"
         from sentence_transformers.base.modules import transformer as st_transformer
 
-        safety = getattr(st_transformer, "_FORWARD_SAFETY_NET_KEYS", set())
-        module.model_forward_params = module._declared_forward_params | set(safety)
+        safety = set(getattr(st_transformer, "_FORWARD_SAFETY_NET_KEYS", set()))
+        module.model_forward_params = None if takes_kwargs else names | safety
 
 
 def replace_tokenizer(module, tokenizer) -> None:

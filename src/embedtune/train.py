@@ -29,6 +29,7 @@ from .save import check_target, save_merged
 from .st import to_sentence_transformer
 
 EVAL_NAME = "ir-eval"
+POOLING_MODES = ("cls", "mean", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens")
 
 
 @dataclass
@@ -151,6 +152,8 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     started = time.time()
     loaded = load_pairs(config.data)
     output = check_target(config.output_dir, config.overwrite) if config.output_dir else None
+    if config.pooling is not None and config.pooling not in POOLING_MODES:
+        raise EmbedtuneError(f"--pooling {config.pooling!r} is not one of {', '.join(POOLING_MODES)}")
     if config.batch_size < 2:
         raise EmbedtuneError("--batch-size must be at least 2: in-batch negatives need company")
     eval_size = 0 if not config.eval else config.eval_size

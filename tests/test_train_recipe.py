@@ -1,0 +1,37 @@
+"""Pieces of the recipe that need no model: best-weight restoration and the IR task."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+
+from embedtune.evaluate import pairs_to_ir_task
+from embedtune.train import BestWeights
+
+
+def test_best_weights_restores_the_best_eval():
+    model = torch.nn.Linear(3, 2)
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    model.register_parameter("frozen", frozen)
+    best = BestWeights(model, "eval_score")
+    scores = [0.3, 0.7, 0.5]
+    snapshots = []
+    for step, score in enumerate(scores):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        snapshots.append(model.weight.detach().clone())
+        best.offer({"eval_score": score}, step)
+    best.restore()
+    assert torch.equal(model.weight, snapshots[1])
+    assert best.best_step == 1 and best.best_value == 0.7
+    assert "frozen" not in best._weights, "only trainable weights are copied"
+
+
+def test_ir_task_corpus_is_all_positives_and_merges_repeated_anchors():
+    eval_rows = Dataset.from_dict({"anchor": ["q1", "q2", "q1"], "positive": ["d1", "d2", "d3"]})
+    task = pairs_to_ir_task(eval_rows, corpus_texts=["d0", "d1", "d2", "d3", "d1"])
+    assert sorted(task.corpus.values()) == ["d0", "d1", "d2", "d3"]
+    assert len(task.queries) == 2
+    by_text = {text: qid for qid, text in task.queries.items()}
+    docs = {text: did for did, text in task.corpus.items()}
+    assert task.relevant[by_text["q1"]] == {docs["d1"], docs["d3"]}
