@@ -15,6 +15,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from .bert import packed_bert_forward
+from .decoder import packed_decoder_forward
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,10 @@ PACKED_FORWARDS = {
     "roberta": packed_bert_forward,
     "xlm-roberta": packed_bert_forward,
     "electra": packed_bert_forward,
+    "qwen2": packed_decoder_forward,
+    "qwen3": packed_decoder_forward,
+    "llama": packed_decoder_forward,
+    "mistral": packed_decoder_forward,
 }
 
 

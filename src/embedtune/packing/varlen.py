@@ -111,28 +111,42 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func
 
 
-def padded_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False):
-    """Exact reference path: SDPA over the padded view with a key-padding (and causal) mask."""
+def _position_mask(width: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
+    """[width, width] query-by-key mask for causal and sliding-window (key > query - window) attention."""
+    if not causal and window is None:
+        return None
+    pos = torch.arange(width, device=device)
+    mask = torch.ones(width, width, dtype=torch.bool, device=device)
+    if causal:
+        mask &= pos[:, None] >= pos[None, :]
+    if window is not None:
+        mask &= pos[None, :] > pos[:, None] - window
+    return mask
+
+
+def padded_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
+                window: int | None = None):
+    """Exact reference path: SDPA over the padded view with a key-padding (and causal/window) mask."""
     heads, dim = q.shape[1], q.shape[2]
     qp, kp, vp = (plan.unpack(t).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     mask = plan.key_mask[:, None, None, :]
-    if causal:
-        pos = torch.arange(plan.max_len, device=q.device)
-        mask = mask & (pos[None, None, :, None] >= pos[None, None, None, :])
+    positional = _position_mask(plan.max_len, causal, window, q.device)
+    if positional is not None:
+        mask = mask & positional[None, None]
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return plan.pack(out.transpose(1, 2).reshape(plan.batch, plan.max_len, heads, dim))
 
 
-def bucketed_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False):
+def bucketed_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
+                  window: int | None = None):
     """Exact attention over length buckets (see the module docstring); padding only within buckets."""
     out = torch.empty_like(q)
     for index, valid in plan.buckets():
         qb, kb, vb = (t[index].transpose(1, 2) for t in (q, k, v))  # [n, H, len, D]
         mask = valid[:, None, None, :]
-        if causal:
-            width = index.shape[1]
-            pos = torch.arange(width, device=q.device)
-            mask = mask & (pos[:, None] >= pos[None, :])
+        positional = _position_mask(index.shape[1], causal, window, q.device)
+        if positional is not None:
+            mask = mask & positional
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale)
         ob = ob.transpose(1, 2)[valid]  # [real tokens of the bucket, H, D]
         out = out.index_copy(0, index[valid], ob)
@@ -140,15 +154,17 @@ def bucketed_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0
 
 
 def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
-                     backend: str = "auto"):
+                     backend: str = "auto", window: int | None = None):
     """Attention over packed sequences; `backend` in {auto, fused, flash, bucketed, padded}."""
+    if window is not None and window >= plan.max_len:
+        window = None  # no sequence is long enough for the window to matter
     if backend == "padded":
-        return padded_sdpa(q, k, v, plan, scale, dropout_p, causal)
+        return padded_sdpa(q, k, v, plan, scale, dropout_p, causal, window)
     if backend == "bucketed" or not q.is_cuda:
-        return bucketed_sdpa(q, k, v, plan, scale, dropout_p, causal)
-    if dropout_p > 0 or q.dtype == torch.float32:
+        return bucketed_sdpa(q, k, v, plan, scale, dropout_p, causal, window)
+    if dropout_p > 0 or q.dtype == torch.float32 or window is not None:
         # On the GPU one padded SDPA call (flash / memory-efficient kernels) beats many bucket launches.
-        return padded_sdpa(q, k, v, plan, scale, dropout_p, causal)
+        return padded_sdpa(q, k, v, plan, scale, dropout_p, causal, window)
     fused = _fused_varlen() if backend in ("auto", "fused") else None
     if fused is not None:
         return fused(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
@@ -157,4 +173,4 @@ def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float 
     if flash is not None:
         return flash(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
                      softmax_scale=scale, causal=causal)
-    return bucketed_sdpa(q, k, v, plan, scale, dropout_p, causal)
+    return bucketed_sdpa(q, k, v, plan, scale, dropout_p, causal, window)

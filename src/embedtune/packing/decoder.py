@@ -1,0 +1,64 @@
+"""Packed forward for decoder embedders: Qwen2, Qwen3, Llama, Mistral (Qwen3-Embedding, E5-Mistral, ...).
+
+Llama-style layers (pre-norm, RoPE, grouped-query attention, gated MLP), causal unless the config
+asks for bidirectional attention, sliding windows where the layer has one. RoPE and the norms are
+the model's own modules and functions, so checkpoint-specific variants (q/k norms in Qwen3, rope
+scaling) are honoured.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .lora_linear import linear
+from .varlen import PackedBatch, varlen_attention
+
+
+def _window(model, attn) -> int | None:
+    window = getattr(attn, "sliding_window", None)
+    if window is None and model.config.model_type == "mistral":
+        window = getattr(model.config, "sliding_window", None)
+    return window
+
+
+def _layer(model, layer, hidden, cos, sin, plan: PackedBatch, backend: str, causal: bool):
+    attn = layer.self_attn
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    tokens, dim = hidden.shape[0], attn.head_dim
+    h = layer.input_layernorm(hidden)
+    q = linear(attn.q_proj, h).view(tokens, -1, dim)
+    k = linear(attn.k_proj, h).view(tokens, -1, dim)
+    v = linear(attn.v_proj, h).view(tokens, -1, dim)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rope(q, k, cos, sin, unsqueeze_dim=1)  # [T, H, D] with cos/sin [T, D]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    dropout = attn.attention_dropout if attn.training else 0.0
+    context = varlen_attention(q, k, v, plan, attn.scaling, dropout, causal=causal, backend=backend,
+                               window=_window(model, attn))
+    hidden = hidden + linear(attn.o_proj, context.reshape(tokens, -1))
+    mlp = layer.mlp
+    x = layer.post_attention_layernorm(hidden)
+    x = linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
+    return hidden + x
+
+
+def packed_decoder_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
+    """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
+    plan = PackedBatch.from_mask(attention_mask)
+    hidden = model.embed_tokens(plan.pack(input_ids))
+    positions = plan.position_ids[None]
+    cos, sin = model.rotary_emb(hidden[None], positions)
+    cos, sin = cos[0], sin[0]
+    causal = not getattr(model.config, "use_bidirectional_attention", False)
+    for layer in model.layers:
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            hidden = layer._gradient_checkpointing_func(
+                lambda h, _l=layer: _layer(model, _l, h, cos, sin, plan, attention_backend, causal), hidden)
+        else:
+            hidden = _layer(model, layer, hidden, cos, sin, plan, attention_backend, causal)
+    return plan.unpack(model.norm(hidden))
