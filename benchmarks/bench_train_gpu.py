@@ -23,21 +23,37 @@ import torch
 SHAPES = {
     "bert-base": dict(kind="bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "bert-large": dict(kind="bert", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    # Qwen3-0.6B's shape (the tokenizer's 30k vocabulary instead of 151k: only the embedding table differs)
+    "qwen3-0.6b": dict(kind="qwen3", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=3072),
 }
+TARGETS = {"bert": ["query", "key", "value", "dense"],
+           "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+POOLING = {"bert": "mean", "qwen3": "lasttoken"}
 
 
 def build_model_dir(name: str, tokenizer_dir: str, root: str) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer, BertConfig, BertModel, Qwen3Config, Qwen3Model
 
     shape = dict(SHAPES[name])
-    shape.pop("kind")
+    kind = shape.pop("kind")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **shape)
     torch.manual_seed(0)
     path = os.path.join(root, name)
-    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    if kind == "bert":
+        config = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **shape)
+        model = BertModel(config, add_pooling_layer=False)
+    else:
+        config = Qwen3Config(vocab_size=tok.vocab_size, max_position_embeddings=4096, pad_token_id=0,
+                             bos_token_id=101, eos_token_id=102, **shape)
+        model = Qwen3Model(config)
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def _kind(path: str) -> str:
+    return "qwen3" if "qwen3" in os.path.basename(path) else "bert"
 
 
 def stock_model(path: str, lora: bool, max_len: int, compile_model: bool):
@@ -50,12 +66,12 @@ def stock_model(path: str, lora: bool, max_len: int, compile_model: bool):
     Transformer, Pooling = st_modules().Transformer, st_modules().Pooling
     module = Transformer(path, max_seq_length=max_len, model_kwargs={"dtype": torch.bfloat16 if lora else torch.float32})
     if lora:
-        peft = get_peft_model(module.model, LoraConfig(r=8, lora_alpha=8, target_modules=["query", "key", "value", "dense"],
+        peft = get_peft_model(module.model, LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS[_kind(path)],
                                                        task_type=TaskType.FEATURE_EXTRACTION))
         torch.nn.Module.__setattr__(module, "model", peft)
     if compile_model:
         torch.nn.Module.__setattr__(module, "model", torch.compile(module.model, dynamic=True))
-    st = SentenceTransformer(modules=[module, Pooling(module.auto_model.config.hidden_size, "mean")], device="cuda")
+    st = SentenceTransformer(modules=[module, Pooling(module.auto_model.config.hidden_size, POOLING[_kind(path)])], device="cuda")
     return st
 
 
@@ -67,8 +83,8 @@ def embedtune_model(path: str, lora: bool, max_len: int, fp32_base: bool = False
     model, tok = FastModel.from_pretrained(path, max_seq_length=max_len, dtype=dtype, fast=False)
     enable_fast_path(model, compile=compile_model)
     if lora:
-        model = FastModel.get_peft_model(model, r=8, lora_alpha=8, target_modules=["query", "key", "value", "dense"])
-    return to_sentence_transformer(model, tok, pooling="mean", normalize=False)
+        model = FastModel.get_peft_model(model, r=8, lora_alpha=8, target_modules=TARGETS[_kind(path)])
+    return to_sentence_transformer(model, tok, pooling=POOLING[_kind(path)], normalize=False)
 
 
 def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool):
@@ -112,6 +128,7 @@ def exactness(path: str) -> float:
     from embedtune.packing import disable_fast_path, enable_fast_path
 
     model, tok = FastModel.from_pretrained(path, max_seq_length=128, dtype=torch.bfloat16, fast=False)
+    tok.padding_side = "right"
     model.eval()
     texts = ["short", "a much longer text " * 12, "def f(x):\n    return x + 1", "medium length text here"] * 8
     batch = {k: v.cuda() for k, v in tok(texts, padding=True, return_tensors="pt").items()}
@@ -127,7 +144,12 @@ def exactness(path: str) -> float:
 def flops_per_token(name: str, lora: bool) -> float:
     s = SHAPES[name]
     h, n_layers, inter = s["hidden_size"], s["num_hidden_layers"], s["intermediate_size"]
-    n = n_layers * (4 * h * h + 2 * h * inter)
+    if s["kind"] == "bert":
+        n = n_layers * (4 * h * h + 2 * h * inter)
+    else:  # q and o at heads*head_dim, k and v at kv_heads*head_dim, gated MLP
+        attn = s["num_attention_heads"] * s["head_dim"]
+        kv = s["num_key_value_heads"] * s["head_dim"]
+        n = n_layers * (2 * h * attn + 2 * h * kv + 3 * h * inter)
     return (4 if lora else 6) * n
 
 
