@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .bert import packed_bert_forward
 from .decoder import packed_decoder_forward
+from .distilbert import packed_distilbert_forward
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ PACKED_FORWARDS = {
     "roberta": packed_bert_forward,
     "xlm-roberta": packed_bert_forward,
     "electra": packed_bert_forward,
+    "distilbert": packed_distilbert_forward,
     "qwen2": packed_decoder_forward,
     "qwen3": packed_decoder_forward,
     "llama": packed_decoder_forward,

@@ -1,0 +1,36 @@
+"""Packed forward for DistilBERT: BERT's layout under other names (q_lin/k_lin/v_lin/out_lin, lin1/lin2)."""
+
+from __future__ import annotations
+
+import torch
+
+from .lora_linear import linear
+from .varlen import PackedBatch, varlen_attention
+
+
+def _layer(layer, hidden, plan: PackedBatch, attention_backend: str):
+    attn = layer.attention
+    tokens, heads = hidden.shape[0], attn.n_heads
+    dim = attn.dim // heads
+    q = linear(attn.q_lin, hidden).view(tokens, heads, dim)
+    k = linear(attn.k_lin, hidden).view(tokens, heads, dim)
+    v = linear(attn.v_lin, hidden).view(tokens, heads, dim)
+    dropout = attn.dropout.p if attn.training else 0.0
+    context = varlen_attention(q, k, v, plan, attn.scaling, dropout, backend=attention_backend)
+    hidden = layer.sa_layer_norm(linear(attn.out_lin, context.reshape(tokens, heads * dim)) + hidden)
+    ffn = layer.ffn
+    out = ffn.dropout(linear(ffn.lin2, ffn.activation(linear(ffn.lin1, hidden))))
+    return layer.output_layer_norm(out + hidden)
+
+
+def packed_distilbert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
+    """Last hidden states [B, L, H] (zeros at padding) with the dense layers on real tokens only."""
+    plan = PackedBatch.from_mask(attention_mask)
+    hidden = model.embeddings(plan.pack(input_ids)[None], position_ids=plan.position_ids[None])[0]
+    for layer in model.transformer.layer:
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            hidden = layer._gradient_checkpointing_func(
+                lambda h, _l=layer: _layer(_l, h, plan, attention_backend), hidden)
+        else:
+            hidden = _layer(layer, hidden, plan, attention_backend)
+    return plan.unpack(hidden)
