@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .layers import run_layers
 from .lora_linear import linear
 from .varlen import PackedBatch, varlen_attention
 
@@ -48,10 +49,5 @@ def packed_bert_forward(model, input_ids, attention_mask, token_type_ids=None, a
     """Token embeddings [B, L, H] (zeros at padding) computed without running dense layers on padding."""
     plan = PackedBatch.from_mask(attention_mask)
     hidden = _embed(model, input_ids, token_type_ids, plan)
-    for layer in model.encoder.layer:
-        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-            hidden = layer._gradient_checkpointing_func(
-                lambda h, _layer_=layer: _layer(_layer_, h, plan, attention_backend), hidden)
-        else:
-            hidden = _layer(layer, hidden, plan, attention_backend)
+    hidden = run_layers(model.encoder.layer, hidden, lambda layer, h: _layer(layer, h, plan, attention_backend))
     return plan.unpack(hidden)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
+from .layers import run_layers
 from .lora_linear import linear
 from .varlen import PackedBatch, varlen_attention
 
@@ -55,10 +54,6 @@ def packed_decoder_forward(model, input_ids, attention_mask, token_type_ids=None
     cos, sin = model.rotary_emb(hidden[None], positions)
     cos, sin = cos[0], sin[0]
     causal = not getattr(model.config, "use_bidirectional_attention", False)
-    for layer in model.layers:
-        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-            hidden = layer._gradient_checkpointing_func(
-                lambda h, _l=layer: _layer(model, _l, h, cos, sin, plan, attention_backend, causal), hidden)
-        else:
-            hidden = _layer(model, layer, hidden, cos, sin, plan, attention_backend, causal)
+    hidden = run_layers(model.layers, hidden,
+                        lambda layer, h: _layer(model, layer, h, cos, sin, plan, attention_backend, causal))
     return plan.unpack(model.norm(hidden))

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
+from .layers import run_layers
 from .lora_linear import linear
 from .varlen import PackedBatch, varlen_attention
 
@@ -27,10 +26,5 @@ def packed_distilbert_forward(model, input_ids, attention_mask, token_type_ids=N
     """Last hidden states [B, L, H] (zeros at padding) with the dense layers on real tokens only."""
     plan = PackedBatch.from_mask(attention_mask)
     hidden = model.embeddings(plan.pack(input_ids)[None], position_ids=plan.position_ids[None])[0]
-    for layer in model.transformer.layer:
-        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-            hidden = layer._gradient_checkpointing_func(
-                lambda h, _l=layer: _layer(_l, h, plan, attention_backend), hidden)
-        else:
-            hidden = _layer(layer, hidden, plan, attention_backend)
+    hidden = run_layers(model.transformer.layer, hidden, lambda layer, h: _layer(layer, h, plan, attention_backend))
     return plan.unpack(hidden)
