@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .bert import packed_bert_forward
 from .decoder import packed_decoder_forward
 from .distilbert import packed_distilbert_forward
+from .modernbert import packed_modernbert_forward
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ PACKED_FORWARDS = {
     "xlm-roberta": packed_bert_forward,
     "electra": packed_bert_forward,
     "distilbert": packed_distilbert_forward,
+    "modernbert": packed_modernbert_forward,
     "qwen2": packed_decoder_forward,
     "qwen3": packed_decoder_forward,
     "llama": packed_decoder_forward,

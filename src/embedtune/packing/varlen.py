@@ -112,15 +112,21 @@ def _flash_attn_varlen():
 
 
 def _position_mask(width: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
-    """[width, width] query-by-key mask for causal and sliding-window (key > query - window) attention."""
+    """[width, width] query-by-key mask.
+
+    Causal: key <= query. Window, causal models (Mistral, Qwen2): key > query - window.
+    Window, bidirectional models (ModernBERT local layers): |query - key| <= window.
+    """
     if not causal and window is None:
         return None
     pos = torch.arange(width, device=device)
     mask = torch.ones(width, width, dtype=torch.bool, device=device)
     if causal:
         mask &= pos[:, None] >= pos[None, :]
-    if window is not None:
-        mask &= pos[None, :] > pos[:, None] - window
+        if window is not None:
+            mask &= pos[None, :] > pos[:, None] - window
+    elif window is not None:
+        mask &= (pos[:, None] - pos[None, :]).abs() <= window
     return mask
 
 
