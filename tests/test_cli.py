@@ -103,3 +103,24 @@ def test_train_then_eval_happy_path(tmp_path):
     result = runner.invoke(app, ["eval", str(out / "model"), str(data), "--max-seq-length", "32"])
     assert result.exit_code == 0, result.output
     assert "ndcg@10" in result.output and "120 queries" in " ".join(result.output.split())
+
+
+def test_prompts_are_trained_with_and_saved(tmp_path):
+    """--query-prompt/--document-prompt reach training and evaluation and land in the saved config,
+    so stock encode_query/encode_document apply them after loading."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune.data import build_stdlib_pairs, write_jsonl
+
+    data = write_jsonl(build_stdlib_pairs(max_pairs=80, seed=4), tmp_path / "pairs.jsonl")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(data), "--output", str(out), "--max-steps", "1", "--batch-size", "8",
+                                 "--max-seq-length", "32", "--eval-size", "16", "--evals", "1",
+                                 "--query-prompt", "query: ", "--document-prompt", "passage: "])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "model" / "config_sentence_transformers.json").read_text())
+    assert config["prompts"]["query"] == "query: " and config["prompts"]["document"] == "passage: "
+    model = SentenceTransformer(str(out / "model"), device="cpu")
+    text = "sort a list in place"
+    assert abs(model.encode_query([text]) - model.encode(["query: " + text])).max() < 1e-5
+    assert abs(model.encode_document([text]) - model.encode(["passage: " + text])).max() < 1e-5

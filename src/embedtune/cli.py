@@ -91,6 +91,8 @@ def train(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Checkpoint activations (offloaded to CPU on GPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
     no_fast: bool = typer.Option(False, "--no-fast", help="Use the standard padded forward instead of the packed fast path."),
+    query_prompt: Optional[str] = typer.Option(None, "--query-prompt", help='Prefix for queries, e.g. "query: " (saved in the model).'),
+    document_prompt: Optional[str] = typer.Option(None, "--document-prompt", help='Prefix for documents, e.g. "passage: ".'),
 ):
     """Fine-tune an embedding model on anchor/positive pairs and save the merged SentenceTransformer."""
     from .loading import DEFAULT_MODEL_ID
@@ -102,7 +104,7 @@ def train(
             batch_size=batch_size, lr=lr, max_seq_length=max_seq_length, lora_r=None if full else lora_r,
             eval_size=eval_size, eval=not no_eval, evals_per_run=evals, pooling=pooling, seed=seed,
             gradient_checkpointing="unsloth" if gradient_checkpointing else False, overwrite=overwrite,
-            fast=not no_fast,
+            fast=not no_fast, query_prompt=query_prompt, document_prompt=document_prompt,
         )
         result = run(config)
         print_summary(result.metrics)

@@ -45,7 +45,8 @@ def pairs_to_ir_task(eval_rows, corpus_texts=None) -> IRTask:
     )
 
 
-def ir_evaluator(task: IRTask, name: str = "ir-eval", batch_size: int = 64, show_progress: bool = False):
+def ir_evaluator(task: IRTask, name: str = "ir-eval", batch_size: int = 64, show_progress: bool = False,
+                 query_prompt: str | None = None, document_prompt: str | None = None):
     """sentence-transformers' InformationRetrievalEvaluator with cosine scoring, as in the guide."""
     from sentence_transformers.evaluation import InformationRetrievalEvaluator
     from sentence_transformers.util import cos_sim
@@ -63,6 +64,8 @@ def ir_evaluator(task: IRTask, name: str = "ir-eval", batch_size: int = 64, show
         accuracy_at_k=[1, 10],
         precision_recall_at_k=[1, 10, 100],
         map_at_k=[100],
+        query_prompt=query_prompt,
+        corpus_prompt=document_prompt,
     )
 
 
@@ -83,12 +86,14 @@ def summarize(raw: dict, name: str = "ir-eval") -> dict[str, float]:
     return out
 
 
-def evaluate_model(st_model, task: IRTask, batch_size: int = 64, show_progress: bool = False) -> dict[str, float]:
+def evaluate_model(st_model, task: IRTask, batch_size: int = 64, show_progress: bool = False,
+                   query_prompt: str | None = None, document_prompt: str | None = None) -> dict[str, float]:
     """IR metrics of `st_model` on `task`, computed with the model in eval mode."""
     was_training = st_model.training
     st_model.eval()
     try:
-        raw = ir_evaluator(task, batch_size=batch_size, show_progress=show_progress)(st_model)
+        raw = ir_evaluator(task, batch_size=batch_size, show_progress=show_progress, query_prompt=query_prompt,
+                           document_prompt=document_prompt)(st_model)
     finally:
         st_model.train(was_training)
     return summarize(raw)

@@ -58,6 +58,8 @@ class TrainConfig:
     overwrite: bool = False
     logging_steps: int = 5
     fast: bool = True  # padding-free packed forward where the architecture supports it
+    query_prompt: str | None = None  # e.g. "query: " (E5) or a Qwen3-Embedding instruction
+    document_prompt: str | None = None  # e.g. "passage: "
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -179,12 +181,16 @@ def run(config: TrainConfig, progress=None) -> RunResult:
 
         enable_checkpointing(model, config.gradient_checkpointing)
     st_model = to_sentence_transformer(model, tokenizer, pooling=config.pooling)
+    prompts = {"query": config.query_prompt, "document": config.document_prompt}
+    st_model.prompts = {name: text for name, text in prompts.items() if text}  # saved; used by encode_query/_document
 
     evaluator, task, base_metrics = None, None, {}
     if eval_ds is not None:
         task = pairs_to_ir_task(eval_ds, corpus_texts=column(loaded.dataset, "positive"))
-        evaluator = ir_evaluator(task, name=EVAL_NAME)
-        base_metrics = evaluate_model(st_model, task)
+        evaluator = ir_evaluator(task, name=EVAL_NAME, query_prompt=config.query_prompt,
+                                 document_prompt=config.document_prompt)
+        base_metrics = evaluate_model(st_model, task, query_prompt=config.query_prompt,
+                                      document_prompt=config.document_prompt)
 
     steps_per_epoch = len(train_ds) // config.batch_size
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
@@ -195,6 +201,8 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     work.mkdir(parents=True)
 
     columns = [c for c in train_ds.column_names if c == "anchor" or c == "positive" or c.startswith("negative_")]
+    column_prompts = {c: (config.query_prompt if c == "anchor" else config.document_prompt) for c in columns}
+    column_prompts = {c: p for c, p in column_prompts.items() if p}
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work / "checkpoints"),
         num_train_epochs=config.epochs,
@@ -216,6 +224,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         max_grad_norm=1.0,
         dataloader_drop_last=True,
         dataloader_pin_memory=torch.cuda.is_available(),
+        prompts=column_prompts or None,
         **_precision_flags(dtype),
         **config.extra,
     )
