@@ -128,7 +128,9 @@ def evaluate(
         backbone, tokenizer = FastModel.from_pretrained(model, max_seq_length=max_seq_length or 512)
         st_model = to_sentence_transformer(backbone, tokenizer)
         task = pairs_to_ir_task(loaded.dataset, corpus_texts=column(loaded.dataset, "positive"))
-        scores = evaluate_model(st_model, task, batch_size=batch_size, show_progress=True)
+        prompts = st_model.prompts or {}
+        scores = evaluate_model(st_model, task, batch_size=batch_size, show_progress=True,
+                                query_prompt=prompts.get("query"), document_prompt=prompts.get("document"))
         table = Table(title=f"{model} on {data} ({len(task.queries)} queries, {len(task.corpus)} documents)",
                       title_justify="left")
         table.add_column("metric")

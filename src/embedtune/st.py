@@ -158,6 +158,8 @@ def to_sentence_transformer(model, tokenizer, pooling: str | None = None, max_se
     st_model = SentenceTransformer(modules=modules, device=str(device))
     info = load_info(model)
     if info is not None:
+        if info.prompts:  # a checkpoint's own prompts (e.g. E5's "query: ") keep applying
+            st_model.prompts = dict(info.prompts)
         with contextlib.suppress(Exception):
             st_model.model_card_data.base_model = info.source
     return st_model

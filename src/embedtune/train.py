@@ -181,8 +181,10 @@ def run(config: TrainConfig, progress=None) -> RunResult:
 
         enable_checkpointing(model, config.gradient_checkpointing)
     st_model = to_sentence_transformer(model, tokenizer, pooling=config.pooling)
-    prompts = {"query": config.query_prompt, "document": config.document_prompt}
-    st_model.prompts = {name: text for name, text in prompts.items() if text}  # saved; used by encode_query/_document
+    given = {"query": config.query_prompt, "document": config.document_prompt}
+    st_model.prompts = {**(st_model.prompts or {}), **{k: v for k, v in given.items() if v}}  # saved with the model
+    config.query_prompt = st_model.prompts.get("query")
+    config.document_prompt = st_model.prompts.get("document")
 
     evaluator, task, base_metrics = None, None, {}
     if eval_ds is not None:
