@@ -124,3 +124,20 @@ def test_prompts_are_trained_with_and_saved(tmp_path):
     text = "sort a list in place"
     assert abs(model.encode_query([text]) - model.encode(["query: " + text])).max() < 1e-5
     assert abs(model.encode_document([text]) - model.encode(["passage: " + text])).max() < 1e-5
+
+
+def test_mine_then_train_reads_negatives(tmp_path):
+    from embedtune.data import build_stdlib_pairs, load_pairs, write_jsonl
+
+    data = write_jsonl(build_stdlib_pairs(max_pairs=60, seed=5), tmp_path / "pairs.jsonl")
+    mined = tmp_path / "mined.jsonl"
+    result = runner.invoke(app, ["mine", str(data), "--output", str(mined), "--num-negatives", "2",
+                                 "--range", "1:20", "--max-seq-length", "32"])
+    assert result.exit_code == 0, result.output
+    loaded = load_pairs(mined)
+    assert loaded.num_negatives == 2 and len(loaded.dataset) > 30
+    result = runner.invoke(app, ["train", str(mined), "--output", str(tmp_path / "run"), "--max-steps", "1",
+                                 "--batch-size", "4", "--max-seq-length", "32", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    bad = runner.invoke(app, ["mine", str(data), "--output", str(tmp_path / "x.jsonl"), "--range", "oops"])
+    assert bad.exit_code != 0 and "--range" in bad.output and not (tmp_path / "x.jsonl").exists()

@@ -12,7 +12,7 @@ import embedtune
 from embedtune.data import build_stdlib_pairs, column, load_pairs, write_jsonl
 from embedtune.errors import DataError, EmbedtuneError, SaveError
 from embedtune.loading import DEFAULT_MODEL_ID
-from embedtune.mine import chunked_topk, mine_hard_negatives, read_corpus, select_negatives
+from embedtune.mine import _pick_backend, chunked_topk, mine_hard_negatives, read_corpus, select_negatives
 
 N = 3
 RANK_RANGE = (3, 50)
@@ -120,25 +120,26 @@ def test_select_negatives_rank_and_margin():
 
 def test_corpus_file_and_skipped_rows(st_model, pairs_file, tmp_path):
     pairs = [json.loads(line) for line in pairs_file.read_text(encoding="utf-8").splitlines()]
-    docs = [p["positive"] for p in pairs[:60]] + ["def unrelated():\n    return 42"]
+    docs = [p["positive"] for p in pairs[:30]] + ["def unrelated():\n    return 42"]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)) + "\n",
                       encoding="utf-8")
-    small = write_jsonl(pairs[:40], tmp_path / "small.jsonl")
+    small = write_jsonl(pairs[:15], tmp_path / "small.jsonl")
     result = mine_hard_negatives(st_model, small, tmp_path / "out.jsonl", corpus=corpus, num_negatives=2,
                                  rank_range=(0, 10), margin=0.0, use_faiss=False, show_progress=False)
-    assert result.stats["corpus_size"] == len(docs) and result.rows + result.skipped_no_candidates == 40
+    assert result.stats["corpus_size"] == len(docs) and result.rows + result.skipped_no_candidates == 15
     ds = load_pairs(result.path).dataset
     for name in ("negative_1", "negative_2"):
         assert set(column(ds, name)) <= set(docs)
+    assert all(p != n for p, n in zip(column(ds, "positive"), column(ds, "negative_1")))
     # Rows whose positive is missing from the corpus still get a positive score and negatives.
-    far = write_jsonl(pairs[100:110], tmp_path / "far.jsonl")
+    far = write_jsonl(pairs[100:104], tmp_path / "far.jsonl")
     far_result = mine_hard_negatives(st_model, far, tmp_path / "far_out.jsonl", corpus=corpus, num_negatives=1,
                                      rank_range=(0, 20), margin=-1.0, use_faiss=False, show_progress=False)
-    assert far_result.rows == 10 and far_result.skipped_no_candidates == 0
+    assert far_result.rows == 4 and far_result.skipped_no_candidates == 0
     # A margin no candidate can pass: every row is dropped, and nothing is written.
-    with pytest.raises(DataError, match="no row got 2 negatives"):
-        mine_hard_negatives(st_model, small, tmp_path / "none.jsonl", corpus=corpus, num_negatives=2,
+    with pytest.raises(DataError, match="no row got 1 negatives"):
+        mine_hard_negatives(st_model, far, tmp_path / "none.jsonl", corpus=corpus, num_negatives=1,
                             margin=2.0, rank_range=(0, 10), use_faiss=False, show_progress=False)
     assert not (tmp_path / "none.jsonl").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -188,8 +189,8 @@ def test_existing_output_refused_without_overwrite(st_model, pairs_file, tmp_pat
     with pytest.raises(SaveError, match="exists.*overwrite"):
         mine_hard_negatives(st_model, pairs_file, out, show_progress=False)
     assert out.read_text() == "keep me\n"
-    small = write_jsonl(build_stdlib_pairs(max_pairs=30, seed=5), tmp_path / "small.jsonl")
-    result = mine_hard_negatives(st_model, small, out, num_negatives=1, rank_range=(1, 20), margin=0.0,
+    small = write_jsonl(build_stdlib_pairs(max_pairs=12, seed=5), tmp_path / "small.jsonl")
+    result = mine_hard_negatives(st_model, small, out, num_negatives=1, rank_range=(1, 10), margin=-1.0,
                                  overwrite=True, use_faiss=False, show_progress=False)
     assert result.rows > 0 and load_pairs(out).num_negatives == 1
     with pytest.raises(SaveError, match="is a folder"):
@@ -217,3 +218,4 @@ def test_use_faiss_missing_is_one_line_error(monkeypatch, pairs_file, tmp_path):
         mine_hard_negatives(None, pairs_file, tmp_path / "out.jsonl", use_faiss=True, show_progress=False)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out.jsonl").exists()
+    assert _pick_backend(None) == "torch" and _pick_backend(False) == "torch"  # auto falls back

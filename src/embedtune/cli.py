@@ -140,6 +140,54 @@ def evaluate(
         console.print(table)
 
 
+def _parse_range(text: str) -> tuple[int, int]:
+    from .errors import EmbedtuneError
+
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise EmbedtuneError(f"--range {text!r}: expected two integers as a:b, e.g. 3:50") from None
+    return low, high
+
+
+@app.command()
+def mine(
+    data: str = typer.Argument(..., help="Pairs file whose anchors get hard negatives."),
+    output: str = typer.Option(..., "--output", help="JSONL to write (anchor, positive, negative_1..N)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model that ranks the corpus (default: bundled all-MiniLM-L6-v2)."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Corpus file (JSONL with 'text', or .txt); default: all positives."),
+    num_negatives: int = typer.Option(3, "--num-negatives"),
+    rank_range: str = typer.Option("3:50", "--range", help="Ranks a:b (0-based, b exclusive) to draw negatives from; skips the top ones."),
+    margin: float = typer.Option(0.05, "--margin", help="Keep negatives scoring at most positive_score - margin."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    max_seq_length: int = typer.Option(256, "--max-seq-length"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+):
+    """Mine hard negatives with a model; `embedtune train` reads the result directly."""
+    from .loading import DEFAULT_MODEL_ID, FastModel
+    from .mine import mine_hard_negatives
+    from .st import to_sentence_transformer
+
+    with user_errors():
+        low, high = _parse_range(rank_range)
+        backbone, tokenizer = FastModel.from_pretrained(model or DEFAULT_MODEL_ID, max_seq_length=max_seq_length)
+        st_model = to_sentence_transformer(backbone, tokenizer)
+        prompts = st_model.prompts or {}
+        result = mine_hard_negatives(
+            st_model, data, output, corpus=corpus, num_negatives=num_negatives, rank_range=(low, high),
+            margin=margin, batch_size=batch_size, overwrite=overwrite,
+            query_prompt=prompts.get("query"), document_prompt=prompts.get("document"),
+        )
+        stats = result.stats
+        console.print(
+            f"wrote {result.rows} rows with {result.num_negatives} hard negatives each to {result.path} "
+            f"({result.skipped_no_candidates} rows dropped: too few candidates); corpus {stats.get('corpus_size')} docs; "
+            f"mean score positive {stats.get('mean_positive_score', float('nan')):.3f}, "
+            f"negative {stats.get('mean_negative_score', float('nan')):.3f}",
+            soft_wrap=True, highlight=False,
+        )
+
+
 @app.command()
 def demo(
     output: str = typer.Option("embedtune-demo", "--output", help="Where the demo's model and curves go (replaced)."),

@@ -179,7 +179,7 @@ def mine_hard_negatives(
         if written == 0:
             raise DataError(
                 f"{os.fspath(data)}: no row got {num_negatives} negatives passing the filters "
-                f"(rank_range={lo},{hi}, margin={margin}, corpus of {len(docs)} documents); "
+                f"(rank_range=({lo}, {hi}), margin={margin}, corpus of {len(docs)} documents); "
                 "lower num_negatives or margin, or widen rank_range or the corpus"
             )
         os.replace(tmp, out)
@@ -334,10 +334,10 @@ def _pick_backend(use_faiss: bool | None) -> str:
     if use_faiss:
         _import_faiss()
         return "faiss"
-    if use_faiss is None:
+    if use_faiss is None:  # FAISS when it imports, else torch
         try:
-            import faiss  # noqa: F401
-        except ImportError:
+            _import_faiss()
+        except EmbedtuneError:
             return "torch"
         return "faiss"
     return "torch"
@@ -423,10 +423,10 @@ def _corpus_json_line(name: str, lineno: int, line: str) -> str:
 
 def _check_output(output: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(output)
-    if out.suffix.lower() not in _OUTPUT_SUFFIXES:
-        raise SaveError(f"{out}: the mined pairs are JSON lines; name the output file .jsonl")
     if out.is_dir():
         raise SaveError(f"{out}: is a folder; give a .jsonl file path")
+    if out.suffix.lower() not in _OUTPUT_SUFFIXES:
+        raise SaveError(f"{out}: the mined pairs are JSON lines; name the output file .jsonl")
     if out.exists() and not overwrite:
         raise SaveError(f"{out}: file exists; pass overwrite=True (CLI: --overwrite)")
     return out
