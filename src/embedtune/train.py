@@ -76,13 +76,14 @@ class RunResult:
     output_dir: Path | None
 
 
-def _token_count(tokenizer, texts, max_len: int) -> int:
-    """Real (unpadded) tokens the model sees for `texts`, truncated at `max_len`."""
+def _tokens_per_row(tokenizer, dataset, columns: list[str], max_len: int, sample: int = 2048) -> float:
+    """Mean real (unpadded, truncated) tokens per training row over all its columns, from a sample."""
+    rows = dataset.select(range(min(sample, len(dataset))))
     total = 0
-    for start in range(0, len(texts), 2048):
-        enc = tokenizer(list(texts[start:start + 2048]), truncation=True, max_length=max_len)
-        total += sum(len(ids) for ids in enc["input_ids"])
-    return total
+    for name in columns:
+        encoded = tokenizer(column(rows, name), truncation=True, max_length=max_len)
+        total += sum(len(ids) for ids in encoded["input_ids"])
+    return total / max(1, len(rows))
 
 
 def _precision_flags(model_dtype: torch.dtype) -> dict:
@@ -183,16 +184,13 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     st_model = to_sentence_transformer(model, tokenizer, pooling=config.pooling)
     given = {"query": config.query_prompt, "document": config.document_prompt}
     st_model.prompts = {**(st_model.prompts or {}), **{k: v for k, v in given.items() if v}}  # saved with the model
-    config.query_prompt = st_model.prompts.get("query")
-    config.document_prompt = st_model.prompts.get("document")
+    query_prompt, document_prompt = st_model.prompts.get("query"), st_model.prompts.get("document")
 
     evaluator, task, base_metrics = None, None, {}
     if eval_ds is not None:
         task = pairs_to_ir_task(eval_ds, corpus_texts=column(loaded.dataset, "positive"))
-        evaluator = ir_evaluator(task, name=EVAL_NAME, query_prompt=config.query_prompt,
-                                 document_prompt=config.document_prompt)
-        base_metrics = evaluate_model(st_model, task, query_prompt=config.query_prompt,
-                                      document_prompt=config.document_prompt)
+        evaluator = ir_evaluator(task, name=EVAL_NAME, query_prompt=query_prompt, document_prompt=document_prompt)
+        base_metrics = evaluate_model(st_model, task, query_prompt=query_prompt, document_prompt=document_prompt)
 
     steps_per_epoch = len(train_ds) // config.batch_size
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
@@ -203,7 +201,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     work.mkdir(parents=True)
 
     columns = [c for c in train_ds.column_names if c == "anchor" or c == "positive" or c.startswith("negative_")]
-    column_prompts = {c: (config.query_prompt if c == "anchor" else config.document_prompt) for c in columns}
+    column_prompts = {c: (query_prompt if c == "anchor" else document_prompt) for c in columns}
     column_prompts = {c: p for c, p in column_prompts.items() if p}
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work / "checkpoints"),
@@ -247,10 +245,8 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     final_metrics = summarize(best.best_metrics) if evaluator else {}
 
     state = trainer.state
-    rows_seen = min(state.global_step * config.batch_size, len(train_ds) * max(1, math.ceil(config.epochs)))
-    texts = column(train_ds, "anchor") + column(train_ds, "positive")
-    mean_tokens = _token_count(tokenizer, texts, config.max_seq_length) / max(1, len(train_ds))
-    tokens = int(mean_tokens * rows_seen * (1 + loaded.num_negatives / 2))
+    rows_seen = state.global_step * config.batch_size  # drop_last: every step is a full batch
+    tokens = int(_tokens_per_row(tokenizer, train_ds, columns, config.max_seq_length) * rows_seen)
     metrics = {
         "base": base_metrics,
         "final": final_metrics,
