@@ -100,3 +100,8 @@ def test_offloaded_checkpoint_function_matches_plain_backward():
     _OffloadedCheckpoint.apply(layer, x).sum().backward()
     assert torch.allclose(x.grad, want_x, atol=1e-6)
     assert torch.allclose(layer[0].weight.grad, want_w, atol=1e-6)
+
+
+def test_max_seq_length_none_takes_the_checkpoints_own():
+    _, tok = FastModel.from_pretrained(MINILM, max_seq_length=None)
+    assert tok.model_max_length == 256  # all-MiniLM-L6-v2's sentence_bert_config.json

@@ -115,7 +115,7 @@ def evaluate(
     model: str = typer.Argument(..., help="A SentenceTransformer folder (e.g. OUTPUT/model) or hub id."),
     data: str = typer.Argument(..., help="Pairs file; every anchor must retrieve its positive among all positives."),
     batch_size: int = typer.Option(64, "--batch-size"),
-    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length"),
+    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Default: the model's own setting."),
 ):
     """Retrieval metrics (nDCG@10, MRR@10, Recall@10) of a model on a pairs file."""
     from .data import column, load_pairs
@@ -125,7 +125,7 @@ def evaluate(
 
     with user_errors():
         loaded = load_pairs(data)
-        backbone, tokenizer = FastModel.from_pretrained(model, max_seq_length=max_seq_length or 512)
+        backbone, tokenizer = FastModel.from_pretrained(model, max_seq_length=max_seq_length)
         st_model = to_sentence_transformer(backbone, tokenizer)
         task = pairs_to_ir_task(loaded.dataset, corpus_texts=column(loaded.dataset, "positive"))
         prompts = st_model.prompts or {}

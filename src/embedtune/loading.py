@@ -205,7 +205,7 @@ class FastModel:
     def from_pretrained(
         model_name: str = DEFAULT_MODEL_ID,
         auto_model: type | None = None,
-        max_seq_length: int = 512,
+        max_seq_length: int | None = 512,
         dtype: Any = None,
         add_pooling_layer: bool = False,
         trust_remote_code: bool = False,
@@ -248,8 +248,8 @@ class FastModel:
             raise EmbedtuneError(f"could not load a tokenizer from {model_name}: {str(exc).splitlines()[0]}") from None
 
         limit = _max_positions(config)
-        if layout and layout.max_seq_length and max_seq_length is None:
-            max_seq_length = layout.max_seq_length
+        if max_seq_length is None:  # the checkpoint's own setting, else its position table, else 512
+            max_seq_length = (layout.max_seq_length if layout else None) or limit or 512
         max_seq_length = min(max_seq_length, limit) if limit else max_seq_length
         tokenizer.model_max_length = max_seq_length
         spec = arch_spec(config.model_type)
