@@ -52,8 +52,7 @@ def offloaded_checkpoint(fn, hidden, *args, **kwargs):
     if kwargs or not torch.is_tensor(hidden) or not hidden.is_cuda:
         return checkpoint(fn, hidden, *args, use_reentrant=False, **kwargs)
     # Layers return a tuple or a tensor; the custom Function carries only the first output.
-    out = _OffloadedCheckpoint.apply(fn, hidden, *args)
-    return out
+    return _OffloadedCheckpoint.apply(fn, hidden, *args)
 
 
 def enable_checkpointing(model, mode) -> str:

@@ -164,8 +164,3 @@ def to_sentence_transformer(model, tokenizer, pooling: str | None = None, max_se
             st_model.model_card_data.base_model = info.source
     return st_model
 
-
-def backbone(st_model):
-    """The transformers (or peft) model inside a SentenceTransformer's first module."""
-    first = st_model[0]
-    return first.auto_model

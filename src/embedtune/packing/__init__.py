@@ -14,6 +14,7 @@ import torch
 
 from transformers.modeling_outputs import BaseModelOutput
 
+from ..lora import unwrap_peft
 from .bert import packed_bert_forward
 from .decoder import packed_decoder_forward
 from .distilbert import packed_distilbert_forward
@@ -56,18 +57,9 @@ class PackedForward:
         return BaseModelOutput(last_hidden_state=hidden)
 
 
-def base_model_of(model):
-    """The transformers model under peft wrappers."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def supports_fast_path(model) -> bool:
-    return base_model_of(model).config.model_type in PACKED_FORWARDS
-
-
 def enable_fast_path(model, attention_backend: str = "auto", compile: bool = False) -> bool:
     """Switch `model` (plain or peft) to the packed forward; returns False (with a notice) if unsupported."""
-    base = base_model_of(model)
+    base = unwrap_peft(model)
     fn = PACKED_FORWARDS.get(base.config.model_type)
     if fn is None:
         logger.warning("embedtune: no packed forward for %s yet; using the standard (padded) path",
@@ -79,6 +71,6 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool = Fal
 
 
 def disable_fast_path(model) -> None:
-    base = base_model_of(model)
+    base = unwrap_peft(model)
     if isinstance(base.__dict__.get("forward"), PackedForward):
         del base.forward

@@ -11,6 +11,8 @@ key mask, and the results are scattered back. Retrieval batches mix 15-token que
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +86,7 @@ class PackedBatch:
         return out.view(self.batch, self.max_len, *packed.shape[1:])
 
 
+@functools.cache
 def _fused_varlen():
     """torch's fused varlen attention, or None where this torch lacks it."""
     try:
@@ -93,16 +96,17 @@ def _fused_varlen():
     return varlen_attn
 
 
+@functools.cache
 def _causal_kwargs(fused, causal: bool) -> dict:
-    """torch's varlen_attn spelled causality `is_causal` first and `window_size=(-1, 0)` later."""
-    import inspect
-
+    """torch's varlen_attn spelled causality `is_causal` first and `window_size=(-1, 0)` later
+    (cached: this runs once per attention call on the hot path)."""
     params = inspect.signature(fused).parameters
     if "window_size" in params:
         return {"window_size": (-1, 0)} if causal else {}
     return {"is_causal": causal} if "is_causal" in params else {}
 
 
+@functools.cache
 def _flash_attn_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
