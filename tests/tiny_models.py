@@ -72,8 +72,10 @@ def _config_kwargs(arch: str) -> dict[str, Any]:
         return dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=MAX_POSITIONS,
                     pad_token_id=PAD_ID)
     if arch == "deberta-v2":
+        # DeBERTa-v3's attention options (shared key projections, LayerNorm'ed relative table), smaller buckets
         return dict(_BERT_LIKE, pad_token_id=PAD_ID, relative_attention=True, position_buckets=32,
-                    pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False)
+                    pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False,
+                    share_att_key=True, norm_rel_ebd="layer_norm")
     if arch == "modernbert":
         return dict(
             hidden_size=32,
@@ -99,17 +101,20 @@ def _config_kwargs(arch: str) -> dict[str, Any]:
     raise ValueError(f"no tiny config for {arch!r}")
 
 
-def make_tiny_model(arch: str, root: Path) -> Path:
-    """Build (once) a tiny random-init `arch` checkpoint with a BERT tokenizer in `root/arch`."""
+def make_tiny_model(arch: str, root: Path, name: str | None = None, **overrides: Any) -> Path:
+    """Build (once) a tiny random-init `arch` checkpoint with a BERT tokenizer in `root/arch`.
+
+    `overrides` replace config arguments (a variant: give it its own folder `name`)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from embedtune.loading import bundled_model_path
 
-    target = Path(root) / arch
+    target = Path(root) / (name or arch)
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    config = AutoConfig.for_model(arch, vocab_size=VOCAB_SIZE, initializer_range=INIT_RANGE, **_config_kwargs(arch))
+    config = AutoConfig.for_model(arch, vocab_size=VOCAB_SIZE, initializer_range=INIT_RANGE,
+                                   **{**_config_kwargs(arch), **overrides})
     model_cls = AutoModel._model_mapping[type(config)]
     torch.manual_seed(0)
     model = model_cls(config).eval()

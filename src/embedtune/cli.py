@@ -40,7 +40,26 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
-def _metric_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
+@contextlib.contextmanager
+def resume_hint(output: str | None):
+    """On Ctrl-C, name the last checkpoint and print the exact command that continues the run."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not output or not Path(f"{output}.partial").is_dir():
+            raise
+        from .resilience import checkpoint_step, checkpoints_dir, latest_checkpoint, resume_command
+
+        latest = latest_checkpoint(checkpoints_dir(output))
+        if latest is not None:
+            err_console.print(f"checkpoint of step {checkpoint_step(latest)} saved in {latest}; continue with:",
+                              markup=False, highlight=False, soft_wrap=True)
+            err_console.print(resume_command(), markup=False, highlight=False, soft_wrap=True)
+        raise
+
+
+def _metric_table(title: str, columns: dict[str, dict[str, float]],
+                  metrics: tuple[str, ...] = ("ndcg@10", "mrr@10", "recall@10")) -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     for name in columns:
@@ -48,7 +67,7 @@ def _metric_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
     names = list(columns)
     if len(names) == 2:
         table.add_column("change", justify="right")
-    for metric in ("ndcg@10", "mrr@10", "recall@10"):
+    for metric in metrics:
         values = [columns[n].get(metric) for n in names]
         row = [metric] + [f"{v:.4f}" if v is not None else "-" for v in values]
         if len(values) == 2 and None not in values:
@@ -64,15 +83,27 @@ def print_summary(metrics: dict) -> None:
     console.print(
         f"trained {metrics['steps']} steps on {metrics['train_pairs']} pairs in {metrics['train_time_s']:.1f} s "
         f"({metrics['tokens_per_s']:,.0f} tokens/s); {metrics['eval_pairs']} held-out pairs; "
-        f"{metrics['skipped_rows']} rows skipped for empty text",
+        f"{metrics['skipped_rows']} rows skipped for empty text"
+        + (f"; {metrics['world_size']} processes" if metrics.get("world_size", 1) > 1 else ""),
         soft_wrap=True,
     )
     for name, path in metrics.get("artifacts", {}).items():
-        console.print(f"  {name:8s} {path}", soft_wrap=True, highlight=False)
+        console.print(f"  {name:11s} {path}", soft_wrap=True, highlight=False)
+
+
+def _config_file_callback(ctx: typer.Context, param: typer.CallbackParam, value: Optional[str]):
+    """--config: the YAML file's settings become this command's defaults; explicit flags still win."""
+    from .config_file import load_config_defaults
+    from .train import TrainConfig
+
+    with user_errors():
+        load_config_defaults(ctx, param, value, fields_of=TrainConfig)
+    return value
 
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: str = typer.Argument(..., help="Pairs file: JSONL, JSON, CSV, Parquet or a saved HF dataset folder."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, HF folder or ST folder (default: bundled all-MiniLM-L6-v2)."),
     output: str = typer.Option("embedtune-output", "--output", help="Output folder (model/, metrics.json, training_curves.png)."),
@@ -89,12 +120,27 @@ def train(
     pooling: Optional[str] = typer.Option(None, "--pooling", help="cls, mean, lasttoken, max, weightedmean (default: the checkpoint's)."),
     seed: int = typer.Option(42, "--seed"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Checkpoint activations (offloaded to CPU on GPU)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder (and an interrupted run's checkpoints)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint in OUTPUT.partial (same flags)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", min=0, help="Checkpoint every N steps, for --resume (default: the eval interval, at most 500; 0: off)."),
     no_fast: bool = typer.Option(False, "--no-fast", help="Use the standard padded forward instead of the packed fast path."),
     query_prompt: Optional[str] = typer.Option(None, "--query-prompt", help='Prefix for queries, e.g. "query: " (saved in the model).'),
     document_prompt: Optional[str] = typer.Option(None, "--document-prompt", help='Prefix for documents, e.g. "passage: ".'),
+    temperature: float = typer.Option(0.05, "--temperature", help="InfoNCE temperature (0.05 = MNRL's scale 20)."),
+    symmetric: bool = typer.Option(False, "--symmetric", help="Also train positive -> anchor (mean of both directions)."),
+    matryoshka_dims: Optional[str] = typer.Option(None, "--matryoshka-dims", help='Also train truncated embeddings, e.g. "384,256,128,64".'),
+    cached_loss: bool = typer.Option(False, "--cached-loss", help="GradCache: memory flat in --batch-size (about 1.3x the time)."),
+    token_budget: Optional[int] = typer.Option(None, "--token-budget", min=1, help="Real tokens per chunk with --cached-loss (default 16384)."),
+    report_to: str = typer.Option("none", "--report-to", help="none, tensorboard (events in OUTPUT/tensorboard) or wandb."),
+    config_file: Optional[str] = typer.Option(
+        None, "--config", is_eager=True, callback=_config_file_callback,
+        help="YAML file of settings (keys like max_steps or max-steps; any flag, or a TrainConfig field); "
+             "explicit flags win. OUTPUT/config.yaml of a run replays it.",
+    ),
 ):
     """Fine-tune an embedding model on anchor/positive pairs and save the merged SentenceTransformer."""
+    from . import distributed
+    from .config_file import apply_config_fields
     from .loading import DEFAULT_MODEL_ID
     from .train import TrainConfig, run
 
@@ -104,40 +150,90 @@ def train(
             batch_size=batch_size, lr=lr, max_seq_length=max_seq_length, lora_r=None if full else lora_r,
             eval_size=eval_size, eval=not no_eval, evals_per_run=evals, pooling=pooling, seed=seed,
             gradient_checkpointing="unsloth" if gradient_checkpointing else False, overwrite=overwrite,
-            fast=not no_fast, query_prompt=query_prompt, document_prompt=document_prompt,
+            resume=resume, save_every=save_every,
+            fast=not no_fast, query_prompt=query_prompt, document_prompt=document_prompt, report_to=report_to,
+            temperature=temperature, symmetric=symmetric, matryoshka_dims=_parse_dims(matryoshka_dims),
+            cached_loss=cached_loss, token_budget=token_budget,
         )
-        result = run(config)
-        print_summary(result.metrics)
+        config = apply_config_fields(ctx, config)  # --config keys that have no flag of their own
+        with resume_hint(config.output_dir):
+            result = run(config)
+        if distributed.is_main():  # under torchrun, one summary
+            print_summary(result.metrics)
 
 
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="A SentenceTransformer folder (e.g. OUTPUT/model) or hub id."),
-    data: str = typer.Argument(..., help="Pairs file; every anchor must retrieve its positive among all positives."),
+    data: str = typer.Argument(..., help="Pairs file (anchors retrieve their positives among all positives), or a "
+                                         "BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."),
     batch_size: int = typer.Option(64, "--batch-size"),
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Default: the model's own setting."),
+    split: Optional[str] = typer.Option(None, "--split", help="BEIR qrels split (default: test, else dev)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="A base model to evaluate too, shown side by side."),
+    output_json: Optional[str] = typer.Option(None, "--output-json", help="Also write the metrics to this .json file."),
 ):
-    """Retrieval metrics (nDCG@10, MRR@10, Recall@10) of a model on a pairs file."""
-    from .data import column, load_pairs
-    from .evaluate import evaluate_model, pairs_to_ir_task
+    """nDCG@10, MRR@10, Recall@1/10/100 and MAP@100 of a model (exact search; graded relevance for BEIR)."""
+    import gc
+
     from .loading import FastModel
+    from .retrieval import RETRIEVAL_METRICS, check_report_path, evaluate_retrieval, load_eval_task, resolve_device
+    from .retrieval import write_report
     from .st import to_sentence_transformer
 
     with user_errors():
-        loaded = load_pairs(data)
-        backbone, tokenizer = FastModel.from_pretrained(model, max_seq_length=max_seq_length)
-        st_model = to_sentence_transformer(backbone, tokenizer)
-        task = pairs_to_ir_task(loaded.dataset, corpus_texts=column(loaded.dataset, "positive"))
-        prompts = st_model.prompts or {}
-        scores = evaluate_model(st_model, task, batch_size=batch_size, show_progress=True,
-                                query_prompt=prompts.get("query"), document_prompt=prompts.get("document"))
-        table = Table(title=f"{model} on {data} ({len(task.queries)} queries, {len(task.corpus)} documents)",
-                      title_justify="left")
-        table.add_column("metric")
-        table.add_column("score", justify="right")
-        for name, value in scores.items():
-            table.add_row(name, f"{value:.4f}")
-        console.print(table)
+        device = resolve_device(device)
+        if output_json:
+            check_report_path(output_json)
+        data_info = load_eval_task(data, split)
+        task = data_info.task
+        where = f"{data} (split {data_info.split})" if data_info.split else data
+        console.print(f"{where}: {len(task.queries)} queries, {len(task.corpus)} documents", soft_wrap=True,
+                      highlight=False)
+        for note in data_info.notes:
+            console.print(f"  note: {note}", soft_wrap=True, highlight=False)
+        scores: dict[str, dict[str, float]] = {}
+        for label, name in ([("base", compare)] if compare else []) + [("model", model)]:
+            backbone, tokenizer = FastModel.from_pretrained(name, max_seq_length=max_seq_length, device=device)
+            st_model = to_sentence_transformer(backbone, tokenizer)
+            scores[label] = evaluate_retrieval(st_model, task, batch_size=batch_size, show_progress=True)
+            del backbone, st_model  # free the first model before loading the second
+            gc.collect()
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+        if compare:
+            console.print(f"base: {compare}\nmodel: {model}", soft_wrap=True, highlight=False)
+            title = f"base vs model on {data}"
+        else:
+            title = f"{model} on {data} ({len(task.queries)} queries, {len(task.corpus)} documents)"
+        columns = scores if compare else {"score": scores["model"]}
+        console.print(_metric_table(title, columns, RETRIEVAL_METRICS))
+        if output_json:
+            report = {"model": model, "data": data, "format": data_info.kind, "split": data_info.split,
+                      "queries": len(task.queries), "documents": len(task.corpus), "notes": data_info.notes,
+                      "metrics": scores["model"]}
+            if compare:
+                report["base"] = {"model": compare, "metrics": scores["base"]}
+                report["change"] = {m: scores["model"][m] - scores["base"][m] for m in RETRIEVAL_METRICS}
+            console.print(f"metrics written to {write_report(output_json, report)}", soft_wrap=True, highlight=False)
+
+
+def _parse_dims(text: str | list | None) -> list[int] | None:
+    """"768,512,256" (or a YAML list) -> [768, 512, 256]."""
+    from .errors import EmbedtuneError
+
+    if text is None or isinstance(text, list):
+        return text
+    try:
+        dims = [int(part) for part in str(text).replace(" ", "").split(",") if part]
+    except ValueError:
+        raise EmbedtuneError(f"--matryoshka-dims {text!r}: expected integers separated by commas, e.g. 384,256,128") from None
+    if not dims or min(dims) < 1:
+        raise EmbedtuneError(f"--matryoshka-dims {text!r}: expected positive integers, e.g. 384,256,128")
+    return dims
 
 
 def _parse_range(text: str) -> tuple[int, int]:
@@ -222,6 +318,41 @@ def demo(
         print_summary(result.metrics)
         base, final = result.metrics["base"]["ndcg@10"], result.metrics["final"]["ndcg@10"]
         console.print(f"[bold]nDCG@10: {base:.4f} -> {final:.4f} ({final - base:+.4f})[/]")
+
+
+@app.command("export")
+def export_model(
+    model: str = typer.Argument(..., help="A run output folder (model/, adapter/, metrics.json), a model folder or an adapter folder."),
+    to: str = typer.Option("sentence-transformers", "--to", help="sentence-transformers, hf, adapter or onnx."),
+    output: str = typer.Option(..., "--output", help="Folder to write (with a README.md model card)."),
+    onnx_variant: Optional[str] = typer.Option(None, "--onnx-variant", help="Also write model_fp16.onnx or model_int8.onnx (fp16, int8)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+):
+    """Export a trained model as a SentenceTransformer, plain HF encoder, LoRA adapter or checked ONNX graph."""
+    from .export import export
+
+    with user_errors():
+        result = export(model, to=to, output=output, overwrite=overwrite, onnx_variant=onnx_variant)
+        console.print(f"exported {result.format} to {result.output}:", soft_wrap=True, highlight=False)
+        for name in result.files:
+            console.print(f"  {name}", soft_wrap=True, highlight=False)
+        for check in result.checks:
+            verdict = "ok" if check.passed else "BELOW the reported floor"
+            console.print(f"{check.file} ({check.precision}): min cosine vs PyTorch {check.min_cosine:.6f} "
+                          f"(needs {check.threshold}{'' if check.enforced else ', reported only'}) {verdict}",
+                          soft_wrap=True, highlight=False)
+
+
+@app.command()
+def report(
+    output_dir: str = typer.Argument(..., help="A run folder written by `embedtune train` (holds metrics.json)."),
+    png: Optional[str] = typer.Option(None, "--png", help="Where to render the curves (default: OUTPUT_DIR/report.png)."),
+):
+    """A finished run's before/after metrics, key facts and curves (printed, and rendered to PNG)."""
+    from .report import print_report
+
+    with user_errors():
+        print_report(output_dir, png=png, console=console)
 
 
 def main() -> None:

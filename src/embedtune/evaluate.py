@@ -9,11 +9,23 @@ METRIC_KEYS = {"ndcg@10": "ndcg@10", "mrr@10": "mrr@10", "recall@10": "recall@10
 
 @dataclass
 class IRTask:
-    """Queries, a corpus and relevance judgements, ready for sentence-transformers' IR evaluator."""
+    """Queries, a corpus and relevance judgements, ready for sentence-transformers' IR evaluator.
+
+    ``relevant`` holds the relevant documents per query (binary, what ST's evaluator reads);
+    ``graded`` optionally holds integer grades per query (e.g. BEIR qrels; grade <= 0: not relevant)
+    for graded nDCG (`embedtune.retrieval`). Without it every relevant document has grade 1.
+    """
 
     queries: dict[str, str]
     corpus: dict[str, str]
     relevant: dict[str, set[str]]
+    graded: dict[str, dict[str, int]] | None = None
+
+    def grades(self) -> dict[str, dict[str, int]]:
+        """Per query, document -> grade: ``graded`` when given, else 1 for every relevant document."""
+        if self.graded is not None:
+            return self.graded
+        return {qid: dict.fromkeys(docs, 1) for qid, docs in self.relevant.items()}
 
 
 def pairs_to_ir_task(eval_rows, corpus_texts=None) -> IRTask:

@@ -61,6 +61,14 @@ def bundled_model_path() -> Path | None:
     return path if (path / "config.json").exists() else None
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set now, even if set after huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(str(v).upper() in ("1", "ON", "YES", "TRUE") for v in flags if v)
+
+
 def resolve_dtype(dtype: Any = None) -> torch.dtype:
     """`None` means bf16 on GPUs that support it, fp16 on older CUDA cards, fp32 on CPU."""
     if isinstance(dtype, torch.dtype):
@@ -149,7 +157,7 @@ def _resolve_source(model_name: str) -> tuple[str, _StLayout | None]:
     try:
         from huggingface_hub import hf_hub_download
 
-        modules_file = Path(hf_hub_download(str(model_name), "modules.json"))
+        modules_file = Path(hf_hub_download(str(model_name), "modules.json", local_files_only=hub_offline()))
         return str(model_name), read_st_layout(modules_file.parent)
     except Exception:
         return str(model_name), None
@@ -223,13 +231,15 @@ class FastModel:
 
         source, layout = _resolve_source(str(model_name))
         weights = str(layout.transformer_dir) if layout else source
+        # A local folder, or HF_HUB_OFFLINE: transformers must not look anything up on the hub.
+        local = {"local_files_only": True} if Path(weights).is_dir() or hub_offline() else {}
         try:
-            config = AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code, **local)
         except OSError as exc:
             raise EmbedtuneError(f"could not load a model config from {model_name}: {str(exc).splitlines()[0]}") from None
         cls = _model_class(config, auto_model)
         torch_dtype = resolve_dtype(dtype)
-        load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **local}
         if not allow_pickle:
             load_kwargs["use_safetensors"] = True
         if _accepts(cls, "add_pooling_layer"):
@@ -243,7 +253,7 @@ class FastModel:
             raise EmbedtuneError(f"could not load weights from {model_name}: {str(exc).splitlines()[0]}{hint}") from None
         tokenizer_dir = weights
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code, **local)
         except (OSError, ValueError) as exc:
             raise EmbedtuneError(f"could not load a tokenizer from {model_name}: {str(exc).splitlines()[0]}") from None
 

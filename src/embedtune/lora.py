@@ -96,3 +96,54 @@ def merge_lora(model):
             model.merge_and_unload()
         return model.get_base_model()
     return model
+
+
+def load_adapter(adapter_dir, base_model: str | None = None, **kwargs: Any):
+    """Load a saved LoRA adapter onto its base: `(LoraEmbeddingModel, tokenizer)`, ready for
+    `to_sentence_transformer` (or more training).
+
+    The base is `base_model`, else the one recorded in `adapter_config.json`, else the name kept in
+    `embedtune_adapter.json` (so a hub id served from a local copy still resolves when the recorded
+    folder has moved). The pooling and prompts recorded there become the model's own, so
+    `to_sentence_transformer(model, tokenizer)` rebuilds the sentence pipeline the adapter was
+    trained in. `kwargs` go to `FastModel.from_pretrained`.
+    """
+    import json
+    from pathlib import Path
+
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    from .errors import EmbedtuneError
+    from .loading import FastModel, load_info
+    from .save import ADAPTER_PIPELINE
+
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_config.json").is_file():
+        raise EmbedtuneError(f"{folder}: not an adapter folder (no adapter_config.json)")
+    config = PeftConfig.from_pretrained(str(folder))
+    pipeline = {}
+    if (folder / ADAPTER_PIPELINE).is_file():
+        pipeline = json.loads((folder / ADAPTER_PIPELINE).read_text(encoding="utf-8"))
+    if base_model is None:
+        recorded = config.base_model_name_or_path
+        fallback = pipeline.get("base_model")
+        base_model = recorded if recorded and (Path(recorded).exists() or not fallback) else fallback
+    if not base_model:
+        raise EmbedtuneError(f"{folder}: the adapter records no base model; pass base_model=...")
+    kwargs.setdefault("max_seq_length", pipeline.get("max_seq_length") or 512)
+    model, tokenizer = FastModel.from_pretrained(base_model, **kwargs)
+    info = load_info(model)
+    if info is not None:
+        info.pooling = pipeline.get("pooling") or info.pooling
+        info.prompts = pipeline.get("prompts") or info.prompts
+    peft_model = LoraEmbeddingModel(model, config)
+    if info is not None:
+        peft_model.embedtune_info = info
+    result = set_peft_model_state_dict(peft_model, load_peft_weights(str(folder), device="cpu"))
+    if result.unexpected_keys:
+        raise EmbedtuneError(
+            f"{folder}: adapter weights do not fit {base_model} (e.g. {result.unexpected_keys[0]})"
+        )
+    peft_model.eval()
+    return peft_model, tokenizer

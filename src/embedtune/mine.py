@@ -141,9 +141,9 @@ def mine_hard_negatives(
     # Retrieve enough that removing the anchor's own positives still leaves ranks up to hi - 1.
     k = min(hi + max_own, len(docs))
     if backend == "faiss":
-        top_scores, top_ids = faiss_topk(anchor_emb, doc_emb, k)
+        top_scores, top_ids = faiss_topk(anchor_emb, doc_emb, k, progress=show_progress)
     else:
-        top_scores, top_ids = chunked_topk(anchor_emb, doc_emb, k, chunk_size)
+        top_scores, top_ids = chunked_topk(anchor_emb, doc_emb, k, chunk_size, progress=show_progress)
 
     written = skipped = 0
     pos_total = neg_total = 0.0
@@ -260,13 +260,14 @@ def _positive_scores(anchor_emb, doc_emb, extra_emb, a_ids: torch.Tensor, row_po
 
 
 def chunked_topk(
-    queries: torch.Tensor, corpus: torch.Tensor, k: int, chunk_size: int = 50_000, query_block: int | None = None
+    queries: torch.Tensor, corpus: torch.Tensor, k: int, chunk_size: int = 50_000, query_block: int | None = None,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` inner products of each query against ``corpus``: (scores, ids), descending, on the CPU.
 
     Scores one (query block x corpus chunk) matrix at a time and merges each chunk's top-k into a
     running top-k, so peak memory is bounded by ``query_block * chunk_size`` scores, not the corpus.
-    ``k`` is clamped to the corpus size.
+    ``k`` is clamped to the corpus size. ``progress`` shows a bar over the (query block, chunk) pairs.
     """
     if chunk_size < 1:
         raise EmbedtuneError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -279,10 +280,12 @@ def chunked_topk(
     if query_block is None:
         query_block = max(1, min(_MAX_QUERY_BLOCK, _SCORE_BUDGET // min(chunk_size, n_c)))
     corpus = corpus.to(queries.device, queries.dtype)
+    bar = _search_bar(math.ceil(n_q / query_block) * math.ceil(n_c / chunk_size), progress)
     for q0 in range(0, n_q, query_block):
         q = queries[q0 : q0 + query_block]
         best_scores = best_ids = None
         for c0 in range(0, n_c, chunk_size):
+            bar.update(1)
             scores = q @ corpus[c0 : c0 + chunk_size].T
             s, i = scores.topk(min(k, scores.shape[1]), dim=1)
             i += c0
@@ -295,10 +298,18 @@ def chunked_topk(
                 best_ids = merged_i.gather(1, order)
         out_scores[q0 : q0 + len(q)] = best_scores.float().cpu()
         out_ids[q0 : q0 + len(q)] = best_ids.cpu()
+    bar.close()
     return out_scores, out_ids
 
 
-def faiss_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _search_bar(total: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Searching", unit="block", disable=not show)
+
+
+def faiss_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int,
+               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` inner products with a FAISS ``IndexFlatIP``: (scores, ids), descending, on the CPU."""
     faiss = _import_faiss()
     import numpy as np
@@ -311,11 +322,14 @@ def faiss_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> tuple[tor
     if k == 0:
         return out_scores, out_ids
     step = max(1, min(_MAX_QUERY_BLOCK, _SCORE_BUDGET // max(1, corpus.shape[0])))
+    bar = _search_bar(math.ceil(queries.shape[0] / step), progress)
     for q0 in range(0, queries.shape[0], step):
         q = np.ascontiguousarray(queries[q0 : q0 + step].float().cpu().numpy())
         scores, ids = index.search(q, k)
         out_scores[q0 : q0 + len(q)] = torch.from_numpy(scores)
         out_ids[q0 : q0 + len(q)] = torch.from_numpy(ids.astype(np.int64))
+        bar.update(1)
+    bar.close()
     return out_scores, out_ids
 
 

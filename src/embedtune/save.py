@@ -7,6 +7,8 @@ leaves a half-written model, and a non-empty target is refused unless `overwrite
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
 import shutil
 import uuid
@@ -15,6 +17,9 @@ from pathlib import Path
 from .errors import SaveError
 from .loading import load_info
 from .lora import merge_lora
+
+# Written next to a saved adapter: the sentence pipeline around the encoder (read by lora.load_adapter).
+ADAPTER_PIPELINE = "embedtune_adapter.json"
 
 
 def _is_nonempty_dir(path: Path) -> bool:
@@ -31,9 +36,57 @@ def check_target(target: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there; never clean up
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def clear_stale(target: str | os.PathLike) -> None:
+    """Remove the temp folders a killed save left next to `target`, restoring the previous folder if a
+    crash came between the two renames of `replace_folder`. Folders of live processes are left alone."""
+    path = Path(target)
+    if not path.parent.is_dir():
+        return
+    for stray in sorted(path.parent.glob(f".{glob.escape(path.name)}.*-*-*")):
+        kind, _, tag = stray.name[len(path.name) + 2:].partition("-")
+        pid = tag.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not path.exists():
+            os.replace(stray, path)  # the previous folder, moved aside just before the crash
+        else:
+            shutil.rmtree(stray, ignore_errors=True)
+
+
+def replace_folder(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move the finished folder `source` to `target`, replacing what is there. At every instant either
+    the previous folder or the new one is in place or set aside (`clear_stale` puts it back)."""
+    source, path = Path(source), Path(target)
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+    os.replace(source, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
-    """Yield a temp folder next to `target`; on success it replaces `target` in one rename."""
+    """Yield a temp folder next to `target`; on success it replaces `target` in one rename.
+
+    A process killed mid-save leaves `target` as it was plus a hidden temp folder, which the next
+    save to `target` removes (`clear_stale`).
+    """
+    clear_stale(target)
     path = check_target(target, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -44,13 +97,7 @@ def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{tag}"
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, path)
 
 
 def _split_st(model_or_st):
@@ -102,7 +149,7 @@ def save_adapter(model, output_dir: str | os.PathLike, overwrite: bool = False) 
     """Write only the LoRA adapter, recording the base model it belongs to."""
     from peft import PeftModel
 
-    backbone, tokenizer, _ = _split_st(model)
+    backbone, tokenizer, st = _split_st(model)
     if not isinstance(backbone, PeftModel):
         raise SaveError("save_adapter needs a model with LoRA adapters (FastModel.get_peft_model)")
     if getattr(backbone, "_embedtune_merged", False):
@@ -110,9 +157,44 @@ def save_adapter(model, output_dir: str | os.PathLike, overwrite: bool = False) 
     info = load_info(backbone)
     if info is not None:
         for config in backbone.peft_config.values():
-            config.base_model_name_or_path = info.source
+            config.base_model_name_or_path = reloadable_base(info)
     with atomic_folder(output_dir, overwrite) as tmp:
         backbone.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if st is not None:
+            write_adapter_pipeline(st, info, tmp)
     return Path(output_dir)
+
+
+def reloadable_base(info) -> str:
+    """The base to record in an adapter: the local weights folder when there is one, else the hub id.
+
+    `info.source` may be a hub id that was served from a local copy (the bundled MiniLM); plain
+    `AutoModel.from_pretrained` offline can only find the folder the weights really came from.
+    """
+    weights = Path(info.weights_path)
+    return str(weights.resolve()) if weights.is_dir() else info.source
+
+
+def write_adapter_pipeline(st, info, folder: Path) -> Path:
+    """Record what an adapter alone does not hold: the base's name, pooling, normalisation, prompts."""
+    from .loading import pooling_from_config
+
+    pooling, normalize = None, False
+    for module in st:
+        name = type(module).__name__
+        if name == "Pooling":
+            pooling = pooling_from_config(module.get_config_dict())
+        elif name == "Normalize":
+            normalize = True
+    pipeline = {
+        "base_model": info.source if info is not None else None,
+        "pooling": pooling,
+        "normalize": normalize,
+        "max_seq_length": st.max_seq_length,
+        "prompts": {k: v for k, v in (st.prompts or {}).items() if v} or None,
+    }
+    path = Path(folder) / ADAPTER_PIPELINE
+    path.write_text(json.dumps(pipeline, indent=2), encoding="utf-8")
+    return path

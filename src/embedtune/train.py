@@ -14,18 +14,24 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config_file import CONFIG_NAME, resolved_config, write_config_yaml
 from .data import column, load_pairs, train_eval_split
+from . import distributed
 from .errors import EmbedtuneError
 from .evaluate import evaluate_model, ir_evaluator, metric_key, pairs_to_ir_task, summarize
 from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
 from .lora import get_peft_model
-from .save import check_target, save_merged
+from .monitoring import (
+    ENCODE_BAR_MIN_TEXTS, TENSORBOARD_DIR, attach_tokens_per_second, check_report_to, point_tensorboard,
+    report_arguments,
+)
+from .save import check_target, replace_folder, save_adapter, save_merged
 from .st import to_sentence_transformer
 
 EVAL_NAME = "ir-eval"
@@ -56,10 +62,18 @@ class TrainConfig:
     gradient_checkpointing: bool | str = False
     dtype: str | None = None
     overwrite: bool = False
+    resume: bool = False  # continue from the last complete checkpoint in OUTPUT.partial
+    save_every: int | None = None  # checkpoint interval in steps; None: the eval interval (at most 500), 0: off
     logging_steps: int = 5
     fast: bool = True  # padding-free packed forward where the architecture supports it
     query_prompt: str | None = None  # e.g. "query: " (E5) or a Qwen3-Embedding instruction
     document_prompt: str | None = None  # e.g. "passage: "
+    temperature: float = 0.05  # InfoNCE temperature (0.05 = MNRL's scale 20)
+    symmetric: bool = False  # also train positive -> anchor
+    matryoshka_dims: list[int] | None = None  # e.g. [768, 512, 256, 128, 64]
+    cached_loss: bool = False  # GradCache: memory flat in --batch-size
+    token_budget: int | None = None  # real tokens per cached chunk (default losses.DEFAULT_TOKEN_BUDGET)
+    report_to: str = "none"  # or "tensorboard" (events in OUTPUT/tensorboard) or "wandb"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -129,6 +143,14 @@ class BestWeights:
         self.best_value, self.best_metrics, self.best_step = float(value), dict(metrics), step
         self._weights = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The best score so far and its weights: what a checkpoint keeps so a resumed run picks the same best."""
+        return {"value": self.best_value, "metrics": self.best_metrics, "step": self.best_step}, self._weights
+
+    def load_state(self, meta: dict, weights: dict[str, torch.Tensor]) -> None:
+        self.best_value, self.best_metrics, self.best_step = meta["value"], dict(meta["metrics"]), meta["step"]
+        self._weights = dict(weights)
+
     def restore(self) -> None:
         if not self._weights:
             return
@@ -136,6 +158,22 @@ class BestWeights:
             for name, param in self.model.named_parameters():
                 if name in self._weights:
                     param.copy_(self._weights[name].to(param.device))
+
+
+def build_loss(st_model, config: TrainConfig):
+    """The run's contrastive loss: in-batch (and cross-rank) negatives plus any hard-negative columns."""
+    from .losses import ContrastiveLoss
+
+    width = st_model.get_sentence_embedding_dimension()
+    too_wide = [d for d in config.matryoshka_dims or () if width and d > width]
+    if too_wide:
+        raise EmbedtuneError(f"--matryoshka-dims {too_wide}: larger than the model's embedding size {width}")
+    try:
+        return ContrastiveLoss(st_model, temperature=config.temperature, symmetric=config.symmetric,
+                               matryoshka_dims=config.matryoshka_dims, cached=config.cached_loss,
+                               token_budget=config.token_budget)
+    except ValueError as exc:
+        raise EmbedtuneError(f"loss options: {exc}") from None
 
 
 def train(data: str | None = None, config: TrainConfig | None = None, **kwargs) -> tuple[Any, dict]:
@@ -148,9 +186,10 @@ def train(data: str | None = None, config: TrainConfig | None = None, **kwargs) 
 
 def run(config: TrainConfig, progress=None) -> RunResult:
     """The recipe behind `train` and the CLI. Validates all input before writing anything."""
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.training_args import BatchSamplers
+
+    from .resilience import ResumableTrainer, prepare_work, resume_point, save_arguments, train_resumably
 
     started = time.time()
     loaded = load_pairs(config.data)
@@ -159,12 +198,16 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         raise EmbedtuneError(f"--pooling {config.pooling!r} is not one of {', '.join(POOLING_MODES)}")
     if config.batch_size < 2:
         raise EmbedtuneError("--batch-size must be at least 2: in-batch negatives need company")
+    check_report_to(config.report_to, has_output=output is not None)
     eval_size = 0 if not config.eval else config.eval_size
     train_ds, eval_ds = train_eval_split(loaded.dataset, eval_size, seed=config.seed)
     if len(train_ds) < config.batch_size:
         raise EmbedtuneError(
             f"{config.data}: {len(train_ds)} training pairs, fewer than one batch of {config.batch_size}"
         )
+    work = Path(f"{output}.partial") if output else Path(os.environ.get("TMPDIR", "/tmp")) / f"embedtune-{os.getpid()}"
+    resume_from = resume_point(work, config, resumable=output is not None)  # checked before any loading
+    distributed.init_if_launched()  # under torchrun: join the process group before evaluating
 
     torch.manual_seed(config.seed)
     dtype = resolve_dtype(config.dtype)
@@ -189,16 +232,18 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     evaluator, task, base_metrics = None, None, {}
     if eval_ds is not None:
         task = pairs_to_ir_task(eval_ds, corpus_texts=column(loaded.dataset, "positive"))
-        evaluator = ir_evaluator(task, name=EVAL_NAME, query_prompt=query_prompt, document_prompt=document_prompt)
-        base_metrics = evaluate_model(st_model, task, query_prompt=query_prompt, document_prompt=document_prompt)
+        big = len(task.queries) + len(task.corpus) >= ENCODE_BAR_MIN_TEXTS  # bars during training only if slow
+        evaluator = ir_evaluator(task, name=EVAL_NAME, query_prompt=query_prompt, document_prompt=document_prompt,
+                                 show_progress=big)
+        base_metrics = evaluate_model(st_model, task, query_prompt=query_prompt, document_prompt=document_prompt,
+                                      show_progress=True)
 
     steps_per_epoch = len(train_ds) // config.batch_size
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     eval_steps = max(1, math.ceil(total_steps / max(1, config.evals_per_run)))
-    work = Path(f"{output}.partial") if output else Path(os.environ.get("TMPDIR", "/tmp")) / f"embedtune-{os.getpid()}"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    if distributed.is_main():  # only rank 0 writes; the others wait until the work folder exists
+        prepare_work(work, config, resume_from, resumable=output is not None)
+    distributed.barrier()
 
     columns = [c for c in train_ds.column_names if c == "anchor" or c == "positive" or c.startswith("negative_")]
     column_prompts = {c: (query_prompt if c == "anchor" else document_prompt) for c in columns}
@@ -217,9 +262,10 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         eval_strategy="steps" if evaluator else "no",
         eval_steps=eval_steps,
-        save_strategy="no",
+        **save_arguments(config.save_every, eval_steps, resumable=output is not None),
         logging_steps=config.logging_steps,
-        report_to="none",
+        **report_arguments(config.report_to, work, output.name if output else None,
+                           SentenceTransformerTrainingArguments),
         seed=config.seed,
         max_grad_norm=1.0,
         dataloader_drop_last=True,
@@ -230,23 +276,27 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     )
     st_model.model_card_data.generate_widget_examples = False  # it encodes samples: slow, and not ours to show
     best = BestWeights(st_model, f"eval_{metric_key(EVAL_NAME)}")
-    trainer = SentenceTransformerTrainer(
+    trainer = ResumableTrainer(  # checkpoints of the trainable weights; stops on a NaN/inf loss
         model=st_model,
         args=args,
         train_dataset=train_ds.select_columns(columns),
-        loss=MultipleNegativesRankingLoss(st_model),
+        loss=build_loss(st_model, config),
         evaluator=evaluator,
         callbacks=[best.callback] if evaluator else None,
     )
+    if config.report_to == "tensorboard":
+        point_tensorboard(trainer, work)
+    tokens_per_row = _tokens_per_row(tokenizer, train_ds, columns, config.max_seq_length)
+    attach_tokens_per_second(trainer, tokens_per_row * config.batch_size * distributed.world_size())
     train_started = time.time()
-    trainer.train()
+    train_resumably(trainer, best if evaluator else None, resume_from, resumable=output is not None)
     train_time = time.time() - train_started
     best.restore()
     final_metrics = summarize(best.best_metrics) if evaluator else {}
 
     state = trainer.state
-    rows_seen = state.global_step * config.batch_size  # drop_last: every step is a full batch
-    tokens = int(_tokens_per_row(tokenizer, train_ds, columns, config.max_seq_length) * rows_seen)
+    rows_seen = state.global_step * config.batch_size * distributed.world_size()  # drop_last: full batches
+    tokens = int(tokens_per_row * rows_seen)
     metrics = {
         "base": base_metrics,
         "final": final_metrics,
@@ -258,14 +308,21 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         "skipped_rows": loaded.skipped,
         "tokens_per_s": round(tokens / train_time, 1) if train_time > 0 else None,
         "best_step": best.best_step,
+        "world_size": distributed.world_size(),
         "history": state.log_history,
-        "config": {k: v for k, v in asdict(config).items() if k != "extra"},
+        "config": resolved_config(  # what config.yaml holds: replays this run with --config
+            config, lr=config.learning_rate, lora_alpha=config.lora_alpha or config.lora_r,
+            eval_size=len(eval_ds) if eval_ds is not None else (0 if config.eval else config.eval_size),
+        ),
     }
     result_dir = None
-    if output is not None:
+    if not distributed.is_main():
+        pass  # rank 0 saves; the model in memory here is the same (DDP keeps ranks in sync)
+    elif output is not None:
         result_dir = _finish_output(st_model, metrics, work, output, config.overwrite)
     else:
         shutil.rmtree(work, ignore_errors=True)
+    distributed.barrier()
     return RunResult(st_model, metrics, result_dir)
 
 
@@ -274,19 +331,25 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
     from .plots import plot_curves
 
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    lora = bool(metrics["config"].get("lora_r"))
+    if lora:  # before save_merged merges it away: `embedtune export --to adapter` needs it
+        save_adapter(st_model, work / "adapter")
     model_dir = save_merged(st_model, work / "model")
     metrics["artifacts"] = {
         "model": str(output / "model"),
         "metrics": str(output / "metrics.json"),
         "plot": str(output / "training_curves.png"),
+        "config": str(output / CONFIG_NAME),
     }
+    if lora:
+        metrics["artifacts"]["adapter"] = str(output / "adapter")
+    if (work / TENSORBOARD_DIR).is_dir():
+        metrics["artifacts"]["tensorboard"] = str(output / TENSORBOARD_DIR)
+    write_config_yaml(metrics["config"], work / CONFIG_NAME)
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     plot_curves(metrics["history"], work / "training_curves.png", metric=f"eval_{metric_key(EVAL_NAME)}",
                 base=metrics["base"].get("ndcg@10"))
     assert model_dir.exists()
-    if output.exists():
-        if not overwrite:
-            raise EmbedtuneError(f"{output}: appeared during the run; results left in {work}")
-        shutil.rmtree(output)
-    os.replace(work, output)
-    return output
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise EmbedtuneError(f"{output}: appeared during the run; results left in {work}")
+    return replace_folder(work, output)  # a crash here leaves the previous OUTPUT or the new one, never neither

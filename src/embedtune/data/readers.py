@@ -460,6 +460,11 @@ def _read_parquet(p: Path, name: str, collector: _Collector) -> None:
         with pq.ParquetFile(p) as parquet:
             collector.declare_columns(parquet.schema_arrow.names)
             _feed_batches(collector, (b.to_pydict() for b in parquet.iter_batches(batch_size=_BATCH_ROWS)))
+    except OSError as e:
+        if e.errno is not None:  # a real I/O failure: load_pairs reports "cannot read"
+            raise
+        # pyarrow reports corrupt metadata (e.g. "Couldn't deserialize thrift") as an errno-less OSError
+        raise DataError(f"{name}: invalid Parquet file: {_one_line(str(e))}") from None
     except (pa.ArrowException, ValueError) as e:  # ValueError covers UnicodeDecodeError too
         raise DataError(f"{name}: invalid Parquet file: {_one_line(str(e))}") from None
 

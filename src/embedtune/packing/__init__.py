@@ -3,7 +3,9 @@
 `enable_fast_path(model)` makes a supported model run packed: its `forward` (the instance's, not
 the class's) is replaced by `PackedForward`, which falls back to the original forward for anything
 it does not handle (hidden states requested, inputs_embeds, no attention mask). The weights and
-their names are untouched, so saving, merging and loading work as before.
+their names are untouched, so saving, merging and loading work as before. Families whose packed
+forward covers only some configurations (DeBERTa, Gemma3) name the others in `UNSUPPORTED_CONFIG`;
+those keep the padded forward, with the same one-line notice as an unsupported architecture.
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from ..lora import unwrap_peft
 from .bert import packed_bert_forward
+from .deberta import packed_deberta_forward
+from .deberta import unsupported_reason as deberta_unsupported
 from .decoder import packed_decoder_forward
 from .distilbert import packed_distilbert_forward
+from .gemma3 import packed_gemma3_forward
+from .gemma3 import unsupported_reason as gemma3_unsupported
 from .modernbert import packed_modernbert_forward
+from .mpnet import packed_mpnet_forward
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +35,20 @@ PACKED_FORWARDS = {
     "xlm-roberta": packed_bert_forward,
     "electra": packed_bert_forward,
     "distilbert": packed_distilbert_forward,
+    "mpnet": packed_mpnet_forward,
+    "deberta-v2": packed_deberta_forward,
     "modernbert": packed_modernbert_forward,
     "qwen2": packed_decoder_forward,
     "qwen3": packed_decoder_forward,
     "llama": packed_decoder_forward,
     "mistral": packed_decoder_forward,
+    "gemma3_text": packed_gemma3_forward,
+}
+
+# Families whose packed forward covers only some configurations: model -> reason to fall back, or None.
+UNSUPPORTED_CONFIG = {
+    "deberta-v2": deberta_unsupported,
+    "gemma3_text": gemma3_unsupported,
 }
 
 
@@ -64,6 +80,12 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool = Fal
     if fn is None:
         logger.warning("embedtune: no packed forward for %s yet; using the standard (padded) path",
                        base.config.model_type)
+        return False
+    check = UNSUPPORTED_CONFIG.get(base.config.model_type)
+    reason = check(base) if check is not None else None
+    if reason:
+        logger.warning("embedtune: the packed forward for %s does not cover %s; using the standard (padded) path",
+                       base.config.model_type, reason)
         return False
     if not isinstance(base.__dict__.get("forward"), PackedForward):
         base.forward = PackedForward(base, fn, attention_backend, compile)

@@ -1,0 +1,78 @@
+"""Runs under `torchrun` / `accelerate launch`: who writes, and the process group's bookkeeping.
+
+The launcher sets RANK / WORLD_SIZE; the HF Trainer (through accelerate) wraps the model in DDP.
+embedtune adds what a contrastive run needs on top: the process group exists before the first
+evaluation (so evaluation can be split across ranks), only rank 0 writes files and prints, and
+the loss gathers embeddings across ranks (see `losses.gather_with_grad`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def launched() -> bool:
+    """True when a launcher started several processes for this run."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_if_launched() -> None:
+    """Join the launcher's process group now, the way the HF Trainer will (accelerate's PartialState)."""
+    if launched() and not initialized():
+        from accelerate import PartialState
+
+        PartialState()
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if initialized() else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """Rank 0 writes outputs and logs; the others only compute."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows split round-robin over ranks (`items[rank::world]`) back in their original order.
+
+    Each rank holds `ceil((total - rank) / world)` rows; shorter ranks are padded for the gather.
+    """
+    world = world_size()
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    per_rank = -(-total // world)
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    out = local.new_empty((total, *local.shape[1:]))
+    for r, part in enumerate(parts):
+        count = len(range(r, total, world))
+        out[r::world] = part[:count]
+    return out

@@ -1,0 +1,309 @@
+"""Contrastive losses for embedding training: InfoNCE/MNRL with hard negatives, symmetric and
+Matryoshka variants, across GPUs, and a cached (GradCache-style) form whose memory does not grow
+with the batch.
+
+`ContrastiveLoss` is a sentence-transformers loss module (`forward(sentence_features, labels)`), so
+it drops into `SentenceTransformerTrainer` like `MultipleNegativesRankingLoss`. Columns are
+(anchor, positive, negative_1, ..., negative_n); every anchor is scored against every positive and
+negative in the batch, and under torch.distributed against those of every rank.
+
+Cached mode, for batches that do not fit in memory at once:
+  1. embed every column without a graph, in chunks of at most `token_budget` real tokens;
+  2. compute the loss on those embeddings and its gradient with respect to them;
+  3. when the trainer calls `backward()`, re-run each chunk with a graph (same dropout masks: the
+     RNG state of each chunk is replayed) and backpropagate the cached embedding gradients.
+Peak memory is one chunk's activations plus the embeddings, whatever the batch size. The last
+chunk keeps its graph from step 1, so the re-run costs one chunk less.
+
+Scaling across ranks: each rank's loss is the mean over its own anchors against the gathered
+candidates; the gather's backward sums gradients over ranks and DDP averages them, which together
+give exactly the gradient of the global mean loss over all ranks' anchors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DEFAULT_TOKEN_BUDGET = 16384
+
+
+# ----------------------------------------------------------------------------------- distributed
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, world = _world()
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on these rows
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(tensor: Tensor) -> Tensor:
+    """Concatenate `tensor` from all ranks (rank order); gradients flow back to each rank's part."""
+    if _world()[1] == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+# ----------------------------------------------------------------------------------- the loss math
+
+
+def info_nce(anchors: Tensor, candidates: Sequence[Tensor], temperature: float, symmetric: bool,
+             gather: bool = True) -> Tensor:
+    """InfoNCE of this rank's anchors against all positives and negatives (of all ranks).
+
+    `anchors` and each candidate column are [B, d] and already normalized; candidates[0] holds the
+    positives. With `symmetric`, the mean with the reverse direction: each positive must pick its
+    own anchor among all anchors.
+    """
+    rank, world = _world() if gather else (0, 1)
+    batch = anchors.shape[0]
+    gathered = [gather_with_grad(c) for c in candidates] if world > 1 else list(candidates)
+    labels = torch.arange(batch, device=anchors.device) + rank * batch
+    scores = anchors @ torch.cat(gathered, dim=0).T / temperature
+    loss = F.cross_entropy(scores, labels)
+    if symmetric:
+        all_anchors = gather_with_grad(anchors) if world > 1 else anchors
+        reverse = candidates[0] @ all_anchors.T / temperature
+        loss = (loss + F.cross_entropy(reverse, labels)) / 2
+    return loss
+
+
+def contrastive_loss(embeddings: Sequence[Tensor], temperature: float = 0.05, symmetric: bool = False,
+                     matryoshka_dims: Sequence[int] | None = None,
+                     matryoshka_weights: Sequence[float] | None = None, gather: bool = True) -> Tensor:
+    """The loss from raw column embeddings [anchor, positive, negatives...], each [B, d].
+
+    Cosine similarity (embeddings are normalized here). With `matryoshka_dims`, the weighted sum
+    of the loss on each leading slice of the embedding, so truncated embeddings also retrieve well.
+    """
+    if len(embeddings) < 2:
+        raise ValueError(f"a contrastive loss needs anchor and positive columns, got {len(embeddings)} column(s)")
+    dims = list(matryoshka_dims) if matryoshka_dims else [embeddings[0].shape[-1]]
+    weights = list(matryoshka_weights) if matryoshka_weights else [1.0] * len(dims)
+    total = 0.0
+    for dim, weight in zip(dims, weights):
+        cut = [F.normalize(e[..., :dim].float(), dim=-1) for e in embeddings]
+        total = total + weight * info_nce(cut[0], cut[1:], temperature, symmetric, gather)
+    return total
+
+
+# ----------------------------------------------------------------------------------- chunking
+
+
+def _batch_size(features: dict[str, Any]) -> int:
+    return features["input_ids"].shape[0] if "input_ids" in features else features["attention_mask"].shape[0]
+
+
+def plan_chunks(attention_mask: Tensor, token_budget: int) -> list[slice]:
+    """Consecutive row ranges whose real tokens stay within `token_budget` (at least one row each)."""
+    lengths = attention_mask.sum(dim=1).tolist()
+    chunks, start, used = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and used + n > token_budget:
+            chunks.append(slice(start, i))
+            start, used = i, 0
+        used += n
+    chunks.append(slice(start, len(lengths)))
+    return chunks
+
+
+def slice_features(features: dict[str, Any], rows: slice) -> dict[str, Any]:
+    """The rows of a tokenized batch, with the padding columns no row in them needs dropped."""
+    batch = _batch_size(features)
+    out = {k: (v[rows] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch else v)
+           for k, v in features.items()}
+    mask = out.get("attention_mask")
+    if mask is None or mask.dim() != 2 or mask.shape[0] == 0:
+        return out
+    width = int(mask.sum(dim=1).max())
+    full = mask.shape[1]
+    if width == full:
+        return out
+    if not mask[:, width:].any():
+        keep = slice(0, width)  # right padding
+    elif not mask[:, : full - width].any():
+        keep = slice(full - width, full)  # left padding
+    else:
+        return out
+    return {k: (v[:, keep] if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == full else v)
+            for k, v in out.items()}
+
+
+class _RngState:
+    """The CPU (and current CUDA device's) RNG state, to replay a chunk with the same dropout masks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+class _ReplayOnBackward(torch.autograd.Function):
+    """Carries the loss value; its backward runs the cached chunks' backward passes."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, anchor: Tensor, replay: Callable[[Tensor], None]) -> Tensor:
+        ctx.replay = replay
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        with torch.enable_grad():
+            ctx.replay(grad_output)
+        return None, None, None
+
+
+def _unwrap_ddp(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """(module to run, the DDP wrapper or None). Cached chunks bypass DDP: ranks may run different
+    numbers of chunks, and DDP's per-forward buffer sync and per-backward all-reduce would deadlock."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return model.module, model
+    return model, None
+
+
+def _all_reduce_gradients(module: nn.Module) -> None:
+    """Average parameter gradients over ranks: what DDP would have done for the cached chunks."""
+    import torch.distributed as dist
+
+    _, world = _world()
+    grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# ----------------------------------------------------------------------------------- the module
+
+
+class ContrastiveLoss(nn.Module):
+    """InfoNCE over in-batch (and cross-rank) positives and hard negatives; a sentence-transformers loss.
+
+    Args:
+        model: the SentenceTransformer being trained.
+        temperature: softmax temperature over cosine scores (0.05 = MNRL's scale of 20).
+        symmetric: also train positive -> anchor (mean of both directions).
+        matryoshka_dims: train leading slices of the embedding too, e.g. [768, 512, 256, 128, 64].
+        matryoshka_weights: one weight per dim (default 1 each).
+        cached: GradCache-style; memory flat in the batch size, chunks of `token_budget` tokens.
+        token_budget: real tokens per chunk in cached mode.
+        gather_across_devices: under torch.distributed, score against every rank's candidates.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float = 0.05, symmetric: bool = False,
+                 matryoshka_dims: Sequence[int] | None = None, matryoshka_weights: Sequence[float] | None = None,
+                 cached: bool = False, token_budget: int | None = None, gather_across_devices: bool = True):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if matryoshka_dims is not None:
+            matryoshka_dims = [int(d) for d in matryoshka_dims]
+            if not matryoshka_dims or min(matryoshka_dims) < 1:
+                raise ValueError(f"matryoshka_dims must be positive integers, got {matryoshka_dims}")
+            if matryoshka_weights is not None and len(matryoshka_weights) != len(matryoshka_dims):
+                raise ValueError("matryoshka_weights needs one weight per dimension")
+        if token_budget is not None and token_budget < 1:
+            raise ValueError(f"token_budget must be positive, got {token_budget}")
+        self.model = model
+        self.temperature = float(temperature)
+        self.symmetric = symmetric
+        self.matryoshka_dims = matryoshka_dims
+        self.matryoshka_weights = list(matryoshka_weights) if matryoshka_weights else None
+        self.cached = cached
+        self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET
+        self.gather_across_devices = gather_across_devices
+
+    def loss_from_embeddings(self, embeddings: Sequence[Tensor]) -> Tensor:
+        return contrastive_loss(embeddings, self.temperature, self.symmetric, self.matryoshka_dims,
+                                self.matryoshka_weights, gather=self.gather_across_devices)
+
+    def forward(self, sentence_features: Iterable[dict[str, Any]], labels: Tensor | None = None) -> Tensor:
+        features = list(sentence_features)
+        if self.cached and torch.is_grad_enabled():
+            return self._cached_forward(features)
+        embeddings = [self.model(f)["sentence_embedding"] for f in features]
+        return self.loss_from_embeddings(embeddings)
+
+    def _cached_forward(self, features: list[dict[str, Any]]) -> Tensor:
+        module, ddp = _unwrap_ddp(self.model)
+        plans = [plan_chunks(f["attention_mask"], self.token_budget) for f in features]
+        last = (len(features) - 1, len(plans[-1]) - 1)
+        states: dict[tuple[int, int], _RngState] = {}
+        kept_graph: Tensor | None = None
+        columns: list[Tensor] = []
+        for c, (feats, plan) in enumerate(zip(features, plans)):
+            parts = []
+            for k, rows in enumerate(plan):
+                chunk = slice_features(feats, rows)
+                device = chunk["attention_mask"].device
+                if (c, k) == last:  # keep this chunk's graph: no need to re-run it
+                    kept_graph = module(chunk)["sentence_embedding"]
+                    parts.append(kept_graph.detach())
+                    continue
+                states[(c, k)] = _RngState(device)
+                with torch.no_grad():
+                    parts.append(module(chunk)["sentence_embedding"].detach())
+            columns.append(torch.cat(parts).requires_grad_())
+        loss = self.loss_from_embeddings(columns)
+        column_grads = torch.autograd.grad(loss, columns)
+
+        def replay(grad_output: Tensor) -> None:
+            for c, (feats, plan) in enumerate(zip(features, plans)):
+                for k, rows in enumerate(plan):
+                    grad = column_grads[c][rows] * grad_output
+                    if (c, k) == last:
+                        kept_graph.backward(grad.to(kept_graph.dtype))
+                        continue
+                    with torch.random.fork_rng(devices=[states[(c, k)].device] if states[(c, k)].cuda is not None else []):
+                        states[(c, k)].restore()
+                        out = module(slice_features(feats, rows))["sentence_embedding"]
+                    out.backward(grad.to(out.dtype))
+            if ddp is not None:
+                _all_reduce_gradients(module)
+
+        anchor = torch.zeros((), requires_grad=True, device=loss.device)
+        return _ReplayOnBackward.apply(loss.detach(), anchor, replay)
+
+    @property
+    def citation(self) -> str:
+        return "GradCache: Gao et al., 2021, Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"

@@ -1,0 +1,116 @@
+"""What a run reports while it trains: tokens/s in the trainer's logs, and TensorBoard / W&B wiring.
+
+Tokens/s is an estimate kept cheap on purpose: the mean real (unpadded) tokens per training row,
+measured once on a sample before training, times the rows each step consumes, over wall time
+without the evaluations. It lands in every training log entry (so in the progress bar, in
+TensorBoard / W&B, and in metrics.json's history) under ``tokens_per_s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+from pathlib import Path
+
+from embedtune.errors import EmbedtuneError
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+TENSORBOARD_DIR = "tensorboard"  # inside the run folder
+TOKENS_KEY = "tokens_per_s"
+# In-training evaluations show encoding bars only from this many texts (queries + corpus) on:
+# below it an evaluation takes seconds and bars would only clutter the training bar.
+ENCODE_BAR_MIN_TEXTS = 10_000
+
+
+def check_report_to(report_to: str, has_output: bool) -> None:
+    """Refuse an unknown or unusable --report-to before anything is written."""
+    if report_to not in REPORT_TO:
+        raise EmbedtuneError(f"--report-to {report_to!r} is not one of {', '.join(REPORT_TO)}")
+    if report_to == "tensorboard":
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise EmbedtuneError("--report-to tensorboard: tensorboard is not installed; pip install tensorboard")
+        if not has_output:
+            raise EmbedtuneError("--report-to tensorboard needs an output folder for its event files (output_dir)")
+    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise EmbedtuneError("--report-to wandb: wandb is not installed; pip install wandb")
+
+
+def report_arguments(report_to: str, work: Path, run_name: str | None, args_class) -> dict:
+    """Training-argument overrides for ``report_to``; TensorBoard writes to ``work/tensorboard``."""
+    out: dict = {"report_to": report_to}
+    if report_to == "none":
+        return out
+    if run_name:
+        out["run_name"] = run_name  # W&B's run name; the default would be the checkpoint folder
+    names = {f.name for f in dataclasses.fields(args_class)}
+    if report_to == "tensorboard" and "logging_dir" in names:  # transformers 4.x reads it from the args
+        out["logging_dir"] = str(work / TENSORBOARD_DIR)
+    return out
+
+
+def point_tensorboard(trainer, work: Path) -> Path:
+    """Send the trainer's TensorBoard events to ``work/tensorboard`` (transformers 5 has no logging_dir)."""
+    from transformers.integrations import TensorBoardCallback
+
+    logdir = work / TENSORBOARD_DIR
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(logdir)
+    return logdir
+
+
+def attach_tokens_per_second(trainer, tokens_per_step: float):
+    """Add a callback that puts ``tokens_per_s`` (since the previous log) into each training log.
+
+    It goes first in the callback list, so the progress bar and the TensorBoard / W&B callbacks,
+    which also act on the log, see the value.
+    """
+    from transformers import TrainerCallback
+
+    handler = trainer.callback_handler
+
+    class TokensPerSecond(TrainerCallback):
+        """Windowed tokens/s between training logs, evaluation time excluded."""
+
+        def __init__(self):
+            self.since = self.last_step_end = None
+            self.step0 = 0
+            self.paused = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.since, self.step0, self.paused = time.perf_counter(), state.global_step, 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.last_step_end = time.perf_counter()
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if self.last_step_end is not None:  # evaluations run after a step's end and its log
+                self.paused += time.perf_counter() - self.last_step_end
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or "loss" not in logs or self.since is None:
+                return
+            now = time.perf_counter()
+            seconds = now - self.since - self.paused
+            steps = state.global_step - self.step0
+            if steps > 0 and seconds > 0:
+                rate = round(steps * tokens_per_step / seconds, 1)
+                logs[TOKENS_KEY] = rate
+                last = state.log_history[-1] if state.log_history else None
+                if last is not None and last.get("step") == state.global_step and "loss" in last:
+                    last[TOKENS_KEY] = rate  # the trainer stored its copy of the log before calling us
+                _bar_postfix(handler, rate)
+            self.since, self.step0, self.paused = now, state.global_step, 0.0
+
+    callback = TokensPerSecond()
+    handler.callbacks.insert(0, callback)
+    return callback
+
+
+def _bar_postfix(handler, rate: float) -> None:
+    """Show tokens/s next to the training bar's own ETA."""
+    for callback in handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None and hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)

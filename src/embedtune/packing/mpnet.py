@@ -1,0 +1,61 @@
+"""Packed forward for MPNet (all-mpnet-base-v2 and friends).
+
+MPNet is BERT-shaped (post-norm layers; q/k/v/o projections, intermediate.dense, output.dense) plus a
+learned relative position bias: relative distances are bucketed (32 buckets, log-spaced beyond 8,
+as transformers' `MPNetEncoder.compute_position_bias` does) and looked up in one per-head table
+shared by all layers. The bias depends only on the distance, so the [heads, L, L] bias of the widest
+sequence serves every shorter one as its top-left corner.
+
+Embeddings, projections, feed-forward and LayerNorms run on the packed tokens; attention runs per
+length bucket with SDPA and the bias as a float mask (`biased.biased_attention`), since varlen
+kernels take no bias. The bias is recomputed inside each layer from the shared table (a cheap
+lookup) so that activation checkpointing, which only passes the hidden states through, still
+routes its gradient to the table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .biased import biased_attention
+from .layers import run_layers
+from .lora_linear import linear
+from .varlen import PackedBatch
+
+
+def _position_bias(model, width: int, device) -> torch.Tensor:
+    """[heads, width, width] relative position bias, exactly as the padded forward builds it."""
+    probe = torch.empty(1, width, 0, device=device)  # compute_position_bias reads only size and device
+    return model.encoder.compute_position_bias(probe)[0]
+
+
+def _layer(model, layer, hidden, plan: PackedBatch, backend: str):
+    attn = layer.attention.attn
+    tokens = hidden.shape[0]
+    heads, dim = attn.num_attention_heads, attn.attention_head_size
+    q = linear(attn.q, hidden).view(tokens, heads, dim)
+    k = linear(attn.k, hidden).view(tokens, heads, dim)
+    v = linear(attn.v, hidden).view(tokens, heads, dim)
+    bias = _position_bias(model, plan.max_len, hidden.device)
+    dropout = attn.dropout.p if attn.training else 0.0
+
+    def bias_fn(qb, kb):
+        width = qb.shape[2]
+        return bias[:, :width, :width]
+
+    context = biased_attention(q, k, v, plan, dim ** -0.5, bias_fn, dropout, backend).reshape(tokens, heads * dim)
+    block = layer.attention
+    hidden = block.LayerNorm(block.dropout(linear(attn.o, context)) + hidden)
+    inter = layer.intermediate.intermediate_act_fn(linear(layer.intermediate.dense, hidden))
+    out = layer.output
+    return out.LayerNorm(out.dropout(linear(out.dense, inter)) + hidden)
+
+
+def packed_mpnet_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
+    """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
+    plan = PackedBatch.from_mask(attention_mask)
+    # MPNet numbers positions from padding_idx + 1 (fairseq style), whatever the tokenizer's pad id.
+    positions = plan.position_ids + model.embeddings.padding_idx + 1
+    hidden = model.embeddings(input_ids=plan.pack(input_ids)[None], position_ids=positions[None])[0]
+    hidden = run_layers(model.encoder.layer, hidden, lambda layer, h: _layer(model, layer, h, plan, attention_backend))
+    return plan.unpack(hidden)

@@ -1,0 +1,412 @@
+"""Long runs that survive failures: checkpoints, `--resume`, Ctrl-C, NaN/inf losses and GPU OOM.
+
+Checkpoints. The HF Trainer writes `checkpoint-N/` folders in place, file by file, so a process
+killed mid-save leaves a folder that looks like a checkpoint. Here a folder counts only once
+`embedtune_checkpoint.json` is in it: written last (after the trainer's files and the best-so-far
+weights are flushed to disk), in one rename, listing every file with its size. A checkpoint holds
+the trainable weights (safetensors; for LoRA a few MB), the optimizer, scheduler and RNG states
+(torch files that transformers loads with `weights_only=True`, numpy's RNG types allow-listed:
+nothing else is unpickled), `trainer_state.json` (step, log history) and `BestWeights`' best-so-far
+weights. The data order needs no state: the NO_DUPLICATES sampler reshuffles from seed + epoch and
+the trainer skips the batches already trained on, then restores the RNG (dropout) state.
+
+The run's resolved config (and a digest of the data) is kept in `OUTPUT.partial/checkpoints/run_config.json`.
+Resuming with other settings is refused, except those in `RESUMABLE_CHANGES`: a different learning
+rate would be silently overridden by the restored optimizer and scheduler, and anything touching
+batches, data or seed would give a different run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from sentence_transformers import SentenceTransformerTrainer
+from transformers import TrainerCallback
+
+from .errors import EmbedtuneError
+
+MARKER = "embedtune_checkpoint.json"
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+BEST_WEIGHTS = "best_weights.safetensors"
+RUN_CONFIG = "run_config.json"
+CHECKPOINTS = "checkpoints"
+# The newest checkpoint is unmarked while the trainer writes it (and rotates old ones out), so the
+# one before it must survive until then.
+KEEP_CHECKPOINTS = 2
+MAX_SAVE_EVERY = 500
+# Settings a resumed run may change: they leave the math of a step as it was.
+RESUMABLE_CHANGES = frozenset({
+    "resume", "overwrite", "output_dir", "data", "logging_steps", "save_every", "gradient_checkpointing", "fast",
+})
+_FLAG_NAMES = {"evals_per_run": "--evals", "eval": "--no-eval", "lora_r": "--lora-r/--full",
+               "data_sha256": "the data's content", "extra": "extra training arguments"}
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+class NonFiniteLoss(EmbedtuneError):
+    """The loss (or the weights) became NaN or inf; the run stops before the optimizer uses it."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run after a step and a checkpoint; `--resume` continues it."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        where = f"checkpoint saved in {checkpoint}" if checkpoint else "no checkpoint could be saved"
+        super().__init__(f"stopped at step {step}; {where}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+# ----------------------------------------------------------------------------------- on disk
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    match = _CHECKPOINT_NAME.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint folder whose marker exists, names its own step and lists files that are all there."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if marker.get("step") != checkpoint_step(folder) or not marker.get("files"):
+        return False
+    for name, size in marker["files"].items():
+        path = Path(folder) / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
+
+
+def _checkpoint_folders(checkpoints: Path) -> list[Path]:
+    if not Path(checkpoints).is_dir():
+        return []
+    found = [p for p in Path(checkpoints).iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(checkpoints: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in a run's checkpoints folder, or None."""
+    complete = [p for p in _checkpoint_folders(Path(checkpoints)) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def checkpoints_dir(output: str | os.PathLike) -> Path:
+    """Where the checkpoints of a run writing to `output` live."""
+    return Path(f"{output}.partial") / CHECKPOINTS
+
+
+def discard_incomplete(checkpoints: Path) -> None:
+    for folder in _checkpoint_folders(checkpoints):
+        if not is_complete(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def seal_checkpoint(folder: Path, step: int, best=None) -> None:
+    """Add the best-so-far weights to a checkpoint the trainer has just written, then mark it complete."""
+    meta = None
+    if best is not None:
+        meta, weights = best.state()
+        if weights:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / BEST_WEIGHTS))
+        else:
+            meta = None
+    files = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MARKER):
+        _fsync(path)
+        files[path.name] = path.stat().st_size
+    write_json_atomic(folder / MARKER, {"step": step, "files": files, "best": meta})
+
+
+def restore_best(best, checkpoint: Path) -> None:
+    """Give a resumed run's BestWeights the best-so-far weights and score saved with the checkpoint."""
+    meta = json.loads((checkpoint / MARKER).read_text(encoding="utf-8")).get("best")
+    if best is not None and meta:
+        best.load_state(meta, load_file(str(checkpoint / BEST_WEIGHTS), device="cpu"))
+
+
+# ----------------------------------------------------------------------------------- same run?
+
+
+def data_digest(path: str | os.PathLike) -> str | None:
+    """sha256 of a data file (or of every file of a dataset folder); None for anything else."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(root) if file != root else file.name).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def run_record(config) -> dict:
+    """What must match between a checkpointed run and its resumption (JSON-normalised)."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+    record = {"config": fields, "data_sha256": data_digest(config.data)}
+    return json.loads(json.dumps(record, default=str))
+
+
+def _defaults(config) -> dict:
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out, default=str))
+
+
+def _flag(name: str) -> str:
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def check_same_run(checkpoints: Path, config) -> None:
+    """Refuse to resume a run made with other settings, naming the first difference."""
+    try:
+        saved = json.loads((checkpoints / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise EmbedtuneError(f"{checkpoints / RUN_CONFIG}: missing or unreadable, so this run can't be resumed; "
+                             "start over with --overwrite") from None
+    now, defaults = run_record(config), _defaults(config)
+    then = saved.get("config", {})
+    diffs = [(k, then.get(k, defaults.get(k)), v) for k, v in now["config"].items() if then.get(k, defaults.get(k)) != v]
+    if saved.get("data_sha256") != now["data_sha256"]:
+        diffs.append(("data_sha256", "", ""))
+    if diffs:
+        name, was, is_ = diffs[0]
+        detail = f"{_flag(name)} changed" if name in ("data_sha256", "extra") else f"{_flag(name)} is {is_!r}, was {was!r}"
+        more = f" (and {', '.join(_flag(d[0]) for d in diffs[1:])})" if len(diffs) > 1 else ""
+        raise EmbedtuneError(f"can't resume {checkpoints.parent}: {detail}{more}; rerun with the settings of the "
+                             "interrupted run, or drop --resume and pass --overwrite to start over")
+
+
+def resume_point(work: Path, config, resumable: bool) -> Path | None:
+    """The checkpoint `config.resume` continues from (None: a fresh start), validated before anything
+    is loaded or written. A fresh start refuses to throw away an interrupted run unless `overwrite`."""
+    checkpoints = work / CHECKPOINTS
+    latest = latest_checkpoint(checkpoints)
+    if getattr(config, "resume", False):
+        if not resumable:
+            raise EmbedtuneError("--resume needs the output folder of the interrupted run (--output)")
+        if latest is None:
+            raise EmbedtuneError(f"nothing to resume: {checkpoints} holds no complete checkpoint; "
+                                 "run without --resume to start")
+        check_same_run(checkpoints, config)
+        return latest
+    if latest is not None and not config.overwrite:
+        raise EmbedtuneError(f"{work}: holds an interrupted run (checkpoint at step {checkpoint_step(latest)}); "
+                             "pass --resume to continue it or --overwrite to start over")
+    return None
+
+
+def prepare_work(work: Path, config, resume_from: Path | None, resumable: bool) -> None:
+    """Resuming: drop checkpoints a crash left half-written. Else: a fresh work folder holding the
+    run's config, which a later --resume must match."""
+    checkpoints = work / CHECKPOINTS
+    if resume_from is not None:
+        discard_incomplete(checkpoints)
+        return
+    if work.exists():
+        shutil.rmtree(work)
+    checkpoints.mkdir(parents=True)
+    if resumable:
+        write_json_atomic(checkpoints / RUN_CONFIG, run_record(config))
+
+
+def save_arguments(save_every: int | None, eval_steps: int, resumable: bool) -> dict:
+    """Trainer arguments for periodic checkpoints: every `save_every` steps (default: the eval
+    interval, at most MAX_SAVE_EVERY), the last KEEP_CHECKPOINTS kept; 0 turns them off."""
+    every = min(eval_steps, MAX_SAVE_EVERY) if save_every is None else save_every
+    if every < 0:
+        raise EmbedtuneError(f"--save-every {every}: must be 0 (off) or a number of steps")
+    if not resumable or every == 0:
+        return {"save_strategy": "no"}
+    return {"save_strategy": "steps", "save_steps": every, "save_total_limit": KEEP_CHECKPOINTS}
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that was run, with --resume appended: what continues an interrupted run."""
+    args = list(sys.argv if argv is None else argv)[1:]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["embedtune", *args])
+
+
+# ----------------------------------------------------------------------------------- the trainer
+
+
+def check_finite_weights(weights: dict[str, torch.Tensor], step: int, checkpoints: Path) -> None:
+    bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise NonFiniteLoss(f"weights became NaN/inf by step {step} (e.g. {bad[0]}): likely a learning rate too "
+                            f"high or fp16 overflow; lower --lr or train in bf16/fp32; {_last_good(checkpoints)}")
+
+
+def _last_good(checkpoints: Path) -> str:
+    latest = latest_checkpoint(checkpoints)
+    if latest is None:
+        return "no checkpoint was saved before it"
+    return f"the last good checkpoint (step {checkpoint_step(latest)}) is kept in {latest}"
+
+
+class ResumableTrainer(SentenceTransformerTrainer):
+    """SentenceTransformerTrainer whose checkpoints hold only the trainable weights, as safetensors,
+    and that stops at the first non-finite loss, before the optimizer step that would spread it."""
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The model's trainable parameters, plus any the loss owns (e.g. a learned temperature)."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        seen = {id(p) for p in params.values()}
+        losses = self.loss.items() if isinstance(self.loss, dict) else [("", self.loss)]
+        for key, loss in losses:
+            if isinstance(loss, torch.nn.Module):
+                for name, param in loss.named_parameters():
+                    if param.requires_grad and id(param) not in seen:
+                        seen.add(id(param))
+                        params[".".join(filter(None, ("loss", key, name)))] = param
+        return params
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        folder = Path(output_dir or self.args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {n: p.detach().to("cpu", copy=True) for n, p in self.trainable_parameters().items()}
+        check_finite_weights(weights, self.state.global_step, Path(self.args.output_dir))
+        save_file(weights, str(folder / TRAINABLE_WEIGHTS))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        path = Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS
+        saved = load_file(str(path), device="cpu")
+        params = self.trainable_parameters()
+        if set(saved) != set(params):
+            raise EmbedtuneError(f"{path}: its weights don't match this model's trainable weights; "
+                                 "resume with the model and LoRA settings of the interrupted run")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved[name].to(param.device))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            step = self.state.global_step + 1
+            if self.args.fp16:
+                cause = "fp16 overflow (or a learning rate too high); train in bf16/fp32 or lower --lr"
+            else:
+                cause = f"a learning rate too high (--lr {self.args.learning_rate:g}) or fp16 overflow; lower --lr"
+            raise NonFiniteLoss(f"training loss became {loss.float().mean().item()} at step {step}: likely {cause}; "
+                                f"{_last_good(Path(self.args.output_dir))}")
+        return loss
+
+
+# ----------------------------------------------------------------------------------- the run
+
+
+class _Seal(TrainerCallback):
+    def __init__(self, best):
+        self.best = best
+
+    def on_save(self, args, state, control, **kwargs):
+        seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.best)
+
+
+class InterruptGuard(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        return False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def _oom_message(trainer, step: int) -> str:
+    args = trainer.args
+    max_len = getattr(trainer.model, "max_seq_length", None)
+    checkpoints = Path(args.output_dir)
+    latest = latest_checkpoint(checkpoints)
+    keep = (f"; the last checkpoint (step {checkpoint_step(latest)}) is kept in {latest}: --resume continues it, "
+            "e.g. with --gradient-checkpointing added" if latest else "")
+    return (f"out of GPU memory at step {step} (--batch-size {args.per_device_train_batch_size}, --max-seq-length "
+            f"{max_len}): use a smaller --batch-size or --max-seq-length, add --gradient-checkpointing, or use "
+            f"--cached-loss with a smaller --token-budget{keep}")
+
+
+def train_resumably(trainer, best=None, resume_from: Path | None = None, resumable: bool = True) -> None:
+    """`trainer.train()`, continuing from `resume_from`, with checkpoints sealed, Ctrl-C turned into a
+    checkpoint and a clean stop (`TrainingInterrupted`), and GPU OOM into a message naming the fixes."""
+    if resume_from is not None:
+        restore_best(best, resume_from)
+    trainer.add_callback(_Seal(best))
+    guard = InterruptGuard()
+    if resumable:
+        trainer.add_callback(guard)
+    out_of_memory = False
+    with guard if resumable else contextlib.nullcontext():
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except _OUT_OF_MEMORY:
+            out_of_memory = True  # raised below, outside this block, so the failed step's tensors can go
+    if out_of_memory:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise EmbedtuneError(_oom_message(trainer, trainer.state.global_step + 1))
+    state = trainer.state
+    if guard.requested and state.global_step < state.max_steps:
+        raise TrainingInterrupted(state.global_step, latest_checkpoint(Path(trainer.args.output_dir)))

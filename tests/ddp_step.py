@@ -1,0 +1,77 @@
+"""One optimizer step of ContrastiveLoss, run either as one process over all pairs or under torchrun
+(DDP, gloo) with each rank holding its slice of the pairs. Used by tests/test_distributed.py.
+
+usage: ddp_step.py MODEL_DIR OUT.safetensors PAIRS_PER_RANK [--cached] [--symmetric] [--negatives]
+                   [--no-gather] [--matryoshka]
+Single process (no torchrun): steps on PAIRS_PER_RANK * 2 pairs, i.e. what two ranks hold together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from embedtune import FastModel
+from embedtune.losses import ContrastiveLoss
+from embedtune.st import to_sentence_transformer
+
+WORDS = "sort open parse join hash split read write encode decode compress format print load dump find".split()
+
+
+def pairs(n: int):
+    """Deterministic, distinct (anchor, positive, negative) texts of varied lengths."""
+    rows = []
+    for i in range(n):
+        w = WORDS[i % len(WORDS)]
+        rows.append((f"how to {w} item {i}" + " quickly" * (i % 3),
+                     f"def {w}_{i}(x): return {w}(x) " + "and more " * (i % 4),
+                     f"class {w.title()}{i}: pass"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("out")
+    ap.add_argument("per_rank", type=int)
+    for flag in ("cached", "symmetric", "negatives", "no-gather", "matryoshka"):
+        ap.add_argument(f"--{flag}", action="store_true")
+    args = ap.parse_args()
+
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    torch.manual_seed(0)
+    backbone, tokenizer = FastModel.from_pretrained(args.model, max_seq_length=48)
+    st = to_sentence_transformer(backbone, tokenizer).eval()  # dropout off: both runs are deterministic
+    model = torch.nn.parallel.DistributedDataParallel(st) if distributed else st
+
+    total = args.per_rank * 2
+    rows = pairs(total)
+    mine = rows[rank * args.per_rank:(rank + 1) * args.per_rank] if distributed else rows
+    columns = [[r[0] for r in mine], [r[1] for r in mine]] + ([[r[2] for r in mine]] if args.negatives else [])
+    features = [st.tokenize(texts) for texts in columns]
+
+    loss_fn = ContrastiveLoss(model, symmetric=args.symmetric, cached=args.cached, token_budget=40,
+                              matryoshka_dims=[32, 16] if args.matryoshka else None,
+                              gather_across_devices=not args.no_gather)
+    optimizer = torch.optim.SGD(st.parameters(), lr=0.5)
+    loss = loss_fn(features)
+    loss.backward()
+    optimizer.step()
+    if rank == 0:
+        save_file({n: p.detach().contiguous() for n, p in st.named_parameters()}, args.out)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

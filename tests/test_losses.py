@@ -1,0 +1,184 @@
+"""The contrastive losses: equal to sentence-transformers' reference losses uncached, and cached
+equal to uncached (loss and every gradient within 1e-5 in fp32), with hard negatives, symmetric,
+Matryoshka, the fast path on and off, and dropout replayed exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embedtune import FastModel
+from embedtune.losses import ContrastiveLoss, plan_chunks, slice_features
+from embedtune.st import to_sentence_transformer
+from tiny_models import make_tiny_model
+
+ANCHORS = ["how to sort a list", "open a file", "x", "parse json text into a dict", "join paths", "hash bytes"]
+POSITIVES = [
+    "def sort(items): return sorted(items)",
+    "with open(path) as f: return f.read()",
+    "y",
+    "import json\ndef parse(text):\n    return json.loads(text)",
+    "os.path.join(a, b)",
+    "hashlib.sha256(data).hexdigest() is a long line with many many tokens in it to make lengths differ",
+]
+NEGATIVES = [["sorted reversed", "write a file"], ["close file", "z"], ["w", "v"], ["dump json", "yaml load"],
+             ["split path", "abs path"], ["md5", "crc32 checksum"]]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return make_tiny_model("bert", tmp_path_factory.mktemp("tiny_losses"))
+
+
+def _st(path, fast: bool, lora: bool = False):
+    torch.manual_seed(0)
+    model, tok = FastModel.from_pretrained(str(path), max_seq_length=64, fast=fast)
+    if lora:
+        model = FastModel.get_peft_model(model, r=4, random_state=0)
+        with torch.no_grad():  # non-zero B so LoRA gradients flow everywhere
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    return to_sentence_transformer(model, tok)
+
+
+def _features(st, negatives: int = 0):
+    columns = [ANCHORS, POSITIVES] + [[n[i] for n in NEGATIVES] for i in range(negatives)]
+    return [st.tokenize(texts) for texts in columns]
+
+
+def _grads(st, loss_fn, features):
+    st.zero_grad(set_to_none=True)
+    loss = loss_fn(features, None)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in st.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss.detach(), grads
+
+
+def _assert_same(a, b, tol=1e-5):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert torch.allclose(loss_a, loss_b, atol=tol, rtol=0), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=tol, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("negatives", [0, 2])
+def test_uncached_equals_sentence_transformers_mnrl(tiny_bert, negatives):
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    st = _st(tiny_bert, fast=False).eval()
+    features = _features(st, negatives)
+    ours = _grads(st, ContrastiveLoss(st, temperature=0.05), features)
+    reference = _grads(st, MultipleNegativesRankingLoss(st, scale=20.0), features)
+    _assert_same(ours, reference)
+
+
+def test_temperature_changes_the_loss(tiny_bert):
+    st = _st(tiny_bert, fast=False).eval()
+    features = _features(st)
+    with torch.no_grad():
+        warm = ContrastiveLoss(st, temperature=1.0)(features)
+        cold = ContrastiveLoss(st, temperature=0.01)(features)
+    assert not torch.isclose(warm, cold)
+
+
+def test_symmetric_equals_sentence_transformers_symmetric(tiny_bert):
+    from sentence_transformers.losses import MultipleNegativesSymmetricRankingLoss
+
+    st = _st(tiny_bert, fast=False).eval()
+    features = _features(st)
+    ours = _grads(st, ContrastiveLoss(st, temperature=0.05, symmetric=True), features)
+    reference = _grads(st, MultipleNegativesSymmetricRankingLoss(st, scale=20.0), features)
+    _assert_same(ours, reference)
+
+
+def test_matryoshka_equals_sentence_transformers_matryoshka(tiny_bert):
+    from sentence_transformers.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+
+    st = _st(tiny_bert, fast=False).eval()
+    features = _features(st, 1)
+    dims, weights = [32, 16, 8], [1.0, 0.5, 0.25]
+    ours = _grads(st, ContrastiveLoss(st, matryoshka_dims=dims, matryoshka_weights=weights), features)
+    reference = _grads(st, MatryoshkaLoss(st, MultipleNegativesRankingLoss(st, scale=20.0), dims, weights), features)
+    _assert_same(ours, reference)
+
+
+CASES = {
+    "plain": dict(),
+    "hard-negatives": dict(negatives=2),
+    "symmetric": dict(symmetric=True),
+    "matryoshka": dict(matryoshka_dims=[32, 16, 8], negatives=1),
+    "all": dict(symmetric=True, matryoshka_dims=[32, 8], temperature=0.1, negatives=2),
+}
+
+
+@pytest.mark.parametrize("case,fast", [(c, True) for c in CASES] + [("plain", False), ("all", False)])
+def test_cached_equals_uncached(tiny_bert, case, fast):
+    options = dict(CASES[case])
+    negatives = options.pop("negatives", 0)
+    st = _st(tiny_bert, fast=fast, lora=(case == "plain")).eval()
+    features = _features(st, negatives)
+    uncached = _grads(st, ContrastiveLoss(st, **options), features)
+    for budget in (1, 24):  # one row per chunk; a few rows per chunk
+        cached = _grads(st, ContrastiveLoss(st, cached=True, token_budget=budget, **options), features)
+        _assert_same(uncached, cached)
+
+
+def test_cached_replays_dropout_masks(tiny_bert):
+    """With dropout on, the re-run chunks must see the masks of the first pass, else gradients are wrong."""
+    st = _st(tiny_bert, fast=True).train()
+    features = _features(st, 1)
+    budget = 24
+    torch.manual_seed(7)
+    cached = _grads(st, ContrastiveLoss(st, cached=True, token_budget=budget), features)
+
+    torch.manual_seed(7)  # the reference draws dropout masks chunk by chunk in the same order, with a graph
+    st.zero_grad(set_to_none=True)
+    columns = []
+    for feats in features:
+        parts = [st(slice_features(feats, rows))["sentence_embedding"] for rows in plan_chunks(feats["attention_mask"], budget)]
+        columns.append(torch.cat(parts))
+    loss = ContrastiveLoss(st).loss_from_embeddings(columns)
+    loss.backward()
+    reference = loss.detach(), {n: p.grad.clone() for n, p in st.named_parameters() if p.grad is not None}
+    _assert_same(cached, reference)
+    # and dropout really is on: a different seed gives a different loss
+    torch.manual_seed(8)
+    other = _grads(st, ContrastiveLoss(st, cached=True, token_budget=budget), features)
+    assert not torch.isclose(other[0], cached[0])
+
+
+def test_cached_chunks_stay_within_the_token_budget(tiny_bert):
+    """Memory is flat in the batch size because no forward ever sees more than one chunk."""
+    st = _st(tiny_bert, fast=True).eval()
+    seen = []
+    st[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]["attention_mask"].sum(dim=1).tolist()))
+    features = _features(st, 2)
+    budget = 30
+    ContrastiveLoss(st, cached=True, token_budget=budget)(features).backward()
+    assert len(seen) > 2 * len(features)  # chunked, and re-run with a graph
+    for lengths in seen:
+        assert sum(lengths) <= budget or len(lengths) == 1
+
+
+def test_plan_chunks_and_slicing():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert plan_chunks(mask, 5) == [slice(0, 2), slice(2, 4)]
+    assert plan_chunks(mask, 4) == [slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4)]
+    assert plan_chunks(mask, 100) == [slice(0, 4)]
+    assert plan_chunks(mask, 1) == [slice(i, i + 1) for i in range(4)]
+    ids = torch.arange(16).view(4, 4)
+    part = slice_features({"input_ids": ids, "attention_mask": mask}, slice(0, 2))
+    assert part["input_ids"].tolist() == [[0, 1, 2], [4, 5, 6]]  # right padding trimmed to the longest row
+    left = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    part = slice_features({"input_ids": ids[:2], "attention_mask": left}, slice(0, 1))
+    assert part["input_ids"].tolist() == [[2, 3]] and part["attention_mask"].tolist() == [[1, 1]]
+
+
+def test_bad_options_are_refused(tiny_bert):
+    st = _st(tiny_bert, fast=False)
+    with pytest.raises(ValueError, match="temperature"):
+        ContrastiveLoss(st, temperature=0)
+    with pytest.raises(ValueError, match="one weight per"):
+        ContrastiveLoss(st, matryoshka_dims=[8, 4], matryoshka_weights=[1.0])

@@ -1,0 +1,237 @@
+"""Resume: a run killed mid-checkpoint (SIGKILL) or stopped with Ctrl-C (SIGINT) and resumed with
+--resume ends with the weights of an uninterrupted run (same seed, CPU, 1e-6), and keeps the best
+weights it had found before the interruption.
+
+The subprocess test drives the real CLI. Its child stops at a known point (tests/interrupt_child.py)
+and waits there until the test has killed or interrupted it: nothing depends on timing. The
+uninterrupted reference runs the same CLI in this process (one process start less). One thread
+everywhere, so the uninterrupted and resumed runs do the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from embedtune.cli import app
+from embedtune.resilience import MARKER, RUN_CONFIG, checkpoints_dir, is_complete, latest_checkpoint
+
+HERE = Path(__file__).parent
+CHILD = HERE / "interrupt_child.py"
+HANG_GUARD_S = 900  # only ends a hung test; no step waits for a duration
+# --no-eval: the saved model is then the last step's weights, so it shows the whole trajectory.
+# 24 pairs / batch 4 = 6 steps an epoch: the run resumes once at an epoch boundary and once mid-epoch.
+RUN_FLAGS = ["--max-steps", "12", "--batch-size", "4", "--max-seq-length", "8", "--no-eval", "--save-every", "3",
+             "--lr", "1e-3", "--lora-r", "4", "--seed", "7"]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHILD_")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "embedtune", *args], env=_env(), capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
+
+
+def _start_child(args: list[str], gate: Path, block_at: str) -> subprocess.Popen:
+    gate.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, str(CHILD), *args], env=_env(CHILD_GATE_DIR=str(gate),
+                            CHILD_BLOCK_AT=block_at), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_gate(child: subprocess.Popen, gate: Path) -> None:
+    """Wait until the child reports it is at the gate (or fails before getting there)."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not (gate / "reached").exists():
+        if child.poll() is not None:
+            out, err = child.communicate()
+            pytest.fail(f"child exited with {child.returncode} before its gate:\n{out}\n{err[-4000:]}")
+        assert time.monotonic() < deadline, "child never reached its gate"
+        time.sleep(0.05)
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    left, right = load_file(str(a)), load_file(str(b))
+    assert left.keys() == right.keys()
+    return max((left[k].double() - right[k].double()).abs().max().item() for k in left)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    from embedtune.data import build_stdlib_pairs, write_jsonl
+
+    return write_jsonl(build_stdlib_pairs(max_pairs=24, seed=7), tmp_path_factory.mktemp("resume") / "pairs.jsonl")
+
+
+@pytest.fixture()
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_killed_then_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path, pairs, one_thread):
+    reference = tmp_path / "reference"
+    done = CliRunner().invoke(app, ["train", str(pairs), "--output", str(reference), *RUN_FLAGS])
+    assert done.exit_code == 0, done.output[-4000:]
+
+    out = tmp_path / "run"
+    train_args = ["train", str(pairs), "--output", str(out), *RUN_FLAGS]
+    checkpoints = checkpoints_dir(out)
+
+    # 1. SIGKILL while checkpoint 9 is half written: 6 is the last complete one, 9 must be ignored.
+    child = _start_child(train_args, tmp_path / "gate-kill", "checkpoint:9")
+    _wait_for_gate(child, tmp_path / "gate-kill")
+    assert is_complete(checkpoints / "checkpoint-6")
+    assert (checkpoints / "checkpoint-9").is_dir() and not is_complete(checkpoints / "checkpoint-9")
+    assert latest_checkpoint(checkpoints) == checkpoints / "checkpoint-6"
+    child.kill()
+    child.communicate()
+    assert child.returncode == -signal.SIGKILL
+    assert not out.exists()
+
+    # 2. Resume (from 6, an epoch boundary); Ctrl-C during step 11: it finishes the step, saves, exits 130.
+    gate = tmp_path / "gate-int"
+    child = _start_child([*train_args, "--resume"], gate, "step:10")
+    _wait_for_gate(child, gate)
+    child.send_signal(signal.SIGINT)
+    (gate / "release").write_text("")
+    stdout, stderr = child.communicate(timeout=HANG_GUARD_S)
+    assert child.returncode == 130, stderr[-4000:]
+    assert "Traceback" not in stderr
+    assert "Ctrl-C: saving a checkpoint" in stderr
+    assert is_complete(checkpoints / "checkpoint-11")
+    assert f"checkpoint of step 11 saved in {checkpoints / 'checkpoint-11'}" in " ".join(stderr.split())
+    commands = [line for line in stderr.splitlines() if line.startswith("embedtune train ")]
+    assert commands == [shlex.join(["embedtune", *train_args, "--resume"])], stderr[-2000:]
+    assert not out.exists()
+
+    # 3. The printed command (from 11, mid-epoch) completes the run.
+    done = _cli(shlex.split(commands[0])[1:])
+    assert done.returncode == 0, done.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 12
+    assert not Path(f"{out}.partial").exists()
+    diff = _max_diff(out / "model" / "model.safetensors", reference / "model" / "model.safetensors")
+    assert diff <= 1e-6, f"resumed weights differ from the uninterrupted run's by {diff}"
+    # and training really moved the weights, so the equality means something
+    from embedtune.loading import bundled_model_path
+
+    base = load_file(str(bundled_model_path() / "model.safetensors"))
+    trained = load_file(str(out / "model" / "model.safetensors"))
+    common = [k for k in trained if k in base and trained[k].shape == base[k].shape]
+    assert common and max((trained[k] - base[k]).abs().max().item() for k in common) > 1e-4
+
+
+# ----------------------------------------------------------------------------------- in-process, tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from tiny_models import make_tiny_model
+
+    return make_tiny_model("bert", tmp_path_factory.mktemp("tiny_resume"))
+
+
+@pytest.fixture()
+def tiny_pairs(tmp_path) -> Path:
+    from embedtune.data import write_jsonl
+
+    rows = [{"anchor": f"question {i} about topic {i % 7}", "positive": f"answer {i} with detail {i * 3}"}
+            for i in range(40)]
+    return write_jsonl(rows, tmp_path / "pairs.jsonl")
+
+
+def _tiny_config(data: Path, model: Path, out: Path, **overrides):
+    from embedtune.train import TrainConfig
+
+    settings = dict(data=str(data), model=str(model), output_dir=str(out), max_steps=8, batch_size=4,
+                    max_seq_length=16, eval_size=8, evals_per_run=4, save_every=2, lr=1e-3, lora_r=4)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def _crash_at_step(monkeypatch, step: int) -> None:
+    """Make training die (like a crash) when it is about to run step `step + 1`."""
+    import transformers
+
+    original = transformers.Trainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step == step:
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", training_step)
+
+
+def test_resume_keeps_the_best_weights_found_before_the_crash(tmp_path, tiny, tiny_pairs, monkeypatch, one_thread):
+    from embedtune.train import run
+
+    reference = run(_tiny_config(tiny_pairs, tiny, tmp_path / "reference"))
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _crash_at_step(patch, 5)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(_tiny_config(tiny_pairs, tiny, out))
+    checkpoint = latest_checkpoint(checkpoints_dir(out))
+    assert checkpoint.name == "checkpoint-4"
+    saved_best = json.loads((checkpoint / MARKER).read_text())["best"]
+    assert saved_best["step"] in (2, 4), "evaluations at steps 2 and 4 came before the crash"
+
+    resumed = run(_tiny_config(tiny_pairs, tiny, out, resume=True))
+    assert resumed.metrics["best_step"] == reference.metrics["best_step"]
+    assert resumed.metrics["final"] == reference.metrics["final"]
+    diff = _max_diff(out / "model" / "model.safetensors", tmp_path / "reference" / "model" / "model.safetensors")
+    assert diff <= 1e-6
+
+
+def test_resume_refusals_are_one_line(tmp_path, tiny, tiny_pairs, monkeypatch, one_thread):
+    from embedtune.train import run
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    flags = ["train", str(tiny_pairs), "--output", str(out), "--model", str(tiny), "--max-steps", "8",
+             "--batch-size", "4", "--max-seq-length", "16", "--eval-size", "8", "--save-every", "2",
+             "--lr", "0.001", "--lora-r", "4"]
+
+    result = runner.invoke(app, [*flags, "--resume"])
+    assert result.exit_code == 1 and "nothing to resume" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not Path(f"{out}.partial", "checkpoints").exists()
+
+    with monkeypatch.context() as patch:
+        _crash_at_step(patch, 3)
+        with pytest.raises(RuntimeError):
+            run(_tiny_config(tiny_pairs, tiny, out))
+    assert latest_checkpoint(checkpoints_dir(out)).name == "checkpoint-2"
+    assert (checkpoints_dir(out) / RUN_CONFIG).exists()
+
+    changed = [*flags, "--resume"]
+    changed[changed.index("--lr") + 1] = "0.5"
+    result = runner.invoke(app, changed)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "can't resume" in text and "--lr is 0.5, was 0.001" in text, text
+    result = runner.invoke(app, flags)  # a fresh start would throw the checkpoints away
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "interrupted run" in text and "--resume" in text and "--overwrite" in text
+    assert latest_checkpoint(checkpoints_dir(out)).name == "checkpoint-2", "a refusal must not touch the run"
+
+    data_changed = tmp_path / "other.jsonl"
+    data_changed.write_text(tiny_pairs.read_text().replace("question 0 ", "question zero "))
+    result = runner.invoke(app, [flags[0], str(data_changed), *flags[2:], "--resume"])
+    assert result.exit_code == 1 and "the data's content changed" in " ".join(result.output.split())
