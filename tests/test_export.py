@@ -131,6 +131,8 @@ def test_hf_export_loads_with_automodel_and_mean_pooling(trained, tmp_path):
     assert "mean pooling" in (out / "README.md").read_text()
 
 
+# Plain AutoModel builds BERT's pooler, which LoRA's "dense" target matches but training never had.
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")
 def test_adapter_export_reloads_with_plain_peft_and_with_embedtune(trained, tmp_path):
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
@@ -156,9 +158,13 @@ def test_adapter_export_reloads_with_plain_peft_and_with_embedtune(trained, tmp_
 
 
 def test_adapter_folder_exports_merged_onto_its_base(trained, tmp_path):
+    """An adapter on its own (outside its run, so no merged model/ beside it) is merged onto its base."""
+    import shutil
+
     from sentence_transformers import SentenceTransformer
 
-    export(trained.run / "adapter", to="sentence-transformers", output=tmp_path / "st")
+    adapter = shutil.copytree(trained.run / "adapter", tmp_path / "adapter-alone")
+    export(adapter, to="sentence-transformers", output=tmp_path / "st")
     loaded = SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert _max_diff(loaded.encode(TEXTS, convert_to_numpy=True), trained.expected) < 1e-5
 
@@ -200,6 +206,20 @@ def test_cli_onnx_int8_reports_the_measured_cosine(trained, tmp_path):
     assert abs(measured - reported["model_int8.onnx"]) < 1e-4
     assert reported["model.onnx"] >= 0.9999
     assert (out / "model_int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
+
+
+@pytest.mark.parametrize("arch", ["modernbert", "qwen3"])
+def test_onnx_export_of_other_families_matches_in_onnxruntime(tmp_path, arch):
+    """cls pooling over ModernBERT's local attention, lasttoken pooling over a decoder."""
+    from transformers import AutoTokenizer
+
+    base = make_tiny_model(arch, tmp_path)
+    model, tok = FastModel.from_pretrained(str(base), max_seq_length=None)
+    expected = to_sentence_transformer(model, tok).eval().encode(TEXTS, convert_to_numpy=True)
+    result = export(base, to="onnx", output=tmp_path / "onnx")
+    assert result.checks[0].passed
+    together, alone = _onnx_encode(tmp_path / "onnx" / "model.onnx", AutoTokenizer.from_pretrained(str(tmp_path / "onnx")), TEXTS)
+    assert _min_cosine(together, expected) >= 0.9999 and _min_cosine(alone, expected) >= 0.9999
 
 
 def test_onnx_export_that_does_not_match_is_refused(trained, tmp_path, monkeypatch):

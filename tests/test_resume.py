@@ -191,10 +191,23 @@ def test_resume_keeps_the_best_weights_found_before_the_crash(tmp_path, tiny, ti
             run(_tiny_config(tiny_pairs, tiny, out))
     checkpoint = latest_checkpoint(checkpoints_dir(out))
     assert checkpoint.name == "checkpoint-4"
+    assert {p.name for p in checkpoint.iterdir()} == {  # no pickled Python objects (training_args.bin) among them
+        MARKER, "trainable.safetensors", "best_weights.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+        "trainer_state.json"}
     saved_best = json.loads((checkpoint / MARKER).read_text())["best"]
     assert saved_best["step"] in (2, 4), "evaluations at steps 2 and 4 came before the crash"
 
-    resumed = run(_tiny_config(tiny_pairs, tiny, out, resume=True))
+    loads = []
+    original_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return original_load(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "load", recording_load)
+        resumed = run(_tiny_config(tiny_pairs, tiny, out, resume=True))
+    assert loads and all(flag is True for flag in loads), "a resume unpickles nothing: weights_only loads only"
     assert resumed.metrics["best_step"] == reference.metrics["best_step"]
     assert resumed.metrics["final"] == reference.metrics["final"]
     diff = _max_diff(out / "model" / "model.safetensors", tmp_path / "reference" / "model" / "model.safetensors")
@@ -235,3 +248,40 @@ def test_resume_refusals_are_one_line(tmp_path, tiny, tiny_pairs, monkeypatch, o
     data_changed.write_text(tiny_pairs.read_text().replace("question 0 ", "question zero "))
     result = runner.invoke(app, [flags[0], str(data_changed), *flags[2:], "--resume"])
     assert result.exit_code == 1 and "the data's content changed" in " ".join(result.output.split())
+
+
+def test_ctrl_c_saves_and_stops_and_a_second_ctrl_c_aborts(tmp_path, tiny, tiny_pairs, monkeypatch, one_thread):
+    """In-process: the guard's signal handling itself (the subprocess test covers the CLI around it)."""
+    import signal as signals
+
+    import transformers
+
+    from embedtune.resilience import TrainingInterrupted
+    from embedtune.train import run
+
+    def press_ctrl_c_at(step: int, times: int) -> None:
+        original = transformers.Trainer.training_step
+
+        def training_step(self, *args, **kwargs):
+            if self.state.global_step == step:
+                for _ in range(times):
+                    signals.raise_signal(signals.SIGINT)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(transformers.Trainer, "training_step", training_step)
+
+    handler = signals.getsignal(signals.SIGINT)
+    out = tmp_path / "run"
+    press_ctrl_c_at(2, times=1)  # during step 3: it finishes, is checkpointed, and the run stops
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run(_tiny_config(tiny_pairs, tiny, out, save_every=0))  # no periodic checkpoints: Ctrl-C still saves
+    assert stopped.value.step == 3 and stopped.value.checkpoint == checkpoints_dir(out) / "checkpoint-3"
+    assert is_complete(stopped.value.checkpoint) and not out.exists()
+    assert signals.getsignal(signals.SIGINT) is handler
+
+    press_ctrl_c_at(5, times=2)  # resumed; Ctrl-C twice during step 6: abort at once, no new checkpoint
+    with pytest.raises(KeyboardInterrupt) as aborted:
+        run(_tiny_config(tiny_pairs, tiny, out, save_every=0, resume=True))
+    assert type(aborted.value) is KeyboardInterrupt
+    assert latest_checkpoint(checkpoints_dir(out)).name == "checkpoint-3"
+    assert signals.getsignal(signals.SIGINT) is handler

@@ -9,8 +9,8 @@ MODEL is a run output folder (`model/`, maybe `adapter/`, `metrics.json`), a mod
   `embedtune.lora.load_adapter`).
 - ``onnx``: the whole sentence pipeline (encoder, pooling, normalisation) as one graph from token
   ids to ``sentence_embedding``, traced with torch.onnx's TorchScript exporter (seconds, and no
-  onnxscript needed). Before anything is written the graph runs in onnxruntime on probe texts and
-  must match the PyTorch model (cosine >= 0.9999), else the export is refused. Variants sit beside
+  onnxscript needed). Before the folder is put in place the graph runs in onnxruntime on probe
+  texts and must match the PyTorch model (cosine >= 0.9999), else the export is refused. Variants sit beside
   ``model.onnx``: ``fp16`` (weights in half precision, fp32 inputs/outputs, held to cosine >= 0.999)
   and ``int8`` (onnxruntime dynamic quantisation, per channel; its cosine is reported, and one below
   0.95 is flagged, never refused: int8 trades accuracy for size by design).
@@ -366,9 +366,13 @@ def _export_graph(st, tokenizer, path: Path) -> list[str]:
         kwargs["dynamo"] = False
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes; the check below decides
-        torch.onnx.export(_sentence_graph(st, names), tuple(example[n] for n in names), str(path),
-                          input_names=names, output_names=[ONNX_OUTPUT], dynamic_axes=axes,
-                          opset_version=ONNX_OPSET, do_constant_folding=True, **kwargs)
+        try:
+            torch.onnx.export(_sentence_graph(st, names), tuple(example[n] for n in names), str(path),
+                              input_names=names, output_names=[ONNX_OUTPUT], dynamic_axes=axes,
+                              opset_version=ONNX_OPSET, do_constant_folding=True, **kwargs)
+        except Exception as exc:  # an architecture the tracer can't follow: one line, not a traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise EmbedtuneError(f"torch.onnx could not export this model ({type(exc).__name__}: {first})") from None
     return names
 
 

@@ -62,11 +62,18 @@ def bundled_model_path() -> Path | None:
 
 
 def hub_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set now, even if set after huggingface_hub was imported."""
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set.
+
+    huggingface_hub reads the variable once, at import, and otherwise goes online even for a
+    `local_files_only` lookup (to build its request headers); a value set after that import is
+    passed on to it here.
+    """
     from huggingface_hub import constants
 
     flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or any(str(v).upper() in ("1", "ON", "YES", "TRUE") for v in flags if v)
+    if not constants.HF_HUB_OFFLINE and any(str(v).upper() in ("1", "ON", "YES", "TRUE") for v in flags if v):
+        constants.HF_HUB_OFFLINE = True
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def resolve_dtype(dtype: Any = None) -> torch.dtype:
@@ -236,7 +243,9 @@ class FastModel:
         try:
             config = AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code, **local)
         except OSError as exc:
-            raise EmbedtuneError(f"could not load a model config from {model_name}: {str(exc).splitlines()[0]}") from None
+            offline = " (HF_HUB_OFFLINE is set: only local folders and cached hub models load)" if hub_offline() else ""
+            raise EmbedtuneError(f"could not load a model config from {model_name}: {str(exc).splitlines()[0]}"
+                                 f"{offline}") from None
         cls = _model_class(config, auto_model)
         torch_dtype = resolve_dtype(dtype)
         load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **local}

@@ -1,7 +1,8 @@
 """Long runs that survive failures: checkpoints, `--resume`, Ctrl-C, NaN/inf losses and GPU OOM.
 
 Checkpoints. The HF Trainer writes `checkpoint-N/` folders in place, file by file, so a process
-killed mid-save leaves a folder that looks like a checkpoint. Here a folder counts only once
+killed mid-save leaves a folder that looks like a checkpoint (and transformers' `get_last_checkpoint`
+goes by the folder name alone, so it would pick it). Here a folder counts only once
 `embedtune_checkpoint.json` is in it: written last (after the trainer's files and the best-so-far
 weights are flushed to disk), in one rename, listing every file with its size. A checkpoint holds
 the trainable weights (safetensors; for LoRA a few MB), the optimizer, scheduler and RNG states
@@ -14,6 +15,11 @@ The run's resolved config (and a digest of the data) is kept in `OUTPUT.partial/
 Resuming with other settings is refused, except those in `RESUMABLE_CHANGES`: a different learning
 rate would be silently overridden by the restored optimizer and scheduler, and anything touching
 batches, data or seed would give a different run.
+
+In flight (`train_resumably`): the first Ctrl-C makes the trainer save a checkpoint after the current
+step and stop (`TrainingInterrupted`, a KeyboardInterrupt); a second one aborts at once. A NaN/inf
+loss stops the run at its step, before the optimizer step (`NonFiniteLoss`), and no checkpoint is
+sealed with non-finite weights. CUDA out-of-memory becomes one line naming the flags that need less.
 """
 
 from __future__ import annotations
@@ -48,9 +54,12 @@ CHECKPOINTS = "checkpoints"
 # one before it must survive until then.
 KEEP_CHECKPOINTS = 2
 MAX_SAVE_EVERY = 500
-# Settings a resumed run may change: they leave the math of a step as it was.
+# Settings a resumed run may change: where things go, logging, and memory/speed knobs that compute the
+# same step (activation checkpointing, the packed forward, GradCache and its chunk size). The data
+# path may change; its content may not (`data_sha256`).
 RESUMABLE_CHANGES = frozenset({
-    "resume", "overwrite", "output_dir", "data", "logging_steps", "save_every", "gradient_checkpointing", "fast",
+    "resume", "overwrite", "output_dir", "data", "logging_steps", "save_every", "report_to",
+    "gradient_checkpointing", "fast", "cached_loss", "token_budget",
 })
 _FLAG_NAMES = {"evals_per_run": "--evals", "eval": "--no-eval", "lora_r": "--lora-r/--full",
                "data_sha256": "the data's content", "extra": "extra training arguments"}
@@ -142,8 +151,8 @@ def seal_checkpoint(folder: Path, step: int, best=None) -> None:
         meta, weights = best.state()
         if weights:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / BEST_WEIGHTS))
-        else:
-            meta = None
+        if meta.get("step") is None:
+            meta = None  # no evaluation yet
     files = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MARKER):
         _fsync(path)
@@ -155,7 +164,8 @@ def restore_best(best, checkpoint: Path) -> None:
     """Give a resumed run's BestWeights the best-so-far weights and score saved with the checkpoint."""
     meta = json.loads((checkpoint / MARKER).read_text(encoding="utf-8")).get("best")
     if best is not None and meta:
-        best.load_state(meta, load_file(str(checkpoint / BEST_WEIGHTS), device="cpu"))
+        weights = checkpoint / BEST_WEIGHTS
+        best.load_state(meta, load_file(str(weights), device="cpu") if weights.exists() else {})
 
 
 # ----------------------------------------------------------------------------------- same run?
@@ -276,7 +286,18 @@ def check_finite_weights(weights: dict[str, torch.Tensor], step: int, checkpoint
     bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
     if bad:
         raise NonFiniteLoss(f"weights became NaN/inf by step {step} (e.g. {bad[0]}): likely a learning rate too "
-                            f"high or fp16 overflow; lower --lr or train in bf16/fp32; {_last_good(checkpoints)}")
+                            f"high or fp16 overflow; lower --lr, or train in bf16/fp32; {_last_good(checkpoints)}")
+
+
+def nonfinite_loss_message(value: float, step: int, lr: float, precision: str, checkpoints: Path) -> str:
+    """One line: the step, the likely cause for this precision, what to change, where the last good checkpoint is."""
+    if precision == "fp16":
+        cause = f"fp16 overflow or a learning rate too high (--lr {lr:g}): train in bf16/fp32 or lower --lr"
+    elif precision == "bf16":
+        cause = f"a learning rate too high (--lr {lr:g}) or bf16 precision: lower --lr or train in fp32"
+    else:
+        cause = f"a learning rate too high (--lr {lr:g}): lower --lr"
+    return f"training loss became {value} at step {step}: likely {cause}; {_last_good(checkpoints)}"
 
 
 def _last_good(checkpoints: Path) -> str:
@@ -304,6 +325,8 @@ class ResumableTrainer(SentenceTransformerTrainer):
         return params
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if self.is_fsdp_enabled:  # sharded weights: the trainer's own (gathered) save
+            return super()._save(output_dir, state_dict)
         folder = Path(output_dir or self.args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         weights = {n: p.detach().to("cpu", copy=True) for n, p in self.trainable_parameters().items()}
@@ -311,6 +334,8 @@ class ResumableTrainer(SentenceTransformerTrainer):
         save_file(weights, str(folder / TRAINABLE_WEIGHTS))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint)
         path = Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS
         saved = load_file(str(path), device="cpu")
         params = self.trainable_parameters()
@@ -324,13 +349,9 @@ class ResumableTrainer(SentenceTransformerTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
-            step = self.state.global_step + 1
-            if self.args.fp16:
-                cause = "fp16 overflow (or a learning rate too high); train in bf16/fp32 or lower --lr"
-            else:
-                cause = f"a learning rate too high (--lr {self.args.learning_rate:g}) or fp16 overflow; lower --lr"
-            raise NonFiniteLoss(f"training loss became {loss.float().mean().item()} at step {step}: likely {cause}; "
-                                f"{_last_good(Path(self.args.output_dir))}")
+            precision = "fp16" if self.args.fp16 else "bf16" if self.args.bf16 else "fp32"
+            raise NonFiniteLoss(nonfinite_loss_message(loss.float().mean().item(), self.state.global_step + 1,
+                                                       self.args.learning_rate, precision, Path(self.args.output_dir)))
         return loss
 
 
@@ -342,7 +363,11 @@ class _Seal(TrainerCallback):
         self.best = best
 
     def on_save(self, args, state, control, **kwargs):
-        seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.best)
+        from . import distributed
+
+        distributed.barrier()  # every rank's files (its RNG state) are written before rank 0 seals
+        if args.should_save:
+            seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.best)
 
 
 class InterruptGuard(TrainerCallback):
@@ -371,7 +396,16 @@ class InterruptGuard(TrainerCallback):
         return False
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        from . import distributed
+
+        requested = self.requested
+        if distributed.initialized():  # ranks must stop at the same step, whichever saw the signal
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(requested)], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = self.requested = bool(flag.item())
+        if requested:
             control.should_save = True
             control.should_training_stop = True
 
@@ -382,7 +416,7 @@ def _oom_message(trainer, step: int) -> str:
     checkpoints = Path(args.output_dir)
     latest = latest_checkpoint(checkpoints)
     keep = (f"; the last checkpoint (step {checkpoint_step(latest)}) is kept in {latest}: --resume continues it, "
-            "e.g. with --gradient-checkpointing added" if latest else "")
+            "e.g. with --gradient-checkpointing or --cached-loss added" if latest else "")
     return (f"out of GPU memory at step {step} (--batch-size {args.per_device_train_batch_size}, --max-seq-length "
             f"{max_len}): use a smaller --batch-size or --max-seq-length, add --gradient-checkpointing, or use "
             f"--cached-loss with a smaller --token-budget{keep}")
