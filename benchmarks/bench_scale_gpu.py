@@ -63,7 +63,9 @@ def run_steps(st, pairs, batch: int, steps: int, cached: bool, token_budget: int
 
     model = st
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        model = torch.nn.parallel.DistributedDataParallel(st, device_ids=[torch.cuda.current_device()])
+        # buffers (position ids) are constants: no per-forward broadcast; grads live in the buckets
+        model = torch.nn.parallel.DistributedDataParallel(st, device_ids=[torch.cuda.current_device()],
+                                                          broadcast_buffers=False, gradient_as_bucket_view=True)
     loss_fn = ContrastiveLoss(model, cached=cached, token_budget=token_budget)
     params = [p for p in st.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
@@ -83,6 +85,25 @@ def run_steps(st, pairs, batch: int, steps: int, cached: bool, token_budget: int
         torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - t0)
+    if os.environ.get("BENCH_PROFILE") and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_fn(feats_all[-1], None)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=8, max_name_column_width=60), flush=True)
+    elif os.environ.get("BENCH_PROFILE"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(feats_all[-1], None)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
     step_s = sorted(times)[len(times) // 2]
     return {"batch": batch, "cached": cached, "step_s": round(step_s, 4),
             "pairs_per_s": round(batch / step_s, 1),

@@ -11,7 +11,8 @@ truncation, repeated slices) of valid files of every format.
 The outcome of each input is one of:
   * a valid dataset: columns anchor, positive, negative_1..k, all strings, none blank, at least
     one row, ``num_negatives == k``;
-  * a clean error: an EmbedtuneError (DataError) whose message is one line starting with the path;
+  * a clean error: an EmbedtuneError (DataError) whose message is one printable line (no control
+    characters, no line separators) starting with the path;
   * a crash: anything else (another exception, a multi-line or unnamed message, a bad dataset).
 Crashes never stop the run: the smallest input per crash signature is kept, written to
 ``--crash-dir`` and listed in the summary (inputs tried, clean errors by kind, crashes).
@@ -301,10 +302,12 @@ def check_input(directory: str, suffix: str, content: bytes) -> str:
         loaded = load_pairs(path)
     except EmbedtuneError as e:
         message = str(e)
-        if "\n" in message or "\r" in message:
+        if len(message.splitlines()) > 1:  # \n, \r, but also U+2028, U+0085, \x1c ...
             raise Crash("multi-line message", repr(message[:200])) from None
         if not message.startswith(path):
             raise Crash("message does not name the file", repr(message[:200])) from None
+        if not message[len(path):].isprintable():  # NUL, ESC sequences ... would reach the terminal
+            raise Crash("unprintable characters in message", repr(message[:200])) from None
         kind = error_kind(message, path)
         kind = f"error: {kind}" if isinstance(e, DataError) else f"error (non-DataError): {kind}"
         EXAMPLES.setdefault(kind, message[len(directory) + 1:])

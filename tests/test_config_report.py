@@ -164,7 +164,7 @@ def _config(tmp_path, text: str) -> Path:
 
 def test_precedence_flag_over_file_over_default(tmp_path, recorded):
     path = _config(tmp_path, "data: from-file.jsonl\nmax_steps: 7\nbatch-size: 16\nlr: 0.001\nno-eval: true\n"
-                             "weight_decay: 0.2\nmatryoshka_dims: [384, 128]\n")
+                             "weight_decay: 0.2\nmatryoshka_dims: [384, 128]\nlogging_steps: 3.0\n")
     result = runner.invoke(app, ["train", "cli.jsonl", "--config", str(path), "--batch-size", "8"])
     assert result.exit_code == 0, result.output
     config = recorded[-1]
@@ -172,6 +172,7 @@ def test_precedence_flag_over_file_over_default(tmp_path, recorded):
     assert config.batch_size == 8  # flag over file
     assert config.max_steps == 7 and config.lr == 0.001 and config.eval is False  # file over default
     assert config.weight_decay == 0.2  # a flag-less TrainConfig field
+    assert config.logging_steps == 3 and type(config.logging_steps) is int  # a whole 3.0 is the int 3
     assert config.matryoshka_dims == [384, 128]
     assert config.epochs == 1.0 and config.seed == 42  # untouched defaults
 
@@ -289,12 +290,12 @@ def test_report_of_a_run_without_evaluation(tmp_path):
     history = [{"loss": 1.0 - i / 10, "step": i, "tokens_per_s": 100.0 + i} for i in range(1, 8)]
     metrics = {"base": {}, "final": {}, "steps": 7, "train_pairs": 50, "eval_pairs": 0, "train_time_s": 3.5,
                "tokens_per_s": 120.0, "best_step": None, "history": history,
-               "config": {"model": "some/model", "lora_r": None}}
+               "config": {"model": "some/[/x]model", "lora_r": None}}  # not rich markup
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     result = runner.invoke(app, ["report", str(tmp_path), "--png", str(tmp_path / "r.png")])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "no held-out evaluation" in text and "full fine-tuning" in text and "some/model" in text
+    assert "no held-out evaluation" in text and "full fine-tuning" in text and "some/[/x]model" in text
     assert "0.9000 -> 0.3000" in text  # the loss line: first -> last
     assert (tmp_path / "r.png").stat().st_size > 1000
 

@@ -57,16 +57,18 @@ def test_save_killed_midway_leaves_the_previous_folder_intact(tmp_path, tiny):
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     child = subprocess.Popen([sys.executable, str(HERE / "interrupt_child.py"), "save", str(target)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not (gate / "reached").exists():
-        if child.poll() is not None:
-            pytest.fail(f"child exited with {child.returncode} before its gate: {child.communicate()[1][-3000:]}")
-        assert time.monotonic() < deadline, "child never reached its gate"
-        time.sleep(0.05)
-    strays = list(tmp_path.glob(".model.tmp-*"))
-    assert len(strays) == 1 and (strays[0] / "modules.json").exists(), "the new model was being written"
-    child.kill()
-    child.communicate()
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not (gate / "reached").exists():
+            if child.poll() is not None:
+                pytest.fail(f"child exited with {child.returncode} before its gate: {child.communicate()[1][-3000:]}")
+            assert time.monotonic() < deadline, "child never reached its gate"
+            time.sleep(0.05)
+        strays = list(tmp_path.glob(".model.tmp-*"))
+        assert len(strays) == 1 and (strays[0] / "modules.json").exists(), "the new model was being written"
+    finally:
+        child.kill()  # SIGKILL mid-save (and never a child left behind)
+        child.communicate()
     assert child.returncode == -signal.SIGKILL
 
     assert _files(target) == before, "the previous folder must be untouched"

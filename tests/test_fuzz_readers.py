@@ -87,3 +87,46 @@ def test_corrupt_parquet_metadata_is_an_invalid_parquet_error(tmp_path):
         load_pairs(path)
     assert str(e.value).startswith(f"{path}: invalid Parquet file: ")  # was "cannot read: Couldn't deserialize"
     assert "\n" not in str(e.value)
+
+
+def _parquet_with_column_names(*names: str) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({name: ["x"] for name in names}), buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, content, escaped",
+    [
+        # pyarrow quotes the offending row: a NUL reached the message
+        ("nul.csv", b"anchor,positive,x\n\x00\n", "\\x00"),
+        # a header of NUL + BOM (U+FEFF is a format character, not printable)
+        ("bom.csv", b"\x00\xef\xbb\xbf0\r\n0\r\n", "\\ufeff"),
+        # U+0085 and U+2028 split a message into lines for str.splitlines() and some terminals
+        ("nel.parquet", _parquet_with_column_names("H\x03}", "\xf3\x08\x85", "negative"), "\\x85"),
+        ("ls.json", '{"a\\u2028": [1], "b": [2]}'.encode(), "\\u2028"),
+        ("esc.jsonl", '{"x\\u001b[2J": 1}\n'.encode(), "\\u001b[2J"),
+    ],
+)
+def test_error_messages_escape_control_characters_from_the_file(tmp_path, name, content, escaped):
+    """Found by the fuzz (before the fix): file bytes quoted into a message reached the terminal raw."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_pairs(path)
+    message = str(e.value)
+    assert message.startswith(str(path)) and message.isprintable() and len(message.splitlines()) == 1
+    assert escaped in message, message
+
+
+def test_cli_prints_file_content_in_errors_verbatim_not_as_markup(tmp_path):
+    """A column named like rich markup ("[/x]") used to crash the CLI's error printer with a traceback."""
+    from typer.testing import CliRunner
+
+    from embedtune.cli import app
+
+    data = tmp_path / "markup.csv"
+    data.write_text("[/x],[bold]y\nq,p\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["train", str(data), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "found: [/x], [bold]y" in " ".join(result.output.split())

@@ -44,12 +44,13 @@ def test_local_models_train_and_reload_without_network(tmp_path, online, connect
     from sentence_transformers import SentenceTransformer
 
     from embedtune import to_sentence_transformer
-    from embedtune.data import build_stdlib_pairs, write_jsonl
+    from embedtune.data import write_jsonl
     from embedtune.train import TrainConfig, run
 
     model, tokenizer = FastModel.from_pretrained(DEFAULT_MODEL_ID, max_seq_length=16)  # served by the bundled copy
     to_sentence_transformer(model, tokenizer).encode(["offline"])
-    data = write_jsonl(build_stdlib_pairs(max_pairs=16, seed=2), tmp_path / "pairs.jsonl")
+    rows = [{"anchor": f"question {i} about offline use", "positive": f"answer {i}: no network needed"} for i in range(16)]
+    data = write_jsonl(rows, tmp_path / "pairs.jsonl")
     result = run(TrainConfig(data=str(data), model=str(bundled_model_path()), output_dir=str(tmp_path / "run"),
                              max_steps=1, batch_size=4, max_seq_length=16, eval_size=4, evals_per_run=1))
     assert result.output_dir is not None

@@ -48,10 +48,23 @@ def _cli(args: list[str]) -> subprocess.CompletedProcess:
                           timeout=HANG_GUARD_S)
 
 
-def _start_child(args: list[str], gate: Path, block_at: str) -> subprocess.Popen:
+@pytest.fixture()
+def children():
+    """Children this test started; any still running when it ends (a failed assertion) are killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for child in started:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+def _start_child(children: list, args: list[str], gate: Path, block_at: str) -> subprocess.Popen:
     gate.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, str(CHILD), *args], env=_env(CHILD_GATE_DIR=str(gate),
-                            CHILD_BLOCK_AT=block_at), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, str(CHILD), *args], env=_env(CHILD_GATE_DIR=str(gate),
+                             CHILD_BLOCK_AT=block_at), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children.append(child)
+    return child
 
 
 def _wait_for_gate(child: subprocess.Popen, gate: Path) -> None:
@@ -71,11 +84,16 @@ def _max_diff(a: Path, b: Path) -> float:
     return max((left[k].double() - right[k].double()).abs().max().item() for k in left)
 
 
+TOPICS = ["list", "dict", "string", "file", "date", "socket", "thread", "regex", "json", "path", "queue", "heap"]
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
-    from embedtune.data import build_stdlib_pairs, write_jsonl
+    from embedtune.data import write_jsonl
 
-    return write_jsonl(build_stdlib_pairs(max_pairs=24, seed=7), tmp_path_factory.mktemp("resume") / "pairs.jsonl")
+    rows = [{"anchor": f"how do I {verb} a {topic} in python", "positive": f"def {verb}_{topic}(x): return {verb}(x)"}
+            for topic in TOPICS for verb in ("sort", "copy")]
+    return write_jsonl(rows, tmp_path_factory.mktemp("resume") / "pairs.jsonl")
 
 
 @pytest.fixture()
@@ -86,7 +104,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_killed_then_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path, pairs, one_thread):
+def test_killed_then_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path, pairs, one_thread, children):
     reference = tmp_path / "reference"
     done = CliRunner().invoke(app, ["train", str(pairs), "--output", str(reference), *RUN_FLAGS])
     assert done.exit_code == 0, done.output[-4000:]
@@ -96,7 +114,7 @@ def test_killed_then_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_pa
     checkpoints = checkpoints_dir(out)
 
     # 1. SIGKILL while checkpoint 9 is half written: 6 is the last complete one, 9 must be ignored.
-    child = _start_child(train_args, tmp_path / "gate-kill", "checkpoint:9")
+    child = _start_child(children, train_args, tmp_path / "gate-kill", "checkpoint:9")
     _wait_for_gate(child, tmp_path / "gate-kill")
     assert is_complete(checkpoints / "checkpoint-6")
     assert (checkpoints / "checkpoint-9").is_dir() and not is_complete(checkpoints / "checkpoint-9")
@@ -108,7 +126,7 @@ def test_killed_then_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_pa
 
     # 2. Resume (from 6, an epoch boundary); Ctrl-C during step 11: it finishes the step, saves, exits 130.
     gate = tmp_path / "gate-int"
-    child = _start_child([*train_args, "--resume"], gate, "step:10")
+    child = _start_child(children, [*train_args, "--resume"], gate, "step:10")
     _wait_for_gate(child, gate)
     child.send_signal(signal.SIGINT)
     (gate / "release").write_text("")

@@ -179,7 +179,7 @@ def load_config_defaults(ctx, param, path: str | os.PathLike | None, fields_of: 
         elif norm in params:
             target = norm
         elif norm in fields:
-            _check_value(where, key, value, field_hints.get(norm, Any))
+            value = _check_value(where, key, value, field_hints.get(norm, Any))
             if norm in set_by:
                 raise EmbedtuneError(f"{where}: {key!r} repeats {set_by[norm]!r}")
             set_by[norm] = key
@@ -199,8 +199,7 @@ def load_config_defaults(ctx, param, path: str | os.PathLike | None, fields_of: 
             if not _allows_none(hints.get(target)):
                 raise EmbedtuneError(f"{where}: {key}: needs a value, got null")
             continue  # null: the command's own default, which is None
-        _check_value(where, key, value, hints.get(target, Any))
-        defaults[target] = value
+        defaults[target] = _check_value(where, key, value, hints.get(target, Any))
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta[_META_KEY] = file_fields
 
@@ -291,9 +290,13 @@ def _matches(value, hint) -> bool:
     return True  # a type we don't know: the command's own parsing checks it
 
 
-def _check_value(where: str, key: str, value, hint) -> None:
+def _check_value(where: str, key: str, value, hint):
+    """``value`` if it fits ``hint`` (a whole float such as 2.0 becomes 2 where only int fits), else an error."""
     if not _matches(value, hint):
         raise EmbedtuneError(f"{where}: {key}: expected {_describe(hint)}, got {_show(value)}")
+    if isinstance(value, float) and value.is_integer() and not _matches(0.5, hint):
+        return int(value)
+    return value
 
 
 def _show(value) -> str:

@@ -100,12 +100,34 @@ def summarize(raw: dict, name: str = "ir-eval") -> dict[str, float]:
 
 def evaluate_model(st_model, task: IRTask, batch_size: int = 64, show_progress: bool = False,
                    query_prompt: str | None = None, document_prompt: str | None = None) -> dict[str, float]:
-    """IR metrics of `st_model` on `task`, computed with the model in eval mode."""
-    was_training = st_model.training
-    st_model.eval()
-    try:
-        raw = ir_evaluator(task, batch_size=batch_size, show_progress=show_progress, query_prompt=query_prompt,
-                           document_prompt=document_prompt)(st_model)
-    finally:
-        st_model.train(was_training)
-    return summarize(raw)
+    """IR metrics of `st_model` on `task` (eval mode; encoding split across ranks under DDP)."""
+    from .retrieval import evaluate_retrieval
+
+    return evaluate_retrieval(st_model, task, batch_size=batch_size, show_progress=show_progress,
+                              query_prompt=query_prompt or "", document_prompt=document_prompt or "")
+
+
+def shared_ir_evaluator(task: IRTask, name: str = "ir-eval", batch_size: int = 64, show_progress: bool = False,
+                        query_prompt: str | None = None, document_prompt: str | None = None):
+    """The training-time evaluator: `evaluate_model` behind sentence-transformers' evaluator interface.
+
+    It reports under the keys of `ir_evaluator` (`metric_key`), but its exact chunked search is split
+    across ranks under DDP, and it computes the same numbers as `embedtune eval`.
+    """
+    from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
+
+    class SharedIREvaluator(SentenceEvaluator):
+        def __init__(self):
+            super().__init__()
+            self.name = name
+            self.primary_metric = metric_key(name)
+            self.greater_is_better = True
+
+        def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+            scores = evaluate_model(model, task, batch_size=batch_size, show_progress=show_progress,
+                                    query_prompt=query_prompt, document_prompt=document_prompt)
+            metrics = {metric_key(name, m): v for m, v in scores.items()}
+            self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
+            return metrics
+
+    return SharedIREvaluator()

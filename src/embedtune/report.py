@@ -125,7 +125,9 @@ def print_report(folder: str | os.PathLike, png: str | os.PathLike | None = None
     metrics = load_run(folder)
     png = _check_png(png if png is not None else Path(folder) / DEFAULT_PNG)  # fail before printing
     history = metrics.get("history") or []
-    console.print(f"[bold]{os.fspath(folder)}[/]", highlight=False)
+    from rich.text import Text
+
+    console.print(Text(os.fspath(folder), style="bold"))  # Text: a path is never markup
     table = metric_table(metrics.get("base") or {}, metrics.get("final") or {})
     if table is not None:
         console.print(table)
@@ -138,7 +140,7 @@ def print_report(folder: str | os.PathLike, png: str | os.PathLike | None = None
     if evals is not None:
         console.print(evals)
     out = render_png(metrics, png)
-    console.print(f"curves: {out}", highlight=False, soft_wrap=True)
+    console.print(Text(f"curves: {out}"), soft_wrap=True)
     return out
 
 
@@ -187,9 +189,11 @@ def facts_table(metrics: dict):
         ("tokens/s", f"{metrics['tokens_per_s']:,.0f}" if _number(metrics.get("tokens_per_s")) else None),
         ("best step", metrics.get("best_step")),
     ]
+    from rich.text import Text
+
     for name, value in facts:
         if value is not None:
-            table.add_row(name, str(value))
+            table.add_row(name, Text(str(value)))  # paths and model names are not markup
     return table
 
 

@@ -236,6 +236,9 @@ def resume_point(work: Path, config, resumable: bool) -> Path | None:
         if not resumable:
             raise EmbedtuneError("--resume needs the output folder of the interrupted run (--output)")
         if latest is None:
+            finished = work.with_name(work.name.removesuffix(".partial"))
+            if not work.exists() and (finished / "metrics.json").exists():
+                raise EmbedtuneError(f"nothing to resume: the run in {finished} has finished")
             raise EmbedtuneError(f"nothing to resume: {checkpoints} holds no complete checkpoint; "
                                  "run without --resume to start")
         check_same_run(checkpoints, config)
@@ -422,6 +425,17 @@ def _oom_message(trainer, step: int) -> str:
             f"--cached-loss with a smaller --token-budget{keep}")
 
 
+def _close_progress_bars(trainer) -> None:
+    """A run stopped by an exception leaves the trainer's bars open; the error line should start a line."""
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None and hasattr(bar, "close"):
+                with contextlib.suppress(Exception):
+                    bar.close()
+                setattr(callback, name, None)
+
+
 def train_resumably(trainer, best=None, resume_from: Path | None = None, resumable: bool = True) -> None:
     """`trainer.train()`, continuing from `resume_from`, with checkpoints sealed, Ctrl-C turned into a
     checkpoint and a clean stop (`TrainingInterrupted`), and GPU OOM into a message naming the fixes."""
@@ -437,7 +451,11 @@ def train_resumably(trainer, best=None, resume_from: Path | None = None, resumab
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except _OUT_OF_MEMORY:
             out_of_memory = True  # raised below, outside this block, so the failed step's tensors can go
+        except BaseException:
+            _close_progress_bars(trainer)
+            raise
     if out_of_memory:
+        _close_progress_bars(trainer)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise EmbedtuneError(_oom_message(trainer, trainer.state.global_step + 1))

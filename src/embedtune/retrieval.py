@@ -138,14 +138,42 @@ def model_prompts(st_model) -> tuple[str | None, str | None]:
 
 def _encoded_chunks(st_model, texts: Sequence[str], prompt: str | None, batch_size: int, chunk_size: int,
                     progress) -> Iterator[torch.Tensor]:
-    """Normalized float32 embeddings of ``texts``, ``chunk_size`` at a time, on the model's device."""
+    """Normalized float32 embeddings of ``texts``, ``chunk_size`` at a time, on the model's device.
+
+    Under torch.distributed (DDP) every rank encodes its share of each chunk and the shares are
+    gathered, so evaluation is split across the GPUs and every rank gets the same embeddings.
+    """
+    from . import distributed
+
     kwargs = {"prompt": prompt} if prompt else {}
+    rank, world = (distributed.rank(), distributed.world_size()) if shard_across_ranks() else (0, 1)
     for start in range(0, len(texts), chunk_size):
         batch = list(texts[start : start + chunk_size])
-        emb = st_model.encode(batch, batch_size=batch_size, normalize_embeddings=True, convert_to_tensor=True,
-                              show_progress_bar=False, **kwargs)
+        mine = batch[rank::world]
+        emb = st_model.encode(mine, batch_size=batch_size, normalize_embeddings=True, convert_to_tensor=True,
+                              show_progress_bar=False, **kwargs).float()
+        if world > 1:
+            emb = distributed.gather_rows(emb.reshape(len(mine), -1), len(batch))
         progress.update(len(batch))
-        yield emb.float()
+        yield emb
+
+
+def shard_across_ranks() -> bool:
+    """Split encoding over ranks: under DDP yes; under FSDP no (every rank must run every forward)."""
+    from . import distributed
+
+    if distributed.world_size() < 2 or not distributed.initialized():
+        return False
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" and not _fsdp_active()
+
+
+def _fsdp_active() -> bool:
+    try:
+        from accelerate.state import AcceleratorState
+
+        return AcceleratorState._shared_state != {} and AcceleratorState().distributed_type.name == "FSDP"
+    except Exception:
+        return False
 
 
 def search(st_model, queries: Sequence[str], corpus: Sequence[str], k: int = TOP_K, *, batch_size: int = 64,

@@ -24,7 +24,7 @@ from .config_file import CONFIG_NAME, resolved_config, write_config_yaml
 from .data import column, load_pairs, train_eval_split
 from . import distributed
 from .errors import EmbedtuneError
-from .evaluate import evaluate_model, ir_evaluator, metric_key, pairs_to_ir_task, summarize
+from .evaluate import evaluate_model, metric_key, pairs_to_ir_task, shared_ir_evaluator, summarize
 from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
 from .lora import get_peft_model
 from .monitoring import (
@@ -251,7 +251,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     if eval_ds is not None:
         task = pairs_to_ir_task(eval_ds, corpus_texts=column(loaded.dataset, "positive"))
         big = len(task.queries) + len(task.corpus) >= ENCODE_BAR_MIN_TEXTS  # bars during training only if slow
-        evaluator = ir_evaluator(task, name=EVAL_NAME, query_prompt=query_prompt, document_prompt=document_prompt,
+        evaluator = shared_ir_evaluator(task, name=EVAL_NAME, query_prompt=query_prompt, document_prompt=document_prompt,
                                  show_progress=big)
         base_metrics = evaluate_model(st_model, task, query_prompt=query_prompt, document_prompt=document_prompt,
                                       show_progress=True)
@@ -291,6 +291,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         prompts=column_prompts or None,
         **_precision_flags(dtype),
         **(distributed.fsdp_arguments(model) if config.fsdp else {}),
+        ddp_broadcast_buffers=False,  # encoder buffers (position ids) are constants: skip a sync per forward
         **config.extra,
     )
     st_model.model_card_data.generate_widget_examples = False  # it encodes samples: slow, and not ours to show

@@ -261,9 +261,19 @@ def _is_text(value: Any) -> bool:
     return type(value) is str and value != "" and not value.isspace()
 
 
+def _printable(text: str) -> str:
+    """Escape characters a terminal would act on or show as a line break (NUL, ESC, U+2028, U+0085, ...)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _one_line(text: str) -> str:
-    """Collapse a library's (possibly multi-line, very long) message into a short single line."""
-    text = " ".join(text.split())
+    """Collapse a library's (possibly multi-line, very long) message into a short printable line.
+
+    Library messages can quote the file's bytes (pyarrow's CSV errors do), so control characters are escaped.
+    """
+    text = _printable(" ".join(text.split()))
     return text if len(text) <= _MAX_DETAIL_CHARS else text[: _MAX_DETAIL_CHARS - 3] + "..."
 
 
@@ -271,7 +281,8 @@ def _show_names(names: Iterable[str], limit: int = 20) -> str:
     """List column names on one line: odd names (empty, padded, control characters) JSON-quoted."""
     names = list(names)
     shown = [
-        n if n and n == n.strip() and n.isprintable() else json.dumps(n, ensure_ascii=False) for n in names[:limit]
+        n if n and n == n.strip() and n.isprintable() else _printable(json.dumps(n, ensure_ascii=False))
+        for n in names[:limit]
     ]
     if len(names) > limit:
         shown.append(f"... ({len(names) - limit} more)")

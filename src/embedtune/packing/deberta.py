@@ -9,10 +9,11 @@ separate pos_key_proj/pos_query_proj. All terms are divided by sqrt(head_dim * (
 
 The relative terms depend on each token's content and on distances inside its own sequence, so
 they are an additive per-sequence bias: embeddings, projections, feed-forward and LayerNorms run on
-the packed tokens, and attention runs per length bucket with SDPA and the c2p + p2c bias as a
-float mask (`biased.biased_attention`); a bucket of width w only needs the distance table's top-left
-w x w corner. The table's projections are recomputed inside each layer (they are tiny) so that
-activation checkpointing routes their gradients correctly.
+the packed tokens, and attention is SDPA with the c2p + p2c bias as a float mask, over length
+buckets (CPU) or the padded batch (GPU), see `biased.biased_attention`; a grid of width w only needs
+the distance-index table's top-left w x w corner (distances do not depend on where a row starts).
+The relative table's norm and projections are recomputed inside each layer (they are small) so that
+activation checkpointing, which passes only the hidden states through, still routes their gradients.
 
 Configurations this does not cover (a convolution after the first layer, `conv_kernel_size`;
 `z_steps`; attention or norm options other than the ones above) keep the padded forward:

@@ -3,14 +3,16 @@
 MPNet is BERT-shaped (post-norm layers; q/k/v/o projections, intermediate.dense, output.dense) plus a
 learned relative position bias: relative distances are bucketed (32 buckets, log-spaced beyond 8,
 as transformers' `MPNetEncoder.compute_position_bias` does) and looked up in one per-head table
-shared by all layers. The bias depends only on the distance, so the [heads, L, L] bias of the widest
-sequence serves every shorter one as its top-left corner.
+shared by all layers. The bias depends only on the distance, so one [heads, L, L] bias at the padded
+width serves every sequence wherever it sits (a narrower grid takes its top-left corner).
 
-Embeddings, projections, feed-forward and LayerNorms run on the packed tokens; attention runs per
-length bucket with SDPA and the bias as a float mask (`biased.biased_attention`), since varlen
-kernels take no bias. The bias is recomputed inside each layer from the shared table (a cheap
-lookup) so that activation checkpointing, which only passes the hidden states through, still
-routes its gradient to the table.
+Embeddings, projections, feed-forward and LayerNorms run on the packed tokens; attention is SDPA
+with the bias as a float mask over length buckets (CPU) or the padded batch (GPU), see
+`biased.biased_attention`, since varlen kernels take no bias. The bias is computed once per forward, as transformers does (its backward
+through the table lookup syncs with the host, so once per layer would stall the GPU). transformers'
+MPNet has no activation checkpointing; should a layer run checkpointed anyway, its bias is rebuilt
+inside the layer, since a checkpoint that passes only the hidden states through (embedtune's
+offloading one) would drop the gradient of a tensor the layer merely captured.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ def _position_bias(model, width: int, device) -> torch.Tensor:
     return model.encoder.compute_position_bias(probe)[0]
 
 
-def _layer(model, layer, hidden, plan: PackedBatch, backend: str):
+def _layer(model, layer, hidden, plan: PackedBatch, backend: str, shared_bias):
     attn = layer.attention.attn
     tokens = hidden.shape[0]
     heads, dim = attn.num_attention_heads, attn.attention_head_size
     q = linear(attn.q, hidden).view(tokens, heads, dim)
     k = linear(attn.k, hidden).view(tokens, heads, dim)
     v = linear(attn.v, hidden).view(tokens, heads, dim)
-    bias = _position_bias(model, plan.max_len, hidden.device)
+    bias = shared_bias if shared_bias is not None else _position_bias(model, plan.max_len, hidden.device)
     dropout = attn.dropout.p if attn.training else 0.0
 
     def bias_fn(qb, kb):
@@ -57,5 +59,8 @@ def packed_mpnet_forward(model, input_ids, attention_mask, token_type_ids=None, 
     # MPNet numbers positions from padding_idx + 1 (fairseq style), whatever the tokenizer's pad id.
     positions = plan.position_ids + model.embeddings.padding_idx + 1
     hidden = model.embeddings(input_ids=plan.pack(input_ids)[None], position_ids=positions[None])[0]
-    hidden = run_layers(model.encoder.layer, hidden, lambda layer, h: _layer(model, layer, h, plan, attention_backend))
+    layers = model.encoder.layer
+    checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+    bias = None if checkpointed else _position_bias(model, plan.max_len, hidden.device)
+    hidden = run_layers(layers, hidden, lambda layer, h: _layer(model, layer, h, plan, attention_backend, bias))
     return plan.unpack(hidden)
