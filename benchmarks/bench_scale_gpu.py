@@ -9,7 +9,6 @@ per GPU. Subcommands:
            and a Qwen3-0.6B-shaped decoder (cached; stops at OOM or --max-step-s).
   ddp      run under torchrun: throughput at a fixed per-GPU batch with cross-device negatives;
            run it with --nproc-per-node 1 and 2 and compare.
-  qwen3-4b build a random-init Qwen3-4B-shaped checkpoint (for the FSDP run through `embedtune train`).
 
     python benchmarks/bench_scale_gpu.py single --tokenizer .bench/tokenizer --out $OUT/scale.json
     torchrun --nproc-per-node 2 benchmarks/bench_scale_gpu.py ddp --tokenizer .bench/tokenizer
@@ -27,11 +26,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_train_gpu import POOLING, SHAPES, build_model_dir  # noqa: E402
+from bench_train_gpu import POOLING, build_model_dir  # noqa: E402
 
-SHAPES = dict(SHAPES)
-SHAPES["qwen3-4b"] = dict(kind="qwen3", hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
-                          num_key_value_heads=8, head_dim=128, intermediate_size=9728)
 
 
 def make_model(path: str, lora: bool, max_len: int, device: str = "cuda"):
@@ -144,7 +140,7 @@ def single(args, pairs) -> dict:
         record(row)
         _free(st)
         # 3. largest batch (cached, full fine-tuning) for BERT-large and a Qwen3-0.6B shape
-        for name in ("bert-large", "qwen3-0.6b"):
+        for name in args.largest_models:
             path = build_model_dir(name, args.tokenizer, root)
             for batch in args.largest:
                 st = make_model(path, False, args.max_seq_length)
@@ -180,39 +176,22 @@ def ddp(args, pairs) -> dict:
     return row
 
 
-def build_qwen3_4b(args) -> None:
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
-
-    shape = dict(SHAPES["qwen3-4b"])
-    shape.pop("kind")
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = Qwen3Config(vocab_size=tok.vocab_size, max_position_embeddings=4096, pad_token_id=0,
-                         bos_token_id=101, eos_token_id=102, dtype="bfloat16", **shape)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen3Model(config).to(torch.bfloat16)
-    print(f"qwen3-4b shape: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters", flush=True)
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["single", "ddp", "qwen3-4b"])
+    ap.add_argument("what", choices=["single", "ddp"])
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--max-seq-length", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--both-fit-batch", type=int, default=1024)
     ap.add_argument("--largest", type=lambda s: [int(x) for x in s.split(",")], default=[16384, 32768])
     ap.add_argument("--max-step-s", type=float, default=45.0)
+    ap.add_argument("--largest-models", type=lambda s: s.split(","), default=["bert-large", "qwen3-0.6b"])
     ap.add_argument("--token-budget", type=int, default=None)
     ap.add_argument("--ddp-batch", type=int, default=512)
     ap.add_argument("--ddp-cached", action="store_true")
     ap.add_argument("--out", default="scale.json")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    if args.what == "qwen3-4b":
-        return build_qwen3_4b(args)
     from embedtune.data.stdlib import build_stdlib_pairs
 
     pairs = build_stdlib_pairs(seed=0)

@@ -77,38 +77,3 @@ def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
         out[r::world] = part[:count]
     return out
 
-
-def fsdp_arguments(backbone) -> dict:
-    """HF Trainer arguments that shard the model with FSDP, one unit per transformer layer."""
-    layers = list(getattr(backbone, "_no_split_modules", None) or [])
-    if not layers:
-        from .errors import EmbedtuneError
-
-        raise EmbedtuneError(f"--fsdp: {type(backbone).__name__} names no layer class to shard by")
-    return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"transformer_layer_cls_to_wrap": layers}}
-
-
-def consolidate_backbone(trainer, st_model, backbone):
-    """The trained backbone as one plain model on rank 0 (None elsewhere), from FSDP's shards.
-
-    Gathering the full state dict is collective: every rank must call this. Rank 0 rebuilds the
-    architecture on the meta device and assigns the gathered tensors, so nothing is initialized twice.
-    """
-    from transformers import AutoModel
-
-    full = trainer.accelerator.get_state_dict(trainer.model)
-    if not is_main():
-        return None
-    prefix = next(name for name, module in st_model.named_modules() if module is backbone) + "."
-    weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-    with torch.device("meta"):
-        fresh = AutoModel.from_config(backbone.config)
-    missing, unexpected = fresh.load_state_dict(weights, strict=False, assign=True)
-    if unexpected or any(not k.endswith("position_ids") for k in missing):
-        raise RuntimeError(f"FSDP consolidation: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, buffer in backbone.named_buffers():  # non-persistent buffers (rotary tables, position ids)
-        owner, _, attr = name.rpartition(".")
-        target = fresh.get_submodule(owner) if owner else fresh
-        if getattr(target, attr).is_meta:
-            target.register_buffer(attr, buffer.detach().cpu().clone(), persistent=False)
-    return fresh.eval()

@@ -171,6 +171,19 @@ class _RngState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
+def _varied_shape_attention(device: torch.device):
+    """On the GPU, keep masked attention off cuDNN while chunking: cuDNN builds an execution plan
+    for every new shape, and every chunk brings one (measured: a cached LoRA step took 16x the
+    uncached one with cuDNN, 2.3x without)."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class _ReplayOnBackward(torch.autograd.Function):
     """Carries the loss value; its backward runs the cached chunks' backward passes."""
 
@@ -266,6 +279,18 @@ class ContrastiveLoss(nn.Module):
 
     def _cached_forward(self, features: list[dict[str, Any]]) -> Tensor:
         module, ddp = _unwrap_ddp(self.model)
+        device = features[0]["attention_mask"].device
+        with _varied_shape_attention(device):
+            loss, replay = self._embed_and_plan_replay(module, ddp, features)
+
+        def replay_with_kernels(grad_output: Tensor) -> None:
+            with _varied_shape_attention(device):
+                replay(grad_output)
+
+        anchor = torch.zeros((), requires_grad=True, device=loss.device)
+        return _ReplayOnBackward.apply(loss.detach(), anchor, replay_with_kernels)
+
+    def _embed_and_plan_replay(self, module: nn.Module, ddp, features: list[dict[str, Any]]):
         plans = [plan_chunks(f["attention_mask"], self.token_budget) for f in features]
         last = (len(features) - 1, len(plans[-1]) - 1)
         states: dict[tuple[int, int], _RngState] = {}
@@ -301,8 +326,7 @@ class ContrastiveLoss(nn.Module):
             if ddp is not None:
                 _all_reduce_gradients(module)
 
-        anchor = torch.zeros((), requires_grad=True, device=loss.device)
-        return _ReplayOnBackward.apply(loss.detach(), anchor, replay)
+        return loss, replay
 
     @property
     def citation(self) -> str:

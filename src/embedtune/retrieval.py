@@ -159,21 +159,10 @@ def _encoded_chunks(st_model, texts: Sequence[str], prompt: str | None, batch_si
 
 
 def shard_across_ranks() -> bool:
-    """Split encoding over ranks: under DDP yes; under FSDP no (every rank must run every forward)."""
+    """Split encoding over ranks when a process group is up (DDP: each rank runs its own forwards)."""
     from . import distributed
 
-    if distributed.world_size() < 2 or not distributed.initialized():
-        return False
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" and not _fsdp_active()
-
-
-def _fsdp_active() -> bool:
-    try:
-        from accelerate.state import AcceleratorState
-
-        return AcceleratorState._shared_state != {} and AcceleratorState().distributed_type.name == "FSDP"
-    except Exception:
-        return False
+    return distributed.initialized() and distributed.world_size() > 1
 
 
 def search(st_model, queries: Sequence[str], corpus: Sequence[str], k: int = TOP_K, *, batch_size: int = 64,

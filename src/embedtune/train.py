@@ -73,7 +73,6 @@ class TrainConfig:
     matryoshka_dims: list[int] | None = None  # e.g. [768, 512, 256, 128, 64]
     cached_loss: bool = False  # GradCache: memory flat in --batch-size
     token_budget: int | None = None  # real tokens per cached chunk (default losses.DEFAULT_TOKEN_BUDGET)
-    fsdp: bool = False  # shard a full fine-tuning with FSDP (under torchrun, on GPUs)
     report_to: str = "none"  # or "tensorboard" (events in OUTPUT/tensorboard) or "wandb"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -116,8 +115,6 @@ class BestWeights:
     It also forces an evaluation at the last step, so the final weights always compete.
     """
 
-    keep_weights = True  # False (FSDP: sharded weights): the final weights stay, with the last metrics
-
     def __init__(self, model, key: str):
         from transformers import TrainerCallback
 
@@ -141,12 +138,11 @@ class BestWeights:
 
     def offer(self, metrics: dict, step: int) -> None:
         value = metrics.get(self.key)
-        if value is None or (self.keep_weights and self.best_value is not None and value <= self.best_value):
+        if value is None or (self.best_value is not None and value <= self.best_value):
             return
         self.best_value, self.best_metrics, self.best_step = float(value), dict(metrics), step
-        if self.keep_weights:
-            self._weights = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
-                             if p.requires_grad}
+        self._weights = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
+                         if p.requires_grad}
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """The best score so far and its weights: what a checkpoint keeps so a resumed run picks the same best."""
@@ -163,17 +159,6 @@ class BestWeights:
             for name, param in self.model.named_parameters():
                 if name in self._weights:
                     param.copy_(self._weights[name].to(param.device))
-
-
-def _check_fsdp(config: TrainConfig) -> None:
-    """FSDP here shards full fine-tuning of big models across the GPUs of a torchrun launch."""
-    if not (distributed.launched() and torch.cuda.is_available()):
-        raise EmbedtuneError("--fsdp runs under torchrun or accelerate launch on GPUs, e.g. "
-                             "torchrun --nproc-per-node 2 -m embedtune train DATA --full --fsdp")
-    if config.lora_r:
-        raise EmbedtuneError("--fsdp shards full fine-tuning (add --full); LoRA adapters are small, plain DDP fits them")
-    if config.cached_loss:
-        raise EmbedtuneError("--fsdp with --cached-loss is not supported; use --batch-size that fits, or DDP")
 
 
 def build_loss(st_model, config: TrainConfig):
@@ -225,14 +210,12 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     resume_from = resume_point(work, config, resumable=output is not None)  # checked before any loading
     distributed.init_if_launched()  # under torchrun: join the process group before evaluating
 
-    if config.fsdp:
-        _check_fsdp(config)
     torch.manual_seed(config.seed)
     dtype = resolve_dtype(config.dtype)
     if config.lora_r is None and dtype != torch.float32:
         dtype = torch.float32  # full fine-tuning keeps fp32 master weights; autocast does the rest
     model, tokenizer = FastModel.from_pretrained(config.model, max_seq_length=config.max_seq_length, dtype=dtype,
-                                              fast=config.fast and not config.fsdp)
+                                              fast=config.fast)
     if config.lora_r:
         model = get_peft_model(
             model, r=config.lora_r, lora_alpha=config.lora_alpha or config.lora_r,
@@ -290,13 +273,11 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         dataloader_pin_memory=torch.cuda.is_available(),
         prompts=column_prompts or None,
         **_precision_flags(dtype),
-        **(distributed.fsdp_arguments(model) if config.fsdp else {}),
         ddp_broadcast_buffers=False,  # encoder buffers (position ids) are constants: skip a sync per forward
         **config.extra,
     )
     st_model.model_card_data.generate_widget_examples = False  # it encodes samples: slow, and not ours to show
     best = BestWeights(st_model, f"eval_{metric_key(EVAL_NAME)}")
-    best.keep_weights = not config.fsdp  # FSDP shards the weights: the final ones are kept
     trainer = ResumableTrainer(  # checkpoints of the trainable weights; stops on a NaN/inf loss
         model=st_model,
         args=args,
@@ -337,12 +318,6 @@ def run(config: TrainConfig, progress=None) -> RunResult:
             eval_size=len(eval_ds) if eval_ds is not None else (0 if config.eval else config.eval_size),
         ),
     }
-    if config.fsdp:  # gather the shards into one plain model (collective), then save it as usual
-        merged = distributed.consolidate_backbone(trainer, st_model, model)
-        if merged is not None:
-            prompts = st_model.prompts
-            st_model = to_sentence_transformer(merged, tokenizer, pooling=config.pooling)
-            st_model.prompts = prompts
     result_dir = None
     if not distributed.is_main():
         pass  # rank 0 saves; the model in memory here is the same (DDP keeps ranks in sync)

@@ -23,9 +23,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .varlen import PackedBatch
+from .varlen import PackedBatch, masked_sdpa
 
 # bias_fn(q_grid, k_grid) -> additive score bias broadcastable to [n, heads, len, len], or None
 BiasFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
@@ -70,7 +69,7 @@ def biased_attention(q, k, v, plan: PackedBatch, scale: float, bias_fn: BiasFn, 
         bias = bias_fn(qb, kb)
         bias = qb.new_zeros(()) if bias is None else bias.to(q.dtype)
         mask = bias.masked_fill(~valid[:, None, None, :], torch.finfo(q.dtype).min)
-        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        ob = masked_sdpa(qb, kb, vb, mask, dropout_p, scale)
         n, heads, width, dim = ob.shape
         ob = ob.transpose(1, 2).reshape(n * width, heads, dim).index_select(0, slots)  # real tokens
         if tokens is None:

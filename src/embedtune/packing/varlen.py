@@ -134,6 +134,11 @@ def _position_mask(width: int, causal: bool, window: int | None, device) -> torc
     return mask
 
 
+def masked_sdpa(q, k, v, mask, dropout_p: float, scale: float):
+    """SDPA with a mask; which kernel runs is SDPA's choice (callers may narrow it with `sdpa_kernel`)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
 def padded_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
                 window: int | None = None):
     """Exact reference path: SDPA over the padded view with a key-padding (and causal/window) mask."""
@@ -143,7 +148,7 @@ def padded_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0
     positional = _position_mask(plan.max_len, causal, window, q.device)
     if positional is not None:
         mask = mask & positional[None, None]
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    out = masked_sdpa(qp, kp, vp, mask, dropout_p, scale)
     return plan.pack(out.transpose(1, 2).reshape(plan.batch, plan.max_len, heads, dim))
 
 
@@ -157,7 +162,7 @@ def bucketed_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0
         positional = _position_mask(index.shape[1], causal, window, q.device)
         if positional is not None:
             mask = mask & positional
-        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        ob = masked_sdpa(qb, kb, vb, mask, dropout_p, scale)
         ob = ob.transpose(1, 2)[valid]  # [real tokens of the bucket, H, D]
         out = out.index_copy(0, index[valid], ob)
     return out
