@@ -7,10 +7,6 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="${PYTHONPATH:-}:$PWD/src"
 TOK=.bench/tokenizer
-if ls .whl/*.whl >/dev/null 2>&1; then  # datasets (and its pure-Python needs) for `embedtune train` there
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
 if [ "$1" = multi ] || [ "$1" = all ]; then
   for n in 1 2; do
     torchrun --nproc-per-node $n benchmarks/bench_scale_gpu.py ddp --tokenizer $TOK --steps 10 2>&1 | grep '^{' | tee -a "$OUT/ddp.jsonl"
