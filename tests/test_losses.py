@@ -182,3 +182,19 @@ def test_bad_options_are_refused(tiny_bert):
         ContrastiveLoss(st, temperature=0)
     with pytest.raises(ValueError, match="one weight per"):
         ContrastiveLoss(st, matryoshka_dims=[8, 4], matryoshka_weights=[1.0])
+
+
+def test_cached_replays_under_the_forward_autocast(tiny_bert):
+    """Trainers run the loss under autocast and call backward() outside it: the re-run chunks must use
+    the first pass's autocast, or they compute other (fp32) embeddings than the ones cached."""
+    st = _st(tiny_bert, fast=True).eval()
+    features = _features(st, 1)
+    dtypes = []
+    query = next(m for n, m in st.named_modules() if n.endswith("layer.0.attention.self.query"))
+    query.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ContrastiveLoss(st, cached=True, token_budget=24)(features)
+    first_pass = len(dtypes)
+    loss.backward()  # outside autocast, as the HF trainer does
+    assert len(dtypes) > first_pass  # chunks were re-run
+    assert set(dtypes) == {torch.bfloat16}, dtypes

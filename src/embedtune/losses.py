@@ -171,6 +171,15 @@ class _RngState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
+def _autocast_state(device: torch.device) -> Callable[[], Any]:
+    """A factory of the autocast context active now on `device` (a no-op context if none is)."""
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return lambda: torch.autocast(kind, enabled=False)
+    dtype = torch.get_autocast_dtype(kind)
+    return lambda: torch.autocast(kind, dtype=dtype)
+
+
 def _varied_shape_attention(device: torch.device):
     """On the GPU, keep masked attention off cuDNN while chunking: cuDNN builds an execution plan
     for every new shape, and every chunk brings one (measured: a cached LoRA step took 16x the
@@ -282,9 +291,12 @@ class ContrastiveLoss(nn.Module):
         device = features[0]["attention_mask"].device
         with _varied_shape_attention(device):
             loss, replay = self._embed_and_plan_replay(module, ddp, features)
+        # The trainer calls backward() outside its autocast block: re-run the chunks under the same
+        # autocast as the first pass, else they run in fp32, slower and not the embeddings we cached.
+        autocast = _autocast_state(device)
 
         def replay_with_kernels(grad_output: Tensor) -> None:
-            with _varied_shape_attention(device):
+            with _varied_shape_attention(device), autocast():
                 replay(grad_output)
 
         anchor = torch.zeros((), requires_grad=True, device=loss.device)
