@@ -146,7 +146,7 @@ def _encoded_chunks(st_model, texts: Sequence[str], prompt: str | None, batch_si
     from . import distributed
 
     kwargs = {"prompt": prompt} if prompt else {}
-    rank, world = (distributed.rank(), distributed.world_size()) if shard_across_ranks() else (0, 1)
+    rank, world = (distributed.rank(), distributed.world_size()) if shard_across_ranks(st_model) else (0, 1)
     for start in range(0, len(texts), chunk_size):
         batch = list(texts[start : start + chunk_size])
         mine = batch[rank::world]
@@ -158,10 +158,17 @@ def _encoded_chunks(st_model, texts: Sequence[str], prompt: str | None, batch_si
         yield emb
 
 
-def shard_across_ranks() -> bool:
-    """Split encoding over ranks when a process group is up (DDP: each rank runs its own forwards)."""
+def shard_across_ranks(st_model) -> bool:
+    """Split encoding over ranks when a process group is up and every rank is evaluating.
+
+    sentence-transformers >= 6.2 shares evaluation inside its trainer its own way: rank 0 runs the
+    evaluator and its `encode` farms batches out to the other ranks, which only serve. Then we
+    must not shard (the other ranks never reach our gather).
+    """
     from . import distributed
 
+    if getattr(st_model, "_distributed_inference", None) is not None:
+        return False
     return distributed.initialized() and distributed.world_size() > 1
 
 

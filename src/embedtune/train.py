@@ -165,7 +165,8 @@ def build_loss(st_model, config: TrainConfig):
     """The run's contrastive loss: in-batch (and cross-rank) negatives plus any hard-negative columns."""
     from .losses import ContrastiveLoss
 
-    width = st_model.get_sentence_embedding_dimension()
+    dimension = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+    width = dimension()  # ST 6 renamed the method; 5.x has only the old name
     too_wide = [d for d in config.matryoshka_dims or () if width and d > width]
     if too_wide:
         raise EmbedtuneError(f"--matryoshka-dims {too_wide}: larger than the model's embedding size {width}")
