@@ -70,36 +70,28 @@ def run_steps(st, pairs, batch: int, steps: int, cached: bool, token_budget: int
     tokens = [sum(int(f["attention_mask"].sum()) for f in feats) for feats in feats_all]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    def one_step(feats):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(feats, None)
+        loss.backward()  # outside autocast, as the HF trainer does
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return loss
+
     times = []
     for step, feats in enumerate(feats_all):
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(feats, None)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        loss = one_step(feats)
         if step >= warmup:
             times.append(time.perf_counter() - t0)
-    if os.environ.get("BENCH_PROFILE") and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+    if os.environ.get("BENCH_PROFILE"):  # one more step under the profiler (every rank steps: DDP)
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_fn(feats_all[-1], None)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=8, max_name_column_width=60), flush=True)
-    elif os.environ.get("BENCH_PROFILE"):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(feats_all[-1], None)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+            one_step(feats_all[-1])
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     step_s = sorted(times)[len(times) // 2]
     return {"batch": batch, "cached": cached, "step_s": round(step_s, 4),
             "pairs_per_s": round(batch / step_s, 1),
