@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from embedtune import FastModel
-from embedtune.losses import ContrastiveLoss, plan_chunks, slice_features
+from embedtune.losses import ColumnChunks, ContrastiveLoss, padding_side, plan_chunks, slice_features
 from embedtune.st import to_sentence_transformer
 from tiny_models import make_tiny_model
 
@@ -174,6 +174,13 @@ def test_plan_chunks_and_slicing():
     left = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
     part = slice_features({"input_ids": ids[:2], "attention_mask": left}, slice(0, 1))
     assert part["input_ids"].tolist() == [[2, 3]] and part["attention_mask"].tolist() == [[1, 1]]
+    assert padding_side(mask) == "right" and padding_side(left) == "left"
+    holes = torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]])  # not one block per row: never trimmed
+    assert padding_side(holes) is None
+    assert slice_features({"input_ids": ids[:2], "attention_mask": holes}, slice(0, 1))["input_ids"].shape == (1, 4)
+    plan = ColumnChunks.plan({"input_ids": ids, "attention_mask": mask}, 5)
+    assert plan.widths == [3, 4] and plan.side == "right"
+    assert plan.chunk({"input_ids": ids, "attention_mask": mask}, 0)["input_ids"].tolist() == [[0, 1, 2], [4, 5, 6]]
 
 
 def test_bad_options_are_refused(tiny_bert):

@@ -22,6 +22,7 @@ give exactly the gradient of the global mean loss over all ranks' anchors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -122,9 +123,10 @@ def _batch_size(features: dict[str, Any]) -> int:
     return features["input_ids"].shape[0] if "input_ids" in features else features["attention_mask"].shape[0]
 
 
-def plan_chunks(attention_mask: Tensor, token_budget: int) -> list[slice]:
+def plan_chunks(attention_mask: Tensor, token_budget: int, lengths: list[int] | None = None) -> list[slice]:
     """Consecutive row ranges whose real tokens stay within `token_budget` (at least one row each)."""
-    lengths = attention_mask.sum(dim=1).tolist()
+    if lengths is None:
+        lengths = attention_mask.sum(dim=1).tolist()
     chunks, start, used = [], 0, 0
     for i, n in enumerate(lengths):
         if i > start and used + n > token_budget:
@@ -135,26 +137,61 @@ def plan_chunks(attention_mask: Tensor, token_budget: int) -> list[slice]:
     return chunks
 
 
-def slice_features(features: dict[str, Any], rows: slice) -> dict[str, Any]:
-    """The rows of a tokenized batch, with the padding columns no row in them needs dropped."""
+def padding_side(attention_mask: Tensor) -> str | None:
+    """"right" or "left" when every row's real tokens sit together at that end, else None."""
+    mask = attention_mask.bool()
+    width = mask.shape[1]
+    lengths = mask.sum(dim=1, keepdim=True)
+    positions = torch.arange(width, device=mask.device)[None, :]
+    if torch.equal(mask, positions < lengths):
+        return "right"
+    if torch.equal(mask, positions >= width - lengths):
+        return "left"
+    return None
+
+
+def slice_features(features: dict[str, Any], rows: slice, width: int | None = None,
+                   side: str | None = "detect") -> dict[str, Any]:
+    """The rows of a tokenized batch, with the padding columns no row in them needs dropped.
+
+    `width` (the longest real row among `rows`) and `side` (`padding_side` of the whole batch) can be
+    given when known, which saves the host syncs of finding them out per chunk.
+    """
     batch = _batch_size(features)
     out = {k: (v[rows] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch else v)
            for k, v in features.items()}
     mask = out.get("attention_mask")
     if mask is None or mask.dim() != 2 or mask.shape[0] == 0:
         return out
-    width = int(mask.sum(dim=1).max())
     full = mask.shape[1]
-    if width == full:
+    if side == "detect":
+        side = padding_side(mask)
+    if width is None:
+        width = int(mask.sum(dim=1).max())
+    if side is None or width >= full:
         return out
-    if not mask[:, width:].any():
-        keep = slice(0, width)  # right padding
-    elif not mask[:, : full - width].any():
-        keep = slice(full - width, full)  # left padding
-    else:
-        return out
+    keep = slice(0, width) if side == "right" else slice(full - width, full)
     return {k: (v[:, keep] if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == full else v)
             for k, v in out.items()}
+
+
+@dataclass
+class ColumnChunks:
+    """How one column of a batch is cut into chunks, found out once (two host syncs per column)."""
+
+    rows: list[slice]
+    widths: list[int]  # longest real row per chunk
+    side: str | None  # padding side of the column
+
+    @classmethod
+    def plan(cls, features: dict[str, Any], token_budget: int) -> "ColumnChunks":
+        mask = features["attention_mask"]
+        lengths = mask.sum(dim=1).tolist()
+        rows = plan_chunks(mask, token_budget, lengths)
+        return cls(rows, [max(lengths[r]) for r in rows], padding_side(mask))
+
+    def chunk(self, features: dict[str, Any], k: int) -> dict[str, Any]:
+        return slice_features(features, self.rows[k], self.widths[k], self.side)
 
 
 class _RngState:
@@ -303,15 +340,15 @@ class ContrastiveLoss(nn.Module):
         return _ReplayOnBackward.apply(loss.detach(), anchor, replay_with_kernels)
 
     def _embed_and_plan_replay(self, module: nn.Module, ddp, features: list[dict[str, Any]]):
-        plans = [plan_chunks(f["attention_mask"], self.token_budget) for f in features]
-        last = (len(features) - 1, len(plans[-1]) - 1)
+        plans = [ColumnChunks.plan(f, self.token_budget) for f in features]
+        last = (len(features) - 1, len(plans[-1].rows) - 1)
         states: dict[tuple[int, int], _RngState] = {}
         kept_graph: Tensor | None = None
         columns: list[Tensor] = []
         for c, (feats, plan) in enumerate(zip(features, plans)):
             parts = []
-            for k, rows in enumerate(plan):
-                chunk = slice_features(feats, rows)
+            for k in range(len(plan.rows)):
+                chunk = plan.chunk(feats, k)
                 device = chunk["attention_mask"].device
                 if (c, k) == last:  # keep this chunk's graph: no need to re-run it
                     kept_graph = module(chunk)["sentence_embedding"]
@@ -326,14 +363,14 @@ class ContrastiveLoss(nn.Module):
 
         def replay(grad_output: Tensor) -> None:
             for c, (feats, plan) in enumerate(zip(features, plans)):
-                for k, rows in enumerate(plan):
+                for k, rows in enumerate(plan.rows):
                     grad = column_grads[c][rows] * grad_output
                     if (c, k) == last:
                         kept_graph.backward(grad.to(kept_graph.dtype))
                         continue
                     with torch.random.fork_rng(devices=[states[(c, k)].device] if states[(c, k)].cuda is not None else []):
                         states[(c, k)].restore()
-                        out = module(slice_features(feats, rows))["sentence_embedding"]
+                        out = module(plan.chunk(feats, k))["sentence_embedding"]
                     out.backward(grad.to(out.dtype))
             if ddp is not None:
                 _all_reduce_gradients(module)
