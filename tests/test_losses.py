@@ -205,3 +205,14 @@ def test_cached_replays_under_the_forward_autocast(tiny_bert):
     loss.backward()  # outside autocast, as the HF trainer does
     assert len(dtypes) > first_pass  # chunks were re-run
     assert set(dtypes) == {torch.bfloat16}, dtypes
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "modernbert"])
+def test_cached_equals_uncached_other_architectures(tmp_path_factory, arch):
+    """Decoders (last-token pooling, causal packed attention) and ModernBERT through the cached path."""
+    path = make_tiny_model(arch, tmp_path_factory.mktemp(f"tiny_losses_{arch}"))
+    st = _st(path, fast=True).eval()
+    features = _features(st, 1)
+    uncached = _grads(st, ContrastiveLoss(st, symmetric=True), features)
+    cached = _grads(st, ContrastiveLoss(st, symmetric=True, cached=True, token_budget=24), features)
+    _assert_same(uncached, cached)
