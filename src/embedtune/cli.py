@@ -82,7 +82,11 @@ def _metric_table(title: str, columns: dict[str, dict[str, float]],
 def print_summary(metrics: dict) -> None:
     """The end-of-run summary: before/after retrieval metrics, time, throughput, artifacts."""
     if metrics.get("base"):
-        console.print(_metric_table("held-out retrieval", {"base": metrics["base"], "fine-tuned": metrics["final"]}))
+        from .retrieval import RETRIEVAL_METRICS
+
+        shown = tuple(m for m in RETRIEVAL_METRICS if m in metrics["base"])
+        console.print(_metric_table("held-out retrieval", {"base": metrics["base"], "fine-tuned": metrics["final"]},
+                                    shown or ("ndcg@10", "mrr@10", "recall@10")))
     console.print(
         f"trained {metrics['steps']} steps on {metrics['train_pairs']} pairs in {metrics['train_time_s']:.1f} s "
         f"({metrics['tokens_per_s'] or 0:,.0f} tokens/s outside evaluation); {metrics['eval_pairs']} held-out pairs; "
