@@ -220,12 +220,13 @@ def apply_config_fields(ctx, config):
     file_fields = ctx.meta.get(_META_KEY) or {}
     if not file_fields:
         return config
-    defaults = _dataclass_defaults(type(config))
+    defaults = dataclass_defaults(type(config))
     changes = {k: v for k, v in file_fields.items() if getattr(config, k) == defaults.get(k, object())}
     return dataclasses.replace(config, **changes)
 
 
-def _dataclass_defaults(cls) -> dict[str, Any]:
+def dataclass_defaults(cls) -> dict[str, Any]:
+    """Field name -> default value of a dataclass (fields without a default left out)."""
     out = {}
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:

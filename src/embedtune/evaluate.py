@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-METRIC_KEYS = {"ndcg@10": "ndcg@10", "mrr@10": "mrr@10", "recall@10": "recall@10"}
-
 
 @dataclass
 class IRTask:
-    """Queries, a corpus and relevance judgements, ready for sentence-transformers' IR evaluator.
+    """Queries, a corpus and relevance judgements (`retrieval.evaluate_retrieval` scores a model on them).
 
-    ``relevant`` holds the relevant documents per query (binary, what ST's evaluator reads);
+    ``relevant`` holds the relevant documents per query (binary);
     ``graded`` optionally holds integer grades per query (e.g. BEIR qrels; grade <= 0: not relevant)
     for graded nDCG (`embedtune.retrieval`). Without it every relevant document has grade 1.
     """
@@ -57,30 +55,6 @@ def pairs_to_ir_task(eval_rows, corpus_texts=None) -> IRTask:
     )
 
 
-def ir_evaluator(task: IRTask, name: str = "ir-eval", batch_size: int = 64, show_progress: bool = False,
-                 query_prompt: str | None = None, document_prompt: str | None = None):
-    """sentence-transformers' InformationRetrievalEvaluator with cosine scoring, as in the guide."""
-    from sentence_transformers.evaluation import InformationRetrievalEvaluator
-    from sentence_transformers.util import cos_sim
-
-    return InformationRetrievalEvaluator(
-        queries=task.queries,
-        corpus=task.corpus,
-        relevant_docs=task.relevant,
-        score_functions={"cosine": cos_sim},
-        name=name,
-        batch_size=batch_size,
-        show_progress_bar=show_progress,
-        mrr_at_k=[10],
-        ndcg_at_k=[10],
-        accuracy_at_k=[1, 10],
-        precision_recall_at_k=[1, 10, 100],
-        map_at_k=[100],
-        query_prompt=query_prompt,
-        corpus_prompt=document_prompt,
-    )
-
-
 def metric_key(name: str = "ir-eval", metric: str = "ndcg@10") -> str:
     """The key the evaluator (and the trainer, with an 'eval_' prefix) reports `metric` under."""
     return f"{name}_cosine_{metric}"
@@ -111,7 +85,8 @@ def shared_ir_evaluator(task: IRTask, name: str = "ir-eval", batch_size: int = 6
                         query_prompt: str | None = None, document_prompt: str | None = None):
     """The training-time evaluator: `evaluate_model` behind sentence-transformers' evaluator interface.
 
-    It reports under the keys of `ir_evaluator` (`metric_key`), but its exact chunked search is split
+    It reports under `metric_key`'s keys (named as sentence-transformers' IR evaluator names them);
+    its exact chunked search is split
     across ranks under DDP, and it computes the same numbers as `embedtune eval`.
     """
     from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator

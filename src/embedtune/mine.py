@@ -34,12 +34,12 @@ from typing import Any
 
 import torch
 
+from embedtune.data.readers import decode_json_line, one_line
 from embedtune.errors import DataError, EmbedtuneError, SaveError
 
 _OUTPUT_SUFFIXES = (".jsonl", ".ndjson", ".json")  # what load_pairs reads back as JSON lines
 _CORPUS_JSONL = (".jsonl", ".ndjson")
 _CORPUS_TEXT = (".txt",)
-_MAX_DETAIL_CHARS = 200
 _SCORE_BUDGET = 1 << 26  # floats in one (query block x corpus chunk) score matrix: 256 MiB in fp32
 _MAX_QUERY_BLOCK = 4096
 _ROW_BLOCK = 8192  # rows filtered per step: bounds the Python lists made from the top-k tensors
@@ -338,7 +338,7 @@ def _import_faiss():
         import faiss
     except ImportError as e:
         raise EmbedtuneError(
-            f"use_faiss=True but faiss cannot be imported ({_one_line(str(e))}); "
+            f"use_faiss=True but faiss cannot be imported ({one_line(str(e))}); "
             "install faiss-cpu or faiss-gpu, or mine with use_faiss=False (exact torch search)"
         ) from None
     return faiss
@@ -408,23 +408,19 @@ def read_corpus(path: str | os.PathLike) -> list[str]:
                     text = text.rstrip("\r\n")
                 docs.setdefault(text)
     except OSError as e:
-        raise DataError(f"{name}: cannot read: {_one_line(e.strerror or str(e))}") from None
+        raise DataError(f"{name}: cannot read: {one_line(e.strerror or str(e))}") from None
     if not docs:
         raise DataError(f"{name}: corpus file holds no documents")
     return list(docs)
 
 
 def _corpus_json_line(name: str, lineno: int, line: str) -> str:
-    try:
-        value = json.loads(line)
-    except (ValueError, RecursionError) as e:
-        detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else _one_line(str(e))
-        raise DataError(f"{name}:{lineno}: invalid JSON: {detail}") from None
+    value = decode_json_line(name, lineno, line)
     if not isinstance(value, dict):
         raise DataError(f"{name}:{lineno}: expected a JSON object with a \"text\" field")
     if "text" not in value:
         keys = ", ".join(map(str, list(value)[:10])) or "none"
-        raise DataError(f"{name}:{lineno}: missing \"text\" field (found keys: {_one_line(keys)})")
+        raise DataError(f"{name}:{lineno}: missing \"text\" field (found keys: {one_line(keys)})")
     text = value["text"]
     if type(text) is not str or not text.strip():
         raise DataError(f"{name}:{lineno}: \"text\" must be a non-empty string")
@@ -466,8 +462,3 @@ def _check_settings(num_negatives, rank_range, margin, batch_size, chunk_size) -
     if chunk_size < 1:
         raise EmbedtuneError(f"chunk_size must be at least 1, got {chunk_size}")
     return lo, hi
-
-
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_DETAIL_CHARS else text[: _MAX_DETAIL_CHARS - 3] + "..."

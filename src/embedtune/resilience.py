@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformerTrainer
 from transformers import TrainerCallback
 
+from .config_file import dataclass_defaults
 from .errors import EmbedtuneError
 
 MARKER = "embedtune_checkpoint.json"
@@ -194,13 +195,7 @@ def run_record(config) -> dict:
 
 
 def _defaults(config) -> dict:
-    out = {}
-    for f in dataclasses.fields(config):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return json.loads(json.dumps(out, default=str))
+    return json.loads(json.dumps(dataclass_defaults(type(config)), default=str))
 
 
 def _flag(name: str) -> str:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedtune.data.readers import decode_json_line, one_line
 from embedtune.errors import DataError
 from embedtune.evaluate import IRTask
 
@@ -33,7 +34,6 @@ QRELS_DIR = "qrels"
 DEFAULT_SPLITS = ("test", "dev")  # tried in this order when no split is given
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 _INTEGER = re.compile(r"[+-]?\d+")
-_MAX_DETAIL_CHARS = 120
 
 
 @dataclass
@@ -96,7 +96,7 @@ def read_beir(folder: str | os.PathLike, split: str | None = None) -> LoadedBeir
         query_text = _read_queries(root / QUERIES_FILE)
         corpus = _read_corpus(root / CORPUS_FILE)
     except OSError as e:
-        raise DataError(f"{name}: cannot read: {_one_line(e.strerror or str(e))}") from None
+        raise DataError(f"{name}: cannot read: {one_line(e.strerror or str(e))}") from None
 
     graded: dict[str, dict[str, int]] = {}
     unknown_query = unknown_doc = 0
@@ -172,11 +172,7 @@ def _records(path: Path) -> Iterator[tuple[int, dict]]:
     any_line = False
     for lineno, text in _lines(path):
         any_line = True
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else _one_line(str(e))
-            raise DataError(f"{name}:{lineno}: invalid JSON: {detail}") from None
+        value = decode_json_line(name, lineno, text)
         if not isinstance(value, dict):
             raise DataError(f"{name}:{lineno}: expected a JSON object with \"_id\" and \"text\"")
         yield lineno, value
@@ -187,7 +183,7 @@ def _records(path: Path) -> Iterator[tuple[int, dict]]:
 def _field(name: str, lineno: int, record: dict, key: str) -> object:
     if key not in record:
         keys = ", ".join(map(str, list(record)[:10])) or "none"
-        raise DataError(f"{name}:{lineno}: missing \"{key}\" field (found keys: {_one_line(keys)})")
+        raise DataError(f"{name}:{lineno}: missing \"{key}\" field (found keys: {one_line(keys)})")
     return record[key]
 
 
@@ -268,7 +264,7 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
                 continue
             if len(fields) != 3 or not _INTEGER.fullmatch(fields[2].strip()):
                 raise DataError(f"{name}:{lineno}: expected the header query-id<TAB>corpus-id<TAB>score, got "
-                                f"{_one_line(text)!r}")
+                                f"{one_line(text)!r}")
         if len(fields) != 3:
             raise DataError(f"{name}:{lineno}: expected 3 tab-separated columns (query-id, corpus-id, score), "
                             f"got {len(fields)}")
@@ -276,7 +272,7 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
         if not qid or not did:
             raise DataError(f"{name}:{lineno}: empty {'query-id' if not qid else 'corpus-id'}")
         if not _INTEGER.fullmatch(score):
-            raise DataError(f"{name}:{lineno}: score {_one_line(score)!r} is not an integer grade")
+            raise DataError(f"{name}:{lineno}: score {one_line(score)!r} is not an integer grade")
         grades = qrels.setdefault(qid, {})
         if did in grades:
             raise DataError(f"{name}:{lineno}: duplicate judgement for query {qid!r}, document {did!r} "
@@ -290,8 +286,3 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
 
 def _count(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else many or one + 's'}"
-
-
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_DETAIL_CHARS else text[: _MAX_DETAIL_CHARS - 3] + "..."

@@ -81,7 +81,7 @@ def load_pairs(path: str | os.PathLike) -> LoadedPairs:
                 p, name, collector
             )
     except OSError as e:  # unreadable file, a folder where a file was expected, ...
-        raise DataError(f"{name}: cannot read: {_one_line(e.strerror or str(e))}") from e
+        raise DataError(f"{name}: cannot read: {one_line(e.strerror or str(e))}") from e
     return collector.finish()
 
 
@@ -222,7 +222,7 @@ class _Collector:
         try:
             self.chunks.append([pa.array(c, pa.string()) for c in (self.anchors, self.positives, *self.negatives)])
         except Exception as e:  # e.g. text that isn't encodable as UTF-8
-            raise DataError(f"{self.name}: invalid text: {_one_line(str(e))}") from None
+            raise DataError(f"{self.name}: invalid text: {one_line(str(e))}") from None
         self.anchors, self.positives = [], []
         self.negatives = [[] for _ in self.negatives]
 
@@ -268,7 +268,7 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """Collapse a library's (possibly multi-line, very long) message into a short printable line.
 
     Library messages can quote the file's bytes (pyarrow's CSV errors do), so control characters are escaped.
@@ -325,17 +325,22 @@ def _json_error(e: Exception) -> str:
         return f"{e.msg} at column {e.colno}"
     if isinstance(e, RecursionError):
         return "nesting too deep"
-    return _one_line(str(e))  # e.g. an integer with too many digits
+    return one_line(str(e))  # e.g. an integer with too many digits
 
 
 _decode_json = json.JSONDecoder().decode  # skips json.loads' per-call argument checks
 
 
-def _parse_line(name: str, lineno: int, text: str) -> dict:
+def decode_json_line(name: str, lineno: int, text: str) -> Any:
+    """One JSON value from line `lineno` of file `name`; invalid JSON is a DataError naming both."""
     try:
-        value = _decode_json(text)
+        return _decode_json(text)
     except (ValueError, RecursionError) as e:
         raise DataError(f"{name}:{lineno}: invalid JSON: {_json_error(e)}") from None
+
+
+def _parse_line(name: str, lineno: int, text: str) -> dict:
+    value = decode_json_line(name, lineno, text)
     if not isinstance(value, dict):
         raise DataError(f"{name}:{lineno}: expected a JSON object, got {_json_type(value)}")
     if "\\u" in text and _SURROGATE_ESCAPE.search(text):
@@ -460,7 +465,7 @@ def _read_csv(p: Path, name: str, collector: _Collector) -> None:
             if b"\n" not in head and b"\r" not in head:  # a lone header line: no rows
                 raise DataError(f"{name}: file is empty") from None
             raise DataError(f"{name}: invalid CSV: the header row never ends (unbalanced quote?)") from None
-        raise DataError(f"{name}: invalid CSV: {_one_line(str(e))}") from None
+        raise DataError(f"{name}: invalid CSV: {one_line(str(e))}") from None
 
 
 def _read_parquet(p: Path, name: str, collector: _Collector) -> None:
@@ -475,9 +480,9 @@ def _read_parquet(p: Path, name: str, collector: _Collector) -> None:
         if e.errno is not None:  # a real I/O failure: load_pairs reports "cannot read"
             raise
         # pyarrow reports corrupt metadata (e.g. "Couldn't deserialize thrift") as an errno-less OSError
-        raise DataError(f"{name}: invalid Parquet file: {_one_line(str(e))}") from None
+        raise DataError(f"{name}: invalid Parquet file: {one_line(str(e))}") from None
     except (pa.ArrowException, ValueError) as e:  # ValueError covers UnicodeDecodeError too
-        raise DataError(f"{name}: invalid Parquet file: {_one_line(str(e))}") from None
+        raise DataError(f"{name}: invalid Parquet file: {one_line(str(e))}") from None
 
 
 def _read_saved_dataset(p: Path, name: str, collector: _Collector) -> None:
@@ -487,7 +492,7 @@ def _read_saved_dataset(p: Path, name: str, collector: _Collector) -> None:
         loaded = datasets.load_from_disk(str(p))
     except Exception as e:  # datasets raises FileNotFoundError, ValueError, Arrow errors, ...
         raise DataError(
-            f"{name}: not a dataset folder written by datasets' save_to_disk ({_one_line(str(e))})"
+            f"{name}: not a dataset folder written by datasets' save_to_disk ({one_line(str(e))})"
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if not loaded:
@@ -499,4 +504,4 @@ def _read_saved_dataset(p: Path, name: str, collector: _Collector) -> None:
     except DataError:
         raise
     except Exception as e:  # corrupt Arrow shards surface only while reading
-        raise DataError(f"{name}: cannot read saved dataset: {_one_line(str(e))}") from None
+        raise DataError(f"{name}: cannot read saved dataset: {one_line(str(e))}") from None

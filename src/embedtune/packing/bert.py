@@ -40,6 +40,11 @@ def _layer(layer, hidden, plan: PackedBatch, attention_backend: str):
     context = varlen_attention(q, k, v, plan, scale, dropout, backend=attention_backend).reshape(tokens, heads * dim)
     out = layer.attention.output
     hidden = out.LayerNorm(out.dropout(linear(out.dense, context)) + hidden)
+    return feed_forward(layer, hidden)
+
+
+def feed_forward(layer, hidden):
+    """The BERT-family block after attention: dense, activation, dense, dropout, residual, LayerNorm."""
     inter = layer.intermediate.intermediate_act_fn(linear(layer.intermediate.dense, hidden))
     out = layer.output
     return out.LayerNorm(out.dropout(linear(out.dense, inter)) + hidden)

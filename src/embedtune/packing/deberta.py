@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+from .bert import feed_forward
 from .biased import biased_attention
 from .layers import run_layers
 from .lora_linear import linear
@@ -114,9 +115,7 @@ def _layer(model, layer, hidden, plan: PackedBatch, indices, backend: str):
     context = biased_attention(q, k, v, plan, 1.0 / denominator, bias_fn, dropout, backend).reshape(tokens, -1)
     out = layer.attention.output
     hidden = out.LayerNorm(out.dropout(linear(out.dense, context)) + hidden)
-    inter = layer.intermediate.intermediate_act_fn(linear(layer.intermediate.dense, hidden))
-    out = layer.output
-    return out.LayerNorm(out.dropout(linear(out.dense, inter)) + hidden)
+    return feed_forward(layer, hidden)
 
 
 def packed_deberta_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from .layers import run_layers
 from .lora_linear import linear
 from .varlen import PackedBatch, varlen_attention
@@ -24,7 +26,6 @@ def _window(model, attn) -> int | None:
 
 def _layer(model, layer, hidden, cos, sin, plan: PackedBatch, backend: str, causal: bool):
     attn = layer.self_attn
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     tokens, dim = hidden.shape[0], attn.head_dim
     h = layer.input_layernorm(hidden)
     q = linear(attn.q_proj, h).view(tokens, -1, dim)
@@ -32,18 +33,27 @@ def _layer(model, layer, hidden, cos, sin, plan: PackedBatch, backend: str, caus
     v = linear(attn.v_proj, h).view(tokens, -1, dim)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
+    context = rotary_attention(attn, q, k, v, cos, sin, plan, backend, causal, _window(model, attn))
+    hidden = hidden + linear(attn.o_proj, context)
+    return hidden + gated_mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+
+
+def rotary_attention(attn, q, k, v, cos, sin, plan: PackedBatch, backend: str, causal: bool,
+                     window: int | None) -> torch.Tensor:
+    """RoPE, grouped-query heads expanded, varlen attention: packed q [T, H, D], k/v [T, H_kv, D] -> [T, H*D]."""
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     q, k = rope(q, k, cos, sin, unsqueeze_dim=1)  # [T, H, D] with cos/sin [T, D]
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     dropout = attn.attention_dropout if attn.training else 0.0
-    context = varlen_attention(q, k, v, plan, attn.scaling, dropout, causal=causal, backend=backend,
-                               window=_window(model, attn))
-    hidden = hidden + linear(attn.o_proj, context.reshape(tokens, -1))
-    mlp = layer.mlp
-    x = layer.post_attention_layernorm(hidden)
-    x = linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
-    return hidden + x
+    context = varlen_attention(q, k, v, plan, attn.scaling, dropout, causal=causal, backend=backend, window=window)
+    return context.reshape(q.shape[0], -1)
+
+
+def gated_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)), the MLP of Llama-family layers."""
+    return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
 
 
 def packed_decoder_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):

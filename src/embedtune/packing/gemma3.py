@@ -19,11 +19,10 @@ silently differ.
 
 from __future__ import annotations
 
-import sys
-
+from .decoder import gated_mlp, rotary_attention
 from .layers import run_layers
 from .lora_linear import linear
-from .varlen import PackedBatch, varlen_attention
+from .varlen import PackedBatch
 
 LAYER_TYPES = {"sliding_attention", "full_attention"}
 
@@ -57,18 +56,9 @@ def _layer(model, layer, hidden, rope_by_type, plan: PackedBatch, backend: str, 
     k = attn.k_norm(linear(attn.k_proj, h).view(tokens, -1, dim))
     v = linear(attn.v_proj, h).view(tokens, -1, dim)
     cos, sin = rope_by_type[attn.layer_type]
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    q, k = rope(q, k, cos, sin, unsqueeze_dim=1)  # [T, H, D] with cos/sin [T, D]
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    dropout = attn.attention_dropout if attn.training else 0.0
-    context = varlen_attention(q, k, v, plan, attn.scaling, dropout, causal=causal, backend=backend,
-                               window=_window(model, attn, causal))
-    hidden = hidden + layer.post_attention_layernorm(linear(attn.o_proj, context.reshape(tokens, -1)))
-    mlp = layer.mlp
-    x = layer.pre_feedforward_layernorm(hidden)
-    x = linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
+    context = rotary_attention(attn, q, k, v, cos, sin, plan, backend, causal, _window(model, attn, causal))
+    hidden = hidden + layer.post_attention_layernorm(linear(attn.o_proj, context))
+    x = gated_mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden))
     return hidden + layer.post_feedforward_layernorm(x)
 
 

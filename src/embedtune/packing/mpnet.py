@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .bert import feed_forward
 from .biased import biased_attention
 from .layers import run_layers
 from .lora_linear import linear
@@ -48,9 +49,7 @@ def _layer(model, layer, hidden, plan: PackedBatch, backend: str, shared_bias):
     context = biased_attention(q, k, v, plan, dim ** -0.5, bias_fn, dropout, backend).reshape(tokens, heads * dim)
     block = layer.attention
     hidden = block.LayerNorm(block.dropout(linear(attn.o, context)) + hidden)
-    inter = layer.intermediate.intermediate_act_fn(linear(layer.intermediate.dense, hidden))
-    out = layer.output
-    return out.LayerNorm(out.dropout(linear(out.dense, inter)) + hidden)
+    return feed_forward(layer, hidden)
 
 
 def packed_mpnet_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
