@@ -86,8 +86,8 @@ def shared_ir_evaluator(task: IRTask, name: str = "ir-eval", batch_size: int = 6
     """The training-time evaluator: `evaluate_model` behind sentence-transformers' evaluator interface.
 
     It reports under `metric_key`'s keys (named as sentence-transformers' IR evaluator names them);
-    its exact chunked search is split
-    across ranks under DDP, and it computes the same numbers as `embedtune eval`.
+    its exact chunked search is split across ranks under DDP, and it computes the same numbers as
+    `embedtune eval`.
     """
     from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
 
