@@ -2,8 +2,10 @@
 (DDP, gloo) with each rank holding its slice of the pairs. Used by tests/test_distributed.py.
 
 usage: ddp_step.py MODEL_DIR OUT.safetensors PAIRS_PER_RANK [--cached] [--symmetric] [--negatives]
-                   [--no-gather] [--matryoshka]
+                   [--no-gather] [--matryoshka] [--fsdp]
 Single process (no torchrun): steps on PAIRS_PER_RANK * 2 pairs, i.e. what two ranks hold together.
+--fsdp: under torchrun, shard the model (embedtune.sharding) instead of wrapping it in DDP; the
+backbone's full weights are written (keys without the sentence-transformers prefix) in both modes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from safetensors.torch import save_file
 
 from embedtune import FastModel
 from embedtune.losses import ContrastiveLoss
+from embedtune.sharding import backbone_of, full_state_dict, shard_model
 from embedtune.st import to_sentence_transformer
 
 WORDS = "sort open parse join hash split read write encode decode compress format print load dump find".split()
@@ -38,7 +41,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("out")
     ap.add_argument("per_rank", type=int)
-    for flag in ("cached", "symmetric", "negatives", "no-gather", "matryoshka"):
+    for flag in ("cached", "symmetric", "negatives", "no-gather", "matryoshka", "fsdp"):
         ap.add_argument(f"--{flag}", action="store_true")
     args = ap.parse_args()
 
@@ -51,7 +54,11 @@ def main() -> None:
     torch.manual_seed(0)
     backbone, tokenizer = FastModel.from_pretrained(args.model, max_seq_length=48)
     st = to_sentence_transformer(backbone, tokenizer).eval()  # dropout off: both runs are deterministic
-    model = torch.nn.parallel.DistributedDataParallel(st) if distributed else st
+    if distributed and args.fsdp:
+        shard_model(st)
+        model = st
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(st) if distributed else st
 
     total = args.per_rank * 2
     rows = pairs(total)
@@ -66,8 +73,12 @@ def main() -> None:
     loss = loss_fn(features)
     loss.backward()
     optimizer.step()
+    if args.fsdp:
+        weights = full_state_dict(st) if distributed else backbone_of(st).state_dict()
+    else:
+        weights = dict(st.named_parameters())
     if rank == 0:
-        save_file({n: p.detach().contiguous() for n, p in st.named_parameters()}, args.out)
+        save_file({n: p.detach().contiguous() for n, p in weights.items()}, args.out)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

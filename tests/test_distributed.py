@@ -104,3 +104,55 @@ def test_torchrun_train_end_to_end_writes_once(tmp_path, tiny_bert):
     assert (output / "model" / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl", "run"]  # no stray partial/temp folders
     assert proc.stdout.count("trained 3 steps") == 1  # one summary, from rank 0
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    return make_tiny_model("qwen3", tmp_path_factory.mktemp("tiny_fsdp"))
+
+
+@pytest.mark.parametrize("arch", ["bert", "qwen3"])
+def test_fsdp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, arch, tiny_bert, tiny_qwen3):
+    """FSDP (weights sharded over 2 ranks, packed forward through the layers' FSDP step method) takes
+    the same step as one process with the whole batch, plain and cached."""
+    model = tiny_bert if arch == "bert" else tiny_qwen3
+    start = load_file(str(next(Path(model).glob("*.safetensors"))))
+    for name, flags in [("plain", ["--fsdp", "--negatives"]), ("cached", ["--fsdp", "--cached"])]:
+        single = _step(tmp_path, model, f"single-{name}", flags, distributed=False)
+        sharded = _step(tmp_path, model, f"fsdp-{name}", flags, distributed=True)
+        assert set(single) == set(sharded) and set(single) >= set(start) - {"pooler.dense.weight", "pooler.dense.bias"}
+        assert _max_diff(single, sharded) <= 1e-5, name
+        moved = max((single[k] - start[k]).abs().max().item() for k in single)
+        assert moved > 1e-3, f"{name}: the step barely moved the weights"
+
+
+def test_torchrun_train_fsdp_end_to_end(tmp_path, tiny_qwen3):
+    """`embedtune train --full --fsdp` under torchrun: sharded training, evaluation on every rank, and
+    one unsharded model saved that stock sentence-transformers loads."""
+    from sentence_transformers import SentenceTransformer
+
+    data = _pairs_file(tmp_path / "pairs.jsonl", 96)
+    output = tmp_path / "run"
+    proc = _torchrun("-m", "embedtune", "train", data, "--model", tiny_qwen3, "--output", output, "--full", "--fsdp",
+                     "--max-steps", "3", "--batch-size", "8", "--eval-size", "16", "--max-seq-length", "32",
+                     "--evals", "2", "--lr", "1e-3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["world_size"] == 2 and metrics["final"]["ndcg@10"] > 0
+    saved = load_file(output / "model" / "model.safetensors")
+    start = load_file(str(next(Path(tiny_qwen3).glob("*.safetensors"))))
+    assert set(saved) == set(start) and all(saved[k].shape == start[k].shape for k in start)  # whole, not shards
+    assert max((saved[k] - start[k]).abs().max().item() for k in start) > 1e-4
+    model = SentenceTransformer(str(output / "model"), device="cpu")
+    assert model.encode(["def f(): pass"]).shape == (1, 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl", "run"]
+
+
+def test_fsdp_refuses_what_it_does_not_cover(tmp_path, tiny_qwen3):
+    data = _pairs_file(tmp_path / "pairs.jsonl", 96)
+    alone = subprocess.run([sys.executable, "-m", "embedtune", "train", str(data), "--model", str(tiny_qwen3),
+                            "--output", str(tmp_path / "a"), "--full", "--fsdp"],
+                           capture_output=True, text=True, env=_env(), timeout=300)
+    assert alone.returncode != 0 and "torchrun" in alone.stderr and not (tmp_path / "a").exists()
+    lora = _torchrun("-m", "embedtune", "train", data, "--model", tiny_qwen3, "--output", tmp_path / "b", "--fsdp")
+    assert lora.returncode != 0 and "--full" in lora.stderr and not (tmp_path / "b").exists()

@@ -139,6 +139,7 @@ def train(
     cached_loss: bool = typer.Option(False, "--cached-loss", help="GradCache: memory flat in --batch-size (about 1.3x the time)."),
     token_budget: Optional[int] = typer.Option(None, "--token-budget", min=1, help="Real tokens per chunk with --cached-loss (default 16384)."),
     report_to: str = typer.Option("none", "--report-to", help="none, tensorboard (events in OUTPUT/tensorboard) or wandb."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard weights, gradients and optimizer state over the GPUs (with --full)."),
     config_file: Optional[str] = typer.Option(
         None, "--config", is_eager=True, callback=_config_file_callback,
         help="YAML file of settings (keys like max_steps or max-steps; any flag, or a TrainConfig field); "
@@ -160,7 +161,7 @@ def train(
             resume=resume, save_every=save_every,
             fast=not no_fast, query_prompt=query_prompt, document_prompt=document_prompt, report_to=report_to,
             temperature=temperature, symmetric=symmetric, matryoshka_dims=_parse_dims(matryoshka_dims),
-            cached_loss=cached_loss, token_budget=token_budget,
+            cached_loss=cached_loss, token_budget=token_budget, fsdp=fsdp,
         )
         config = apply_config_fields(ctx, config)  # --config keys that have no flag of their own
         with resume_hint(config.output_dir):

@@ -77,3 +77,22 @@ def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
         out[r::world] = part[:count]
     return out
 
+
+
+def check_in_sync(model) -> None:
+    """Under DDP every rank must end with the same weights; a launch that trained the ranks apart
+    (no gradient averaging) fails here rather than saving one rank's model as if it were the run's."""
+    if not initialized() or world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        total = sum((p.detach().double().sum() for p in model.parameters() if p.requires_grad),
+                    torch.zeros((), dtype=torch.float64))
+    device = next(model.parameters()).device
+    sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(world_size())]
+    dist.all_gather(sums, total.to(device))
+    values = [float(v) for v in sums]
+    if max(values) - min(values) > 1e-6 * max(1.0, abs(values[0])):
+        raise RuntimeError(f"ranks ended training with different weights (checksums {values}): "
+                           "gradients were not averaged across processes")

@@ -255,6 +255,21 @@ def _unwrap_ddp(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     return model, None
 
 
+def _fsdp_fillers(module: nn.Module, chunks: int) -> int:
+    """Under FSDP every forward and backward is a collective, so all ranks must run as many chunks.
+    How many one-row filler chunks (no effect on the loss or gradients) this rank adds to match the
+    rank with the most; 0 without FSDP."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    _, world = _world()
+    if world == 1 or not any(isinstance(m, FSDPModule) for m in module.modules()):
+        return 0
+    count = torch.tensor([chunks], device=next(module.parameters()).device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count) - chunks
+
+
 def _all_reduce_gradients(module: nn.Module) -> None:
     """Average parameter gradients over ranks: what DDP would have done for the cached chunks."""
     import torch.distributed as dist
@@ -342,6 +357,8 @@ class ContrastiveLoss(nn.Module):
     def _embed_and_plan_replay(self, module: nn.Module, ddp, features: list[dict[str, Any]]):
         plans = [ColumnChunks.plan(f, self.token_budget) for f in features]
         last = (len(features) - 1, len(plans[-1].rows) - 1)
+        fillers = _fsdp_fillers(module, sum(len(p.rows) for p in plans))
+        filler = slice_features(features[0], slice(0, 1))
         states: dict[tuple[int, int], _RngState] = {}
         kept_graph: Tensor | None = None
         columns: list[Tensor] = []
@@ -351,6 +368,9 @@ class ContrastiveLoss(nn.Module):
                 chunk = plan.chunk(feats, k)
                 device = chunk["attention_mask"].device
                 if (c, k) == last:  # keep this chunk's graph: no need to re-run it
+                    for _ in range(fillers):
+                        with torch.no_grad():
+                            module(filler)
                     kept_graph = module(chunk)["sentence_embedding"]
                     parts.append(kept_graph.detach())
                     continue
@@ -366,6 +386,9 @@ class ContrastiveLoss(nn.Module):
                 for k, rows in enumerate(plan.rows):
                     grad = column_grads[c][rows] * grad_output
                     if (c, k) == last:
+                        for _ in range(fillers):
+                            out = module(filler)["sentence_embedding"]
+                            out.backward(torch.zeros_like(out))
                         kept_graph.backward(grad.to(kept_graph.dtype))
                         continue
                     with torch.random.fork_rng(devices=[states[(c, k)].device] if states[(c, k)].cuda is not None else []):

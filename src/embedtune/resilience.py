@@ -322,6 +322,20 @@ class ResumableTrainer(SentenceTransformerTrainer):
                         params[".".join(filter(None, ("loss", key, name)))] = param
         return params
 
+    def evaluation_loop(self, *args, **kwargs):
+        """Under embedtune's FSDP (`embedtune.sharding`, unknown to the trainer) every rank must run
+        the evaluator: each forward is a collective. sentence-transformers shares evaluation across
+        ranks unless FSDP is on, so say it is, for the evaluation only."""
+        from .sharding import is_sharded
+
+        if not is_sharded(self.model) or self.is_fsdp_enabled:
+            return super().evaluation_loop(*args, **kwargs)
+        self.is_fsdp_enabled = True
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self.is_fsdp_enabled = False
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if self.is_fsdp_enabled:  # sharded weights: the trainer's own (gathered) save
             return super()._save(output_dir, state_dict)

@@ -163,11 +163,13 @@ def shard_across_ranks(st_model) -> bool:
 
     sentence-transformers >= 6.2 shares evaluation inside its trainer its own way: rank 0 runs the
     evaluator and its `encode` farms batches out to the other ranks, which only serve. Then we
-    must not shard (the other ranks never reach our gather).
+    must not shard (the other ranks never reach our gather). Nor under FSDP: every forward there is
+    a collective, so all ranks must run the same batches.
     """
     from . import distributed
+    from .sharding import is_sharded
 
-    if getattr(st_model, "_distributed_inference", None) is not None:
+    if getattr(st_model, "_distributed_inference", None) is not None or is_sharded(st_model):
         return False
     return distributed.initialized() and distributed.world_size() > 1
 

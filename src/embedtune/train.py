@@ -32,6 +32,7 @@ from .monitoring import (
     report_arguments,
 )
 from .save import check_target, replace_folder, save_adapter, save_merged
+from .sharding import local_tensor
 from .st import to_sentence_transformer
 
 EVAL_NAME = "ir-eval"
@@ -74,6 +75,7 @@ class TrainConfig:
     cached_loss: bool = False  # GradCache: memory flat in --batch-size
     token_budget: int | None = None  # real tokens per cached chunk (default losses.DEFAULT_TOKEN_BUDGET)
     report_to: str = "none"  # or "tensorboard" (events in OUTPUT/tensorboard) or "wandb"
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the ranks (full fine-tuning)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -147,8 +149,8 @@ class BestWeights:
         if value is None or (self.best_value is not None and value <= self.best_value):
             return
         self.best_value, self.best_metrics, self.best_step = float(value), dict(metrics), step
-        self._weights = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
-                         if p.requires_grad}
+        self._weights = {n: local_tensor(p).detach().to("cpu", copy=True)  # under FSDP: this rank's shard
+                         for n, p in self.model.named_parameters() if p.requires_grad}
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """The best score so far and its weights: what a checkpoint keeps so a resumed run picks the same best."""
@@ -164,7 +166,39 @@ class BestWeights:
         with torch.no_grad():
             for name, param in self.model.named_parameters():
                 if name in self._weights:
-                    param.copy_(self._weights[name].to(param.device))
+                    local = local_tensor(param)
+                    local.copy_(self._weights[name].to(local.device))
+
+
+def check_fsdp(config: TrainConfig) -> None:
+    """--fsdp shards full fine-tuning over a torchrun launch; refuse the combinations it does not cover."""
+    if not config.fsdp:
+        return
+    if not distributed.launched():
+        raise EmbedtuneError("--fsdp shards the model over several processes: launch with "
+                             "`torchrun --nproc-per-node N -m embedtune train ...`")
+    if config.lora_r:
+        raise EmbedtuneError("--fsdp is for full fine-tuning (add --full); LoRA runs fit with plain DDP")
+    if config.gradient_checkpointing:
+        raise EmbedtuneError("--fsdp with --gradient-checkpointing is not supported yet")
+    if config.resume or config.save_every:
+        raise EmbedtuneError("--fsdp runs keep no resumable checkpoints yet: drop --resume/--save-every")
+
+
+def unsharded_copy(st_model, config: TrainConfig):
+    """After FSDP training: the full weights gathered (every rank takes part) into a fresh, unsharded
+    SentenceTransformer on rank 0's CPU, ready to save; None on the other ranks."""
+    from .sharding import full_state_dict
+
+    weights = full_state_dict(st_model)
+    if not distributed.is_main():
+        return None
+    model, tokenizer = FastModel.from_pretrained(config.model, max_seq_length=config.max_seq_length,
+                                                 dtype=torch.float32, device="cpu", fast=config.fast)
+    model.load_state_dict(weights, strict=True)
+    copy = to_sentence_transformer(model, tokenizer, pooling=config.pooling)
+    copy.prompts = dict(st_model.prompts or {})
+    return copy
 
 
 def build_loss(st_model, config: TrainConfig):
@@ -200,6 +234,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     from .resilience import ResumableTrainer, prepare_work, resume_point, save_arguments, train_resumably
 
     started = time.time()
+    check_fsdp(config)
     loaded = load_pairs(config.data)
     output = check_target(config.output_dir, config.overwrite) if config.output_dir else None
     if config.pooling is not None and config.pooling not in POOLING_MODES:
@@ -213,8 +248,9 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         raise EmbedtuneError(
             f"{config.data}: {len(train_ds)} training pairs, fewer than one batch of {config.batch_size}"
         )
+    resumable = output is not None and not config.fsdp  # FSDP runs keep no resumable checkpoints (yet)
     work = Path(f"{output}.partial") if output else Path(os.environ.get("TMPDIR", "/tmp")) / f"embedtune-{os.getpid()}"
-    resume_from = resume_point(work, config, resumable=output is not None)  # checked before any loading
+    resume_from = resume_point(work, config, resumable=resumable)  # checked before any loading
     distributed.init_if_launched()  # under torchrun: join the process group before evaluating
 
     torch.manual_seed(config.seed)
@@ -250,7 +286,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     eval_steps = max(1, math.ceil(total_steps / max(1, config.evals_per_run)))
     if distributed.is_main():  # only rank 0 writes; the others wait until the work folder exists
-        prepare_work(work, config, resume_from, resumable=output is not None)
+        prepare_work(work, config, resume_from, resumable=resumable)
     distributed.barrier()
 
     columns = [c for c in train_ds.column_names if c == "anchor" or c == "positive" or c.startswith("negative_")]
@@ -270,7 +306,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         eval_strategy="steps" if evaluator else "no",
         eval_steps=eval_steps,
-        **save_arguments(config.save_every, eval_steps, resumable=output is not None),
+        **save_arguments(config.save_every, eval_steps, resumable=resumable),
         logging_steps=config.logging_steps,
         **report_arguments(config.report_to, work, output.name if output else None,
                            SentenceTransformerTrainingArguments),
@@ -281,8 +317,16 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         prompts=column_prompts or None,
         **_precision_flags(dtype),
         ddp_broadcast_buffers=False,  # encoder buffers (position ids) are constants: skip a sync per forward
+        # On CPU, accelerate treats a torchrun launch as distributed (DDP over gloo) only when told to use the CPU.
+        use_cpu=distributed.launched() and not torch.cuda.is_available(),
         **config.extra,
     )
+    if config.fsdp:
+        from .sharding import shard_model
+
+        if torch.cuda.is_available():
+            st_model.to(torch.device("cuda", torch.cuda.current_device()))
+        shard_model(st_model, param_dtype=torch.bfloat16 if args.bf16 else None)
     st_model.model_card_data.generate_widget_examples = False  # it encodes samples: slow, and not ours to show
     best = BestWeights(st_model, f"eval_{metric_key(EVAL_NAME)}")
     trainer = ResumableTrainer(  # checkpoints of the trainable weights; stops on a NaN/inf loss
@@ -298,10 +342,14 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     tokens_per_row = _tokens_per_row(tokenizer, train_ds, columns, config.max_seq_length)
     attach_tokens_per_second(trainer, tokens_per_row * config.batch_size * distributed.world_size())
     train_started = time.time()
-    train_resumably(trainer, best if evaluator else None, resume_from, resumable=output is not None)
+    train_resumably(trainer, best if evaluator else None, resume_from, resumable=resumable)
     train_time = time.time() - train_started
     best.restore()
     final_metrics = summarize(best.best_metrics) if evaluator else {}
+    if config.fsdp:
+        st_model = unsharded_copy(st_model, config)  # rank 0: the full model; other ranks: None
+    else:
+        distributed.check_in_sync(st_model)
 
     state = trainer.state
     rows_seen = state.global_step * config.batch_size * distributed.world_size()  # drop_last: full batches
@@ -327,7 +375,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     }
     result_dir = None
     if not distributed.is_main():
-        pass  # rank 0 saves; the model in memory here is the same (DDP keeps ranks in sync)
+        pass  # rank 0 saves; under DDP the model in memory here is the same
     elif output is not None:
         result_dir = _finish_output(st_model, metrics, work, output, config.overwrite)
     else:
