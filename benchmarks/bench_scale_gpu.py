@@ -7,8 +7,8 @@ per GPU. Subcommands:
   single   cached vs uncached time at a batch where both fit (BERT-base, LoRA and full);
            one step at 16,384 pairs (BERT-base, cached); the largest batch reached for BERT-large
            and a Qwen3-0.6B-shaped decoder (cached; stops at OOM or --max-step-s).
-  ddp      run under torchrun: throughput at a fixed per-GPU batch with cross-device negatives;
-           run it with --nproc-per-node 1 and 2 and compare.
+  ddp      run under torchrun --nproc-per-node 2: throughput of 1 GPU (rank 0 alone) and of 2 GPUs
+           (DDP, cross-device negatives) at the same per-GPU batch, alternating for --rounds.
 
     python benchmarks/bench_scale_gpu.py single --tokenizer .bench/tokenizer --out $OUT/scale.json
     torchrun --nproc-per-node 2 benchmarks/bench_scale_gpu.py ddp --tokenizer .bench/tokenizer
@@ -30,14 +30,17 @@ from bench_train_gpu import POOLING, build_model_dir  # noqa: E402
 
 
 
-def make_model(path: str, lora: bool, max_len: int, device: str = "cuda"):
+def make_model(path: str, lora: bool, max_len: int, device: str = "cuda", checkpointing: bool | str = False):
     from embedtune import FastModel, to_sentence_transformer
+    from embedtune.checkpointing import enable_checkpointing
 
     kind = "qwen3" if "qwen3" in os.path.basename(path) else "bert"
     model, tok = FastModel.from_pretrained(path, max_seq_length=max_len,
                                            dtype=torch.bfloat16 if lora else torch.float32)
     if lora:
-        model = FastModel.get_peft_model(model, r=16, lora_alpha=16)
+        model = FastModel.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        enable_checkpointing(model, checkpointing)
     return to_sentence_transformer(model, tok, pooling=POOLING[kind]).to(device)
 
 
@@ -53,16 +56,16 @@ def batch_features(st, pairs, batch: int, offset: int, device: str):
 
 
 def run_steps(st, pairs, batch: int, steps: int, cached: bool, token_budget: int | None = None,
-              warmup: int = 1, device: str = "cuda") -> dict:
+              warmup: int = 1, device: str = "cuda", gather: bool = True) -> dict:
     """Median step time (forward, loss, backward, optimizer) and peak memory; features prepared outside."""
     from embedtune.losses import ContrastiveLoss
 
     model = st
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if gather and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         # buffers (position ids) are constants: no per-forward broadcast; grads live in the buckets
         model = torch.nn.parallel.DistributedDataParallel(st, device_ids=[torch.cuda.current_device()],
                                                           broadcast_buffers=False, gradient_as_bucket_view=True)
-    loss_fn = ContrastiveLoss(model, cached=cached, token_budget=token_budget)
+    loss_fn = ContrastiveLoss(model, cached=cached, token_budget=token_budget, gather_across_devices=gather)
     params = [p for p in st.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     st.train()
@@ -122,6 +125,15 @@ def single(args, pairs) -> dict:
                 row.update(model="bert-base", mode="lora" if lora else "full", test="cached-vs-uncached")
                 record(row)
                 _free(st)
+        # 1b. activation checkpointing (plain, and "unsloth": checkpoints offloaded to CPU), uncached
+        for lora in (True, False):
+            for mode in (True, "unsloth"):
+                st = make_model(base, lora, args.max_seq_length, checkpointing=mode)
+                row = run_steps(st, pairs, args.both_fit_batch, args.steps, False, args.token_budget)
+                row.update(model="bert-base", mode="lora" if lora else "full", test="checkpointing",
+                           checkpointing=str(mode))
+                record(row)
+                _free(st)
         # 2. 16,384 pairs per step, cached, full fine-tuning
         st = make_model(base, False, args.max_seq_length)
         try:
@@ -149,23 +161,44 @@ def single(args, pairs) -> dict:
 
 
 def ddp(args, pairs) -> dict:
+    """1 GPU vs 2 GPUs in one launch, alternating, so both see the same machine state.
+
+    Each round: rank 0 alone trains an unwrapped copy (no collectives: the other GPU idles), then
+    both ranks train the DDP model with cross-device negatives. Same per-GPU batch, same features.
+    """
     torch.distributed.init_process_group("nccl")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    rows = []
     with tempfile.TemporaryDirectory() as root:
         path = build_model_dir("bert-base", args.tokenizer, root) if rank == 0 else None
         holder = [path]
         torch.distributed.broadcast_object_list(holder)
-        st = make_model(holder[0], False, args.max_seq_length)
-        shard = pairs[rank::world]  # each rank its own pairs
-        row = run_steps(st, shard, args.ddp_batch, args.steps, args.ddp_cached, args.token_budget)
-        torch.distributed.barrier()
-    row.update(world=world, per_gpu_batch=args.ddp_batch, global_pairs_per_s=round(row["pairs_per_s"] * world, 1),
-               model="bert-base", mode="full", card=torch.cuda.get_device_name())
-    if rank == 0:
-        print(json.dumps(row), flush=True)
+        for mode in args.ddp_modes:
+            lora = mode == "lora"
+            shared = make_model(holder[0], lora, args.max_seq_length)
+            alone = make_model(holder[0], lora, args.max_seq_length) if rank == 0 else None
+            shard = pairs[rank::world]  # each rank its own pairs
+            for round_ in range(args.rounds):
+                if rank == 0:
+                    one = run_steps(alone, shard, args.ddp_batch, args.steps, args.ddp_cached, args.token_budget,
+                                    gather=False)
+                torch.distributed.barrier()
+                two = run_steps(shared, shard, args.ddp_batch, args.steps, args.ddp_cached, args.token_budget)
+                torch.distributed.barrier()
+                if rank == 0:
+                    row = dict(model="bert-base", mode=mode, round=round_, per_gpu_batch=args.ddp_batch,
+                               steps=args.steps, one_gpu_pairs_per_s=one["pairs_per_s"],
+                               two_gpu_pairs_per_s=round(two["pairs_per_s"] * world, 1),
+                               speedup=round(two["pairs_per_s"] * world / one["pairs_per_s"], 3),
+                               one_gpu_step_s=one["step_s"], two_gpu_step_s=two["step_s"],
+                               peak_gb=two["peak_gb"], card=torch.cuda.get_device_name())
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            del shared, alone
+            torch.cuda.empty_cache()
     torch.distributed.destroy_process_group()
-    return row
+    return {"rows": rows}
 
 
 def main() -> None:
@@ -181,6 +214,8 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=None)
     ap.add_argument("--ddp-batch", type=int, default=512)
     ap.add_argument("--ddp-cached", action="store_true")
+    ap.add_argument("--ddp-modes", type=lambda s: s.split(","), default=["full", "lora"])
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="scale.json")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -26,6 +26,10 @@ SHAPES = {
     # Qwen3-0.6B's shape (the tokenizer's 30k vocabulary instead of 151k: only the embedding table differs)
     "qwen3-0.6b": dict(kind="qwen3", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, intermediate_size=3072),
+    # Qwen3-4B's shape (again the tokenizer's vocabulary): 3.7B parameters, for the FSDP run
+    "qwen3-4b": dict(kind="qwen3", hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=9728),
+    "tiny-bert": dict(kind="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
 }
 TARGETS = {"bert": ["query", "key", "value", "dense"],
            "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -40,6 +44,9 @@ def build_model_dir(name: str, tokenizer_dir: str, root: str) -> str:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     path = os.path.join(root, name)
+    previous = torch.get_default_dtype()
+    if name == "qwen3-4b":
+        torch.set_default_dtype(torch.bfloat16)  # 7 GB to write instead of 15; loading upcasts as asked
     if kind == "bert":
         config = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **shape)
         model = BertModel(config, add_pooling_layer=False)
@@ -47,6 +54,7 @@ def build_model_dir(name: str, tokenizer_dir: str, root: str) -> str:
         config = Qwen3Config(vocab_size=tok.vocab_size, max_position_embeddings=4096, pad_token_id=0,
                              bos_token_id=101, eos_token_id=102, **shape)
         model = Qwen3Model(config)
+    torch.set_default_dtype(previous)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
