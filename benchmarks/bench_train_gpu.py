@@ -103,7 +103,7 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool):
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     st.train()
     torch.cuda.reset_peak_memory_stats()
-    times, tokens = [], 0
+    times, tokens, square_lengths = [], 0, 0
     warm_start = time.perf_counter()
     for step in range(warmup + steps):
         if step == warmup:
@@ -123,15 +123,19 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool):
         torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - t0)
-            tokens += sum(int(f["attention_mask"].sum()) for f in feats)
+            lengths = [f["attention_mask"].sum(dim=1).float() for f in feats]
+            tokens += sum(int(n.sum()) for n in lengths)
+            square_lengths += sum(float((n * n).sum()) for n in lengths)
     elapsed = sum(times)
     return {"samples_per_s": batch * steps / elapsed, "tokens_per_s": tokens / elapsed,
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "step_ms": 1000 * elapsed / steps,
-            "tokens": tokens, "loss": float(loss), "warmup_s": warmup_s}
+            "tokens": tokens, "loss": float(loss), "warmup_s": warmup_s,
+            "attention_flops_per_s": square_lengths / elapsed}  # x flops_per_token_pair(name) below
 
 
-def exactness(path: str) -> float:
-    """Packed vs padded last hidden states in bf16, relative error over real tokens."""
+def exactness(path: str, compile_model: bool = False) -> float:
+    """Packed (compiled layer steps with `compile_model`) vs padded last hidden states in bf16,
+    relative error over real tokens."""
     from embedtune import FastModel
     from embedtune.packing import disable_fast_path, enable_fast_path
 
@@ -143,7 +147,7 @@ def exactness(path: str) -> float:
     mask = batch["attention_mask"].bool()
     with torch.no_grad():
         ref = model(**batch).last_hidden_state[mask].float()
-        enable_fast_path(model)
+        enable_fast_path(model, compile=compile_model)
         out = model(**batch).last_hidden_state[mask].float()
         disable_fast_path(model)
     return ((out - ref).norm() / ref.norm()).item()
@@ -159,6 +163,15 @@ def flops_per_token(name: str, lora: bool) -> float:
         kv = s["num_key_value_heads"] * s["head_dim"]
         n = n_layers * (2 * h * attn + 2 * h * kv + 3 * h * inter)
     return (4 if lora else 6) * n
+
+
+def attention_flops(name: str) -> float:
+    """Training FLOPs of attention per (query token, key token) pair of one sequence: QK^T and AV
+    (2 x 2 x width forward, 3x for forward + backward), in every layer; half for causal decoders."""
+    s = SHAPES[name]
+    width = s["num_attention_heads"] * s.get("head_dim", s["hidden_size"] // s["num_attention_heads"])
+    per_pair = 3 * 4 * width * s["num_hidden_layers"]
+    return per_pair / 2 if s["kind"] == "qwen3" else per_pair
 
 
 def main() -> None:
@@ -184,6 +197,8 @@ def main() -> None:
         for name in args.models.split(","):
             path = build_model_dir(name, args.tokenizer, root)
             results.setdefault("exactness_bf16_rel_err", {})[name] = exactness(path)
+            if args.compile:
+                results["exactness_bf16_rel_err"][name + "+compile"] = exactness(path, compile_model=True)
             for mode in args.modes.split(","):
                 lora = mode == "lora"
                 runners = [("stock", lambda: stock_model(path, lora, args.max_seq_length, False))]
@@ -201,7 +216,8 @@ def main() -> None:
                         row = {"samples_per_s": math.nan, "tokens_per_s": math.nan, "peak_gb": math.nan, "oom": True}
                     row.update(model=name, mode=mode, impl=label)
                     if peak_tflops:
-                        row["mfu"] = row["tokens_per_s"] * flops_per_token(name, lora) / peak_tflops
+                        dense = row["tokens_per_s"] * flops_per_token(name, lora)
+                        row["mfu"] = (dense + row.get("attention_flops_per_s", 0) * attention_flops(name)) / peak_tflops
                     results["rows"].append(row)
                     print(json.dumps(row), flush=True)
                     del st

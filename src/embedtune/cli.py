@@ -131,6 +131,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint in OUTPUT.partial (same flags)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", min=0, help="Checkpoint every N steps, for --resume (default: the eval interval, at most 500; 0: off)."),
     no_fast: bool = typer.Option(False, "--no-fast", help="Use the standard padded forward instead of the packed fast path."),
+    compile_layers: bool = typer.Option(False, "--compile", help="torch.compile the packed layer step (one compile per run; pays off on GPU)."),
     query_prompt: Optional[str] = typer.Option(None, "--query-prompt", help='Prefix for queries, e.g. "query: " (saved in the model).'),
     document_prompt: Optional[str] = typer.Option(None, "--document-prompt", help='Prefix for documents, e.g. "passage: ".'),
     temperature: float = typer.Option(0.05, "--temperature", help="InfoNCE temperature (0.05 = MNRL's scale 20)."),
@@ -159,7 +160,7 @@ def train(
             eval_size=eval_size, eval=not no_eval, evals_per_run=evals, pooling=pooling, seed=seed,
             gradient_checkpointing="unsloth" if gradient_checkpointing else False, overwrite=overwrite,
             resume=resume, save_every=save_every,
-            fast=not no_fast, query_prompt=query_prompt, document_prompt=document_prompt, report_to=report_to,
+            fast=not no_fast, compile=compile_layers, query_prompt=query_prompt, document_prompt=document_prompt, report_to=report_to,
             temperature=temperature, symmetric=symmetric, matryoshka_dims=_parse_dims(matryoshka_dims),
             cached_loss=cached_loss, token_budget=token_budget, fsdp=fsdp,
         )

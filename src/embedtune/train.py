@@ -67,6 +67,7 @@ class TrainConfig:
     save_every: int | None = None  # checkpoint interval in steps; None: the eval interval (at most 500), 0: off
     logging_steps: int = 5
     fast: bool = True  # padding-free packed forward where the architecture supports it
+    compile: bool = False  # torch.compile the packed layer step (regional: one compile per run)
     query_prompt: str | None = None  # e.g. "query: " (E5) or a Qwen3-Embedding instruction
     document_prompt: str | None = None  # e.g. "passage: "
     temperature: float = 0.05  # InfoNCE temperature (0.05 = MNRL's scale 20)
@@ -259,6 +260,12 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         dtype = torch.float32  # full fine-tuning keeps fp32 master weights; autocast does the rest
     model, tokenizer = FastModel.from_pretrained(config.model, max_seq_length=config.max_seq_length, dtype=dtype,
                                               fast=config.fast)
+    if config.compile:
+        if not config.fast:
+            raise EmbedtuneError("--compile compiles the packed fast path: drop --no-fast")
+        from .packing import enable_fast_path
+
+        enable_fast_path(model, compile=True)
     if config.lora_r:
         model = get_peft_model(
             model, r=config.lora_r, lora_alpha=config.lora_alpha or config.lora_r,

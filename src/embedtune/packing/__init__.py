@@ -24,6 +24,7 @@ from .decoder import packed_decoder_forward
 from .distilbert import packed_distilbert_forward
 from .gemma3 import packed_gemma3_forward
 from .gemma3 import unsupported_reason as gemma3_unsupported
+from .layers import compiled_layers
 from .modernbert import packed_modernbert_forward
 from .mpnet import packed_mpnet_forward
 
@@ -58,7 +59,8 @@ class PackedForward:
     def __init__(self, model, packed_fn, attention_backend: str = "auto", compile: bool = False):
         self.original = model.forward
         self.model = model
-        self.packed_fn = torch.compile(packed_fn, dynamic=True) if compile else packed_fn
+        self.packed_fn = packed_fn
+        self.compile = compile  # regional: each layer step compiled once (see packing.layers)
         self.attention_backend = attention_backend
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -69,12 +71,17 @@ class PackedForward:
                                  position_ids=position_ids, inputs_embeds=inputs_embeds,
                                  output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                                  return_dict=return_dict, **kwargs)
-        hidden = self.packed_fn(self.model, input_ids, attention_mask, token_type_ids, self.attention_backend)
+        with compiled_layers(self.compile):
+            hidden = self.packed_fn(self.model, input_ids, attention_mask, token_type_ids, self.attention_backend)
         return BaseModelOutput(last_hidden_state=hidden)
 
 
 def enable_fast_path(model, attention_backend: str = "auto", compile: bool = False) -> bool:
-    """Switch `model` (plain or peft) to the packed forward; returns False (with a notice) if unsupported."""
+    """Switch `model` (plain or peft) to the packed forward; returns False (with a notice) if unsupported.
+
+    `compile=True` also compiles the per-layer step (regional, dynamic in the token count: one compile
+    serves every layer and every batch shape; see `packing.layers`).
+    """
     base = unwrap_peft(model)
     fn = PACKED_FORWARDS.get(base.config.model_type)
     if fn is None:
@@ -87,7 +94,10 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool = Fal
         logger.warning("embedtune: the packed forward for %s does not cover %s; using the standard (padded) path",
                        base.config.model_type, reason)
         return False
-    if not isinstance(base.__dict__.get("forward"), PackedForward):
+    current = base.__dict__.get("forward")
+    if isinstance(current, PackedForward):
+        current.compile = compile
+    else:
         base.forward = PackedForward(base, fn, attention_backend, compile)
     return True
 

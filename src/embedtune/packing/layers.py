@@ -1,17 +1,44 @@
-"""Running a stack of layers on the packed stream, honouring each layer's activation checkpointing
-and, under FSDP, gathering each layer's sharded weights around its step (see `embedtune.sharding`)."""
+"""Running a stack of layers on the packed stream.
+
+Per layer this honours, in order: FSDP (gathering the layer's sharded weights around its step, see
+`embedtune.sharding`), activation checkpointing, and regional compilation. Compilation is regional:
+the per-layer step is compiled, not the model. Every layer of a model runs the same code on the same
+shapes, so one compiled graph serves all of them (parameters are graph inputs), and the token
+dimension is compiled dynamic, so packed streams of any length reuse it: one compile per run, not
+one per layer or per batch shape. Attention (`varlen_attention`) stays outside the graph.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable
 
 import torch
 
 PACKED_STEP = "embedtune_packed_step"  # set by embedtune.sharding on FSDP-sharded layers
+_COMPILE_LAYERS = contextvars.ContextVar("embedtune_compile_layers", default=False)
+
+
+@contextlib.contextmanager
+def compiled_layers(enabled: bool = True):
+    """Run the packed layer steps inside this block through torch.compile."""
+    token = _COMPILE_LAYERS.set(enabled)
+    try:
+        yield
+    finally:
+        _COMPILE_LAYERS.reset(token)
+
+
+def _compiled(step: Callable) -> Callable:
+    # torch.compile caches by the code object: a fresh closure per forward reuses the graph.
+    return torch.compile(step, dynamic=True)
 
 
 def run_layers(layers, hidden: torch.Tensor, step: Callable) -> torch.Tensor:
     """`hidden = step(layer, hidden)` for each layer, through the layer's checkpoint function when it is on."""
+    if _COMPILE_LAYERS.get():
+        step = _compiled(step)
     for layer in layers:
         sharded_step = layer.__dict__.get(PACKED_STEP)
         if sharded_step is not None:  # FSDP unshards before and reshards after, as around a forward

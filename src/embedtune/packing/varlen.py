@@ -168,6 +168,7 @@ def bucketed_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0
     return out
 
 
+@torch.compiler.disable  # data-dependent (host-side plans, bucketing): outside compiled layer graphs
 def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
                      backend: str = "auto", window: int | None = None):
     """Attention over packed sequences; `backend` in {auto, fused, flash, bucketed, padded}."""

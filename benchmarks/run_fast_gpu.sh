@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Issue "Fast path" on one GPU, one model per call (stock + compile warms up for minutes):
+#   bash benchmarks/run_fast_gpu.sh bert-base      (or bert-large, qwen3-0.6b)
+# Stock sentence-transformers eager and + torch.compile, embedtune eager and + compile (regional),
+# LoRA r8 and full, batch 128, max_seq_length 512, stdlib pairs. Table last; JSON in $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD/src"
+MODEL=${1:-bert-base}
+python3 benchmarks/bench_train_gpu.py --models "$MODEL" --modes ${MODES:-lora,full} --compile \
+  --steps ${STEPS:-20} --warmup ${WARMUP:-3} --tokenizer .bench/tokenizer --out "$OUT/fast_$MODEL.json" 2>&1 \
+  | grep -v -i "warn"
