@@ -22,6 +22,7 @@ import torch
 
 from .config_file import CONFIG_NAME, resolved_config, write_config_yaml
 from .data import column, load_pairs, train_eval_split
+from .data.token_cache import install_token_cache
 from . import distributed
 from .errors import EmbedtuneError
 from .evaluate import evaluate_model, metric_key, pairs_to_ir_task, shared_ir_evaluator, summarize
@@ -344,6 +345,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         evaluator=evaluator,
         callbacks=[best.callback] if evaluator else None,
     )
+    token_cache = install_token_cache(trainer, st_model, train_ds.select_columns(columns), column_prompts)
     if config.report_to == "tensorboard":
         point_tensorboard(trainer, work)
     tokens_per_row = _tokens_per_row(tokenizer, train_ds, columns, config.max_seq_length)
@@ -372,6 +374,8 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         "skipped_rows": loaded.skipped,
         "tokens_per_s": _tokens_per_second(tokens, train_time, trainer.state.log_history),
         "best_step": best.best_step,
+        "token_cache": ({"texts": len(token_cache.cache.index), "batches_served": token_cache.hits,
+                         "batches_tokenized": token_cache.misses} if token_cache else None),
         "world_size": distributed.world_size(),
         "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
         "history": state.log_history,
