@@ -6,12 +6,13 @@ instead. Each transformer layer is sharded on its own (gathered just before it r
 then the backbone as a whole (embeddings, final norm). The sentence-transformers modules around the
 backbone (pooling, normalize) hold no weights and stay as they are.
 
-Three things make this work inside the HF Trainer, which knows nothing of it:
+Four things make this work inside the HF Trainer, which knows nothing of it:
 * the packed forward runs the layers' weights without calling the layers, so each layer gets a
   `PACKED_STEP` method that FSDP treats as a forward (`register_fsdp_forward_method`); likewise
   the backbone's `forward`, which sentence-transformers 6 calls directly, not through `__call__`;
 * the trainer must not wrap the model in DDP as well: accelerate leaves a model alone once it is
   marked prepared;
+* nothing may move the sharded model (`.to()` becomes a no-op on it);
 * saving needs the full weights: `full_state_dict` gathers them (every rank takes part) and rank 0
   loads them into an unsharded copy of the model.
 """
@@ -69,6 +70,9 @@ def shard_model(st_model, param_dtype: torch.dtype | None = None) -> None:
     fully_shard(backbone, **kwargs)
     register_fsdp_forward_method(backbone, "forward")  # sentence-transformers 6 calls `.forward` directly
     st_model._is_accelerate_prepared = True  # accelerate: do not also wrap this model in DDP
+    # `encode` and the trainer call `.to(device)`; on sharded (DTensor) weights that copies and then
+    # fails to swap them in. FSDP has placed every shard already: the model stays where it is.
+    st_model.__dict__["to"] = lambda *args, **kwargs: st_model
 
 
 def full_state_dict(st_model) -> dict[str, torch.Tensor]:
