@@ -7,14 +7,11 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="${PYTHONPATH:-}:$PWD/src"
 TOK=.bench/tokenizer
-if [ "$1" = multi ] || [ "$1" = all ]; then
-  for n in 1 2; do
-    torchrun --nproc-per-node $n benchmarks/bench_scale_gpu.py ddp --tokenizer $TOK --steps 10 2>&1 | grep '^{' | tee -a "$OUT/ddp.jsonl"
-  done
-  if [ -n "${BENCH_PROFILE:-}" ]; then
-    torchrun --nproc-per-node 2 benchmarks/bench_scale_gpu.py ddp --tokenizer $TOK --steps 3 > "$OUT/ddp_profile.log" 2>&1
-  fi
+if [ "$1" = multi ] || [ "$1" = all ]; then  # 1 GPU and 2 GPUs alternating in one launch
+  torchrun --nproc-per-node 2 benchmarks/bench_scale_gpu.py ddp --tokenizer $TOK --steps 20 --rounds 3 2>&1 \
+    | grep '^{' | tee -a "$OUT/ddp.jsonl"
 fi
 if [ "$1" = single ] || [ "$1" = all ]; then
-  timeout ${SINGLE_TIMEOUT:-900} python3 benchmarks/bench_scale_gpu.py single --tokenizer $TOK --out "$OUT/scale.json" 2>&1 | grep -v -i warn
+  timeout ${SINGLE_TIMEOUT:-900} python3 benchmarks/bench_scale_gpu.py single --tokenizer $TOK --out "$OUT/scale.json" \
+    --largest-models ${LARGEST_MODELS:-bert-large,qwen3-0.6b} 2>&1 | grep -v -i warn
 fi
