@@ -118,7 +118,7 @@ def single(args, pairs) -> dict:
     with tempfile.TemporaryDirectory() as root:
         base = build_model_dir("bert-base", args.tokenizer, root)
         # 1. cached vs uncached at a batch where both fit
-        for lora in (True, False):
+        for lora in (True, False) if "cached" in args.parts else ():
             for cached in (False, True):
                 st = make_model(base, lora, args.max_seq_length)
                 row = run_steps(st, pairs, args.both_fit_batch, args.steps, cached, args.token_budget)
@@ -126,7 +126,7 @@ def single(args, pairs) -> dict:
                 record(row)
                 _free(st)
         # 1b. activation checkpointing (plain, and "unsloth": checkpoints offloaded to CPU), uncached
-        for lora in (True, False):
+        for lora in (True, False) if "checkpointing" in args.parts else ():
             for mode in (True, "unsloth"):
                 st = make_model(base, lora, args.max_seq_length, checkpointing=mode)
                 row = run_steps(st, pairs, args.both_fit_batch, args.steps, False, args.token_budget)
@@ -135,16 +135,17 @@ def single(args, pairs) -> dict:
                 record(row)
                 _free(st)
         # 2. 16,384 pairs per step, cached, full fine-tuning
-        st = make_model(base, False, args.max_seq_length)
-        try:
-            row = run_steps(st, pairs, 16384, 1, True, args.token_budget)
-        except torch.OutOfMemoryError:
-            row = {"batch": 16384, "oom": True}
-        row.update(model="bert-base", mode="full", test="16k")
-        record(row)
-        _free(st)
+        if "16k" in args.parts:
+            st = make_model(base, False, args.max_seq_length)
+            try:
+                row = run_steps(st, pairs, 16384, 1, True, args.token_budget)
+            except torch.OutOfMemoryError:
+                row = {"batch": 16384, "oom": True}
+            row.update(model="bert-base", mode="full", test="16k")
+            record(row)
+            _free(st)
         # 3. largest batch (cached, full fine-tuning) for BERT-large and a Qwen3-0.6B shape
-        for name in args.largest_models:
+        for name in args.largest_models if "largest" in args.parts else ():
             path = build_model_dir(name, args.tokenizer, root)
             for batch in args.largest:
                 st = make_model(path, False, args.max_seq_length)
@@ -217,6 +218,7 @@ def main() -> None:
     ap.add_argument("--ddp-modes", type=lambda s: s.split(","), default=["full", "lora"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="scale.json")
+    ap.add_argument("--parts", type=lambda s: s.split(","), default=["cached", "checkpointing", "16k", "largest"])
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     from embedtune.data.stdlib import build_stdlib_pairs

@@ -298,3 +298,25 @@ def test_unusual_configurations_fall_back_with_notice(variant, setting, tiny_roo
         assert enable_fast_path(model) is False
     assert "padded" in caplog.text and name in caplog.text
     assert "forward" not in model.__dict__
+
+
+def test_offloaded_checkpoint_recomputes_under_the_forward_autocast():
+    """Trainers call backward() outside their autocast block: the offloaded recompute must run under
+    the forward's autocast (a bf16 weight fed the fp32 output of a LayerNorm), as torch's does."""
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(16)
+    linear = torch.nn.Linear(16, 8).to(torch.bfloat16)
+
+    def block(h):
+        return linear(norm(h))
+
+    hidden = torch.randn(5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _OffloadedCheckpoint.apply(block, hidden)
+    out.float().sum().backward()
+    grad = hidden.grad.clone()
+    hidden.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = block(hidden)
+    ref.float().sum().backward()
+    assert torch.equal(out, ref) and torch.allclose(grad, hidden.grad)

@@ -8,8 +8,20 @@ it is plain checkpointing there.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch.utils.checkpoint import checkpoint
+
+
+def current_autocast(device: torch.device) -> Callable[[], Any]:
+    """A factory of the autocast context in force now on `device` (autocast off if none is), to
+    recompute later exactly as now: trainers call `backward()` outside their autocast block."""
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return lambda: torch.autocast(kind, enabled=False)
+    dtype = torch.get_autocast_dtype(kind)
+    return lambda: torch.autocast(kind, dtype=dtype)
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -20,6 +32,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.fn = fn
         ctx.device = hidden.device
         ctx.rest = rest
+        ctx.autocast = current_autocast(hidden.device)
         ctx.saved_hidden = hidden.detach().to("cpu", non_blocking=True)
         # Keep RNG in step for dropout between the forward and the recompute.
         ctx.cpu_rng = torch.get_rng_state()
@@ -37,7 +50,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if ctx.cuda_rng is not None:
             cuda_state = torch.cuda.get_rng_state(ctx.device)
             torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-        with torch.enable_grad():
+        with torch.enable_grad(), ctx.autocast():
             out = ctx.fn(hidden, *ctx.rest)
             out = out[0] if ctx.tuple_out else out
         torch.set_rng_state(cpu_state)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpointing import current_autocast
+
 DEFAULT_TOKEN_BUDGET = 16384
 
 
@@ -208,15 +210,6 @@ class _RngState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def _autocast_state(device: torch.device) -> Callable[[], Any]:
-    """A factory of the autocast context active now on `device` (a no-op context if none is)."""
-    kind = device.type
-    if not torch.is_autocast_enabled(kind):
-        return lambda: torch.autocast(kind, enabled=False)
-    dtype = torch.get_autocast_dtype(kind)
-    return lambda: torch.autocast(kind, dtype=dtype)
-
-
 def _varied_shape_attention(device: torch.device):
     """On the GPU, keep masked attention off cuDNN while chunking: cuDNN builds an execution plan
     for every new shape, and every chunk brings one (measured: a cached LoRA step took 16x the
@@ -345,7 +338,7 @@ class ContrastiveLoss(nn.Module):
             loss, replay = self._embed_and_plan_replay(module, ddp, features)
         # The trainer calls backward() outside its autocast block: re-run the chunks under the same
         # autocast as the first pass, else they run in fp32, slower and not the embeddings we cached.
-        autocast = _autocast_state(device)
+        autocast = current_autocast(device)
 
         def replay_with_kernels(grad_output: Tensor) -> None:
             with _varied_shape_attention(device), autocast():
