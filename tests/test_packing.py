@@ -7,7 +7,7 @@ import torch
 
 from embedtune import FastModel
 from embedtune.packing import PACKED_FORWARDS, disable_fast_path, enable_fast_path
-from embedtune.packing.varlen import PackedBatch, bucketed_sdpa, padded_sdpa
+from embedtune.packing.varlen import PackedBatch, bucketed_sdpa, padded_sdpa, varlen_attention
 from tiny_models import make_tiny_model
 
 ARCHS = sorted(PACKED_FORWARDS)
@@ -133,3 +133,18 @@ def test_buckets_cover_every_token_once():
     assert sorted(seen.tolist()) == list(range(sum(lengths)))
     padded_area = sum(index.numel() for index, _ in plan.buckets())
     assert padded_area <= 1.25 * sum(lengths)
+
+
+def test_varlen_attention_casts_like_autocast():
+    """Under autocast, attention gets the autocast dtype as SDPA would, even from fp32 inputs (Qwen3's
+    q/k norms with fp32 master weights return fp32): on GPU fp32 would force the slow padded path."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    plan = PackedBatch.from_mask(mask)
+    q, k, v = (torch.randn(7, 2, 8) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = varlen_attention(q, k, v, plan, scale=8 ** -0.5)
+    assert out.dtype == torch.bfloat16
+    ref = varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan, scale=8 ** -0.5)
+    assert torch.equal(out, ref)
+    assert varlen_attention(q, k, v, plan, scale=8 ** -0.5).dtype == torch.float32  # no autocast: as given

@@ -172,6 +172,11 @@ def bucketed_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0
 def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
                      backend: str = "auto", window: int | None = None):
     """Attention over packed sequences; `backend` in {auto, fused, flash, bucketed, padded}."""
+    if torch.is_autocast_enabled(q.device.type):
+        # Autocast casts SDPA's inputs; this call is ours, so cast as it would. Without this, fp32 master
+        # weights in q/k norms (Qwen3) hand us fp32 queries and attention falls back to the padded path.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if window is not None and window >= plan.max_len:
         window = None  # no sequence is long enough for the window to matter
     if backend == "padded":
