@@ -216,3 +216,41 @@ def test_cached_equals_uncached_other_architectures(tmp_path_factory, arch):
     uncached = _grads(st, ContrastiveLoss(st, symmetric=True), features)
     cached = _grads(st, ContrastiveLoss(st, symmetric=True, cached=True, token_budget=24), features)
     _assert_same(uncached, cached)
+
+
+class _PerColumn(ContrastiveLoss):
+    """The same loss with one forward per column (the merge switched off): the reference."""
+
+    def _runs_packed(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("arch", ["bert", "qwen3"])
+def test_one_forward_for_all_columns_equals_one_per_column(tmp_path_factory, arch):
+    """On the packed path all columns (anchors, positives, negatives) run as one token stream; the loss
+    and every gradient equal a forward per column (qwen3: left padding, last-token pooling)."""
+    path = make_tiny_model(arch, tmp_path_factory.mktemp(f"tiny_merge_{arch}"))
+    st = _st(path, fast=True).eval()
+    if arch == "qwen3":
+        st.tokenizer.padding_side = "left"
+    features = _features(st, 2)
+    merged_loss = ContrastiveLoss(st)
+    calls = []
+    hook = st.register_forward_hook(lambda *args: calls.append(1))
+    merged = _grads(st, merged_loss, features)
+    hook.remove()
+    assert merged_loss._runs_packed() and len(calls) == 1  # one forward for the four columns
+    _assert_same(_grads(st, _PerColumn(st), features), merged)
+
+
+def test_columns_that_cannot_merge_run_one_by_one(tiny_bert):
+    from embedtune.losses import merge_columns
+
+    st = _st(tiny_bert, fast=True)
+    anchors, positives = st.tokenize(ANCHORS), st.tokenize(POSITIVES)
+    merged = merge_columns([anchors, positives])
+    assert merged["input_ids"].shape == (12, max(anchors["input_ids"].shape[1], positives["input_ids"].shape[1]))
+    assert torch.equal(merged["attention_mask"].sum(1)[:6], anchors["attention_mask"].sum(1))
+    assert merge_columns([anchors, {**positives, "prompt_length": 3}]) is None  # a per-column setting
+    left = {k: v.flip(1) if torch.is_tensor(v) and v.dim() == 2 else v for k, v in positives.items()}
+    assert merge_columns([anchors, left]) is None  # mixed padding sides
