@@ -95,10 +95,14 @@ def embedtune_model(path: str, lora: bool, max_len: int, fp32_base: bool = False
     return to_sentence_transformer(model, tok, pooling=POOLING[_kind(path)], normalize=False)
 
 
-def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool):
+def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool, embedtune_loss: bool = False):
+    """Stock rows train with sentence-transformers' MNRL; embedtune rows with embedtune's recipe loss,
+    `ContrastiveLoss` (equal to MNRL, tested; on the packed path it embeds all columns in one forward)."""
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
-    loss_fn = MultipleNegativesRankingLoss(st)
+    from embedtune.losses import ContrastiveLoss
+
+    loss_fn = ContrastiveLoss(st) if embedtune_loss else MultipleNegativesRankingLoss(st)
     params = [p for p in st.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     st.train()
@@ -211,7 +215,8 @@ def main() -> None:
                 for label, make in runners:
                     st = make()
                     try:
-                        row = run_steps(st, pairs, args.batch, args.steps, args.warmup, lora)
+                        row = run_steps(st, pairs, args.batch, args.steps, args.warmup, lora,
+                                        embedtune_loss=label.startswith("embedtune"))
                     except torch.OutOfMemoryError:
                         row = {"samples_per_s": math.nan, "tokens_per_s": math.nan, "peak_gb": math.nan, "oom": True}
                     row.update(model=name, mode=mode, impl=label)
