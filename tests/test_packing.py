@@ -59,6 +59,30 @@ def _outputs_and_grads(model, batch):
 def test_packed_equals_padded(arch, lora, padding_side, tiny_root):
     """Reference: HF's padded forward on a right-padded batch (BERT-family position ids assume it).
     The packed path must match it per sequence for either padding side."""
+    _check_packed_equals_padded(arch, lora, padding_side, tiny_root)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_stream_padded_to_a_token_multiple_equals_padded(arch, tiny_root, monkeypatch):
+    """The same with the packed stream padded to a token multiple (filler sequences), as used for
+    static shapes under compile; architectures whose attention takes a per-sequence bias (MPNet,
+    DeBERTa) ignore the multiple and stay exact trivially."""
+    streams = []
+    original = PackedBatch.from_mask.__func__
+
+    def spy(cls, mask, token_multiple=None):
+        plan = original(cls, mask, token_multiple)
+        streams.append((plan.tokens, plan.stream))
+        return plan
+
+    monkeypatch.setattr(PackedBatch, "from_mask", classmethod(spy))
+    _check_packed_equals_padded(arch, False, "right", tiny_root, token_multiple=64)
+    assert streams
+    if arch not in ("mpnet", "deberta-v2"):
+        assert all(stream % 64 == 0 and stream > tokens for tokens, stream in streams), streams
+
+
+def _check_packed_equals_padded(arch, lora, padding_side, tiny_root, token_multiple=None):
     model, tok = _load(arch, tiny_root, lora)
     tok.padding_side = "right"
     ref_batch = tok(TEXTS, padding=True, return_tensors="pt")
@@ -68,7 +92,7 @@ def test_packed_equals_padded(arch, lora, padding_side, tiny_root):
     tok.padding_side = padding_side
     batch = tok(TEXTS, padding=True, return_tensors="pt")
     mask = batch["attention_mask"].bool()
-    assert enable_fast_path(model)
+    assert enable_fast_path(model, token_multiple=token_multiple)
     fast_out, fast_grads = _outputs_and_grads(model, batch)
     disable_fast_path(model)
     assert (fast_out[mask] - ref_out[ref_mask]).abs().max().item() < 1e-5
@@ -148,3 +172,20 @@ def test_varlen_attention_casts_like_autocast():
     ref = varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan, scale=8 ** -0.5)
     assert torch.equal(out, ref)
     assert varlen_attention(q, k, v, plan, scale=8 ** -0.5).dtype == torch.float32  # no autocast: as given
+
+
+def test_stream_padded_to_a_token_multiple():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0]])
+    plan = PackedBatch.from_mask(mask, token_multiple=16)
+    assert (plan.tokens, plan.stream) == (10, 16)
+    assert plan.cu_seqlens.tolist() == [0, 3, 8, 10, 15, 16]  # fillers: sequences of at most max_len (5)
+    assert plan.position_ids.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1] + [0, 1, 2, 3, 4, 0]
+    x = torch.randn(3, 5, 4)
+    packed = plan.pack(x)
+    assert packed.shape == (16, 4) and not packed[10:].any()
+    assert torch.equal(plan.unpack(packed)[mask.bool()], x[mask.bool()])
+    q, k, v = (torch.randn(16, 2, 4) for _ in range(3))
+    exact = PackedBatch.from_mask(mask)
+    for attend in (padded_sdpa, bucketed_sdpa):
+        assert torch.allclose(attend(q, k, v, plan, scale=0.5)[:10], attend(q[:10], k[:10], v[:10], exact, scale=0.5),
+                              atol=1e-6)

@@ -25,10 +25,13 @@ from .distilbert import packed_distilbert_forward
 from .gemma3 import packed_gemma3_forward
 from .gemma3 import unsupported_reason as gemma3_unsupported
 from .layers import compiled_layers
+from .varlen import static_tokens
 from .modernbert import packed_modernbert_forward
 from .mpnet import packed_mpnet_forward
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_MULTIPLE = 1024  # stream padding with compile="reduce-overhead": at most 1,023 filler tokens
 
 PACKED_FORWARDS = {
     "bert": packed_bert_forward,
@@ -56,11 +59,13 @@ UNSUPPORTED_CONFIG = {
 class PackedForward:
     """A model's forward that runs packed; anything unusual goes to the original forward."""
 
-    def __init__(self, model, packed_fn, attention_backend: str = "auto", compile: bool = False):
+    def __init__(self, model, packed_fn, attention_backend: str = "auto", compile: bool | str = False,
+                 token_multiple: int | None = None):
         self.original = model.forward
         self.model = model
         self.packed_fn = packed_fn
         self.compile = compile  # regional: each layer step compiled once (see packing.layers)
+        self.token_multiple = token_multiple  # pad packed streams to a multiple of this (packing.varlen)
         self.attention_backend = attention_backend
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -71,17 +76,22 @@ class PackedForward:
                                  position_ids=position_ids, inputs_embeds=inputs_embeds,
                                  output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                                  return_dict=return_dict, **kwargs)
-        with compiled_layers(self.compile):
+        with compiled_layers(self.compile), static_tokens(self.token_multiple):
             hidden = self.packed_fn(self.model, input_ids, attention_mask, token_type_ids, self.attention_backend)
         return BaseModelOutput(last_hidden_state=hidden)
 
 
-def enable_fast_path(model, attention_backend: str = "auto", compile: bool = False) -> bool:
+def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str = False,
+                     token_multiple: int | None = None) -> bool:
     """Switch `model` (plain or peft) to the packed forward; returns False (with a notice) if unsupported.
 
-    `compile=True` also compiles the per-layer step (regional, dynamic in the token count: one compile
-    serves every layer and every batch shape; see `packing.layers`).
+    `compile=True` (or "default") also compiles the per-layer step (regional, dynamic in the token
+    count: one compile serves every layer and every batch shape; see `packing.layers`).
+    `compile="reduce-overhead"` replays those steps as CUDA graphs, and pads packed streams to a
+    multiple of `token_multiple` tokens (default 1024) so that few graphs are recorded.
     """
+    if compile == "reduce-overhead" and token_multiple is None:
+        token_multiple = DEFAULT_TOKEN_MULTIPLE
     base = unwrap_peft(model)
     fn = PACKED_FORWARDS.get(base.config.model_type)
     if fn is None:
@@ -96,9 +106,9 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool = Fal
         return False
     current = base.__dict__.get("forward")
     if isinstance(current, PackedForward):
-        current.compile = compile
+        current.compile, current.token_multiple = compile, token_multiple
     else:
-        base.forward = PackedForward(base, fn, attention_backend, compile)
+        base.forward = PackedForward(base, fn, attention_backend, compile, token_multiple)
     return True
 
 

@@ -11,6 +11,8 @@ key mask, and the results are scattered back. Retrieval batches mix 15-token que
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 from dataclasses import dataclass
@@ -19,9 +21,32 @@ import torch
 import torch.nn.functional as F
 
 
+_TOKEN_MULTIPLE = contextvars.ContextVar("embedtune_token_multiple", default=None)
+
+
+@contextlib.contextmanager
+def static_tokens(multiple: int | None):
+    """Inside this block, packed streams are padded up to a multiple of `multiple` tokens (see
+    `PackedBatch.from_mask`), so compiled code and CUDA graphs see a few shapes, not one per batch."""
+    token = _TOKEN_MULTIPLE.set(multiple)
+    try:
+        yield
+    finally:
+        _TOKEN_MULTIPLE.reset(token)
+
+
+def static_token_multiple() -> int | None:
+    return _TOKEN_MULTIPLE.get()
+
+
 @dataclass
 class PackedBatch:
-    """Where each real token of a padded batch lives in the packed stream."""
+    """Where each real token of a padded batch lives in the packed stream.
+
+    With `token_multiple`, the stream is padded up to a multiple of it with filler tokens, grouped
+    into filler sequences of at most `max_len` tokens that attend only among themselves: every
+    real token's result is unchanged, and the stream length takes few distinct values.
+    """
 
     flat_index: torch.Tensor  # [T] positions of real tokens in the flattened [B*L] batch
     cu_seqlens: torch.Tensor  # [B+1] int32 sequence starts in the packed stream
@@ -31,9 +56,11 @@ class PackedBatch:
     max_len: int  # L of the padded batch
     max_seqlen: int  # bound on the longest real sequence (the padded width: no device sync needed)
     key_mask: torch.Tensor  # [B, L] bool, True at real tokens
+    tokens: int = -1  # real tokens T
+    stream: int = -1  # tokens in the packed stream: T, or T padded up to the token multiple
 
     @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor) -> "PackedBatch":
+    def from_mask(cls, attention_mask: torch.Tensor, token_multiple: int | None = None) -> "PackedBatch":
         """Build the packing plan from a padded batch's attention mask (left or right padded)."""
         mask = attention_mask.bool()
         batch, max_len = mask.shape
@@ -42,7 +69,15 @@ class PackedBatch:
         cu = torch.zeros(batch + 1, dtype=torch.int32, device=mask.device)
         cu[1:] = torch.cumsum(seq_lens, dim=0).to(torch.int32)
         positions = (torch.cumsum(mask.long(), dim=1) - 1).reshape(-1)[flat_index]
-        return cls(flat_index, cu, positions, seq_lens, batch, max_len, max_len, mask)
+        tokens = flat_index.numel()
+        stream = -(-tokens // token_multiple) * token_multiple if token_multiple else tokens
+        if stream > tokens:  # filler sequences of at most max_len tokens
+            fill = [max_len] * ((stream - tokens) // max_len) + ([(stream - tokens) % max_len] if (stream - tokens) % max_len else [])
+            fill_lens = torch.tensor(fill, dtype=seq_lens.dtype, device=mask.device)
+            seq_lens = torch.cat([seq_lens, fill_lens])
+            cu = torch.cat([cu, tokens + torch.cumsum(fill_lens, dim=0).to(torch.int32)])
+            positions = torch.cat([positions] + [torch.arange(n, device=mask.device) for n in fill])
+        return cls(flat_index, cu, positions, seq_lens, batch, max_len, max_len, mask, tokens, stream)
 
     def buckets(self, slack: float = 1.25) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Length buckets for attention: per bucket, a [n, len] index into the packed stream
@@ -52,7 +87,7 @@ class PackedBatch:
             return cached
         lens = self.seq_lens.tolist()
         starts = self.cu_seqlens[:-1].tolist()
-        order = sorted(range(self.batch), key=lambda i: lens[i])
+        order = sorted(range(len(lens)), key=lambda i: lens[i])  # filler sequences included
         groups: list[list[int]] = []
         for i in order:  # grow a bucket while its padded area stays within `slack` of its real area
             if groups:
@@ -76,11 +111,16 @@ class PackedBatch:
         return out
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
-        """[B, L, ...] -> [T, ...]"""
-        return padded.reshape(self.batch * self.max_len, *padded.shape[2:])[self.flat_index]
+        """[B, L, ...] -> [stream, ...] (zeros at filler tokens)"""
+        packed = padded.reshape(self.batch * self.max_len, *padded.shape[2:])[self.flat_index]
+        if self.stream > self.tokens:
+            packed = torch.cat([packed, packed.new_zeros(self.stream - self.tokens, *packed.shape[1:])])
+        return packed
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """[T, ...] -> [B, L, ...] with zeros at padding."""
+        """[stream, ...] -> [B, L, ...] with zeros at padding (filler tokens dropped)."""
+        if self.stream > self.tokens:
+            packed = packed[: self.tokens]
         out = packed.new_zeros(self.batch * self.max_len, *packed.shape[1:])
         out = out.index_copy(0, self.flat_index, packed)
         return out.view(self.batch, self.max_len, *packed.shape[1:])
