@@ -83,7 +83,7 @@ def stock_model(path: str, lora: bool, max_len: int, compile_model: bool):
     return st
 
 
-def embedtune_model(path: str, lora: bool, max_len: int, fp32_base: bool = False, compile_model: bool = False):
+def embedtune_model(path: str, lora: bool, max_len: int, fp32_base: bool = False, compile_model: bool | str = False):
     from embedtune import FastModel, to_sentence_transformer
     from embedtune.packing import enable_fast_path
 
@@ -189,6 +189,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--compile", action="store_true", help="also run stock + torch.compile")
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--compile-modes", type=lambda s: s.split(","), default=["default"],
+                        help="embedtune compile rows: default and/or reduce-overhead (CUDA graphs)")
+    parser.add_argument("--skip-stock-compile", action="store_true", help="stock + compile warms up for minutes")
     args = parser.parse_args()
 
     from embedtune.data.stdlib import build_stdlib_pairs
@@ -206,12 +209,13 @@ def main() -> None:
             for mode in args.modes.split(","):
                 lora = mode == "lora"
                 runners = [("stock", lambda: stock_model(path, lora, args.max_seq_length, False))]
-                if args.compile:
+                if args.compile and not args.skip_stock_compile:
                     runners.append(("stock+compile", lambda: stock_model(path, lora, args.max_seq_length, True)))
                 runners.append(("embedtune", lambda: embedtune_model(path, lora, args.max_seq_length)))
-                if args.compile:
-                    runners.append(("embedtune+compile",
-                                    lambda: embedtune_model(path, lora, args.max_seq_length, compile_model=True)))
+                for compile_mode in args.compile_modes if args.compile else ():
+                    label = "embedtune+compile" + ("" if compile_mode == "default" else f"({compile_mode})")
+                    runners.append((label, lambda m=compile_mode: embedtune_model(path, lora, args.max_seq_length,
+                                                                                 compile_model=m)))
                 for label, make in runners:
                     st = make()
                     try:

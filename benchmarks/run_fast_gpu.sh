@@ -9,5 +9,6 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD/src"
 MODEL=${1:-bert-base}
 python3 benchmarks/bench_train_gpu.py --models "$MODEL" --modes ${MODES:-lora,full} --compile \
+  --compile-modes ${COMPILE_MODES:-default,reduce-overhead} ${EXTRA:-} \
   --steps ${STEPS:-20} --warmup ${WARMUP:-3} --tokenizer .bench/tokenizer --out "$OUT/fast_$MODEL.json" 2>&1 \
   | grep -v -i "warn"
