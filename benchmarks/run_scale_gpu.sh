@@ -13,6 +13,6 @@ if [ "$1" = multi ] || [ "$1" = all ]; then  # 1 GPU and 2 GPUs alternating in o
 fi
 if [ "$1" = single ] || [ "$1" = all ]; then
   timeout ${SINGLE_TIMEOUT:-900} python3 benchmarks/bench_scale_gpu.py single --tokenizer $TOK --out "$OUT/scale.json" \
-    --largest-models ${LARGEST_MODELS:-bert-large,qwen3-0.6b} --parts ${PARTS:-cached,checkpointing,16k,largest} 2>&1 \
+    --largest-models ${LARGEST_MODELS:-bert-large,qwen3-0.6b} --parts ${PARTS:-cached,checkpointing,16k,largest} ${TOKEN_BUDGET:+--token-budget $TOKEN_BUDGET} 2>&1 \
     | grep -v -i warn
 fi
