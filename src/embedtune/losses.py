@@ -381,8 +381,13 @@ class ContrastiveLoss(nn.Module):
     def _cached_forward(self, features: list[dict[str, Any]]) -> Tensor:
         module, ddp = _unwrap_ddp(self.model)
         device = features[0]["attention_mask"].device
+        rows = None
+        if len(features) > 1 and self._runs_packed():  # one token stream: chunks fill across columns
+            merged = merge_columns(features)
+            if merged is not None:
+                rows, features = [_batch_size(f) for f in features], [merged]
         with _varied_shape_attention(device):
-            loss, replay = self._embed_and_plan_replay(module, ddp, features)
+            loss, replay = self._embed_and_plan_replay(module, ddp, features, rows)
         # The trainer calls backward() outside its autocast block: re-run the chunks under the same
         # autocast as the first pass, else they run in fp32, slower and not the embeddings we cached.
         autocast = current_autocast(device)
@@ -394,7 +399,9 @@ class ContrastiveLoss(nn.Module):
         anchor = torch.zeros((), requires_grad=True, device=loss.device)
         return _ReplayOnBackward.apply(loss.detach(), anchor, replay_with_kernels)
 
-    def _embed_and_plan_replay(self, module: nn.Module, ddp, features: list[dict[str, Any]]):
+    def _embed_and_plan_replay(self, module: nn.Module, ddp, features: list[dict[str, Any]],
+                               rows: list[int] | None = None):
+        """Embed `features` chunk by chunk without graphs; `rows` splits a merged batch back into columns."""
         plans = [ColumnChunks.plan(f, self.token_budget) for f in features]
         last = (len(features) - 1, len(plans[-1].rows) - 1)
         fillers = _fsdp_fillers(module, sum(len(p.rows) for p in plans))
@@ -418,7 +425,7 @@ class ContrastiveLoss(nn.Module):
                 with torch.no_grad():
                     parts.append(module(chunk)["sentence_embedding"].detach())
             columns.append(torch.cat(parts).requires_grad_())
-        loss = self.loss_from_embeddings(columns)
+        loss = self.loss_from_embeddings(columns if rows is None else list(columns[0].split(rows)))
         column_grads = torch.autograd.grad(loss, columns)
 
         def replay(grad_output: Tensor) -> None:
