@@ -53,7 +53,18 @@ def test_training_serves_every_batch_from_the_cache(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"anchor": f"how to do thing {i}", "positive": f"def thing_{i}(): pass"}) + "\n"
                             for i in range(64)))
-    result = run(TrainConfig(data=str(data), max_steps=3, batch_size=8, eval=False, max_seq_length=32,
-                             query_prompt="query: "))
+    result = run(TrainConfig(data=str(data), max_steps=8, batch_size=8, eval=False, max_seq_length=32,
+                             query_prompt="query: "))  # 8 x 8 rows: the whole set
     cache = result.metrics["token_cache"]
-    assert cache["texts"] == 128 and cache["batches_served"] >= 3 and cache["batches_tokenized"] == 0
+    assert cache["texts"] == 128 and cache["batches_served"] >= 8 and cache["batches_tokenized"] == 0
+
+
+def test_short_runs_on_large_sets_tokenize_as_they_go(tmp_path):
+    """Two steps of 4 read 8 of 64 pairs: tokenizing all 128 texts up front would cost more."""
+    from embedtune.train import TrainConfig, run
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"anchor": f"how to do thing {i}", "positive": f"def thing_{i}(): pass"}) + "\n"
+                            for i in range(64)))
+    result = run(TrainConfig(data=str(data), max_steps=2, batch_size=4, eval=False, max_seq_length=32))
+    assert result.metrics["token_cache"] is None

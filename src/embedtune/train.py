@@ -345,7 +345,9 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         evaluator=evaluator,
         callbacks=[best.callback] if evaluator else None,
     )
-    token_cache = install_token_cache(trainer, st_model, train_ds.select_columns(columns), column_prompts)
+    rows_needed = total_steps * config.batch_size * distributed.world_size()  # what the run will read
+    token_cache = install_token_cache(trainer, st_model, train_ds.select_columns(columns), column_prompts,
+                                      rows_needed=rows_needed)
     if config.report_to == "tensorboard":
         point_tensorboard(trainer, work)
     tokens_per_row = _tokens_per_row(tokenizer, train_ds, columns, config.max_seq_length)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 ENCODE_CHUNK = 1024  # texts preprocessed per call while filling the cache
+PROGRESS_MIN_TEXTS = 20_000  # show a progress bar for fills at least this large
+MIN_READ_FRACTION = 0.25  # fill up front only if the run reads at least this share of the rows
 
 
 def _key(prompt: str | None, text: str) -> bytes:
@@ -45,17 +47,23 @@ class TokenCache:
     def _call(self, texts: list[str], prompt: str | None) -> dict[str, Any]:
         return self.preprocess(texts, prompt=prompt) if prompt else self.preprocess(texts)
 
-    def add(self, texts: Iterable[str], prompt: str | None = None) -> None:
-        """Preprocess and store every text not cached yet (with `prompt`, as its column will use it)."""
-        todo, seen = [], set()
+    def add(self, texts: Iterable[str], prompt: str | None = None, progress=None) -> None:
+        """Preprocess and store every text not cached yet (with `prompt`, as its column will use it).
+        `progress` (a tqdm bar) advances by the texts handled."""
+        todo, seen, count = [], set(), 0
         for text in texts:
+            count += 1
             key = _key(prompt, text)
             if key not in self.index and key not in seen:
                 seen.add(key)
                 todo.append(text)
+        if progress is not None:
+            progress.update(count - len(todo))  # cached already, or repeated
         for start in range(0, len(todo), ENCODE_CHUNK):
             chunk = todo[start : start + ENCODE_CHUNK]
             self._store(chunk, prompt, self._call(chunk, prompt))
+            if progress is not None:
+                progress.update(len(chunk))
             if not self.usable:
                 return
         self._flat = {}
@@ -161,22 +169,31 @@ class CachedPreprocess:
         return self.original(texts, prompt=prompt, **kwargs) if prompt is not None else self.original(texts, **kwargs)
 
 
-def install_token_cache(trainer, st_model, dataset, column_prompts: dict[str, str]) -> CachedPreprocess | None:
+def install_token_cache(trainer, st_model, dataset, column_prompts: dict[str, str],
+                        rows_needed: int | None = None) -> CachedPreprocess | None:
     """Tokenize the training columns of `dataset` once and make the trainer's collator use the cache.
 
     Returns the installed preprocessing function (its hit/miss counts say how it served), or None
-    when the collator or the model's preprocessing is of a kind the cache does not cover.
+    when the collator or the model's preprocessing is of a kind the cache does not cover, or when
+    the run reads (`rows_needed`) under a quarter of the rows: for a short run on a large set,
+    tokenizing all of it up front would cost more than tokenizing the batches it reads.
     """
+    from tqdm.auto import tqdm
+
     collator = trainer.data_collator
     original = getattr(collator, "preprocess_fn", None)  # sentence-transformers 6 (5.x prefixes prompts itself)
     if original is None or getattr(collator, "router_mapping", None) or getattr(collator, "max_length", None):
         return None
+    if rows_needed is not None and rows_needed < MIN_READ_FRACTION * len(dataset):
+        return None
     tokenizer = st_model.tokenizer
     cache = TokenCache(original, pad_values(tokenizer), tokenizer.padding_side)
-    for name in dataset.column_names:
-        cache.add(dataset[name], column_prompts.get(name))
-        if not cache.usable:
-            return None
+    total = len(dataset) * len(dataset.column_names)
+    with tqdm(total=total, desc="Tokenizing once", unit="text", disable=total < PROGRESS_MIN_TEXTS) as bar:
+        for name in dataset.column_names:
+            cache.add(dataset[name], column_prompts.get(name), progress=bar)
+            if not cache.usable:
+                return None
     cached = CachedPreprocess(cache, original)
     collator.preprocess_fn = cached
     return cached
