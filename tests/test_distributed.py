@@ -91,12 +91,16 @@ def _pairs_file(path: Path, n: int) -> Path:
     return path
 
 
-def test_torchrun_train_end_to_end_writes_once(tmp_path, tiny_bert):
+@pytest.mark.parametrize("flags", [[], ["--cached-loss", "--token-budget", "40"], ["--gradient-checkpointing", "--full"]],
+                         ids=["plain", "cached", "checkpointing"])
+def test_torchrun_train_end_to_end_writes_once(tmp_path, tiny_bert, flags):
+    """Under torchrun (DDP over gloo): trains, the ranks end in sync (checked by the run itself), rank
+    0 alone writes; also with the cached loss (its own gradient all-reduce) and with checkpointing."""
     data = _pairs_file(tmp_path / "pairs.jsonl", 96)
     output = tmp_path / "run"
     proc = _torchrun("-m", "embedtune", "train", data, "--model", tiny_bert, "--output", output,
                      "--max-steps", "3", "--batch-size", "8", "--eval-size", "16", "--max-seq-length", "32",
-                     "--evals", "1", cwd=tmp_path)
+                     "--evals", "1", *flags, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["world_size"] == 2

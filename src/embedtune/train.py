@@ -325,6 +325,9 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         prompts=column_prompts or None,
         **_precision_flags(dtype),
         ddp_broadcast_buffers=False,  # encoder buffers (position ids) are constants: skip a sync per forward
+        # The same parameters take part in every step: DDP learns them on the first step instead of
+        # searching the autograd graph for unused ones every step (the trainer's default for ST models).
+        ddp_static_graph=True,
         # On CPU, accelerate treats a torchrun launch as distributed (DDP over gloo) only when told to use the CPU.
         use_cpu=distributed.launched() and not torch.cuda.is_available(),
         **config.extra,
