@@ -42,6 +42,7 @@ class TokenCache:
         self._offsets: list[int] = [0]
         self._parts: dict[str, list[np.ndarray]] = {}
         self._flat: dict[str, np.ndarray] = {}
+        self._offset_cache: np.ndarray | None = None
         self.usable = True
 
     def _call(self, texts: list[str], prompt: str | None) -> dict[str, Any]:
@@ -111,8 +112,9 @@ class TokenCache:
             rows.append(row)
         arrays = self._arrays()
         offsets = self._offsets_array()
-        starts = offsets[rows]
-        lengths = offsets[np.asarray(rows) + 1] - starts
+        index = np.asarray(rows, dtype=np.int64)
+        starts = offsets[index]
+        lengths = offsets[index + 1] - starts
         width = int(lengths.max()) if len(rows) else 0
         columns = np.arange(width)[None, :]
         if self.padding_side == "left":
@@ -127,7 +129,7 @@ class TokenCache:
         return out
 
     def _offsets_array(self) -> np.ndarray:
-        if getattr(self, "_offset_cache", None) is None or len(self._offset_cache) != len(self._offsets):
+        if self._offset_cache is None or len(self._offset_cache) != len(self._offsets):
             self._offset_cache = np.asarray(self._offsets, dtype=np.int64)
         return self._offset_cache
 
