@@ -254,3 +254,19 @@ def test_columns_that_cannot_merge_run_one_by_one(tiny_bert):
     assert merge_columns([anchors, {**positives, "prompt_length": 3}]) is None  # a per-column setting
     left = {k: v.flip(1) if torch.is_tensor(v) and v.dim() == 2 else v for k, v in positives.items()}
     assert merge_columns([anchors, left]) is None  # mixed padding sides
+
+
+def test_prompted_and_plain_columns_merge_when_pooling_ignores_prompt_length(tiny_bert):
+    """A query prompt puts `prompt_length` on the anchor column only; pooling that includes the prompt
+    (the default) never reads it, so the columns still run as one forward, with the same loss."""
+    st = _st(tiny_bert, fast=True).eval()
+    prompted = st.preprocess(ANCHORS, prompt="query: ") if hasattr(st, "preprocess") else None
+    if prompted is None or "prompt_length" not in prompted:
+        pytest.skip("this sentence-transformers version marks no prompt length")
+    features = [prompted, st.tokenize(POSITIVES)]
+    calls = []
+    hook = st.register_forward_hook(lambda *args: calls.append(1))
+    merged = _grads(st, ContrastiveLoss(st), features)
+    hook.remove()
+    assert len(calls) == 1
+    _assert_same(_grads(st, _PerColumn(st), features), merged)

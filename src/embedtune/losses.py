@@ -365,11 +365,18 @@ class ContrastiveLoss(nn.Module):
         """Each column's embeddings. On the packed fast path all columns go through one forward (one
         token stream: half the kernel launches of a forward per column, and padding costs nothing)."""
         if len(features) > 1 and self._runs_packed():
-            merged = merge_columns(features)
+            merged = merge_columns(self._without_unused_prompt_length(features))
             if merged is not None:
                 rows = [_batch_size(f) for f in features]
                 return list(self.model(merged)["sentence_embedding"].split(rows))
         return [self.model(f)["sentence_embedding"] for f in features]
+
+    def _without_unused_prompt_length(self, features: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Drop `prompt_length` (set on prompted columns only) when no pooling reads it: then columns
+        with and without a prompt (E5's "query: ", Qwen3-Embedding's instruction) still merge."""
+        if all(getattr(m, "include_prompt", True) for m in self.model.modules()):
+            return [{k: v for k, v in f.items() if k != "prompt_length"} for f in features]
+        return features
 
     def _runs_packed(self) -> bool:
         if getattr(self, "_packed", None) is None:
@@ -383,7 +390,7 @@ class ContrastiveLoss(nn.Module):
         device = features[0]["attention_mask"].device
         rows = None
         if len(features) > 1 and self._runs_packed():  # one token stream: chunks fill across columns
-            merged = merge_columns(features)
+            merged = merge_columns(self._without_unused_prompt_length(features))
             if merged is not None:
                 rows, features = [_batch_size(f) for f in features], [merged]
         with _varied_shape_attention(device):
