@@ -6,13 +6,15 @@ instead. Each transformer layer is sharded on its own (gathered just before it r
 then the backbone as a whole (embeddings, final norm). The sentence-transformers modules around the
 backbone (pooling, normalize) hold no weights and stay as they are.
 
-Four things make this work inside the HF Trainer, which knows nothing of it:
+Five things make this work inside the HF Trainer, which knows nothing of it:
 * the packed forward runs the layers' weights without calling the layers, so each layer gets a
   `PACKED_STEP` method that FSDP treats as a forward (`register_fsdp_forward_method`); likewise
   the backbone's `forward`, which sentence-transformers 6 calls directly, not through `__call__`;
 * the trainer must not wrap the model in DDP as well: accelerate leaves a model alone once it is
   marked prepared;
 * nothing may move the sharded model (`.to()` becomes a no-op on it);
+* every rank runs every evaluation (each forward is a collective; see `is_sharded` in
+  `retrieval.shard_across_ranks` and `resilience.ResumableTrainer.evaluation_loop`);
 * saving needs the full weights: `full_state_dict` gathers them (every rank takes part) and rank 0
   loads them into an unsharded copy of the model.
 """
