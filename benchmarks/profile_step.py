@@ -23,6 +23,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--no-dropout", action="store_true")
     parser.add_argument("--fp32-base", action="store_true", help="LoRA on fp32 base weights (autocast bf16)")
+    parser.add_argument("--compile", default=None, help="embedtune compile mode: default or reduce-overhead")
+    parser.add_argument("--cached", action="store_true", help="embedtune's cached loss (else its uncached loss)")
+    parser.add_argument("--token-budget", type=int, default=None)
     args = parser.parse_args()
 
     from sentence_transformers.losses import MultipleNegativesRankingLoss
@@ -34,14 +37,19 @@ def main() -> None:
         path = build_model_dir(args.model, args.tokenizer, root)
         lora = args.mode == "lora"
         if args.impl == "embedtune":
-            st = embedtune_model(path, lora, 512, fp32_base=args.fp32_base)
+            st = embedtune_model(path, lora, 512, fp32_base=args.fp32_base, compile_model=args.compile or False)
         else:
             st = stock_model(path, lora, 512, False)
         if args.no_dropout:
             for m in st.modules():
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
-        loss_fn = MultipleNegativesRankingLoss(st)
+        if args.impl == "embedtune":
+            from embedtune.losses import ContrastiveLoss
+
+            loss_fn = ContrastiveLoss(st, cached=args.cached, token_budget=args.token_budget)
+        else:
+            loss_fn = MultipleNegativesRankingLoss(st)
         opt = torch.optim.AdamW([p for p in st.parameters() if p.requires_grad], lr=1e-5, fused=True)
         encode = getattr(st, "preprocess", None) or st.tokenize
         batches = []
@@ -68,10 +76,17 @@ def main() -> None:
               f"fp32_base={args.fp32_base}: {(time.perf_counter() - t0) / 5 * 1000:.1f} ms/step")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
             for feats in batches[3:5]:
                 step(feats)
             torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+        events = prof.key_averages()
+        busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
+        kernels = sum(e.count for e in events if getattr(e, "self_device_time_total", 0) > 0)
+        # GPU busy far below 100% of wall: the step waits on the host (kernel launches, syncs), not on the GPU
+        print(f"GPU busy {busy:.3f} s of {wall:.3f} s wall ({busy / wall:.0%}); ~{kernels // 2} device ops per step")
 
 
 if __name__ == "__main__":
