@@ -68,3 +68,36 @@ def test_short_runs_on_large_sets_tokenize_as_they_go(tmp_path):
                             for i in range(64)))
     result = run(TrainConfig(data=str(data), max_steps=2, batch_size=4, eval=False, max_seq_length=32))
     assert result.metrics["token_cache"] is None
+
+
+def _toy_preprocess(texts, prompt=None):
+    """Char codes, right-padded; `segment` is 0 everywhere except in texts starting with "b"."""
+    texts = [(prompt or "") + t for t in texts]
+    width = max(len(t) for t in texts)
+    ids = torch.zeros(len(texts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    segment = torch.zeros_like(ids)
+    for i, t in enumerate(texts):
+        ids[i, : len(t)] = torch.tensor([ord(c) for c in t])
+        mask[i, : len(t)] = 1
+        segment[i, : len(t)] = int(t.startswith("b"))
+    return {"input_ids": ids, "attention_mask": mask, "segment": segment}
+
+
+def test_features_with_one_value_are_not_stored_per_token(monkeypatch):
+    """attention_mask (all 1) is kept as one number; `segment` too until a later chunk breaks its
+    uniformity, when the tokens stored before are filled in: batches still equal preprocessing."""
+    import embedtune.data.token_cache as token_cache
+
+    monkeypatch.setattr(token_cache, "ENCODE_CHUNK", 2)
+    cache = TokenCache(_toy_preprocess, {"input_ids": 0}, "right")
+    texts = ["aa", "abc", "a", "bb", "bcd", "ab"]  # chunks: [aa, abc] [a, bb] [bcd, ab]
+    cache.add(texts)
+    assert cache._uniform["attention_mask"] == 1 and cache._uniform["segment"] is None
+    assert "attention_mask" not in cache._arrays() or not len(cache._arrays()["attention_mask"])
+    served = CachedPreprocess(cache, _toy_preprocess)
+    for batch in (texts, texts[::-1], ["bb", "aa"]):
+        got, want = served(batch), _toy_preprocess(batch)
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    assert served.misses == 0

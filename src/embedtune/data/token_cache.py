@@ -42,6 +42,9 @@ class TokenCache:
         self._offsets: list[int] = [0]
         self._parts: dict[str, list[np.ndarray]] = {}
         self._flat: dict[str, np.ndarray] = {}
+        # per feature: the one value all its real tokens have had so far (attention_mask 1, usually
+        # token_type_ids 0), kept as that number instead of an array; None once values differ
+        self._uniform: dict[str, int | None] = {}
         self._offset_cache: np.ndarray | None = None
         self.usable = True
 
@@ -87,10 +90,25 @@ class TokenCache:
         real = mask.bool()
         lengths = real.sum(dim=1).tolist()
         for key in per_token:
-            self._parts[key].append(features[key][real].to(torch.int32).numpy())
+            self._keep(key, features[key][real].to(torch.int32).numpy())
         for text, length in zip(texts, lengths):
             self.index[_key(prompt, text)] = len(self._offsets) - 1
             self._offsets.append(self._offsets[-1] + length)
+
+    def _keep(self, key: str, values: np.ndarray) -> None:
+        """Append one batch's real-token values of `key`, or only note them while they are all one value."""
+        uniform = self._uniform.get(key, "first")
+        if uniform == "first":
+            if values.size and (values == values[0]).all():
+                self._uniform[key] = int(values[0])
+                return
+            self._uniform[key] = None
+        elif uniform is not None:
+            if not values.size or (values == uniform).all():
+                return
+            self._parts[key] = [np.full(self._offsets[-1], uniform, np.int32)]  # the tokens stored before
+            self._uniform[key] = None
+        self._parts[key].append(values)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         if not self._flat:
@@ -123,7 +141,11 @@ class TokenCache:
         gather = np.where(real, starts[:, None] + columns, 0)
         out: dict[str, Any] = {}
         for key in self.keys:
-            values = arrays[key][gather] if len(arrays[key]) else np.zeros(gather.shape, np.int32)
+            uniform = self._uniform.get(key)
+            if uniform is not None:
+                values = uniform
+            else:
+                values = arrays[key][gather] if len(arrays[key]) else np.zeros(gather.shape, np.int32)
             out[key] = torch.from_numpy(np.where(real, values, self.pad_values.get(key, 0)).astype(np.int64))
         out.update(self.constants[prompt])
         return out
