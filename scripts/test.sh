@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider --durations=12 "$@"  # the slowest tests, to keep CI under 30 minutes
 
 # The same compat, save and round-trip tests against sentence-transformers 5.x, which
 # embedtune also supports (installed beside the venv, not into it).
