@@ -78,7 +78,6 @@ def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
     return out
 
 
-
 def check_in_sync(model) -> None:
     """Under DDP every rank must end with the same weights; a launch that trained the ranks apart
     (no gradient averaging) fails here rather than saving one rank's model as if it were the run's."""

@@ -279,15 +279,13 @@ def _unwrap_ddp(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     return model, None
 
 
-def _fsdp_fillers(module: nn.Module, chunks: int) -> int:
+def _fsdp_fillers(module: nn.Module, chunks: int, sharded: bool) -> int:
     """Under FSDP every forward and backward is a collective, so all ranks must run as many chunks.
     How many one-row filler chunks (no effect on the loss or gradients) this rank adds to match the
     rank with the most; 0 without FSDP."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule
 
-    _, world = _world()
-    if world == 1 or not any(isinstance(m, FSDPModule) for m in module.modules()):
+    if not sharded or _world()[1] == 1:
         return 0
     count = torch.tensor([chunks], device=next(module.parameters()).device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
@@ -350,6 +348,7 @@ class ContrastiveLoss(nn.Module):
         self.cached = cached
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET
         self.gather_across_devices = gather_across_devices
+        self._scan: dict[str, bool] | None = None
 
     def loss_from_embeddings(self, embeddings: Sequence[Tensor]) -> Tensor:
         return contrastive_loss(embeddings, self.temperature, self.symmetric, self.matryoshka_dims,
@@ -364,35 +363,49 @@ class ContrastiveLoss(nn.Module):
     def embed_columns(self, features: list[dict[str, Any]]) -> list[Tensor]:
         """Each column's embeddings. On the packed fast path all columns go through one forward (one
         token stream: half the kernel launches of a forward per column, and padding costs nothing)."""
-        if len(features) > 1 and self._runs_packed():
-            merged = merge_columns(self._without_unused_prompt_length(features))
-            if merged is not None:
-                rows = [_batch_size(f) for f in features]
-                return list(self.model(merged)["sentence_embedding"].split(rows))
+        merged = self._merged(features)
+        if merged is not None:
+            batch, rows = merged
+            return list(self.model(batch)["sentence_embedding"].split(rows))
         return [self.model(f)["sentence_embedding"] for f in features]
 
-    def _without_unused_prompt_length(self, features: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Drop `prompt_length` (set on prompted columns only) when no pooling reads it: then columns
-        with and without a prompt (E5's "query: ", Qwen3-Embedding's instruction) still merge."""
-        if all(getattr(m, "include_prompt", True) for m in self.model.modules()):
-            return [{k: v for k, v in f.items() if k != "prompt_length"} for f in features]
-        return features
+    def _merged(self, features: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]] | None:
+        """All columns as one batch and each column's row count, when the model runs packed and the
+        columns merge exactly; else None. `prompt_length` (set on prompted columns only) is dropped
+        when no pooling reads it, so columns with and without a prompt (E5's "query: ") still merge."""
+        if len(features) < 2 or not self._runs_packed():
+            return None
+        if not self._model_scan()["reads_prompt_length"]:
+            features = [{k: v for k, v in f.items() if k != "prompt_length"} for f in features]
+        batch = merge_columns(features)
+        return None if batch is None else (batch, [_batch_size(f) for f in features])
 
-    def _runs_packed(self) -> bool:
-        if getattr(self, "_packed", None) is None:
+    def _model_scan(self) -> dict[str, bool]:
+        """What the model is made of, as far as this loss cares: found once (a walk over every module)."""
+        if self._scan is None:
+            from torch.distributed.fsdp import FSDPModule
+
             from .packing import PackedForward
 
-            self._packed = any(isinstance(m.__dict__.get("forward"), PackedForward) for m in self.model.modules())
-        return self._packed
+            modules = list(self.model.modules())
+            self._scan = {
+                "packed": any(isinstance(m.__dict__.get("forward"), PackedForward) for m in modules),
+                "sharded": any(isinstance(m, FSDPModule) for m in modules),
+                "reads_prompt_length": any(not getattr(m, "include_prompt", True) for m in modules),
+            }
+        return self._scan
+
+    def _runs_packed(self) -> bool:
+        return self._model_scan()["packed"]
 
     def _cached_forward(self, features: list[dict[str, Any]]) -> Tensor:
         module, ddp = _unwrap_ddp(self.model)
         device = features[0]["attention_mask"].device
         rows = None
-        if len(features) > 1 and self._runs_packed():  # one token stream: chunks fill across columns
-            merged = merge_columns(self._without_unused_prompt_length(features))
-            if merged is not None:
-                rows, features = [_batch_size(f) for f in features], [merged]
+        merged = self._merged(features)  # one token stream: chunks fill across columns
+        if merged is not None:
+            batch, rows = merged
+            features = [batch]
         with _varied_shape_attention(device):
             loss, replay = self._embed_and_plan_replay(module, ddp, features, rows)
         # The trainer calls backward() outside its autocast block: re-run the chunks under the same
@@ -411,7 +424,7 @@ class ContrastiveLoss(nn.Module):
         """Embed `features` chunk by chunk without graphs; `rows` splits a merged batch back into columns."""
         plans = [ColumnChunks.plan(f, self.token_budget) for f in features]
         last = (len(features) - 1, len(plans[-1].rows) - 1)
-        fillers = _fsdp_fillers(module, sum(len(p.rows) for p in plans))
+        fillers = _fsdp_fillers(module, sum(len(p.rows) for p in plans), self._model_scan()["sharded"])
         filler = slice_features(features[0], slice(0, 1))
         states: dict[tuple[int, int], _RngState] = {}
         kept_graph: Tensor | None = None

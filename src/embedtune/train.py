@@ -172,8 +172,11 @@ class BestWeights:
                     local.copy_(self._weights[name].to(local.device))
 
 
-def check_fsdp(config: TrainConfig) -> None:
-    """--fsdp shards full fine-tuning over a torchrun launch; refuse the combinations it does not cover."""
+def check_speed_options(config: TrainConfig) -> None:
+    """Refuse --compile without the fast path, and --fsdp combinations it does not cover (it shards
+    full fine-tuning over a torchrun launch)."""
+    if config.compile and not config.fast:
+        raise EmbedtuneError("--compile compiles the packed fast path: drop --no-fast")
     if not config.fsdp:
         return
     if not distributed.launched():
@@ -236,7 +239,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     from .resilience import ResumableTrainer, prepare_work, resume_point, save_arguments, train_resumably
 
     started = time.time()
-    check_fsdp(config)
+    check_speed_options(config)
     loaded = load_pairs(config.data)
     output = check_target(config.output_dir, config.overwrite) if config.output_dir else None
     if config.pooling is not None and config.pooling not in POOLING_MODES:
@@ -262,8 +265,6 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     model, tokenizer = FastModel.from_pretrained(config.model, max_seq_length=config.max_seq_length, dtype=dtype,
                                               fast=config.fast)
     if config.compile:
-        if not config.fast:
-            raise EmbedtuneError("--compile compiles the packed fast path: drop --no-fast")
         from .packing import enable_fast_path
 
         enable_fast_path(model, compile=True)

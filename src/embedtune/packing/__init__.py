@@ -25,9 +25,9 @@ from .distilbert import packed_distilbert_forward
 from .gemma3 import packed_gemma3_forward
 from .gemma3 import unsupported_reason as gemma3_unsupported
 from .layers import compiled_layers
-from .varlen import static_tokens
 from .modernbert import packed_modernbert_forward
 from .mpnet import packed_mpnet_forward
+from .varlen import static_tokens
 
 logger = logging.getLogger(__name__)
 

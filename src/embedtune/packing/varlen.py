@@ -56,8 +56,16 @@ class PackedBatch:
     max_len: int  # L of the padded batch
     max_seqlen: int  # bound on the longest real sequence (the padded width: no device sync needed)
     key_mask: torch.Tensor  # [B, L] bool, True at real tokens
-    tokens: int = -1  # real tokens T
-    stream: int = -1  # tokens in the packed stream: T, or T padded up to the token multiple
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens T."""
+        return self.flat_index.numel()
+
+    @property
+    def stream(self) -> int:
+        """Tokens in the packed stream: T, or T padded up to the token multiple."""
+        return self.position_ids.numel()
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor, token_multiple: int | None = None) -> "PackedBatch":
@@ -70,14 +78,15 @@ class PackedBatch:
         cu[1:] = torch.cumsum(seq_lens, dim=0).to(torch.int32)
         positions = (torch.cumsum(mask.long(), dim=1) - 1).reshape(-1)[flat_index]
         tokens = flat_index.numel()
-        stream = -(-tokens // token_multiple) * token_multiple if token_multiple else tokens
-        if stream > tokens:  # filler sequences of at most max_len tokens
-            fill = [max_len] * ((stream - tokens) // max_len) + ([(stream - tokens) % max_len] if (stream - tokens) % max_len else [])
+        missing = -tokens % token_multiple if token_multiple else 0
+        if missing:  # filler sequences of at most max_len tokens
+            full, rest = divmod(missing, max_len)
+            fill = [max_len] * full + ([rest] if rest else [])
             fill_lens = torch.tensor(fill, dtype=seq_lens.dtype, device=mask.device)
             seq_lens = torch.cat([seq_lens, fill_lens])
             cu = torch.cat([cu, tokens + torch.cumsum(fill_lens, dim=0).to(torch.int32)])
             positions = torch.cat([positions] + [torch.arange(n, device=mask.device) for n in fill])
-        return cls(flat_index, cu, positions, seq_lens, batch, max_len, max_len, mask, tokens, stream)
+        return cls(flat_index, cu, positions, seq_lens, batch, max_len, max_len, mask)
 
     def buckets(self, slack: float = 1.25) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Length buckets for attention: per bucket, a [n, len] index into the packed stream
