@@ -63,6 +63,63 @@ def check(arch: str, root: Path, dtype, lora: bool) -> tuple[float, float]:
     return rel(out, ref), worst
 
 
+def check_flash_dropout() -> dict[str, float]:
+    """embedtune's flash call (dropout, windows) against padded SDPA, on random packed inputs.
+
+    Dropout is random, so it is checked by what must hold for any mask: the same RNG state gives the
+    same output; the mean over many masks is the dropout-free output; and for one mask the output is
+    linear in `v`, so the backward's `dv` (which replays the mask) must predict the change of the
+    output for a change of `v` exactly (up to rounding)."""
+    from embedtune.packing.varlen import PackedBatch, flash_varlen, padded_sdpa
+
+    torch.manual_seed(0)
+    lengths = [7, 300, 64, 129, 1, 512, 33, 250]
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool, device="cuda")
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    plan = PackedBatch.from_mask(mask)
+    tokens, heads, dim = plan.tokens, 4, 64
+    results = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v = (torch.randn(tokens, heads, dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        g = torch.randn(tokens, heads, dim, device="cuda", dtype=dtype)
+        name = str(dtype).split(".")[-1]
+        for causal, window in ((False, None), (True, None), (False, 48), (True, 48)):
+            outs, grads = [], []
+            for fn in (flash_varlen, padded_sdpa):
+                q.grad = k.grad = v.grad = None
+                out = fn(q, k, v, plan, dim ** -0.5, 0.0, causal, window=window)
+                (out.float() * g.float()).sum().backward()
+                outs.append(out.detach())
+                grads.append(torch.cat([q.grad, k.grad, v.grad]))
+            key = f"{name} causal={causal} window={window}"
+            results[f"{key}: output vs padded"] = rel(outs[0], outs[1])
+            results[f"{key}: grads vs padded"] = rel(grads[0], grads[1])
+        p = 0.1
+        state = torch.cuda.get_rng_state()
+        a = flash_varlen(q, k, v, plan, dim ** -0.5, p)
+        torch.cuda.set_rng_state(state)
+        b = flash_varlen(q, k, v, plan, dim ** -0.5, p)
+        results[f"{name} dropout: same RNG state, output difference"] = rel(a, b)
+        with torch.no_grad():
+            clean = flash_varlen(q, k, v, plan, dim ** -0.5, 0.0)
+            mean = sum(flash_varlen(q, k, v, plan, dim ** -0.5, p).float() for _ in range(400)) / 400
+        results[f"{name} dropout: mean of 400 masks vs no dropout (expect ~1e-2)"] = rel(mean, clean)
+        dv_dir = torch.randn_like(v)  # the output is exactly linear in v: any size of step works
+        torch.cuda.set_rng_state(state)
+        v.grad = None
+        out = flash_varlen(q, k, v, plan, dim ** -0.5, p)
+        (out.float() * g.float()).sum().backward()
+        predicted = (v.grad.float() * dv_dir.float()).sum()
+        with torch.no_grad():
+            torch.cuda.set_rng_state(state)
+            moved = flash_varlen(q, k, v + dv_dir, plan, dim ** -0.5, p)
+            actual = ((moved.float() - out.float()) * g.float()).sum()
+        results[f"{name} dropout: dv replays the mask (rel err of predicted change)"] = (
+            (predicted - actual).abs() / actual.abs()).item()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", required=True)
@@ -81,6 +138,9 @@ def main() -> None:
                 for lora in (True, False):
                     out_err, grad_err = check(arch, Path(tmp), dtype, lora)
                     rows.append((arch, str(dtype).split(".")[-1], "lora" if lora else "full", out_err, grad_err))
+    print("\nflash kernel with dropout / windows (embedtune.packing.varlen.flash_varlen):")
+    for key, value in check_flash_dropout().items():
+        print(f"  {key:70s} {value:10.2e}")
     print(f"\n{'arch':12s} {'dtype':9s} {'mode':5s} {'output rel err':>15s} {'worst grad rel err':>19s}")
     for arch, dtype, mode, o, g in rows:
         print(f"{arch:12s} {dtype:9s} {mode:5s} {o:15.2e} {g:19.2e}")

@@ -72,8 +72,11 @@ def main() -> None:
         for feats in batches[3:]:
             step(feats)
         torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        tokens = sum(int(f["attention_mask"].sum()) for feats in batches[3:] for f in feats)
         print(f"{args.impl} {args.model} {args.mode} dropout={'off' if args.no_dropout else 'on'} "
-              f"fp32_base={args.fp32_base}: {(time.perf_counter() - t0) / 5 * 1000:.1f} ms/step")
+              f"compile={args.compile} cached={args.cached} fp32_base={args.fp32_base}: "
+              f"{seconds / 5 * 1000:.1f} ms/step, {tokens / seconds:,.0f} real tokens/s")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
@@ -82,9 +85,11 @@ def main() -> None:
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
-        events = prof.key_averages()
-        busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
-        kernels = sum(e.count for e in events if getattr(e, "self_device_time_total", 0) > 0)
+        from torch.autograd import DeviceType
+
+        device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]  # kernels and copies
+        busy = sum(e.self_device_time_total for e in device_events) / 1e6
+        kernels = len(device_events)
         # GPU busy far below 100% of wall: the step waits on the host (kernel launches, syncs), not on the GPU
         print(f"GPU busy {busy:.3f} s of {wall:.3f} s wall ({busy / wall:.0%}); ~{kernels // 2} device ops per step")
 

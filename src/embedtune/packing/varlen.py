@@ -2,8 +2,9 @@
 
 Inputs are packed `q, k, v` of shape [tokens, heads, head_dim] plus `cu_seqlens` (sequence starts,
 int32, length batch+1). On CUDA we use torch's fused `varlen_attn` (torch >= 2.10) or flash_attn
-when installed. Everywhere else, and whenever attention dropout is active in training, the exact
-fallback runs SDPA over length buckets: sequences sorted by length are grouped so that padding
+when installed. torch's `varlen_attn` has no dropout and no sliding window, but the flash kernel it
+calls has both: with attention dropout in training (BERT checkpoints ship 0.1) or a window, we call
+that kernel ourselves (`flash_varlen`). On CPU the exact fallback runs SDPA over length buckets: sequences sorted by length are grouped so that padding
 inside a bucket stays small, each bucket is gathered into a [n, heads, len, head_dim] view with a
 key mask, and the results are scattered back. Retrieval batches mix 15-token queries with
 256-token passages, so this is far cheaper than one padded [batch, max_len] attention.
@@ -164,6 +165,55 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func
 
 
+@functools.cache
+def _flash_device(index: int) -> bool:
+    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(index)[0] >= 8
+
+
+def flash_supported(q: torch.Tensor) -> bool:
+    """Whether torch's built-in flash kernel takes these inputs (Ampere or newer, half precision)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and _flash_device(q.device.index if q.device.index is not None
+                                                     else torch.cuda.current_device()))
+
+
+def _flash_window(causal: bool, window: int | None) -> tuple[int, int]:
+    """Our window (see `_position_mask`) as the flash kernel's (left, right) key reach; -1 = unbounded."""
+    if window is None:
+        return -1, -1
+    return (window - 1, 0) if causal else (window, window)
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """torch's flash kernel on packed sequences, with dropout and windows. The forward returns the
+    RNG state it drew the dropout mask from; the backward replays that same mask."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, dropout_p, causal, scale, left, right):
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, causal, False,
+            scale=scale, window_size_left=left, window_size_right=right)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
+        ctx.options = (max_seqlen, dropout_p, causal, scale, left, right)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, rng_state, unused = ctx.saved_tensors
+        max_seqlen, dropout_p, causal, scale, left, right = ctx.options
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            dropout_p, causal, rng_state, unused, scale=scale, window_size_left=left, window_size_right=right)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def flash_varlen(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
+                 window: int | None = None) -> torch.Tensor:
+    """Packed attention through torch's flash kernel (CUDA, half precision; see `flash_supported`)."""
+    left, right = _flash_window(causal, window)
+    return _FlashVarlen.apply(q, k, v, plan.cu_seqlens, plan.max_seqlen, dropout_p, causal, scale, left, right)
+
+
 def _position_mask(width: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
     """[width, width] query-by-key mask.
 
@@ -220,7 +270,8 @@ def bucketed_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0
 @torch.compiler.disable  # data-dependent (host-side plans, bucketing): outside compiled layer graphs
 def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
                      backend: str = "auto", window: int | None = None):
-    """Attention over packed sequences; `backend` in {auto, fused, flash, bucketed, padded}."""
+    """Attention over packed sequences; `backend` in {auto, fused, flash, bucketed, padded}
+    ("flash": the flash_attn package if installed, else torch's built-in flash kernel)."""
     if torch.is_autocast_enabled(q.device.type):
         # Autocast casts SDPA's inputs; this call is ours, so cast as it would. Without this, fp32 master
         # weights in q/k norms (Qwen3) hand us fp32 queries and attention falls back to the padded path.
@@ -232,15 +283,24 @@ def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float 
         return padded_sdpa(q, k, v, plan, scale, dropout_p, causal, window)
     if backend == "bucketed" or not q.is_cuda:
         return bucketed_sdpa(q, k, v, plan, scale, dropout_p, causal, window)
+    flash = _flash_attn_varlen() if backend in ("auto", "flash") else None
+    if dropout_p > 0 or window is not None:  # torch's varlen_attn has neither
+        if flash is not None:
+            left, right = _flash_window(causal, window)
+            return flash(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
+                         dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=(left, right))
+        if backend in ("auto", "flash", "fused") and flash_supported(q):
+            return flash_varlen(q, k, v, plan, scale, dropout_p, causal, window)
     if dropout_p > 0 or q.dtype == torch.float32 or window is not None:
-        # On the GPU one padded SDPA call (flash / memory-efficient kernels) beats many bucket launches.
+        # fp32 (no flash kernel): one padded SDPA call (memory-efficient kernel) beats many bucket launches.
         return padded_sdpa(q, k, v, plan, scale, dropout_p, causal, window)
     fused = _fused_varlen() if backend in ("auto", "fused") else None
     if fused is not None:
         return fused(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
                      scale=scale, **_causal_kwargs(fused, causal))
-    flash = _flash_attn_varlen() if backend in ("auto", "flash") else None
     if flash is not None:
         return flash(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
                      softmax_scale=scale, causal=causal)
+    if backend == "flash" and flash_supported(q):
+        return flash_varlen(q, k, v, plan, scale, dropout_p, causal, window)
     return bucketed_sdpa(q, k, v, plan, scale, dropout_p, causal, window)
