@@ -127,5 +127,6 @@ def packed_deberta_forward(model, input_ids, attention_mask, token_type_ids=None
     first = model.encoder.layer[0].attention.self
     indices = _distance_indices(model, first, plan.max_len, hidden.device) if first.relative_attention else None
     hidden = run_layers(model.encoder.layer, hidden,
-                        lambda layer, h: _layer(model, layer, h, plan, indices, attention_backend))
+                        lambda layer, h: _layer(model, layer, h, plan, indices, attention_backend),
+                        stack_traceable=False)  # biased attention buckets on the host
     return plan.unpack(hidden)

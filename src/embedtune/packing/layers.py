@@ -1,11 +1,14 @@
 """Running a stack of layers on the packed stream.
 
 Per layer this honours, in order: FSDP (gathering the layer's sharded weights around its step, see
-`embedtune.sharding`), activation checkpointing, and regional compilation. Compilation is regional:
-the per-layer step is compiled, not the model. Every layer of a model runs the same code on the same
-shapes, so one compiled graph serves all of them (parameters are graph inputs), and the token
-dimension is compiled dynamic, so packed streams of any length reuse it: one compile per run, not
-one per layer or per batch shape. Attention (`varlen_attention`) stays outside the graph.
+`embedtune.sharding`), activation checkpointing, and compilation. Compiled, the whole layer stack is
+one graph where it can be: attention is one opaque op (`embedtune::varlen_attn`), so there are no
+graph breaks, and a step costs one graph call forward and one backward instead of a Python-driven
+launch of every kernel (on a fast GPU the host, not the GPU, was the limit). Otherwise (sharded or
+checkpointed layers, host-side attention) compilation is regional: the per-layer step is compiled,
+and every layer reuses that graph (parameters are graph inputs). The token dimension is compiled
+dynamic either way, so packed streams of any length reuse the graph: one compile per run, not one
+per batch shape.
 Mode "reduce-overhead" also replays the compiled regions as CUDA graphs, which removes the kernel
 launch cost that dominates small steps on a fast GPU; it records one graph per stream length, so
 use it with `varlen.static_tokens` (streams padded to a token multiple: few lengths).
@@ -43,9 +46,31 @@ def _compiled(step: Callable, mode: str) -> Callable:
     return torch.compile(step, dynamic=True, mode=None if mode == "default" else mode)
 
 
-def run_layers(layers, hidden: torch.Tensor, step: Callable) -> torch.Tensor:
-    """`hidden = step(layer, hidden)` for each layer, through the layer's checkpoint function when it is on."""
+def _stack(layers, hidden: torch.Tensor, step: Callable) -> torch.Tensor:
+    for layer in layers:
+        hidden = step(layer, hidden)
+    return hidden
+
+
+def _whole_stack(layers, hidden: torch.Tensor) -> bool:
+    """Compile all layers as one graph (no graph breaks: attention is one opaque op) when no layer is
+    sharded or checkpointed, and attention will be that op: always on CUDA; on CPU only without
+    dropout, whose masks the op cannot replay (see `varlen.varlen_attention`)."""
+    first = layers[0]
+    if PACKED_STEP in first.__dict__ or getattr(first, "gradient_checkpointing", False) and first.training:
+        return False
+    return hidden.is_cuda or not (first.training and torch.is_grad_enabled())
+
+
+def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bool = True) -> torch.Tensor:
+    """`hidden = step(layer, hidden)` for each layer, through the layer's checkpoint function when it is on.
+
+    Compiled, this is one graph for the whole stack where it can be (`stack_traceable`: the
+    architecture's attention is the opaque op, not host-side bucketing), else one graph per layer step.
+    """
     mode = _COMPILE_LAYERS.get()
+    if mode and stack_traceable and len(layers) and _whole_stack(layers, hidden):
+        return _compiled(_stack, mode)(layers, hidden, step)
     if mode:
         step = _compiled(step, mode)
     for layer in layers:

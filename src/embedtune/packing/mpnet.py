@@ -61,5 +61,6 @@ def packed_mpnet_forward(model, input_ids, attention_mask, token_type_ids=None, 
     layers = model.encoder.layer
     checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
     bias = None if checkpointed else _position_bias(model, plan.max_len, hidden.device)
-    hidden = run_layers(layers, hidden, lambda layer, h: _layer(model, layer, h, plan, attention_backend, bias))
+    hidden = run_layers(layers, hidden, lambda layer, h: _layer(model, layer, h, plan, attention_backend, bias),
+                        stack_traceable=False)  # biased attention buckets on the host
     return plan.unpack(hidden)

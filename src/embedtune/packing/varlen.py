@@ -137,26 +137,6 @@ class PackedBatch:
 
 
 @functools.cache
-def _fused_varlen():
-    """torch's fused varlen attention, or None where this torch lacks it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
-@functools.cache
-def _causal_kwargs(fused, causal: bool) -> dict:
-    """torch's varlen_attn spelled causality `is_causal` first and `window_size=(-1, 0)` later
-    (cached: this runs once per attention call on the hot path)."""
-    params = inspect.signature(fused).parameters
-    if "window_size" in params:
-        return {"window_size": (-1, 0)} if causal else {}
-    return {"is_causal": causal} if "is_causal" in params else {}
-
-
-@functools.cache
 def _flash_attn_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
@@ -184,34 +164,111 @@ def _flash_window(causal: bool, window: int | None) -> tuple[int, int]:
     return (window - 1, 0) if causal else (window, window)
 
 
-class _FlashVarlen(torch.autograd.Function):
-    """torch's flash kernel on packed sequences, with dropout and windows. The forward returns the
-    RNG state it drew the dropout mask from; the backward replays that same mask."""
+def _plan_from_cu(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedBatch:
+    """A bucketing plan from sequence starts alone (what the attention op receives)."""
+    seq_lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    empty = cu_seqlens.new_zeros(0)
+    return PackedBatch(empty, cu_seqlens, empty, seq_lens, int(seq_lens.numel()), max_seqlen, max_seqlen, empty)
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, dropout_p, causal, scale, left, right):
-        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+
+def _bucketed_backward(grad_out, q, k, v, plan: PackedBatch, scale: float, causal: bool, window: int | None):
+    """Gradients of `bucketed_sdpa` without dropout, written out per bucket (softmax attention's
+    backward), so the op needs no autograd of its own."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for index, valid in plan.buckets():
+        qb, kb, vb, gb = (t[index].transpose(1, 2).float() for t in (q, k, v, grad_out))  # [n, H, w, D]
+        mask = valid[:, None, None, :]
+        positional = _position_mask(index.shape[1], causal, window, q.device)
+        if positional is not None:
+            mask = mask & positional
+        probs = (qb @ kb.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+        gb = gb * valid[:, None, :, None]  # padding slots of a bucket produce no output
+        d_probs = gb @ vb.transpose(-1, -2)
+        d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True)) * scale
+        rows = index[valid]
+        for grad, part in ((dq, d_scores @ kb), (dk, d_scores.transpose(-1, -2) @ qb),
+                           (dv, probs.transpose(-1, -2) @ gb)):
+            grad.index_copy_(0, rows, part.transpose(1, 2)[valid].to(grad.dtype))
+    return dq, dk, dv
+
+
+@torch.library.custom_op("embedtune::varlen_attn", mutates_args=())
+def _varlen_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                    dropout_p: float, causal: bool, scale: float, window: int, buckets: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed attention as one opaque op, so compiled graphs span whole layer stacks (dynamo does not
+    look inside). Returns (out, logsumexp, rng): what the backward needs to replay dropout exactly.
+    `window` -1 = none. CUDA half precision: the flash kernel, unless `buckets`; elsewhere:
+    length-bucketed SDPA."""
+    window_ = None if window < 0 else window
+    if not buckets and flash_supported(q):
+        left, right = _flash_window(causal, window_)
+        out, lse, rng, _, _ = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, causal, False,
             scale=scale, window_size_left=left, window_size_right=right)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
-        ctx.options = (max_seqlen, dropout_p, causal, scale, left, right)
-        return out
+        return out, lse, rng
+    if dropout_p > 0:
+        raise ValueError("embedtune::varlen_attn draws dropout only in the flash kernel")
+    out = bucketed_sdpa(q, k, v, _plan_from_cu(cu_seqlens, max_seqlen), scale, 0.0, causal, window_)
+    return out, q.new_zeros(0, dtype=torch.float32), q.new_zeros(1, dtype=torch.int64)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens, rng_state, unused = ctx.saved_tensors
-        max_seqlen, dropout_p, causal, scale, left, right = ctx.options
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+
+@_varlen_attn_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, dropout_p, causal, scale, window, buckets):
+    if not buckets and flash_supported(q):
+        return (torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32),
+                q.new_empty(2, dtype=torch.uint64))
+    return torch.empty_like(q), q.new_empty(0, dtype=torch.float32), q.new_empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("embedtune::varlen_attn_backward", mutates_args=())
+def _varlen_attn_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, rng: torch.Tensor, cu_seqlens: torch.Tensor,
+                             max_seqlen: int, dropout_p: float, causal: bool, scale: float, window: int,
+                             buckets: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    window_ = None if window < 0 else window
+    if not buckets and flash_supported(q):
+        left, right = _flash_window(causal, window_)
+        return torch.ops.aten._flash_attention_backward(
             grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-            dropout_p, causal, rng_state, unused, scale=scale, window_size_left=left, window_size_right=right)
-        return dq, dk, dv, None, None, None, None, None, None, None
+            dropout_p, causal, rng, q.new_empty(0), scale=scale, window_size_left=left, window_size_right=right)
+    return _bucketed_backward(grad_out, q, k, v, _plan_from_cu(cu_seqlens, max_seqlen), scale, causal, window_)
+
+
+@_varlen_attn_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, rng, cu_seqlens, max_seqlen, dropout_p, causal, scale, window, buckets):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, dropout_p, causal, scale, window, buckets = inputs
+    out, lse, rng = output
+    ctx.save_for_backward(q, k, v, out, lse, rng, cu_seqlens)
+    ctx.options = (max_seqlen, dropout_p, causal, scale, window, buckets)
+
+
+def _backward(ctx, grad_out, _grad_lse, _grad_rng):
+    q, k, v, out, lse, rng, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _varlen_attn_backward_op(grad_out, q, k, v, out, lse, rng, cu_seqlens, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_varlen_attn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def varlen_op(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
+              window: int | None = None, buckets: bool = False) -> torch.Tensor:
+    """Packed attention through `embedtune::varlen_attn` (the flash kernel on CUDA in half precision,
+    length-bucketed SDPA elsewhere or with `buckets`); traceable by torch.compile as one node."""
+    return _varlen_attn_op(q, k, v, plan.cu_seqlens, plan.max_seqlen, float(dropout_p), causal, float(scale),
+                           -1 if window is None else int(window), buckets)[0]
 
 
 def flash_varlen(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
                  window: int | None = None) -> torch.Tensor:
     """Packed attention through torch's flash kernel (CUDA, half precision; see `flash_supported`)."""
-    left, right = _flash_window(causal, window)
-    return _FlashVarlen.apply(q, k, v, plan.cu_seqlens, plan.max_seqlen, dropout_p, causal, scale, left, right)
+    assert flash_supported(q), "flash_varlen needs CUDA half-precision inputs on Ampere or newer"
+    return varlen_op(q, k, v, plan, scale, dropout_p, causal, window)
 
 
 def _position_mask(width: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
@@ -267,40 +324,41 @@ def bucketed_sdpa(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0
     return out
 
 
-@torch.compiler.disable  # data-dependent (host-side plans, bucketing): outside compiled layer graphs
-def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
-                     backend: str = "auto", window: int | None = None):
-    """Attention over packed sequences; `backend` in {auto, fused, flash, bucketed, padded}
-    ("flash": the flash_attn package if installed, else torch's built-in flash kernel)."""
-    if torch.is_autocast_enabled(q.device.type):
-        # Autocast casts SDPA's inputs; this call is ours, so cast as it would. Without this, fp32 master
-        # weights in q/k norms (Qwen3) hand us fp32 queries and attention falls back to the padded path.
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    if window is not None and window >= plan.max_len:
-        window = None  # no sequence is long enough for the window to matter
+@torch.compiler.disable  # data-dependent (host-side plans): outside compiled graphs
+def _eager_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float, causal: bool, backend: str,
+                     window: int | None):
+    """The paths that are not one opaque op: the padded reference, buckets with dropout, and the
+    flash_attn package."""
     if backend == "padded":
         return padded_sdpa(q, k, v, plan, scale, dropout_p, causal, window)
-    if backend == "bucketed" or not q.is_cuda:
+    if backend == "bucketed":
         return bucketed_sdpa(q, k, v, plan, scale, dropout_p, causal, window)
-    flash = _flash_attn_varlen() if backend in ("auto", "flash") else None
-    if dropout_p > 0 or window is not None:  # torch's varlen_attn has neither
-        if flash is not None:
-            left, right = _flash_window(causal, window)
-            return flash(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
-                         dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=(left, right))
-        if backend in ("auto", "flash", "fused") and flash_supported(q):
-            return flash_varlen(q, k, v, plan, scale, dropout_p, causal, window)
-    if dropout_p > 0 or q.dtype == torch.float32 or window is not None:
-        # fp32 (no flash kernel): one padded SDPA call (memory-efficient kernel) beats many bucket launches.
-        return padded_sdpa(q, k, v, plan, scale, dropout_p, causal, window)
-    fused = _fused_varlen() if backend in ("auto", "fused") else None
-    if fused is not None:
-        return fused(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
-                     scale=scale, **_causal_kwargs(fused, causal))
-    if flash is not None:
-        return flash(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
-                     softmax_scale=scale, causal=causal)
-    if backend == "flash" and flash_supported(q):
-        return flash_varlen(q, k, v, plan, scale, dropout_p, causal, window)
-    return bucketed_sdpa(q, k, v, plan, scale, dropout_p, causal, window)
+    left, right = _flash_window(causal, window)
+    return _flash_attn_varlen()(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
+                                dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=(left, right))
+
+
+def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
+                     backend: str = "auto", window: int | None = None):
+    """Attention over packed sequences; `backend` in {auto, flash, bucketed, padded}.
+
+    auto (= flash): on CUDA, the flash_attn package when installed, else torch's flash kernel through
+    `embedtune::varlen_attn`; fp32 on CUDA has no flash kernel and runs padded (one SDPA call). On
+    CPU, length buckets (the op without dropout; eager SDPA, whose masks an op cannot replay, with).
+    bucketed / padded: those exact SDPA paths on any device.
+    """
+    if torch.is_autocast_enabled(q.device.type):
+        # Autocast casts SDPA's inputs; this op is ours, so cast as it would. Without this, fp32 master
+        # weights in q/k norms (Qwen3) hand us fp32 queries and attention leaves the flash kernel.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if q.is_cuda and backend != "bucketed":
+        if backend != "padded" and q.dtype != torch.float32 and _flash_attn_varlen() is not None:
+            return _eager_attention(q, k, v, plan, scale, dropout_p, causal, "flash", window)
+        if backend != "padded" and flash_supported(q):
+            return varlen_op(q, k, v, plan, scale, dropout_p, causal, window)
+        return _eager_attention(q, k, v, plan, scale, dropout_p, causal, "padded", window)
+    if backend == "padded" or dropout_p > 0:
+        return _eager_attention(q, k, v, plan, scale, dropout_p, causal, backend if backend == "padded" else "bucketed",
+                                window)
+    return varlen_op(q, k, v, plan, scale, 0.0, causal, window, buckets=True)
