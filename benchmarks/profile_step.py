@@ -85,6 +85,10 @@ def main() -> None:
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+        from torch._dynamo.utils import counters
+
+        print("dynamo:", {k: dict(v) for k, v in counters.items() if k in ("stats", "frames", "graph_break", "recompiles")})
         from torch.autograd import DeviceType
 
         device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]  # kernels and copies
