@@ -88,3 +88,15 @@ def test_whole_stack_is_one_graph_without_breaks(tmp_path, arch):
             assert (grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-7, name
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_attention_dispatch_checks_trace_as_constants():
+    """The flash checks in `varlen_attention` run inside compiled graphs; an import attempt there
+    (flash_attn absent) broke the graph at every layer on the GPU."""
+    from embedtune.packing import varlen
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def dispatch(x):
+        return x * 2 if varlen._has_flash_attn() else x + 1
+
+    assert torch.equal(dispatch(torch.ones(3)), torch.ones(3) * 2 if varlen._has_flash_attn() else torch.ones(3) + 1)

@@ -145,16 +145,27 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func
 
 
+# The two checks below run inside compiled graphs: dynamo must take their results as constants (an
+# import attempt or a cached call it cannot trace would break the graph, layer by layer).
+@torch.compiler.assume_constant_result
+def _has_flash_attn() -> bool:
+    return _flash_attn_varlen() is not None
+
+
 @functools.cache
-def _flash_device(index: int) -> bool:
+def _flash_capable(index: int) -> bool:
     return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(index)[0] >= 8
+
+
+@torch.compiler.assume_constant_result
+def _flash_device(index: int) -> bool:
+    return _flash_capable(index)
 
 
 def flash_supported(q: torch.Tensor) -> bool:
     """Whether torch's built-in flash kernel takes these inputs (Ampere or newer, half precision)."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 256 and _flash_device(q.device.index if q.device.index is not None
-                                                     else torch.cuda.current_device()))
+            and q.shape[-1] <= 256 and _flash_device(q.device.index or 0))
 
 
 def _flash_window(causal: bool, window: int | None) -> tuple[int, int]:
@@ -353,7 +364,7 @@ def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float 
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if q.is_cuda and backend != "bucketed":
-        if backend != "padded" and q.dtype != torch.float32 and _flash_attn_varlen() is not None:
+        if backend != "padded" and q.dtype != torch.float32 and _has_flash_attn():
             return _eager_attention(q, k, v, plan, scale, dropout_p, causal, "flash", window)
         if backend != "padded" and flash_supported(q):
             return varlen_op(q, k, v, plan, scale, dropout_p, causal, window)
