@@ -320,3 +320,30 @@ def test_offloaded_checkpoint_recomputes_under_the_forward_autocast():
         ref = block(hidden)
     ref.float().sum().backward()
     assert torch.equal(out, ref) and torch.allclose(grad, hidden.grad)
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (False, 3), (True, 4)])
+def test_attention_op_backward_matches_autograd(causal, window):
+    """`embedtune::varlen_attn` writes out its CPU backward (an op has no autograd inside); it must
+    equal autograd through the same bucketed SDPA, and stay finite where a window leaves a bucket's
+    padding slots no key at all."""
+    from embedtune.packing.varlen import PackedBatch, bucketed_sdpa, varlen_op
+
+    torch.manual_seed(0)
+    lengths = [1, 9, 12, 3, 30, 16]
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    plan = PackedBatch.from_mask(mask)
+    q, k, v = (torch.randn(plan.tokens, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    probe = torch.randn(plan.tokens, 2, 8, dtype=torch.float64)
+    results = []
+    for fn in (lambda: varlen_op(q, k, v, plan, 0.3, causal=causal, window=window, buckets=True),
+               lambda: bucketed_sdpa(q, k, v, plan, 0.3, causal=causal, window=window)):
+        q.grad = k.grad = v.grad = None
+        out = fn()
+        (out * probe).sum().backward()
+        results.append((out.detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()))
+    for mine, ref in zip(*results):
+        assert torch.isfinite(mine).all()
+        torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-10)

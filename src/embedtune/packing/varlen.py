@@ -187,13 +187,17 @@ def _bucketed_backward(grad_out, q, k, v, plan: PackedBatch, scale: float, causa
     backward), so the op needs no autograd of its own."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for index, valid in plan.buckets():
-        qb, kb, vb, gb = (t[index].transpose(1, 2).float() for t in (q, k, v, grad_out))  # [n, H, w, D]
+        work = torch.promote_types(q.dtype, torch.float32)  # half precision inputs: fp32 math
+        qb, kb, vb, gb = (t[index].transpose(1, 2).to(work) for t in (q, k, v, grad_out))  # [n, H, w, D]
         mask = valid[:, None, None, :]
         positional = _position_mask(index.shape[1], causal, window, q.device)
         if positional is not None:
             mask = mask & positional
         probs = (qb @ kb.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
-        gb = gb * valid[:, None, :, None]  # padding slots of a bucket produce no output
+        # Padding slots of a bucket produce no output; with a window they may see no key at all
+        # (a NaN row), so zero them out rather than multiply.
+        probs = probs.masked_fill(~valid[:, None, :, None], 0.0)
+        gb = gb.masked_fill(~valid[:, None, :, None], 0.0)
         d_probs = gb @ vb.transpose(-1, -2)
         d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True)) * scale
         rows = index[valid]
