@@ -131,7 +131,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint in OUTPUT.partial (same flags)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", min=0, help="Checkpoint every N steps, for --resume (default: the eval interval, at most 500; 0: off)."),
     no_fast: bool = typer.Option(False, "--no-fast", help="Use the standard padded forward instead of the packed fast path."),
-    compile_layers: bool = typer.Option(False, "--compile", help="torch.compile the packed layer step (one compile per run; pays off on GPU)."),
+    compile_layers: bool = typer.Option(False, "--compile", help="torch.compile the packed layers (one compile per run, 0.5-2 min on GPU; pays off on long GPU runs)."),
     query_prompt: Optional[str] = typer.Option(None, "--query-prompt", help='Prefix for queries, e.g. "query: " (saved in the model).'),
     document_prompt: Optional[str] = typer.Option(None, "--document-prompt", help='Prefix for documents, e.g. "passage: ".'),
     temperature: float = typer.Option(0.05, "--temperature", help="InfoNCE temperature (0.05 = MNRL's scale 20)."),

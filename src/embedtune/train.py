@@ -68,7 +68,7 @@ class TrainConfig:
     save_every: int | None = None  # checkpoint interval in steps; None: the eval interval (at most 500), 0: off
     logging_steps: int = 5
     fast: bool = True  # padding-free packed forward where the architecture supports it
-    compile: bool = False  # torch.compile the packed layer step (regional: one compile per run)
+    compile: bool = False  # torch.compile the packed layers (one compile per run; see packing.layers)
     query_prompt: str | None = None  # e.g. "query: " (E5) or a Qwen3-Embedding instruction
     document_prompt: str | None = None  # e.g. "passage: "
     temperature: float = 0.05  # InfoNCE temperature (0.05 = MNRL's scale 20)

@@ -64,7 +64,7 @@ class PackedForward:
         self.original = model.forward
         self.model = model
         self.packed_fn = packed_fn
-        self.compile = compile  # regional: each layer step compiled once (see packing.layers)
+        self.compile = compile  # the layer stack compiled once (see packing.layers)
         self.token_multiple = token_multiple  # pad packed streams to a multiple of this (packing.varlen)
         self.attention_backend = attention_backend
 
@@ -85,9 +85,9 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str
                      token_multiple: int | None = None) -> bool:
     """Switch `model` (plain or peft) to the packed forward; returns False (with a notice) if unsupported.
 
-    `compile=True` (or "default") also compiles the per-layer step (regional, dynamic in the token
-    count: one compile serves every layer and every batch shape; see `packing.layers`).
-    `compile="reduce-overhead"` replays those steps as CUDA graphs, and pads packed streams to a
+    `compile=True` (or "default") also compiles the layers (the whole stack as one graph where it can,
+    dynamic in the token count: one compile serves every batch shape; see `packing.layers`).
+    `compile="reduce-overhead"` replays the compiled code as CUDA graphs, and pads packed streams to a
     multiple of `token_multiple` tokens (default 1024) so that few graphs are recorded.
     """
     if compile == "reduce-overhead" and token_multiple is None:

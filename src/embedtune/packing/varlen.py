@@ -1,10 +1,11 @@
 """Variable-length (packed) attention: many sequences in one token stream, none attending across.
 
 Inputs are packed `q, k, v` of shape [tokens, heads, head_dim] plus `cu_seqlens` (sequence starts,
-int32, length batch+1). On CUDA we use torch's fused `varlen_attn` (torch >= 2.10) or flash_attn
-when installed. torch's `varlen_attn` has no dropout and no sliding window, but the flash kernel it
-calls has both: with attention dropout in training (BERT checkpoints ship 0.1) or a window, we call
-that kernel ourselves (`flash_varlen`). On CPU the exact fallback runs SDPA over length buckets: sequences sorted by length are grouped so that padding
+int32, length batch+1). On CUDA we call the flash kernel behind torch's `varlen_attn` ourselves, as
+one custom op (`embedtune::varlen_attn`): `varlen_attn` has no dropout and no sliding window, the
+kernel has both (BERT checkpoints train with attention dropout 0.1), and as one opaque op it lets
+torch.compile trace whole layer stacks. flash_attn serves where torch lacks the kernel. On CPU the exact
+fallback runs SDPA over length buckets: sequences sorted by length are grouped so that padding
 inside a bucket stays small, each bucket is gathered into a [n, heads, len, head_dim] view with a
 key mask, and the results are scattered back. Retrieval batches mix 15-token queries with
 256-token passages, so this is far cheaper than one padded [batch, max_len] attention.
@@ -357,8 +358,8 @@ def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float 
                      backend: str = "auto", window: int | None = None):
     """Attention over packed sequences; `backend` in {auto, flash, bucketed, padded}.
 
-    auto (= flash): on CUDA, the flash_attn package when installed, else torch's flash kernel through
-    `embedtune::varlen_attn`; fp32 on CUDA has no flash kernel and runs padded (one SDPA call). On
+    auto (= flash): on CUDA, torch's flash kernel through `embedtune::varlen_attn` (or the flash_attn
+    package where torch has no flash kernel); fp32 has no flash kernel and runs padded (one SDPA call). On
     CPU, length buckets (the op without dropout; eager SDPA, whose masks an op cannot replay, with).
     bucketed / padded: those exact SDPA paths on any device.
     """
@@ -368,10 +369,10 @@ def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float 
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if q.is_cuda and backend != "bucketed":
-        if backend != "padded" and q.dtype != torch.float32 and _has_flash_attn():
-            return _eager_attention(q, k, v, plan, scale, dropout_p, causal, "flash", window)
         if backend != "padded" and flash_supported(q):
             return varlen_op(q, k, v, plan, scale, dropout_p, causal, window)
+        if backend != "padded" and q.dtype != torch.float32 and _has_flash_attn():
+            return _eager_attention(q, k, v, plan, scale, dropout_p, causal, "flash", window)
         return _eager_attention(q, k, v, plan, scale, dropout_p, causal, "padded", window)
     if backend == "padded" or dropout_p > 0:
         return _eager_attention(q, k, v, plan, scale, dropout_p, causal, backend if backend == "padded" else "bucketed",
