@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..lora import unwrap_peft

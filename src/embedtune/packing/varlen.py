@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -187,8 +186,8 @@ def _bucketed_backward(grad_out, q, k, v, plan: PackedBatch, scale: float, causa
     """Gradients of `bucketed_sdpa` without dropout, written out per bucket (softmax attention's
     backward), so the op needs no autograd of its own."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    work = torch.promote_types(q.dtype, torch.float32)  # half precision inputs: fp32 math
     for index, valid in plan.buckets():
-        work = torch.promote_types(q.dtype, torch.float32)  # half precision inputs: fp32 math
         qb, kb, vb, gb = (t[index].transpose(1, 2).to(work) for t in (q, k, v, grad_out))  # [n, H, w, D]
         mask = valid[:, None, None, :]
         positional = _position_mask(index.shape[1], causal, window, q.device)
