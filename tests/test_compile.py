@@ -104,8 +104,7 @@ def test_attention_dispatch_checks_trace_as_constants():
 
 def test_per_layer_graph_when_the_stack_cannot_be_one(tmp_path):
     """Training on CPU (where dropout would need host-side attention) compiles the layer step, not the
-    stack: reused by every layer and every later batch shape, equal to eager. (It compiles twice: the
-    second batch fails one guard on a None attribute of the first; not found yet, and once only.)"""
+    stack: one graph reused by every layer and every batch shape, equal to eager."""
     from torch._dynamo.utils import counters
 
     from embedtune.packing import layers
@@ -118,8 +117,7 @@ def test_per_layer_graph_when_the_stack_cannot_be_one(tmp_path):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     assert not layers._whole_stack(model.encoder.layer, torch.zeros(1))
-    graphs_after_second = None
-    for step, (rows, repeat) in enumerate([(2, 1), (5, 2), (3, 4), (4, 3)]):
+    for rows, repeat in [(2, 1), (5, 2), (3, 4), (4, 3)]:
         batch = tok(TEXTS[:rows] * repeat, padding=True, return_tensors="pt")
         enable_fast_path(model, compile=True)
         out, grads = _forward_backward(model, batch)
@@ -130,7 +128,5 @@ def test_per_layer_graph_when_the_stack_cannot_be_one(tmp_path):
         for name, g in ref_grads.items():
             if not name.endswith("key.bias"):
                 assert (grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-7, name
-        if step == 1:
-            graphs_after_second = counters["stats"]["unique_graphs"]
-            assert graphs_after_second <= 2  # not one per layer
-    assert counters["stats"]["unique_graphs"] == graphs_after_second, "recompiled for a new batch shape"
+    # one graph: the first layer's input (a view of the embeddings) is copied, else it would need its own
+    assert counters["stats"]["unique_graphs"] == 1

@@ -73,6 +73,10 @@ def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bo
         return _compiled(_stack, mode)(layers, hidden, step)
     if mode:
         step = _compiled(step, mode)
+        if hidden._base is not None:
+            # The embeddings hand over a view, later layers a plain tensor: dynamo would compile the
+            # step once for each. A copy of one [tokens, hidden] tensor keeps it to one graph.
+            hidden = hidden.clone()
     for layer in layers:
         sharded_step = layer.__dict__.get(PACKED_STEP)
         if sharded_step is not None:  # FSDP unshards before and reshards after, as around a forward
