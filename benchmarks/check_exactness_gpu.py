@@ -70,7 +70,7 @@ def check_flash_dropout() -> dict[str, float]:
     same output; the mean over many masks is the dropout-free output; and for one mask the output is
     linear in `v`, so the backward's `dv` (which replays the mask) must predict the change of the
     output for a change of `v` exactly (up to rounding)."""
-    from embedtune.packing.varlen import PackedBatch, flash_varlen, padded_sdpa
+    from embedtune.packing.varlen import PackedBatch, flash_supported, padded_sdpa, varlen_op
 
     torch.manual_seed(0)
     lengths = [7, 300, 64, 129, 1, 512, 33, 250]
@@ -82,11 +82,12 @@ def check_flash_dropout() -> dict[str, float]:
     results = {}
     for dtype in (torch.bfloat16, torch.float16):
         q, k, v = (torch.randn(tokens, heads, dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        assert flash_supported(q)  # so varlen_op runs the flash kernel
         g = torch.randn(tokens, heads, dim, device="cuda", dtype=dtype)
         name = str(dtype).split(".")[-1]
         for causal, window in ((False, None), (True, None), (False, 48), (True, 48)):
             outs, grads = [], []
-            for fn in (flash_varlen, padded_sdpa):
+            for fn in (varlen_op, padded_sdpa):
                 q.grad = k.grad = v.grad = None
                 out = fn(q, k, v, plan, dim ** -0.5, 0.0, causal, window=window)
                 (out.float() * g.float()).sum().backward()
@@ -97,23 +98,23 @@ def check_flash_dropout() -> dict[str, float]:
             results[f"{key}: grads vs padded"] = rel(grads[0], grads[1])
         p = 0.1
         state = torch.cuda.get_rng_state()
-        a = flash_varlen(q, k, v, plan, dim ** -0.5, p)
+        a = varlen_op(q, k, v, plan, dim ** -0.5, p)
         torch.cuda.set_rng_state(state)
-        b = flash_varlen(q, k, v, plan, dim ** -0.5, p)
+        b = varlen_op(q, k, v, plan, dim ** -0.5, p)
         results[f"{name} dropout: same RNG state, output difference"] = rel(a, b)
         with torch.no_grad():
-            clean = flash_varlen(q, k, v, plan, dim ** -0.5, 0.0)
-            mean = sum(flash_varlen(q, k, v, plan, dim ** -0.5, p).float() for _ in range(400)) / 400
+            clean = varlen_op(q, k, v, plan, dim ** -0.5, 0.0)
+            mean = sum(varlen_op(q, k, v, plan, dim ** -0.5, p).float() for _ in range(400)) / 400
         results[f"{name} dropout: mean of 400 masks vs no dropout (expect ~1e-2)"] = rel(mean, clean)
         dv_dir = torch.randn_like(v)  # the output is exactly linear in v: any size of step works
         torch.cuda.set_rng_state(state)
         v.grad = None
-        out = flash_varlen(q, k, v, plan, dim ** -0.5, p)
+        out = varlen_op(q, k, v, plan, dim ** -0.5, p)
         (out.float() * g.float()).sum().backward()
         predicted = (v.grad.float() * dv_dir.float()).sum()
         with torch.no_grad():
             torch.cuda.set_rng_state(state)
-            moved = flash_varlen(q, k, v + dv_dir, plan, dim ** -0.5, p)
+            moved = varlen_op(q, k, v + dv_dir, plan, dim ** -0.5, p)
             actual = ((moved.float() - out.float()) * g.float()).sum()
         results[f"{name} dropout: dv replays the mask (rel err of predicted change)"] = (
             (predicted - actual).abs() / actual.abs()).item()
@@ -138,7 +139,7 @@ def main() -> None:
                 for lora in (True, False):
                     out_err, grad_err = check(arch, Path(tmp), dtype, lora)
                     rows.append((arch, str(dtype).split(".")[-1], "lora" if lora else "full", out_err, grad_err))
-    print("\nflash kernel with dropout / windows (embedtune.packing.varlen.flash_varlen):")
+    print("\nflash kernel with dropout / windows (embedtune::varlen_attn):")
     for key, value in check_flash_dropout().items():
         print(f"  {key:70s} {value:10.2e}")
     print(f"\n{'arch':12s} {'dtype':9s} {'mode':5s} {'output rel err':>15s} {'worst grad rel err':>19s}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -168,6 +169,10 @@ def flash_supported(q: torch.Tensor) -> bool:
             and q.shape[-1] <= 256 and _flash_device(q.device.index or 0))
 
 
+def _op_uses_flash(q: torch.Tensor, buckets: bool) -> bool:
+    return not buckets and flash_supported(q)
+
+
 def _flash_window(causal: bool, window: int | None) -> tuple[int, int]:
     """Our window (see `_position_mask`) as the flash kernel's (left, right) key reach; -1 = unbounded."""
     if window is None:
@@ -175,11 +180,21 @@ def _flash_window(causal: bool, window: int | None) -> tuple[int, int]:
     return (window - 1, 0) if causal else (window, window)
 
 
+_LAST_PLAN: list = [None, None]  # [weakref to the cu_seqlens tensor, its plan]
+
+
 def _plan_from_cu(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedBatch:
-    """A bucketing plan from sequence starts alone (what the attention op receives)."""
+    """A bucketing plan from sequence starts alone (what the attention op receives). Every layer's
+    forward and backward gets the same `cu_seqlens` tensor: the plan (and its buckets, host syncs
+    included) is made once per batch, not once per call."""
+    ref, plan = _LAST_PLAN
+    if ref is not None and ref() is cu_seqlens:
+        return plan
     seq_lens = cu_seqlens[1:] - cu_seqlens[:-1]
     empty = cu_seqlens.new_zeros(0)
-    return PackedBatch(empty, cu_seqlens, empty, seq_lens, int(seq_lens.numel()), max_seqlen, max_seqlen, empty)
+    plan = PackedBatch(empty, cu_seqlens, empty, seq_lens, int(seq_lens.numel()), max_seqlen, max_seqlen, empty)
+    _LAST_PLAN[:] = [weakref.ref(cu_seqlens), plan]
+    return plan
 
 
 def _bucketed_backward(grad_out, q, k, v, plan: PackedBatch, scale: float, causal: bool, window: int | None):
@@ -216,7 +231,7 @@ def _varlen_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     `window` -1 = none. CUDA half precision: the flash kernel, unless `buckets`; elsewhere:
     length-bucketed SDPA."""
     window_ = None if window < 0 else window
-    if not buckets and flash_supported(q):
+    if _op_uses_flash(q, buckets):
         left, right = _flash_window(causal, window_)
         out, lse, rng, _, _ = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, causal, False,
@@ -230,7 +245,7 @@ def _varlen_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
 
 @_varlen_attn_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, dropout_p, causal, scale, window, buckets):
-    if not buckets and flash_supported(q):
+    if _op_uses_flash(q, buckets):
         return (torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32),
                 q.new_empty(2, dtype=torch.uint64))
     return torch.empty_like(q), q.new_empty(0, dtype=torch.float32), q.new_empty(1, dtype=torch.int64)
@@ -242,7 +257,7 @@ def _varlen_attn_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
                              max_seqlen: int, dropout_p: float, causal: bool, scale: float, window: int,
                              buckets: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     window_ = None if window < 0 else window
-    if not buckets and flash_supported(q):
+    if _op_uses_flash(q, buckets):
         left, right = _flash_window(causal, window_)
         return torch.ops.aten._flash_attention_backward(
             grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
@@ -277,13 +292,6 @@ def varlen_op(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, 
     length-bucketed SDPA elsewhere or with `buckets`); traceable by torch.compile as one node."""
     return _varlen_attn_op(q, k, v, plan.cu_seqlens, plan.max_seqlen, float(dropout_p), causal, float(scale),
                            -1 if window is None else int(window), buckets)[0]
-
-
-def flash_varlen(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
-                 window: int | None = None) -> torch.Tensor:
-    """Packed attention through torch's flash kernel (CUDA, half precision; see `flash_supported`)."""
-    assert flash_supported(q), "flash_varlen needs CUDA half-precision inputs on Ampere or newer"
-    return varlen_op(q, k, v, plan, scale, dropout_p, causal, window)
 
 
 def _position_mask(width: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
