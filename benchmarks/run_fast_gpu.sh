@@ -11,4 +11,4 @@ MODEL=${1:-bert-base}
 python3 benchmarks/bench_train_gpu.py --models "$MODEL" --modes ${MODES:-lora,full} --compile \
   --compile-modes ${COMPILE_MODES:-default,reduce-overhead} ${EXTRA:-} \
   --steps ${STEPS:-20} --warmup ${WARMUP:-3} --tokenizer .bench/tokenizer --out "$OUT/fast_$MODEL.json" 2>&1 \
-  | grep -v -i "warn"
+  | tee "$OUT/fast_$MODEL.log" | grep -v -i "warn"

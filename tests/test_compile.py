@@ -130,3 +130,37 @@ def test_per_layer_graph_when_the_stack_cannot_be_one(tmp_path):
                 assert (grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-7, name
     # one graph: the first layer's input (a view of the embeddings) is copied, else it would need its own
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_identical_layers_share_one_compiled_region(tmp_path, monkeypatch, arch):
+    """The whole-stack graph calls each layer as a nested compile region: identical layers share
+    one subgraph, compiled once, so warm-up does not grow with depth. (Layers that compute
+    something else, such as ModernBERT's local-attention layers, get their own: the equality tests
+    above cover them.)"""
+    from embedtune.packing import layers
+
+    graphs = []
+
+    def capture(gm, example_inputs):  # note the graph, compile it as usual
+        from torch._inductor.compile_fx import compile_fx
+
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    monkeypatch.setattr(layers, "_compiled", lambda step, mode, dynamic=True: torch.compile(
+        step, dynamic=dynamic, backend=capture))
+    torch._dynamo.reset()
+    model, tok = FastModel.from_pretrained(make_tiny_model(arch, tmp_path), max_seq_length=64, fast=False)
+    model.eval()
+    enable_fast_path(model, compile=True)
+    batch = tok(TEXTS * 2, padding=True, return_tensors="pt")
+    out = model(**batch).last_hidden_state
+    disable_fast_path(model)
+    enable_fast_path(model, compile=False)
+    ref = model(**batch).last_hidden_state
+    assert (out - ref)[batch["attention_mask"].bool()].abs().max() <= 1e-5
+    (graph,) = graphs
+    calls = [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == len(model.layers if hasattr(model, "layers") else model.encoder.layer)
+    assert len({node.args[0].target for node in calls}) == 1

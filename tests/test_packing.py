@@ -178,8 +178,21 @@ def test_stream_padded_to_a_token_multiple():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0]])
     plan = PackedBatch.from_mask(mask, token_multiple=16)
     assert (plan.tokens, plan.stream) == (10, 16)
-    assert plan.cu_seqlens.tolist() == [0, 3, 8, 10, 15, 16]  # fillers: sequences of at most max_len (5)
-    assert plan.position_ids.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1] + [0, 1, 2, 3, 4, 0]
+    # Few distinct shapes (CUDA graphs): max_seqlen is the width (5) rounded up to a power of two, and
+    # the fillers take a fixed number of slots, ceil(16 / 8) = 2, some of them empty.
+    assert plan.max_seqlen == 8
+    assert plan.cu_seqlens.tolist() == [0, 3, 8, 10, 16, 16]
+    assert plan.position_ids.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1] + [0, 1, 2, 3, 4, 0]  # below the width
+    other = PackedBatch.from_mask(torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]), token_multiple=16)
+    assert other.cu_seqlens.tolist() == [0, 4, 9, 11, 16, 16] and other.max_seqlen == 8
+    assert PackedBatch.from_mask(mask).max_seqlen == 5  # without a multiple: the width itself
+    # Large streams: size classes 1/16 of the power of two below apart (at most 1/8 of the stream).
+    for tokens, stream in [(1000, 1024), (5000, 5120), (25000, 26624), (40000, 40960)]:
+        long_mask = torch.zeros(tokens // 500 + 1, 500, dtype=torch.long)
+        long_mask.view(-1)[:tokens] = 1
+        big = PackedBatch.from_mask(long_mask, token_multiple=1024)
+        assert (big.tokens, big.stream, big.max_seqlen) == (tokens, stream, 512)
+        assert big.cu_seqlens[-1] == stream and (big.cu_seqlens.diff() <= 512).all()
     x = torch.randn(3, 5, 4)
     packed = plan.pack(x)
     assert packed.shape == (16, 4) and not packed[10:].any()

@@ -65,5 +65,6 @@ def packed_decoder_forward(model, input_ids, attention_mask, token_type_ids=None
     cos, sin = cos[0], sin[0]
     causal = not getattr(model.config, "use_bidirectional_attention", False)
     hidden = run_layers(model.layers, hidden,
-                        lambda layer, h: _layer(model, layer, h, cos, sin, plan, attention_backend, causal))
+                        lambda layer, h: _layer(model, layer, h, cos, sin, plan, attention_backend, causal),
+                        per_token=(cos, sin))
     return plan.unpack(model.norm(hidden))

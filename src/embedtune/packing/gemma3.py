@@ -74,5 +74,6 @@ def packed_gemma3_forward(model, input_ids, attention_mask, token_type_ids=None,
     causal = not model.config.use_bidirectional_attention
     layers = model.layers[: model.config.num_hidden_layers]
     hidden = run_layers(layers, hidden,
-                        lambda layer, h: _layer(model, layer, h, rope_by_type, plan, attention_backend, causal))
+                        lambda layer, h: _layer(model, layer, h, rope_by_type, plan, attention_backend, causal),
+                        per_token=tuple(t for pair in rope_by_type.values() for t in pair))
     return plan.unpack(model.norm(hidden))

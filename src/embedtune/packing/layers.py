@@ -4,11 +4,13 @@ Per layer this honours, in order: FSDP (gathering the layer's sharded weights ar
 `embedtune.sharding`), activation checkpointing, and compilation. Compiled, the whole layer stack is
 one graph where it can be: attention is one opaque op (`embedtune::varlen_attn`), so there are no
 graph breaks, and a step costs one graph call forward and one backward instead of a Python-driven
-launch of every kernel (on a fast GPU the host, not the GPU, was the limit). Otherwise (sharded or
-checkpointed layers, host-side attention) compilation is regional: the per-layer step is compiled,
-and every layer reuses that graph (parameters are graph inputs). The token dimension is compiled
-dynamic either way, so packed streams of any length reuse the graph: one compile per run, not one
-per batch shape.
+launch of every kernel (on a fast GPU the host, not the GPU, was the limit). Inside that graph each
+layer is a nested compile region (`torch.compiler.nested_compile_region`): identical layers are
+compiled once and stamped out, so warm-up grows little with depth (a layer whose traced graph
+differs, such as a local-attention layer, gets its own). Otherwise (sharded or checkpointed layers,
+host-side attention) compilation is regional: the per-layer step is compiled, and every layer reuses
+that graph (parameters are graph inputs). The token dimension is compiled dynamic either way, so
+packed streams of any length reuse the graph: one compile per run, not one per batch shape.
 Mode "reduce-overhead" also replays the compiled regions as CUDA graphs, which removes the kernel
 launch cost that dominates small steps on a fast GPU; it records one graph per stream length, so
 use it with `varlen.static_tokens` (streams padded to a token multiple: few lengths).
@@ -41,15 +43,32 @@ def compiled_layers(mode: bool | str = True):
         _COMPILE_LAYERS.reset(token)
 
 
-def _compiled(step: Callable, mode: str) -> Callable:
+def _compiled(step: Callable, mode: str, dynamic: bool | None = True) -> Callable:
     # torch.compile caches by the code object: a fresh closure per forward reuses the graph.
-    return torch.compile(step, dynamic=True, mode=None if mode == "default" else mode)
+    return torch.compile(step, dynamic=dynamic, mode=None if mode == "default" else mode)
 
 
-def _stack(layers, hidden: torch.Tensor, step: Callable) -> torch.Tensor:
+@torch.compiler.nested_compile_region
+def _layer_region(step: Callable, layer, hidden: torch.Tensor) -> torch.Tensor:
+    return step(layer, hidden)
+
+
+def _stack(layers, hidden: torch.Tensor, step: Callable, per_token: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    for tensor in per_token:
+        # One symbol for the token count before the first layer is traced: otherwise the first
+        # layer's region takes extra size inputs and cannot share the others' compiled code.
+        torch._check(tensor.shape[0] == hidden.shape[0])
     for layer in layers:
-        hidden = step(layer, hidden)
+        hidden = _layer_region(step, layer, hidden)
     return hidden
+
+
+def mark_token_dim(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile that dim 0 of these (the packed token or sequence count) varies per batch,
+    so the whole-stack graph is compiled dynamic in it from the first batch on. Only a hint: a tensor
+    that turns out static costs one recompile, never an error. No effect in eager mode."""
+    for tensor in tensors:
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
 def _whole_stack(layers, hidden: torch.Tensor) -> bool:
@@ -62,21 +81,27 @@ def _whole_stack(layers, hidden: torch.Tensor) -> bool:
     return hidden.is_cuda or not (first.training and torch.is_grad_enabled())
 
 
-def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bool = True) -> torch.Tensor:
+def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bool = True,
+               per_token: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """`hidden = step(layer, hidden)` for each layer, through the layer's checkpoint function when it is on.
 
     Compiled, this is one graph for the whole stack where it can be (`stack_traceable`: the
     architecture's attention is the opaque op, not host-side bucketing), else one graph per layer step.
+    `per_token`: tensors the step reads (from its closure) with one row per token, such as rotary
+    tables: marked dynamic in that dimension like `hidden`.
     """
     mode = _COMPILE_LAYERS.get()
+    if mode and hidden._base is not None:
+        # The embeddings hand over a view, later layers a plain tensor: dynamo would compile the
+        # layer once for each. A copy of one [tokens, hidden] tensor keeps it to one graph.
+        hidden = hidden.clone()
     if mode and stack_traceable and len(layers) and _whole_stack(layers, hidden):
-        return _compiled(_stack, mode)(layers, hidden, step)
+        # dynamic=None, not True: with every size symbolic, dynamo fails to stamp out the nested
+        # layer regions; the token dimension is marked dynamic instead (here and by the callers).
+        mark_token_dim(hidden, *per_token)
+        return _compiled(_stack, mode, dynamic=None)(layers, hidden, step, per_token)
     if mode:
         step = _compiled(step, mode)
-        if hidden._base is not None:
-            # The embeddings hand over a view, later layers a plain tensor: dynamo would compile the
-            # step once for each. A copy of one [tokens, hidden] tensor keeps it to one graph.
-            hidden = hidden.clone()
     for layer in layers:
         sharded_step = layer.__dict__.get(PACKED_STEP)
         if sharded_step is not None:  # FSDP unshards before and reshards after, as around a forward

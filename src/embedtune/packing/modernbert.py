@@ -36,5 +36,6 @@ def packed_modernbert_forward(model, input_ids, attention_mask, token_type_ids=N
         cos, sin = model.rotary_emb(hidden[None], positions, layer_type)
         rope_by_type[layer_type] = (cos[0], sin[0])
     hidden = run_layers(model.layers, hidden,
-                        lambda layer, h: _layer(model, layer, h, rope_by_type, plan, attention_backend))
+                        lambda layer, h: _layer(model, layer, h, rope_by_type, plan, attention_backend),
+                        per_token=tuple(t for pair in rope_by_type.values() for t in pair))
     return plan.unpack(model.final_norm(hidden))

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .layers import mark_token_dim
+
 
 _TOKEN_MULTIPLE = contextvars.ContextVar("embedtune_token_multiple", default=None)
 
@@ -45,9 +47,13 @@ def static_token_multiple() -> int | None:
 class PackedBatch:
     """Where each real token of a padded batch lives in the packed stream.
 
-    With `token_multiple`, the stream is padded up to a multiple of it with filler tokens, grouped
-    into filler sequences of at most `max_len` tokens that attend only among themselves: every
-    real token's result is unchanged, and the stream length takes few distinct values.
+    With `token_multiple`, the stream is padded with filler tokens, grouped into filler sequences
+    that attend only among themselves: every real token's result is unchanged. Then every shape the
+    layers see takes few distinct values (what CUDA graphs need: one recording per shape): the stream
+    length (a multiple of `token_multiple`, and of 1/16 of the power of two below it: size classes
+    at most 1/8 apart, so batches of 21k-30k tokens fall into five), the number of sequences (a fixed
+    number of filler slots per size class, some empty), and `max_seqlen` (the padded width rounded up
+    to a power of two).
     """
 
     flat_index: torch.Tensor  # [T] positions of real tokens in the flattened [B*L] batch
@@ -80,15 +86,21 @@ class PackedBatch:
         cu[1:] = torch.cumsum(seq_lens, dim=0).to(torch.int32)
         positions = (torch.cumsum(mask.long(), dim=1) - 1).reshape(-1)[flat_index]
         tokens = flat_index.numel()
-        missing = -tokens % token_multiple if token_multiple else 0
-        if missing:  # filler sequences of at most max_len tokens
-            full, rest = divmod(missing, max_len)
-            fill = [max_len] * full + ([rest] if rest else [])
+        max_seqlen = max_len
+        if token_multiple:
+            max_seqlen = 1 << max(max_len - 1, 1).bit_length()
+            step = max(token_multiple, 1 << max(tokens.bit_length() - 4, 0))
+            missing = -tokens % step
+            full, rest = divmod(missing, max_seqlen)
+            slots = -(-step // max_seqlen)  # the most filler sequences a batch of this size class needs
+            fill = [max_seqlen] * full + [rest] + [0] * (slots - full - 1)
             fill_lens = torch.tensor(fill, dtype=seq_lens.dtype, device=mask.device)
             seq_lens = torch.cat([seq_lens, fill_lens])
             cu = torch.cat([cu, tokens + torch.cumsum(fill_lens, dim=0).to(torch.int32)])
-            positions = torch.cat([positions] + [torch.arange(n, device=mask.device) for n in fill])
-        return cls(flat_index, cu, positions, seq_lens, batch, max_len, max_len, mask)
+            # filler positions stay below max_len: valid for any position table the real tokens fit
+            positions = torch.cat([positions] + [torch.arange(n, device=mask.device) % max_len for n in fill if n])
+        mark_token_dim(cu, positions)
+        return cls(flat_index, cu, positions, seq_lens, batch, max_len, max_seqlen, mask)
 
     def buckets(self, slack: float = 1.25) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Length buckets for attention: per bucket, a [n, len] index into the packed stream
@@ -98,7 +110,7 @@ class PackedBatch:
             return cached
         lens = self.seq_lens.tolist()
         starts = self.cu_seqlens[:-1].tolist()
-        order = sorted(range(len(lens)), key=lambda i: lens[i])  # filler sequences included
+        order = sorted((i for i in range(len(lens)) if lens[i]), key=lambda i: lens[i])  # with fillers, not empty slots
         groups: list[list[int]] = []
         for i in order:  # grow a bucket while its padded area stays within `slack` of its real area
             if groups:
