@@ -29,7 +29,7 @@ from .varlen import static_tokens
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOKEN_MULTIPLE = 1024  # stream padding with compile="reduce-overhead": at most 1,023 filler tokens
+DEFAULT_TOKEN_MULTIPLE = 1024  # compile="reduce-overhead": streams padded to size classes (see PackedBatch)
 
 PACKED_FORWARDS = {
     "bert": packed_bert_forward,
@@ -85,8 +85,9 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str
 
     `compile=True` (or "default") also compiles the layers (the whole stack as one graph where it can,
     dynamic in the token count: one compile serves every batch shape; see `packing.layers`).
-    `compile="reduce-overhead"` replays the compiled code as CUDA graphs, and pads packed streams to a
-    multiple of `token_multiple` tokens (default 1024) so that few graphs are recorded.
+    `compile="reduce-overhead"` replays the compiled code as CUDA graphs, and pads packed streams to
+    size classes (multiples of `token_multiple`, default 1024, see `PackedBatch`) so that few graphs
+    are recorded; measured slower than "default" on an H200 (docs/BENCHMARKS.md): opt-in only.
     """
     if compile == "reduce-overhead" and token_multiple is None:
         token_multiple = DEFAULT_TOKEN_MULTIPLE

@@ -11,9 +11,10 @@ differs, such as a local-attention layer, gets its own). Otherwise (sharded or c
 host-side attention) compilation is regional: the per-layer step is compiled, and every layer reuses
 that graph (parameters are graph inputs). The token dimension is compiled dynamic either way, so
 packed streams of any length reuse the graph: one compile per run, not one per batch shape.
-Mode "reduce-overhead" also replays the compiled regions as CUDA graphs, which removes the kernel
-launch cost that dominates small steps on a fast GPU; it records one graph per stream length, so
-use it with `varlen.static_tokens` (streams padded to a token multiple: few lengths).
+Mode "reduce-overhead" also replays the compiled regions as CUDA graphs, meant to remove the kernel
+launch cost; it records one graph per input size, so it runs with `varlen.static_tokens` (streams
+padded to a few size classes). Measured on an H200 it is still slower than the default mode
+(docs/BENCHMARKS.md), so it is opt-in.
 """
 
 from __future__ import annotations
