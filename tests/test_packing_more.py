@@ -347,3 +347,41 @@ def test_attention_op_backward_matches_autograd(causal, window):
     for mine, ref in zip(*results):
         assert torch.isfinite(mine).all()
         torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lora_linear_fused_add_matches_peft(autocast):
+    """`lora_linear.linear` (base + scaling * (x A^T) B^T, the second product and the sum fused into
+    one addmm on packed 2-D inputs) equals peft's own LoRA layer: outputs and every gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    from embedtune.packing import lora_linear
+
+    torch.manual_seed(0)
+    net = get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 40)), LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    layer = net.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # peft starts B at zero: no signal to compare
+    x = torch.randn(30, 24)
+    results = {}
+    for name, fn in [("peft", layer), ("fused", lambda t: lora_linear.linear(layer, t)), ("unfused", None)]:
+        if fn is None:
+            fn = lambda t: lora_linear.linear(layer, t)  # noqa: E731
+            lora_linear.FUSE_LORA_ADD = False
+        xi = x.clone().requires_grad_()
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = fn(xi)
+            (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        finally:
+            lora_linear.FUSE_LORA_ADD = True
+        grads = [xi.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+        layer.zero_grad(set_to_none=True)
+        results[name] = (out.float().detach(), grads)
+    tol = 2e-2 if autocast else 1e-5
+    for name in ("fused", "unfused"):
+        out, grads = results[name]
+        ref, ref_grads = results["peft"]
+        assert (out - ref).abs().max() <= tol * ref.abs().max()
+        assert len(grads) == len(ref_grads) == 3  # input, A, B (peft freezes the base weight and bias)
+        for g, r in zip(grads, ref_grads):
+            assert (g.float() - r.float()).norm() <= tol * r.float().norm()
