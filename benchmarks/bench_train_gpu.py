@@ -192,8 +192,8 @@ def main() -> None:
     parser.add_argument("--compile-modes", type=lambda s: s.split(","), default=["default"],
                         help="embedtune compile rows: default and/or reduce-overhead (CUDA graphs)")
     parser.add_argument("--skip-stock-compile", action="store_true", help="stock + compile warms up for minutes")
-    parser.add_argument("--unfused-lora-row", action="store_true",
-                        help="also run embedtune eager with LoRA's low-rank product and sum not fused (lora_linear)")
+    parser.add_argument("--fused-lora-row", action="store_true",
+                        help="also run embedtune eager with LoRA's low-rank product and sum fused (lora_linear.FUSE_LORA_ADD)")
     parser.add_argument("--warm-cache-row", action="store_true",
                         help="repeat each embedtune+compile row: its warm-up then reads torch's on-disk compile caches")
     args = parser.parse_args()
@@ -216,8 +216,8 @@ def main() -> None:
                 if args.compile and not args.skip_stock_compile:
                     runners.append(("stock+compile", lambda: stock_model(path, lora, args.max_seq_length, True)))
                 runners.append(("embedtune", lambda: embedtune_model(path, lora, args.max_seq_length)))
-                if lora and args.unfused_lora_row:
-                    runners.append(("embedtune, LoRA add unfused", lambda: embedtune_model(path, lora, args.max_seq_length)))
+                if lora and args.fused_lora_row:
+                    runners.append(("embedtune, LoRA add fused", lambda: embedtune_model(path, lora, args.max_seq_length)))
                 for compile_mode in args.compile_modes if args.compile else ():
                     label = "embedtune+compile" + ("" if compile_mode == "default" else f"({compile_mode})")
                     runners.append((label, lambda m=compile_mode: embedtune_model(path, lora, args.max_seq_length,
@@ -228,7 +228,7 @@ def main() -> None:
                 for label, make in runners:
                     from embedtune.packing import lora_linear
 
-                    lora_linear.FUSE_LORA_ADD = "unfused" not in label
+                    lora_linear.FUSE_LORA_ADD = label.endswith("LoRA add fused")
                     st = make()
                     try:
                         row = run_steps(st, pairs, args.batch, args.steps, args.warmup, lora,

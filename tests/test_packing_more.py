@@ -363,17 +363,17 @@ def test_lora_linear_fused_add_matches_peft(autocast):
     torch.nn.init.normal_(layer.lora_B["default"].weight)  # peft starts B at zero: no signal to compare
     x = torch.randn(30, 24)
     results = {}
-    for name, fn in [("peft", layer), ("fused", lambda t: lora_linear.linear(layer, t)), ("unfused", None)]:
-        if fn is None:
-            fn = lambda t: lora_linear.linear(layer, t)  # noqa: E731
-            lora_linear.FUSE_LORA_ADD = False
+    default = lora_linear.FUSE_LORA_ADD
+    for name, fuse in [("peft", None), ("fused", True), ("unfused", False)]:
+        fn = layer if fuse is None else (lambda t: lora_linear.linear(layer, t))
         xi = x.clone().requires_grad_()
         try:
+            lora_linear.FUSE_LORA_ADD = bool(fuse)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 out = fn(xi)
             (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         finally:
-            lora_linear.FUSE_LORA_ADD = True
+            lora_linear.FUSE_LORA_ADD = default
         grads = [xi.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
         layer.zero_grad(set_to_none=True)
         results[name] = (out.float().detach(), grads)

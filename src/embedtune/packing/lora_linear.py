@@ -4,8 +4,10 @@ peft's LoRA Linear casts its input to the adapter dtype (fp32) and back on every
 several Python checks; on GPU that is a large share of a step (copies and launch overhead). For
 the common case (one active vanilla LoRA adapter on an nn.Linear) we compute
 `x W^T + b + scaling * (x A^T) B^T` in the input's dtype, and defer to the module itself for
-anything else. On the packed stream (2-D inputs) the second low-rank product and the sum are one
-`addmm`: the [tokens, out] low-rank output is never written out and read back (`FUSE_LORA_ADD`).
+anything else. With `FUSE_LORA_ADD`, on the packed stream (2-D inputs) the second low-rank product
+is accumulated into the base output by one in-place `addmm_`, so the [tokens, out] low-rank output
+is never written out and read back. It is off: an out-of-place `addmm` form measured slower than the
+separate add on an H200 (docs/BENCHMARKS.md); the in-place form is tested but not yet measured.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FUSE_LORA_ADD = True  # False: the unfused form, kept for the benchmark's side-by-side rows
+FUSE_LORA_ADD = False  # off: measured slower on an H200 (docs/BENCHMARKS.md); the benchmark can turn it on
 
 
 def _vanilla_adapter(module) -> str | None:
@@ -42,6 +44,7 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
     b = module.lora_B[adapter].weight
     down = F.linear(h, a.to(h.dtype))  # [tokens, r]
     if FUSE_LORA_ADD and out.dim() == 2:
-        return torch.addmm(out, down.to(out.dtype), b.to(out.dtype).t(), alpha=module.scaling[adapter])
+        # in place: F.linear's backward does not need its output, so autograd allows it
+        return out.addmm_(down.to(out.dtype), b.to(out.dtype).t(), alpha=module.scaling[adapter])
     low_rank = F.linear(down, b.to(h.dtype))
     return torch.add(out, low_rank.to(out.dtype), alpha=module.scaling[adapter])
