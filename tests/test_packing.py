@@ -186,7 +186,7 @@ def test_stream_padded_to_a_token_multiple():
     other = PackedBatch.from_mask(torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]), token_multiple=16)
     assert other.cu_seqlens.tolist() == [0, 4, 9, 11, 16, 16] and other.max_seqlen == 8
     assert PackedBatch.from_mask(mask).max_seqlen == 5  # without a multiple: the width itself
-    # Large streams: size classes 1/16 of the power of two below apart (at most 1/8 of the stream).
+    # Large streams: size classes 1/8 of the power of two at or below the token count apart.
     for tokens, stream in [(1000, 1024), (5000, 5120), (25000, 26624), (40000, 40960)]:
         long_mask = torch.zeros(tokens // 500 + 1, 500, dtype=torch.long)
         long_mask.view(-1)[:tokens] = 1

@@ -50,10 +50,10 @@ class PackedBatch:
     With `token_multiple`, the stream is padded with filler tokens, grouped into filler sequences
     that attend only among themselves: every real token's result is unchanged. Then every shape the
     layers see takes few distinct values (what CUDA graphs need: one recording per shape): the stream
-    length (a multiple of `token_multiple`, and of 1/16 of the power of two below it: size classes
-    at most 1/8 apart, so batches of 21k-30k tokens fall into five), the number of sequences (a fixed
-    number of filler slots per size class, some empty), and `max_seqlen` (the padded width rounded up
-    to a power of two).
+    length (a multiple of the larger of `token_multiple` and 1/8 of the power of two at or below the
+    token count: size classes at most 1/8 apart, so batches of 21k-30k tokens fall into five), the
+    number of sequences (a fixed number of filler slots per size class, some empty), and
+    `max_seqlen` (the padded width rounded up to a power of two).
     """
 
     flat_index: torch.Tensor  # [T] positions of real tokens in the flattened [B*L] batch
