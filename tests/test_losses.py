@@ -162,6 +162,29 @@ def test_cached_chunks_stay_within_the_token_budget(tiny_bert):
         assert sum(lengths) <= budget or len(lengths) == 1
 
 
+def test_default_token_budget_follows_the_free_gpu_memory(tiny_bert, monkeypatch):
+    """Without a budget: on a GPU with the packed path, a third of the free memory (cached blocks
+    count as free) by 48 bytes per token per layer per hidden unit, clamped; elsewhere 16,384."""
+    from embedtune import losses
+
+    assert losses.gpu_token_budget(80 * 10**9, 12, 768) == 58 * 1024  # BERT-base on an 80 GB card
+    assert losses.gpu_token_budget(80 * 10**9, 24, 1024) == 22 * 1024  # BERT-large
+    assert losses.gpu_token_budget(2 * 10**9, 24, 1024) == 4096  # clamped below
+    assert losses.gpu_token_budget(10**13, 2, 32) == 131072  # and above
+
+    st = _st(tiny_bert, fast=True)
+    assert ContrastiveLoss(st, cached=True, token_budget=77)._chunk_budget(torch.device("cuda")) == 77
+    assert ContrastiveLoss(st, cached=True)._chunk_budget(torch.device("cpu")) == losses.DEFAULT_TOKEN_BUDGET
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (9 * 10**9, 10 * 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 3 * 10**9)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2 * 10**9)
+    config = st[0].auto_model.config
+    expected = losses.gpu_token_budget(10 * 10**9, config.num_hidden_layers, config.hidden_size)
+    assert ContrastiveLoss(st, cached=True)._chunk_budget(torch.device("cuda")) == expected
+    plain = _st(tiny_bert, fast=False)  # padded chunks: the fixed default
+    assert ContrastiveLoss(plain, cached=True)._chunk_budget(torch.device("cuda")) == losses.DEFAULT_TOKEN_BUDGET
+
+
 def test_plan_chunks_and_slicing():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     assert plan_chunks(mask, 5) == [slice(0, 2), slice(2, 4)]

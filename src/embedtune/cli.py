@@ -138,7 +138,7 @@ def train(
     symmetric: bool = typer.Option(False, "--symmetric", help="Also train positive -> anchor (mean of both directions)."),
     matryoshka_dims: Optional[str] = typer.Option(None, "--matryoshka-dims", help='Also train truncated embeddings, e.g. "384,256,128,64".'),
     cached_loss: bool = typer.Option(False, "--cached-loss", help="GradCache: memory flat in --batch-size (about 1.3x the time)."),
-    token_budget: Optional[int] = typer.Option(None, "--token-budget", min=1, help="Real tokens per chunk with --cached-loss (default 16384)."),
+    token_budget: Optional[int] = typer.Option(None, "--token-budget", min=1, help="Real tokens per chunk with --cached-loss (default: a third of the free GPU memory's worth on the fast path, else 16384)."),
     report_to: str = typer.Option("none", "--report-to", help="none, tensorboard (events in OUTPUT/tensorboard) or wandb."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard weights, gradients and optimizer state over the GPUs (with --full)."),
     config_file: Optional[str] = typer.Option(

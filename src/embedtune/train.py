@@ -75,7 +75,7 @@ class TrainConfig:
     symmetric: bool = False  # also train positive -> anchor
     matryoshka_dims: list[int] | None = None  # e.g. [768, 512, 256, 128, 64]
     cached_loss: bool = False  # GradCache: memory flat in --batch-size
-    token_budget: int | None = None  # real tokens per cached chunk (default losses.DEFAULT_TOKEN_BUDGET)
+    token_budget: int | None = None  # real tokens per cached chunk (default: see losses.gpu_token_budget)
     report_to: str = "none"  # or "tensorboard" (events in OUTPUT/tensorboard) or "wandb"
     fsdp: bool = False  # shard weights, gradients and optimizer state over the ranks (full fine-tuning)
     extra: dict[str, Any] = field(default_factory=dict)
