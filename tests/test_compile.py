@@ -164,3 +164,30 @@ def test_identical_layers_share_one_compiled_region(tmp_path, monkeypatch, arch)
     calls = [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
     assert len(calls) == len(model.layers if hasattr(model, "layers") else model.encoder.layer)
     assert len({node.args[0].target for node in calls}) == 1
+
+
+def test_compile_cache_folder_and_compile_time(tmp_path, monkeypatch):
+    """The recipe keeps torch's compile caches where later runs find them (the user's choice wins),
+    and reports the seconds spent compiling, read from torch's own timers."""
+    from embedtune import compile_cache
+    from embedtune.report import _compile_fact
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache.use_persistent_compile_cache() == str(tmp_path / "mine")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    folder = compile_cache.use_persistent_compile_cache()
+    assert folder == str(tmp_path / "xdg" / "embedtune" / "torch-compile")
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == folder  # what torch reads at its next cache access
+
+    before = compile_cache.compile_seconds()
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+    x = torch.randn(8, requires_grad=True)
+    f(x).sum().backward()
+    assert compile_cache.compile_seconds() > before  # forward and backward compiles are timed
+    assert os.path.isdir(folder)  # torch wrote its cache there
+    assert _compile_fact({"time_s": 41.94, "cache": folder}) == f"41.9 s (cache: {folder})"
+    assert _compile_fact(None) is None

@@ -187,6 +187,7 @@ def facts_table(metrics: dict):
         ("train time", f"{metrics['train_time_s']:.1f} s" if _number(metrics.get("train_time_s")) else None),
         ("total time", f"{metrics['total_time_s']:.1f} s" if _number(metrics.get("total_time_s")) else None),
         ("tokens/s", f"{metrics['tokens_per_s']:,.0f}" if _number(metrics.get("tokens_per_s")) else None),
+        ("compile time", _compile_fact(metrics.get("compile"))),
         ("best step", metrics.get("best_step")),
     ]
     from rich.text import Text
@@ -195,6 +196,13 @@ def facts_table(metrics: dict):
         if value is not None:
             table.add_row(name, Text(str(value)))  # paths and model names are not markup
     return table
+
+
+def _compile_fact(compile_info) -> str | None:
+    """'41.9 s (cache: FOLDER)' for a --compile run, None otherwise."""
+    if not isinstance(compile_info, dict) or not _number(compile_info.get("time_s")):
+        return None
+    return f"{compile_info['time_s']:.1f} s (cache: {compile_info.get('cache')})"
 
 
 def curve_lines(history: list[dict], base: dict | None = None) -> list[str]:

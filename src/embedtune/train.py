@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .compile_cache import compile_seconds
 from .config_file import CONFIG_NAME, resolved_config, write_config_yaml
 from .data import column, load_pairs, train_eval_split
 from .data.token_cache import install_token_cache
@@ -264,9 +265,12 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         dtype = torch.float32  # full fine-tuning keeps fp32 master weights; autocast does the rest
     model, tokenizer = FastModel.from_pretrained(config.model, max_seq_length=config.max_seq_length, dtype=dtype,
                                               fast=config.fast)
+    compile_cache = None
     if config.compile:
+        from .compile_cache import use_persistent_compile_cache
         from .packing import enable_fast_path
 
+        compile_cache = use_persistent_compile_cache()  # later runs reuse this run's compiled code
         enable_fast_path(model, compile=True)
     if config.lora_r:
         model = get_peft_model(
@@ -379,6 +383,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         "eval_pairs": len(eval_ds) if eval_ds is not None else 0,
         "skipped_rows": loaded.skipped,
         "tokens_per_s": _tokens_per_second(tokens, train_time, trainer.state.log_history),
+        "compile": {"time_s": round(compile_seconds(), 2), "cache": compile_cache} if compile_cache else None,
         "best_step": best.best_step,
         "token_cache": ({"texts": len(token_cache.cache.index), "batches_served": token_cache.hits,
                          "batches_tokenized": token_cache.misses} if token_cache else None),

@@ -1,0 +1,37 @@
+"""torch.compile bookkeeping for a training run: where compiled code is kept between runs, and how
+long this run spent compiling.
+
+Compiling the packed layers costs 20-60 s on a GPU; a later run that finds torch's on-disk caches
+filled (TorchInductor's FX graph and AOTAutograd caches) warms up in about 3 s (docs/BENCHMARKS.md).
+torch keeps them in /tmp by default, which containers and reboots wipe, so the recipe points them at
+the user's cache folder unless the user chose a place.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # torch reads it at each cache access; set before compiling
+# torch's own timers of a compile: dynamo plus the forward backend, and the backward compiled at the
+# first backward pass (names as in torch 2.11-2.13).
+_COMPILE_TIMERS = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
+
+
+def use_persistent_compile_cache() -> str:
+    """Keep torch's compile caches in $XDG_CACHE_HOME/embedtune/torch-compile (~/.cache/... by
+    default) unless $TORCHINDUCTOR_CACHE_DIR is set; returns the folder in use."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen:
+        return chosen
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = Path(base) / "embedtune" / "torch-compile"
+    os.environ[CACHE_ENV] = str(folder)
+    return str(folder)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling so far, by torch's own timers (0.0 if none ran)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return float(sum(sum(compilation_time_metrics.get(name, ())) for name in _COMPILE_TIMERS))
