@@ -57,7 +57,7 @@ def test_compiled_layers_match_eager_and_compile_once(tmp_path, arch, mode):
     assert counters["frames"]["total"] == frames_after_first, "recompiled for a new batch shape"
 
 
-@pytest.mark.parametrize("arch", ["bert", "qwen3", "modernbert"])
+@pytest.mark.parametrize("arch", ["bert", "qwen3", "modernbert", "gemma3_text"])
 def test_whole_stack_is_one_graph_without_breaks(tmp_path, arch):
     """Attention as `embedtune::varlen_attn` lets dynamo trace every layer into one graph; a graph
     break (host-side attention) would split it and bring back the per-layer launch cost."""
@@ -132,7 +132,7 @@ def test_per_layer_graph_when_the_stack_cannot_be_one(tmp_path):
     assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "qwen3"])
 def test_identical_layers_share_one_compiled_region(tmp_path, monkeypatch, arch):
     """The whole-stack graph calls each layer as a nested compile region: identical layers share
     one subgraph, compiled once, so warm-up does not grow with depth. (Layers that compute

@@ -59,6 +59,8 @@ def _stack(layers, hidden: torch.Tensor, step: Callable, per_token: tuple[torch.
         # One symbol for the token count before the first layer is traced: otherwise the first
         # layer's region takes extra size inputs and cannot share the others' compiled code.
         torch._check(tensor.shape[0] == hidden.shape[0])
+    if per_token:  # and the first layer's input carries that symbol as later layers' inputs do
+        hidden = hidden.view(per_token[0].shape[0], -1).clone()
     for layer in layers:
         hidden = _layer_region(step, layer, hidden)
     return hidden
