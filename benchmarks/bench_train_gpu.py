@@ -199,6 +199,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from embedtune.data.stdlib import build_stdlib_pairs
+    from embedtune.packing import lora_linear
 
     pairs = build_stdlib_pairs(seed=0)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -226,8 +227,6 @@ def main() -> None:
                         runners.append((label + " warm cache", lambda m=compile_mode: embedtune_model(
                             path, lora, args.max_seq_length, compile_model=m)))
                 for label, make in runners:
-                    from embedtune.packing import lora_linear
-
                     lora_linear.FUSE_LORA_ADD = label.endswith("LoRA add fused")
                     st = make()
                     try:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .compile_cache import compile_seconds
+from .compile_cache import compile_seconds, use_persistent_compile_cache
 from .config_file import CONFIG_NAME, resolved_config, write_config_yaml
 from .data import column, load_pairs, train_eval_split
 from .data.token_cache import install_token_cache
@@ -267,7 +267,6 @@ def run(config: TrainConfig, progress=None) -> RunResult:
                                               fast=config.fast)
     compile_cache = None
     if config.compile:
-        from .compile_cache import use_persistent_compile_cache
         from .packing import enable_fast_path
 
         compile_cache = use_persistent_compile_cache()  # later runs reuse this run's compiled code

@@ -55,12 +55,13 @@ def _layer_region(step: Callable, layer, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _stack(layers, hidden: torch.Tensor, step: Callable, per_token: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    # Layers share one compiled region only if their inputs look alike. So the first layer gets, as
+    # later layers do, a graph intermediate (the graph's input may be a view of the embeddings) whose
+    # token count is the one symbol the per-token tables share (else its region takes extra sizes).
     for tensor in per_token:
-        # One symbol for the token count before the first layer is traced: otherwise the first
-        # layer's region takes extra size inputs and cannot share the others' compiled code.
         torch._check(tensor.shape[0] == hidden.shape[0])
-    if per_token:  # and the first layer's input carries that symbol as later layers' inputs do
-        hidden = hidden.view(per_token[0].shape[0], -1).clone()
+    tokens = per_token[0].shape[0] if per_token else hidden.shape[0]
+    hidden = hidden.reshape(tokens, -1).clone()
     for layer in layers:
         hidden = _layer_region(step, layer, hidden)
     return hidden
@@ -94,10 +95,6 @@ def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bo
     tables: marked dynamic in that dimension like `hidden`.
     """
     mode = _COMPILE_LAYERS.get()
-    if mode and hidden._base is not None:
-        # The embeddings hand over a view, later layers a plain tensor: dynamo would compile the
-        # layer once for each. A copy of one [tokens, hidden] tensor keeps it to one graph.
-        hidden = hidden.clone()
     if mode and stack_traceable and len(layers) and _whole_stack(layers, hidden):
         # dynamic=None, not True: with every size symbolic, dynamo fails to stamp out the nested
         # layer regions; the token dimension is marked dynamic instead (here and by the callers).
@@ -105,6 +102,10 @@ def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bo
         return _compiled(_stack, mode, dynamic=None)(layers, hidden, step, per_token)
     if mode:
         step = _compiled(step, mode)
+        if hidden._base is not None:
+            # The embeddings hand over a view, later layers a plain tensor: dynamo would compile the
+            # step once for each. A copy of one [tokens, hidden] tensor keeps it to one graph.
+            hidden = hidden.clone()
     for layer in layers:
         sharded_step = layer.__dict__.get(PACKED_STEP)
         if sharded_step is not None:  # FSDP unshards before and reshards after, as around a forward
