@@ -99,7 +99,8 @@ def run_steps(st, pairs, batch: int, steps: int, cached: bool, token_budget: int
     return {"batch": batch, "cached": cached, "step_s": round(step_s, 4),
             "pairs_per_s": round(batch / step_s, 1),
             "tokens_per_s": round(sum(tokens[warmup:]) / len(times) / step_s),
-            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "loss": round(float(loss), 4)}
+            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "loss": round(float(loss), 4),
+            "token_budget": loss_fn.token_budget if cached else None}  # the default's choice when not given
 
 
 def _free(*objs):

@@ -65,9 +65,22 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        from torch._inductor import metrics
+
+        from embedtune.compile_cache import compile_seconds
+
+        warm = time.perf_counter()
         for feats in batches[:3]:
             step(feats)
         torch.cuda.synchronize()
+        # Warm-up = compile (dynamo + AOT + inductor, torch's own timers) + the rest (first-call
+        # Triton autotuning, cuBLAS heuristics, allocator growth).
+        print(f"warm-up {time.perf_counter() - warm:.1f} s, of which compile {compile_seconds():.1f} s; "
+              f"inductor kernels generated: {metrics.generated_kernel_count}")
+        if args.compile:
+            from torch._dynamo.utils import compile_times
+
+            print(compile_times(repr="str", aggregate=True))
         t0 = time.perf_counter()
         for feats in batches[3:]:
             step(feats)
@@ -96,6 +109,16 @@ def main() -> None:
         kernels = len(device_events)
         # GPU busy far below 100% of wall: the step waits on the host (kernel launches, syncs), not on the GPU
         print(f"GPU busy {busy:.3f} s of {wall:.3f} s wall ({busy / wall:.0%}); ~{kernels // 2} device ops per step")
+        kinds = {}
+        for e in device_events:  # where device time goes, by kernel family
+            name = e.name.lower()
+            kind = ("gemm" if any(w in name for w in ("gemm", "cutlass", "sm90", "xmma", "cublas")) else
+                    "flash attention" if "flash" in name else "triton (inductor)" if name.startswith("triton") else
+                    "optimizer" if "adam" in name or "multi_tensor" in name else "copy/memset" if "memcpy" in name
+                    or "memset" in name else "other")
+            kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e6
+        print("device time by kind: " + ", ".join(f"{k} {v / 2 * 1000:.1f} ms/step" for k, v in
+                                                   sorted(kinds.items(), key=lambda kv: -kv[1])))
 
 
 if __name__ == "__main__":

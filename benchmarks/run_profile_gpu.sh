@@ -22,4 +22,4 @@ while IFS= read -r config; do
     || echo "FAILED (rc=$?): $config" | tee -a "$LOG"
 done <<< "$CONFIGS"
 [ -f "$OUT/exactness.log" ] && sed -n '/flash kernel with/,$p' "$OUT/exactness.log" && tail -5 "$OUT/exactness.log" | grep -i error
-grep -E "^(===|embedtune|stock|GPU busy|FAILED|Traceback|[A-Za-z]*Error)" "$LOG"
+grep -E "^(===|embedtune|stock|GPU busy|device time|warm-up|FAILED|Traceback|[A-Za-z]*Error)" "$LOG"
