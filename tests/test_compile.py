@@ -36,8 +36,12 @@ def test_compiled_layers_match_eager_and_compile_once(tmp_path, arch, mode):
     model, tok = FastModel.from_pretrained(make_tiny_model(arch, tmp_path), max_seq_length=64, fast=False)
     model.eval()  # dropout off: compiled and eager draw different random masks
     frames_after_first = None
-    for step, (rows, repeat) in enumerate([(2, 1), (5, 2), (3, 4), (4, 3)]):  # a new batch shape each step
-        batch = tok(TEXTS[:rows] * repeat, padding=True, return_tensors="pt")
+    widths = set()
+    # a new batch shape each step: new sequence counts, token counts and padded widths (the longest
+    # sequence, which the attention op takes as an argument)
+    for step, (rows, repeat) in enumerate([([0, 1], 1), ([0, 2, 3, 4], 2), ([0, 3, 4], 4), ([1, 2, 3, 4], 3)]):
+        batch = tok([TEXTS[i] for i in rows] * repeat, padding=True, return_tensors="pt")
+        widths.add(batch["input_ids"].shape[1])
         enable_fast_path(model, compile=mode)
         out, grads = _forward_backward(model, batch, step)
         disable_fast_path(model)
@@ -54,6 +58,7 @@ def test_compiled_layers_match_eager_and_compile_once(tmp_path, arch, mode):
         if step == 0:
             frames_after_first = counters["frames"]["total"]
             assert frames_after_first > 0, "nothing was compiled"
+    assert len(widths) == 3
     assert counters["frames"]["total"] == frames_after_first, "recompiled for a new batch shape"
 
 

@@ -64,6 +64,10 @@ class PackedBatch:
     max_len: int  # L of the padded batch
     max_seqlen: int  # bound on the longest real sequence (the padded width: no device sync needed)
     key_mask: torch.Tensor  # [B, L] bool, True at real tokens
+    # An empty [max_seqlen, 0] tensor: compiled code reads max_seqlen from its (dynamic) size, so
+    # the graph takes it as a symbol from the first batch on. As a plain int it would be a constant
+    # of the graph, and the first batch of another width would recompile the whole stack.
+    width: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -99,8 +103,9 @@ class PackedBatch:
             cu = torch.cat([cu, tokens + torch.cumsum(fill_lens, dim=0).to(torch.int32)])
             # filler positions stay below max_len: valid for any position table the real tokens fit
             positions = torch.cat([positions] + [torch.arange(n, device=mask.device) % max_len for n in fill if n])
-        mark_token_dim(cu, positions)
-        return cls(flat_index, cu, positions, seq_lens, batch, max_len, max_seqlen, mask)
+        width = torch.empty(max_seqlen, 0, device=mask.device)
+        mark_token_dim(cu, positions, width)
+        return cls(flat_index, cu, positions, seq_lens, batch, max_len, max_seqlen, mask, width)
 
     def buckets(self, slack: float = 1.25) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Length buckets for attention: per bucket, a [n, len] index into the packed stream
@@ -302,7 +307,8 @@ def varlen_op(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, 
               window: int | None = None, buckets: bool = False) -> torch.Tensor:
     """Packed attention through `embedtune::varlen_attn` (the flash kernel on CUDA in half precision,
     length-bucketed SDPA elsewhere or with `buckets`); traceable by torch.compile as one node."""
-    return _varlen_attn_op(q, k, v, plan.cu_seqlens, plan.max_seqlen, float(dropout_p), causal, float(scale),
+    max_seqlen = plan.max_seqlen if plan.width is None else plan.width.shape[0]
+    return _varlen_attn_op(q, k, v, plan.cu_seqlens, max_seqlen, float(dropout_p), causal, float(scale),
                            -1 if window is None else int(window), buckets)[0]
 
 
