@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .layers import run_layers
-from .lora_linear import linear
+from .lora_linear import linear, linears
 from .varlen import PackedBatch, static_token_multiple, varlen_attention
 
 # RoBERTa-style position ids start after the padding index.
@@ -32,9 +32,7 @@ def _layer(layer, hidden, plan: PackedBatch, attention_backend: str):
     self_attn = layer.attention.self
     tokens = hidden.shape[0]
     heads, dim = self_attn.num_attention_heads, self_attn.attention_head_size
-    q = linear(self_attn.query, hidden).view(tokens, heads, dim)
-    k = linear(self_attn.key, hidden).view(tokens, heads, dim)
-    v = linear(self_attn.value, hidden).view(tokens, heads, dim)
+    q, k, v = (t.view(tokens, heads, dim) for t in linears([self_attn.query, self_attn.key, self_attn.value], hidden))
     dropout = self_attn.dropout.p if self_attn.training else 0.0
     scale = getattr(self_attn, "scaling", dim ** -0.5)
     context = varlen_attention(q, k, v, plan, scale, dropout, backend=attention_backend).reshape(tokens, heads * dim)

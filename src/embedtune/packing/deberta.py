@@ -29,7 +29,7 @@ import torch
 from .bert import feed_forward
 from .biased import biased_attention
 from .layers import run_layers
-from .lora_linear import linear
+from .lora_linear import linear, linears
 from .varlen import PackedBatch
 
 KNOWN_REL_TERMS = {"c2p", "p2c"}
@@ -105,9 +105,7 @@ def _relative_bias(model, attn, indices, denominator: float):
 def _layer(model, layer, hidden, plan: PackedBatch, indices, backend: str):
     attn = layer.attention.self
     tokens, heads, dim = hidden.shape[0], attn.num_attention_heads, attn.attention_head_size
-    q = linear(attn.query_proj, hidden).view(tokens, heads, dim)
-    k = linear(attn.key_proj, hidden).view(tokens, heads, dim)
-    v = linear(attn.value_proj, hidden).view(tokens, heads, dim)
+    q, k, v = (t.view(tokens, heads, dim) for t in linears([attn.query_proj, attn.key_proj, attn.value_proj], hidden))
     terms = set(attn.pos_att_type) & KNOWN_REL_TERMS
     denominator = (dim * (1 + len(terms))) ** 0.5  # counted whether or not relative_attention is on
     bias_fn = _relative_bias(model, attn, indices, denominator)

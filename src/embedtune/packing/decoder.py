@@ -13,7 +13,7 @@ import sys
 import torch
 
 from .layers import run_layers
-from .lora_linear import linear
+from .lora_linear import linear, linears
 from .varlen import PackedBatch, static_token_multiple, varlen_attention
 
 
@@ -28,9 +28,7 @@ def _layer(model, layer, hidden, cos, sin, plan: PackedBatch, backend: str, caus
     attn = layer.self_attn
     tokens, dim = hidden.shape[0], attn.head_dim
     h = layer.input_layernorm(hidden)
-    q = linear(attn.q_proj, h).view(tokens, -1, dim)
-    k = linear(attn.k_proj, h).view(tokens, -1, dim)
-    v = linear(attn.v_proj, h).view(tokens, -1, dim)
+    q, k, v = (t.view(tokens, -1, dim) for t in linears([attn.q_proj, attn.k_proj, attn.v_proj], h))
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     context = rotary_attention(attn, q, k, v, cos, sin, plan, backend, causal, _window(model, attn))
@@ -53,7 +51,8 @@ def rotary_attention(attn, q, k, v, cos, sin, plan: PackedBatch, backend: str, c
 
 def gated_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     """down(act(gate(x)) * up(x)), the MLP of Llama-family layers."""
-    return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
+    gate, up = linears([mlp.gate_proj, mlp.up_proj], x)
+    return linear(mlp.down_proj, mlp.act_fn(gate) * up)
 
 
 def packed_decoder_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):

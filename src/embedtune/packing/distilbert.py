@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .layers import run_layers
-from .lora_linear import linear
+from .lora_linear import linear, linears
 from .varlen import PackedBatch, static_token_multiple, varlen_attention
 
 
@@ -11,9 +11,7 @@ def _layer(layer, hidden, plan: PackedBatch, attention_backend: str):
     attn = layer.attention
     tokens, heads = hidden.shape[0], attn.n_heads
     dim = attn.dim // heads
-    q = linear(attn.q_lin, hidden).view(tokens, heads, dim)
-    k = linear(attn.k_lin, hidden).view(tokens, heads, dim)
-    v = linear(attn.v_lin, hidden).view(tokens, heads, dim)
+    q, k, v = (t.view(tokens, heads, dim) for t in linears([attn.q_lin, attn.k_lin, attn.v_lin], hidden))
     dropout = attn.dropout.p if attn.training else 0.0
     context = varlen_attention(q, k, v, plan, attn.scaling, dropout, backend=attention_backend)
     hidden = layer.sa_layer_norm(linear(attn.out_lin, context.reshape(tokens, heads * dim)) + hidden)

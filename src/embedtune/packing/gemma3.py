@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from .decoder import gated_mlp, rotary_attention
 from .layers import run_layers
-from .lora_linear import linear
+from .lora_linear import linear, linears
 from .varlen import PackedBatch, static_token_multiple
 
 LAYER_TYPES = {"sliding_attention", "full_attention"}
@@ -52,9 +52,8 @@ def _layer(model, layer, hidden, rope_by_type, plan: PackedBatch, backend: str, 
     attn = layer.self_attn
     tokens, dim = hidden.shape[0], attn.head_dim
     h = layer.input_layernorm(hidden)
-    q = attn.q_norm(linear(attn.q_proj, h).view(tokens, -1, dim))
-    k = attn.k_norm(linear(attn.k_proj, h).view(tokens, -1, dim))
-    v = linear(attn.v_proj, h).view(tokens, -1, dim)
+    q, k, v = (t.view(tokens, -1, dim) for t in linears([attn.q_proj, attn.k_proj, attn.v_proj], h))
+    q, k = attn.q_norm(q), attn.k_norm(k)
     cos, sin = rope_by_type[attn.layer_type]
     context = rotary_attention(attn, q, k, v, cos, sin, plan, backend, causal, _window(model, attn, causal))
     hidden = hidden + layer.post_attention_layernorm(linear(attn.o_proj, context))

@@ -4,7 +4,8 @@ peft's LoRA Linear casts its input to the adapter dtype (fp32) and back on every
 several Python checks; on GPU that is a large share of a step (copies and launch overhead). For
 the common case (one active vanilla LoRA adapter on an nn.Linear) we compute
 `x W^T + b + scaling * (x A^T) B^T` in the input's dtype, and defer to the module itself for
-anything else. With `FUSE_LORA_ADD`, on the packed stream (2-D inputs) the second low-rank product
+anything else. `linears` runs projections of one input (q, k, v; gate, up) as one product over
+their concatenated weights, and their LoRA adapters as one low-rank pair. With `FUSE_LORA_ADD`, on the packed stream (2-D inputs) the second low-rank product
 is accumulated into the base output by one in-place `addmm_`, so the [tokens, out] low-rank output
 is never written out and read back. It is off: an out-of-place `addmm` form measured slower than the
 separate add on an H200 (docs/BENCHMARKS.md); the in-place form is tested but not yet measured.
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 FUSE_LORA_ADD = False  # off: measured slower on an H200 (docs/BENCHMARKS.md); the benchmark can turn it on
+FUSE_PROJECTIONS = True  # `linears`: projections of one input as one matrix product (the benchmark can turn it off)
 
 
 def _vanilla_adapter(module) -> str | None:
@@ -48,3 +50,37 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         return out.addmm_(down.to(out.dtype), b.to(out.dtype).t(), alpha=module.scaling[adapter])
     low_rank = F.linear(down, b.to(h.dtype))
     return torch.add(out, low_rank.to(out.dtype), alpha=module.scaling[adapter])
+
+
+def _fusable_bases(modules) -> bool:
+    weights = [m.weight for m in modules]
+    has_bias = {m.bias is not None for m in modules}
+    return (all(type(m) is torch.nn.Linear for m in modules) and len(has_bias) == 1
+            and len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1)
+
+
+def _fused_base(modules, x: torch.Tensor) -> torch.Tensor:
+    bias = torch.cat([m.bias for m in modules]) if modules[0].bias is not None else None
+    return F.linear(x, torch.cat([m.weight for m in modules]), bias)
+
+
+def linears(modules, x: torch.Tensor) -> list[torch.Tensor]:
+    """`[linear(m, x) for m in modules]` for projections of one input (q, k, v; gate, up), computed
+    as one matrix product over their concatenated weights where they are alike: fewer and larger
+    GEMMs, and on a fast GPU fewer kernel launches, which bounded a packed step. LoRA adapters
+    (plain, one active, no dropout) become one low-rank pair: the A matrices stacked, the B
+    matrices (times their scaling) block-diagonal, so each output still sees only its own adapter.
+    Anything else runs projection by projection."""
+    sizes = [m.out_features for m in modules]
+    if FUSE_PROJECTIONS and len(modules) > 1:
+        if _fusable_bases(modules):
+            return list(_fused_base(modules, x).split(sizes, dim=-1))
+        adapters = [_vanilla_adapter(m) for m in modules]
+        if all(a is not None and isinstance(m.lora_dropout[a], torch.nn.Identity) for m, a in zip(modules, adapters)) \
+                and _fusable_bases([m.base_layer for m in modules]):
+            out = _fused_base([m.base_layer for m in modules], x)
+            a = torch.cat([m.lora_A[name].weight for m, name in zip(modules, adapters)])
+            b = torch.block_diag(*[m.lora_B[name].weight * m.scaling[name] for m, name in zip(modules, adapters)])
+            low_rank = F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+            return list((out + low_rank.to(out.dtype)).split(sizes, dim=-1))
+    return [linear(m, x) for m in modules]

@@ -22,7 +22,7 @@ import torch
 from .bert import feed_forward
 from .biased import biased_attention
 from .layers import run_layers
-from .lora_linear import linear
+from .lora_linear import linear, linears
 from .varlen import PackedBatch
 
 
@@ -36,9 +36,7 @@ def _layer(model, layer, hidden, plan: PackedBatch, backend: str, shared_bias):
     attn = layer.attention.attn
     tokens = hidden.shape[0]
     heads, dim = attn.num_attention_heads, attn.attention_head_size
-    q = linear(attn.q, hidden).view(tokens, heads, dim)
-    k = linear(attn.k, hidden).view(tokens, heads, dim)
-    v = linear(attn.v, hidden).view(tokens, heads, dim)
+    q, k, v = (t.view(tokens, heads, dim) for t in linears([attn.q, attn.k, attn.v], hidden))
     bias = shared_bias if shared_bias is not None else _position_bias(model, plan.max_len, hidden.device)
     dropout = attn.dropout.p if attn.training else 0.0
 
