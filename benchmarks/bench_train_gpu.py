@@ -194,6 +194,8 @@ def main() -> None:
     parser.add_argument("--skip-stock-compile", action="store_true", help="stock + compile warms up for minutes")
     parser.add_argument("--fused-lora-row", action="store_true",
                         help="also run embedtune eager with LoRA's low-rank product and sum fused (lora_linear.FUSE_LORA_ADD)")
+    parser.add_argument("--unfused-projections-row", action="store_true",
+                        help="also run embedtune eager with q/k/v (gate/up) as separate products (lora_linear.FUSE_PROJECTIONS off)")
     parser.add_argument("--warm-cache-row", action="store_true",
                         help="repeat each embedtune+compile row: its warm-up then reads torch's on-disk compile caches")
     args = parser.parse_args()
@@ -209,14 +211,14 @@ def main() -> None:
         for name in args.models.split(","):
             path = build_model_dir(name, args.tokenizer, root)
             results.setdefault("exactness_bf16_rel_err", {})[name] = exactness(path)
-            if args.compile:
-                results["exactness_bf16_rel_err"][name + "+compile"] = exactness(path, compile_model=True)
             for mode in args.modes.split(","):
                 lora = mode == "lora"
                 runners = [("stock", lambda: stock_model(path, lora, args.max_seq_length, False))]
                 if args.compile and not args.skip_stock_compile:
                     runners.append(("stock+compile", lambda: stock_model(path, lora, args.max_seq_length, True)))
                 runners.append(("embedtune", lambda: embedtune_model(path, lora, args.max_seq_length)))
+                if args.unfused_projections_row:
+                    runners.append(("embedtune, projections one by one", lambda: embedtune_model(path, lora, args.max_seq_length)))
                 if lora and args.fused_lora_row:
                     runners.append(("embedtune, LoRA add fused", lambda: embedtune_model(path, lora, args.max_seq_length)))
                 for compile_mode in args.compile_modes if args.compile else ():
@@ -228,6 +230,7 @@ def main() -> None:
                             path, lora, args.max_seq_length, compile_model=m)))
                 for label, make in runners:
                     lora_linear.FUSE_LORA_ADD = label.endswith("LoRA add fused")
+                    lora_linear.FUSE_PROJECTIONS = not label.endswith("projections one by one")
                     st = make()
                     try:
                         row = run_steps(st, pairs, args.batch, args.steps, args.warmup, lora,
@@ -242,6 +245,8 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     del st
                     torch.cuda.empty_cache()
+            if args.compile:  # after the rows, so the first compiled row's warm-up is a cold compile
+                results["exactness_bf16_rel_err"][name + "+compile"] = exactness(path, compile_model=True)
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=2)
     print(f"\ncard: {results['card']}  torch {results['torch']}  bf16 packed-vs-padded rel err: "

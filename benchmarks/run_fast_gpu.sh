@@ -8,6 +8,9 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD/src"
 MODEL=${1:-bert-base}
+# a cold compile cache for this call (a warm machine keeps /tmp/torchinductor_$USER between calls);
+# rows after the first compiled one may reuse its kernels, "warm cache" rows by design
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
 python3 benchmarks/bench_train_gpu.py --models "$MODEL" --modes ${MODES:-lora,full} --compile \
   --compile-modes ${COMPILE_MODES:-default,reduce-overhead} ${EXTRA:-} \
   --steps ${STEPS:-20} --warmup ${WARMUP:-3} --tokenizer .bench/tokenizer --out "$OUT/fast_$MODEL.json" 2>&1 \
