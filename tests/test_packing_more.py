@@ -395,10 +395,9 @@ class _Projections(torch.nn.Module):
 
 @pytest.mark.parametrize("case", ["plain", "plain-no-bias", "lora", "lora-ranks", "lora-partial", "lora-dropout"])
 def test_fused_projections_match_one_by_one(case):
-    """`lora_linear.linears` runs q, k, v as one product over stacked weights (LoRA adapters as one
-    stacked-A, block-diagonal-B pair, different ranks and scalings included) and falls back to one by
-    one where they are not alike (an adapter on some only, LoRA dropout): outputs and every gradient
-    equal peft's own layers, and the fused path really ran where it should."""
+    """`lora_linear.linears` runs plain q, k, v projections as one product over stacked weights, and
+    LoRA layers one by one (stacking frozen weights every step measured slower): outputs and every
+    gradient equal the modules' own, and the stacked product ran exactly where it should."""
     from peft import LoraConfig, get_peft_model
 
     from embedtune.packing import lora_linear
@@ -434,7 +433,7 @@ def test_fused_projections_match_one_by_one(case):
         net.zero_grad(set_to_none=True)
         if name == "fused":
             fused = any(shape[0] == 64 for shape in calls)  # one product over the 32 + 16 + 16 stacked rows
-            assert fused == (case in ("plain", "plain-no-bias", "lora", "lora-ranks")), calls
+            assert fused == case.startswith("plain"), calls
     (outs, grads), (ref_outs, ref_grads) = results["fused"], results["one by one"]
     for o, r in zip(outs, ref_outs):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)

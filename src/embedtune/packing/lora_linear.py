@@ -4,8 +4,8 @@ peft's LoRA Linear casts its input to the adapter dtype (fp32) and back on every
 several Python checks; on GPU that is a large share of a step (copies and launch overhead). For
 the common case (one active vanilla LoRA adapter on an nn.Linear) we compute
 `x W^T + b + scaling * (x A^T) B^T` in the input's dtype, and defer to the module itself for
-anything else. `linears` runs projections of one input (q, k, v; gate, up) as one product over
-their concatenated weights, and their LoRA adapters as one low-rank pair. With `FUSE_LORA_ADD`, on the packed stream (2-D inputs) the second low-rank product
+anything else. `linears` runs plain projections of one input (q, k, v; gate, up) as one product over
+their concatenated weights. With `FUSE_LORA_ADD`, on the packed stream (2-D inputs) the second low-rank product
 is accumulated into the base output by one in-place `addmm_`, so the [tokens, out] low-rank output
 is never written out and read back. It is off: an out-of-place `addmm` form measured slower than the
 separate add on an H200 (docs/BENCHMARKS.md); the in-place form is tested but not yet measured.
@@ -65,22 +65,11 @@ def _fused_base(modules, x: torch.Tensor) -> torch.Tensor:
 
 
 def linears(modules, x: torch.Tensor) -> list[torch.Tensor]:
-    """`[linear(m, x) for m in modules]` for projections of one input (q, k, v; gate, up), computed
-    as one matrix product over their concatenated weights where they are alike: fewer and larger
-    GEMMs, and on a fast GPU fewer kernel launches, which bounded a packed step. LoRA adapters
-    (plain, one active, no dropout) become one low-rank pair: the A matrices stacked, the B
-    matrices (times their scaling) block-diagonal, so each output still sees only its own adapter.
-    Anything else runs projection by projection."""
-    sizes = [m.out_features for m in modules]
-    if FUSE_PROJECTIONS and len(modules) > 1:
-        if _fusable_bases(modules):
-            return list(_fused_base(modules, x).split(sizes, dim=-1))
-        adapters = [_vanilla_adapter(m) for m in modules]
-        if all(a is not None and isinstance(m.lora_dropout[a], torch.nn.Identity) for m, a in zip(modules, adapters)) \
-                and _fusable_bases([m.base_layer for m in modules]):
-            out = _fused_base([m.base_layer for m in modules], x)
-            a = torch.cat([m.lora_A[name].weight for m, name in zip(modules, adapters)])
-            b = torch.block_diag(*[m.lora_B[name].weight * m.scaling[name] for m, name in zip(modules, adapters)])
-            low_rank = F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
-            return list((out + low_rank.to(out.dtype)).split(sizes, dim=-1))
+    """`[linear(m, x) for m in modules]` for projections of one input (q, k, v; gate, up). Plain
+    linears that are alike run as one matrix product over their concatenated weights: fewer, larger
+    GEMMs and fewer launches (+6% tokens/s, BERT-base full fine-tuning, eager, H200). LoRA layers
+    run one by one: stacking frozen weights copies them every step, and that measured 12% slower
+    (docs/BENCHMARKS.md)."""
+    if FUSE_PROJECTIONS and len(modules) > 1 and _fusable_bases(modules):
+        return list(_fused_base(modules, x).split([m.out_features for m in modules], dim=-1))
     return [linear(m, x) for m in modules]
