@@ -196,3 +196,33 @@ def test_compile_cache_folder_and_compile_time(tmp_path, monkeypatch):
     assert os.path.isdir(folder)  # torch wrote its cache there
     assert _compile_fact({"time_s": 41.94, "cache": folder}) == f"41.9 s (cache: {folder})"
     assert _compile_fact(None) is None
+
+
+def test_cached_loss_compiles_once_for_all_chunk_shapes(tmp_path):
+    """The cached loss embeds chunks of every length and width (no graph), then re-runs them (with
+    graph): compiled, that is one graph per grad mode for the whole run. (Before attention's
+    max_seqlen became a symbol, the first chunk of a new width recompiled the whole stack: on an
+    H200 the cached loss's first steps took seconds each.)"""
+    from torch._dynamo.utils import counters
+
+    from embedtune import to_sentence_transformer
+    from embedtune.losses import ContrastiveLoss
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, tok = FastModel.from_pretrained(make_tiny_model("bert", tmp_path), max_seq_length=64, fast=False)
+    model.eval()  # dropout off (on CPU the whole-stack graph needs it; on CUDA it is always used)
+    enable_fast_path(model, compile=True)
+    st = to_sentence_transformer(model, tok, pooling="mean")
+    loss_fn = ContrastiveLoss(st, cached=True, token_budget=40)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    widths, frames = set(), []
+    for step in range(4):
+        anchors = [" ".join(words[: 1 + (step + i) % 9]) for i in range(6)]
+        positives = [" ".join(words[: 1 + (2 * step + i) % 9] * (1 + (step + i) % 3)) for i in range(6)]
+        features = [st.tokenize(anchors), st.tokenize(positives)]
+        widths.update(f["input_ids"].shape[1] for f in features)
+        loss_fn(features, None).backward()
+        frames.append(counters["frames"]["total"])
+    assert len(widths) >= 4
+    assert frames[0] == frames[-1] <= 2, frames  # no grad (first pass) and with grad (re-run)
