@@ -202,3 +202,33 @@ def test_stream_padded_to_a_token_multiple():
     for attend in (padded_sdpa, bucketed_sdpa):
         assert torch.allclose(attend(q, k, v, plan, scale=0.5)[:10], attend(q[:10], k[:10], v[:10], exact, scale=0.5),
                               atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_under_autocast_with_stacked_projections(arch, tiny_root, monkeypatch):
+    """fp32 weights under bf16 autocast (the usual full fine-tuning) take the stacked q/k/v (and
+    gate/up) product, `lora_linear.linears`: the packed forward still matches the padded one, to
+    bf16 rounding (a misplaced column of the stacked output would be off by order one)."""
+    from embedtune.packing import lora_linear
+
+    stacked = []
+    original = lora_linear._stacked
+    monkeypatch.setattr(lora_linear, "_stacked", lambda modules, x: stacked.append(len(modules)) or original(modules, x))
+    model, tok = _load(arch, tiny_root, lora=False)
+    tok.padding_side = "right"
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    model.train()
+    results = []
+    for fast in (False, True):
+        if fast:
+            assert enable_fast_path(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_outputs_and_grads(model, batch))
+        disable_fast_path(model)
+    (ref_out, ref_grads), (fast_out, fast_grads) = results
+    ref, out = ref_out[mask].float(), fast_out[mask].float()
+    assert (out - ref).norm() <= 3e-2 * ref.norm()
+    total = sum((fast_grads[n] - g).norm() ** 2 for n, g in ref_grads.items()) ** 0.5
+    assert total <= 6e-2 * sum(g.norm() ** 2 for g in ref_grads.values()) ** 0.5
+    assert bool(stacked) == (arch != "modernbert"), stacked  # ModernBERT's q/k/v is one linear already

@@ -5,7 +5,7 @@ several Python checks; on GPU that is a large share of a step (copies and launch
 the common case (one active vanilla LoRA adapter on an nn.Linear) we compute
 `x W^T + b + scaling * (x A^T) B^T` in the input's dtype, and defer to the module itself for
 anything else. `linears` runs plain projections of one input (q, k, v; gate, up) as one product over
-their concatenated weights. With `FUSE_LORA_ADD`, on the packed stream (2-D inputs) the second low-rank product
+their concatenated weights where autocast casts them anyway. With `FUSE_LORA_ADD`, on the packed stream (2-D inputs) the second low-rank product
 is accumulated into the base output by one in-place `addmm_`, so the [tokens, out] low-rank output
 is never written out and read back. It is off: an out-of-place `addmm` form measured slower than the
 separate add on an H200 (docs/BENCHMARKS.md); the in-place form is tested but not yet measured.
@@ -52,24 +52,31 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
     return torch.add(out, low_rank.to(out.dtype), alpha=module.scaling[adapter])
 
 
-def _fusable_bases(modules) -> bool:
+def _stackable(modules, x: torch.Tensor) -> bool:
+    """Plain linears alike in dtype, device and input size, whose weights autocast casts anyway: then
+    the stacked weight costs no memory beyond the casts autograd keeps for the backward (and a
+    compiled graph makes the stacking and the cast one kernel). Weights already in the compute
+    dtype would be copied, and the copy kept until the backward: per layer, and under FSDP for
+    unsharded weights that FSDP would have freed."""
     weights = [m.weight for m in modules]
-    has_bias = {m.bias is not None for m in modules}
-    return (all(type(m) is torch.nn.Linear for m in modules) and len(has_bias) == 1
-            and len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1)
+    device = x.device.type
+    return (all(type(m) is torch.nn.Linear for m in modules) and len({m.bias is not None for m in modules}) == 1
+            and len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1
+            and torch.is_autocast_enabled(device) and weights[0].dtype != torch.get_autocast_dtype(device))
 
 
-def _fused_base(modules, x: torch.Tensor) -> torch.Tensor:
+def _stacked(modules, x: torch.Tensor) -> torch.Tensor:
     bias = torch.cat([m.bias for m in modules]) if modules[0].bias is not None else None
     return F.linear(x, torch.cat([m.weight for m in modules]), bias)
 
 
 def linears(modules, x: torch.Tensor) -> list[torch.Tensor]:
     """`[linear(m, x) for m in modules]` for projections of one input (q, k, v; gate, up). Plain
-    linears that are alike run as one matrix product over their concatenated weights: fewer, larger
-    GEMMs and fewer launches (+6% tokens/s, BERT-base full fine-tuning, eager, H200). LoRA layers
-    run one by one: stacking frozen weights copies them every step, and that measured 12% slower
-    (docs/BENCHMARKS.md)."""
-    if FUSE_PROJECTIONS and len(modules) > 1 and _fusable_bases(modules):
-        return list(_fused_base(modules, x).split([m.out_features for m in modules], dim=-1))
+    linears whose weights autocast casts (fp32 master weights, the usual full fine-tuning) run as
+    one matrix product over their concatenated weights: fewer, larger GEMMs and fewer launches
+    (+6% tokens/s eager, +8% compiled, BERT-base full fine-tuning on an H200). Everything else runs
+    one by one: LoRA layers (stacking their frozen weights copies them every step: 12% slower), and
+    weights already in the compute dtype (see `_stackable`). docs/BENCHMARKS.md has the runs."""
+    if FUSE_PROJECTIONS and len(modules) > 1 and _stackable(modules, x):
+        return list(_stacked(modules, x).split([m.out_features for m in modules], dim=-1))
     return [linear(m, x) for m in modules]
