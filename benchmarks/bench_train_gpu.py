@@ -83,13 +83,14 @@ def stock_model(path: str, lora: bool, max_len: int, compile_model: bool):
     return st
 
 
-def embedtune_model(path: str, lora: bool, max_len: int, fp32_base: bool = False, compile_model: bool | str = False):
+def embedtune_model(path: str, lora: bool, max_len: int, fp32_base: bool = False, compile_model: bool | str = False,
+                    token_multiple: int | None = None):
     from embedtune import FastModel, to_sentence_transformer
     from embedtune.packing import enable_fast_path
 
     dtype = torch.bfloat16 if lora and not fp32_base else torch.float32
     model, tok = FastModel.from_pretrained(path, max_seq_length=max_len, dtype=dtype, fast=False)
-    enable_fast_path(model, compile=compile_model)
+    enable_fast_path(model, compile=compile_model, token_multiple=token_multiple)
     if lora:
         model = FastModel.get_peft_model(model, r=8, lora_alpha=8, target_modules=TARGETS[_kind(path)])
     return to_sentence_transformer(model, tok, pooling=POOLING[_kind(path)], normalize=False)
@@ -196,12 +197,16 @@ def main() -> None:
                         help="also run embedtune eager with LoRA's low-rank product and sum fused (lora_linear.FUSE_LORA_ADD)")
     parser.add_argument("--unfused-projections-row", action="store_true",
                         help="also run embedtune eager with q/k/v (gate/up) as separate products (lora_linear.FUSE_PROJECTIONS off)")
+    parser.add_argument("--size-classes-row", action="store_true",
+                        help="also run embedtune+compile with packed streams padded to size classes (fewer distinct GEMM shapes)")
+    parser.add_argument("--per-layer-compile-row", action="store_true",
+                        help="also run embedtune+compile with one compiled graph per layer step instead of the whole stack")
     parser.add_argument("--warm-cache-row", action="store_true",
                         help="repeat each embedtune+compile row: its warm-up then reads torch's on-disk compile caches")
     args = parser.parse_args()
 
     from embedtune.data.stdlib import build_stdlib_pairs
-    from embedtune.packing import lora_linear
+    from embedtune.packing import layers, lora_linear
 
     pairs = build_stdlib_pairs(seed=0)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -225,12 +230,19 @@ def main() -> None:
                     label = "embedtune+compile" + ("" if compile_mode == "default" else f"({compile_mode})")
                     runners.append((label, lambda m=compile_mode: embedtune_model(path, lora, args.max_seq_length,
                                                                                  compile_model=m)))
+                    if compile_mode == "default" and args.size_classes_row:  # streams padded to few lengths
+                        runners.append((label + ", size classes", lambda: embedtune_model(
+                            path, lora, args.max_seq_length, compile_model="default", token_multiple=1024)))
+                    if compile_mode == "default" and args.per_layer_compile_row:
+                        runners.append((label + ", per-layer graph", lambda: embedtune_model(
+                            path, lora, args.max_seq_length, compile_model="default")))
                     if args.warm_cache_row:  # a second run: what a job pays with torch's compile caches filled
                         runners.append((label + " warm cache", lambda m=compile_mode: embedtune_model(
                             path, lora, args.max_seq_length, compile_model=m)))
                 for label, make in runners:
                     lora_linear.FUSE_LORA_ADD = label.endswith("LoRA add fused")
                     lora_linear.FUSE_PROJECTIONS = not label.endswith("projections one by one")
+                    layers.WHOLE_STACK = not label.endswith("per-layer graph")
                     st = make()
                     try:
                         row = run_steps(st, pairs, args.batch, args.steps, args.warmup, lora,

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 PACKED_STEP = "embedtune_packed_step"  # set by embedtune.sharding on FSDP-sharded layers
+WHOLE_STACK = True  # False: compile the per-layer step only, as for sharded layers (the benchmark's comparison row)
 _COMPILE_LAYERS = contextvars.ContextVar("embedtune_compile_layers", default=False)
 COMPILE_MODES = ("default", "reduce-overhead")
 
@@ -80,7 +81,7 @@ def _whole_stack(layers, hidden: torch.Tensor) -> bool:
     sharded or checkpointed, and attention will be that op: always on CUDA; on CPU only without
     dropout, whose masks the op cannot replay (see `varlen.varlen_attention`)."""
     first = layers[0]
-    if PACKED_STEP in first.__dict__ or getattr(first, "gradient_checkpointing", False) and first.training:
+    if not WHOLE_STACK or PACKED_STEP in first.__dict__ or getattr(first, "gradient_checkpointing", False) and first.training:
         return False
     return hidden.is_cuda or not (first.training and torch.is_grad_enabled())
 
