@@ -393,13 +393,13 @@ class _Projections(torch.nn.Module):
         self.q, self.k, self.v = (torch.nn.Linear(24, n, bias=bias) for n in (32, 16, 16))
 
 
-@pytest.mark.parametrize("case", ["plain", "plain-no-bias", "plain-fp32", "plain-bf16-weights", "lora",
-                                  "lora-partial"])
+@pytest.mark.parametrize("case", ["plain", "plain-no-bias", "plain-fp32", "plain-bf16-weights", "plain-hooked",
+                                  "lora", "lora-partial"])
 def test_stacked_projections_match_one_by_one(case):
     """`lora_linear.linears` runs plain q, k, v projections as one product over stacked weights where
     autocast casts those weights anyway (fp32 master weights), and one by one otherwise: without
     autocast or with weights already in the compute dtype (a stacked copy would be kept for the
-    backward), and for LoRA layers (stacking frozen weights every step measured slower). Outputs and
+    backward), for modules with forward hooks, and for LoRA layers (stacking frozen weights every step measured slower). Outputs and
     every gradient equal the modules' own; the stacked product ran exactly where it should."""
     from peft import LoraConfig, get_peft_model
 
@@ -415,6 +415,9 @@ def test_stacked_projections_match_one_by_one(case):
                 torch.nn.init.normal_(p)  # peft starts B at zero: no signal to compare
     if case == "plain-bf16-weights":
         net = net.to(torch.bfloat16)
+    hooked = []
+    if case == "plain-hooked":  # a user's hook must still see its module run
+        net.k.register_forward_hook(lambda *_: hooked.append(1))
     autocast = case != "plain-fp32"
     modules = [net.q, net.k, net.v]
     x = torch.randn(30, 24)
@@ -437,6 +440,7 @@ def test_stacked_projections_match_one_by_one(case):
         if name == "stacked":
             stacked = any(shape[0] == 64 for shape in calls)  # one product over the 32 + 16 + 16 stacked rows
             assert stacked == (case in ("plain", "plain-no-bias")), calls
+    assert len(hooked) == (2 if case == "plain-hooked" else 0)
     tol = 1e-2 if autocast else 1e-5  # bf16: the stacked and the separate products may round differently
     (outs, grads), (ref_outs, ref_grads) = results["stacked"], results["one by one"]
     for o, r in zip(outs, ref_outs):

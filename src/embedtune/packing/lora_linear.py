@@ -57,10 +57,11 @@ def _stackable(modules, x: torch.Tensor) -> bool:
     the stacked weight costs no memory beyond the casts autograd keeps for the backward (and a
     compiled graph makes the stacking and the cast one kernel). Weights already in the compute
     dtype would be copied, and the copy kept until the backward: per layer, and under FSDP for
-    unsharded weights that FSDP would have freed."""
+    unsharded weights that FSDP would have freed. Modules with forward hooks run as themselves."""
     weights = [m.weight for m in modules]
     device = x.device.type
-    return (all(type(m) is torch.nn.Linear for m in modules) and len({m.bias is not None for m in modules}) == 1
+    return (all(type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+            and len({m.bias is not None for m in modules}) == 1
             and len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1
             and torch.is_autocast_enabled(device) and weights[0].dtype != torch.get_autocast_dtype(device))
 
