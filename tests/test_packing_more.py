@@ -399,8 +399,9 @@ def test_stacked_projections_match_one_by_one(case):
     """`lora_linear.linears` runs plain q, k, v projections as one product over stacked weights where
     autocast casts those weights anyway (fp32 master weights), and one by one otherwise: without
     autocast or with weights already in the compute dtype (a stacked copy would be kept for the
-    backward), for modules with forward hooks, and for LoRA layers (stacking frozen weights every step measured slower). Outputs and
-    every gradient equal the modules' own; the stacked product ran exactly where it should."""
+    backward), for modules with forward hooks, and for LoRA layers (stacking frozen weights every
+    step measured slower). Outputs and every gradient equal the modules' own; the stacked product
+    ran exactly where it should."""
     from peft import LoraConfig, get_peft_model
 
     from embedtune.packing import lora_linear
