@@ -4,10 +4,10 @@ peft's LoRA Linear casts its input to the adapter dtype (fp32) and back on every
 several Python checks; on GPU that is a large share of a step (copies and launch overhead). For
 the common case (one active vanilla LoRA adapter on an nn.Linear) we compute
 `x W^T + b + scaling * (x A^T) B^T` in the input's dtype, and defer to the module itself for
-anything else. `linears` runs plain projections of one input (q, k, v; gate, up) as one product over
-their concatenated weights where autocast casts them anyway. With `FUSE_LORA_ADD`, on the packed stream (2-D inputs) the second low-rank product
-is accumulated into the base output by one in-place `addmm_`, so the [tokens, out] low-rank output
-is never written out and read back. It is off: an out-of-place `addmm` form measured slower than the
+anything else. `linears` runs plain projections of one input (q, k, v; gate, up) as one product
+over their concatenated weights where autocast casts them anyway. With `FUSE_LORA_ADD`, on the
+packed stream (2-D inputs) the second low-rank product is accumulated into the base output by one
+in-place `addmm_`, so the [tokens, out] low-rank output is never written out and read back. It is off: an out-of-place `addmm` form measured slower than the
 separate add on an H200 (docs/BENCHMARKS.md); the in-place form is tested but not yet measured.
 """
 
