@@ -7,8 +7,9 @@ the common case (one active vanilla LoRA adapter on an nn.Linear) we compute
 anything else. `linears` runs plain projections of one input (q, k, v; gate, up) as one product
 over their concatenated weights where autocast casts them anyway. With `FUSE_LORA_ADD`, on the
 packed stream (2-D inputs) the second low-rank product is accumulated into the base output by one
-in-place `addmm_`, so the [tokens, out] low-rank output is never written out and read back. It is off: an out-of-place `addmm` form measured slower than the
-separate add on an H200 (docs/BENCHMARKS.md); the in-place form is tested but not yet measured.
+in-place `addmm_`, so the [tokens, out] low-rank output is never written out and read back. It is
+off: an out-of-place `addmm` form measured slower than the separate add on an H200
+(docs/BENCHMARKS.md); the in-place form is tested but not yet measured.
 """
 
 from __future__ import annotations

@@ -62,12 +62,16 @@ class PackedBatch:
     seq_lens: torch.Tensor  # [B]
     batch: int
     max_len: int  # L of the padded batch
-    max_seqlen: int  # bound on the longest real sequence (the padded width: no device sync needed)
+    # An empty [max_seqlen, 0] tensor. max_seqlen, the bound on the longest real sequence (the padded
+    # width: no device sync needed), is its size, so compiled graphs take it as a symbol from the
+    # first batch on; as a plain int it would be a constant of the graph, and the first batch of
+    # another width would recompile the whole stack.
+    width: torch.Tensor
     key_mask: torch.Tensor  # [B, L] bool, True at real tokens
-    # An empty [max_seqlen, 0] tensor: compiled code reads max_seqlen from its (dynamic) size, so
-    # the graph takes it as a symbol from the first batch on. As a plain int it would be a constant
-    # of the graph, and the first batch of another width would recompile the whole stack.
-    width: torch.Tensor | None = None
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.width.shape[0]
 
     @property
     def tokens(self) -> int:
@@ -105,7 +109,7 @@ class PackedBatch:
             positions = torch.cat([positions] + [torch.arange(n, device=mask.device) % max_len for n in fill if n])
         width = torch.empty(max_seqlen, 0, device=mask.device)
         mark_token_dim(cu, positions, width)
-        return cls(flat_index, cu, positions, seq_lens, batch, max_len, max_seqlen, mask, width)
+        return cls(flat_index, cu, positions, seq_lens, batch, max_len, width, mask)
 
     def buckets(self, slack: float = 1.25) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Length buckets for attention: per bucket, a [n, len] index into the packed stream
@@ -209,7 +213,8 @@ def _plan_from_cu(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedBatch:
         return plan
     seq_lens = cu_seqlens[1:] - cu_seqlens[:-1]
     empty = cu_seqlens.new_zeros(0)
-    plan = PackedBatch(empty, cu_seqlens, empty, seq_lens, int(seq_lens.numel()), max_seqlen, max_seqlen, empty)
+    plan = PackedBatch(empty, cu_seqlens, empty, seq_lens, int(seq_lens.numel()), max_seqlen,
+                       cu_seqlens.new_empty(max_seqlen, 0), empty)
     _LAST_PLAN[:] = [weakref.ref(cu_seqlens), plan]
     return plan
 
@@ -307,8 +312,7 @@ def varlen_op(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, 
               window: int | None = None, buckets: bool = False) -> torch.Tensor:
     """Packed attention through `embedtune::varlen_attn` (the flash kernel on CUDA in half precision,
     length-bucketed SDPA elsewhere or with `buckets`); traceable by torch.compile as one node."""
-    max_seqlen = plan.max_seqlen if plan.width is None else plan.width.shape[0]
-    return _varlen_attn_op(q, k, v, plan.cu_seqlens, max_seqlen, float(dropout_p), causal, float(scale),
+    return _varlen_attn_op(q, k, v, plan.cu_seqlens, plan.max_seqlen, float(dropout_p), causal, float(scale),
                            -1 if window is None else int(window), buckets)[0]
 
 
