@@ -25,12 +25,18 @@ def _forward_backward(model, batch, weight_seed: int = 0):
     return out.detach(), grads
 
 
-@pytest.mark.parametrize("arch,mode", [("bert", True), ("qwen3", True), ("bert", "reduce-overhead")])
-def test_compiled_layers_match_eager_and_compile_once(tmp_path, arch, mode):
-    """mode "reduce-overhead" (CUDA graphs on a GPU; plain compiled code on CPU) also pads the packed
-    stream to a token multiple: same results, still one compile."""
+@pytest.mark.parametrize("arch,mode,whole_stack", [("bert", True, False), ("qwen3", True, False),
+                                                  ("bert", True, True), ("qwen3", True, True),
+                                                  ("bert", "reduce-overhead", False)])
+def test_compiled_layers_match_eager_and_compile_once(tmp_path, monkeypatch, arch, mode, whole_stack):
+    """Per-layer graph (the default) and whole-stack graph. Mode "reduce-overhead" (CUDA graphs on a
+    GPU; plain compiled code on CPU) also pads the packed stream to a token multiple: same results,
+    still one compile."""
     from torch._dynamo.utils import counters
 
+    from embedtune.packing import layers
+
+    monkeypatch.setattr(layers, "WHOLE_STACK", whole_stack)
     torch._dynamo.reset()
     counters.clear()
     model, tok = FastModel.from_pretrained(make_tiny_model(arch, tmp_path), max_seq_length=64, fast=False)
@@ -63,13 +69,14 @@ def test_compiled_layers_match_eager_and_compile_once(tmp_path, arch, mode):
 
 
 @pytest.mark.parametrize("arch", ["bert", "qwen3", "modernbert", "gemma3_text"])
-def test_whole_stack_is_one_graph_without_breaks(tmp_path, arch):
+def test_whole_stack_is_one_graph_without_breaks(tmp_path, monkeypatch, arch):
     """Attention as `embedtune::varlen_attn` lets dynamo trace every layer into one graph; a graph
     break (host-side attention) would split it and bring back the per-layer launch cost."""
     from torch._dynamo.utils import counters
 
     from embedtune.packing import layers
 
+    monkeypatch.setattr(layers, "WHOLE_STACK", True)
     torch._dynamo.reset()
     counters.clear()
     model, tok = FastModel.from_pretrained(make_tiny_model(arch, tmp_path), max_seq_length=64, fast=False)
@@ -95,6 +102,33 @@ def test_whole_stack_is_one_graph_without_breaks(tmp_path, arch):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("arch", ["bert", "qwen3", "modernbert", "gemma3_text"])
+def test_layer_step_is_one_graph_without_breaks(tmp_path, arch):
+    """The default per-layer graph: no graph breaks (attention is the opaque op), one graph per kind
+    of layer (ModernBERT's and Gemma3's local-attention layers differ from their global ones), and no
+    recompiles once every kind has been seen, whatever the batch shape."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, tok = FastModel.from_pretrained(make_tiny_model(arch, tmp_path), max_seq_length=64, fast=False)
+    model.eval()
+    frames = []
+    for rows, repeat in [(2, 1), (5, 2), (3, 4)]:
+        batch = tok(TEXTS[:rows] * repeat, padding=True, return_tensors="pt")
+        enable_fast_path(model, compile=True)
+        out, _ = _forward_backward(model, batch)
+        disable_fast_path(model)
+        enable_fast_path(model, compile=False)
+        ref, _ = _forward_backward(model, batch)
+        disable_fast_path(model)
+        assert (out - ref)[batch["attention_mask"].bool()].abs().max() <= 1e-5
+        frames.append(counters["frames"]["total"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2
+    assert frames[0] == frames[-1], frames
+
+
 def test_attention_dispatch_checks_trace_as_constants():
     """The flash checks in `varlen_attention` run inside compiled graphs; an import attempt there
     (flash_attn absent) broke the graph at every layer on the GPU."""
@@ -107,13 +141,15 @@ def test_attention_dispatch_checks_trace_as_constants():
     assert torch.equal(dispatch(torch.ones(3)), torch.ones(3) * 2 if varlen._has_flash_attn() else torch.ones(3) + 1)
 
 
-def test_per_layer_graph_when_the_stack_cannot_be_one(tmp_path):
+def test_per_layer_graph_when_the_stack_cannot_be_one(tmp_path, monkeypatch):
     """Training on CPU (where dropout would need host-side attention) compiles the layer step, not the
-    stack: one graph reused by every layer and every batch shape, equal to eager."""
+    stack, even when a whole-stack graph is asked for: one graph reused by every layer and every batch
+    shape, equal to eager."""
     from torch._dynamo.utils import counters
 
     from embedtune.packing import layers
 
+    monkeypatch.setattr(layers, "WHOLE_STACK", True)
     torch._dynamo.reset()
     counters.clear()
     model, tok = FastModel.from_pretrained(make_tiny_model("bert", tmp_path), max_seq_length=64, fast=False)
@@ -145,6 +181,7 @@ def test_identical_layers_share_one_compiled_region(tmp_path, monkeypatch, arch)
     above cover them.)"""
     from embedtune.packing import layers
 
+    monkeypatch.setattr(layers, "WHOLE_STACK", True)
     graphs = []
 
     def capture(gm, example_inputs):  # note the graph, compile it as usual
@@ -198,7 +235,8 @@ def test_compile_cache_folder_and_compile_time(tmp_path, monkeypatch):
     assert _compile_fact(None) is None
 
 
-def test_cached_loss_compiles_once_for_all_chunk_shapes(tmp_path):
+@pytest.mark.parametrize("whole_stack", [False, True])
+def test_cached_loss_compiles_once_for_all_chunk_shapes(tmp_path, monkeypatch, whole_stack):
     """The cached loss embeds chunks of every length and width (no graph), then re-runs them (with
     graph): compiled, that is one graph per grad mode for the whole run. (Before attention's
     max_seqlen became a symbol, the first chunk of a new width recompiled the whole stack: on an
@@ -207,7 +245,9 @@ def test_cached_loss_compiles_once_for_all_chunk_shapes(tmp_path):
 
     from embedtune import to_sentence_transformer
     from embedtune.losses import ContrastiveLoss
+    from embedtune.packing import layers
 
+    monkeypatch.setattr(layers, "WHOLE_STACK", whole_stack)
     torch._dynamo.reset()
     counters.clear()
     model, tok = FastModel.from_pretrained(make_tiny_model("bert", tmp_path), max_seq_length=64, fast=False)

@@ -1,16 +1,15 @@
 """Running a stack of layers on the packed stream.
 
 Per layer this honours, in order: FSDP (gathering the layer's sharded weights around its step, see
-`embedtune.sharding`), activation checkpointing, and compilation. Compiled, the whole layer stack is
-one graph where it can be: attention is one opaque op (`embedtune::varlen_attn`), so there are no
-graph breaks, and a step costs one graph call forward and one backward instead of a Python-driven
-launch of every kernel (on a fast GPU the host, not the GPU, was the limit). Inside that graph each
-layer is a nested compile region (`torch.compiler.nested_compile_region`): identical layers are
-compiled once and stamped out, so warm-up grows little with depth (a layer whose traced graph
-differs, such as a local-attention layer, gets its own). Otherwise (sharded or checkpointed layers,
-host-side attention) compilation is regional: the per-layer step is compiled, and every layer reuses
-that graph (parameters are graph inputs). The token dimension is compiled dynamic either way, so
-packed streams of any length reuse the graph: one compile per run, not one per batch shape.
+`embedtune.sharding`), activation checkpointing, and compilation. Compiled, the per-layer step is
+one graph (attention is one opaque op, `embedtune::varlen_attn`, so there are no graph breaks) that
+every layer reuses (parameters are graph inputs): a layer costs one graph call forward and one
+backward instead of a Python-driven launch of every kernel. The token dimension is compiled dynamic,
+so packed streams of any length reuse the graph: one compile per run, not one per batch shape.
+`WHOLE_STACK` compiles the whole stack as one graph instead, each layer a nested compile region
+(`torch.compiler.nested_compile_region`) so identical layers are compiled once; on an H200 it ran
+no faster than the per-layer graph and took about three times as long to compile (BERT-base: 24-38 s
+against about 10 s, docs/BENCHMARKS.md), so it is off by default.
 Mode "reduce-overhead" also replays the compiled regions as CUDA graphs, meant to remove the kernel
 launch cost; it records one graph per input size, so it runs with `varlen.static_tokens` (streams
 padded to a few size classes). Measured on an H200 it is still slower than the default mode
@@ -26,7 +25,7 @@ from typing import Callable
 import torch
 
 PACKED_STEP = "embedtune_packed_step"  # set by embedtune.sharding on FSDP-sharded layers
-WHOLE_STACK = True  # False: compile the per-layer step only, as for sharded layers (the benchmark's comparison row)
+WHOLE_STACK = False  # True: one graph for the whole stack where it can be (see above; a benchmark row)
 _COMPILE_LAYERS = contextvars.ContextVar("embedtune_compile_layers", default=False)
 COMPILE_MODES = ("default", "reduce-overhead")
 
@@ -77,8 +76,8 @@ def mark_token_dim(*tensors: torch.Tensor) -> None:
 
 
 def _whole_stack(layers, hidden: torch.Tensor) -> bool:
-    """Compile all layers as one graph (no graph breaks: attention is one opaque op) when no layer is
-    sharded or checkpointed, and attention will be that op: always on CUDA; on CPU only without
+    """Compile all layers as one graph (no graph breaks: attention is one opaque op) when `WHOLE_STACK`
+    is on, no layer is sharded or checkpointed, and attention will be that op: always on CUDA; on CPU only without
     dropout, whose masks the op cannot replay (see `varlen.varlen_attention`)."""
     first = layers[0]
     if not WHOLE_STACK or PACKED_STEP in first.__dict__ or getattr(first, "gradient_checkpointing", False) and first.training:
@@ -90,8 +89,9 @@ def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bo
                per_token: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """`hidden = step(layer, hidden)` for each layer, through the layer's checkpoint function when it is on.
 
-    Compiled, this is one graph for the whole stack where it can be (`stack_traceable`: the
-    architecture's attention is the opaque op, not host-side bucketing), else one graph per layer step.
+    Compiled, this is one graph per layer step; with `WHOLE_STACK`, one graph for the whole stack
+    where it can be (`stack_traceable`: the architecture's attention is the opaque op, not host-side
+    bucketing).
     `per_token`: tensors the step reads (from its closure) with one row per token, such as rotary
     tables: marked dynamic in that dimension like `hidden`.
     """
