@@ -1,0 +1,164 @@
+"""Packed attention kernels on one GPU: torch's FlashAttention-2 (what `embedtune::varlen_attn` calls)
+against cuDNN's fused attention over the same ragged (cu_seqlens) batch, with and without dropout.
+
+    python benchmarks/probe_attention_gpu.py --tokenizer .bench/tokenizer
+
+Checks, for each kernel: the output and gradients without dropout against the other kernel; that the
+backward replays the forward's dropout mask (out is linear in v for a fixed mask, so with the RNG state
+reset, <g, out(v2) - out(v1)> must equal <dL/dv, v2 - v1>); and that dropout keeps the mean (the
+average of many dropped outputs approaches the undropped one). Then times forward + backward per
+layer on real batches (stdlib pairs, 128 pairs, max_seq_length 512). Table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def real_lengths(tokenizer: str, batch: int, max_len: int, steps: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from embedtune.data.stdlib import build_stdlib_pairs
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    pairs = build_stdlib_pairs(seed=0)
+    out = []
+    for step in range(steps):
+        rows = [pairs[(step * batch + i) % len(pairs)] for i in range(batch)]
+        texts = [r["anchor"] for r in rows] + [r["positive"] for r in rows]
+        out.append([min(len(ids), max_len) for ids in tok(texts)["input_ids"]])
+    return out
+
+
+def flash(q, k, v, cu, max_len, p, scale):
+    out, lse, rng, _, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, p, False,
+                                                                   False, scale=scale)
+    return out, (lse, rng)
+
+
+def flash_bwd(g, q, k, v, out, saved, cu, max_len, p, scale):
+    lse, rng = saved
+    return torch.ops.aten._flash_attention_backward(g, q, k, v, out, lse, cu, cu, max_len, max_len, p, False, rng,
+                                                    q.new_empty(0), scale=scale)
+
+
+def cudnn(q, k, v, cu, max_len, p, scale):
+    r = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_len, max_len, True, p, False, False,
+                                                scale=scale)
+    return r[0], (r[1], r[6], r[7])
+
+
+def cudnn_bwd(g, q, k, v, out, saved, cu, max_len, p, scale):
+    lse, seed, offset = saved
+    return torch.ops.aten._cudnn_attention_backward(g, q, k, v, out, lse, seed, offset, None, cu, cu, max_len,
+                                                    max_len, p, False, scale=scale)
+
+
+KERNELS = {"flash": (flash, flash_bwd), "cudnn": (cudnn, cudnn_bwd)}
+
+
+def inputs(lengths, heads, dim, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, dim, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device="cuda")
+    cu[1:] = torch.cumsum(torch.tensor(lengths, device="cuda"), 0)
+    return q, k, v, cu, max(lengths)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def checks(name, lengths, heads, dim, p=0.1):
+    fwd, bwd = KERNELS[name]
+    q, k, v, cu, m = inputs(lengths, heads, dim)
+    scale = dim ** -0.5
+    g = torch.randn_like(q)
+    res = {}
+    # the other kernel, no dropout
+    out, saved = fwd(q, k, v, cu, m, 0.0, scale)
+    grads = bwd(g, q, k, v, out, saved, cu, m, 0.0, scale)
+    ref, ref_saved = flash(q, k, v, cu, m, 0.0, scale)
+    ref_grads = flash_bwd(g, q, k, v, ref, ref_saved, cu, m, 0.0, scale)
+    res["out_vs_flash"] = rel(out, ref)
+    res["grads_vs_flash"] = max(rel(a, b) for a, b in zip(grads, ref_grads))
+    # the backward replays the forward's mask
+    v2 = v + 0.5 * torch.randn_like(v)
+    state = torch.cuda.get_rng_state()
+    out1, saved1 = fwd(q, k, v, cu, m, p, scale)
+    torch.cuda.set_rng_state(state)
+    out2, _ = fwd(q, k, v2, cu, m, p, scale)
+    _, _, dv = bwd(g, q, k, v, out1, saved1, cu, m, p, scale)
+    lhs = (g.float() * (out2.float() - out1.float())).sum()
+    rhs = (dv.float() * (v2.float() - v.float())).sum()
+    res["mask_replay_rel_err"] = abs((lhs - rhs) / rhs).item()
+    res["dropout_changes_out"] = rel(out1, ref)
+    # dropout keeps the mean
+    mean = torch.zeros_like(ref, dtype=torch.float32)
+    n = 64
+    for _ in range(n):
+        mean += fwd(q, k, v, cu, m, p, scale)[0].float() / n
+    res["dropout_mean_vs_plain"] = rel(mean, ref)
+    return res
+
+
+def time_kernel(name, batches, heads, dim, p, reps=10):
+    fwd, bwd = KERNELS[name]
+    prepared = []
+    for lengths in batches:
+        q, k, v, cu, m = inputs(lengths, heads, dim)
+        prepared.append((q, k, v, cu, 512, torch.randn_like(q)))  # max_seqlen: the padded width, as packing passes it
+    scale = dim ** -0.5
+    for q, k, v, cu, m, g in prepared[:2]:  # warm-up (plan building)
+        out, saved = fwd(q, k, v, cu, m, p, scale)
+        bwd(g, q, k, v, out, saved, cu, m, p, scale)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fwd_ms = bwd_ms = 0.0
+    for _ in range(reps):
+        for q, k, v, cu, m, g in prepared:
+            start.record()
+            out, saved = fwd(q, k, v, cu, m, p, scale)
+            end.record()
+            torch.cuda.synchronize()
+            fwd_ms += start.elapsed_time(end)
+            start.record()
+            bwd(g, q, k, v, out, saved, cu, m, p, scale)
+            end.record()
+            torch.cuda.synchronize()
+            bwd_ms += start.elapsed_time(end)
+    n = reps * len(prepared)
+    return fwd_ms / n, bwd_ms / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  cudnn {torch.backends.cudnn.version()}")
+    batches = real_lengths(args.tokenizer, 128, 512, args.steps)
+    print(f"tokens per batch: {[sum(b) for b in batches]}")
+    rows = []
+    for name in KERNELS:
+        try:
+            print(name, "checks:", {k: f"{v:.2e}" for k, v in checks(name, batches[0], 12, 64).items()}, flush=True)
+        except Exception as error:  # noqa: BLE001 - report and go on to timing the rest
+            print(name, "checks FAILED:", type(error).__name__, str(error).splitlines()[0][:300], flush=True)
+            continue
+        for heads, label in ((12, "bert-base"), (16, "bert-large")):
+            for p in (0.1, 0.0):
+                try:
+                    f, b = time_kernel(name, batches, heads, 64, p)
+                    rows.append((name, label, p, f, b))
+                except Exception as error:  # noqa: BLE001
+                    print(name, label, p, "timing FAILED:", type(error).__name__, str(error).splitlines()[0][:300])
+    print(f"\n{'kernel':7s} {'shape':11s} {'dropout':>7s} {'fwd ms':>8s} {'bwd ms':>8s} {'total':>8s}")
+    for name, label, p, f, b in rows:
+        print(f"{name:7s} {label:11s} {p:7.1f} {f:8.3f} {b:8.3f} {f + b:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
