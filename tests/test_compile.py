@@ -29,7 +29,7 @@ def _forward_backward(model, batch, weight_seed: int = 0):
                                                   ("bert", True, True), ("qwen3", True, True),
                                                   ("bert", "reduce-overhead", False)])
 def test_compiled_layers_match_eager_and_compile_once(tmp_path, monkeypatch, arch, mode, whole_stack):
-    """Per-layer graph (the default) and whole-stack graph. Mode "reduce-overhead" (CUDA graphs on a
+    """Whole-stack graph (the default) and per-layer graph. Mode "reduce-overhead" (CUDA graphs on a
     GPU; plain compiled code on CPU) also pads the packed stream to a token multiple: same results,
     still one compile."""
     from torch._dynamo.utils import counters
@@ -103,12 +103,15 @@ def test_whole_stack_is_one_graph_without_breaks(tmp_path, monkeypatch, arch):
 
 
 @pytest.mark.parametrize("arch", ["bert", "qwen3", "modernbert", "gemma3_text"])
-def test_layer_step_is_one_graph_without_breaks(tmp_path, arch):
-    """The default per-layer graph: no graph breaks (attention is the opaque op), one graph per kind
-    of layer (ModernBERT's and Gemma3's local-attention layers differ from their global ones), and no
-    recompiles once every kind has been seen, whatever the batch shape."""
+def test_layer_step_is_one_graph_without_breaks(tmp_path, monkeypatch, arch):
+    """The per-layer graph (`WHOLE_STACK` off): no graph breaks (attention is the opaque op), one
+    graph per kind of layer (ModernBERT's and Gemma3's local-attention layers differ from their
+    global ones), and no recompiles once every kind has been seen, whatever the batch shape."""
     from torch._dynamo.utils import counters
 
+    from embedtune.packing import layers
+
+    monkeypatch.setattr(layers, "WHOLE_STACK", False)
     torch._dynamo.reset()
     counters.clear()
     model, tok = FastModel.from_pretrained(make_tiny_model(arch, tmp_path), max_seq_length=64, fast=False)

@@ -1,15 +1,18 @@
 """Running a stack of layers on the packed stream.
 
 Per layer this honours, in order: FSDP (gathering the layer's sharded weights around its step, see
-`embedtune.sharding`), activation checkpointing, and compilation. Compiled, the per-layer step is
-one graph (attention is one opaque op, `embedtune::varlen_attn`, so there are no graph breaks) that
-every layer reuses (parameters are graph inputs): a layer costs one graph call forward and one
-backward instead of a Python-driven launch of every kernel. The token dimension is compiled dynamic,
-so packed streams of any length reuse the graph: one compile per run, not one per batch shape.
-`WHOLE_STACK` compiles the whole stack as one graph instead, each layer a nested compile region
-(`torch.compiler.nested_compile_region`) so identical layers are compiled once; on an H200 it ran
-no faster than the per-layer graph and took about three times as long to compile (BERT-base: 24-38 s
-against about 10 s, docs/BENCHMARKS.md), so it is off by default.
+`embedtune.sharding`), activation checkpointing, and compilation. Compiled, the whole layer stack is
+one graph where it can be (`WHOLE_STACK`): attention is one opaque op (`embedtune::varlen_attn`), so
+there are no graph breaks, and a step costs one graph call forward and one backward instead of a
+Python-driven launch of every kernel. Inside that graph each layer is a nested compile region
+(`torch.compiler.nested_compile_region`): identical layers are compiled once and stamped out, so
+warm-up grows little with depth (a layer whose traced graph differs, such as a local-attention
+layer, gets its own). Otherwise (`WHOLE_STACK` off, sharded or checkpointed layers, host-side
+attention) compilation is regional: the per-layer step is one graph that every layer reuses
+(parameters are graph inputs). On an H200 both ran at the same speed; which compiles faster from a
+cold start is not settled (docs/BENCHMARKS.md), so the whole stack stays the default. The token
+dimension is compiled dynamic either way, so packed streams of any length reuse the graph: one
+compile per run, not one per batch shape.
 Mode "reduce-overhead" also replays the compiled regions as CUDA graphs, meant to remove the kernel
 launch cost; it records one graph per input size, so it runs with `varlen.static_tokens` (streams
 padded to a few size classes). Measured on an H200 it is still slower than the default mode
@@ -25,7 +28,7 @@ from typing import Callable
 import torch
 
 PACKED_STEP = "embedtune_packed_step"  # set by embedtune.sharding on FSDP-sharded layers
-WHOLE_STACK = False  # True: one graph for the whole stack where it can be (see above; a benchmark row)
+WHOLE_STACK = True  # False: the per-layer graph everywhere (see above; a benchmark row)
 _COMPILE_LAYERS = contextvars.ContextVar("embedtune_compile_layers", default=False)
 COMPILE_MODES = ("default", "reduce-overhead")
 
@@ -77,10 +80,11 @@ def mark_token_dim(*tensors: torch.Tensor) -> None:
 
 def _whole_stack(layers, hidden: torch.Tensor) -> bool:
     """Compile all layers as one graph (no graph breaks: attention is one opaque op) when `WHOLE_STACK`
-    is on, no layer is sharded or checkpointed, and attention will be that op: always on CUDA; on CPU only without
-    dropout, whose masks the op cannot replay (see `varlen.varlen_attention`)."""
+    is on, no layer is sharded or checkpointed, and attention will be that op: always on CUDA; on CPU
+    only without dropout, whose masks the op cannot replay (see `varlen.varlen_attention`)."""
     first = layers[0]
-    if not WHOLE_STACK or PACKED_STEP in first.__dict__ or getattr(first, "gradient_checkpointing", False) and first.training:
+    checkpointed = getattr(first, "gradient_checkpointing", False) and first.training
+    if not WHOLE_STACK or PACKED_STEP in first.__dict__ or checkpointed:
         return False
     return hidden.is_cuda or not (first.training and torch.is_grad_enabled())
 
@@ -89,20 +93,13 @@ def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bo
                per_token: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """`hidden = step(layer, hidden)` for each layer, through the layer's checkpoint function when it is on.
 
-    Compiled, this is one graph per layer step; with `WHOLE_STACK`, one graph for the whole stack
-    where it can be (`stack_traceable`: the architecture's attention is the opaque op, not host-side
-    bucketing).
+    Compiled, this is one graph for the whole stack where it can be (`WHOLE_STACK`, and
+    `stack_traceable`: the architecture's attention is the opaque op, not host-side bucketing), else
+    one graph per layer step.
     `per_token`: tensors the step reads (from its closure) with one row per token, such as rotary
     tables: marked dynamic in that dimension like `hidden`.
     """
     mode = _COMPILE_LAYERS.get()
-    if mode and len(layers) and not hidden.requires_grad and torch.is_grad_enabled() and any(
-            p.requires_grad for p in layers[0].parameters()):
-        # Frozen embeddings under LoRA hand over a tensor without grad, while every later layer's input
-        # has one: dynamo guards on that and would compile the layer graph twice (measured: BERT-large
-        # LoRA warm-up 62 s). Asking for the (unused) input gradient costs the first layer's input
-        # projections' backward product, about 1% of a step.
-        hidden = hidden.clone().requires_grad_()  # a copy: the caller's tensor keeps its flag
     if mode and stack_traceable and len(layers) and _whole_stack(layers, hidden):
         # dynamic=None, not True: with every size symbolic, dynamo fails to stamp out the nested
         # layer regions; the token dimension is marked dynamic instead (here and by the callers).
@@ -114,6 +111,13 @@ def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bo
             # The embeddings hand over a view, later layers a plain tensor: dynamo would compile the
             # step once for each. A copy of one [tokens, hidden] tensor keeps it to one graph.
             hidden = hidden.clone()
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in layers[0].parameters())
+        if trains and not hidden.requires_grad:
+            # Likewise frozen embeddings (LoRA) hand over a tensor without grad, later layers one with:
+            # dynamo guards on that and compiled the step twice (BERT-large LoRA: a 62 s warm-up on an
+            # H200). The unused input gradient costs the first layer's input projections' backward
+            # product, about 1% of a step.
+            hidden = hidden.detach().requires_grad_()  # not the caller's tensor: a copy or a detached alias
     for layer in layers:
         sharded_step = layer.__dict__.get(PACKED_STEP)
         if sharded_step is not None:  # FSDP unshards before and reshards after, as around a forward
