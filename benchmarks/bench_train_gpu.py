@@ -201,12 +201,15 @@ def main() -> None:
                         help="also run embedtune+compile with packed streams padded to size classes (fewer distinct GEMM shapes)")
     parser.add_argument("--per-layer-compile-row", action="store_true",
                         help="also run embedtune+compile with one compiled graph per layer step instead of the whole stack")
+    parser.add_argument("--cpp-wrapper-row", action="store_true",
+                        help="also run embedtune+compile with inductor's C++ wrapper (fewer host cycles per kernel launch)")
     parser.add_argument("--warm-cache-row", action="store_true",
                         help="repeat each embedtune+compile row: its warm-up then reads torch's on-disk compile caches")
     args = parser.parse_args()
 
     from embedtune.data.stdlib import build_stdlib_pairs
     from embedtune.packing import layers, lora_linear
+    import torch._inductor.config  # noqa: F401 - the C++ wrapper row sets it
 
     pairs = build_stdlib_pairs(seed=0)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -233,6 +236,9 @@ def main() -> None:
                     if compile_mode == "default" and args.size_classes_row:  # streams padded to few lengths
                         runners.append((label + ", size classes", lambda: embedtune_model(
                             path, lora, args.max_seq_length, compile_model="default", token_multiple=1024)))
+                    if compile_mode == "default" and args.cpp_wrapper_row:
+                        runners.append((label + ", C++ wrapper", lambda: embedtune_model(
+                            path, lora, args.max_seq_length, compile_model="default")))
                     if compile_mode == "default" and args.per_layer_compile_row:
                         runners.append((label + ", per-layer graph", lambda: embedtune_model(
                             path, lora, args.max_seq_length, compile_model="default")))
@@ -243,6 +249,7 @@ def main() -> None:
                     lora_linear.FUSE_LORA_ADD = label.endswith("LoRA add fused")
                     lora_linear.FUSE_PROJECTIONS = not label.endswith("projections one by one")
                     layers.WHOLE_STACK = not label.endswith("per-layer graph")
+                    torch._inductor.config.cpp_wrapper = label.endswith("C++ wrapper")  # part of the cache key
                     st = make()
                     try:
                         row = run_steps(st, pairs, args.batch, args.steps, args.warmup, lora,
