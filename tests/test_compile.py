@@ -25,6 +25,17 @@ def _forward_backward(model, batch, weight_seed: int = 0):
     return out.detach(), grads
 
 
+def _compiled_and_eager(model, batch, mode=True, weight_seed: int = 0):
+    """((out, grads) through the compiled packed layers, (out, grads) through the eager ones)."""
+    enable_fast_path(model, compile=mode)
+    got = _forward_backward(model, batch, weight_seed)
+    disable_fast_path(model)
+    enable_fast_path(model, compile=False)
+    ref = _forward_backward(model, batch, weight_seed)
+    disable_fast_path(model)
+    return got, ref
+
+
 @pytest.mark.parametrize("arch,mode,whole_stack", [("bert", True, False), ("qwen3", True, False),
                                                   ("bert", True, True), ("qwen3", True, True),
                                                   ("bert", "reduce-overhead", False)])
@@ -48,12 +59,7 @@ def test_compiled_layers_match_eager_and_compile_once(tmp_path, monkeypatch, arc
     for step, (rows, repeat) in enumerate([([0, 1], 1), ([0, 2, 3, 4], 2), ([0, 3, 4], 4), ([1, 2, 3, 4], 3)]):
         batch = tok([TEXTS[i] for i in rows] * repeat, padding=True, return_tensors="pt")
         widths.add(batch["input_ids"].shape[1])
-        enable_fast_path(model, compile=mode)
-        out, grads = _forward_backward(model, batch, step)
-        disable_fast_path(model)
-        enable_fast_path(model, compile=False)
-        ref, ref_grads = _forward_backward(model, batch, step)
-        disable_fast_path(model)
+        (out, grads), (ref, ref_grads) = _compiled_and_eager(model, batch, mode, step)
         mask = batch["attention_mask"].bool()
         assert (out - ref)[mask].abs().max() <= 1e-5
         assert grads.keys() == ref_grads.keys()
@@ -86,12 +92,7 @@ def test_whole_stack_is_one_graph_without_breaks(tmp_path, monkeypatch, arch):
     for rows, repeat in [(2, 1), (5, 2), (3, 4)]:
         batch = tok(TEXTS[:rows] * repeat, padding=True, return_tensors="pt")
         assert layers._whole_stack(base_layers, torch.zeros(1))
-        enable_fast_path(model, compile=True)
-        out, grads = _forward_backward(model, batch)
-        disable_fast_path(model)
-        enable_fast_path(model, compile=False)
-        ref, ref_grads = _forward_backward(model, batch)
-        disable_fast_path(model)
+        (out, grads), (ref, ref_grads) = _compiled_and_eager(model, batch)
         mask = batch["attention_mask"].bool()
         assert (out - ref)[mask].abs().max() <= 1e-5
         for name, g in ref_grads.items():
@@ -119,12 +120,7 @@ def test_layer_step_is_one_graph_without_breaks(tmp_path, monkeypatch, arch):
     frames = []
     for rows, repeat in [(2, 1), (5, 2), (3, 4)]:
         batch = tok(TEXTS[:rows] * repeat, padding=True, return_tensors="pt")
-        enable_fast_path(model, compile=True)
-        out, _ = _forward_backward(model, batch)
-        disable_fast_path(model)
-        enable_fast_path(model, compile=False)
-        ref, _ = _forward_backward(model, batch)
-        disable_fast_path(model)
+        (out, _), (ref, _) = _compiled_and_eager(model, batch)
         assert (out - ref)[batch["attention_mask"].bool()].abs().max() <= 1e-5
         frames.append(counters["frames"]["total"])
     assert not counters["graph_break"], dict(counters["graph_break"])
