@@ -199,6 +199,8 @@ def main() -> None:
                         help="also run embedtune eager with q/k/v (gate/up) as separate products (lora_linear.FUSE_PROJECTIONS off)")
     parser.add_argument("--size-classes-row", action="store_true",
                         help="also run embedtune+compile with packed streams padded to size classes (fewer distinct GEMM shapes)")
+    parser.add_argument("--whole-stack-row", action="store_true",
+                        help="also run embedtune+compile with the whole layer stack as one graph (layers.WHOLE_STACK)")
     parser.add_argument("--per-layer-compile-row", action="store_true",
                         help="also run embedtune+compile with one compiled graph per layer step instead of the whole stack")
     parser.add_argument("--cpp-wrapper-row", action="store_true",
@@ -210,6 +212,7 @@ def main() -> None:
     from embedtune.data.stdlib import build_stdlib_pairs
     from embedtune.packing import layers, lora_linear
     import torch._inductor.config  # noqa: F401 - the C++ wrapper row sets it
+    default_whole_stack = layers.WHOLE_STACK
 
     pairs = build_stdlib_pairs(seed=0)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -239,6 +242,9 @@ def main() -> None:
                     if compile_mode == "default" and args.cpp_wrapper_row:
                         runners.append((label + ", C++ wrapper", lambda: embedtune_model(
                             path, lora, args.max_seq_length, compile_model="default")))
+                    if compile_mode == "default" and args.whole_stack_row:
+                        runners.append((label + ", whole-stack graph", lambda: embedtune_model(
+                            path, lora, args.max_seq_length, compile_model="default")))
                     if compile_mode == "default" and args.per_layer_compile_row:
                         runners.append((label + ", per-layer graph", lambda: embedtune_model(
                             path, lora, args.max_seq_length, compile_model="default")))
@@ -248,7 +254,8 @@ def main() -> None:
                 for label, make in runners:
                     lora_linear.FUSE_LORA_ADD = label.endswith("LoRA add fused")
                     lora_linear.FUSE_PROJECTIONS = not label.endswith("projections one by one")
-                    layers.WHOLE_STACK = not label.endswith("per-layer graph")
+                    layers.WHOLE_STACK = (True if label.endswith("whole-stack graph") else False
+                                          if label.endswith("per-layer graph") else default_whole_stack)
                     torch._inductor.config.cpp_wrapper = label.endswith("C++ wrapper")  # part of the cache key
                     st = make()
                     try:

@@ -40,7 +40,7 @@ def _compiled_and_eager(model, batch, mode=True, weight_seed: int = 0):
                                                   ("bert", True, True), ("qwen3", True, True),
                                                   ("bert", "reduce-overhead", False)])
 def test_compiled_layers_match_eager_and_compile_once(tmp_path, monkeypatch, arch, mode, whole_stack):
-    """Whole-stack graph (the default) and per-layer graph. Mode "reduce-overhead" (CUDA graphs on a
+    """Per-layer graph (the default) and whole-stack graph. Mode "reduce-overhead" (CUDA graphs on a
     GPU; plain compiled code on CPU) also pads the packed stream to a token multiple: same results,
     still one compile."""
     from torch._dynamo.utils import counters

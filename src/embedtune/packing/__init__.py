@@ -83,8 +83,8 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str
                      token_multiple: int | None = None) -> bool:
     """Switch `model` (plain or peft) to the packed forward; returns False (with a notice) if unsupported.
 
-    `compile=True` (or "default") also compiles the layers (the whole stack as one graph where it can,
-    dynamic in the token count: one compile serves every batch shape; see `packing.layers`).
+    `compile=True` (or "default") also compiles the layers (one graph for the layer step, which every
+    layer reuses, dynamic in the token count: one compile serves every batch shape; see `packing.layers`).
     `compile="reduce-overhead"` replays the compiled code as CUDA graphs, and pads packed streams to
     size classes (multiples of `token_multiple`, default 1024, see `PackedBatch`) so that few graphs
     are recorded; measured slower than "default" on an H200 (docs/BENCHMARKS.md): opt-in only.

@@ -1,18 +1,16 @@
 """Running a stack of layers on the packed stream.
 
 Per layer this honours, in order: FSDP (gathering the layer's sharded weights around its step, see
-`embedtune.sharding`), activation checkpointing, and compilation. Compiled, the whole layer stack is
-one graph where it can be (`WHOLE_STACK`): attention is one opaque op (`embedtune::varlen_attn`), so
-there are no graph breaks, and a step costs one graph call forward and one backward instead of a
-Python-driven launch of every kernel. Inside that graph each layer is a nested compile region
-(`torch.compiler.nested_compile_region`): identical layers are compiled once and stamped out, so
-warm-up grows little with depth (a layer whose traced graph differs, such as a local-attention
-layer, gets its own). Otherwise (`WHOLE_STACK` off, sharded or checkpointed layers, host-side
-attention) compilation is regional: the per-layer step is one graph that every layer reuses
-(parameters are graph inputs). On an H200 both ran at the same speed; which compiles faster from a
-cold start is not settled (docs/BENCHMARKS.md), so the whole stack stays the default. The token
-dimension is compiled dynamic either way, so packed streams of any length reuse the graph: one
-compile per run, not one per batch shape.
+`embedtune.sharding`), activation checkpointing, and compilation. Compiled, the per-layer step is
+one graph that every layer reuses (parameters are graph inputs; attention is one opaque op,
+`embedtune::varlen_attn`, so there are no graph breaks): a layer costs one graph call forward and
+one backward instead of a Python-driven launch of every kernel. `WHOLE_STACK` compiles the whole
+stack as one graph instead where it can, each layer a nested compile region
+(`torch.compiler.nested_compile_region`) so identical layers share compiled code. On an H200 both
+ran at the same speed, but dynamo, AOTAutograd and inductor's passes still walk every layer of the
+whole stack: at 12 layers it compiled in 2-2.5x the time (docs/BENCHMARKS.md), so it is off by
+default. The token dimension is compiled dynamic either way, so packed streams of any length reuse
+the graph: one compile per run, not one per batch shape.
 Mode "reduce-overhead" also replays the compiled regions as CUDA graphs, meant to remove the kernel
 launch cost; it records one graph per input size, so it runs with `varlen.static_tokens` (streams
 padded to a few size classes). Measured on an H200 it is still slower than the default mode
@@ -28,7 +26,7 @@ from typing import Callable
 import torch
 
 PACKED_STEP = "embedtune_packed_step"  # set by embedtune.sharding on FSDP-sharded layers
-WHOLE_STACK = True  # False: the per-layer graph everywhere (see above; a benchmark row)
+WHOLE_STACK = False  # True: the whole stack as one graph where it can be (see above; a benchmark row)
 _COMPILE_LAYERS = contextvars.ContextVar("embedtune_compile_layers", default=False)
 COMPILE_MODES = ("default", "reduce-overhead")
 
@@ -93,9 +91,9 @@ def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bo
                per_token: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """`hidden = step(layer, hidden)` for each layer, through the layer's checkpoint function when it is on.
 
-    Compiled, this is one graph for the whole stack where it can be (`WHOLE_STACK`, and
-    `stack_traceable`: the architecture's attention is the opaque op, not host-side bucketing), else
-    one graph per layer step.
+    Compiled, this is one graph per layer step; with `WHOLE_STACK`, one graph for the whole stack
+    where it can be (`stack_traceable`: the architecture's attention is the opaque op, not host-side
+    bucketing).
     `per_token`: tensors the step reads (from its closure) with one row per token, such as rotary
     tables: marked dynamic in that dimension like `hidden`.
     """
@@ -115,7 +113,7 @@ def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bo
         if trains and not hidden.requires_grad:
             # Likewise frozen embeddings (LoRA) hand over a tensor without grad, later layers one with:
             # dynamo guards on that and compiled the step twice (BERT-large LoRA: a 62 s warm-up on an
-            # H200). The unused input gradient costs the first layer's input projections' backward
+            # H200; the whole-stack graph compiles once either way). The unused input gradient costs the first layer's input projections' backward
             # product, about 1% of a step.
             hidden = hidden.detach().requires_grad_()  # not the caller's tensor: a copy or a detached alias
     for layer in layers:
