@@ -31,6 +31,17 @@ SHAPES = {
                      num_key_value_heads=8, head_dim=128, intermediate_size=9728),
     "tiny-bert": dict(kind="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
 }
+# --NAME-row: one more embedtune+compile row with one setting changed: (label suffix, help, settings)
+COMPILED_VARIANTS = {
+    "size-classes": (", size classes", "with packed streams padded to size classes (fewer distinct GEMM shapes)",
+                     {"token_multiple": 1024}),
+    "cpp-wrapper": (", C++ wrapper", "with inductor's C++ wrapper (fewer host cycles per kernel launch)",
+                    {"cpp_wrapper": True}),
+    "whole-stack": (", whole-stack graph", "with the whole layer stack as one graph (layers.WHOLE_STACK)",
+                    {"whole_stack": True}),
+    "per-layer-compile": (", per-layer graph", "with one compiled graph per layer step (WHOLE_STACK off)",
+                          {"whole_stack": False}),
+}
 TARGETS = {"bert": ["query", "key", "value", "dense"],
            "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 POOLING = {"bert": "mean", "qwen3": "lasttoken"}
@@ -197,14 +208,8 @@ def main() -> None:
                         help="also run embedtune eager with LoRA's low-rank product and sum fused (lora_linear.FUSE_LORA_ADD)")
     parser.add_argument("--unfused-projections-row", action="store_true",
                         help="also run embedtune eager with q/k/v (gate/up) as separate products (lora_linear.FUSE_PROJECTIONS off)")
-    parser.add_argument("--size-classes-row", action="store_true",
-                        help="also run embedtune+compile with packed streams padded to size classes (fewer distinct GEMM shapes)")
-    parser.add_argument("--whole-stack-row", action="store_true",
-                        help="also run embedtune+compile with the whole layer stack as one graph (layers.WHOLE_STACK)")
-    parser.add_argument("--per-layer-compile-row", action="store_true",
-                        help="also run embedtune+compile with one compiled graph per layer step instead of the whole stack")
-    parser.add_argument("--cpp-wrapper-row", action="store_true",
-                        help="also run embedtune+compile with inductor's C++ wrapper (fewer host cycles per kernel launch)")
+    for name, (_, help_text, _) in COMPILED_VARIANTS.items():
+        parser.add_argument(f"--{name}-row", action="store_true", help=f"also run embedtune+compile {help_text}")
     parser.add_argument("--warm-cache-row", action="store_true",
                         help="repeat each embedtune+compile row: its warm-up then reads torch's on-disk compile caches")
     args = parser.parse_args()
@@ -224,39 +229,31 @@ def main() -> None:
             results.setdefault("exactness_bf16_rel_err", {})[name] = exactness(path)
             for mode in args.modes.split(","):
                 lora = mode == "lora"
-                runners = [("stock", lambda: stock_model(path, lora, args.max_seq_length, False))]
+                runners = [("stock", lambda: stock_model(path, lora, args.max_seq_length, False), {})]
                 if args.compile and not args.skip_stock_compile:
-                    runners.append(("stock+compile", lambda: stock_model(path, lora, args.max_seq_length, True)))
-                runners.append(("embedtune", lambda: embedtune_model(path, lora, args.max_seq_length)))
+                    runners.append(("stock+compile", lambda: stock_model(path, lora, args.max_seq_length, True), {}))
+                runners.append(("embedtune", lambda: embedtune_model(path, lora, args.max_seq_length), {}))
                 if args.unfused_projections_row:
-                    runners.append(("embedtune, projections one by one", lambda: embedtune_model(path, lora, args.max_seq_length)))
+                    runners.append(("embedtune, projections one by one",
+                                    lambda: embedtune_model(path, lora, args.max_seq_length), {}))
                 if lora and args.fused_lora_row:
-                    runners.append(("embedtune, LoRA add fused", lambda: embedtune_model(path, lora, args.max_seq_length)))
+                    runners.append(("embedtune, LoRA add fused", lambda: embedtune_model(path, lora, args.max_seq_length), {}))
                 for compile_mode in args.compile_modes if args.compile else ():
                     label = "embedtune+compile" + ("" if compile_mode == "default" else f"({compile_mode})")
                     runners.append((label, lambda m=compile_mode: embedtune_model(path, lora, args.max_seq_length,
-                                                                                 compile_model=m)))
-                    if compile_mode == "default" and args.size_classes_row:  # streams padded to few lengths
-                        runners.append((label + ", size classes", lambda: embedtune_model(
-                            path, lora, args.max_seq_length, compile_model="default", token_multiple=1024)))
-                    if compile_mode == "default" and args.cpp_wrapper_row:
-                        runners.append((label + ", C++ wrapper", lambda: embedtune_model(
-                            path, lora, args.max_seq_length, compile_model="default")))
-                    if compile_mode == "default" and args.whole_stack_row:
-                        runners.append((label + ", whole-stack graph", lambda: embedtune_model(
-                            path, lora, args.max_seq_length, compile_model="default")))
-                    if compile_mode == "default" and args.per_layer_compile_row:
-                        runners.append((label + ", per-layer graph", lambda: embedtune_model(
-                            path, lora, args.max_seq_length, compile_model="default")))
+                                                                                 compile_model=m), {}))
+                    for name, (suffix, _, settings) in COMPILED_VARIANTS.items() if compile_mode == "default" else ():
+                        if getattr(args, name.replace("-", "_") + "_row"):
+                            runners.append((label + suffix, lambda t=settings.get("token_multiple"): embedtune_model(
+                                path, lora, args.max_seq_length, compile_model="default", token_multiple=t), settings))
                     if args.warm_cache_row:  # a second run: what a job pays with torch's compile caches filled
                         runners.append((label + " warm cache", lambda m=compile_mode: embedtune_model(
-                            path, lora, args.max_seq_length, compile_model=m)))
-                for label, make in runners:
+                            path, lora, args.max_seq_length, compile_model=m), {}))
+                for label, make, settings in runners:  # settings: see COMPILED_VARIANTS
                     lora_linear.FUSE_LORA_ADD = label.endswith("LoRA add fused")
                     lora_linear.FUSE_PROJECTIONS = not label.endswith("projections one by one")
-                    layers.WHOLE_STACK = (True if label.endswith("whole-stack graph") else False
-                                          if label.endswith("per-layer graph") else default_whole_stack)
-                    torch._inductor.config.cpp_wrapper = label.endswith("C++ wrapper")  # part of the cache key
+                    layers.WHOLE_STACK = settings.get("whole_stack", default_whole_stack)
+                    torch._inductor.config.cpp_wrapper = settings.get("cpp_wrapper", False)  # part of the cache key
                     st = make()
                     try:
                         row = run_steps(st, pairs, args.batch, args.steps, args.warmup, lora,

@@ -113,7 +113,8 @@ def main() -> None:
         for e in device_events:  # where device time goes, by kernel family
             name = e.name.lower()
             kind = ("flash attention" if "flash" in name else  # first: its kernel names mention cutlass types
-                    "gemm" if any(w in name for w in ("gemm", "cutlass", "sm90", "xmma", "cublas", "nvjet")) else "triton (inductor)" if name.startswith("triton") else
+                    "gemm" if any(w in name for w in ("gemm", "cutlass", "sm90", "xmma", "cublas", "nvjet")) else
+                    "triton (inductor)" if name.startswith("triton") else
                     "optimizer" if "adam" in name or "multi_tensor" in name else "copy/memset" if "memcpy" in name
                     or "memset" in name else "other")
             kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e6

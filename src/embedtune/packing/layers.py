@@ -109,12 +109,13 @@ def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bo
             # The embeddings hand over a view, later layers a plain tensor: dynamo would compile the
             # step once for each. A copy of one [tokens, hidden] tensor keeps it to one graph.
             hidden = hidden.clone()
-        trains = torch.is_grad_enabled() and any(p.requires_grad for p in layers[0].parameters())
-        if trains and not hidden.requires_grad:
+        if not hidden.requires_grad and torch.is_grad_enabled() and any(
+                p.requires_grad for p in layers[0].parameters()):
             # Likewise frozen embeddings (LoRA) hand over a tensor without grad, later layers one with:
             # dynamo guards on that and compiled the step twice (BERT-large LoRA: a 62 s warm-up on an
-            # H200; the whole-stack graph compiles once either way). The unused input gradient costs the first layer's input projections' backward
-            # product, about 1% of a BERT-base step's FLOPs.
+            # H200; the whole-stack graph compiles once either way). The unused input gradient costs
+            # the first layer's input projections' backward product, about 1% of a BERT-base step's
+            # FLOPs.
             hidden = hidden.detach().requires_grad_()  # not the caller's tensor: a copy or a detached alias
     for layer in layers:
         sharded_step = layer.__dict__.get(PACKED_STEP)
