@@ -107,14 +107,19 @@ def embedtune_model(path: str, lora: bool, max_len: int, fp32_base: bool = False
     return to_sentence_transformer(model, tok, pooling=POOLING[_kind(path)], normalize=False)
 
 
-def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool, embedtune_loss: bool = False):
+def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool, embedtune_loss: bool = False,
+              cuda_graphs: bool = False, max_len: int = 512):
     """Stock rows train with sentence-transformers' MNRL; embedtune rows with embedtune's recipe loss,
-    `ContrastiveLoss` (equal to MNRL, tested; on the packed path it embeds all columns in one forward)."""
+    `ContrastiveLoss` (equal to MNRL, tested; on the packed path it embeds all columns in one forward).
+    `cuda_graphs`: forward and backward through `embedtune.graphs.GraphedStep` (as `--cuda-graphs` runs);
+    it takes the host batch and copies it itself, so its rows time that copy too."""
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
+    from embedtune.graphs import GraphedStep
     from embedtune.losses import ContrastiveLoss
 
     loss_fn = ContrastiveLoss(st) if embedtune_loss else MultipleNegativesRankingLoss(st)
+    graphed = GraphedStep(loss_fn, max_len, dtype=torch.bfloat16) if cuda_graphs else None
     params = [p for p in st.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     st.train()
@@ -128,12 +133,16 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool, embedt
         rows = [pairs[(step * batch + i) % len(pairs)] for i in range(batch)]
         encode = getattr(st, "preprocess", None) or st.tokenize
         feats = [encode([r["anchor"] for r in rows]), encode([r["positive"] for r in rows])]
-        feats = [{k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in f.items()} for f in feats]
+        if graphed is None:
+            feats = [{k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in f.items()} for f in feats]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(feats, None)
-        loss.backward()
+        if graphed is not None:
+            loss = graphed(feats)
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_fn(feats, None)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
@@ -143,7 +152,8 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool, embedt
             tokens += sum(int(n.sum()) for n in lengths)
             square_lengths += sum(float((n * n).sum()) for n in lengths)
     elapsed = sum(times)
-    return {"samples_per_s": batch * steps / elapsed, "tokens_per_s": tokens / elapsed,
+    extra = {"graphs": {**graphed.counts, "shapes": graphed.shapes, "off": graphed.off_reason}} if graphed else {}
+    return {**extra, "samples_per_s": batch * steps / elapsed, "tokens_per_s": tokens / elapsed,
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "step_ms": 1000 * elapsed / steps,
             "tokens": tokens, "loss": float(loss), "warmup_s": warmup_s,
             "attention_flops_per_s": square_lengths / elapsed}  # x flops_per_token_pair(name) below
@@ -208,8 +218,10 @@ def main() -> None:
                         help="also run embedtune eager with LoRA's low-rank product and sum fused (lora_linear.FUSE_LORA_ADD)")
     parser.add_argument("--unfused-projections-row", action="store_true",
                         help="also run embedtune eager with q/k/v (gate/up) as separate products (lora_linear.FUSE_PROJECTIONS off)")
-    for name, (_, help_text, _) in COMPILED_VARIANTS.items():
-        parser.add_argument(f"--{name}-row", action="store_true", help=f"also run embedtune+compile {help_text}")
+    for variant, (_, help_text, _) in COMPILED_VARIANTS.items():
+        parser.add_argument(f"--{variant}-row", action="store_true", help=f"also run embedtune+compile {help_text}")
+    parser.add_argument("--cuda-graph-rows", action="store_true",
+                        help="also run embedtune (and embedtune+compile) with each step replayed as a CUDA graph")
     parser.add_argument("--warm-cache-row", action="store_true",
                         help="repeat each embedtune+compile row: its warm-up then reads torch's on-disk compile caches")
     args = parser.parse_args()
@@ -236,16 +248,22 @@ def main() -> None:
                 if args.unfused_projections_row:
                     runners.append(("embedtune, projections one by one",
                                     lambda: embedtune_model(path, lora, args.max_seq_length), {}))
+                if args.cuda_graph_rows:
+                    runners.append(("embedtune + CUDA graphs", lambda: embedtune_model(path, lora, args.max_seq_length),
+                                    {"cuda_graphs": True}))
                 if lora and args.fused_lora_row:
                     runners.append(("embedtune, LoRA add fused", lambda: embedtune_model(path, lora, args.max_seq_length), {}))
                 for compile_mode in args.compile_modes if args.compile else ():
                     label = "embedtune+compile" + ("" if compile_mode == "default" else f"({compile_mode})")
                     runners.append((label, lambda m=compile_mode: embedtune_model(path, lora, args.max_seq_length,
                                                                                  compile_model=m), {}))
-                    for name, (suffix, _, settings) in COMPILED_VARIANTS.items() if compile_mode == "default" else ():
-                        if getattr(args, name.replace("-", "_") + "_row"):
+                    for variant, (suffix, _, settings) in COMPILED_VARIANTS.items() if compile_mode == "default" else ():
+                        if getattr(args, variant.replace("-", "_") + "_row"):
                             runners.append((label + suffix, lambda t=settings.get("token_multiple"): embedtune_model(
                                 path, lora, args.max_seq_length, compile_model="default", token_multiple=t), settings))
+                    if args.cuda_graph_rows and compile_mode == "default":
+                        runners.append((label + " + CUDA graphs", lambda: embedtune_model(
+                            path, lora, args.max_seq_length, compile_model="default"), {"cuda_graphs": True}))
                     if args.warm_cache_row:  # a second run: what a job pays with torch's compile caches filled
                         runners.append((label + " warm cache", lambda m=compile_mode: embedtune_model(
                             path, lora, args.max_seq_length, compile_model=m), {}))
@@ -257,7 +275,8 @@ def main() -> None:
                     st = make()
                     try:
                         row = run_steps(st, pairs, args.batch, args.steps, args.warmup, lora,
-                                        embedtune_loss=label.startswith("embedtune"))
+                                        embedtune_loss=label.startswith("embedtune"),
+                                        cuda_graphs=settings.get("cuda_graphs", False), max_len=args.max_seq_length)
                     except torch.OutOfMemoryError:
                         row = {"samples_per_s": math.nan, "tokens_per_s": math.nan, "peak_gb": math.nan, "oom": True}
                     row.update(model=name, mode=mode, impl=label)

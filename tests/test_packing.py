@@ -7,7 +7,7 @@ import torch
 
 from embedtune import FastModel
 from embedtune.packing import PACKED_FORWARDS, disable_fast_path, enable_fast_path
-from embedtune.packing.varlen import PackedBatch, bucketed_sdpa, padded_sdpa, varlen_attention
+from embedtune.packing.varlen import PackedBatch, bucketed_sdpa, fixed_stream, padded_sdpa, varlen_attention
 from tiny_models import make_tiny_model
 
 ARCHS = sorted(PACKED_FORWARDS)
@@ -82,7 +82,29 @@ def test_packed_stream_padded_to_a_token_multiple_equals_padded(arch, tiny_root,
         assert all(stream % 64 == 0 and stream > tokens for tokens, stream in streams), streams
 
 
-def _check_packed_equals_padded(arch, lora, padding_side, tiny_root, token_multiple=None):
+FIXED_STREAM_ARCHS = [a for a in ARCHS if a not in ("mpnet", "deberta-v2")]  # bias-taking attention: host plans
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("arch", FIXED_STREAM_ARCHS)
+def test_fixed_length_stream_equals_padded(arch, lora, tiny_root, monkeypatch):
+    """The same with the stream a fixed length built on the device (what CUDA graph capture uses,
+    `embedtune.graphs`): fillers past the real tokens, filler rows of `pack` zero, `unpack` drops them."""
+    plans = []
+    original = PackedBatch.fixed.__func__
+
+    def spy(cls, mask, stream):
+        plan = original(cls, mask, stream)
+        plans.append(plan)
+        return plan
+
+    monkeypatch.setattr(PackedBatch, "fixed", classmethod(spy))
+    _check_packed_equals_padded(arch, lora, "left" if arch in ("qwen3", "llama") else "right", tiny_root,
+                                stream=200)
+    assert plans and all(p.stream == 200 and p.fixed_length and p.tokens == 200 for p in plans)
+
+
+def _check_packed_equals_padded(arch, lora, padding_side, tiny_root, token_multiple=None, stream=None):
     model, tok = _load(arch, tiny_root, lora)
     tok.padding_side = "right"
     ref_batch = tok(TEXTS, padding=True, return_tensors="pt")
@@ -93,7 +115,8 @@ def _check_packed_equals_padded(arch, lora, padding_side, tiny_root, token_multi
     batch = tok(TEXTS, padding=True, return_tensors="pt")
     mask = batch["attention_mask"].bool()
     assert enable_fast_path(model, token_multiple=token_multiple)
-    fast_out, fast_grads = _outputs_and_grads(model, batch)
+    with fixed_stream(stream):
+        fast_out, fast_grads = _outputs_and_grads(model, batch)
     disable_fast_path(model)
     assert (fast_out[mask] - ref_out[ref_mask]).abs().max().item() < 1e-5
     assert set(fast_grads) == set(ref_grads) and ref_grads

@@ -358,13 +358,28 @@ class ResumableTrainer(SentenceTransformerTrainer):
             for name, param in params.items():
                 param.copy_(saved[name].to(param.device))
 
+    graph_step = None  # an embedtune.graphs.GraphedStep when the run replays its steps as CUDA graphs
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.graph_step is not None:
+            loss = self._graphed_training_step(model, inputs)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             precision = "fp16" if self.args.fp16 else "bf16" if self.args.bf16 else "fp32"
             raise NonFiniteLoss(nonfinite_loss_message(loss.float().mean().item(), self.state.global_step + 1,
                                                        self.args.learning_rate, precision, Path(self.args.output_dir)))
         return loss
+
+    def _graphed_training_step(self, model, inputs):
+        """The trainer's step (loss scaled for gradient accumulation, as `Trainer.training_step` does)
+        with forward and backward replayed as a CUDA graph."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        inputs.pop("dataset_name", None)
+        features, _labels = self.collect_features(inputs)
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        return self.graph_step(features, scale=scale) * scale
 
 
 # ----------------------------------------------------------------------------------- the run

@@ -10,6 +10,7 @@ renamed to `OUTPUT` only at the end, so an interrupted run never leaves a half-w
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -39,6 +40,8 @@ from .st import to_sentence_transformer
 
 EVAL_NAME = "ir-eval"
 POOLING_MODES = ("cls", "mean", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class TrainConfig:
     logging_steps: int = 5
     fast: bool = True  # padding-free packed forward where the architecture supports it
     compile: bool = False  # torch.compile the packed layers (one compile per run; see packing.layers)
+    cuda_graphs: bool = False  # replay each step's forward and backward as a CUDA graph (see embedtune.graphs)
     query_prompt: str | None = None  # e.g. "query: " (E5) or a Qwen3-Embedding instruction
     document_prompt: str | None = None  # e.g. "passage: "
     temperature: float = 0.05  # InfoNCE temperature (0.05 = MNRL's scale 20)
@@ -178,6 +182,8 @@ def check_speed_options(config: TrainConfig) -> None:
     full fine-tuning over a torchrun launch)."""
     if config.compile and not config.fast:
         raise EmbedtuneError("--compile compiles the packed fast path: drop --no-fast")
+    if config.cuda_graphs and not config.fast:
+        raise EmbedtuneError("--cuda-graphs captures the packed fast path: drop --no-fast")
     if not config.fsdp:
         return
     if not distributed.launched():
@@ -189,6 +195,25 @@ def check_speed_options(config: TrainConfig) -> None:
         raise EmbedtuneError("--fsdp with --gradient-checkpointing is not supported yet")
     if config.resume or config.save_every:
         raise EmbedtuneError("--fsdp runs keep no resumable checkpoints yet: drop --resume/--save-every")
+
+
+def graph_step_for(trainer, config: TrainConfig):
+    """The run's CUDA-graph step (`embedtune.graphs`), or None with a one-line notice of why not."""
+    from .graphs import GraphedStep, unsupported_reason
+
+    reason = unsupported_reason(trainer.loss, trainer.model.device)
+    if reason is None and trainer.args.fp16:
+        reason = "fp16 training scales its loss on the host (use bf16)"
+    if reason is not None:
+        logger.warning("embedtune: --cuda-graphs off: %s", reason)
+        return None
+    return GraphedStep(trainer.loss, config.max_seq_length, dtype=torch.bfloat16 if trainer.args.bf16 else None)
+
+
+def graph_summary(step) -> dict:
+    if step is None:
+        return {"off": "not supported for this run (see the notice above)"}
+    return {**step.counts, "shapes": step.shapes, "off": step.off_reason}
 
 
 def unsharded_copy(st_model, config: TrainConfig):
@@ -352,6 +377,8 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         evaluator=evaluator,
         callbacks=[best.callback] if evaluator else None,
     )
+    if config.cuda_graphs:
+        trainer.graph_step = graph_step_for(trainer, config)
     rows_needed = total_steps * config.batch_size * distributed.world_size()  # what the run will read
     token_cache = install_token_cache(trainer, st_model, train_ds.select_columns(columns), column_prompts,
                                       rows_needed=rows_needed)
@@ -383,6 +410,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         "skipped_rows": loaded.skipped,
         "tokens_per_s": _tokens_per_second(tokens, train_time, trainer.state.log_history),
         "compile": {"time_s": round(compile_seconds(), 2), "cache": compile_cache} if compile_cache else None,
+        "cuda_graphs": graph_summary(getattr(trainer, "graph_step", None)) if config.cuda_graphs else None,
         "best_step": best.best_step,
         "token_cache": ({"texts": len(token_cache.cache.index), "batches_served": token_cache.hits,
                          "batches_tokenized": token_cache.misses} if token_cache else None),

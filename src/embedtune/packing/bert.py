@@ -11,7 +11,7 @@ import torch
 
 from .layers import run_layers
 from .lora_linear import linear, linears
-from .varlen import PackedBatch, static_token_multiple, varlen_attention
+from .varlen import PackedBatch, varlen_attention
 
 # RoBERTa-style position ids start after the padding index.
 POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert"}
@@ -50,7 +50,7 @@ def feed_forward(layer, hidden):
 
 def packed_bert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
     """Token embeddings [B, L, H] (zeros at padding) computed without running dense layers on padding."""
-    plan = PackedBatch.from_mask(attention_mask, static_token_multiple())
+    plan = PackedBatch.for_forward(attention_mask)
     hidden = _embed(model, input_ids, token_type_ids, plan)
     hidden = run_layers(model.encoder.layer, hidden, lambda layer, h: _layer(layer, h, plan, attention_backend))
     return plan.unpack(hidden)

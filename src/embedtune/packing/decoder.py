@@ -14,7 +14,7 @@ import torch
 
 from .layers import run_layers
 from .lora_linear import linear, linears
-from .varlen import PackedBatch, static_token_multiple, varlen_attention
+from .varlen import PackedBatch, varlen_attention
 
 
 def _window(model, attn) -> int | None:
@@ -57,7 +57,7 @@ def gated_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
 
 def packed_decoder_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
     """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
-    plan = PackedBatch.from_mask(attention_mask, static_token_multiple())
+    plan = PackedBatch.for_forward(attention_mask)
     hidden = model.embed_tokens(plan.pack(input_ids))
     positions = plan.position_ids[None]
     cos, sin = model.rotary_emb(hidden[None], positions)

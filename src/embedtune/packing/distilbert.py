@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .layers import run_layers
 from .lora_linear import linear, linears
-from .varlen import PackedBatch, static_token_multiple, varlen_attention
+from .varlen import PackedBatch, varlen_attention
 
 
 def _layer(layer, hidden, plan: PackedBatch, attention_backend: str):
@@ -22,7 +22,7 @@ def _layer(layer, hidden, plan: PackedBatch, attention_backend: str):
 
 def packed_distilbert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
     """Last hidden states [B, L, H] (zeros at padding) with the dense layers on real tokens only."""
-    plan = PackedBatch.from_mask(attention_mask, static_token_multiple())
+    plan = PackedBatch.for_forward(attention_mask)
     hidden = model.embeddings(plan.pack(input_ids)[None], position_ids=plan.position_ids[None])[0]
     hidden = run_layers(model.transformer.layer, hidden, lambda layer, h: _layer(layer, h, plan, attention_backend))
     return plan.unpack(hidden)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from .decoder import gated_mlp, rotary_attention
 from .layers import run_layers
 from .lora_linear import linear, linears
-from .varlen import PackedBatch, static_token_multiple
+from .varlen import PackedBatch
 
 LAYER_TYPES = {"sliding_attention", "full_attention"}
 
@@ -63,7 +63,7 @@ def _layer(model, layer, hidden, rope_by_type, plan: PackedBatch, backend: str, 
 
 def packed_gemma3_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
     """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
-    plan = PackedBatch.from_mask(attention_mask, static_token_multiple())
+    plan = PackedBatch.for_forward(attention_mask)
     hidden = model.embed_tokens(plan.pack(input_ids))
     positions = plan.position_ids[None]
     rope_by_type = {}

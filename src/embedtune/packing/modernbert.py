@@ -7,7 +7,7 @@ import sys
 
 from .layers import run_layers
 from .lora_linear import linear
-from .varlen import PackedBatch, static_token_multiple, varlen_attention
+from .varlen import PackedBatch, varlen_attention
 
 
 def _layer(model, layer, hidden, rope_by_type, plan: PackedBatch, backend: str):
@@ -28,7 +28,7 @@ def _layer(model, layer, hidden, rope_by_type, plan: PackedBatch, backend: str):
 
 def packed_modernbert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
     """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
-    plan = PackedBatch.from_mask(attention_mask, static_token_multiple())
+    plan = PackedBatch.for_forward(attention_mask)
     hidden = model.embeddings(input_ids=plan.pack(input_ids)[None])[0]
     positions = plan.position_ids[None]
     rope_by_type = {}

@@ -39,8 +39,33 @@ def static_tokens(multiple: int | None):
         _TOKEN_MULTIPLE.reset(token)
 
 
-def static_token_multiple() -> int | None:
-    return _TOKEN_MULTIPLE.get()
+def size_class_step(tokens: int, multiple: int) -> int:
+    """Stream lengths are rounded up to a multiple of this: `multiple`, or 1/8 of the power of two at or
+    below `tokens` if larger, so size classes are at most 1/8 apart and few (see `PackedBatch`)."""
+    return max(multiple, 1 << max(tokens.bit_length() - 4, 0))
+
+
+def size_class(tokens: int, multiple: int) -> int:
+    """`tokens` rounded up to its size class (`size_class_step`)."""
+    step = size_class_step(tokens, multiple)
+    return -(-tokens // step) * step
+
+
+_FIXED_STREAM = contextvars.ContextVar("embedtune_fixed_stream", default=None)
+FILLER_LEN = 128  # filler sequences in a fixed-length stream: short, so their attention costs little
+
+
+@contextlib.contextmanager
+def fixed_stream(tokens: int | None):
+    """Inside this block, packed streams are exactly `tokens` long (at least the batch's real token
+    count, which the caller knows from the host copy of the mask), and their plans are built on the
+    device without a host sync (`PackedBatch.fixed`): what capturing a step as a CUDA graph needs
+    (`embedtune.graphs`)."""
+    token = _FIXED_STREAM.set(tokens)
+    try:
+        yield
+    finally:
+        _FIXED_STREAM.reset(token)
 
 
 @dataclass
@@ -68,6 +93,9 @@ class PackedBatch:
     # another width would recompile the whole stack.
     width: torch.Tensor
     key_mask: torch.Tensor  # [B, L] bool, True at real tokens
+    # A fixed-length stream (`fixed`): flat_index is stream-long, its filler entries point at row B*L
+    # (one past the batch), which `pack` reads as zeros and `unpack` drops.
+    fixed_length: bool = False
 
     @property
     def max_seqlen(self) -> int:
@@ -75,7 +103,7 @@ class PackedBatch:
 
     @property
     def tokens(self) -> int:
-        """Real tokens T."""
+        """Real tokens T (a fixed-length stream does not know T on the host: its stream length)."""
         return self.flat_index.numel()
 
     @property
@@ -97,7 +125,7 @@ class PackedBatch:
         max_seqlen = max_len
         if token_multiple:
             max_seqlen = 1 << max(max_len - 1, 1).bit_length()
-            step = max(token_multiple, 1 << max(tokens.bit_length() - 4, 0))
+            step = size_class_step(tokens, token_multiple)
             missing = -tokens % step
             full, rest = divmod(missing, max_seqlen)
             slots = -(-step // max_seqlen)  # the most filler sequences a batch of this size class needs
@@ -110,6 +138,42 @@ class PackedBatch:
         width = torch.empty(max_seqlen, 0, device=mask.device)
         mark_token_dim(cu, positions, width)
         return cls(flat_index, cu, positions, seq_lens, batch, max_len, width, mask)
+
+    @classmethod
+    def for_forward(cls, attention_mask: torch.Tensor) -> "PackedBatch":
+        """The plan a packed forward runs on: a fixed-length stream inside `fixed_stream`, else the
+        stream padded to the `static_tokens` multiple, if any."""
+        stream = _FIXED_STREAM.get()
+        if stream is not None:
+            return cls.fixed(attention_mask, stream)
+        return cls.from_mask(attention_mask, _TOKEN_MULTIPLE.get())
+
+    @classmethod
+    def fixed(cls, mask: torch.Tensor, stream: int) -> "PackedBatch":
+        """The plan for a stream of exactly `stream` tokens (>= the real ones; not checked, as that
+        would sync), made on the mask's device with every shape fixed by (batch, width, stream): no
+        host sync, no data-dependent shape, so the step that uses it can be captured as a CUDA graph.
+        Real tokens come first, in order; the rest are fillers in sequences of at most FILLER_LEN
+        tokens that attend only among themselves (a fixed number of slots, some empty)."""
+        mask = mask.bool()
+        batch, width = mask.shape
+        device = mask.device
+        seq_lens = mask.sum(dim=1)
+        real = seq_lens.sum()
+        dump = batch * width  # the row past the batch
+        flat_index = torch.nonzero_static(mask.reshape(-1), size=stream, fill_value=dump).squeeze(1)
+        slot = torch.arange(stream, device=device)
+        positions = torch.cat([(torch.cumsum(mask, dim=1) - 1).reshape(-1), torch.zeros(1, dtype=torch.long, device=device)])[flat_index]
+        filler_len = min(FILLER_LEN, width)
+        filler = slot - real  # >= 0 at filler tokens
+        positions = torch.where(filler >= 0, filler % filler_len, positions)
+        slots = -(-stream // filler_len)
+        bounds = torch.minimum(torch.arange(1, slots + 1, device=device) * filler_len, stream - real)
+        cu = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), torch.cumsum(seq_lens, dim=0),
+                        real + bounds]).to(torch.int32)
+        plan_width = torch.empty(width, 0, device=device)
+        mark_token_dim(cu, positions, plan_width)
+        return cls(flat_index, cu, positions, cu[1:] - cu[:-1], batch, width, plan_width, mask, fixed_length=True)
 
     def buckets(self, slack: float = 1.25) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Length buckets for attention: per bucket, a [n, len] index into the packed stream
@@ -144,13 +208,20 @@ class PackedBatch:
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [stream, ...] (zeros at filler tokens)"""
-        packed = padded.reshape(self.batch * self.max_len, *padded.shape[2:])[self.flat_index]
+        flat = padded.reshape(self.batch * self.max_len, *padded.shape[2:])
+        if self.fixed_length:
+            return torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])[self.flat_index]
+        packed = flat[self.flat_index]
         if self.stream > self.tokens:
             packed = torch.cat([packed, packed.new_zeros(self.stream - self.tokens, *packed.shape[1:])])
         return packed
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """[stream, ...] -> [B, L, ...] with zeros at padding (filler tokens dropped)."""
+        if self.fixed_length:
+            rows = self.batch * self.max_len
+            out = packed.new_zeros(rows + 1, *packed.shape[1:]).index_copy(0, self.flat_index, packed)
+            return out[:rows].view(self.batch, self.max_len, *packed.shape[1:])
         if self.stream > self.tokens:
             packed = packed[: self.tokens]
         out = packed.new_zeros(self.batch * self.max_len, *packed.shape[1:])

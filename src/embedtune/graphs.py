@@ -1,0 +1,226 @@
+"""A training step's forward, loss and backward replayed as one CUDA graph per batch shape.
+
+Why: on the packed path a BERT-base step is bound by the host, not the GPU. An H200 was busy 45-62%
+of each step (docs/BENCHMARKS.md), waiting on Python to launch ~1,300-1,600 kernels one by one; a
+captured graph launches them all with one call. Capture needs fixed shapes and no host sync, so:
+
+- every column is padded to the model's max_seq_length and all columns go through one forward, as
+  `ContrastiveLoss` does on the packed path;
+- the packed stream is padded to a size class (`varlen.size_class`) and its plan is built on the
+  device (`varlen.fixed_stream`), so a run sees a handful of shapes;
+- gradients accumulate into buffers that outlive the graph, re-attached to the parameters before each
+  replay (the trainer may have set them to None).
+
+A batch shape is run eagerly the first time it is seen (torch.compile, Triton autotuning and cuBLAS
+warm up outside capture), captured the second time and replayed from then on. All graphs share one
+memory pool: it holds one step's activations. Anything capture cannot take (a host sync somewhere in
+a model or loss) turns graphs off for the run with a one-line notice; the step then runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .packing import PackedForward
+from .packing.varlen import fixed_stream, size_class
+
+logger = logging.getLogger(__name__)
+
+# Packed forwards whose plan comes from `PackedBatch.for_forward` and whose attention is one device
+# op: nothing in their step needs the host. (MPNet and DeBERTa build bias grids on the host.)
+GRAPH_ARCHS = {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "modernbert", "qwen2", "qwen3", "llama",
+               "mistral", "gemma3_text"}
+TOKEN_MULTIPLE = 1024  # size classes: multiples of this (or 1/8 of the token count's power of two)
+
+
+def unsupported_reason(loss, device: torch.device) -> str | None:
+    """Why this loss's steps cannot run as CUDA graphs, or None if they can."""
+    from .losses import ContrastiveLoss
+
+    if device.type != "cuda":
+        return "the model is not on a CUDA device"
+    if not isinstance(loss, ContrastiveLoss):
+        return f"the loss is {type(loss).__name__}, not embedtune's ContrastiveLoss"
+    if loss.cached:
+        return "the cached loss runs its own backward in chunks"
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return "training spans several processes (their gradient exchange is not captured)"
+    packed = [m for m in loss.model.modules() if isinstance(m.__dict__.get("forward"), PackedForward)]
+    if not packed:
+        return "the model does not run the packed fast path"
+    model_type = packed[0].config.model_type
+    if model_type not in GRAPH_ARCHS:
+        return f"the packed forward of {model_type} builds its plans on the host"
+    if any(getattr(m, "gradient_checkpointing", False) for m in loss.model.modules()):
+        return "gradient checkpointing is on"
+    if loss._model_scan()["sharded"]:
+        return "the model is sharded (FSDP)"
+    return None
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, Tensor]  # static device buffers, refilled before each replay
+    loss: Tensor  # written by each replay
+
+
+class GraphedStep:
+    """`step(features, scale)`: forward, loss and `(loss * scale).backward()` for one batch of columns
+    (a list of tokenized batches, as sentence-transformers hands a loss); gradients accumulate into
+    the parameters' `.grad` as in eager mode. Returns the loss, detached and unscaled.
+
+    Args:
+        loss: an embedtune `ContrastiveLoss` (uncached) whose model runs the packed fast path.
+        max_seq_length: columns are padded to this width (wider batches get a graph of their width).
+        dtype: autocast dtype (bf16 or fp16 without a grad scaler), or None for no autocast.
+    """
+
+    def __init__(self, loss, max_seq_length: int, dtype: torch.dtype | None = torch.bfloat16,
+                 token_multiple: int = TOKEN_MULTIPLE):
+        self.loss = loss
+        self.width = int(max_seq_length)
+        self.dtype = dtype
+        self.token_multiple = token_multiple
+        self.params = [p for p in loss.parameters() if p.requires_grad]
+        self._grads: list[Tensor] | None = None
+        self._graphs: dict[tuple, _Graph | None] = {}  # None: seen once, ran eagerly
+        self._pool = None
+        self._stream: torch.cuda.Stream | None = None
+        self._scale: Tensor | None = None
+        self.off_reason: str | None = None
+        self.counts = {"eager": 0, "captured": 0, "replayed": 0}
+
+    @property
+    def shapes(self) -> int:
+        """Graphs captured so far."""
+        return sum(g is not None for g in self._graphs.values())
+
+    def __call__(self, features: list[dict[str, Any]], scale: float = 1.0) -> Tensor:
+        batch = None if self.off_reason else self._batch(features)
+        if batch is None:
+            return self._eager(features, None, scale)
+        inputs, rows, stream = batch
+        key = (tuple((k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, repr(v)) for k, v in inputs.items()),
+               rows, stream)
+        if key not in self._graphs:
+            self._graphs[key] = None
+            return self._eager(inputs, (rows, stream), scale)
+        entry = self._graphs[key]
+        if entry is None:
+            entry = self._capture(inputs, rows, stream)
+            if entry is None:
+                return self._eager(inputs, (rows, stream), scale)
+            self._graphs[key] = entry
+        for name, value in inputs.items():
+            if isinstance(value, Tensor):
+                entry.inputs[name].copy_(value, non_blocking=True)
+        self._scale.fill_(scale)
+        self._attach_grads()
+        entry.graph.replay()
+        self.counts["replayed"] += 1
+        return entry.loss.clone()
+
+    # -- the batch, made static
+
+    def _batch(self, features: list[dict[str, Any]]) -> tuple[dict[str, Any], tuple[int, ...], int] | None:
+        """All columns as one batch padded to the fixed width, on the host, with each column's row count
+        and the packed stream's length (a size class of the real token count); None if the columns do
+        not merge (then the step runs eagerly)."""
+        from .losses import padding_side
+
+        host = [{k: v.cpu() if isinstance(v, Tensor) else v for k, v in f.items()} for f in features]
+        merged = self.loss._merged(host)
+        if merged is None:
+            return None
+        batch, rows = merged
+        mask = batch["attention_mask"]
+        width = max(self.width, mask.shape[1])
+        extra = width - mask.shape[1]
+        if extra:
+            left = padding_side(mask) == "left"
+            batch = {k: F.pad(v, (extra, 0) if left else (0, extra)) if isinstance(v, Tensor) and v.shape == mask.shape
+                     else v for k, v in batch.items()}
+        tokens = int(batch["attention_mask"].sum())
+        return batch, tuple(rows), size_class(max(tokens, 1), self.token_multiple)
+
+    # -- running it
+
+    def _forward_backward(self, inputs: dict[str, Any], rows: tuple[int, ...], stream: int, scale) -> Tensor:
+        with torch.autocast("cuda", dtype=self.dtype or torch.float32, enabled=self.dtype is not None,
+                            cache_enabled=False), fixed_stream(stream):
+            embeddings = self.loss.model(dict(inputs))["sentence_embedding"]
+            loss = self.loss.loss_from_embeddings(list(embeddings.split(list(rows))))
+        (loss * scale).backward()
+        return loss.detach()
+
+    def _eager(self, inputs: list | dict, static: tuple | None, scale: float) -> Tensor:
+        """One step without a graph: on the capture stream for a batch made static (its first sight
+        warms up what capture will need), else the loss as it is."""
+        self.counts["eager"] += 1
+        if static is None:
+            loss = self.loss(inputs)
+            (loss * scale).backward()
+            return loss.detach()
+        device = self._device()
+        stream = self._capture_stream()
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            moved = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+            loss = self._forward_backward(moved, *static, scale)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        return loss
+
+    def _capture(self, inputs: dict[str, Any], rows: tuple[int, ...], stream: int) -> _Graph | None:
+        device = self._device()
+        static = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+        if self._scale is None:
+            self._scale = torch.ones((), device=device)
+        self._attach_grads()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(device)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream()):
+                loss = self._forward_backward(static, rows, stream, self._scale)
+        except Exception as exc:  # noqa: BLE001 - any failure to capture means: run eagerly
+            self.off_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            logger.warning("embedtune: CUDA graphs off for this run, capture failed (%s); steps run eagerly",
+                           self.off_reason)
+            torch.cuda.synchronize(device)
+            return None
+        if self._pool is None:
+            self._pool = graph.pool()
+        self.counts["captured"] += 1
+        return _Graph(graph, static, loss)
+
+    def _attach_grads(self) -> None:
+        """Point every parameter's `.grad` at its static buffer (what the graphs write into), keeping
+        what the buffer should hold: zeros after the trainer set grads to None, else their values."""
+        if self._grads is None:
+            self._grads = [torch.zeros_like(p) for p in self.params]
+        zero, copy_to, copy_from = [], [], []
+        for p, g in zip(self.params, self._grads):
+            if p.grad is None:
+                zero.append(g)
+            elif p.grad is not g:
+                copy_to.append(g)
+                copy_from.append(p.grad)
+            p.grad = g
+        if zero:
+            torch._foreach_zero_(zero)
+        if copy_to:
+            torch._foreach_copy_(copy_to, copy_from)
+
+    def _device(self) -> torch.device:
+        return self.params[0].device
+
+    def _capture_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self._device())
+        return self._stream

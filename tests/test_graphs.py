@@ -1,0 +1,118 @@
+"""The CUDA-graph step (`embedtune.graphs`) in the form it captures: columns padded to a fixed width,
+one packed stream of a size class with its plan made on the device. On CPU the capture itself cannot
+run; what it replays can: that form must give the loss and gradients of the plain loss (fp32, 1e-5 /
+1e-4 relative). benchmarks/check_exactness_gpu.py checks the captured graph on a GPU."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from embedtune import FastModel
+from embedtune.graphs import GraphedStep, unsupported_reason
+from embedtune.losses import ContrastiveLoss
+from embedtune.packing.varlen import PackedBatch, size_class
+from embedtune.st import to_sentence_transformer
+from tiny_models import make_tiny_model
+
+ANCHORS = ["how to sort a list", "open a file", "x", "parse json text into a dict"]
+POSITIVES = ["def sort(items): return sorted(items)", "with open(path) as f: return f.read()", "y",
+             "import json\ndef parse(text):\n    return json.loads(text) and a longer tail of tokens here"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny_graphs")
+
+
+def _st(arch, root, lora: bool):
+    torch.manual_seed(0)
+    model, tok = FastModel.from_pretrained(str(make_tiny_model(arch, root)), max_seq_length=48, fast=True)
+    if lora:
+        model = FastModel.get_peft_model(model, r=4, random_state=0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    st = to_sentence_transformer(model, tok)
+    for m in st.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return st.train()
+
+
+def _grads(st):
+    return {n: p.grad.detach().clone() for n, p in st.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("arch", ["bert", "qwen3", "modernbert"])
+def test_static_form_equals_plain_loss(arch, lora, root, monkeypatch):
+    st = _st(arch, root, lora)
+    loss_fn = ContrastiveLoss(st)
+    features = [st.tokenize(ANCHORS), st.tokenize(POSITIVES)]
+    st.zero_grad(set_to_none=True)
+    ref_loss = loss_fn(features)
+    ref_loss.backward()
+    ref = _grads(st)
+
+    plans = []
+    fixed = PackedBatch.fixed.__func__
+    monkeypatch.setattr(PackedBatch, "fixed", classmethod(lambda cls, m, s: plans.append(s) or fixed(cls, m, s)))
+    step = GraphedStep(loss_fn, max_seq_length=48, dtype=None, token_multiple=64)
+    batch, rows, stream = step._batch(features)
+    real = sum(int(f["attention_mask"].sum()) for f in features)
+    assert rows == (4, 4) and batch["attention_mask"].shape == (8, 48)
+    assert stream == size_class(real, 64) and stream >= real
+    st.zero_grad(set_to_none=True)
+    loss = step._forward_backward(batch, rows, stream, torch.tensor(0.5))
+    assert plans == [stream]  # one forward for both columns, on a fixed-length stream
+    assert torch.allclose(loss, ref_loss.detach(), atol=1e-5, rtol=0)
+    ours = _grads(st)
+    assert ours.keys() == ref.keys() and ref
+    for name in ref:  # the backward ran on loss * 0.5 (gradient accumulation's scale)
+        assert torch.allclose(ours[name], 0.5 * ref[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_gradient_buffers_reattached_and_kept(root):
+    st = _st("bert", root, lora=True)
+    step = GraphedStep(ContrastiveLoss(st), max_seq_length=48, dtype=None)
+    first, second = step.params[0], step.params[1]
+    first.grad, second.grad = None, torch.full_like(second, 3.0)
+    step._attach_grads()
+    assert torch.equal(first.grad, torch.zeros_like(first))  # set to None by the trainer: zeros
+    assert torch.equal(second.grad, torch.full_like(second, 3.0))  # an eager step's gradient: kept
+    buffers = [p.grad for p in step.params]
+    first.grad.add_(1.0)
+    step._attach_grads()  # still attached: accumulation goes on in place
+    assert all(p.grad is b for p, b in zip(step.params, buffers))
+    assert torch.equal(first.grad, torch.ones_like(first))
+
+
+def test_unsupported_reasons(root):
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    st = _st("bert", root, lora=False)
+    cuda = torch.device("cuda")
+    assert "CUDA" in unsupported_reason(ContrastiveLoss(st), torch.device("cpu"))
+    assert unsupported_reason(ContrastiveLoss(st), cuda) is None
+    assert "MultipleNegativesRankingLoss" in unsupported_reason(MultipleNegativesRankingLoss(st), cuda)
+    assert "cached" in unsupported_reason(ContrastiveLoss(st, cached=True), cuda)
+    mpnet = _st("mpnet", root, lora=False)
+    assert "host" in unsupported_reason(ContrastiveLoss(mpnet), cuda)
+    plain = _st("bert", root, lora=False)
+    from embedtune.packing import disable_fast_path
+    disable_fast_path(plain[0].auto_model)
+    assert "fast path" in unsupported_reason(ContrastiveLoss(plain), cuda)
+
+
+def test_recipe_turns_graphs_off_with_a_notice_off_gpu(root, caplog):
+    from embedtune.train import TrainConfig, graph_step_for
+
+    st = _st("bert", root, lora=False)
+    trainer = SimpleNamespace(loss=ContrastiveLoss(st), model=st, args=SimpleNamespace(fp16=False, bf16=False))
+    with caplog.at_level("WARNING"):
+        assert graph_step_for(trainer, TrainConfig(data="x", cuda_graphs=True)) is None
+    assert "--cuda-graphs off" in caplog.text and "CUDA" in caplog.text
