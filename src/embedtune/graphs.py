@@ -19,6 +19,7 @@ a model or loss) turns graphs off for the run with a one-line notice; the step t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,25 @@ def unsupported_reason(loss, device: torch.device) -> str | None:
     if loss._model_scan()["sharded"]:
         return "the model is sharded (FSDP)"
     return None
+
+
+@contextlib.contextmanager
+def _fresh_leaf_streams():
+    """Let autograd send gradients of parameters whose accumulation node was made on another stream
+    (an earlier step's, kept alive by something else) to the capturing stream, instead of making that
+    stream wait on one outside the capture, which breaks it. Where torch lacks the switch, capture goes
+    on without it."""
+    getter = getattr(torch._C, "_override_stale_capture_stream", None)
+    setter = getattr(torch._C, "_set_override_stale_capture_stream", None)
+    if getter is None or setter is None:
+        yield
+        return
+    before = getter()
+    setter(True)
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 @dataclass
@@ -153,8 +173,7 @@ class GraphedStep:
     # -- running it
 
     def _forward_backward(self, inputs: dict[str, Any], rows: tuple[int, ...], stream: int, scale) -> Tensor:
-        with torch.autocast("cuda", dtype=self.dtype or torch.float32, enabled=self.dtype is not None,
-                            cache_enabled=False), fixed_stream(stream):
+        with self._autocast(), fixed_stream(stream):
             embeddings = self.loss.model(dict(inputs))["sentence_embedding"]
             loss = self.loss.loss_from_embeddings(list(embeddings.split(list(rows))))
         (loss * scale).backward()
@@ -165,7 +184,10 @@ class GraphedStep:
         warms up what capture will need), else the loss as it is."""
         self.counts["eager"] += 1
         if static is None:
-            loss = self.loss(inputs)
+            device = self._device()
+            inputs = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in f.items()} for f in inputs]
+            with self._autocast():
+                loss = self.loss(inputs)
             (loss * scale).backward()
             return loss.detach()
         device = self._device()
@@ -186,9 +208,11 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(device)
         try:
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream()):
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream()), _fresh_leaf_streams():
                 loss = self._forward_backward(static, rows, stream, self._scale)
         except Exception as exc:  # noqa: BLE001 - any failure to capture means: run eagerly
+            while exc.__context__ is not None:  # the first error, not capture_end's complaint about it
+                exc = exc.__context__
             self.off_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             logger.warning("embedtune: CUDA graphs off for this run, capture failed (%s); steps run eagerly",
                            self.off_reason)
@@ -216,6 +240,11 @@ class GraphedStep:
             torch._foreach_zero_(zero)
         if copy_to:
             torch._foreach_copy_(copy_to, copy_from)
+
+    def _autocast(self):
+        # no weight-cast cache: casts made outside a capture must not stand in for casts inside it
+        return torch.autocast("cuda", dtype=self.dtype or torch.float32, enabled=self.dtype is not None,
+                              cache_enabled=False)
 
     def _device(self) -> torch.device:
         return self.params[0].device

@@ -1,0 +1,137 @@
+"""The CUDA-graph step (`embedtune.graphs.GraphedStep`) on a GPU, in bf16: its captured and replayed
+steps against the same step run eagerly, and against the plain loss; dropout drawn anew per replay.
+
+    python benchmarks/check_graphs_gpu.py --tokenizer .bench/tokenizer --models bert-base
+
+Per model, mode (full, LoRA r8) and layers (eager, compiled), dropout off, weights fixed:
+- "replay vs eager": a batch's first sight runs eagerly (the static form, on the capture stream); its
+  second is captured and replayed, its third replayed. Loss and every gradient must match the first
+  sight's (relative error of the concatenated gradients), which exercises capture itself;
+- "vs plain": the plain loss (no fixed stream, no padding to max_seq_length) in bf16: other kernels and
+  other sums, so bf16 rounding apart.
+With dropout on (0.1), three replays of one batch must give three different losses (new masks).
+Prints a table; exits non-zero if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+
+import torch
+
+from bench_train_gpu import build_model_dir, embedtune_model
+
+
+def _grads(params) -> torch.Tensor:
+    return torch.cat([p.grad.float().reshape(-1) for p in params])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def check(path: str, lora: bool, compile_model: bool, batches, dropout: bool) -> dict:
+    from embedtune.graphs import GraphedStep
+    from embedtune.losses import ContrastiveLoss
+
+    st = embedtune_model(path, lora, 512, compile_model=compile_model)
+    if not dropout:
+        for m in st.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    st.train()
+    loss_fn = ContrastiveLoss(st)
+    step = GraphedStep(loss_fn, 512, dtype=torch.bfloat16)
+    params = step.params
+    row = {"replay_loss_rel": 0.0, "replay_grad_rel": 0.0, "plain_loss_rel": 0.0, "plain_grad_rel": 0.0}
+    if dropout:
+        losses = []
+        for _ in range(4):  # eager, capture + replay, replay, replay
+            st.zero_grad(set_to_none=True)
+            losses.append(step(batches[0]).item())
+            assert torch.isfinite(_grads(params)).all()
+        row["dropout_losses"] = losses
+        row["dropout_ok"] = len(set(losses[1:])) == 3
+    else:
+        for feats in batches:
+            seen = []
+            for _ in range(3):  # eager (first sight), capture + replay, replay
+                st.zero_grad(set_to_none=True)
+                loss = step(feats)
+                seen.append((loss.float(), _grads(params).clone()))
+            for loss, grads in seen[1:]:
+                row["replay_loss_rel"] = max(row["replay_loss_rel"], _rel(loss, seen[0][0]))
+                row["replay_grad_rel"] = max(row["replay_grad_rel"], _rel(grads, seen[0][1]))
+            st.zero_grad(set_to_none=True)
+            moved = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in f.items()} for f in feats]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                plain = loss_fn(moved)
+            plain.backward()
+            row["plain_loss_rel"] = max(row["plain_loss_rel"], _rel(seen[-1][0], plain.detach()))
+            row["plain_grad_rel"] = max(row["plain_grad_rel"], _rel(seen[-1][1], _grads(params)))
+    row.update(counts=dict(step.counts), shapes=step.shapes, off=step.off_reason)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="bert-base")
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--modes", default="full,lora")
+    parser.add_argument("--layers", default="eager,compiled")
+    parser.add_argument("--dropout", default="off,on")
+    args = parser.parse_args()
+
+    from embedtune.data.stdlib import build_stdlib_pairs
+
+    print(f"torch {torch.__version__}; stale-stream override: {hasattr(torch._C, '_set_override_stale_capture_stream')}")
+    pairs = build_stdlib_pairs(seed=0)
+    rows, failed = [], False
+    with tempfile.TemporaryDirectory() as root:
+        for name in args.models.split(","):
+            path = build_model_dir(name, args.tokenizer, root)
+            from embedtune import FastModel
+
+            _, tok = FastModel.from_pretrained(path, max_seq_length=512, fast=False)
+            batches = []
+            for b in range(3):
+                chunk = pairs[b * args.batch:(b + 1) * args.batch]
+                batches.append([tok([r["anchor"] for r in chunk], padding=True, truncation=True, max_length=512,
+                                    return_tensors="pt"),
+                                tok([r["positive"] for r in chunk], padding=True, truncation=True, max_length=512,
+                                    return_tensors="pt")])
+                batches[-1] = [dict(f) for f in batches[-1]]
+            for mode in args.modes.split(","):
+                for compile_model in [layers == "compiled" for layers in args.layers.split(",")]:
+                    for dropout in [d == "on" for d in args.dropout.split(",")]:
+                        row = check(path, mode == "lora", compile_model, batches, dropout)
+                        row.update(model=name, mode=mode, layers="compiled" if compile_model else "eager",
+                                   dropout=dropout)
+                        ok = row["off"] is None and row["counts"]["replayed"] > 0
+                        if dropout:
+                            ok = ok and row["dropout_ok"]
+                        else:
+                            ok = ok and row["replay_loss_rel"] < 1e-3 and row["replay_grad_rel"] < 1e-3 \
+                                and row["plain_loss_rel"] < 2e-2 and row["plain_grad_rel"] < 5e-2
+                        row["ok"] = ok
+                        failed |= not ok
+                        print(row, flush=True)
+                        rows.append(row)
+                        torch.cuda.empty_cache()
+    print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"{'model':10s} {'mode':5s} {'layers':8s} {'dropout':7s} {'replay loss':>11s} {'replay grad':>11s} "
+          f"{'plain loss':>10s} {'plain grad':>10s} {'graphs':>6s} {'replays':>7s}  ok")
+    for r in rows:
+        print(f"{r['model']:10s} {r['mode']:5s} {r['layers']:8s} {str(r['dropout']):7s} {r['replay_loss_rel']:11.2e} "
+              f"{r['replay_grad_rel']:11.2e} {r['plain_loss_rel']:10.2e} {r['plain_grad_rel']:10.2e} "
+              f"{r['shapes']:6d} {r['counts']['replayed']:7d}  {r['ok']}"
+              + (f"  losses {['%.5f' % x for x in r['dropout_losses']]}" if r["dropout"] else "")
+              + (f"  OFF: {r['off']}" if r["off"] else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
