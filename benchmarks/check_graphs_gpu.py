@@ -4,9 +4,10 @@ steps against the same step run eagerly, and against the plain loss; dropout dra
     python benchmarks/check_graphs_gpu.py --tokenizer .bench/tokenizer --models bert-base
 
 Per model, mode (full, LoRA r8) and layers (eager, compiled), dropout off, weights fixed:
-- "replay vs eager": a batch's first sight runs eagerly (the static form, on the capture stream); its
-  second is captured and replayed, its third replayed. Loss and every gradient must match the first
-  sight's (relative error of the concatenated gradients), which exercises capture itself;
+- "replay vs eager": the first batch's first sight runs eagerly (the static form, on the capture
+  stream), its second is captured and replayed, its third replayed; later batches are captured at
+  first sight and replayed after. Loss and every gradient must match the first sight's (relative error of the concatenated gradients, < 5e-3: flash attention's and the embedding's
+  backward sum with atomics, so two eager runs differ too, by ~7e-4 here), which exercises capture;
 - "vs plain": the plain loss (no fixed stream, no padding to max_seq_length) in bf16: other kernels and
   other sums, so bf16 rounding apart.
 With dropout on (0.1), three replays of one batch must give three different losses (new masks).
@@ -71,6 +72,10 @@ def check(path: str, lora: bool, compile_model: bool, batches, dropout: bool) ->
             plain.backward()
             row["plain_loss_rel"] = max(row["plain_loss_rel"], _rel(seen[-1][0], plain.detach()))
             row["plain_grad_rel"] = max(row["plain_grad_rel"], _rel(seen[-1][1], _grads(params)))
+            # Its autograd graph (made on the default stream) must not outlive it: a graph kept alive
+            # keeps the parameters' accumulation nodes on that stream, and the next capture would
+            # then pull the default stream in (torch 2.11 has no override; see graphs._fresh_leaf_streams).
+            del plain
     row.update(counts=dict(step.counts), shapes=step.shapes, off=step.off_reason)
     return row
 
@@ -114,7 +119,7 @@ def main() -> None:
                         if dropout:
                             ok = ok and row["dropout_ok"]
                         else:
-                            ok = ok and row["replay_loss_rel"] < 1e-3 and row["replay_grad_rel"] < 1e-3 \
+                            ok = ok and row["replay_loss_rel"] < 1e-3 and row["replay_grad_rel"] < 5e-3 \
                                 and row["plain_loss_rel"] < 2e-2 and row["plain_grad_rel"] < 5e-2
                         row["ok"] = ok
                         failed |= not ok

@@ -11,8 +11,8 @@ captured graph launches them all with one call. Capture needs fixed shapes and n
 - gradients accumulate into buffers that outlive the graph, re-attached to the parameters before each
   replay (the trainer may have set them to None).
 
-A batch shape is run eagerly the first time it is seen (torch.compile, Triton autotuning and cuBLAS
-warm up outside capture), captured the second time and replayed from then on. All graphs share one
+The run's first batch runs eagerly (torch.compile, Triton autotuning and cuBLAS warm up outside
+capture); every batch shape after it is captured at first sight and replayed from then on. All graphs share one
 memory pool: it holds one step's activations. Anything capture cannot take (a host sync somewhere in
 a model or loss) turns graphs off for the run with a one-line notice; the step then runs eagerly.
 """
@@ -84,6 +84,9 @@ def _fresh_leaf_streams():
         setter(before)
 
 
+_UNSEEN = object()
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -110,12 +113,14 @@ class GraphedStep:
         self.token_multiple = token_multiple
         self.params = [p for p in loss.parameters() if p.requires_grad]
         self._grads: list[Tensor] | None = None
-        self._graphs: dict[tuple, _Graph | None] = {}  # None: seen once, ran eagerly
+        self._graphs: dict[tuple, _Graph | None] = {}  # None: ran eagerly (its capture failed once)
         self._pool = None
         self._stream: torch.cuda.Stream | None = None
         self._scale: Tensor | None = None
         self.off_reason: str | None = None
-        self.counts = {"eager": 0, "captured": 0, "replayed": 0}
+        self._warmed = False  # a batch has run eagerly in the static form (compiled, autotuned, warmed up)
+        self.counts = {"eager": 0, "captured": 0, "replayed": 0}  # steps run each way (a capture is replayed too)
+        self.last: str | None = None  # how the last step ran: "eager", "captured" or "replayed"
 
     @property
     def shapes(self) -> int:
@@ -123,19 +128,28 @@ class GraphedStep:
         return sum(g is not None for g in self._graphs.values())
 
     def __call__(self, features: list[dict[str, Any]], scale: float = 1.0) -> Tensor:
+        self.last = None
         batch = None if self.off_reason else self._batch(features)
         if batch is None:
             return self._eager(features, None, scale)
         inputs, rows, stream = batch
         key = (tuple((k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, repr(v)) for k, v in inputs.items()),
                rows, stream)
-        if key not in self._graphs:
+        entry = self._graphs.get(key, _UNSEEN)
+        if entry is _UNSEEN and not self._warmed:  # the run's first batch: compile and warm up eagerly
+            self._warmed = True
             self._graphs[key] = None
             return self._eager(inputs, (rows, stream), scale)
-        entry = self._graphs[key]
-        if entry is None:
-            entry = self._capture(inputs, rows, stream)
+        if not isinstance(entry, _Graph):
+            # A new shape is captured at first sight; if that fails it runs eagerly once and is captured
+            # at its next sight; a capture failing after that turns graphs off for the run.
+            entry, error = self._capture(inputs, rows, stream)
             if entry is None:
+                if self._graphs.get(key, _UNSEEN) is None:
+                    self.off_reason = error
+                    logger.warning("embedtune: CUDA graphs off for this run, capture failed (%s); steps run "
+                                   "eagerly", error)
+                self._graphs[key] = None
                 return self._eager(inputs, (rows, stream), scale)
             self._graphs[key] = entry
         for name, value in inputs.items():
@@ -145,6 +159,8 @@ class GraphedStep:
         self._attach_grads()
         entry.graph.replay()
         self.counts["replayed"] += 1
+        if self.last != "captured":
+            self.last = "replayed"
         return entry.loss.clone()
 
     # -- the batch, made static
@@ -183,6 +199,7 @@ class GraphedStep:
         """One step without a graph: on the capture stream for a batch made static (its first sight
         warms up what capture will need), else the loss as it is."""
         self.counts["eager"] += 1
+        self.last = "eager"
         if static is None:
             device = self._device()
             inputs = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in f.items()} for f in inputs]
@@ -199,7 +216,7 @@ class GraphedStep:
         torch.cuda.current_stream(device).wait_stream(stream)
         return loss
 
-    def _capture(self, inputs: dict[str, Any], rows: tuple[int, ...], stream: int) -> _Graph | None:
+    def _capture(self, inputs: dict[str, Any], rows: tuple[int, ...], stream: int) -> tuple[_Graph | None, str | None]:
         device = self._device()
         static = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
         if self._scale is None:
@@ -213,15 +230,13 @@ class GraphedStep:
         except Exception as exc:  # noqa: BLE001 - any failure to capture means: run eagerly
             while exc.__context__ is not None:  # the first error, not capture_end's complaint about it
                 exc = exc.__context__
-            self.off_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            logger.warning("embedtune: CUDA graphs off for this run, capture failed (%s); steps run eagerly",
-                           self.off_reason)
             torch.cuda.synchronize(device)
-            return None
+            return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if self._pool is None:
             self._pool = graph.pool()
         self.counts["captured"] += 1
-        return _Graph(graph, static, loss)
+        self.last = "captured"
+        return _Graph(graph, static, loss), None
 
     def _attach_grads(self) -> None:
         """Point every parameter's `.grad` at its static buffer (what the graphs write into), keeping
