@@ -4,9 +4,9 @@ steps against the same step run eagerly, and against the plain loss; dropout dra
     python benchmarks/check_graphs_gpu.py --tokenizer .bench/tokenizer --models bert-base
 
 Per model, mode (full, LoRA r8) and layers (eager, compiled), dropout off, weights fixed:
-- "replay vs eager": the first batch's first sight runs eagerly (the static form, on the capture
-  stream), its second is captured and replayed, its third replayed; later batches are captured at
-  first sight and replayed after. Loss and every gradient must match the first sight's (relative error of the concatenated gradients, < 5e-3: flash attention's and the embedding's
+- "replay vs eager": a batch's first sight runs eagerly (the static form, on the capture stream); its
+  second is captured and replayed, its third replayed. Loss and every gradient must match the first
+  sight's (relative error of the concatenated gradients, < 5e-3: flash attention's and the embedding's
   backward sum with atomics, so two eager runs differ too, by ~7e-4 here), which exercises capture;
 - "vs plain": the plain loss (no fixed stream, no padding to max_seq_length) in bf16: other kernels and
   other sums, so bf16 rounding apart.

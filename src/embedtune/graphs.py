@@ -11,8 +11,9 @@ captured graph launches them all with one call. Capture needs fixed shapes and n
 - gradients accumulate into buffers that outlive the graph, re-attached to the parameters before each
   replay (the trainer may have set them to None).
 
-The run's first batch runs eagerly (torch.compile, Triton autotuning and cuBLAS warm up outside
-capture); every batch shape after it is captured at first sight and replayed from then on. All graphs share one
+A batch shape runs eagerly the first time it is seen (a compile for a new size, Triton autotuning and
+cuBLAS warm up outside capture: capturing new shapes at first sight failed on an H200 with compiled
+layers), is captured the second time and replayed from then on. All graphs share one
 memory pool: it holds one step's activations. Anything capture cannot take (a host sync somewhere in
 a model or loss) turns graphs off for the run with a one-line notice; the step then runs eagerly.
 """
@@ -113,12 +114,11 @@ class GraphedStep:
         self.token_multiple = token_multiple
         self.params = [p for p in loss.parameters() if p.requires_grad]
         self._grads: list[Tensor] | None = None
-        self._graphs: dict[tuple, _Graph | None] = {}  # None: ran eagerly (its capture failed once)
+        self._graphs: dict[tuple, _Graph | None] = {}  # None: seen once, ran eagerly
         self._pool = None
         self._stream: torch.cuda.Stream | None = None
         self._scale: Tensor | None = None
         self.off_reason: str | None = None
-        self._warmed = False  # a batch has run eagerly in the static form (compiled, autotuned, warmed up)
         self.counts = {"eager": 0, "captured": 0, "replayed": 0}  # steps run each way (a capture is replayed too)
         self.last: str | None = None  # how the last step ran: "eager", "captured" or "replayed"
 
@@ -136,20 +136,17 @@ class GraphedStep:
         key = (tuple((k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, repr(v)) for k, v in inputs.items()),
                rows, stream)
         entry = self._graphs.get(key, _UNSEEN)
-        if entry is _UNSEEN and not self._warmed:  # the run's first batch: compile and warm up eagerly
-            self._warmed = True
+        if entry is _UNSEEN:
+            # First sight of a shape: run it eagerly, so that whatever it sets up the first time
+            # (a compile for a new size, Triton autotuning, cuBLAS workspaces) happens outside capture.
             self._graphs[key] = None
             return self._eager(inputs, (rows, stream), scale)
-        if not isinstance(entry, _Graph):
-            # A new shape is captured at first sight; if that fails it runs eagerly once and is captured
-            # at its next sight; a capture failing after that turns graphs off for the run.
+        if entry is None:
             entry, error = self._capture(inputs, rows, stream)
             if entry is None:
-                if self._graphs.get(key, _UNSEEN) is None:
-                    self.off_reason = error
-                    logger.warning("embedtune: CUDA graphs off for this run, capture failed (%s); steps run "
-                                   "eagerly", error)
-                self._graphs[key] = None
+                self.off_reason = error
+                logger.warning("embedtune: CUDA graphs off for this run, capture failed (%s); steps run eagerly",
+                               error)
                 return self._eager(inputs, (rows, stream), scale)
             self._graphs[key] = entry
         for name, value in inputs.items():
