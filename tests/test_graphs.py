@@ -116,3 +116,30 @@ def test_recipe_turns_graphs_off_with_a_notice_off_gpu(root, caplog):
     with caplog.at_level("WARNING"):
         assert graph_step_for(trainer, TrainConfig(data="x", cuda_graphs=True)) is None
     assert "--cuda-graphs off" in caplog.text and "CUDA" in caplog.text
+
+
+def test_fixed_plan_shapes_depend_only_on_batch_width_and_stream():
+    """What a captured graph needs: every tensor of the plan has the same shape whatever the mask holds."""
+    from embedtune.packing.varlen import fixed_stream
+
+    torch.manual_seed(0)
+    shapes = set()
+    for real in ([3, 9, 1, 12], [12, 12, 12, 12], [1, 1, 1, 1]):
+        mask = torch.zeros(4, 12, dtype=torch.long)
+        for row, n in enumerate(real):
+            mask[row, :n] = 1
+        with fixed_stream(64):
+            plan = PackedBatch.for_forward(mask)
+        shapes.add(tuple(tuple(t.shape) for t in (plan.flat_index, plan.cu_seqlens, plan.position_ids, plan.width)))
+        ids = torch.randint(1, 100, (4, 12))
+        assert torch.equal(plan.unpack(plan.pack(ids)[:, None].float())[..., 0][mask.bool()], ids[mask.bool()].float())
+        assert int(plan.cu_seqlens[-1]) == 64 and plan.position_ids.max() < 12
+    assert len(shapes) == 1
+
+
+def test_cuda_graphs_need_the_fast_path():
+    from embedtune.errors import EmbedtuneError
+    from embedtune.train import TrainConfig, check_speed_options
+
+    with pytest.raises(EmbedtuneError, match="--cuda-graphs"):
+        check_speed_options(TrainConfig(data="x", cuda_graphs=True, fast=False))
