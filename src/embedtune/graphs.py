@@ -16,6 +16,10 @@ cuBLAS warm up outside capture: capturing new shapes at first sight failed on an
 layers), is captured the second time and replayed from then on. All graphs share one
 memory pool: it holds one step's activations. Anything capture cannot take (a host sync somewhere in
 a model or loss) turns graphs off for the run with a one-line notice; the step then runs eagerly.
+(torch 2.11 does not always clean up after a failed capture: one that failed mid-compile left later
+eager steps unable to run. Warming each shape up eagerly first is what keeps captures from failing.)
+The step reads its batch on the host (a device copy of the masks costs one sync per step) to pick
+the shape before any work is queued.
 """
 
 from __future__ import annotations
