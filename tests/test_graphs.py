@@ -143,3 +143,13 @@ def test_cuda_graphs_need_the_fast_path():
 
     with pytest.raises(EmbedtuneError, match="--cuda-graphs"):
         check_speed_options(TrainConfig(data="x", cuda_graphs=True, fast=False))
+
+
+def test_summary_says_how_steps_ran():
+    from embedtune.report import _graphs_fact
+
+    assert _graphs_fact({"eager": 4, "captured": 4, "replayed": 153, "shapes": 4, "off": None}) == \
+        "153 of 157 steps replayed (4 graphs)"
+    assert _graphs_fact({"off": "not supported for this run (see the notice above)"}) == \
+        "off: not supported for this run (see the notice above)"
+    assert _graphs_fact(None) is None
