@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("--compile", default=None, help="embedtune compile mode: default or reduce-overhead")
     parser.add_argument("--cached", action="store_true", help="embedtune's cached loss (else its uncached loss)")
     parser.add_argument("--token-budget", type=int, default=None)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="embedtune: each step replayed as a CUDA graph (embedtune.graphs); every batch is warmed "
+                             "up and captured before the timed and profiled steps")
     args = parser.parse_args()
 
     from sentence_transformers.losses import MultipleNegativesRankingLoss
@@ -56,12 +59,23 @@ def main() -> None:
         for step in range(8):
             rows = [pairs[(step * args.batch + i) % len(pairs)] for i in range(args.batch)]
             feats = [encode([r["anchor"] for r in rows]), encode([r["positive"] for r in rows])]
-            batches.append([{k: v.cuda() if torch.is_tensor(v) else v for k, v in f.items()} for f in feats])
+            if args.cuda_graphs:  # the graph step takes the host batch (it picks the shape there)
+                batches.append(feats)
+            else:
+                batches.append([{k: v.cuda() if torch.is_tensor(v) else v for k, v in f.items()} for f in feats])
+        graphed = None
+        if args.cuda_graphs:
+            from embedtune.graphs import GraphedStep
+
+            graphed = GraphedStep(loss_fn, 512, dtype=torch.bfloat16)
 
         def step(feats):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_fn(feats, None)
-            loss.backward()
+            if graphed is not None:
+                graphed(feats)
+            else:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = loss_fn(feats, None)
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -70,7 +84,7 @@ def main() -> None:
         from embedtune.compile_cache import compile_seconds
 
         warm = time.perf_counter()
-        for feats in batches[:3]:
+        for feats in batches + batches if graphed is not None else batches[:3]:  # graphs: eager, then capture
             step(feats)
         torch.cuda.synchronize()
         # Warm-up = compile (dynamo + AOT + inductor, torch's own timers) + the rest (first-call
@@ -97,6 +111,8 @@ def main() -> None:
                 step(feats)
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
+        if graphed is not None:
+            print("graphs:", graphed.counts, "off:", graphed.off_reason)
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
         from torch._dynamo.utils import counters
