@@ -94,6 +94,10 @@ def print_summary(metrics: dict) -> None:
         + (f"; {metrics['world_size']} processes" if metrics.get("world_size", 1) > 1 else ""),
         soft_wrap=True,
     )
+    if metrics.get("cuda_graphs"):
+        from .report import graphs_fact
+
+        console.print(f"CUDA graphs: {graphs_fact(metrics['cuda_graphs'])}", soft_wrap=True, highlight=False)
     for name, path in metrics.get("artifacts", {}).items():
         console.print(f"  {name:11s} {path}", soft_wrap=True, highlight=False)
 

@@ -188,7 +188,7 @@ def facts_table(metrics: dict):
         ("total time", f"{metrics['total_time_s']:.1f} s" if _number(metrics.get("total_time_s")) else None),
         ("tokens/s", f"{metrics['tokens_per_s']:,.0f}" if _number(metrics.get("tokens_per_s")) else None),
         ("compile time", _compile_fact(metrics.get("compile"))),
-        ("CUDA graphs", _graphs_fact(metrics.get("cuda_graphs"))),
+        ("CUDA graphs", graphs_fact(metrics.get("cuda_graphs"))),
         ("best step", metrics.get("best_step")),
     ]
     from rich.text import Text
@@ -206,7 +206,7 @@ def _compile_fact(compile_info) -> str | None:
     return f"{compile_info['time_s']:.1f} s (cache: {compile_info.get('cache')})"
 
 
-def _graphs_fact(graphs) -> str | None:
+def graphs_fact(graphs) -> str | None:
     """'153 of 161 steps replayed (4 graphs)' for a --cuda-graphs run, or why graphs were off."""
     if not isinstance(graphs, dict):
         return None

@@ -198,7 +198,7 @@ def check_speed_options(config: TrainConfig) -> None:
 
 
 def graph_step_for(trainer, config: TrainConfig):
-    """The run's CUDA-graph step (`embedtune.graphs`), or None with a one-line notice of why not."""
+    """The run's CUDA-graph step (`embedtune.graphs`), or why not (str), after a one-line notice."""
     from .graphs import GraphedStep, unsupported_reason
 
     reason = unsupported_reason(trainer.loss, trainer.model.device)
@@ -206,13 +206,14 @@ def graph_step_for(trainer, config: TrainConfig):
         reason = "fp16 training scales its loss on the host (use bf16)"
     if reason is not None:
         logger.warning("embedtune: --cuda-graphs off: %s", reason)
-        return None
+        return reason
     return GraphedStep(trainer.loss, config.max_seq_length, dtype=torch.bfloat16 if trainer.args.bf16 else None)
 
 
 def graph_summary(step) -> dict:
-    if step is None:
-        return {"off": "not supported for this run (see the notice above)"}
+    """metrics.json's `cuda_graphs`: steps run each way and graphs captured, or why graphs were off."""
+    if isinstance(step, str):
+        return {"off": step}
     return {**step.counts, "shapes": step.shapes, "off": step.off_reason}
 
 
@@ -377,8 +378,9 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         evaluator=evaluator,
         callbacks=[best.callback] if evaluator else None,
     )
-    if config.cuda_graphs:
-        trainer.graph_step = graph_step_for(trainer, config)
+    graphs = graph_step_for(trainer, config) if config.cuda_graphs else None
+    if graphs is not None and not isinstance(graphs, str):
+        trainer.graph_step = graphs
     rows_needed = total_steps * config.batch_size * distributed.world_size()  # what the run will read
     token_cache = install_token_cache(trainer, st_model, train_ds.select_columns(columns), column_prompts,
                                       rows_needed=rows_needed)
@@ -410,7 +412,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         "skipped_rows": loaded.skipped,
         "tokens_per_s": _tokens_per_second(tokens, train_time, trainer.state.log_history),
         "compile": {"time_s": round(compile_seconds(), 2), "cache": compile_cache} if compile_cache else None,
-        "cuda_graphs": graph_summary(getattr(trainer, "graph_step", None)) if config.cuda_graphs else None,
+        "cuda_graphs": graph_summary(graphs) if graphs is not None else None,
         "best_step": best.best_step,
         "token_cache": ({"texts": len(token_cache.cache.index), "batches_served": token_cache.hits,
                          "batches_tokenized": token_cache.misses} if token_cache else None),
