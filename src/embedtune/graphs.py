@@ -55,7 +55,8 @@ def unsupported_reason(loss, device: torch.device) -> str | None:
         return f"the loss is {type(loss).__name__}, not embedtune's ContrastiveLoss"
     if loss.cached:
         return "the cached loss runs its own backward in chunks"
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return "training spans several processes (their gradient exchange is not captured)"
     packed = [m for m in loss.model.modules() if isinstance(m.__dict__.get("forward"), PackedForward)]
     if not packed:
@@ -137,8 +138,8 @@ class GraphedStep:
         if batch is None:
             return self._eager(features, None, scale)
         inputs, rows, stream = batch
-        key = (tuple((k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, repr(v)) for k, v in inputs.items()),
-               rows, stream)
+        key = (tuple((k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, repr(v))
+                     for k, v in inputs.items()), rows, stream)
         entry = self._graphs.get(key, _UNSEEN)
         if entry is _UNSEEN:
             # First sight of a shape: run it eagerly, so that whatever it sets up the first time

@@ -163,7 +163,8 @@ class PackedBatch:
         dump = batch * width  # the row past the batch
         flat_index = torch.nonzero_static(mask.reshape(-1), size=stream, fill_value=dump).squeeze(1)
         slot = torch.arange(stream, device=device)
-        positions = torch.cat([(torch.cumsum(mask, dim=1) - 1).reshape(-1), torch.zeros(1, dtype=torch.long, device=device)])[flat_index]
+        in_row = (torch.cumsum(mask, dim=1) - 1).reshape(-1)  # position of each slot inside its row
+        positions = torch.cat([in_row, in_row.new_zeros(1)])[flat_index]
         filler_len = min(FILLER_LEN, width)
         filler = slot - real  # >= 0 at filler tokens
         positions = torch.where(filler >= 0, filler % filler_len, positions)
