@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from embedtune import FastModel
+from embedtune.errors import EmbedtuneError
 from embedtune.graphs import GraphedStep, unsupported_reason
 from embedtune.losses import ContrastiveLoss
 from embedtune.packing.varlen import PackedBatch, size_class
@@ -152,3 +153,53 @@ def test_summary_says_how_steps_ran():
         "153 of 157 steps replayed (4 graphs)"
     assert graphs_fact({"off": "the model is not on a CUDA device"}) == "off: the model is not on a CUDA device"
     assert graphs_fact(None) is None
+
+
+def test_capture_failure_turns_graphs_off_or_stops_clearly(root, monkeypatch, caplog):
+    """The control flow around capture (CPU: capture and the eager step stubbed): a shape runs eagerly at
+    first sight and is captured at its second; a failed capture turns graphs off with a notice and
+    runs the step eagerly, and if torch cannot run it after the failure, the error says what to do."""
+    st = _st("bert", root, lora=True)
+    step = GraphedStep(ContrastiveLoss(st), max_seq_length=48, dtype=None)
+    features = [st.tokenize(ANCHORS), st.tokenize(POSITIVES)]
+    calls = []
+    monkeypatch.setattr(step, "_eager", lambda inputs, static, scale: calls.append(static is not None) or
+                        torch.tensor(1.0))
+    monkeypatch.setattr(step, "_capture", lambda *a: (None, "RuntimeError: capture broke"))
+    step(features)
+    assert calls == [True] and step.off_reason is None  # first sight: eager, in the static form
+    with caplog.at_level("WARNING"):
+        step(features)
+    assert step.off_reason == "RuntimeError: capture broke" and "CUDA graphs off" in caplog.text
+    step(features)
+    assert calls == [True, True, False]  # off: the loss as it is
+
+    broken = GraphedStep(ContrastiveLoss(st), max_seq_length=48, dtype=None)
+    monkeypatch.setattr(broken, "_capture", lambda *a: (None, "RuntimeError: capture broke"))
+    runs = []
+
+    def eager(inputs, static, scale):
+        runs.append(1)
+        if len(runs) > 1:
+            raise RuntimeError("Offset increment outside graph capture encountered unexpectedly.")
+        return torch.tensor(1.0)
+
+    monkeypatch.setattr(broken, "_eager", eager)
+    broken(features)
+    with pytest.raises(EmbedtuneError, match="without --cuda-graphs"):
+        broken(features)
+
+
+def test_a_run_resumes_with_or_without_speed_options(tmp_path):
+    """--cuda-graphs and --compile change how fast a run goes, not what it computes: a run interrupted
+    with them resumes without them (after a failed capture, say), and the other way round."""
+    from embedtune.resilience import RUN_CONFIG, check_same_run, run_record
+    from embedtune.train import TrainConfig
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"anchor": "a", "positive": "b"}\n')
+    (tmp_path / RUN_CONFIG).write_text(__import__("json").dumps(run_record(
+        TrainConfig(data=str(data), cuda_graphs=True, compile=True))))
+    check_same_run(tmp_path, TrainConfig(data=str(data)))  # no error
+    with pytest.raises(EmbedtuneError, match="--batch-size"):
+        check_same_run(tmp_path, TrainConfig(data=str(data), batch_size=64))

@@ -17,7 +17,8 @@ layers), is captured the second time and replayed from then on. All graphs share
 memory pool: it holds one step's activations. Anything capture cannot take (a host sync somewhere in
 a model or loss) turns graphs off for the run with a one-line notice; the step then runs eagerly.
 (torch 2.11 does not always clean up after a failed capture: one that failed mid-compile left later
-eager steps unable to run. Warming each shape up eagerly first is what keeps captures from failing.)
+eager steps unable to run; then the step stops with an error that says so. Warming each shape up
+eagerly first is what keeps captures from failing.)
 The step reads its batch on the host (a device copy of the masks costs one sync per step) to pick
 the shape before any work is queued.
 """
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .errors import EmbedtuneError
 from .packing import PackedForward
 from .packing.varlen import fixed_stream, size_class
 
@@ -152,7 +154,11 @@ class GraphedStep:
                 self.off_reason = error
                 logger.warning("embedtune: CUDA graphs off for this run, capture failed (%s); steps run eagerly",
                                error)
-                return self._eager(inputs, (rows, stream), scale)
+                try:
+                    return self._eager(inputs, (rows, stream), scale)
+                except RuntimeError as exc:  # torch did not clean up after the failed capture
+                    raise EmbedtuneError(f"a CUDA graph capture failed ({error}) and left torch unable to run "
+                                         f"the step eagerly ({exc}); rerun (or --resume) without --cuda-graphs") from exc
             self._graphs[key] = entry
         for name, value in inputs.items():
             if isinstance(value, Tensor):

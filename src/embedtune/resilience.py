@@ -60,7 +60,7 @@ MAX_SAVE_EVERY = 500
 # path may change; its content may not (`data_sha256`).
 RESUMABLE_CHANGES = frozenset({
     "resume", "overwrite", "output_dir", "data", "logging_steps", "save_every", "report_to",
-    "gradient_checkpointing", "fast", "cached_loss", "token_budget",
+    "gradient_checkpointing", "fast", "cached_loss", "token_budget", "compile", "cuda_graphs",
 })
 _FLAG_NAMES = {"evals_per_run": "--evals", "eval": "--no-eval", "lora_r": "--lora-r/--full",
                "data_sha256": "the data's content", "extra": "extra training arguments"}
