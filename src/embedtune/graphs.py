@@ -157,8 +157,8 @@ class GraphedStep:
                 try:
                     return self._eager(inputs, (rows, stream), scale)
                 except RuntimeError as exc:  # torch did not clean up after the failed capture
-                    raise EmbedtuneError(f"a CUDA graph capture failed ({error}) and left torch unable to run "
-                                         f"the step eagerly ({exc}); rerun (or --resume) without --cuda-graphs") from exc
+                    raise EmbedtuneError(f"a CUDA graph capture failed ({error}) and left torch unable to run the "
+                                         f"step eagerly ({exc}); rerun (or --resume) without --cuda-graphs") from exc
             self._graphs[key] = entry
         for name, value in inputs.items():
             if isinstance(value, Tensor):
