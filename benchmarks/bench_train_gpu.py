@@ -153,11 +153,12 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool, embedt
         if step >= warmup:
             times.append(time.perf_counter() - t0)
             lengths = [f["attention_mask"].sum(dim=1).float() for f in feats]
-            tokens += sum(int(n.sum()) for n in lengths)
+            step_tokens = sum(int(n.sum()) for n in lengths)
+            tokens += step_tokens
             # steady state: no compile (stock + compile recompiles when a batch fails a shape guard)
             # and, under CUDA graphs, a replay (no eager first sight, no capture)
             if compile_seconds() == compiled_before and (graphed is None or graphed.last == "replayed"):
-                steady.append((times[-1], sum(int(n.sum()) for n in lengths)))
+                steady.append((times[-1], step_tokens))
             square_lengths += sum(float((n * n).sum()) for n in lengths)
     elapsed = sum(times)
     extra = {"steady_steps": len(steady)}

@@ -95,6 +95,10 @@ def _fresh_leaf_streams():
 _UNSEEN = object()
 
 
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -148,7 +152,8 @@ class GraphedStep:
             # (a compile for a new size, Triton autotuning, cuBLAS workspaces) happens outside capture.
             self._graphs[key] = None
             return self._eager(inputs, (rows, stream), scale)
-        if entry is None:
+        captured = entry is None
+        if captured:
             entry, error = self._capture(inputs, rows, stream)
             if entry is None:
                 self.off_reason = error
@@ -167,8 +172,7 @@ class GraphedStep:
         self._attach_grads()
         entry.graph.replay()
         self.counts["replayed"] += 1
-        if self.last != "captured":
-            self.last = "replayed"
+        self.last = "captured" if captured else "replayed"
         return entry.loss.clone()
 
     # -- the batch, made static
@@ -208,25 +212,23 @@ class GraphedStep:
         warms up what capture will need), else the loss as it is."""
         self.counts["eager"] += 1
         self.last = "eager"
+        device = self._device()
         if static is None:
-            device = self._device()
-            inputs = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in f.items()} for f in inputs]
+            inputs = [_to_device(f, device) for f in inputs]
             with self._autocast():
                 loss = self.loss(inputs)
             (loss * scale).backward()
             return loss.detach()
-        device = self._device()
         stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            moved = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-            loss = self._forward_backward(moved, *static, scale)
+            loss = self._forward_backward(_to_device(inputs, device), *static, scale)
         torch.cuda.current_stream(device).wait_stream(stream)
         return loss
 
     def _capture(self, inputs: dict[str, Any], rows: tuple[int, ...], stream: int) -> tuple[_Graph | None, str | None]:
         device = self._device()
-        static = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+        static = _to_device(inputs, device)
         if self._scale is None:
             self._scale = torch.ones((), device=device)
         self._attach_grads()
@@ -243,7 +245,6 @@ class GraphedStep:
         if self._pool is None:
             self._pool = graph.pool()
         self.counts["captured"] += 1
-        self.last = "captured"
         return _Graph(graph, static, loss), None
 
     def _attach_grads(self) -> None:

@@ -207,7 +207,7 @@ def _compile_fact(compile_info) -> str | None:
 
 
 def graphs_fact(graphs) -> str | None:
-    """'153 of 161 steps replayed (4 graphs)' for a --cuda-graphs run, or why graphs were off."""
+    """'153 of 157 steps replayed (4 graphs)' for a --cuda-graphs run, or why graphs were off."""
     if not isinstance(graphs, dict):
         return None
     steps = sum(graphs.get(k) or 0 for k in ("eager", "replayed"))
