@@ -112,7 +112,9 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool, embedt
     """Stock rows train with sentence-transformers' MNRL; embedtune rows with embedtune's recipe loss,
     `ContrastiveLoss` (equal to MNRL, tested; on the packed path it embeds all columns in one forward).
     `cuda_graphs`: forward and backward through `embedtune.graphs.GraphedStep` (as `--cuda-graphs` runs);
-    it takes the host batch and copies it itself, so its rows time that copy too.
+    its host work (`prepare`: merge the columns, pad to the fixed width) is done before the timed
+    window, as tokenizing is for every row, but it copies the batch to the device itself, so its rows
+    time that copy too (the other rows' copies finish before their window).
     Besides the rate over all timed steps, the rate over steady steps: those in which nothing was
     compiled and, under CUDA graphs, the step was a replay (what a long run settles at)."""
     from sentence_transformers.losses import MultipleNegativesRankingLoss
@@ -138,6 +140,8 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool, embedt
         feats = [encode([r["anchor"] for r in rows]), encode([r["positive"] for r in rows])]
         if graphed is None:
             feats = [{k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in f.items()} for f in feats]
+        else:  # its host work (merge, pad to the fixed width): a data loader's, like tokenizing
+            feats = graphed.prepare(feats)
         torch.cuda.synchronize()
         compiled_before = compile_seconds()
         t0 = time.perf_counter()
@@ -152,7 +156,8 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool, embedt
         torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - t0)
-            lengths = [f["attention_mask"].sum(dim=1).float() for f in feats]
+            columns = [feats.inputs] if graphed is not None and not isinstance(feats, list) else feats
+            lengths = [f["attention_mask"].sum(dim=1).float() for f in columns]
             step_tokens = sum(int(n.sum()) for n in lengths)
             tokens += step_tokens
             # steady state: no compile (stock + compile recompiles when a batch fails a shape guard)

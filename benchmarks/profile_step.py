@@ -68,6 +68,7 @@ def main() -> None:
             from embedtune.graphs import GraphedStep
 
             graphed = GraphedStep(loss_fn, 512, dtype=torch.bfloat16)
+            batches = [graphed.prepare(feats) for feats in batches]  # host work ahead, as a data loader would
 
         def step(feats):
             if graphed is not None:

@@ -14,7 +14,7 @@ from embedtune import FastModel
 from embedtune.errors import EmbedtuneError
 from embedtune.graphs import GraphedStep, unsupported_reason
 from embedtune.losses import ContrastiveLoss
-from embedtune.packing.varlen import PackedBatch, size_class
+from embedtune.packing.varlen import PackedBatch
 from embedtune.st import to_sentence_transformer
 from tiny_models import make_tiny_model
 
@@ -63,10 +63,11 @@ def test_static_form_equals_plain_loss(arch, lora, root, monkeypatch):
     fixed = PackedBatch.fixed.__func__
     monkeypatch.setattr(PackedBatch, "fixed", classmethod(lambda cls, m, s: plans.append(s) or fixed(cls, m, s)))
     step = GraphedStep(loss_fn, max_seq_length=48, dtype=None, token_multiple=64)
-    batch, rows, stream = step._batch(features)
+    prepared = step.prepare(features)
+    batch, rows, stream = prepared.inputs, prepared.rows, prepared.stream
     real = sum(int(f["attention_mask"].sum()) for f in features)
     assert rows == (4, 4) and batch["attention_mask"].shape == (8, 48)
-    assert stream == size_class(real, 64) and stream >= real
+    assert stream % 64 == 0 and real <= stream < real + 64
     st.zero_grad(set_to_none=True)
     loss = step._forward_backward(batch, rows, stream, torch.tensor(0.5))
     assert plans == [stream]  # one forward for both columns, on a fixed-length stream
@@ -173,6 +174,17 @@ def test_capture_failure_turns_graphs_off_or_stops_clearly(root, monkeypatch, ca
     assert step.off_reason == "RuntimeError: capture broke" and "CUDA graphs off" in caplog.text
     step(features)
     assert calls == [True, True, False]  # off: the loss as it is
+    step(step.prepare(features))
+    assert calls == [True, True, False, True]  # a batch prepared ahead: eager, in its static form
+
+    ahead = GraphedStep(ContrastiveLoss(st), max_seq_length=48, dtype=None)
+    assert ahead.prepare(features[:1]) == features[:1]  # one column does not merge: left as it is
+    prepared = ahead.prepare(features)
+    shapes = []
+    monkeypatch.setattr(ahead, "_eager", lambda inputs, static, scale: shapes.append(static) or torch.tensor(1.0))
+    ahead(prepared)
+    ahead(features[:1])
+    assert shapes == [(prepared.rows, prepared.stream), None]  # prepared ahead = prepared in the step
 
     broken = GraphedStep(ContrastiveLoss(st), max_seq_length=48, dtype=None)
     monkeypatch.setattr(broken, "_capture", lambda *a: (None, "RuntimeError: capture broke"))
@@ -203,3 +215,45 @@ def test_a_run_resumes_with_or_without_speed_options(tmp_path):
     check_same_run(tmp_path, TrainConfig(data=str(data)))  # no error
     with pytest.raises(EmbedtuneError, match="--batch-size"):
         check_same_run(tmp_path, TrainConfig(data=str(data), batch_size=64))
+
+
+def test_recipe_hands_the_graph_step_host_batches_and_its_scale(tmp_path, monkeypatch):
+    """The trainer's step under --cuda-graphs (CPU: the graph step stubbed by one that runs the loss
+    eagerly): the batch reaches it still on the host (it pads and copies it itself), with gradient
+    accumulation's scale, and the run trains on what it returns."""
+    import importlib
+    import json
+
+    from embedtune.train import TrainConfig, run
+
+    recipe = importlib.import_module("embedtune.train")  # the package's `train` is the function
+    seen = []
+
+    class Recorder:
+        counts, shapes, off_reason = {"eager": 0, "captured": 0, "replayed": 0}, 0, None
+
+        def __init__(self, loss):
+            self.loss = loss
+
+        def __call__(self, features, scale=1.0):
+            seen.append(([v.device.type for f in features for v in f.values() if torch.is_tensor(v)], scale))
+            loss = self.loss(features)
+            (loss * scale).backward()
+            return loss.detach()
+
+    monkeypatch.setattr(recipe, "graph_step_for", lambda trainer, config: Recorder(trainer.loss))
+    from embedtune.resilience import ResumableTrainer
+
+    moved = []  # the trainer's move to the device (a no-op on CPU, a round trip and a sync on a GPU)
+    prepare_inputs = ResumableTrainer._prepare_inputs
+    monkeypatch.setattr(ResumableTrainer, "_prepare_inputs", lambda self, inputs: moved.append(1) or
+                        prepare_inputs(self, inputs))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"anchor": f"how to do thing {i}", "positive": f"def thing_{i}(): pass"}) + "\n"
+                            for i in range(32)))
+    result = run(TrainConfig(data=str(data), max_steps=2, batch_size=4, eval=False, max_seq_length=32,
+                             cuda_graphs=True, output_dir=str(tmp_path / "out"),
+                             extra={"gradient_accumulation_steps": 2}))
+    assert len(seen) == 4 and all(scale == 0.5 for _, scale in seen)
+    assert all(devices and set(devices) == {"cpu"} for devices, _ in seen) and not moved
+    assert result.metrics["cuda_graphs"]["off"] is None

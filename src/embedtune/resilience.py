@@ -375,7 +375,9 @@ class ResumableTrainer(SentenceTransformerTrainer):
         """The trainer's step (loss scaled for gradient accumulation, as `Trainer.training_step` does)
         with forward and backward replayed as a CUDA graph."""
         model.train()
-        inputs = self._prepare_inputs(inputs)
+        # the batch stays on the host, where the graph step reads its shape and pads it, then copies
+        # it into the graph's buffers (moving it to the device first would cost a round trip and a sync)
+        inputs = dict(inputs)
         inputs.pop("dataset_name", None)
         features, _labels = self.collect_features(inputs)
         scale = 1.0 / self.current_gradient_accumulation_steps
