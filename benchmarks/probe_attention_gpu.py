@@ -1,7 +1,8 @@
 """Packed attention kernels on one GPU: torch's FlashAttention-2 (what `embedtune::varlen_attn` calls)
-against cuDNN's fused attention over the same ragged (cu_seqlens) batch, with and without dropout.
+against the memory-efficient (CUTLASS) kernel and, with --cudnn, cuDNN's fused attention, over the same
+ragged (cu_seqlens) batch, with and without dropout.
 
-    python benchmarks/probe_attention_gpu.py --tokenizer .bench/tokenizer
+    python benchmarks/probe_attention_gpu.py --tokenizer .bench/tokenizer [--cudnn]
 
 Checks, for each kernel: the output and gradients without dropout against the other kernel; that the
 backward replays the forward's dropout mask (out is linear in v for a fixed mask, so with the RNG state
@@ -56,7 +57,24 @@ def cudnn_bwd(g, q, k, v, out, saved, cu, max_len, p, scale):
                                                     max_len, p, False, scale=scale)
 
 
-KERNELS = {"flash": (flash, flash_bwd), "cudnn": (cudnn, cudnn_bwd)}
+def efficient(q, k, v, cu, max_len, p, scale):
+    """The memory-efficient (CUTLASS, xformers) kernel; ragged batches go in as one row of cu_seqlens."""
+    r = torch.ops.aten._efficient_attention_forward(q[None], k[None], v[None], None, cu, cu, max_len, max_len, p, 0,
+                                                    True, scale=scale)
+    return r[0][0], (r[1], r[2], r[3])
+
+
+def efficient_bwd(g, q, k, v, out, saved, cu, max_len, p, scale):
+    lse, seed, offset = saved
+    dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(g[None], q[None], k[None], v[None], None, out[None],
+                                                                  cu, cu, max_len, max_len, lse, p, seed, offset, 0,
+                                                                  False, scale=scale)
+    return dq[0], dk[0], dv[0]
+
+
+ARGS = None
+KERNELS = {"flash": (flash, flash_bwd), "efficient": (efficient, efficient_bwd), "cudnn": (cudnn, cudnn_bwd)}
+TIGHT = "flash, batch's own max length"  # as "flash", with max_seqlen the batch's longest row, not the width
 
 
 def inputs(lengths, heads, dim, seed=0):
@@ -106,11 +124,12 @@ def checks(name, lengths, heads, dim, p=0.1):
 
 
 def time_kernel(name, batches, heads, dim, p, reps=10):
-    fwd, bwd = KERNELS[name]
+    fwd, bwd = KERNELS["flash" if name == TIGHT else name]
     prepared = []
     for lengths in batches:
         q, k, v, cu, m = inputs(lengths, heads, dim)
-        prepared.append((q, k, v, cu, 512, torch.randn_like(q)))  # max_seqlen: the padded width, as packing passes it
+        # max_seqlen: the padded width, as packing passes it
+        prepared.append((q, k, v, cu, m if name == TIGHT else 512, torch.randn_like(q)))
     scale = dim ** -0.5
     for q, k, v, cu, m, g in prepared[:2]:  # warm-up (plan building)
         out, saved = fwd(q, k, v, cu, m, p, scale)
@@ -137,12 +156,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--cudnn", action="store_true", help="also cuDNN (slow on ragged batches: a plan per shape)")
     args = parser.parse_args()
+    global ARGS
+    ARGS = args
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  cudnn {torch.backends.cudnn.version()}")
     batches = real_lengths(args.tokenizer, 128, 512, args.steps)
     print(f"tokens per batch: {[sum(b) for b in batches]}")
     rows = []
-    for name in KERNELS:
+    for name in [*KERNELS, TIGHT]:
+        if name == TIGHT:
+            for heads, label in ((12, "bert-base"), (16, "bert-large")):
+                f, b = time_kernel(name, batches, heads, 64, 0.1)
+                rows.append(("flash*", label, 0.1, f, b))
+            continue
+        if name == "cudnn" and not ARGS.cudnn:
+            continue
         try:
             print(name, "checks:", {k: f"{v:.2e}" for k, v in checks(name, batches[0], 12, 64).items()}, flush=True)
         except Exception as error:  # noqa: BLE001 - report and go on to timing the rest
@@ -155,9 +184,10 @@ def main() -> None:
                     rows.append((name, label, p, f, b))
                 except Exception as error:  # noqa: BLE001
                     print(name, label, p, "timing FAILED:", type(error).__name__, str(error).splitlines()[0][:300])
-    print(f"\n{'kernel':7s} {'shape':11s} {'dropout':>7s} {'fwd ms':>8s} {'bwd ms':>8s} {'total':>8s}")
+    print("flash*: flash with max_seqlen the batch's longest row (else the padded width, 512)")
+    print(f"\n{'kernel':9s} {'shape':11s} {'dropout':>7s} {'fwd ms':>8s} {'bwd ms':>8s} {'total':>8s}")
     for name, label, p, f, b in rows:
-        print(f"{name:7s} {label:11s} {p:7.1f} {f:8.3f} {b:8.3f} {f + b:8.3f}")
+        print(f"{name:9s} {label:11s} {p:7.1f} {f:8.3f} {b:8.3f} {f + b:8.3f}")
 
 
 if __name__ == "__main__":

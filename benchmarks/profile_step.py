@@ -63,6 +63,7 @@ def main() -> None:
                 batches.append(feats)
             else:
                 batches.append([{k: v.cuda() if torch.is_tensor(v) else v for k, v in f.items()} for f in feats])
+        real_tokens = [sum(int(f["attention_mask"].sum()) for f in feats) for feats in batches]
         graphed = None
         if args.cuda_graphs:
             from embedtune.graphs import GraphedStep
@@ -101,7 +102,7 @@ def main() -> None:
             step(feats)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        tokens = sum(int(f["attention_mask"].sum()) for feats in batches[3:] for f in feats)
+        tokens = sum(real_tokens[3:])
         print(f"{args.impl} {args.model} {args.mode} dropout={'off' if args.no_dropout else 'on'} "
               f"compile={args.compile} cached={args.cached} fp32_base={args.fp32_base}: "
               f"{seconds / 5 * 1000:.1f} ms/step, {tokens / seconds:,.0f} real tokens/s")

@@ -218,6 +218,8 @@ class GraphedStep:
             batch = {k: F.pad(v, (extra, 0) if left else (0, extra)) if isinstance(v, Tensor) and v.shape == mask.shape
                      else v for k, v in batch.items()}
         tokens = max(int(batch["attention_mask"].sum()), 1)
+        if self._device().type == "cuda":  # page-locked, so the copy into the graph's buffers is a plain DMA
+            batch = {k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in batch.items()}
         return StaticBatch(batch, tuple(rows), -(-tokens // self.token_multiple) * self.token_multiple)
 
     # -- running it
