@@ -53,6 +53,7 @@ def main() -> None:
             loss_fn = ContrastiveLoss(st, cached=args.cached, token_budget=args.token_budget)
         else:
             loss_fn = MultipleNegativesRankingLoss(st)
+        st.train()  # dropout on, as in training (a loaded model starts in eval mode)
         opt = torch.optim.AdamW([p for p in st.parameters() if p.requires_grad], lr=1e-5, fused=True)
         encode = getattr(st, "preprocess", None) or st.tokenize
         batches = []
