@@ -358,6 +358,16 @@ class ResumableTrainer(SentenceTransformerTrainer):
             for name, param in params.items():
                 param.copy_(saved[name].to(param.device))
 
+    def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
+        """The hashed NO_DUPLICATES sampler hashing in this process (`data.sampler`); the rest as the
+        trainer builds them."""
+        from .data.sampler import batch_sampler
+
+        sampler = batch_sampler(self.args.batch_sampler, dataset, batch_size=batch_size, drop_last=drop_last,
+                                valid_label_columns=valid_label_columns, generator=generator, seed=seed)
+        return sampler or super().get_batch_sampler(dataset, batch_size, drop_last, valid_label_columns,
+                                                    generator, seed)
+
     graph_step = None  # an embedtune.graphs.GraphedStep when the run replays its steps as CUDA graphs
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -24,6 +24,7 @@ import torch
 from .compile_cache import compile_seconds, use_persistent_compile_cache
 from .config_file import CONFIG_NAME, resolved_config, write_config_yaml
 from .data import column, load_pairs, train_eval_split
+from .data.sampler import no_duplicates_sampler
 from .data.token_cache import install_token_cache
 from . import distributed
 from .errors import EmbedtuneError
@@ -261,7 +262,6 @@ def train(data: str | None = None, config: TrainConfig | None = None, **kwargs) 
 def run(config: TrainConfig, progress=None) -> RunResult:
     """The recipe behind `train` and the CLI. Validates all input before writing anything."""
     from sentence_transformers import SentenceTransformerTrainingArguments
-    from sentence_transformers.training_args import BatchSamplers
 
     from .resilience import ResumableTrainer, prepare_work, resume_point, save_arguments, train_resumably
 
@@ -341,7 +341,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         warmup_steps=math.ceil(config.warmup_ratio * total_steps),
         weight_decay=config.weight_decay,
         optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        batch_sampler=no_duplicates_sampler(),
         eval_strategy="steps" if evaluator else "no",
         eval_steps=eval_steps,
         **save_arguments(config.save_every, eval_steps, resumable=resumable),
