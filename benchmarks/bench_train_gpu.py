@@ -7,11 +7,14 @@ loss (MNRL), same optimizer, in one process on one card. Prints a table and writ
         --tokenizer .bench/tokenizer --out $OUT/bench.json
 
 It also checks exactness first: packed vs padded outputs in bf16 on the GPU.
+Peak memory is each row's, net of what earlier rows of the process still hold when it starts
+(`held_before_gb`; `peak_gb_raw` is torch's figure).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -290,6 +293,11 @@ def main() -> None:
                     lora_linear.FUSE_PROJECTIONS = not label.endswith("projections one by one")
                     layers.WHOLE_STACK = settings.get("whole_stack", default_whole_stack)
                     torch._inductor.config.cpp_wrapper = settings.get("cpp_wrapper", False)  # part of the cache key
+                    # memory still held by earlier rows (a compiled graph's cache can keep a model alive): not
+                    # this row's; its peak is reported net of it, the raw peak beside
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    held_gb = torch.cuda.memory_allocated() / 1e9
                     st = make()
                     try:
                         row = run_steps(st, pairs, args.batch, args.steps, args.warmup, lora,
@@ -297,7 +305,8 @@ def main() -> None:
                                         cuda_graphs=settings.get("cuda_graphs", False), max_len=args.max_seq_length)
                     except torch.OutOfMemoryError:
                         row = {"samples_per_s": math.nan, "tokens_per_s": math.nan, "peak_gb": math.nan, "oom": True}
-                    row.update(model=name, mode=mode, impl=label)
+                    row.update(model=name, mode=mode, impl=label, held_before_gb=held_gb, peak_gb_raw=row["peak_gb"])
+                    row["peak_gb"] -= held_gb
                     if peak_tflops:
                         dense = row["tokens_per_s"] * flops_per_token(name, lora)
                         row["mfu"] = (dense + row.get("attention_flops_per_s", 0) * attention_flops(name)) / peak_tflops
