@@ -50,6 +50,8 @@ def test_hashed_sampler_gives_the_plain_samplers_batches():
         assert batches == list(plain) and len(batches) > 10
         assert not any(_has_duplicate(dataset, batch) for batch in batches)
     assert batch_sampler(BatchSamplers.NO_DUPLICATES, dataset, **_kwargs()) is None  # the trainer's own
+    streamed = dataset.to_iterable_dataset()
+    assert batch_sampler(BatchSamplers.NO_DUPLICATES_HASHED, streamed, **_kwargs()) is None
 
 
 def test_the_recipe_samples_with_the_hashed_sampler(tmp_path, monkeypatch):

@@ -39,6 +39,10 @@ def no_duplicates_sampler():
 def batch_sampler(choice, dataset, **kwargs) -> NoDuplicatesBatchSampler | None:
     """The sampler for `choice` when it is the hashed one, hashing in this process; None otherwise (the
     trainer then builds its own)."""
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset):  # streamed: no sampler at all (the trainer says so)
+        return None
     if _can_hash() and choice == BatchSamplers.NO_DUPLICATES_HASHED:
         return NoDuplicatesBatchSampler(dataset, precompute_hashes=True, precompute_num_proc=1, **kwargs)
     return None
