@@ -35,14 +35,21 @@ def _has_duplicate(dataset, batch) -> bool:
     return False
 
 
-def test_hashed_sampler_gives_the_plain_samplers_batches():
+def test_hashed_sampler_gives_the_plain_samplers_batches(monkeypatch):
+    import multiprocess
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("hashing started a process pool")
+
+    monkeypatch.setattr(multiprocess, "Pool", no_pool)  # what datasets.map starts for num_proc >= 1
+    monkeypatch.setattr(multiprocess, "Manager", no_pool)
     dataset = _pairs(300)
     order = list(range(len(dataset)))
     random.Random(1).shuffle(order)
     assert any(_has_duplicate(dataset, order[i:i + 8]) for i in range(0, 296, 8))  # batches drawn blindly would
     hashed = batch_sampler(BatchSamplers.NO_DUPLICATES_HASHED, dataset, **_kwargs())
     plain = NoDuplicatesBatchSampler(dataset, **_kwargs())
-    assert hashed.precompute_hashes and hashed.precompute_num_proc == 1
+    assert hashed.precompute_hashes and hashed.precompute_num_proc == 0
     for epoch in (0, 1):
         hashed.set_epoch(epoch)
         plain.set_epoch(epoch)

@@ -4,10 +4,12 @@ sentence-transformers' NO_DUPLICATES sampler builds each batch by reading candid
 Arrow table one by one and comparing their texts: 4-10 ms per 128-row batch on a 2-core CPU, host
 time a GPU step waits for (the trainer fetches the next batch after each step). Its hashed mode
 (NO_DUPLICATES_HASHED) hashes every row's texts once (xxhash, which `datasets` already depends on)
-and compares hashes: the same batches (equal texts, equal hashes), ~1 ms per batch after ~8 s per
-million rows up front. sentence-transformers hashes in a pool of up to 8 processes; the recipe
-hashes in this process (`batch_sampler`): forking a process that holds a CUDA context is best
-avoided, and a pool costs more than it saves on the pair files read here.
+and compares hashes: the same batches (equal texts, equal hashes), ~1 ms per batch after ~5 s per
+million rows up front. sentence-transformers hashes with `datasets.map` in a pool of up to 8
+processes; the recipe hashes in this process (`batch_sampler`: num_proc 0, which datasets >= 5 maps
+in process, while 1 still starts a pool and a manager process): forking a process that holds a CUDA
+context is best avoided, and a pool costs more than it saves on the pair files read here. With an
+older datasets the recipe keeps the plain sampler.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ except ImportError:  # 5.x
 
 
 def _can_hash() -> bool:
+    import datasets
+
     try:
         import xxhash  # noqa: F401
     except ImportError:
+        return False
+    if int(datasets.__version__.split(".")[0]) < 5:  # num_proc=0 read as "no pool" is what 5.x does
         return False
     return (hasattr(BatchSamplers, "NO_DUPLICATES_HASHED")
             and "precompute_hashes" in inspect.signature(NoDuplicatesBatchSampler.__init__).parameters)
@@ -44,5 +50,5 @@ def batch_sampler(choice, dataset, **kwargs) -> NoDuplicatesBatchSampler | None:
     if isinstance(dataset, IterableDataset):  # streamed: no sampler at all (the trainer says so)
         return None
     if _can_hash() and choice == BatchSamplers.NO_DUPLICATES_HASHED:
-        return NoDuplicatesBatchSampler(dataset, precompute_hashes=True, precompute_num_proc=1, **kwargs)
+        return NoDuplicatesBatchSampler(dataset, precompute_hashes=True, precompute_num_proc=0, **kwargs)
     return None
