@@ -9,7 +9,8 @@ million rows up front. sentence-transformers hashes with `datasets.map` in a poo
 processes; the recipe hashes in this process (`batch_sampler`: num_proc 0, which datasets >= 5 maps
 in process, while 1 still starts a pool and a manager process): forking a process that holds a CUDA
 context is best avoided, and a pool costs more than it saves on the pair files read here. With an
-older datasets the recipe keeps the plain sampler.
+older datasets, or sentence-transformers 5.x (whose hashed mode hands xxhash `str`, which xxhash 3
+refuses), the recipe keeps the plain sampler.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ except ImportError:  # 5.x
 
 def _can_hash() -> bool:
     import datasets
+    import sentence_transformers
 
     try:
         import xxhash  # noqa: F401
     except ImportError:
         return False
     if int(datasets.__version__.split(".")[0]) < 5:  # num_proc=0 read as "no pool" is what 5.x does
+        return False
+    if int(sentence_transformers.__version__.split(".")[0]) < 6:  # its hashed mode fails on xxhash 3
         return False
     return (hasattr(BatchSamplers, "NO_DUPLICATES_HASHED")
             and "precompute_hashes" in inspect.signature(NoDuplicatesBatchSampler.__init__).parameters)
