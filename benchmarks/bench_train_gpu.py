@@ -123,7 +123,7 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool, embedt
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
     from embedtune.compile_cache import compile_seconds
-    from embedtune.graphs import GraphedStep
+    from embedtune.graphs import GraphedStep, StaticBatch
     from embedtune.losses import ContrastiveLoss
 
     loss_fn = ContrastiveLoss(st) if embedtune_loss else MultipleNegativesRankingLoss(st)
@@ -159,7 +159,7 @@ def run_steps(st, pairs, batch: int, steps: int, warmup: int, lora: bool, embedt
         torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - t0)
-            columns = [feats.inputs] if graphed is not None and not isinstance(feats, list) else feats
+            columns = [feats.inputs] if isinstance(feats, StaticBatch) else feats
             lengths = [f["attention_mask"].sum(dim=1).float() for f in columns]
             step_tokens = sum(int(n.sum()) for n in lengths)
             tokens += step_tokens

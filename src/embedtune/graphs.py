@@ -158,9 +158,10 @@ class GraphedStep:
 
     def __call__(self, features: list[dict[str, Any]] | StaticBatch, scale: float = 1.0) -> Tensor:
         self.last = None
-        batch = features if isinstance(features, StaticBatch) else None
-        if batch is None and not self.off_reason:
-            batch = self._batch(features)
+        if isinstance(features, StaticBatch):
+            batch = features
+        else:
+            batch = None if self.off_reason else self._batch(features)
         if batch is None:
             return self._eager(features, None, scale)
         inputs, rows, stream = batch.inputs, batch.rows, batch.stream

@@ -15,6 +15,7 @@ refuses), the recipe keeps the plain sampler.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 try:  # sentence-transformers >= 6
@@ -24,6 +25,7 @@ except ImportError:  # 5.x
     from sentence_transformers.training_args import BatchSamplers
 
 
+@functools.cache  # the installed versions do not change within a process
 def _can_hash() -> bool:
     import datasets
     import sentence_transformers
