@@ -243,9 +243,6 @@ def main() -> None:
         parser.add_argument(f"--{variant}-row", action="store_true", help=f"also run embedtune+compile {help_text}")
     parser.add_argument("--cuda-graph-rows", action="store_true",
                         help="also run embedtune (and embedtune+compile) with each step replayed as a CUDA graph")
-    parser.add_argument("--flash-attention-rows", action="store_true",
-                        help="repeat the CUDA graph rows with EMBEDTUNE_ATTENTION=flash (torch's FlashAttention-2 "
-                             "instead of embedtune's Triton packed-tile kernels)")
     parser.add_argument("--warm-cache-row", action="store_true",
                         help="repeat each embedtune+compile row: its warm-up then reads torch's on-disk compile caches")
     args = parser.parse_args()
@@ -254,7 +251,6 @@ def main() -> None:
     from embedtune.packing import layers, lora_linear
     import torch._inductor.config  # noqa: F401 - the C++ wrapper row sets it
     default_whole_stack = layers.WHOLE_STACK
-    attention_default = os.environ.get("EMBEDTUNE_ATTENTION", "auto")
 
     pairs = build_stdlib_pairs(seed=0)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -276,9 +272,6 @@ def main() -> None:
                 if args.cuda_graph_rows:
                     runners.append(("embedtune + CUDA graphs", lambda: embedtune_model(path, lora, args.max_seq_length),
                                     {"cuda_graphs": True}))
-                    if args.flash_attention_rows:
-                        runners.append(("embedtune + CUDA graphs, FlashAttention-2", lambda: embedtune_model(
-                            path, lora, args.max_seq_length), {"cuda_graphs": True, "attention": "flash"}))
                 if lora and args.fused_lora_row:
                     runners.append(("embedtune, LoRA add fused", lambda: embedtune_model(path, lora, args.max_seq_length), {}))
                 for compile_mode in args.compile_modes if args.compile else ():
@@ -292,10 +285,6 @@ def main() -> None:
                     if args.cuda_graph_rows and compile_mode == "default":
                         runners.append((label + " + CUDA graphs", lambda: embedtune_model(
                             path, lora, args.max_seq_length, compile_model="default"), {"cuda_graphs": True}))
-                        if args.flash_attention_rows:
-                            runners.append((label + " + CUDA graphs, FlashAttention-2", lambda: embedtune_model(
-                                path, lora, args.max_seq_length, compile_model="default"),
-                                {"cuda_graphs": True, "attention": "flash"}))
                     if args.warm_cache_row:  # a second run: what a job pays with torch's compile caches filled
                         runners.append((label + " warm cache", lambda m=compile_mode: embedtune_model(
                             path, lora, args.max_seq_length, compile_model=m), {}))
@@ -304,7 +293,6 @@ def main() -> None:
                     lora_linear.FUSE_PROJECTIONS = not label.endswith("projections one by one")
                     layers.WHOLE_STACK = settings.get("whole_stack", default_whole_stack)
                     torch._inductor.config.cpp_wrapper = settings.get("cpp_wrapper", False)  # part of the cache key
-                    os.environ["EMBEDTUNE_ATTENTION"] = settings.get("attention", attention_default)
                     # memory still held by earlier rows (a compiled graph's cache can keep a model alive): not
                     # this row's; its peak is reported net of it, the raw peak beside
                     gc.collect()

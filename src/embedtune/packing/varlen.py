@@ -4,10 +4,7 @@ Inputs are packed `q, k, v` of shape [tokens, heads, head_dim] plus `cu_seqlens`
 int32, length batch+1). On CUDA we call the flash kernel behind torch's `varlen_attn` ourselves, as
 one custom op (`embedtune::varlen_attn`): `varlen_attn` has no dropout and no sliding window, the
 kernel has both (BERT checkpoints train with attention dropout 0.1), and as one opaque op it lets
-torch.compile trace whole layer stacks. Bidirectional attention without a window (the BERT family)
-runs our Triton packed-tile kernels instead where Triton is present (`triton_attn`: tiles over the
-stream, not per sequence, which suits short retrieval sequences; EMBEDTUNE_ATTENTION=flash opts
-out). flash_attn serves where torch lacks the flash kernel. On CPU the exact
+torch.compile trace whole layer stacks. flash_attn serves where torch lacks the kernel. On CPU the exact
 fallback runs SDPA over length buckets: sequences sorted by length are grouped so that padding
 inside a bucket stays small, each bucket is gathered into a [n, heads, len, head_dim] view with a
 key mask, and the results are scattered back. Retrieval batches mix 15-token queries with
@@ -19,14 +16,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import os
 import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from . import triton_attn
 from .layers import mark_token_dim
 
 
@@ -267,22 +262,8 @@ def flash_supported(q: torch.Tensor) -> bool:
             and q.shape[-1] <= 256 and _flash_device(q.device.index or 0))
 
 
-def attention_kernel_choice() -> str:
-    """EMBEDTUNE_ATTENTION: "auto" (default: the Triton packed-tile kernels where they apply, else
-    flash), "flash" or "triton" (the latter still falls back to flash where Triton does not apply)."""
-    choice = os.environ.get("EMBEDTUNE_ATTENTION", "auto").strip().lower() or "auto"
-    if choice not in ("auto", "flash", "triton"):
-        raise ValueError(f"EMBEDTUNE_ATTENTION={choice!r}: expected auto, flash or triton")
-    return choice
-
-
-def _op_backend(q: torch.Tensor, buckets: bool, causal: bool, window: int) -> str:
-    """Which kernel `embedtune::varlen_attn` runs: "triton", "flash" or "buckets" (length-bucketed SDPA)."""
-    if buckets or not flash_supported(q):
-        return "buckets"
-    if attention_kernel_choice() != "flash" and triton_attn.supported(q, causal, None if window < 0 else window):
-        return "triton"
-    return "flash"
+def _op_uses_flash(q: torch.Tensor, buckets: bool) -> bool:
+    return not buckets and flash_supported(q)
 
 
 def _flash_window(causal: bool, window: int | None) -> tuple[int, int]:
@@ -344,12 +325,7 @@ def _varlen_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     `window` -1 = none. CUDA half precision: the flash kernel, unless `buckets`; elsewhere:
     length-bucketed SDPA."""
     window_ = None if window < 0 else window
-    backend = _op_backend(q, buckets, causal, window)
-    if backend == "triton":
-        seed = triton_attn.draw_seed(q.device) if dropout_p > 0 else q.new_zeros(1, dtype=torch.int64)
-        out, lse = triton_attn.forward(q, k, v, cu_seqlens, scale, dropout_p, seed)
-        return out, lse, seed
-    if backend == "flash":
+    if _op_uses_flash(q, buckets):
         left, right = _flash_window(causal, window_)
         out, lse, rng, _, _ = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, causal, False,
@@ -363,11 +339,7 @@ def _varlen_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
 
 @_varlen_attn_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, dropout_p, causal, scale, window, buckets):
-    backend = _op_backend(q, buckets, causal, window)
-    if backend == "triton":
-        return (torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32),
-                q.new_empty(1, dtype=torch.int64))
-    if backend == "flash":
+    if _op_uses_flash(q, buckets):
         return (torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32),
                 q.new_empty(2, dtype=torch.uint64))
     return torch.empty_like(q), q.new_empty(0, dtype=torch.float32), q.new_empty(1, dtype=torch.int64)
@@ -379,10 +351,7 @@ def _varlen_attn_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
                              max_seqlen: int, dropout_p: float, causal: bool, scale: float, window: int,
                              buckets: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     window_ = None if window < 0 else window
-    backend = _op_backend(q, buckets, causal, window)
-    if backend == "triton":
-        return triton_attn.backward(grad_out, q, k, v, out, lse, cu_seqlens, scale, dropout_p, rng)
-    if backend == "flash":
+    if _op_uses_flash(q, buckets):
         left, right = _flash_window(causal, window_)
         return torch.ops.aten._flash_attention_backward(
             grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
