@@ -1,6 +1,7 @@
 """Packed attention kernels on one GPU: torch's FlashAttention-2 (what `embedtune::varlen_attn` calls)
-against the memory-efficient (CUTLASS) kernel and, with --cudnn, cuDNN's fused attention, over the same
-ragged (cu_seqlens) batch, with and without dropout.
+against packed-tile Triton kernels (an experiment: `triton_packed_attn.py`), the memory-efficient
+(CUTLASS) kernel and, with --cudnn, cuDNN's fused attention, over the same ragged (cu_seqlens) batch,
+with and without dropout.
 
     python benchmarks/probe_attention_gpu.py --tokenizer .bench/tokenizer [--cudnn]
 
@@ -14,6 +15,7 @@ layer on real batches (stdlib pairs, 128 pairs, max_seq_length 512). Table last.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -72,8 +74,25 @@ def efficient_bwd(g, q, k, v, out, saved, cu, max_len, p, scale):
     return dq[0], dk[0], dv[0]
 
 
+def triton_fwd(q, k, v, cu, max_len, p, scale):
+    """The packed-tile Triton kernels of the experiment in `triton_packed_attn.py`."""
+    import triton_packed_attn as triton_attn
+
+    seed = triton_attn.draw_seed(q.device) if p > 0 else q.new_zeros(1, dtype=torch.int64)
+    out, lse = triton_attn.forward(q, k, v, cu, scale, p, seed)
+    return out, (lse, seed)
+
+
+def triton_bwd(g, q, k, v, out, saved, cu, max_len, p, scale):
+    import triton_packed_attn as triton_attn
+
+    lse, seed = saved
+    return triton_attn.backward(g, q, k, v, out, lse, cu, scale, p, seed)
+
+
 ARGS = None
-KERNELS = {"flash": (flash, flash_bwd), "efficient": (efficient, efficient_bwd), "cudnn": (cudnn, cudnn_bwd)}
+KERNELS = {"flash": (flash, flash_bwd), "triton": (triton_fwd, triton_bwd), "efficient": (efficient, efficient_bwd),
+           "cudnn": (cudnn, cudnn_bwd)}
 TIGHT = "flash, batch's own max length"  # as "flash", with max_seqlen the batch's longest row, not the width
 
 
@@ -157,6 +176,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--cudnn", action="store_true", help="also cuDNN (slow on ragged batches: a plan per shape)")
+    parser.add_argument("--triton-blocks", default="64,64,4,2;128,64,8,2;128,64,4,2;64,32,4,2;64,64,4,3;32,64,4,2",
+                        help="Triton (query block, key block, warps, stages) settings to time, ';'-separated; the first is checked")
     args = parser.parse_args()
     global ARGS
     ARGS = args
@@ -177,17 +198,23 @@ def main() -> None:
         except Exception as error:  # noqa: BLE001 - report and go on to timing the rest
             print(name, "checks FAILED:", type(error).__name__, str(error).splitlines()[0][:300], flush=True)
             continue
-        for heads, label in ((12, "bert-base"), (16, "bert-large")):
-            for p in (0.1, 0.0):
-                try:
-                    f, b = time_kernel(name, batches, heads, 64, p)
-                    rows.append((name, label, p, f, b))
-                except Exception as error:  # noqa: BLE001
-                    print(name, label, p, "timing FAILED:", type(error).__name__, str(error).splitlines()[0][:300])
+        settings = args.triton_blocks.split(";") if name == "triton" else [None]
+        for setting in settings:
+            if setting:
+                os.environ["EMBEDTUNE_TRITON_ATTN_BLOCKS"] = setting
+            for heads, label in ((12, "bert-base"), (16, "bert-large")):
+                for p in (0.1, 0.0):
+                    shown = f"triton {setting}" if setting else name
+                    try:
+                        f, b = time_kernel(name, batches, heads, 64, p)
+                        rows.append((shown, label, p, f, b))
+                    except Exception as error:  # noqa: BLE001
+                        print(shown, label, p, "timing FAILED:", type(error).__name__, str(error).splitlines()[0][:300])
+        os.environ["EMBEDTUNE_TRITON_ATTN_BLOCKS"] = settings[0] or ""
     print("flash*: flash with max_seqlen the batch's longest row (else the padded width, 512)")
-    print(f"\n{'kernel':9s} {'shape':11s} {'dropout':>7s} {'fwd ms':>8s} {'bwd ms':>8s} {'total':>8s}")
+    print(f"\n{'kernel':18s} {'shape':11s} {'dropout':>7s} {'fwd ms':>8s} {'bwd ms':>8s} {'total':>8s}")
     for name, label, p, f, b in rows:
-        print(f"{name:9s} {label:11s} {p:7.1f} {f:8.3f} {b:8.3f} {f + b:8.3f}")
+        print(f"{name:18s} {label:11s} {p:7.1f} {f:8.3f} {b:8.3f} {f + b:8.3f}")
 
 
 if __name__ == "__main__":
