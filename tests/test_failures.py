@@ -41,14 +41,37 @@ def _flags(data: Path, model: Path, out: Path) -> list[str]:
 
 
 def _one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 1, (result.output, result.exception)
     assert "Traceback" not in result.output
     text = " ".join(result.output.split())
     assert text.count("error:") == 1
     return text
 
 
-def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny, pairs, monkeypatch):
+@pytest.mark.parametrize("deferred", [False, True], ids=["checked-at-once", "checked-on-device"])
+def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny, pairs, monkeypatch, deferred):
+    """At once: the CPU's check. On the device: what one GPU runs (`_NonFiniteGate`), forced here on the
+    CPU's fused AdamW: the NaN step's update is skipped, the host learns of it one step later."""
+    import importlib
+
+    from embedtune import resilience
+
+    if deferred:
+        monkeypatch.setattr(importlib.import_module("embedtune.train"), "_optimizer_name", lambda: "adamw_torch_fused")
+        monkeypatch.setattr(resilience, "_defer_finite_check", lambda trainer: True)
+        skipped = []
+        original_step = torch.optim.AdamW.step
+
+        def step(self, *args, **kwargs):
+            found_inf = getattr(self, "found_inf", None)
+            before = [p.detach().clone() for group in self.param_groups for p in group["params"]]
+            result = original_step(self, *args, **kwargs)
+            after = [p.detach() for group in self.param_groups for p in group["params"]]
+            if found_inf is not None and found_inf.item():
+                skipped.append(all(torch.equal(a, b) for a, b in zip(before, after)))
+            return result
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", step)
     calls = []
     original = ResumableTrainer.compute_loss
 
@@ -64,7 +87,11 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path,
     for needle in ("loss became nan at step 3", "learning rate too high (--lr 0.001)", "lower --lr",
                    "last good checkpoint (step 2)", str(checkpoint)):
         assert needle in text, (needle, text)
-    assert calls[-1] == 2, "training stopped at the step whose loss was NaN"
+    if deferred:
+        assert skipped == [True], "the NaN step's update was skipped on the device"
+        assert calls[-1] == 3, "the host learned of the NaN one step later"
+    else:
+        assert calls[-1] == 2, "training stopped at the step whose loss was NaN"
     assert is_complete(checkpoint) and latest_checkpoint(checkpoints_dir(out)) == checkpoint
     assert not out.exists()
     from safetensors.torch import load_file

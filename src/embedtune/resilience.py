@@ -18,8 +18,10 @@ batches, data or seed would give a different run.
 
 In flight (`train_resumably`): the first Ctrl-C makes the trainer save a checkpoint after the current
 step and stop (`TrainingInterrupted`, a KeyboardInterrupt); a second one aborts at once. A NaN/inf
-loss stops the run at its step, before the optimizer step (`NonFiniteLoss`), and no checkpoint is
-sealed with non-finite weights. CUDA out-of-memory becomes one line naming the flags that need less.
+loss stops the run (`NonFiniteLoss`) before the optimizer uses it: on the CPU or across processes at
+its step; on one GPU with the fused optimizer one step later, its update skipped on the device
+(`_NonFiniteGate`), so the host never waits for a step's loss. No checkpoint is sealed with
+non-finite weights. CUDA out-of-memory becomes one line naming the flags that need less.
 """
 
 from __future__ import annotations
@@ -337,6 +339,8 @@ class ResumableTrainer(SentenceTransformerTrainer):
             self.is_fsdp_enabled = False
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if self._finite_gate is not None:  # no checkpoint at a step whose loss was not finite
+            self._finite_gate.check()
         if self.is_fsdp_enabled:  # sharded weights: the trainer's own (gathered) save
             return super()._save(output_dir, state_dict)
         folder = Path(output_dir or self.args.output_dir)
@@ -369,17 +373,26 @@ class ResumableTrainer(SentenceTransformerTrainer):
                                                     generator, seed)
 
     graph_step = None  # an embedtune.graphs.GraphedStep when the run replays its steps as CUDA graphs
+    _finite_gate = None  # a _NonFiniteGate, once the first step has chosen the deferred check
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.graph_step is not None:
             loss = self._graphed_training_step(model, inputs)
         else:
             loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            precision = "fp16" if self.args.fp16 else "bf16" if self.args.bf16 else "fp32"
-            raise NonFiniteLoss(nonfinite_loss_message(loss.float().mean().item(), self.state.global_step + 1,
-                                                       self.args.learning_rate, precision, Path(self.args.output_dir)))
+        if self._finite_gate is None and _defer_finite_check(self):
+            self._finite_gate = _NonFiniteGate(self)
+            self.add_callback(self._finite_gate)
+        if self._finite_gate is not None:
+            self._finite_gate.note(loss)
+        elif not torch.isfinite(loss).all():
+            raise self.nonfinite_loss(loss, self.state.global_step + 1)
         return loss
+
+    def nonfinite_loss(self, loss: torch.Tensor, step: int) -> NonFiniteLoss:
+        precision = "fp16" if self.args.fp16 else "bf16" if self.args.bf16 else "fp32"
+        return NonFiniteLoss(nonfinite_loss_message(loss.float().mean().item(), step, self.args.learning_rate,
+                                                    precision, Path(self.args.output_dir)))
 
     def _graphed_training_step(self, model, inputs):
         """The trainer's step (loss scaled for gradient accumulation, as `Trainer.training_step` does)
@@ -392,6 +405,69 @@ class ResumableTrainer(SentenceTransformerTrainer):
         features, _labels = self.collect_features(inputs)
         scale = 1.0 / self.current_gradient_accumulation_steps
         return self.graph_step(features, scale=scale) * scale
+
+
+def _fused_adam(optimizer):
+    """The torch Adam/AdamW under accelerate's wrapper if it runs the fused kernel, which skips its
+    update on the device when its `found_inf` tensor is set (what GradScaler uses); else None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and inner.defaults.get("fused"):
+        return inner
+    return None
+
+
+def _defer_finite_check(trainer) -> bool:
+    """Whether `_NonFiniteGate` guards this run: one CUDA process, a fused Adam/AdamW, no fp16 scaler
+    (which sets `found_inf` itself). Under torch.distributed each rank must stop at the same step, and
+    on the CPU reading the loss costs nothing: there each loss is checked at once."""
+    return (trainer.args.device.type == "cuda" and trainer.args.world_size == 1 and not trainer.args.fp16
+            and _fused_adam(trainer.optimizer) is not None)
+
+
+class _NonFiniteGate(TrainerCallback):
+    """The NaN/inf loss check without reading every loss on the host: each read waits for the GPU,
+    which then idles while the host prepares the next step. Each micro-step's loss folds into a flag
+    on the device; the fused optimizer takes it as `found_inf` and skips its update when it is set, so
+    the weights stay finite; the host reads the flag one step later, when the GPU is past it, and
+    stops the run there, naming the step whose loss was not finite. Checkpoints wait for the flag."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.flag = None  # this optimizer step's flag: a 0-dim float32, 1.0 if a loss was not finite
+        self.loss = None  # its last micro-step's loss, for the message
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (flag, loss, step) not yet read
+
+    def note(self, loss: torch.Tensor) -> None:
+        bad = (~torch.isfinite(loss.detach())).any().to(torch.float32)
+        self.flag = bad if self.flag is None else torch.maximum(self.flag, bad)
+        self.loss = loss.detach()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        optimizer = _fused_adam(self.trainer.optimizer)
+        if self.flag is None or optimizer is None:
+            return
+        optimizer.found_inf = self.flag
+        self.pending.append((self.flag, self.loss, state.global_step + 1))
+        self.flag = self.loss = None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        optimizer = _fused_adam(self.trainer.optimizer)
+        if optimizer is not None:
+            optimizer.found_inf = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.check(keep_last=1)  # the steps before this one: done on the GPU by now
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.check()
+
+    def check(self, keep_last: int = 0) -> None:
+        """Raise NonFiniteLoss for the oldest unread step whose loss was not finite."""
+        while len(self.pending) > keep_last:
+            flag, loss, step = self.pending.pop(0)
+            if flag.item():
+                self.pending.clear()
+                raise self.trainer.nonfinite_loss(loss, step)
 
 
 # ----------------------------------------------------------------------------------- the run

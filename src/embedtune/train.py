@@ -116,6 +116,12 @@ def _tokens_per_second(tokens: int, train_time: float, history: list[dict]) -> f
     return round(tokens / busy, 1) if busy > 0 else None
 
 
+def _optimizer_name() -> str:
+    """The trainer's AdamW: the fused kernel on CUDA (one launch, and it can skip a step on the device:
+    `resilience._NonFiniteGate`)."""
+    return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
+
+
 def _precision_flags(model_dtype: torch.dtype) -> dict:
     if not torch.cuda.is_available():
         return {"bf16": False, "fp16": False}
@@ -340,7 +346,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=math.ceil(config.warmup_ratio * total_steps),
         weight_decay=config.weight_decay,
-        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        optim=_optimizer_name(),
         batch_sampler=no_duplicates_sampler(),
         eval_strategy="steps" if evaluator else "no",
         eval_steps=eval_steps,
@@ -350,6 +356,9 @@ def run(config: TrainConfig, progress=None) -> RunResult:
                            SentenceTransformerTrainingArguments),
         seed=config.seed,
         max_grad_norm=1.0,
+        # The trainer's NaN filter reads every loss on the host (a wait for the GPU per step); a
+        # non-finite loss stops the run anyway (`resilience.ResumableTrainer.training_step`).
+        logging_nan_inf_filter=False,
         dataloader_drop_last=True,
         dataloader_pin_memory=torch.cuda.is_available(),
         prompts=column_prompts or None,
