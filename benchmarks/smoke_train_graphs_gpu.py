@@ -34,9 +34,14 @@ def main() -> None:
                         help="the recipe's tokens/s is windowed between logs: the later windows are its steady rate")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the host over the later half of the graphed run's steps (where it waits, what it runs)")
+    parser.add_argument("--trace", action="store_true",
+                        help="torch.profiler over 6 later steps of the graphed run: GPU busy time per step, top kernels")
+    parser.add_argument("--only-graphs", action="store_true", help="skip the run without CUDA graphs")
     args = parser.parse_args()
     if args.profile:
         _profile_later_steps(args.steps)
+    if args.trace:
+        _trace_later_steps(args.steps)
 
     from embedtune.data.stdlib import build_stdlib_pairs, write_jsonl
     from embedtune.train import TrainConfig, run
@@ -45,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         path = build_model_dir(args.model, args.tokenizer, root)
         data = write_jsonl(build_stdlib_pairs(seed=0), os.path.join(root, "pairs.jsonl"))
-        for graphs in (False, True):
+        for graphs in (True,) if args.only_graphs else (False, True):
             config = TrainConfig(data=str(data), model=path, output_dir=os.path.join(root, f"out-{graphs}"),
                                  max_steps=args.steps, batch_size=args.batch, max_seq_length=args.max_seq_length,
                                  lora_r=None, eval_size=512, evals_per_run=1, compile=args.compile,
@@ -103,6 +108,54 @@ def _profile_later_steps(steps: int) -> None:
     def init(self, *a, **kw):
         original(self, *a, **kw)
         self.add_callback(Profile(self))
+
+    ResumableTrainer.__init__ = init
+
+
+def _trace_later_steps(steps: int, count: int = 6) -> None:
+    """Every graphed ResumableTrainer of this process traces `count` steps from 2/3 of the run with
+    torch.profiler: wall and GPU-busy time per step, and the top CUDA kernels and CPU ops."""
+    import time
+
+    from transformers import TrainerCallback
+
+    from embedtune.resilience import ResumableTrainer
+
+    first = steps * 2 // 3
+
+    class Trace(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer, self.prof, self.started = trainer, None, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first and self.trainer.graph_step is not None:
+                torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and state.global_step == first + count:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - self.started
+                self.prof.__exit__(None, None, None)
+                from torch.autograd import DeviceType
+
+                busy = sum(e.self_device_time_total for e in self.prof.events()
+                           if e.device_type == DeviceType.CUDA) / 1e3  # ms: kernels and copies
+                print(f"\ntrace of steps {first}-{first + count}: wall {wall / count * 1e3:.1f} ms/step, "
+                      f"GPU kernel time {busy / count:.1f} ms/step")
+                print(self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+                print(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18,
+                                                     max_name_column_width=60))
+                self.prof = None
+
+    original = ResumableTrainer.__init__
+
+    def init(self, *a, **kw):
+        original(self, *a, **kw)
+        self.add_callback(Trace(self))
 
     ResumableTrainer.__init__ = init
 
