@@ -248,6 +248,10 @@ def test_recipe_hands_the_graph_step_host_batches_and_its_scale(tmp_path, monkey
     prepare_inputs = ResumableTrainer._prepare_inputs
     monkeypatch.setattr(ResumableTrainer, "_prepare_inputs", lambda self, inputs: moved.append(1) or
                         prepare_inputs(self, inputs))
+    loaders = []  # accelerate's data loader must not move batches to the device (a blocking copy each)
+    get_loader = ResumableTrainer.get_train_dataloader
+    monkeypatch.setattr(ResumableTrainer, "get_train_dataloader", lambda self: loaders.append(get_loader(self))
+                        or loaders[-1])
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"anchor": f"how to do thing {i}", "positive": f"def thing_{i}(): pass"}) + "\n"
                             for i in range(32)))
@@ -256,4 +260,5 @@ def test_recipe_hands_the_graph_step_host_batches_and_its_scale(tmp_path, monkey
                              extra={"gradient_accumulation_steps": 2}))
     assert len(seen) == 4 and all(scale == 0.5 for _, scale in seen)
     assert all(devices and set(devices) == {"cpu"} for devices, _ in seen) and not moved
+    assert loaders and all(hasattr(loader, "device") and loader.device is None for loader in loaders)
     assert result.metrics["cuda_graphs"]["off"] is None

@@ -373,6 +373,15 @@ class ResumableTrainer(SentenceTransformerTrainer):
                                                     generator, seed)
 
     graph_step = None  # an embedtune.graphs.GraphedStep when the run replays its steps as CUDA graphs
+
+    def get_train_dataloader(self):
+        """With CUDA graphs, batches stay on the host: the graph step pads and pins them and copies them
+        into its buffers without blocking. accelerate's copy to the device (a blocking one per tensor)
+        would make the host wait for the GPU's previous step, and the step would copy them back."""
+        loader = super().get_train_dataloader()
+        if self.graph_step is not None and getattr(loader, "device", None) is not None:
+            loader.device = None
+        return loader
     _finite_gate = None  # a _NonFiniteGate, once the first step has chosen the deferred check
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -361,6 +361,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         logging_nan_inf_filter=False,
         dataloader_drop_last=True,
         dataloader_pin_memory=torch.cuda.is_available(),
+        accelerator_config={"non_blocking": True},  # pinned batches go to the GPU without the host waiting
         prompts=column_prompts or None,
         **_precision_flags(dtype),
         ddp_broadcast_buffers=False,  # encoder buffers (position ids) are constants: skip a sync per forward
