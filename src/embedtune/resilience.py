@@ -430,7 +430,8 @@ def _defer_finite_check(trainer) -> bool:
     (which sets `found_inf` itself). Under torch.distributed each rank must stop at the same step, and
     on the CPU reading the loss costs nothing: there each loss is checked at once."""
     return (trainer.args.device.type == "cuda" and trainer.args.world_size == 1 and not trainer.args.fp16
-            and _fused_adam(trainer.optimizer) is not None)
+            and _fused_adam(trainer.optimizer) is not None
+            and hasattr(TrainerCallback, "on_pre_optimizer_step"))  # transformers calls the gate before the step
 
 
 class _NonFiniteGate(TrainerCallback):
@@ -468,6 +469,9 @@ class _NonFiniteGate(TrainerCallback):
         self.check(keep_last=1)  # the steps before this one: done on the GPU by now
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.flag is not None:  # micro-steps after the last optimizer step
+            self.pending.append((self.flag, self.loss, state.global_step + 1))
+            self.flag = self.loss = None
         self.check()
 
     def check(self, keep_last: int = 0) -> None:
