@@ -139,3 +139,46 @@ def test_gpu_out_of_memory_names_the_flags_that_fix_it(tmp_path, tiny, pairs, mo
     with pytest.raises(EmbedtuneError, match="out of GPU memory"):  # the library raises the same error
         run(TrainConfig(data=str(pairs), model=str(tiny), output_dir=str(tmp_path / "api"), max_steps=6,
                         batch_size=4, max_seq_length=16, eval=False, lora_r=4))
+
+
+def test_deferred_check_folds_micro_steps_skips_the_update_and_names_the_step():
+    """`_NonFiniteGate` on its own, with the CPU's fused AdamW: a NaN in any micro-step of an
+    optimizer step skips that step's update on the device; the host reads the flag one step later
+    and names the step and the non-finite loss (not the last micro-step's)."""
+    from types import SimpleNamespace
+
+    from embedtune.resilience import _NonFiniteGate
+
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+    raised = []
+
+    class Trainer:
+        def __init__(self):
+            self.optimizer = optimizer
+
+        def nonfinite_loss(self, loss, step):
+            raised.append((loss.item(), step))
+            return NonFiniteLoss(f"step {step}")
+
+    gate, state = _NonFiniteGate(Trainer()), SimpleNamespace(global_step=0)
+
+    def optimizer_step(losses, grad):
+        for loss in losses:
+            gate.note(torch.tensor(loss))
+        param.grad = torch.full((3,), grad)
+        gate.on_pre_optimizer_step(None, state, None)
+        optimizer.step()
+        gate.on_optimizer_step(None, state, None)
+        state.global_step += 1
+        gate.on_step_end(None, state, None)
+
+    optimizer_step([1.0, 2.0], 1.0)  # step 1: finite, applied
+    applied = param.detach().clone()
+    assert not torch.equal(applied, torch.ones(3))
+    optimizer_step([math.nan, 1.0], math.nan)  # step 2: a NaN micro-step, its update skipped
+    assert torch.equal(param.detach(), applied) and not raised
+    with pytest.raises(NonFiniteLoss, match="step 2"):
+        optimizer_step([1.0, 1.0], 1.0)  # step 3 ends: the host reads step 2's flag
+    assert math.isnan(raised[0][0]) and raised[0][1] == 2
+    assert getattr(optimizer, "found_inf", None) is None

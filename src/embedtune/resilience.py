@@ -444,21 +444,24 @@ class _NonFiniteGate(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
         self.flag = None  # this optimizer step's flag: a 0-dim float32, 1.0 if a loss was not finite
-        self.loss = None  # its last micro-step's loss, for the message
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (flag, loss, step) not yet read
+        self.losses: list[torch.Tensor] = []  # its micro-steps' losses, for the message
+        self.pending: list[tuple[torch.Tensor, list, int]] = []  # (flag, losses, step) not yet read
 
     def note(self, loss: torch.Tensor) -> None:
         bad = (~torch.isfinite(loss.detach())).any().to(torch.float32)
         self.flag = bad if self.flag is None else torch.maximum(self.flag, bad)
-        self.loss = loss.detach()
+        self.losses.append(loss.detach())
+
+    def _close_step(self, step: int) -> None:
+        self.pending.append((self.flag, self.losses, step))
+        self.flag, self.losses = None, []
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         optimizer = _fused_adam(self.trainer.optimizer)
         if self.flag is None or optimizer is None:
             return
         optimizer.found_inf = self.flag
-        self.pending.append((self.flag, self.loss, state.global_step + 1))
-        self.flag = self.loss = None
+        self._close_step(state.global_step + 1)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         optimizer = _fused_adam(self.trainer.optimizer)
@@ -470,16 +473,16 @@ class _NonFiniteGate(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.flag is not None:  # micro-steps after the last optimizer step
-            self.pending.append((self.flag, self.loss, state.global_step + 1))
-            self.flag = self.loss = None
+            self._close_step(state.global_step + 1)
         self.check()
 
     def check(self, keep_last: int = 0) -> None:
         """Raise NonFiniteLoss for the oldest unread step whose loss was not finite."""
         while len(self.pending) > keep_last:
-            flag, loss, step = self.pending.pop(0)
+            flag, losses, step = self.pending.pop(0)
             if flag.item():
                 self.pending.clear()
+                loss = next(x for x in losses if not torch.isfinite(x).all())
                 raise self.trainer.nonfinite_loss(loss, step)
 
 
