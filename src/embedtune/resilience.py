@@ -373,6 +373,7 @@ class ResumableTrainer(SentenceTransformerTrainer):
                                                     generator, seed)
 
     graph_step = None  # an embedtune.graphs.GraphedStep when the run replays its steps as CUDA graphs
+    _finite_gate = None  # a _NonFiniteGate, once the first step has chosen the deferred check
 
     def get_train_dataloader(self):
         """With CUDA graphs, batches stay on the host: the graph step pads and pins them and copies them
@@ -382,7 +383,6 @@ class ResumableTrainer(SentenceTransformerTrainer):
         if self.graph_step is not None and getattr(loader, "device", None) is not None:
             loader.device = None
         return loader
-    _finite_gate = None  # a _NonFiniteGate, once the first step has chosen the deferred check
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.graph_step is not None:
