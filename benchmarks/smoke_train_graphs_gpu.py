@@ -76,6 +76,19 @@ def main() -> None:
               f"{r['steady_tokens_per_s']})  graphs {r['graphs']}")
 
 
+def _add_to_every_trainer(callback) -> None:
+    """Every ResumableTrainer made in this process from now on gets `callback(trainer)` as a callback."""
+    from embedtune.resilience import ResumableTrainer
+
+    original = ResumableTrainer.__init__
+
+    def init(self, *a, **kw):
+        original(self, *a, **kw)
+        self.add_callback(callback(self))
+
+    ResumableTrainer.__init__ = init
+
+
 def _profile_later_steps(steps: int) -> None:
     """Every ResumableTrainer of this process cProfiles its steps from steps/2 to the end, if it replays
     CUDA graphs, and prints the top functions by own time and by cumulative time."""
@@ -83,8 +96,6 @@ def _profile_later_steps(steps: int) -> None:
     import pstats
 
     from transformers import TrainerCallback
-
-    from embedtune.resilience import ResumableTrainer
 
     class Profile(TrainerCallback):
         def __init__(self, trainer):
@@ -103,13 +114,7 @@ def _profile_later_steps(steps: int) -> None:
                     pstats.Stats(self.profiler).sort_stats(key).print_stats(22)
                 self.profiler = None
 
-    original = ResumableTrainer.__init__
-
-    def init(self, *a, **kw):
-        original(self, *a, **kw)
-        self.add_callback(Profile(self))
-
-    ResumableTrainer.__init__ = init
+    _add_to_every_trainer(Profile)
 
 
 def _trace_later_steps(steps: int, count: int = 6) -> None:
@@ -118,8 +123,6 @@ def _trace_later_steps(steps: int, count: int = 6) -> None:
     import time
 
     from transformers import TrainerCallback
-
-    from embedtune.resilience import ResumableTrainer
 
     first = steps * 2 // 3
 
@@ -151,13 +154,7 @@ def _trace_later_steps(steps: int, count: int = 6) -> None:
                                                      max_name_column_width=60))
                 self.prof = None
 
-    original = ResumableTrainer.__init__
-
-    def init(self, *a, **kw):
-        original(self, *a, **kw)
-        self.add_callback(Trace(self))
-
-    ResumableTrainer.__init__ = init
+    _add_to_every_trainer(Trace)
 
 
 if __name__ == "__main__":

@@ -53,29 +53,42 @@ def _keep(seed, h, offs_m, start_n, T, threshold, BM: tl.constexpr, BN: tl.const
     return bits.to(tl.int32) >= threshold
 
 
-@triton.jit(do_not_specialize=["T", "threshold"])
-def _forward(Q, K, V, O, LSE, SEQ, CU, SEED, T, sm_scale, threshold, keep_scale,
-             sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-             D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DROPOUT: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
+@triton.jit
+def _query_rows(Q, SEQ, CU, T, sq_t, sq_h, h, pid, D: tl.constexpr, BM: tl.constexpr):
+    """A query block's token indices, validity, sequence ids, key span [lo, hi) and q tile."""
     offs_m = pid * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     rows = offs_m < T
     sid_q = tl.load(SEQ + offs_m, mask=rows, other=-1)
     lo, hi = _span(SEQ, CU, pid * BM, T, BM)
     q = tl.load(Q + offs_m[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=rows[:, None], other=0.0)
+    return offs_m, offs_d, rows, sid_q, lo, hi, q
+
+
+@triton.jit
+def _key_tile(K, V, SEQ, start, lo, hi, sk_t, sk_h, sv_t, sv_h, h, offs_d, BN: tl.constexpr):
+    """Sequence ids, k and v of the key block start .. start+BN-1 (keys outside [lo, hi) masked)."""
+    offs_n = start + tl.arange(0, BN)
+    cols = (offs_n >= lo) & (offs_n < hi)
+    sid_k = tl.load(SEQ + offs_n, mask=cols, other=-2)
+    k = tl.load(K + offs_n[:, None] * sk_t + h * sk_h + offs_d[None, :], mask=cols[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * sv_t + h * sv_h + offs_d[None, :], mask=cols[:, None], other=0.0)
+    return sid_k, k, v
+
+
+@triton.jit(do_not_specialize=["T", "threshold"])
+def _forward(Q, K, V, O, LSE, SEQ, CU, SEED, T, sm_scale, threshold, keep_scale,
+             sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
+             D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DROPOUT: tl.constexpr):
+    h = tl.program_id(1)
+    offs_m, offs_d, rows, sid_q, lo, hi, q = _query_rows(Q, SEQ, CU, T, sq_t, sq_h, h, tl.program_id(0), D, BM)
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     seed = tl.load(SEED)
     for start in range(lo - lo % BN, hi, BN):
-        offs_n = start + tl.arange(0, BN)
-        cols = (offs_n >= lo) & (offs_n < hi)
-        sid_k = tl.load(SEQ + offs_n, mask=cols, other=-2)
-        k = tl.load(K + offs_n[:, None] * sk_t + h * sk_h + offs_d[None, :], mask=cols[:, None], other=0.0)
-        v = tl.load(V + offs_n[:, None] * sv_t + h * sv_h + offs_d[None, :], mask=cols[:, None], other=0.0)
+        sid_k, k, v = _key_tile(K, V, SEQ, start, lo, hi, sk_t, sk_h, sv_t, sv_h, h, offs_d, BN)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(sid_q[:, None] == sid_k[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -141,14 +154,8 @@ def _backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, CU, SEED, T, sm_scale, 
 def _backward_dq(Q, K, V, DO, LSE, DELTA, DQ, SEQ, CU, SEED, T, sm_scale, threshold, keep_scale,
                  sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DROPOUT: tl.constexpr):
-    pid = tl.program_id(0)
     h = tl.program_id(1)
-    offs_m = pid * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, D)
-    rows = offs_m < T
-    sid_q = tl.load(SEQ + offs_m, mask=rows, other=-1)
-    lo, hi = _span(SEQ, CU, pid * BM, T, BM)
-    q = tl.load(Q + offs_m[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=rows[:, None], other=0.0)
+    offs_m, offs_d, rows, sid_q, lo, hi, q = _query_rows(Q, SEQ, CU, T, sq_t, sq_h, h, tl.program_id(0), D, BM)
     do = tl.load(DO + offs_m[:, None] * sdo_t + h * sdo_h + offs_d[None, :], mask=rows[:, None], other=0.0)
     lse = tl.load(LSE + h * T + offs_m, mask=rows, other=0.0)
     delta = tl.load(DELTA + h * T + offs_m, mask=rows, other=0.0)
@@ -156,11 +163,7 @@ def _backward_dq(Q, K, V, DO, LSE, DELTA, DQ, SEQ, CU, SEED, T, sm_scale, thresh
     dq = tl.zeros([BM, D], tl.float32)
     seed = tl.load(SEED)
     for start in range(lo - lo % BN, hi, BN):
-        offs_n = start + tl.arange(0, BN)
-        cols = (offs_n >= lo) & (offs_n < hi)
-        sid_k = tl.load(SEQ + offs_n, mask=cols, other=-2)
-        k = tl.load(K + offs_n[:, None] * sk_t + h * sk_h + offs_d[None, :], mask=cols[:, None], other=0.0)
-        v = tl.load(V + offs_n[:, None] * sv_t + h * sv_h + offs_d[None, :], mask=cols[:, None], other=0.0)
+        sid_k, k, v = _key_tile(K, V, SEQ, start, lo, hi, sk_t, sk_h, sv_t, sv_h, h, offs_d, BN)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.where(sid_q[:, None] == sid_k[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
