@@ -44,7 +44,15 @@ COMPILED_VARIANTS = {
                     {"whole_stack": True}),
     "per-layer-compile": (", per-layer graph", "with one compiled graph per layer step (WHOLE_STACK off)",
                           {"whole_stack": False}),
+    # inductor settings for the GPU-bound step's own kernels (GELU, dropout + residual + LayerNorm)
+    "coordinate-descent": (", coordinate-descent tuning", "with inductor tuning its kernels' block sizes",
+                           {"inductor": {"coordinate_descent_tuning": True}}),
+    "max-autotune-gemm": (", max-autotune GEMMs", "with inductor's GEMM templates autotuned (GELU can fuse "
+                          "into a GEMM's epilogue; long compile)", {"inductor": {"max_autotune_gemm": True}}),
+    "fallback-random": (", aten dropout RNG", "with dropout drawn by aten's kernels, not inductor's own",
+                        {"inductor": {"fallback_random": True}}),
 }
+INDUCTOR_DEFAULTS: dict = {}  # inductor settings the variants change, at their values before any row
 TARGETS = {"bert": ["query", "key", "value", "dense"],
            "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 POOLING = {"bert": "mean", "qwen3": "lasttoken"}
@@ -241,6 +249,8 @@ def main() -> None:
                         help="also run embedtune eager with q/k/v (gate/up) as separate products (lora_linear.FUSE_PROJECTIONS off)")
     for variant, (_, help_text, _) in COMPILED_VARIANTS.items():
         parser.add_argument(f"--{variant}-row", action="store_true", help=f"also run embedtune+compile {help_text}")
+    parser.add_argument("--variant-graphs", action="store_true",
+                        help="run the embedtune+compile variant rows above with each step replayed as a CUDA graph")
     parser.add_argument("--cuda-graph-rows", action="store_true",
                         help="also run embedtune (and embedtune+compile) with each step replayed as a CUDA graph")
     parser.add_argument("--warm-cache-row", action="store_true",
@@ -251,6 +261,8 @@ def main() -> None:
     from embedtune.packing import layers, lora_linear
     import torch._inductor.config  # noqa: F401 - the C++ wrapper row sets it
     default_whole_stack = layers.WHOLE_STACK
+    INDUCTOR_DEFAULTS.update({key: getattr(torch._inductor.config, key) for variant in COMPILED_VARIANTS.values()
+                              for key in variant[2].get("inductor", {})})
 
     pairs = build_stdlib_pairs(seed=0)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -280,8 +292,11 @@ def main() -> None:
                                                                                  compile_model=m), {}))
                     for variant, (suffix, _, settings) in COMPILED_VARIANTS.items() if compile_mode == "default" else ():
                         if getattr(args, variant.replace("-", "_") + "_row"):
-                            runners.append((label + suffix, lambda t=settings.get("token_multiple"): embedtune_model(
-                                path, lora, args.max_seq_length, compile_model="default", token_multiple=t), settings))
+                            settings = dict(settings, cuda_graphs=args.variant_graphs)
+                            runners.append((label + suffix + (" + CUDA graphs" if args.variant_graphs else ""),
+                                            lambda t=settings.get("token_multiple"): embedtune_model(
+                                                path, lora, args.max_seq_length, compile_model="default",
+                                                token_multiple=t), settings))
                     if args.cuda_graph_rows and compile_mode == "default":
                         runners.append((label + " + CUDA graphs", lambda: embedtune_model(
                             path, lora, args.max_seq_length, compile_model="default"), {"cuda_graphs": True}))
@@ -293,6 +308,8 @@ def main() -> None:
                     lora_linear.FUSE_PROJECTIONS = not label.endswith("projections one by one")
                     layers.WHOLE_STACK = settings.get("whole_stack", default_whole_stack)
                     torch._inductor.config.cpp_wrapper = settings.get("cpp_wrapper", False)  # part of the cache key
+                    for key, value in INDUCTOR_DEFAULTS.items():  # each row compiles with its own settings only
+                        setattr(torch._inductor.config, key, settings.get("inductor", {}).get(key, value))
                     # memory still held by earlier rows (a compiled graph's cache can keep a model alive): not
                     # this row's; its peak is reported net of it, the raw peak beside
                     gc.collect()
