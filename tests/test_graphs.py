@@ -262,3 +262,24 @@ def test_recipe_hands_the_graph_step_host_batches_and_its_scale(tmp_path, monkey
     assert all(devices and set(devices) == {"cpu"} for devices, _ in seen) and not moved
     assert loaders and all(hasattr(loader, "device") and loader.device is None for loader in loaders)
     assert result.metrics["cuda_graphs"]["off"] is None
+
+
+def test_graphed_step_sets_train_mode_only_when_the_model_left_it():
+    """The trainer's graphed step puts the model back in train mode after an evaluation, and skips
+    the walk over every module when it is already training."""
+    from types import SimpleNamespace
+
+    from embedtune.resilience import ResumableTrainer
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    calls = []
+    train = model.train
+    model.train = lambda mode=True: calls.append(mode) or train(mode)
+    trainer = SimpleNamespace(collect_features=lambda inputs: ([inputs], None), current_gradient_accumulation_steps=2,
+                              graph_step=lambda features, scale: torch.tensor(4.0))
+    model.eval()  # what an evaluation leaves
+    calls.clear()
+    loss = ResumableTrainer._graphed_training_step(trainer, model, {"x": torch.ones(1)})
+    assert model.training and model[1].training and calls == [True] and loss.item() == 2.0
+    ResumableTrainer._graphed_training_step(trainer, model, {"x": torch.ones(1)})
+    assert calls == [True], "already training: no walk over the modules"

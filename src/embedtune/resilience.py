@@ -406,7 +406,8 @@ class ResumableTrainer(SentenceTransformerTrainer):
     def _graphed_training_step(self, model, inputs):
         """The trainer's step (loss scaled for gradient accumulation, as `Trainer.training_step` does)
         with forward and backward replayed as a CUDA graph."""
-        model.train()
+        if not model.training:  # after an evaluation; train() walks every module (1-3 ms a step on LoRA
+            model.train()       # models), and a replayed graph keeps the train mode it was captured in
         # the batch stays on the host, where the graph step reads its shape and pads it, then copies
         # it into the graph's buffers (moving it to the device first would cost a round trip and a sync)
         inputs = dict(inputs)
