@@ -313,3 +313,19 @@ def test_sparkline_maps_lowest_and_highest_and_fits_width():
     assert len(line) == 4 and line[1] == "▁" and line[3] == "█" and line[0] < line[3]
     assert len(sparkline(list(range(1000)), width=40)) == 40
     assert sparkline([2.0, 2.0]) == sparkline([7.0, 7.0]) and sparkline([]) == ""
+
+
+def test_extra_training_arguments_override_the_recipes_own(pairs, tmp_path, monkeypatch):
+    """`TrainConfig.extra` reaches the trainer's arguments and wins over the recipe's defaults (it once
+    collided with them: 'got multiple values for keyword argument')."""
+    from embedtune.resilience import ResumableTrainer
+
+    seen = []
+    init = ResumableTrainer.__init__
+    monkeypatch.setattr(ResumableTrainer, "__init__", lambda self, *a, **kw: seen.append(kw["args"]) or
+                        init(self, *a, **kw))
+    train_module.run(train_module.TrainConfig(
+        data=str(pairs), output_dir=str(tmp_path / "out"), max_steps=1, batch_size=4, max_seq_length=32,
+        eval=False, extra={"max_grad_norm": 0.5, "logging_nan_inf_filter": True, "gradient_accumulation_steps": 2}))
+    args = seen[0]
+    assert (args.max_grad_norm, args.logging_nan_inf_filter, args.gradient_accumulation_steps) == (0.5, True, 2)

@@ -336,7 +336,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     columns = [c for c in train_ds.column_names if c == "anchor" or c == "positive" or c.startswith("negative_")]
     column_prompts = {c: (query_prompt if c == "anchor" else document_prompt) for c in columns}
     column_prompts = {c: p for c, p in column_prompts.items() if p}
-    args = SentenceTransformerTrainingArguments(
+    arguments = dict(
         output_dir=str(work / "checkpoints"),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
@@ -370,8 +370,9 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         ddp_static_graph=True,
         # On CPU, accelerate treats a torchrun launch as distributed (DDP over gloo) only when told to use the CPU.
         use_cpu=distributed.launched() and not torch.cuda.is_available(),
-        **config.extra,
     )
+    arguments.update(config.extra)  # extra training arguments win over the recipe's own
+    args = SentenceTransformerTrainingArguments(**arguments)
     if config.fsdp:
         from .sharding import shard_model
 
