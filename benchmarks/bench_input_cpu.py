@@ -37,7 +37,7 @@ def main() -> None:
 
     from embedtune import resilience
     from embedtune.data.stdlib import build_stdlib_pairs, write_jsonl
-    from embedtune.losses import padding_side
+    from embedtune.graphs import GraphedStep
 
     recipe = importlib.import_module("embedtune.train")  # the package's `train` is the function
     timings: dict[str, float] = {}
@@ -51,6 +51,7 @@ def main() -> None:
 
     def read_batches(trainer, *a, **kw):
         loader = trainer.get_train_dataloader()
+        graph = GraphedStep(trainer.loss, args.max_seq_length)  # its host work only: nothing is captured here
         merged_ms, loader_ms, tokens, n = 0.0, 0.0, 0, 0
         batches = iter(loader)
         next(batches)  # the first batch starts the sampler (hashing) and the loader
@@ -62,16 +63,8 @@ def main() -> None:
                 continue
             loaded = time.perf_counter()
             features, _ = trainer.collect_features(dict(inputs))
-            merged = trainer.loss._merged(features)  # --cuda-graphs: one batch of all columns ...
-            if merged is not None:
-                batch, _rows = merged
-                mask = batch["attention_mask"]
-                extra = args.max_seq_length - mask.shape[1]  # ... padded to the fixed width
-                if extra > 0:
-                    left = padding_side(mask) == "left"
-                    batch = {k: torch.nn.functional.pad(v, (extra, 0) if left else (0, extra))
-                             if torch.is_tensor(v) and v.shape == mask.shape else v for k, v in batch.items()}
-                tokens += int(batch["attention_mask"].sum())
+            batch = graph.prepare(features)  # --cuda-graphs: all columns merged, padded to the fixed width
+            tokens += int(batch.inputs["attention_mask"].sum())
             done = time.perf_counter()
             loader_ms += (loaded - start) * 1e3
             merged_ms += (done - loaded) * 1e3

@@ -58,7 +58,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path,
 
     if deferred:
         monkeypatch.setattr(importlib.import_module("embedtune.train"), "_optimizer_name", lambda: "adamw_torch_fused")
-        monkeypatch.setattr(resilience, "_defer_finite_check", lambda trainer: True)
+        monkeypatch.setattr(resilience, "_deferrable_optimizer", lambda trainer: resilience._fused_adam(trainer.optimizer))
         skipped = []
         original_step = torch.optim.AdamW.step
 
@@ -161,7 +161,7 @@ def test_deferred_check_folds_micro_steps_skips_the_update_and_names_the_step():
             raised.append((loss.item(), step))
             return NonFiniteLoss(f"step {step}")
 
-    gate, state = _NonFiniteGate(Trainer()), SimpleNamespace(global_step=0)
+    gate, state = _NonFiniteGate(Trainer(), optimizer), SimpleNamespace(global_step=0)
 
     def optimizer_step(losses, grad):
         for loss in losses:

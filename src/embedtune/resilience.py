@@ -373,7 +373,8 @@ class ResumableTrainer(SentenceTransformerTrainer):
                                                     generator, seed)
 
     graph_step = None  # an embedtune.graphs.GraphedStep when the run replays its steps as CUDA graphs
-    _finite_gate = None  # a _NonFiniteGate, once the first step has chosen the deferred check
+    _finite_gate = None  # a _NonFiniteGate, if the first step chose the deferred check
+    _finite_gate_decided = False
 
     def get_train_dataloader(self):
         """With CUDA graphs, batches stay on the host: the graph step pads and pins them and copies them
@@ -389,9 +390,12 @@ class ResumableTrainer(SentenceTransformerTrainer):
             loss = self._graphed_training_step(model, inputs)
         else:
             loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._finite_gate is None and _defer_finite_check(self):
-            self._finite_gate = _NonFiniteGate(self)
-            self.add_callback(self._finite_gate)
+        if not self._finite_gate_decided:  # at the first step: the optimizer exists by then
+            self._finite_gate_decided = True
+            optimizer = _deferrable_optimizer(self)
+            if optimizer is not None:
+                self._finite_gate = _NonFiniteGate(self, optimizer)
+                self.add_callback(self._finite_gate)
         if self._finite_gate is not None:
             self._finite_gate.note(loss)
         elif not torch.isfinite(loss).all():
@@ -426,13 +430,15 @@ def _fused_adam(optimizer):
     return None
 
 
-def _defer_finite_check(trainer) -> bool:
-    """Whether `_NonFiniteGate` guards this run: one CUDA process, a fused Adam/AdamW, no fp16 scaler
-    (which sets `found_inf` itself). Under torch.distributed each rank must stop at the same step, and
-    on the CPU reading the loss costs nothing: there each loss is checked at once."""
-    return (trainer.args.device.type == "cuda" and trainer.args.world_size == 1 and not trainer.args.fp16
-            and _fused_adam(trainer.optimizer) is not None
-            and hasattr(TrainerCallback, "on_pre_optimizer_step"))  # transformers calls the gate before the step
+def _deferrable_optimizer(trainer):
+    """The fused optimizer `_NonFiniteGate` works through if it guards this run (one CUDA process, a
+    fused Adam/AdamW, no fp16 scaler, which sets `found_inf` itself), else None. Under torch.distributed
+    each rank must stop at the same step, and on the CPU reading the loss costs nothing: there each loss
+    is checked at once."""
+    if (trainer.args.device.type != "cuda" or trainer.args.world_size != 1 or trainer.args.fp16
+            or not hasattr(TrainerCallback, "on_pre_optimizer_step")):  # transformers calls the gate before the step
+        return None
+    return _fused_adam(trainer.optimizer)
 
 
 class _NonFiniteGate(TrainerCallback):
@@ -442,8 +448,9 @@ class _NonFiniteGate(TrainerCallback):
     the weights stay finite; the host reads the flag one step later, when the GPU is past it, and
     stops the run there, naming the step whose loss was not finite. Checkpoints wait for the flag."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, optimizer):
         self.trainer = trainer
+        self.optimizer = optimizer  # the fused Adam/AdamW that reads `found_inf`
         self.flag = None  # this optimizer step's flag: a 0-dim float32, 1.0 if a loss was not finite
         self.losses: list[torch.Tensor] = []  # its micro-steps' losses, for the message
         self.pending: list[tuple[torch.Tensor, list, int]] = []  # (flag, losses, step) not yet read
@@ -458,16 +465,12 @@ class _NonFiniteGate(TrainerCallback):
         self.flag, self.losses = None, []
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        optimizer = _fused_adam(self.trainer.optimizer)
-        if self.flag is None or optimizer is None:
-            return
-        optimizer.found_inf = self.flag
-        self._close_step(state.global_step + 1)
+        if self.flag is not None:
+            self.optimizer.found_inf = self.flag
+            self._close_step(state.global_step + 1)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        optimizer = _fused_adam(self.trainer.optimizer)
-        if optimizer is not None:
-            optimizer.found_inf = None
+        self.optimizer.found_inf = None
 
     def on_step_end(self, args, state, control, **kwargs):
         self.check(keep_last=1)  # the steps before this one: done on the GPU by now
