@@ -141,3 +141,41 @@ def test_mine_then_train_reads_negatives(tmp_path):
     assert result.exit_code == 0, result.output
     bad = runner.invoke(app, ["mine", str(data), "--output", str(tmp_path / "x.jsonl"), "--range", "oops"])
     assert bad.exit_code != 0 and "--range" in bad.output and not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--max-seq-length", "0"], "--max-seq-length 0"),
+    (["--lr", "-1"], "--lr -1.0"),
+    (["--lora-r", "0"], "--full"),
+    (["--lora-r", "-1"], "--lora-r -1"),
+    (["--max-steps", "0"], "--max-steps 0"),
+    (["--epochs", "-1"], "--epochs -1.0"),
+    (["--evals", "0"], "--no-eval"),
+    (["--temperature", "0"], "--temperature 0.0"),
+    (["--matryoshka-dims", "1000"], "larger than the model's embedding size"),
+])
+def test_unusable_settings_are_one_line_and_write_nothing(tmp_path, flags, needle):
+    """Values no run can use fail before anything is written (before, some crashed in torch with a
+    traceback, --lora-r 0 quietly ran full fine-tuning and --max-steps 0 a whole epoch)."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"anchor": f"q{i}", "positive": f"d{i}"}) + "\n" for i in range(40)))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", str(data), "--output", str(out), "--no-eval", "--batch-size", "4", *flags])
+    _assert_clean_failure(result, out, needle)
+
+
+def test_demo_scales_its_held_out_split_and_runs_without_one(tmp_path, monkeypatch):
+    """`demo --pairs 120` holds out a quarter (the fixed 300 was more than the data); --eval-size 0 trains
+    without evaluation (it crashed reading the missing nDCG); the data stays where config.yaml says."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--output", str(out), "--pairs", "120", "--max-steps", "1",
+                                 "--batch-size", "8", "--max-seq-length", "32"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_pairs"] == 30 and "nDCG@10:" in result.output
+    assert Path(metrics["config"]["data"]).is_file()
+    result = runner.invoke(app, ["demo", "--output", str(out), "--pairs", "120", "--eval-size", "0",
+                                 "--max-steps", "1", "--batch-size", "8", "--max-seq-length", "32"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["eval_pairs"] == 0

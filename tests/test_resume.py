@@ -145,6 +145,9 @@ def test_killed_then_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_pa
     assert done.returncode == 0, done.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 12
+    # throughput counts this process's steps only (it was null: all 12 steps' evaluations over 1 step's time)
+    assert metrics["resumed_from_step"] == 11 and metrics["tokens_per_s"] > 0
+    assert "steps 12-12 (resumed from step 11)" in " ".join(done.stdout.split())
     assert not Path(f"{out}.partial").exists()
     diff = _max_diff(out / "model" / "model.safetensors", reference / "model" / "model.safetensors")
     assert diff <= 1e-6, f"resumed weights differ from the uninterrupted run's by {diff}"

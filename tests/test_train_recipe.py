@@ -27,6 +27,18 @@ def test_best_weights_restores_the_best_eval():
     assert "frozen" not in best._weights, "only trainable weights are copied"
 
 
+def test_best_weights_tie_goes_to_the_later_step():
+    """Same score, more training: the later weights are kept (the first of a tie was kept before)."""
+    model = torch.nn.Linear(3, 2)
+    best = BestWeights(model, "eval_score")
+    for step, score in enumerate([0.5, 0.8, 0.8, 0.6]):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        best.offer({"eval_score": score}, step)
+    best.restore()
+    assert best.best_step == 2 and torch.all(model.weight == 2)
+
+
 def test_ir_task_corpus_is_all_positives_and_merges_repeated_anchors():
     eval_rows = Dataset.from_dict({"anchor": ["q1", "q2", "q1"], "positive": ["d1", "d2", "d3"]})
     task = pairs_to_ir_task(eval_rows, corpus_texts=["d0", "d1", "d2", "d3", "d1"])

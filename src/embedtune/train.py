@@ -9,6 +9,7 @@ renamed to `OUTPUT` only at the end, so an interrupted run never leaves a half-w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -160,7 +161,7 @@ class BestWeights:
 
     def offer(self, metrics: dict, step: int) -> None:
         value = metrics.get(self.key)
-        if value is None or (self.best_value is not None and value <= self.best_value):
+        if value is None or (self.best_value is not None and value < self.best_value):  # ties: the later step
             return
         self.best_value, self.best_metrics, self.best_step = float(value), dict(metrics), step
         self._weights = {n: local_tensor(p).detach().to("cpu", copy=True)  # under FSDP: this rank's shard
@@ -182,6 +183,48 @@ class BestWeights:
                 if name in self._weights:
                     local = local_tensor(param)
                     local.copy_(self._weights[name].to(local.device))
+
+
+@contextlib.contextmanager
+def discard_on_failure(work: Path, fresh: bool):
+    """A fresh run that fails before its first checkpoint leaves no OUTPUT.partial behind: there is
+    nothing in it to resume. (A resumed run's folder, or one with a checkpoint, stays for --resume.)"""
+    from .resilience import CHECKPOINTS, latest_checkpoint
+
+    try:
+        yield
+    except BaseException:
+        if fresh and distributed.is_main() and latest_checkpoint(work / CHECKPOINTS) is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def check_settings(config: TrainConfig) -> None:
+    """Refuse numeric settings no run can use, before anything is loaded or written (each would
+    otherwise fail deep inside torch or the trainer, or quietly mean something else)."""
+    def need(ok: bool, flag: str, value, rule: str) -> None:
+        if not ok:
+            raise EmbedtuneError(f"{flag} {value}: {rule}")
+
+    need(config.max_seq_length >= 1, "--max-seq-length", config.max_seq_length, "must be at least 1")
+    need(config.epochs > 0, "--epochs", config.epochs, "must be positive")
+    if config.max_steps is not None:
+        need(config.max_steps >= 1, "--max-steps", config.max_steps, "must be at least 1")
+    if config.lr is not None:
+        need(config.lr > 0, "--lr", config.lr, "must be positive")
+    if config.lora_r is not None:
+        need(config.lora_r >= 1, "--lora-r", config.lora_r, "must be at least 1 (use --full for full fine-tuning)")
+    if config.lora_alpha is not None:
+        need(config.lora_alpha > 0, "lora_alpha", config.lora_alpha, "must be positive")
+    need(config.evals_per_run >= 1, "--evals", config.evals_per_run, "must be at least 1 (use --no-eval to skip evaluation)")
+    need(config.temperature > 0, "--temperature", config.temperature, "must be positive")
+    need(0 <= config.warmup_ratio <= 1, "warmup_ratio", config.warmup_ratio, "must be between 0 and 1")
+    need(config.weight_decay >= 0, "weight_decay", config.weight_decay, "must not be negative")
+    need(config.logging_steps >= 1, "logging_steps", config.logging_steps, "must be at least 1")
+    if config.save_every is not None:
+        need(config.save_every >= 0, "--save-every", config.save_every, "must not be negative (0: off)")
+    if config.token_budget is not None:
+        need(config.token_budget >= 1, "--token-budget", config.token_budget, "must be at least 1")
 
 
 def check_speed_options(config: TrainConfig) -> None:
@@ -214,7 +257,7 @@ def graph_step_for(trainer, config: TrainConfig):
     if reason is not None:
         logger.warning("embedtune: --cuda-graphs off: %s", reason)
         return reason
-    return GraphedStep(trainer.loss, config.max_seq_length, dtype=torch.bfloat16 if trainer.args.bf16 else None)
+    return GraphedStep(trainer.loss, trainer.model.max_seq_length, dtype=torch.bfloat16 if trainer.args.bf16 else None)
 
 
 def graph_summary(step) -> dict:
@@ -269,9 +312,12 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     """The recipe behind `train` and the CLI. Validates all input before writing anything."""
     from sentence_transformers import SentenceTransformerTrainingArguments
 
-    from .resilience import ResumableTrainer, prepare_work, resume_point, save_arguments, train_resumably
+    from .resilience import (
+        ResumableTrainer, checkpoint_step, prepare_work, resume_point, save_arguments, train_resumably,
+    )
 
     started = time.time()
+    check_settings(config)
     check_speed_options(config)
     loaded = load_pairs(config.data)
     output = check_target(config.output_dir, config.overwrite) if config.output_dir else None
@@ -316,6 +362,8 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     given = {"query": config.query_prompt, "document": config.document_prompt}
     st_model.prompts = {**(st_model.prompts or {}), **{k: v for k, v in given.items() if v}}  # saved with the model
     query_prompt, document_prompt = st_model.prompts.get("query"), st_model.prompts.get("document")
+    loss = build_loss(st_model, config)  # its option errors come before any evaluation or folder
+    max_seq_length = st_model.max_seq_length  # what the model really uses (capped by its position table)
 
     evaluator, task, base_metrics = None, None, {}
     if eval_ds is not None:
@@ -326,115 +374,122 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         base_metrics = evaluate_model(st_model, task, query_prompt=query_prompt, document_prompt=document_prompt,
                                       show_progress=True)
 
-    steps_per_epoch = len(train_ds) // config.batch_size
+    accumulation = int(config.extra.get("gradient_accumulation_steps", 1))
+    rows_per_step = config.batch_size * accumulation * distributed.world_size()  # one optimizer step's rows
+    steps_per_epoch = max(1, len(train_ds) // rows_per_step)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     eval_steps = max(1, math.ceil(total_steps / max(1, config.evals_per_run)))
-    if distributed.is_main():  # only rank 0 writes; the others wait until the work folder exists
-        prepare_work(work, config, resume_from, resumable=resumable)
-    distributed.barrier()
+    with discard_on_failure(work, fresh=resume_from is None):
+        if distributed.is_main():  # only rank 0 writes; the others wait until the work folder exists
+            prepare_work(work, config, resume_from, resumable=resumable)
+        distributed.barrier()
 
-    columns = [c for c in train_ds.column_names if c == "anchor" or c == "positive" or c.startswith("negative_")]
-    column_prompts = {c: (query_prompt if c == "anchor" else document_prompt) for c in columns}
-    column_prompts = {c: p for c, p in column_prompts.items() if p}
-    arguments = dict(
-        output_dir=str(work / "checkpoints"),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=math.ceil(config.warmup_ratio * total_steps),
-        weight_decay=config.weight_decay,
-        optim=_optimizer_name(),
-        batch_sampler=no_duplicates_sampler(),
-        eval_strategy="steps" if evaluator else "no",
-        eval_steps=eval_steps,
-        **save_arguments(config.save_every, eval_steps, resumable=resumable),
-        logging_steps=config.logging_steps,
-        **report_arguments(config.report_to, work, output.name if output else None,
-                           SentenceTransformerTrainingArguments),
-        seed=config.seed,
-        max_grad_norm=1.0,
-        # The trainer's NaN filter reads every loss on the host (a wait for the GPU per step); a
-        # non-finite loss stops the run anyway (`resilience.ResumableTrainer.training_step`).
-        logging_nan_inf_filter=False,
-        dataloader_drop_last=True,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        accelerator_config={"non_blocking": True},  # pinned batches go to the GPU without the host waiting
-        prompts=column_prompts or None,
-        **_precision_flags(dtype),
-        ddp_broadcast_buffers=False,  # encoder buffers (position ids) are constants: skip a sync per forward
-        # The same parameters take part in every step: DDP learns them on the first step instead of
-        # searching the autograd graph for unused ones every step (the trainer's default for ST models).
-        ddp_static_graph=True,
-        # On CPU, accelerate treats a torchrun launch as distributed (DDP over gloo) only when told to use the CPU.
-        use_cpu=distributed.launched() and not torch.cuda.is_available(),
-    )
-    arguments.update(config.extra)  # extra training arguments win over the recipe's own
-    args = SentenceTransformerTrainingArguments(**arguments)
-    if config.fsdp:
-        from .sharding import shard_model
+        columns = [c for c in train_ds.column_names if c == "anchor" or c == "positive" or c.startswith("negative_")]
+        column_prompts = {c: (query_prompt if c == "anchor" else document_prompt) for c in columns}
+        column_prompts = {c: p for c, p in column_prompts.items() if p}
+        arguments = dict(
+            output_dir=str(work / "checkpoints"),
+            num_train_epochs=config.epochs,
+            max_steps=config.max_steps or -1,
+            per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+            weight_decay=config.weight_decay,
+            optim=_optimizer_name(),
+            batch_sampler=no_duplicates_sampler(),
+            eval_strategy="steps" if evaluator else "no",
+            eval_steps=eval_steps,
+            **save_arguments(config.save_every, eval_steps, resumable=resumable),
+            logging_steps=config.logging_steps,
+            **report_arguments(config.report_to, work, output.name if output else None,
+                               SentenceTransformerTrainingArguments),
+            seed=config.seed,
+            max_grad_norm=1.0,
+            # The trainer's NaN filter reads every loss on the host (a wait for the GPU per step); a
+            # non-finite loss stops the run anyway (`resilience.ResumableTrainer.training_step`).
+            logging_nan_inf_filter=False,
+            dataloader_drop_last=True,
+            dataloader_pin_memory=torch.cuda.is_available(),
+            accelerator_config={"non_blocking": True},  # pinned batches go to the GPU without the host waiting
+            prompts=column_prompts or None,
+            **_precision_flags(dtype),
+            ddp_broadcast_buffers=False,  # encoder buffers (position ids) are constants: skip a sync per forward
+            # The same parameters take part in every step: DDP learns them on the first step instead of
+            # searching the autograd graph for unused ones every step (the trainer's default for ST models).
+            ddp_static_graph=True,
+            # On CPU, accelerate treats a torchrun launch as distributed (DDP over gloo) only when told to use the CPU.
+            use_cpu=distributed.launched() and not torch.cuda.is_available(),
+        )
+        arguments.update(config.extra)  # extra training arguments win over the recipe's own
+        args = SentenceTransformerTrainingArguments(**arguments)
+        if config.fsdp:
+            from .sharding import shard_model
 
-        if torch.cuda.is_available():
-            st_model.to(torch.device("cuda", torch.cuda.current_device()))
-        shard_model(st_model, param_dtype=torch.bfloat16 if args.bf16 else None)
-    st_model.model_card_data.generate_widget_examples = False  # it encodes samples: slow, and not ours to show
-    best = BestWeights(st_model, f"eval_{metric_key(EVAL_NAME)}")
-    trainer = ResumableTrainer(  # checkpoints of the trainable weights; stops on a NaN/inf loss
-        model=st_model,
-        args=args,
-        train_dataset=train_ds.select_columns(columns),
-        loss=build_loss(st_model, config),
-        evaluator=evaluator,
-        callbacks=[best.callback] if evaluator else None,
-    )
-    graphs = graph_step_for(trainer, config) if config.cuda_graphs else None
-    if graphs is not None and not isinstance(graphs, str):
-        trainer.graph_step = graphs
-    rows_needed = total_steps * config.batch_size * distributed.world_size()  # what the run will read
-    token_cache = install_token_cache(trainer, st_model, train_ds.select_columns(columns), column_prompts,
-                                      rows_needed=rows_needed)
-    if config.report_to == "tensorboard":
-        point_tensorboard(trainer, work)
-    tokens_per_row = _tokens_per_row(tokenizer, train_ds, columns, config.max_seq_length)
-    attach_tokens_per_second(trainer, tokens_per_row * config.batch_size * distributed.world_size())
-    train_started = time.time()
-    train_resumably(trainer, best if evaluator else None, resume_from, resumable=resumable)
-    train_time = time.time() - train_started
-    best.restore()
-    final_metrics = summarize(best.best_metrics) if evaluator else {}
-    if config.fsdp:
-        st_model = unsharded_copy(st_model, config)  # rank 0: the full model; other ranks: None
-    else:
-        distributed.check_in_sync(st_model)
+            if torch.cuda.is_available():
+                st_model.to(torch.device("cuda", torch.cuda.current_device()))
+            shard_model(st_model, param_dtype=torch.bfloat16 if args.bf16 else None)
+        st_model.model_card_data.generate_widget_examples = False  # it encodes samples: slow, and not ours to show
+        best = BestWeights(st_model, f"eval_{metric_key(EVAL_NAME)}")
+        trainer = ResumableTrainer(  # checkpoints of the trainable weights; stops on a NaN/inf loss
+            model=st_model,
+            args=args,
+            train_dataset=train_ds.select_columns(columns),
+            loss=loss,
+            evaluator=evaluator,
+            callbacks=[best.callback] if evaluator else None,
+        )
+        graphs = graph_step_for(trainer, config) if config.cuda_graphs else None
+        if graphs is not None and not isinstance(graphs, str):
+            trainer.graph_step = graphs
+        rows_needed = total_steps * rows_per_step  # what the run will read
+        token_cache = install_token_cache(trainer, st_model, train_ds.select_columns(columns), column_prompts,
+                                          rows_needed=rows_needed)
+        if config.report_to == "tensorboard":
+            point_tensorboard(trainer, work)
+        tokens_per_row = _tokens_per_row(tokenizer, train_ds, columns, max_seq_length)
+        attach_tokens_per_second(trainer, tokens_per_row * rows_per_step)
+        train_started = time.time()
+        train_resumably(trainer, best if evaluator else None, resume_from, resumable=resumable)
+        train_time = time.time() - train_started
+        best.restore()
+        final_metrics = summarize(best.best_metrics) if evaluator else {}
+        if config.fsdp:
+            st_model = unsharded_copy(st_model, config)  # rank 0: the full model; other ranks: None
+        else:
+            distributed.check_in_sync(st_model)
 
-    state = trainer.state
-    rows_seen = state.global_step * config.batch_size * distributed.world_size()  # drop_last: full batches
-    tokens = int(tokens_per_row * rows_seen)
-    metrics = {
-        "base": base_metrics,
-        "final": final_metrics,
-        "train_time_s": round(train_time, 2),
-        "total_time_s": round(time.time() - started, 2),
-        "steps": state.global_step,
-        "train_pairs": len(train_ds),
-        "eval_pairs": len(eval_ds) if eval_ds is not None else 0,
-        "skipped_rows": loaded.skipped,
-        "tokens_per_s": _tokens_per_second(tokens, train_time, trainer.state.log_history),
-        "compile": {"time_s": round(compile_seconds(), 2), "cache": compile_cache} if compile_cache else None,
-        "cuda_graphs": graph_summary(graphs) if graphs is not None else None,
-        "best_step": best.best_step,
-        "token_cache": ({"texts": len(token_cache.cache.index), "batches_served": token_cache.hits,
-                         "batches_tokenized": token_cache.misses} if token_cache else None),
-        "world_size": distributed.world_size(),
-        "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
-        "history": state.log_history,
-        "config": resolved_config(  # what config.yaml holds: replays this run with --config
-            config, lr=config.learning_rate, lora_alpha=config.lora_alpha or config.lora_r,
-            eval_size=len(eval_ds) if eval_ds is not None else (0 if config.eval else config.eval_size),
-        ),
-    }
+        state = trainer.state
+        first_step = checkpoint_step(resume_from) if resume_from is not None else 0  # steps before this process
+        rows_seen = (state.global_step - first_step) * rows_per_step  # drop_last: full batches
+        tokens = int(tokens_per_row * rows_seen)
+        this_run = [entry for entry in state.log_history if entry.get("step", 0) > first_step]
+        metrics = {
+            "base": base_metrics,
+            "final": final_metrics,
+            "train_time_s": round(train_time, 2),
+            "total_time_s": round(time.time() - started, 2),
+            "steps": state.global_step,
+            "train_pairs": len(train_ds),
+            "eval_pairs": len(eval_ds) if eval_ds is not None else 0,
+            "skipped_rows": loaded.skipped,
+            "resumed_from_step": first_step or None,
+            "tokens_per_s": _tokens_per_second(tokens, train_time, this_run),
+            "compile": {"time_s": round(compile_seconds(), 2), "cache": compile_cache} if compile_cache else None,
+            "cuda_graphs": graph_summary(graphs) if graphs is not None else None,
+            "best_step": best.best_step,
+            "token_cache": ({"texts": len(token_cache.cache.index), "batches_served": token_cache.hits,
+                             "batches_tokenized": token_cache.misses} if token_cache else None),
+            "world_size": distributed.world_size(),
+            "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
+            "history": state.log_history,
+            "config": resolved_config(  # what config.yaml holds: replays this run with --config
+                config, lr=config.learning_rate, lora_alpha=config.lora_alpha or config.lora_r,
+                max_seq_length=max_seq_length,
+                eval_size=len(eval_ds) if eval_ds is not None else (0 if config.eval else config.eval_size),
+            ),
+        }
     result_dir = None
     if not distributed.is_main():
         pass  # rank 0 saves; under DDP the model in memory here is the same
