@@ -47,3 +47,15 @@ def test_ir_task_corpus_is_all_positives_and_merges_repeated_anchors():
     by_text = {text: qid for qid, text in task.queries.items()}
     docs = {text: did for did, text in task.corpus.items()}
     assert task.relevant[by_text["q1"]] == {docs["d1"], docs["d3"]}
+
+
+def test_logs_print_as_readable_lines():
+    from embedtune.monitoring import log_line
+
+    line = log_line({"loss": 0.29861, "grad_norm": 0.94, "learning_rate": 2e-4, "epoch": 0.2, "tokens_per_s": 2348.0},
+                    5, 10)
+    assert line == "step 5/10  loss 0.2986  lr 0.0002  grad norm 0.94  2,348 tok/s"
+    line = log_line({"eval_ir-eval_cosine_ndcg@10": 0.82174, "eval_ir-eval_cosine_mrr@10": 0.78,
+                     "eval_ir-eval_cosine_recall@10": 0.95, "eval_runtime": 2.21, "epoch": 0.4}, 10, 10)
+    assert line == "step 10/10  eval  ndcg@10 0.8217  mrr@10 0.7800  recall@10 0.9500  (2.2 s)"
+    assert log_line({"train_runtime": 7.0, "train_loss": 0.2}, 10, 10) is None

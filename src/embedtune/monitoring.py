@@ -114,3 +114,43 @@ def _bar_postfix(handler, rate: float) -> None:
         bar = getattr(callback, "training_bar", None)
         if bar is not None and hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+
+
+_LOG_NAMES = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad norm"}
+
+
+def log_line(logs: dict, step: int, max_steps: int) -> str | None:
+    """One readable line for a trainer log (the trainer's own bar prints the raw dict): training logs
+    as loss / lr / grad norm / tok/s, evaluations as their retrieval metrics; None for the others."""
+    where = f"step {step}/{max_steps}" if max_steps > 0 else f"step {step}"
+    if "loss" in logs:
+        parts = [f"{_LOG_NAMES[k]} {logs[k]:.4g}" for k in _LOG_NAMES if isinstance(logs.get(k), (int, float))]
+        if isinstance(logs.get(TOKENS_KEY), (int, float)):
+            parts.append(f"{logs[TOKENS_KEY]:,.0f} tok/s")
+        return f"{where}  " + "  ".join(parts)
+    metrics = {k.removeprefix("eval_"): v for k, v in logs.items() if k.startswith("eval_")}
+    scores = {k.rsplit("_", 1)[-1]: v for k, v in metrics.items() if "@" in k and isinstance(v, (int, float))}
+    if not scores:
+        return None
+    shown = [f"{name} {scores[name]:.4f}" for name in ("ndcg@10", "mrr@10", "recall@10") if name in scores]
+    shown = shown or [f"{name} {value:.4f}" for name, value in list(scores.items())[:3]]
+    runtime = metrics.get("runtime")
+    return f"{where}  eval  " + "  ".join(shown) + (f"  ({runtime:.1f} s)" if isinstance(runtime, (int, float)) else "")
+
+
+def readable_logs(trainer) -> None:
+    """Print each log as one readable line above the trainer's progress bar instead of a raw dict."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class ReadableProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or self.training_bar is None or not logs:
+                return
+            line = log_line(logs, state.global_step, state.max_steps)
+            if line is not None:
+                self.training_bar.write(line)
+
+    handler = trainer.callback_handler
+    if any(type(cb) is ProgressCallback for cb in handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ReadableProgress)

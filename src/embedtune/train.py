@@ -34,7 +34,7 @@ from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
 from .lora import get_peft_model
 from .monitoring import (
     ENCODE_BAR_MIN_TEXTS, TENSORBOARD_DIR, attach_tokens_per_second, check_report_to, point_tensorboard,
-    report_arguments,
+    readable_logs, report_arguments,
 )
 from .save import check_target, replace_folder, save_adapter, save_merged
 from .sharding import local_tensor
@@ -450,6 +450,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
             point_tensorboard(trainer, work)
         tokens_per_row = _tokens_per_row(tokenizer, train_ds, columns, max_seq_length)
         attach_tokens_per_second(trainer, tokens_per_row * rows_per_step)
+        readable_logs(trainer)
         train_started = time.time()
         train_resumably(trainer, best if evaluator else None, resume_from, resumable=resumable)
         train_time = time.time() - train_started
