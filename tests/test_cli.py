@@ -103,6 +103,10 @@ def test_train_then_eval_happy_path(tmp_path):
     result = runner.invoke(app, ["eval", str(out / "model"), str(data), "--max-seq-length", "32"])
     assert result.exit_code == 0, result.output
     assert "ndcg@10" in result.output and "120 queries" in " ".join(result.output.split())
+    by_run = runner.invoke(app, ["eval", str(out), str(data), "--max-seq-length", "32"])  # the run folder, as export takes
+    assert by_run.exit_code == 0, by_run.output
+    rows = lambda text: [line for line in text.splitlines() if "@" in line]  # the metric rows
+    assert rows(by_run.output) and rows(by_run.output) == rows(result.output)
 
 
 def test_prompts_are_trained_with_and_saved(tmp_path):
@@ -179,3 +183,14 @@ def test_demo_scales_its_held_out_split_and_runs_without_one(tmp_path, monkeypat
                                  "--max-steps", "1", "--batch-size", "8", "--max-seq-length", "32"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "metrics.json").read_text())["eval_pairs"] == 0
+
+
+@pytest.mark.parametrize("command", [["eval", "model", "pairs.jsonl", "--max-seq-length", "0"],
+                                     ["mine", "pairs.jsonl", "--output", "m.jsonl", "--max-seq-length", "0"],
+                                     ["mine", "pairs.jsonl", "--output", "m.jsonl", "--range", "5:3"]])
+def test_eval_and_mine_refuse_unusable_settings_in_one_line(tmp_path, command, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, command)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.jsonl").exists()

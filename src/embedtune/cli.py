@@ -184,7 +184,7 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Argument(..., help="A SentenceTransformer folder (e.g. OUTPUT/model) or hub id."),
+    model: str = typer.Argument(..., help="A run folder, a SentenceTransformer folder (e.g. OUTPUT/model) or hub id."),
     data: str = typer.Argument(..., help="Pairs file (anchors retrieve their positives among all positives), or a "
                                          "BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."),
     batch_size: int = typer.Option(64, "--batch-size"),
@@ -203,7 +203,9 @@ def evaluate(
     from .st import to_sentence_transformer
 
     with user_errors():
+        check_length(max_seq_length)
         device = resolve_device(device)
+        model, compare = run_model_folder(model), run_model_folder(compare)
         if output_json:
             check_report_path(output_json)
         data_info = load_eval_task(data, split)
@@ -239,6 +241,20 @@ def evaluate(
                 report["base"] = {"model": compare, "metrics": scores["base"]}
                 report["change"] = {m: scores["model"][m] - scores["base"][m] for m in RETRIEVAL_METRICS}
             console.print(f"metrics written to {write_report(output_json, report)}", soft_wrap=True, highlight=False)
+
+
+def check_length(max_seq_length: int | None) -> None:
+    from .errors import EmbedtuneError
+
+    if max_seq_length is not None and max_seq_length < 1:
+        raise EmbedtuneError(f"--max-seq-length {max_seq_length}: must be at least 1")
+
+
+def run_model_folder(name: str | None) -> str | None:
+    """A finished run folder (metrics.json beside model/) stands for its model, as in `export`."""
+    if name and (Path(name) / "metrics.json").is_file() and (Path(name) / "model").is_dir():
+        return str(Path(name) / "model")
+    return name
 
 
 def _parse_dims(text: str | list | None) -> list[int] | None:
@@ -281,11 +297,14 @@ def mine(
 ):
     """Mine hard negatives with a model; `embedtune train` reads the result directly."""
     from .loading import DEFAULT_MODEL_ID, FastModel
-    from .mine import mine_hard_negatives
+    from .mine import check_mine_options, mine_hard_negatives
     from .st import to_sentence_transformer
 
     with user_errors():
         low, high = _parse_range(rank_range)
+        check_length(max_seq_length)
+        check_mine_options(num_negatives, (low, high), margin, batch_size, output, overwrite)  # before the model loads
+        model = run_model_folder(model)
         backbone, tokenizer = FastModel.from_pretrained(model or DEFAULT_MODEL_ID, max_seq_length=max_seq_length)
         st_model = to_sentence_transformer(backbone, tokenizer)
         prompts = st_model.prompts or {}

@@ -442,6 +442,12 @@ def _check_output(output: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+def check_mine_options(num_negatives, rank_range, margin, batch_size, output, overwrite) -> None:
+    """The settings and the output file checked up front, so a caller can refuse them before it loads a model."""
+    _check_settings(num_negatives, rank_range, margin, batch_size, 1)
+    _check_output(output, overwrite)
+
+
 def _check_settings(num_negatives, rank_range, margin, batch_size, chunk_size) -> tuple[int, int]:
     if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
         raise EmbedtuneError(f"num_negatives must be a whole number of at least 1, got {num_negatives!r}")
