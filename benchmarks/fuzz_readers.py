@@ -78,7 +78,7 @@ def good_records(draw):
     }
     for key in draw(st.lists(st.sampled_from(["negative", "neg", "negative_1", "negative_2", "extra"]),
                              max_size=3, unique=True)):
-        record[key] = draw(st.one_of(WORD, st.lists(st.one_of(WORD, TEXT), max_size=3), VALUE))
+        record[key] = draw(st.one_of(WORD, st.lists(st.one_of(WORD, TEXT), max_size=3), st.none(), TEXT))
     return record
 
 

@@ -183,18 +183,20 @@ def test_flagembedding_style_lists_explode_positives_and_make_negatives_rectangu
     _write_jsonl(
         path,
         [
-            {"query": "q1", "pos": ["p1", "p2"], "neg": ["n1", "n2", "n3"]},
+            {"query": "q1", "pos": ["p1", "p2"], "neg": ["n1", "n2", "n3"]},  # 3 negatives: trimmed to 2
             {"query": "q2", "pos": ["p3"], "neg": ["n4", "", None, "n5"]},  # empties dropped -> 2 negatives
+            {"query": "q3", "pos": ["p4", "p5"], "neg": ["n6", "n7"]},  # 3 of 5 pairs have 2: the count kept
         ],
     )
     loaded = load_pairs(path)
     assert loaded.num_negatives == 2
     assert loaded.dataset.to_dict() == {
-        "anchor": ["q1", "q1", "q2"],
-        "positive": ["p1", "p2", "p3"],
-        "negative_1": ["n1", "n1", "n4"],
-        "negative_2": ["n2", "n2", "n5"],
+        "anchor": ["q1", "q1", "q2", "q3", "q3"],
+        "positive": ["p1", "p2", "p3", "p4", "p5"],
+        "negative_1": ["n1", "n1", "n4", "n6", "n6"],
+        "negative_2": ["n2", "n2", "n5", "n7", "n7"],
     }
+    assert loaded.skipped_few_negatives == 0
 
 
 def test_question_answer_without_negatives(tmp_path):
@@ -205,12 +207,15 @@ def test_question_answer_without_negatives(tmp_path):
     assert loaded.dataset.to_dict() == {"anchor": ["why?", "how?"], "positive": ["because", "so"]}
 
 
-def test_negatives_dropped_unless_every_row_has_one(tmp_path):
+def test_row_with_fewer_negatives_than_most_rows_is_skipped_not_the_negatives(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    _write_jsonl(path, [{"anchor": "a", "positive": "p", "negative": "n"}, {"anchor": "b", "positive": "q"}])
+    rows = [{"anchor": "a", "positive": "p", "negative": "n"}, {"anchor": "b", "positive": "q"},
+            {"anchor": "c", "positive": "r", "negative": "m"}]
+    _write_jsonl(path, rows)
     loaded = load_pairs(path)
-    assert loaded.num_negatives == 0
-    assert loaded.dataset.column_names == ["anchor", "positive"]
+    assert loaded.num_negatives == 1
+    assert loaded.dataset.to_dict() == {"anchor": ["a", "c"], "positive": ["p", "r"], "negative_1": ["n", "m"]}
+    assert (loaded.skipped, loaded.skipped_few_negatives, loaded.first_few_negatives) == (0, 1, "line 2")
 
 
 def test_numbered_negatives_in_numeric_order_after_plain_negative(tmp_path):
@@ -235,9 +240,10 @@ def test_first_alias_wins(tmp_path):
 
 
 def test_negatives_rectangular_across_flushed_chunks(tmp_path, monkeypatch):
-    # Force many small Arrow chunks so a late row with fewer negatives must trim earlier chunks.
+    # Force many small Arrow chunks so the count chosen at the end must trim and filter earlier chunks.
     monkeypatch.setattr(readers, "_FLUSH_ROWS", 2)
-    rows = [{"anchor": f"a{i}", "positive": f"p{i}", "neg": [f"x{i}", f"y{i}", f"z{i}"]} for i in range(7)]
+    rows = [{"anchor": f"a{i}", "positive": f"p{i}", "neg": [f"x{i}", f"y{i}", f"z{i}"]} for i in range(3)]
+    rows += [{"anchor": f"a{i}", "positive": f"p{i}", "neg": [f"x{i}"]} for i in range(3, 7)]
     rows.append({"anchor": "last", "positive": "p", "neg": ["only"]})
     path = tmp_path / "chunks.jsonl"
     _write_jsonl(path, rows)
@@ -246,6 +252,11 @@ def test_negatives_rectangular_across_flushed_chunks(tmp_path, monkeypatch):
     assert loaded.dataset.column_names == ["anchor", "positive", "negative_1"]
     assert _column(loaded.dataset, "negative_1") == [f"x{i}" for i in range(7)] + ["only"]
     assert _column(loaded.dataset, "anchor")[-1] == "last"
+
+    _write_jsonl(path, [rows[-1]] + rows[:3] + [dict(r, neg=["u", "v", "w"]) for r in rows[3:7]])
+    loaded = load_pairs(path)
+    assert loaded.num_negatives == 3 and len(loaded.dataset) == 7
+    assert (loaded.skipped_few_negatives, loaded.first_few_negatives) == (1, "line 1")
 
 
 # ----------------------------------------------------------------------------------------- skipping
@@ -260,8 +271,7 @@ def test_skipped_rows_are_counted(tmp_path):
             {"anchor": None, "positive": "x"},  # null anchor
             {"anchor": "  \t", "positive": "x"},  # whitespace anchor
             {"anchor": "a", "positive": ""},  # empty positive
-            {"anchor": "a", "positive": 7},  # non-string positive
-            {"anchor": ["a"], "positive": "x"},  # non-string anchor
+            {"anchor": "a", "positive": None},  # null positive (numbers, lists etc. are errors: test_data_more)
             {"positive": "x"},  # anchor key missing in this row
             {"anchor": "b", "positive": ["good", "", None]},  # two bad list entries
             {"anchor": "c", "positive": []},  # empty list
@@ -269,7 +279,7 @@ def test_skipped_rows_are_counted(tmp_path):
     )
     loaded = load_pairs(path)
     assert loaded.dataset.to_dict() == {"anchor": ["ok", "b"], "positive": ["fine", "good"]}
-    assert loaded.skipped == 9
+    assert loaded.skipped == 8
 
 
 def test_csv_empty_cells_are_skipped(tmp_path):
@@ -429,7 +439,7 @@ def test_ragged_csv(tmp_path):
     path.write_text("anchor,positive\na,b,c\n", encoding="utf-8")
     with pytest.raises(DataError) as e:
         load_pairs(path)
-    assert _message(e).startswith(f"{path}: invalid CSV: ")
+    assert _message(e) == f"{path}:2: invalid CSV: expected 2 columns, got 3: a,b,c"
 
 
 def test_invalid_utf8_csv(tmp_path):
@@ -437,7 +447,7 @@ def test_invalid_utf8_csv(tmp_path):
     path.write_bytes("anchor,positive\ncafé,p\n".encode("latin-1"))
     with pytest.raises(DataError) as e:
         load_pairs(path)
-    assert _message(e).startswith(f"{path}: invalid CSV: ")
+    assert _message(e).startswith(f"{path}:2: invalid CSV: invalid UTF-8: ")
 
 
 def test_garbage_parquet(tmp_path):

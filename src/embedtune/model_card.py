@@ -112,7 +112,7 @@ def _training_section(metrics: dict | None) -> list[str]:
         f"| data file | {_cell(config.get('data'))} |",
         f"| training pairs | {_cell(metrics.get('train_pairs'))} |",
         f"| held-out pairs | {_cell(metrics.get('eval_pairs'))} |",
-        f"| rows skipped (empty text) | {_cell(metrics.get('skipped_rows'))} |",
+        f"| rows skipped | {_cell(metrics.get('skipped_summary') or metrics.get('skipped_rows'))} |",
         f"| steps | {_cell(metrics.get('steps'))} |",
         "",
         "### Hyperparameters",

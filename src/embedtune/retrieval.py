@@ -258,7 +258,7 @@ def load_eval_task(data: str | os.PathLike, split: str | None = None) -> EvalDat
         raise DataError(f"{os.fspath(data)}: --split applies to BEIR folders (corpus.jsonl, queries.jsonl, "
                         "qrels/<split>.tsv); this is a pairs file")
     loaded = load_pairs(data)
-    notes = [f"{loaded.skipped} rows skipped for empty text"] if loaded.skipped else []
+    notes = [loaded.skipped_summary()] if loaded.skipped or loaded.skipped_few_negatives else []
     task = pairs_to_ir_task(loaded.dataset, corpus_texts=column(loaded.dataset, "positive"))
     return EvalData(task=task, kind="pairs", notes=notes)
 

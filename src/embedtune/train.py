@@ -475,6 +475,8 @@ def run(config: TrainConfig, progress=None) -> RunResult:
             "train_pairs": len(train_ds),
             "eval_pairs": len(eval_ds) if eval_ds is not None else 0,
             "skipped_rows": loaded.skipped,
+        "skipped_rows_few_negatives": loaded.skipped_few_negatives,
+        "skipped_summary": loaded.skipped_summary(),
             "resumed_from_step": first_step or None,
             "tokens_per_s": _tokens_per_second(tokens, train_time, this_run),
             "compile": {"time_s": round(compile_seconds(), 2), "cache": compile_cache} if compile_cache else None,

@@ -3,8 +3,11 @@
 Accepted: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects, an object holding one list such as
 ``{"data": [...]}``, or JSON lines), ``.csv`` (every cell read as text), ``.parquet``, and folders written
 by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk`` (the "train" split, else the first).
-Columns: anchor/query/question, positive/pos/answer, negative/neg/negative_<n>; values may be strings or
-lists of strings (FlagEmbedding style), a list of positives giving one row each.
+Columns: anchor/query/question, positive/pos/answer, negative/neg/negative_<n>; anchors are strings,
+positives and negatives strings or lists of strings (FlagEmbedding style), a list of positives giving one
+row each. Null, empty and blank texts are skipped and counted; any other value where text is expected
+(a number, boolean, object) is an error, since skipping it would hide a broken export. A row keeps the
+number of hard negatives most rows have; rows with fewer are skipped and counted.
 
 Every format is turned into a stream of row dicts and fed through one normaliser (:class:`_Collector`),
 so aliases, list-valued columns, skipping and negative handling behave the same everywhere. Any problem
@@ -13,14 +16,15 @@ with the user's file surfaces as a one-line :class:`DataError` naming the file (
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from embedtune.errors import DataError
 
@@ -42,6 +46,7 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 _BATCH_ROWS = 8192  # rows per batch read from Parquet / saved datasets
 _FLUSH_ROWS = 65536  # rows buffered as Python strings before conversion to Arrow
 _MAX_DETAIL_CHARS = 300
+_MAX_QUOTED_CHARS = 80  # file content echoed in a message (a CSV row, a wrong-typed value)
 _MAX_PLANS = 4096  # distinct row shapes (key tuples) whose column resolution is cached
 
 
@@ -50,14 +55,31 @@ class LoadedPairs:
     """A validated pair dataset plus what the loader had to drop, for the CLI to report.
 
     ``dataset`` has string columns ``anchor``, ``positive``, ``negative_1..negative_{num_negatives}``;
-    ``skipped`` counts rows (or list entries of a list-valued positive) dropped for empty/null/non-string
-    text; ``source`` is the path as given.
+    ``skipped`` counts rows (or list entries of a list-valued positive) dropped for empty/null text;
+    ``skipped_few_negatives`` counts rows dropped for holding fewer than ``num_negatives`` hard
+    negatives, the first of them at ``first_few_negatives`` (e.g. "line 17"); ``source`` is the path as given.
     """
 
     dataset: datasets.Dataset
     skipped: int
     source: str
     num_negatives: int
+    skipped_few_negatives: int = 0
+    first_few_negatives: str | None = None
+
+    def skipped_summary(self) -> str:
+        """Every reason rows were dropped, on one line, e.g. for the CLI's end-of-run report."""
+        text = f"{_rows(self.skipped)} skipped for empty text"
+        if self.skipped_few_negatives:
+            text += (
+                f"; {_rows(self.skipped_few_negatives)} skipped: fewer than {self.num_negatives} hard "
+                f"negative{'s' if self.num_negatives != 1 else ''} (first at {self.first_few_negatives})"
+            )
+        return text
+
+
+def _rows(n: int) -> str:
+    return f"{n} row{'s' if n != 1 else ''}"
 
 
 def load_pairs(path: str | os.PathLike) -> LoadedPairs:
@@ -125,18 +147,26 @@ class _Collector:
     """Turn row dicts into rectangular Arrow string columns, streaming.
 
     Rows are buffered as Python lists and flushed to Arrow every ``_FLUSH_ROWS`` rows, so a large file
-    never holds all its text as Python objects. Negatives are kept column-wise and only up to the
-    smallest per-row count seen so far: the final ``negative_1..k`` must be rectangular, so anything
-    beyond the running minimum can never be used.
+    never holds all its text as Python objects. Negatives are kept flat, with each row's end offset (no
+    object per row: millions of live lists would slow every garbage collection), and how many rows hold
+    each count is tallied; ``finish`` keeps the count most rows have, so one row without negatives can't
+    strip them from all the others, and drops (and counts) the rows with fewer.
+
+    Readers pass each record's position (``at``): a line number, a JSON list item or a table row,
+    per ``unit``; ``line_of`` turns a CSV row number into its line, only when a message needs it.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.unit = "line"  # what ``at`` counts: "line", "item" (JSON list) or "row" (tables)
+        self.line_of: Callable[[int], int | None] | None = None  # row -> line, for CSV
         self.anchors: list[str] = []
         self.positives: list[str] = []
-        self.negatives: list[list[str]] = []  # one list per kept negative position
-        self.neg_limit: int | None = None  # running minimum of negatives per row; None before any row
-        self.chunks: list[list] = []  # flushed [anchor, positive, *negative] pyarrow arrays
+        self.negatives: list[str] = []  # every kept row's negatives, flat
+        self.negative_ends: list[int] = []  # per row: where its negatives end in ``negatives``
+        self.chunks: list[list] = []  # flushed [anchor, positive, negatives] pyarrow arrays
+        # negatives per row -> [rows with that count, (record number, position) of the first]
+        self.negative_counts: dict[int, list] = {}
         self.skipped = 0
         self.records = 0
         self.found: dict[str, None] = {}  # every column name seen, in first-seen order
@@ -144,10 +174,29 @@ class _Collector:
         self.has_positive_column = False
         self._plans: dict[tuple, tuple[str | None, str | None, tuple[str, ...]]] = {}
 
-    def declare_columns(self, names: Iterable[str]) -> None:
-        """Record a tabular file's columns so the missing-columns message is right even with 0 rows."""
+    def declare_columns(self, names: Iterable[str], where: str | None = None) -> None:
+        """Record a tabular file's columns so the missing-columns message is right even with 0 rows.
+
+        A used column named twice is an error: readers keep one of the two silently.
+        """
+        names = list(names)
+        seen: set[str] = set()
         for key in names:
+            if key in seen and _is_pair_column(key):
+                raise DataError(f"{where or self.name}: duplicate column '{_printable(key)}'")
+            seen.add(key)
             self._plan((key,))
+
+    def check_types(self, schema) -> None:
+        """Reject a typed (Parquet, saved dataset) text column that isn't text, before reading any row."""
+        anchor, positive, negatives = self._plan(tuple(schema.names))
+        for key, lists_allowed in ((anchor, False), (positive, True), *((k, True) for k in negatives)):
+            if key is None:
+                continue
+            dtype = schema.field(key).type
+            if not _is_text_type(dtype, lists_allowed):
+                expected = "text or a list of text" if lists_allowed else "text"
+                raise DataError(f"{self.name}: column '{key}' has type {dtype}, expected {expected}")
 
     def _plan(self, keys: tuple) -> tuple[str | None, str | None, tuple[str, ...]]:
         """Resolve which keys hold anchor/positive/negatives; cached per distinct key tuple.
@@ -171,48 +220,81 @@ class _Collector:
                 self._plans[keys] = plan
         return plan
 
-    def add(self, record: dict) -> None:
+    def add(self, record: dict, at: int) -> None:
         """Normalise one record; a list-valued positive yields one row per usable positive."""
         self.records += 1
         anchor_key, positive_key, negative_keys = self._plan(tuple(record))
         anchor = record.get(anchor_key)  # .get(None) is None: no anchor column in this row
-        if not _is_text(anchor):
-            self.skipped += 1
-            return
+        if type(anchor) is not str and anchor is not None:
+            self._wrong_type(at, anchor_key, anchor)
         positive = record.get(positive_key)
         if type(positive) is str:  # the common case first
-            if not _is_text(positive):
-                self.skipped += 1
-                return
-            positives = (positive,)
+            positives = (positive,) if _is_text(positive) else ()
+            unusable = 1 - len(positives)
         elif isinstance(positive, (list, tuple)):
-            positives = [p for p in positive if _is_text(p)]
+            positives = self._texts(positive, at, positive_key)
             # Each unusable list entry counts as a skipped pair; an empty list as one.
-            self.skipped += (len(positive) - len(positives)) or (0 if positives else 1)
+            unusable = (len(positive) - len(positives)) or (0 if positives else 1)
+        elif positive is None:
+            positives, unusable = (), 1
         else:
-            self.skipped += 1
-            return
+            self._wrong_type(at, positive_key, positive)
 
         negatives: list[str] = []
         for key in negative_keys:
             value = record[key]
-            if isinstance(value, (list, tuple)):
-                negatives.extend(v for v in value if _is_text(v))
-            elif _is_text(value):
-                negatives.append(value)
+            if type(value) is str:
+                if _is_text(value):
+                    negatives.append(value)
+            elif isinstance(value, (list, tuple)):
+                negatives.extend(self._texts(value, at, key))
+            elif value is not None:
+                self._wrong_type(at, key, value)
 
+        if not _is_text(anchor):
+            self.skipped += 1
+            return
+        self.skipped += unusable
+        if not positives:
+            return
+        tally = self.negative_counts.get(len(negatives))
+        if tally is None:
+            self.negative_counts[len(negatives)] = [len(positives), (self.records, at)]
+        else:
+            tally[0] += len(positives)
         for pos in positives:
-            if self.neg_limit is None or len(negatives) < self.neg_limit:
-                self.neg_limit = len(negatives)
-                del self.negatives[self.neg_limit :]
-                while len(self.negatives) < self.neg_limit:  # only on the very first row
-                    self.negatives.append([])
             self.anchors.append(anchor)
             self.positives.append(pos)
-            for column, negative in zip(self.negatives, negatives):
-                column.append(negative)
+            if negatives:
+                self.negatives.extend(negatives)
+            self.negative_ends.append(len(self.negatives))
         if len(self.anchors) >= _FLUSH_ROWS:
             self._flush()
+
+    def _texts(self, values: list | tuple, at: int, key: str) -> list[str]:
+        """The usable texts of a list-valued column; nulls and blanks are dropped, other types refused."""
+        texts = [v for v in values if _is_text(v)]
+        if len(texts) != len(values):
+            for v in values:
+                if type(v) is not str and v is not None:
+                    self._wrong_type(at, key, v, in_list=True)
+        return texts
+
+    def _wrong_type(self, at: int, key: str, value: Any, in_list: bool = False) -> NoReturn:
+        held = f"a list holding {_describe(value)}" if in_list else _describe(value)
+        raise DataError(f"{self.where(at)}: column '{_printable(key)}' holds {held}, expected text")
+
+    def where(self, at: int) -> str:
+        """The file and position of record ``at``, as messages start: "f.jsonl:7", "f.json: item 3"."""
+        return f"{self.name}:{at}" if self.unit == "line" else f"{self.name}: {self.unit} {at}"
+
+    def place(self, at: int) -> str:
+        """Record ``at``'s position in words, e.g. "line 17" (CSV rows looked up as lines)."""
+        if self.line_of is not None:
+            line = self.line_of(at)
+            if line is not None:
+                return f"line {line}"
+        return f"{self.unit} {at}"
 
     def _flush(self) -> None:
         import pyarrow as pa
@@ -220,11 +302,18 @@ class _Collector:
         if not self.anchors:
             return
         try:
-            self.chunks.append([pa.array(c, pa.string()) for c in (self.anchors, self.positives, *self.negatives)])
+            # large_string: a chunk's negatives together may pass 2 GiB; one negative_<i> column won't.
+            negatives = pa.LargeListArray.from_arrays(
+                pa.array([0, *self.negative_ends], pa.int64()), pa.array(self.negatives, pa.large_string())
+            )
+            self.chunks.append([pa.array(self.anchors, pa.string()), pa.array(self.positives, pa.string()), negatives])
         except Exception as e:  # e.g. text that isn't encodable as UTF-8
             raise DataError(f"{self.name}: invalid text: {one_line(str(e))}") from None
-        self.anchors, self.positives = [], []
-        self.negatives = [[] for _ in self.negatives]
+        self.anchors, self.positives, self.negatives, self.negative_ends = [], [], [], []
+
+    def _negatives_kept(self) -> int:
+        """The number of negatives most rows have; on a tie the larger (rows dropped are reported)."""
+        return max(self.negative_counts, key=lambda n: (self.negative_counts[n][0], n), default=0)
 
     def finish(self) -> LoadedPairs:
         """Check what was collected and assemble the Arrow-backed dataset."""
@@ -242,18 +331,79 @@ class _Collector:
 
         import datasets
         import pyarrow as pa
+        import pyarrow.compute as pc
 
-        # Earlier chunks may carry more negative columns than the final minimum; keep the first k.
-        k = self.neg_limit or 0
-        names = ["anchor", "positive"] + [f"negative_{i}" for i in range(1, k + 1)]
-        table = pa.table(
-            {n: pa.chunked_array([chunk[i] for chunk in self.chunks], pa.string()) for i, n in enumerate(names)}
-        )
+        k = self._negatives_kept()
+        few = [tally for n, tally in self.negative_counts.items() if n < k]
+        columns = [pa.chunked_array([chunk[i] for chunk in self.chunks]) for i in range(3)]
         self.chunks = []
+        if few:
+            keep = pc.greater_equal(pc.list_value_length(columns[2]), k)
+            columns = [c.filter(keep) for c in columns]
+        names = ["anchor", "positive"] + [f"negative_{i}" for i in range(1, k + 1)]
+        negatives = [pc.list_element(columns[2], i).cast(pa.string()) for i in range(k)]
+        table = pa.table(dict(zip(names, columns[:2] + negatives)))
         # An explicit fingerprint: by default datasets hashes the whole in-memory table, which for
         # a large file doubles peak memory and takes seconds. A random one can never alias a cache.
         dataset = datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=uuid.uuid4().hex)
-        return LoadedPairs(dataset=dataset, skipped=self.skipped, source=name, num_negatives=k)
+        return LoadedPairs(
+            dataset=dataset,
+            skipped=self.skipped,
+            source=name,
+            num_negatives=k,
+            skipped_few_negatives=sum(rows for rows, _ in few),
+            first_few_negatives=self.place(min(first for _, first in few)[1]) if few else None,
+        )
+
+
+def _is_pair_column(key: str) -> bool:
+    """A column name the readers use (an alias or a numbered negative)."""
+    return (
+        key in ANCHOR_ALIASES or key in POSITIVE_ALIASES or key in NEGATIVE_ALIASES
+        or _NUMBERED_NEGATIVE.fullmatch(key) is not None
+    )
+
+
+def _is_text_type(dtype, lists_allowed: bool) -> bool:
+    """An Arrow type whose values are text (or nulls), or lists of text where lists are allowed."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    if pa.types.is_null(dtype) or pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return True
+    if getattr(pa.types, "is_string_view", lambda t: False)(dtype):
+        return True
+    if lists_allowed and (
+        pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
+    ):
+        return _is_text_type(dtype.value_type, False)
+    return False
+
+
+def _describe(value: Any) -> str:
+    """A wrong-typed value for an error message: its kind and a short preview, e.g. "a number (42)"."""
+    if isinstance(value, bool):
+        kind = "a boolean"
+    elif isinstance(value, (int, float)):
+        kind = "a number"
+    elif isinstance(value, dict):
+        kind = "an object"
+    elif isinstance(value, (list, tuple)):
+        kind = "a list"
+    else:  # Parquet/Arrow values: bytes, datetime, Decimal, ...
+        kind = f"a value of type {type(value).__name__}"
+    try:
+        preview = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        preview = repr(value)
+    return f"{kind} ({_quoted(preview, 40)})"
+
+
+def _quoted(text: str, limit: int = _MAX_QUOTED_CHARS) -> str:
+    """File content echoed into a message: one printable line of at most ``limit`` characters."""
+    text = _printable(" ".join(text.split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_text(value: Any) -> bool:
@@ -356,7 +506,8 @@ def _check_encodable(value: Any, where: str) -> None:
         raise DataError(f"{where}: invalid text: a string holds an unpaired UTF-16 surrogate escape") from None
 
 
-def _jsonl_records(name: str, lines: Iterable[tuple[int, bytes | str]]) -> Iterator[dict]:
+def _jsonl_records(name: str, lines: Iterable[tuple[int, bytes | str]]) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line."""
     for lineno, raw in lines:
         if isinstance(raw, bytes):
             try:
@@ -366,13 +517,13 @@ def _jsonl_records(name: str, lines: Iterable[tuple[int, bytes | str]]) -> Itera
         else:
             text = raw
         if text and not text.isspace():
-            yield _parse_line(name, lineno, text)
+            yield lineno, _parse_line(name, lineno, text)
 
 
 def _read_jsonl(p: Path, name: str, collector: _Collector) -> None:
     with p.open("rb") as f:
-        for record in _jsonl_records(name, enumerate(f, 1)):
-            collector.add(record)
+        for lineno, record in _jsonl_records(name, enumerate(f, 1)):
+            collector.add(record, lineno)
 
 
 def _read_json(p: Path, name: str, collector: _Collector) -> None:
@@ -391,18 +542,19 @@ def _read_json(p: Path, name: str, collector: _Collector) -> None:
         lines = list(enumerate(text.split("\n"), 1))
         first = next(((n, t) for n, t in lines if t.strip()), None)
         if first is not None and _parses_as_object(first[1]):
-            for record in _jsonl_records(name, lines):
-                collector.add(record)
+            for lineno, record in _jsonl_records(name, lines):
+                collector.add(record, lineno)
             return
         lineno = e.lineno if isinstance(e, json.JSONDecodeError) else 1
         raise DataError(f"{name}:{lineno}: invalid JSON: {_json_error(e)}") from None
     if _SURROGATE_ESCAPE.search(text):
         _check_encodable(document, name)
     del text
+    collector.unit = "item"
     for index, record in enumerate(_json_document_records(document, name), 1):
         if not isinstance(record, dict):
             raise DataError(f"{name}: item {index}: expected a JSON object, got {_json_type(record)}")
-        collector.add(record)
+        collector.add(record, index)
 
 
 def _parses_as_object(text: str) -> bool:
@@ -437,17 +589,25 @@ def _json_document_records(document: Any, name: str) -> list:
 
 
 def _feed_batches(collector: _Collector, batches: Iterable[dict[str, list]]) -> None:
-    """Feed column-major batches (name -> values) to the collector row by row."""
+    """Feed column-major batches (name -> values) to the collector row by row, numbering rows from 1."""
+    collector.unit = "row"
+    at = 0
     for batch in batches:
         keys = list(batch)
         for values in zip(*batch.values()):
-            collector.add(dict(zip(keys, values)))
+            at += 1
+            collector.add(dict(zip(keys, values)), at)
 
 
 def _read_csv(p: Path, name: str, collector: _Collector) -> None:
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
+    # pyarrow reads a quote that never closes as one value running to the end of the file, silently
+    # swallowing every later row; an odd number of quote characters is the cheap sign of one.
+    if _odd_quote_count(p) and (problem := _csv_problem(p, name)):
+        raise DataError(problem)
+    collector.line_of = lambda row: _csv_row_line(p, row)
     # Quoted values may span lines (code snippets do); every column is read as text, because type
     # inference would turn an anchor such as "42" into a number.
     parse = pa_csv.ParseOptions(newlines_in_values=True)
@@ -455,7 +615,7 @@ def _read_csv(p: Path, name: str, collector: _Collector) -> None:
         with pa_csv.open_csv(p, parse_options=parse) as probe:
             names = probe.schema.names
         convert = pa_csv.ConvertOptions(column_types={n: pa.string() for n in names})
-        collector.declare_columns(names)
+        collector.declare_columns(names, where=f"{name}:1")
         with pa_csv.open_csv(p, parse_options=parse, convert_options=convert) as reader:
             _feed_batches(collector, (batch.to_pydict() for batch in reader))
     except (pa.ArrowException, ValueError) as e:  # ValueError covers UnicodeDecodeError too
@@ -464,8 +624,119 @@ def _read_csv(p: Path, name: str, collector: _Collector) -> None:
                 head = f.read(1 << 20).rstrip()
             if b"\n" not in head and b"\r" not in head:  # a lone header line: no rows
                 raise DataError(f"{name}: file is empty") from None
-            raise DataError(f"{name}: invalid CSV: the header row never ends (unbalanced quote?)") from None
-        raise DataError(f"{name}: invalid CSV: {one_line(str(e))}") from None
+            raise DataError(f"{name}:1: invalid CSV: the header row never ends (unbalanced quote?)") from None
+        # pyarrow's messages name no line and quote whole rows; find the line ourselves.
+        problem = _csv_problem(p, name) or f"{name}: invalid CSV: {_quoted(str(e), 120)}"
+        raise DataError(problem) from None
+
+
+class _BadCsv(Exception):
+    """A problem found by the line-aware CSV scan: the line it is on and what it is."""
+
+    def __init__(self, line: int, problem: str) -> None:
+        super().__init__(problem)
+        self.line, self.problem = line, problem
+
+
+def _odd_quote_count(p: Path) -> bool:
+    """True when the file holds an odd number of '"': some quote is unbalanced (or literal, as in 12")."""
+    count = 0
+    with p.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            count += chunk.count(b'"')
+    return count % 2 == 1
+
+
+def _csv_problem(p: Path, name: str) -> str | None:
+    """The first malformed record of a CSV file, as a message naming its line; None if there is none.
+
+    Python's csv module (strict) does the scan: pyarrow's errors carry no line number.
+    """
+    width = None
+    try:
+        for start, end, first, row in _csv_records(p, strict=True):
+            if not row:  # a blank line; pyarrow skips them too
+                continue
+            if width is None:
+                width = len(row)
+            elif len(row) != width:
+                return (
+                    f"{name}:{start}: invalid CSV: expected {width} columns, got {len(row)}"
+                    f"{_span(start, end)}: {_quoted(first)}"
+                )
+    except _BadCsv as e:
+        return f"{name}:{e.line}: invalid CSV: {e.problem}"
+    return None
+
+
+def _csv_row_line(p: Path, row: int) -> int | None:
+    """The line on which data row ``row`` (1-based, after the header) starts; None if not found."""
+    seen = -1  # the header is row 0
+    try:
+        for start, _, _, values in _csv_records(p, strict=False):
+            if values:
+                seen += 1
+                if seen == row:
+                    return start
+    except (_BadCsv, OSError):
+        pass
+    return None
+
+
+def _span(start: int, end: int) -> str:
+    """A hint for a record that runs over several lines: most likely a quote opened and never closed."""
+    return f" (the record runs from line {start} to {end}: unbalanced quote?)" if end > start else ""
+
+
+def _csv_records(p: Path, strict: bool) -> Iterator[tuple[int, int, str, list[str]]]:
+    """(first line, last line, first line's text, values) for each record, blank lines as empty records."""
+    lines = _FirstLine(_csv_lines(p))
+    reader = csv.reader(lines, strict=strict)
+    start = 1
+    limit = csv.field_size_limit(2**31 - 1)  # code snippets can exceed csv's default 128 KiB per field
+    try:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                if "unexpected end of data" in str(e):
+                    raise _BadCsv(start, "unbalanced quote: a quoted value that starts here never closes") from None
+                raise _BadCsv(start, f"{e}{_span(start, reader.line_num)}") from None
+            yield start, reader.line_num, lines.first or "", row
+            start, lines.first = reader.line_num + 1, None
+    finally:
+        csv.field_size_limit(limit)
+
+
+class _FirstLine:
+    """An iterator over lines that remembers the first line of the record being read."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self.lines, self.first = lines, None
+
+    def __iter__(self) -> _FirstLine:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.lines)
+        if self.first is None:
+            self.first = line
+        return line
+
+
+def _csv_lines(p: Path) -> Iterator[str]:
+    """The file's lines, decoded; a line ends at \\n, \\r\\n or a lone \\r, as pyarrow splits them."""
+    with p.open("rb") as f:
+        lineno = 0
+        for raw in f:
+            for piece in raw.splitlines(keepends=True):
+                lineno += 1
+                try:
+                    yield piece.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise _BadCsv(lineno, f"invalid UTF-8: {e.reason} at byte {e.start + 1}") from None
 
 
 def _read_parquet(p: Path, name: str, collector: _Collector) -> None:
@@ -475,6 +746,7 @@ def _read_parquet(p: Path, name: str, collector: _Collector) -> None:
     try:
         with pq.ParquetFile(p) as parquet:
             collector.declare_columns(parquet.schema_arrow.names)
+            collector.check_types(parquet.schema_arrow)
             _feed_batches(collector, (b.to_pydict() for b in parquet.iter_batches(batch_size=_BATCH_ROWS)))
     except OSError as e:
         if e.errno is not None:  # a real I/O failure: load_pairs reports "cannot read"
@@ -498,8 +770,9 @@ def _read_saved_dataset(p: Path, name: str, collector: _Collector) -> None:
         if not loaded:
             raise DataError(f"{name}: file is empty")
         loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    collector.declare_columns(loaded.column_names)
+    collector.check_types(loaded.data.schema)
     try:
-        collector.declare_columns(loaded.column_names)
         _feed_batches(collector, loaded.iter(batch_size=_BATCH_ROWS))
     except DataError:
         raise
