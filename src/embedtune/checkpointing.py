@@ -8,6 +8,7 @@ it is plain checkpointing there.
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable
 
 import torch
@@ -68,16 +69,75 @@ def offloaded_checkpoint(fn, hidden, *args, **kwargs):
     return _OffloadedCheckpoint.apply(fn, hidden, *args)
 
 
+def parse_mode(mode):
+    """`use_gradient_checkpointing` as given (True/False, "unsloth", or "True"/"False" as strings in
+    any case, as configs write them) -> True, False or "unsloth"/"offload"."""
+    if isinstance(mode, str):
+        lowered = mode.strip().lower()
+        if lowered in ("false", "none", "off", "0", ""):
+            return False
+        if lowered in ("true", "on", "1"):
+            return True
+        if lowered in ("unsloth", "offload"):
+            return lowered
+    elif mode in (False, None, 0):
+        return False
+    elif mode is True or mode == 1:
+        return True
+    raise ValueError(f"use_gradient_checkpointing must be True, False or 'unsloth', not {mode!r}")
+
+
+# Families whose transformers layers cannot checkpoint themselves but whose layer stack we checkpoint:
+# the packed forward goes through each layer's `_gradient_checkpointing_func` (packing.layers), the
+# plain forward through `_checkpointed_forward`.
+_OWN_LAYER_STACKS = {"mpnet": ("encoder", "layer")}
+
+
+def _layer_stack(base):
+    path = _OWN_LAYER_STACKS.get(getattr(getattr(base, "config", None), "model_type", None))
+    stack = base
+    for name in path or ():
+        stack = getattr(stack, name, None)
+    return stack if path and isinstance(stack, torch.nn.ModuleList) else None
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    """A layer's forward, checkpointed while training (bound to the layer, so copies stay right).
+    Plain non-reentrant checkpointing: it carries the gradients of every input, such as MPNet's shared
+    position bias, which the offloaded function (hidden states only) would drop."""
+    original = type(self).forward
+    if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        return checkpoint(original, self, *args, use_reentrant=False, **kwargs)
+    return original(self, *args, **kwargs)
+
+
+def _plain_checkpoint(fn, *args, **kwargs):
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def _checkpoint_own_layers(base, layers, mode) -> None:
+    """Checkpoint a layer stack transformers does not (MPNet), for the packed and the plain forward."""
+    for layer in layers:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = offloaded_checkpoint if mode in ("unsloth", "offload") else _plain_checkpoint
+        if "forward" not in layer.__dict__:
+            layer.forward = types.MethodType(_checkpointed_forward, layer)
+
+
 def enable_checkpointing(model, mode) -> str:
-    """Turn on checkpointing for `mode` in {True, "unsloth", False}; returns what was enabled."""
-    if mode in (False, None, "none", "false"):
+    """Turn on checkpointing for `mode` in {True, "unsloth", False} (or their string spellings);
+    returns what was enabled."""
+    mode = parse_mode(mode)
+    if mode is False:
         return "off"
-    if mode not in (True, "unsloth", "true", "offload"):
-        raise ValueError(f"use_gradient_checkpointing must be True, False or 'unsloth', not {mode!r}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not getattr(base, "supports_gradient_checkpointing", False):
+    own_layers = _layer_stack(base)
+    if own_layers is not None and not getattr(base, "supports_gradient_checkpointing", False):
+        _checkpoint_own_layers(base, own_layers, mode)
+    elif not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # With frozen embeddings (LoRA) the first layer's input carries no grad; the offloaded
     # checkpoint only runs its backward when an input requires grad.
     base.enable_input_require_grads()

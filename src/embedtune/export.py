@@ -220,7 +220,10 @@ def _encoder_load_kwargs(folder: Path | str) -> dict[str, Any]:
 
     from .loading import _accepts, _model_class, quiet_transformers, read_st_layout
 
+    from .loading import bundled_alias
+
     kwargs: dict[str, Any] = {"use_safetensors": True}
+    folder = bundled_alias(str(folder)) or folder  # the bundled MiniLM's hub id: its local copy
     try:
         if (Path(folder) / "modules.json").is_file():
             folder = read_st_layout(Path(folder)).transformer_dir

@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,14 @@ class LoadInfo:
     max_seq_length: int
     spec: ArchSpec | None
     prompts: dict[str, str] | None = None
+    # The SentenceTransformer pipeline, when the checkpoint has one: where its modules load from (a
+    # folder, or the hub id) and its modules.json entries, so `to_sentence_transformer` rebuilds it.
+    st_folder: str | None = None
+    st_modules: list[dict] | None = None
+    bundled: bool = False  # served from the bundled all-MiniLM-L6-v2 package: the hub id is the portable name
+    full_finetuning: bool = False  # Unsloth's `full_finetuning=True`: every weight trains, no LoRA
+    trust_remote_code: bool = False
+    token: Any = field(default=None, repr=False)  # the HF token given to from_pretrained (for the ST modules)
 
 
 def bundled_model_path() -> Path | None:
@@ -121,11 +129,15 @@ class _StLayout:
     normalize: bool
     max_seq_length: int | None
     prompts: dict[str, str] | None
+    modules: list[dict] | None = None  # modules.json as written
+    folder: Path | None = None  # the folder holding modules.json
 
 
 def read_st_layout(folder: Path) -> _StLayout:
     """Read a SentenceTransformer folder's modules.json: where the encoder lives and how it pools."""
     modules = _read_json(folder / "modules.json")
+    if not isinstance(modules, list) or not all(isinstance(e, dict) for e in modules):
+        raise EmbedtuneError(f"{folder / 'modules.json'}: not a list of modules")
     transformer_dir, pooling, normalize, max_len = folder, None, False, None
     for entry in modules:
         kind = str(entry.get("type", ""))
@@ -142,16 +154,28 @@ def read_st_layout(folder: Path) -> _StLayout:
     prompts = None
     if (folder / "config_sentence_transformers.json").exists():
         prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or None
-    return _StLayout(transformer_dir, pooling, normalize, max_len, prompts)
+    return _StLayout(transformer_dir, pooling, normalize, max_len, prompts, modules, folder)
 
 
-def _resolve_source(model_name: str) -> tuple[str, _StLayout | None]:
+BUNDLED_IDS = (DEFAULT_MODEL_ID, "all-MiniLM-L6-v2")
+
+
+def bundled_alias(model_name: str) -> Path | None:
+    """The bundled folder for the names it stands for (the package IS that model), unless the name is a path."""
+    if str(model_name) not in BUNDLED_IDS or Path(os.path.expanduser(str(model_name))).exists():
+        return None
+    return bundled_model_path()
+
+
+def _is_bundled(model_name: str, source: str) -> bool:
+    bundled = bundled_alias(model_name)
+    return bundled is not None and Path(source) == bundled
+
+
+def _resolve_source(model_name: str, token: Any = None) -> tuple[str, _StLayout | None]:
     """Map the user's model name to a local folder or hub id, reading an ST layout if there is one."""
     path = Path(os.path.expanduser(str(model_name)))
-    if not path.exists() and str(model_name) in (DEFAULT_MODEL_ID, "all-MiniLM-L6-v2"):
-        bundled = bundled_model_path()
-        if bundled is not None:
-            path = bundled
+    path = bundled_alias(model_name) or path
     if path.is_dir():
         if (path / "modules.json").exists():
             return str(path), read_st_layout(path)
@@ -164,10 +188,53 @@ def _resolve_source(model_name: str) -> tuple[str, _StLayout | None]:
     try:
         from huggingface_hub import hf_hub_download
 
-        modules_file = Path(hf_hub_download(str(model_name), "modules.json", local_files_only=hub_offline()))
+        modules_file = Path(hf_hub_download(str(model_name), "modules.json", local_files_only=hub_offline(),
+                                            token=token))
         return str(model_name), read_st_layout(modules_file.parent)
     except Exception:
         return str(model_name), None
+
+
+def _weights_location(source: str, layout: _StLayout | None) -> str:
+    """Where the encoder's weights load from. A hub id's encoder at the repository root loads by id, so
+    transformers fetches (or finds cached) files the modules.json lookup did not."""
+    if layout is None:
+        return source
+    if not Path(source).is_dir() and layout.transformer_dir == layout.folder:
+        return source
+    return str(layout.transformer_dir)
+
+
+def _st_folder(source: str, layout: _StLayout | None) -> str | None:
+    """Where the ST modules load from: the local folder, or the hub id (its modules' files may not be cached yet)."""
+    if layout is None:
+        return None
+    return source if not Path(source).is_dir() else str(layout.folder)
+
+
+# Unsloth keywords with nothing to do here: vLLM generation, name rewriting, compile and tokenizer fixes.
+_IGNORED_UNSLOTH = ("fast_inference", "gpu_memory_utilization", "max_lora_rank", "disable_log_stats",
+                    "float8_kv_cache", "use_exact_model_name", "fix_tokenizer", "return_logits", "fullgraph",
+                    "unsloth_force_compile", "unsloth_tiled_mlp", "whisper_language", "whisper_task")
+
+
+def unsloth_keywords(kwargs: dict) -> Any:
+    """Take Unsloth's `from_pretrained` keywords out of `kwargs` (the rest go to the model class).
+
+    16/32-bit loading is what embedtune does, so `load_in_16bit` and a False 4/8-bit flag are no-ops;
+    quantized (4/8-bit, fp8) training is refused. Returns `use_gradient_checkpointing` if given.
+    """
+    for name in ("load_in_4bit", "load_in_8bit", "load_in_fp8"):
+        if kwargs.pop(name, False):
+            raise EmbedtuneError(f"{name}=True: quantized training is not supported; load in 16 or 32 bit "
+                                 "(drop the flag, or dtype='bf16')")
+    kwargs.pop("load_in_16bit", None)
+    for name in _IGNORED_UNSLOTH:
+        kwargs.pop(name, None)
+    seed = kwargs.pop("random_state", None)
+    if seed is not None:
+        torch.manual_seed(int(seed))
+    return kwargs.pop("use_gradient_checkpointing", None)
 
 
 @contextlib.contextmanager
@@ -227,19 +294,26 @@ class FastModel:
         allow_pickle: bool = False,
         device: str | torch.device | None = None,
         fast: bool = True,
+        full_finetuning: bool = False,
+        token: Any = None,
         **kwargs: Any,
     ):
         """Load `(model, tokenizer)` for fine-tuning. Weights load from safetensors only unless `allow_pickle`.
 
         `fast=True` switches supported architectures to the padding-free packed forward
         (`embedtune.packing`); outputs are the same, the dense layers just skip padding.
+        Unsloth's own keywords are accepted (`unsloth_keywords`); `full_finetuning=True` is recorded
+        and makes `get_peft_model` leave every weight trainable instead of adding LoRA.
         """
         from transformers import AutoConfig, AutoTokenizer
 
-        source, layout = _resolve_source(str(model_name))
-        weights = str(layout.transformer_dir) if layout else source
+        checkpointing = unsloth_keywords(kwargs)
+        source, layout = _resolve_source(str(model_name), token)
+        weights = _weights_location(source, layout)
         # A local folder, or HF_HUB_OFFLINE: transformers must not look anything up on the hub.
         local = {"local_files_only": True} if Path(weights).is_dir() or hub_offline() else {}
+        if token is not None:
+            local["token"] = token
         try:
             config = AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code, **local)
         except OSError as exc:
@@ -286,11 +360,21 @@ class FastModel:
             max_seq_length=max_seq_length,
             spec=spec,
             prompts=layout.prompts if layout else None,
+            st_folder=_st_folder(source, layout),
+            st_modules=layout.modules if layout else None,
+            bundled=_is_bundled(str(model_name), source),
+            full_finetuning=bool(full_finetuning),
+            trust_remote_code=trust_remote_code,
+            token=token,
         )
         if fast:
             from .packing import enable_fast_path
 
             enable_fast_path(model)
+        if full_finetuning and checkpointing not in (None, False):
+            from .checkpointing import enable_checkpointing, parse_mode
+
+            enable_checkpointing(model, parse_mode(checkpointing))
         return model, tokenizer
 
     @staticmethod

@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModelForFeatureExtraction, TaskType
 
 from .architectures import default_lora_targets
 from .checkpointing import enable_checkpointing
+from .loading import DEFAULT_MODEL_ID
 
 
 class LoraEmbeddingModel(PeftModelForFeatureExtraction):
@@ -39,6 +40,50 @@ class LoraEmbeddingModel(PeftModelForFeatureExtraction):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+# Per family: the attention and the MLP projections, as peft regexes (full match on the module name),
+# for Unsloth's `finetune_attention_modules` / `finetune_mlp_modules`. Together they are the registry's
+# default targets (`architectures.default_lora_targets`).
+_BERT_ATTENTION = r".*\.attention\.(self\.(query|key|value)|output\.dense)"
+_BERT_MLP = r".*\.(intermediate\.dense|layer\.\d+\.output\.dense)"
+_DECODER_SPLIT = (r".*\.(q_proj|k_proj|v_proj|o_proj)", r".*\.(gate_proj|up_proj|down_proj)")
+_TARGET_SPLIT = {
+    "bert": (_BERT_ATTENTION, _BERT_MLP),
+    "roberta": (_BERT_ATTENTION, _BERT_MLP),
+    "xlm-roberta": (_BERT_ATTENTION, _BERT_MLP),
+    "electra": (_BERT_ATTENTION, _BERT_MLP),
+    "distilbert": (r".*\.(q_lin|k_lin|v_lin|out_lin)", r".*\.(lin1|lin2)"),
+    "mpnet": (r".*\.attn\.(q|k|v|o)", r".*\.(intermediate|output)\.dense"),
+    "deberta-v2": (r".*\.attention\.(self\.(query_proj|key_proj|value_proj)|output\.dense)", _BERT_MLP),
+    "modernbert": (r".*\.attn\.(Wqkv|Wo)", r".*\.mlp\.(Wi|Wo)"),
+    "qwen2": _DECODER_SPLIT, "qwen3": _DECODER_SPLIT, "llama": _DECODER_SPLIT, "mistral": _DECODER_SPLIT,
+    "gemma3_text": _DECODER_SPLIT,
+}
+
+
+def default_targets(model_type: str, attention: bool = True, mlp: bool = True, language: bool = True):
+    """LoRA targets for `target_modules=None`: the registry's default, or its attention or MLP half."""
+    from .errors import EmbedtuneError
+
+    if not language or not (attention or mlp):
+        raise EmbedtuneError("finetune_language_layers / finetune_attention_modules / finetune_mlp_modules leave "
+                             "nothing to fine-tune in a text model; enable at least one")
+    if attention and mlp:
+        return default_lora_targets(model_type)
+    split = _TARGET_SPLIT.get(model_type)
+    if split is None:
+        raise EmbedtuneError(f"no attention/MLP split known for model_type {model_type!r}; pass target_modules=[...]")
+    return split[0] if attention else split[1]
+
+
+def _loftq(config: Any) -> None:
+    """Unsloth passes `loftq_config={}` by default: empty is no LoftQ; LoftQ itself quantizes, which we do not."""
+    from .errors import EmbedtuneError
+
+    if config:
+        raise EmbedtuneError("loftq_config: LoftQ initialisation quantizes the base model, which embedtune does "
+                             "not support; leave it None")
+
+
 def get_peft_model(
     model,
     r: int = 16,
@@ -49,22 +94,50 @@ def get_peft_model(
     use_gradient_checkpointing: bool | str = False,
     task_type: Any = TaskType.FEATURE_EXTRACTION,
     random_state: int | None = None,
+    finetune_vision_layers: bool = True,
+    finetune_language_layers: bool = True,
+    finetune_attention_modules: bool = True,
+    finetune_mlp_modules: bool = True,
+    loftq_config: Any = None,
     **kwargs: Any,
 ) -> LoraEmbeddingModel:
-    """Add LoRA to `model`; `target_modules=None` picks the architecture's attention+MLP projections.
+    """Add LoRA to `model`; `target_modules=None` picks the architecture's attention+MLP projections
+    (only one half with `finetune_attention_modules=False` or `finetune_mlp_modules=False`, as in
+    Unsloth; `finetune_vision_layers` has nothing to act on in a text model).
 
     `use_gradient_checkpointing` takes True, False or "unsloth" (checkpointing with the saved
-    layer inputs offloaded to CPU on GPU machines).
+    layer inputs offloaded to CPU on GPU machines), also as strings. `random_state` seeds the LoRA
+    init; `use_rslora` and peft's other LoraConfig fields pass through. A model loaded with
+    `full_finetuning=True` gets no adapters (as in Unsloth): it is returned, fully trainable.
     """
+    import warnings
+
     import torch
 
+    from .checkpointing import parse_mode
+    from .loading import load_info
+
+    try:
+        use_gradient_checkpointing = parse_mode(use_gradient_checkpointing)
+    except ValueError as exc:
+        from .errors import EmbedtuneError
+
+        raise EmbedtuneError(str(exc)) from None
+    info = load_info(model)
+    if info is not None and info.full_finetuning:
+        warnings.warn("full_finetuning=True: get_peft_model adds no adapters; every weight trains", stacklevel=2)
+        model.embedtune_checkpointing = enable_checkpointing(model, use_gradient_checkpointing)
+        return model
     if random_state is not None:
         torch.manual_seed(random_state)
+    _loftq(loftq_config)
     if target_modules is None:
-        target_modules = default_lora_targets(model.config.model_type)
+        target_modules = default_targets(model.config.model_type, finetune_attention_modules, finetune_mlp_modules,
+                                         finetune_language_layers)
     if task_type not in (TaskType.FEATURE_EXTRACTION, "FEATURE_EXTRACTION", None):
         raise ValueError(f"embedding models train as TaskType.FEATURE_EXTRACTION, not {task_type}")
-    kwargs.pop("max_seq_length", None)  # accepted by the guide's library; the tokenizer holds it
+    for name in ("max_seq_length", "temporary_location"):  # Unsloth's; the tokenizer holds the length
+        kwargs.pop(name, None)
     config = LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
@@ -78,6 +151,8 @@ def get_peft_model(
     peft_model = LoraEmbeddingModel(model, config)
     if info is not None:
         peft_model.embedtune_info = info
+        if info.bundled:  # the bundled package IS the hub model: record the portable name
+            config.base_model_name_or_path = DEFAULT_MODEL_ID
     peft_model.embedtune_checkpointing = enable_checkpointing(peft_model, use_gradient_checkpointing)
     return peft_model
 

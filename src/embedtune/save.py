@@ -170,9 +170,14 @@ def save_adapter(model, output_dir: str | os.PathLike, overwrite: bool = False) 
 def reloadable_base(info) -> str:
     """The base to record in an adapter: the local weights folder when there is one, else the hub id.
 
-    `info.source` may be a hub id that was served from a local copy (the bundled MiniLM); plain
-    `AutoModel.from_pretrained` offline can only find the folder the weights really came from.
+    The bundled MiniLM is recorded by its hub id, the portable name of the same weights (a
+    site-packages path means nothing on another machine); `lora.load_adapter` and `embedtune export`
+    resolve it to the bundled copy offline.
     """
+    if getattr(info, "bundled", False):
+        from .loading import DEFAULT_MODEL_ID
+
+        return DEFAULT_MODEL_ID
     weights = Path(info.weights_path)
     return str(weights.resolve()) if weights.is_dir() else info.source
 

@@ -359,6 +359,9 @@ def run(config: TrainConfig, progress=None) -> RunResult:
 
         enable_checkpointing(model, config.gradient_checkpointing)
     st_model = to_sentence_transformer(model, tokenizer, pooling=config.pooling)
+    if config.fsdp and any(True for module in list(st_model)[1:] for _ in module.parameters()):
+        raise EmbedtuneError(f"{config.model}: --fsdp shards the encoder only, and this checkpoint's pipeline has "
+                             "weights after it (Dense, LayerNorm, ...); train it without --fsdp")
     given = {"query": config.query_prompt, "document": config.document_prompt}
     st_model.prompts = {**(st_model.prompts or {}), **{k: v for k, v in given.items() if v}}  # saved with the model
     query_prompt, document_prompt = st_model.prompts.get("query"), st_model.prompts.get("document")
