@@ -105,3 +105,19 @@ def test_offloaded_checkpoint_function_matches_plain_backward():
 def test_max_seq_length_none_takes_the_checkpoints_own():
     _, tok = FastModel.from_pretrained(MINILM, max_seq_length=None)
     assert tok.model_max_length == 256  # all-MiniLM-L6-v2's sentence_bert_config.json
+
+
+def test_saved_model_keeps_its_max_seq_length_on_reload(tmp_path):
+    """sentence-transformers 6 saves max_seq_length only as the tokenizer's model_max_length; a reload
+    (what `embedtune eval` does) must use it, as stock SentenceTransformer(dir) does, not the 512 of
+    the position table."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune import save_merged
+    from embedtune.loading import FastModel, bundled_model_path, load_info
+    from embedtune.st import to_sentence_transformer
+
+    model, tokenizer = FastModel.from_pretrained(str(bundled_model_path()), max_seq_length=64)
+    folder = save_merged(to_sentence_transformer(model, tokenizer), tmp_path / "model")
+    reloaded, _ = FastModel.from_pretrained(str(folder), max_seq_length=None)
+    assert load_info(reloaded).max_seq_length == 64 == SentenceTransformer(str(folder)).max_seq_length

@@ -151,10 +151,19 @@ def read_st_layout(folder: Path) -> _StLayout:
             pooling = pooling_from_config(_read_json(sub / "config.json"))
         elif kind.endswith("Normalize"):
             normalize = True
+    if max_len is None:  # sentence-transformers 6 saves it as the tokenizer's model_max_length instead
+        max_len = _tokenizer_max_length(transformer_dir)
     prompts = None
     if (folder / "config_sentence_transformers.json").exists():
         prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or None
     return _StLayout(transformer_dir, pooling, normalize, max_len, prompts, modules, folder)
+
+
+def _tokenizer_max_length(folder: Path) -> int | None:
+    """The tokenizer's model_max_length, unless it is transformers' "no limit" sentinel (about 1e30)."""
+    path = folder / "tokenizer_config.json"
+    value = _read_json(path).get("model_max_length") if path.is_file() else None
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else None
 
 
 BUNDLED_IDS = (DEFAULT_MODEL_ID, "all-MiniLM-L6-v2")
