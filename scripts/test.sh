@@ -12,5 +12,6 @@ python -m pytest -q -p no:cacheprovider --durations=12 "$@"  # the slowest tests
 if [ -z "${EMBEDTUNE_SKIP_ST5:-}" ]; then
   python -m pip install -q --no-deps --upgrade --target .st5 "sentence-transformers>=5.7,<6"
   PYTHONPATH=.st5 python -m pytest -q -p no:cacheprovider tests/test_compat_and_loading.py tests/test_save.py \
-    tests/test_architectures.py -k "roundtrip or compat or save or assigning or wrapper"
+    tests/test_architectures.py tests/test_st_pipeline.py -k "roundtrip or compat or save or assigning or wrapper"
+  PYTHONPATH=.st5 python -m pytest -q -p no:cacheprovider tests/test_trainer_resume.py
 fi

@@ -7,7 +7,9 @@ Normalize, ... as its modules.json lists them; Pooling + Normalize for a plain H
 import: the Transformer constructor loads the bundled all-MiniLM-L6-v2 for that model's hub id (as
 `FastModel.from_pretrained` does), and on ST 6 it makes `sentence_transformers.models` reachable
 again and makes assigning `auto_model`/`tokenizer` on a Transformer module really replace the
-backbone (stock ST 6 silently registers a stray submodule and keeps running the old model).
+backbone (stock ST 6 silently registers a stray submodule and keeps running the old model). On ST 5
+and 6 it also makes the trainer's checkpoint loading (resume, `load_best_model_at_end`) work for a
+model whose Transformer runs an unmerged LoRA `PeftModel` (see `load_peft_checkpoint`).
 """
 
 from __future__ import annotations
@@ -113,10 +115,12 @@ def _bundled_or(name: str) -> str:
 
 
 def install_compat() -> None:
-    """Apply the compatibility patch once: the bundled model's names (ST 5 and 6), and on ST 6 the
+    """Apply the compatibility patch once: the bundled model's names and the trainer's loading of
+    LoRA checkpoints (`_install_peft_checkpoint_loading`) on ST 5 and 6, and on ST 6 the
     backbone/tokenizer assignment (ST 5 keeps these attributes plain)."""
     cls = _transformer_class()
     _resolve_bundled_names(cls)
+    _install_peft_checkpoint_loading()
     if getattr(cls, _COMPAT_FLAG, False) or not _backbone_is_property(cls):
         return
     original_setattr = cls.__setattr__
@@ -301,3 +305,215 @@ def _match_backbone(modules, model) -> None:
             module.to(dtype)
         if lora:
             module.requires_grad_(False)
+
+
+_RESUME_FLAG = "_embedtune_peft_checkpoints"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODULE_WEIGHTS = "model.safetensors"
+
+
+def _install_peft_checkpoint_loading() -> None:
+    """Make the sentence-transformers trainer reload its own checkpoints of a LoRA model.
+
+    `BaseTrainer._load_from_checkpoint` (ST 5.7 and 6.x; run by `train(resume_from_checkpoint=...)`
+    and by `load_best_model_at_end=True`) rebuilds the checkpoint as a stock SentenceTransformer and
+    copies its state dict over: for a Transformer module holding a peft `PeftModel` the keys differ
+    (ST 6 raises; `load_best_model_at_end` only logs it and keeps the last weights). Only that case
+    is taken over (`load_peft_checkpoint`); every other model, and FSDP / DeepSpeed runs, go to the
+    original. In full fine-tuning the stock reload builds the backbone with parts that embedtune's
+    loading leaves out and the checkpoint never held (BERT's pooler): those keys alone are dropped
+    (`_ignore_fresh_backbone_keys`). Subclasses that override the method (embedtune's own
+    `ResumableTrainer`) are unaffected.
+    """
+    try:
+        from sentence_transformers.base.trainer import BaseTrainer as cls
+    except ImportError:  # older layouts: the trainer class itself
+        from sentence_transformers import SentenceTransformerTrainer as cls
+    if getattr(cls, _RESUME_FLAG, False) or "_load_from_checkpoint" not in vars(cls):
+        return
+    original = cls._load_from_checkpoint
+
+    @functools.wraps(original)
+    def _load_from_checkpoint(self, checkpoint_path, *args, **kwargs):
+        if args or kwargs or getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            return original(self, checkpoint_path, *args, **kwargs)
+        model = getattr(self.model, "_orig_mod", self.model)
+        if unmerged_peft_backbone(model) is None:
+            with _ignore_fresh_backbone_keys(model, checkpoint_path):
+                return original(self, checkpoint_path, *args, **kwargs)
+        load_peft_checkpoint(model, checkpoint_path)
+
+    cls._load_from_checkpoint = _load_from_checkpoint
+    setattr(cls, _RESUME_FLAG, True)
+
+
+def unmerged_peft_backbone(st_model):
+    """The peft `PeftModel` that the SentenceTransformer's first (Transformer) module runs, if its
+    adapters are not merged (embedtune's `merge_and_unload` or peft's `merge_adapter`); else None."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    modules = getattr(st_model, "_modules", None)
+    first = next(iter(modules.values()), None) if modules else None
+    if first is None or not isinstance(first, _transformer_class()):
+        return None
+    backbone = getattr(first, "auto_model", None)
+    if not isinstance(backbone, PeftModel) or getattr(backbone, "_embedtune_merged", False):
+        return None
+    if any(isinstance(m, BaseTunerLayer) and getattr(m, "merged", False) for m in backbone.modules()):
+        return None
+    return backbone
+
+
+def load_peft_checkpoint(st_model, checkpoint_path) -> None:
+    """Load a trainer checkpoint of `st_model` (whose Transformer runs an unmerged `PeftModel`) in place.
+
+    The Transformer module's folder in the checkpoint (its modules.json path; the root for ST's own
+    saves) holds the adapter as peft saves it: `adapter_model.safetensors` for the "default" adapter,
+    `<name>/adapter_model.safetensors` for others. These go in with peft's `set_peft_model_state_dict`;
+    the frozen base weights are the model's own already. Every other module with weights (Dense,
+    LayerNorm, ...) gets them from its subfolder's `model.safetensors`, else through its class's own
+    `load`. Weights are read from safetensors only; a checkpoint that has them only as pickles is refused.
+    The parameters keep their identity, device and dtype, so the optimizer state loaded next still fits.
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(checkpoint_path)
+    backbone = unmerged_peft_backbone(st_model)
+    if backbone is None:
+        raise EmbedtuneError("load_peft_checkpoint: the model's Transformer module holds no unmerged LoRA model")
+    try:
+        entries = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EmbedtuneError(f"{folder}: cannot read the checkpoint's modules.json ({exc})") from None
+    paths = {str(e.get("name", e.get("idx"))): str(e.get("path", "")) for e in entries}
+    names = list(st_model._modules)
+    if sorted(paths) != sorted(names):
+        raise EmbedtuneError(f"{folder}: the checkpoint's modules ({sorted(paths)}) are not this model's "
+                             f"({sorted(names)}); resume with the model the run was started with")
+    _load_adapters(backbone, folder / paths[names[0]])
+    for name in names[1:]:
+        module = st_model._modules[name]
+        if module is not None and module.state_dict():
+            _load_module_weights(module, folder, paths[name], name)
+
+
+def _load_adapters(backbone, folder) -> None:
+    """Every adapter of `backbone` from where peft's `save_pretrained` put it under `folder`, checked
+    against the adapter's own keys (a key may be absent only where peft dropped an alias of a saved one)."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for adapter in backbone.peft_config:
+        path = folder / ADAPTER_WEIGHTS if adapter == "default" else folder / adapter / ADAPTER_WEIGHTS
+        if not path.is_file():
+            pickled = " (it has adapter_model.bin, a pickle, which embedtune does not load)" \
+                if path.with_suffix(".bin").is_file() else ""
+            raise EmbedtuneError(f"{path.parent}: no {ADAPTER_WEIGHTS} for LoRA adapter {adapter!r}{pickled}")
+        weights = load_file(str(path), device="cpu")
+        # the adapter's own keys; embedding layers peft may add on save are not required (nor looked up online)
+        expected = get_peft_model_state_dict(backbone, adapter_name=adapter, save_embedding_layers=False)
+        saved_storage = {_storage(expected[k]) for k in expected if k in weights}
+        missing = [k for k in expected if k not in weights and _storage(expected[k]) not in saved_storage]
+        unexpected = []
+        if not missing:
+            before = {k: v.detach().clone() for k, v in expected.items() if isinstance(v, torch.Tensor)}
+            try:
+                result = set_peft_model_state_dict(backbone, weights, adapter_name=adapter)
+            except RuntimeError as exc:  # shapes that differ (another rank r)
+                set_peft_model_state_dict(backbone, before, adapter_name=adapter)
+                raise EmbedtuneError(f"{path}: the adapter weights do not fit this model "
+                                     f"({str(exc).strip().splitlines()[-1].strip()}); resume with the model "
+                                     "and LoRA settings the run was started with") from None
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            if unexpected:  # leave the model as it was, not half loaded
+                set_peft_model_state_dict(backbone, before, adapter_name=adapter)
+        if missing or unexpected:
+            detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+            raise EmbedtuneError(f"{path}: the adapter weights do not fit this model ({detail}); resume with "
+                                 "the model and LoRA settings the run was started with")
+
+
+def _storage(tensor):
+    return (tensor.device, tensor.untyped_storage().data_ptr()) if isinstance(tensor, torch.Tensor) else id(tensor)
+
+
+def _load_module_weights(module, root, subfolder: str, name: str) -> None:
+    """A checkpoint module's weights into the live `module` (strict), from safetensors or its class's `load`."""
+    from safetensors.torch import load_model
+
+    folder = root / subfolder
+    weights = folder / MODULE_WEIGHTS
+    if weights.is_file():
+        load_model(module, str(weights), strict=True)
+        return
+    if (folder / "pytorch_model.bin").is_file():
+        raise EmbedtuneError(f"{folder}: module {name} ({type(module).__name__}) has its weights only as "
+                             "pytorch_model.bin, a pickle, which embedtune does not load")
+    cls = type(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if len(inspect.signature(cls.load).parameters) == 1:  # old-style modules: a local folder
+            loaded = cls.load(str(folder))
+        else:
+            loaded = cls.load(str(root), subfolder=subfolder, local_files_only=True)
+    module.load_state_dict(loaded.state_dict())
+
+
+@contextlib.contextmanager
+def _ignore_fresh_backbone_keys(st_model, checkpoint_path):
+    """While the stock `_load_from_checkpoint` runs: drop from the state dict it loads the keys of the
+    Transformer module that the live model lacks and the checkpoint's weight files do not hold, i.e.
+    parts the stock reload initialised afresh (e.g. BERT's pooler, which `FastModel.from_pretrained`
+    leaves out). Everything else stays strict. No-op unless the first module is a Transformer whose
+    weights the checkpoint holds as safetensors."""
+    import json
+    from pathlib import Path
+
+    saved = None
+    modules = getattr(st_model, "_modules", None)
+    first_name, first = next(iter(modules.items()), (None, None)) if modules else (None, None)
+    if first is not None and isinstance(first, _transformer_class()):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, StopIteration):
+            folder = Path(checkpoint_path)
+            entries = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+            entry = next(e for e in entries if str(e.get("name", e.get("idx"))) == first_name)
+            saved = _saved_weight_names(folder / str(entry.get("path", "")))
+    if not saved:
+        yield
+        return
+    live = set(st_model.state_dict())
+    prefix = f"{first_name}."
+    stock_load = st_model.load_state_dict
+
+    def load_state_dict(state_dict, *args, **kwargs):
+        def fresh(key: str) -> bool:
+            if not key.startswith(prefix) or key in live:
+                return False
+            inner = key[len(prefix):].split(".", 1)[-1]  # past the module's backbone attribute (model / auto_model)
+            return inner not in saved
+        return stock_load({k: v for k, v in state_dict.items() if not fresh(k)}, *args, **kwargs)
+
+    st_model.load_state_dict = load_state_dict
+    try:
+        yield
+    finally:
+        with contextlib.suppress(AttributeError):
+            del st_model.load_state_dict
+
+
+def _saved_weight_names(folder) -> set[str] | None:
+    """The tensor names a transformers save put in `folder` (safetensors, single or sharded), or None."""
+    import json
+
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+    single = folder / MODULE_WEIGHTS
+    if not single.is_file():
+        return None
+    with safe_open(str(single), framework="pt") as handle:
+        return set(handle.keys())
