@@ -121,3 +121,18 @@ def test_saved_model_keeps_its_max_seq_length_on_reload(tmp_path):
     folder = save_merged(to_sentence_transformer(model, tokenizer), tmp_path / "model")
     reloaded, _ = FastModel.from_pretrained(str(folder), max_seq_length=None)
     assert load_info(reloaded).max_seq_length == 64 == SentenceTransformer(str(folder)).max_seq_length
+
+
+def test_checkpointing_refusals_are_user_errors():
+    """One line on the command line (an EmbedtuneError), still a ValueError for Python callers."""
+    import pytest
+    import torch
+
+    from embedtune.checkpointing import enable_checkpointing
+    from embedtune.errors import EmbedtuneError
+
+    with pytest.raises(EmbedtuneError, match="does not support gradient checkpointing") as caught:
+        enable_checkpointing(torch.nn.Linear(2, 2), True)
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(EmbedtuneError, match="must be True, False or 'unsloth'"):
+        enable_checkpointing(torch.nn.Linear(2, 2), "sometimes")

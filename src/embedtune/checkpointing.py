@@ -14,6 +14,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .errors import SettingError
+
 
 def current_autocast(device: torch.device) -> Callable[[], Any]:
     """A factory of the autocast context in force now on `device` (autocast off if none is), to
@@ -84,7 +86,7 @@ def parse_mode(mode):
         return False
     elif mode is True or mode == 1:
         return True
-    raise ValueError(f"use_gradient_checkpointing must be True, False or 'unsloth', not {mode!r}")
+    raise SettingError(f"use_gradient_checkpointing must be True, False or 'unsloth', not {mode!r}")
 
 
 # Families whose transformers layers cannot checkpoint themselves but whose layer stack we checkpoint:
@@ -135,7 +137,7 @@ def enable_checkpointing(model, mode) -> str:
     if own_layers is not None and not getattr(base, "supports_gradient_checkpointing", False):
         _checkpoint_own_layers(base, own_layers, mode)
     elif not getattr(base, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
+        raise SettingError(f"{type(base).__name__} does not support gradient checkpointing; train without it")
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # With frozen embeddings (LoRA) the first layer's input carries no grad; the offloaded

@@ -11,3 +11,8 @@ class DataError(EmbedtuneError):
 
 class SaveError(EmbedtuneError):
     """A save target that would be overwritten or corrupted."""
+
+
+class SettingError(EmbedtuneError, ValueError):
+    """A model setting that can't apply (e.g. checkpointing a model that has no way to): still a
+    ValueError for callers that catch one, and one line on the command line."""

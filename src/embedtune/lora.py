@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModelForFeatureExtraction, TaskType
 
 from .architectures import default_lora_targets
 from .checkpointing import enable_checkpointing
+from .errors import SettingError
 from .loading import DEFAULT_MODEL_ID
 
 
@@ -135,7 +136,7 @@ def get_peft_model(
         target_modules = default_targets(model.config.model_type, finetune_attention_modules, finetune_mlp_modules,
                                          finetune_language_layers)
     if task_type not in (TaskType.FEATURE_EXTRACTION, "FEATURE_EXTRACTION", None):
-        raise ValueError(f"embedding models train as TaskType.FEATURE_EXTRACTION, not {task_type}")
+        raise SettingError(f"embedding models train as TaskType.FEATURE_EXTRACTION, not {task_type}")
     for name in ("max_seq_length", "temporary_location"):  # Unsloth's; the tokenizer holds the length
         kwargs.pop(name, None)
     config = LoraConfig(
