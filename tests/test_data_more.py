@@ -181,11 +181,17 @@ def _csv_lines(n: int) -> list[str]:
     return ["anchor,positive"] + [f"a{i},p{i}" for i in range(1, n + 1)]
 
 
-def test_ragged_csv_row_names_its_line(tmp_path):
-    lines = _csv_lines(19)
-    lines[11] = "a10,p10,extra"
-    path = tmp_path / "badline.csv"
+def _csv_file(path, n: int, replaced: dict[int, str]):
+    """A CSV of n good rows with some lines (0-based, the header is 0) replaced."""
+    lines = _csv_lines(n)
+    for index, line in replaced.items():
+        lines[index] = line
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_ragged_csv_row_names_its_line(tmp_path):
+    path = _csv_file(tmp_path / "badline.csv", 19, {11: "a10,p10,extra"})
     assert _error(path) == f"{path}:12: invalid CSV: expected 2 columns, got 3: a10,p10,extra"
 
 
@@ -199,10 +205,7 @@ def test_ragged_csv_row_is_cut_short(tmp_path):
 
 def test_unbalanced_quote_at_the_end_is_an_error_not_one_huge_value(tmp_path):
     """pyarrow read the rest of the file into one value, silently losing every later row."""
-    lines = _csv_lines(19)
-    lines[5] = 'a5,"p5 never closed'
-    path = tmp_path / "quote.csv"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path = _csv_file(tmp_path / "quote.csv", 19, {5: 'a5,"p5 never closed'})
     assert _error(path) == f"{path}:6: invalid CSV: unbalanced quote: a quoted value that starts here never closes"
 
 

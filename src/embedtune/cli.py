@@ -325,8 +325,9 @@ def mine(
 
 def demo_data_path(pairs: int) -> Path:
     """Where the demo keeps its pairs file: in the user's cache, so the run's config.yaml replays it."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "embedtune" / "demo" / f"stdlib_pairs_{pairs}.jsonl"
+    from .compile_cache import user_cache_dir
+
+    return user_cache_dir() / "demo" / f"stdlib_pairs_{pairs}.jsonl"
 
 
 def demo_eval_size(pairs: int, eval_size: int | None) -> int:

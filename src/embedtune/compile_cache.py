@@ -18,14 +18,19 @@ CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # torch reads it at each cache access; se
 _COMPILE_TIMERS = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
 
 
+def user_cache_dir() -> Path:
+    """embedtune's folder in the user's cache: $XDG_CACHE_HOME/embedtune (~/.cache/embedtune by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "embedtune"
+
+
 def use_persistent_compile_cache() -> str:
     """Keep torch's compile caches in $XDG_CACHE_HOME/embedtune/torch-compile (~/.cache/... by
     default) unless $TORCHINDUCTOR_CACHE_DIR is set; returns the folder in use."""
     chosen = os.environ.get(CACHE_ENV)
     if chosen:
         return chosen
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = Path(base) / "embedtune" / "torch-compile"
+    folder = user_cache_dir() / "torch-compile"
     os.environ[CACHE_ENV] = str(folder)
     return str(folder)
 
