@@ -264,22 +264,94 @@ def test_recipe_hands_the_graph_step_host_batches_and_its_scale(tmp_path, monkey
     assert result.metrics["cuda_graphs"]["off"] is None
 
 
-def test_graphed_step_sets_train_mode_only_when_the_model_left_it():
-    """The trainer's graphed step puts the model back in train mode after an evaluation, and skips
-    the walk over every module when it is already training."""
+def _trainer_stub(graph_step):
     from types import SimpleNamespace
 
+    return SimpleNamespace(collect_features=lambda inputs: ([inputs], None), current_gradient_accumulation_steps=2,
+                           graph_step=graph_step, _modules_of=None, optimizer=None,
+                           args=SimpleNamespace(torch_empty_cache_steps=None), state=SimpleNamespace(global_step=0))
+
+
+def test_graphed_step_sets_train_mode_only_when_a_module_left_it():
+    """The trainer's graphed step puts every module in train mode, as the trainer's own step does:
+    after an evaluation, and when only the modules are in eval mode (what `from_pretrained` leaves
+    inside a wrapper whose own flag says training); it skips the walk when all already train."""
     from embedtune.resilience import ResumableTrainer
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
     calls = []
     train = model.train
     model.train = lambda mode=True: calls.append(mode) or train(mode)
-    trainer = SimpleNamespace(collect_features=lambda inputs: ([inputs], None), current_gradient_accumulation_steps=2,
-                              graph_step=lambda features, scale: torch.tensor(4.0))
+    trainer = _trainer_stub(lambda features, scale: torch.tensor(4.0))
     model.eval()  # what an evaluation leaves
     calls.clear()
     loss = ResumableTrainer._graphed_training_step(trainer, model, {"x": torch.ones(1)})
     assert model.training and model[1].training and calls == [True] and loss.item() == 2.0
     ResumableTrainer._graphed_training_step(trainer, model, {"x": torch.ones(1)})
     assert calls == [True], "already training: no walk over the modules"
+    model[1].eval()  # the wrapper says training, a module does not
+    ResumableTrainer._graphed_training_step(trainer, model, {"x": torch.ones(1)})
+    assert calls == [True, True] and model[1].training
+
+
+def test_graph_key_holds_the_modules_modes(root):
+    """A graph replays the modes it was captured in, so a step in other modes must not find it."""
+    st = _st("bert", root, lora=False)
+    step = GraphedStep(ContrastiveLoss(st), max_seq_length=48, dtype=None, token_multiple=64)
+    seen = []
+    step._eager = lambda inputs, static, scale: seen.append(static) or torch.tensor(0.0)
+    features = [st.tokenize(ANCHORS), st.tokenize(POSITIVES)]
+    prepared = step.prepare(features)
+    step(prepared)  # first sight of this shape in train mode: eager
+    st[0].eval()
+    step(prepared)  # same shapes, other modes: a first sight again, not a capture of the train-mode key
+    assert len(seen) == 2 and len(step._graphs) == 2
+
+
+def test_to_sentence_transformer_gives_one_mode_to_the_whole_tree(root):
+    model, tok = FastModel.from_pretrained(str(make_tiny_model("bert", root)), max_seq_length=48)
+    st = to_sentence_transformer(model, tok)
+    assert len({m.training for m in st.modules()}) == 1
+
+
+def test_graphed_recipe_trains_with_dropout_like_the_eager_recipe(root, tmp_path, monkeypatch):
+    """Dropout on, no evaluation (nothing else puts the model in train mode): a run whose steps go
+    through the graph step trains as the eager run does, loss for loss, same seed. On CPU the graph
+    step is a stand-in that runs the loss eagerly, so what differs between the runs is what the
+    trainer's graphed step sets up (a replayed graph keeps the modes it was captured in)."""
+    import importlib
+    import json
+
+    from embedtune.train import TrainConfig, run
+
+    recipe = importlib.import_module("embedtune.train")
+    modes = []
+
+    class Eager:
+        counts, shapes, off_reason = {"eager": 0, "captured": 0, "replayed": 0}, 0, None
+
+        def __init__(self, loss):
+            self.loss = loss
+
+        def __call__(self, features, scale=1.0):
+            modes.append({m.training for m in self.loss.model.modules() if isinstance(m, torch.nn.Dropout)})
+            loss = self.loss(features)
+            (loss * scale).backward()
+            return loss.detach()
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"anchor": f"how to do thing {i}", "positive": f"def thing_{i}(): pass"}) + "\n"
+                            for i in range(32)))
+    model = str(make_tiny_model("bert", root))
+
+    def losses(**speed):
+        result = run(TrainConfig(data=str(data), model=model, max_steps=6, batch_size=4, eval=False,
+                                 max_seq_length=32, logging_steps=1, lora_r=None, lr=1e-3, **speed))
+        return [e["loss"] for e in result.metrics["history"] if "loss" in e]
+
+    eager = losses(cuda_graphs=False)
+    monkeypatch.setattr(recipe, "graph_step_for", lambda trainer, config: Eager(trainer.loss))
+    graphed = losses(cuda_graphs=True)
+    assert modes and all(m == {True} for m in modes), "the graph step ran with dropout off"
+    assert len(eager) == len(graphed) == 6
+    assert graphed == pytest.approx(eager, abs=1e-6)

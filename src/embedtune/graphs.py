@@ -98,6 +98,15 @@ def _fresh_leaf_streams():
 _UNSEEN = object()
 
 
+def train_mode(model: torch.nn.Module, modules: list[torch.nn.Module]) -> None:
+    """Put every module of `model` in train mode, as the trainer's own step does (`model.train()`), but
+    skip that walk through every module (1-3 ms a step on LoRA models) when all of `modules` (the
+    model's, listed once) already train. The model's own flag alone says nothing about its modules:
+    `from_pretrained` leaves an encoder in eval mode inside a wrapper whose flag says training."""
+    if not all(m.training for m in modules):
+        model.train()
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
@@ -137,6 +146,7 @@ class GraphedStep:
         self.dtype = dtype
         self.token_multiple = token_multiple
         self.params = [p for p in loss.parameters() if p.requires_grad]
+        self._modules = list(loss.modules())  # their train/eval flags are part of each graph's key
         self._grads: list[Tensor] | None = None
         self._graphs: dict[tuple, _Graph | None] = {}  # None: seen once, ran eagerly
         self._pool = None
@@ -167,8 +177,10 @@ class GraphedStep:
         inputs, rows, stream = batch.inputs, batch.rows, batch.stream
         if self.off_reason:  # a batch prepared before graphs went off runs eagerly as it is
             return self._eager(inputs, (rows, stream), scale)
+        # A graph replays the modes it was captured in (dropout on or off in every module), so the modes
+        # belong in its key like the shapes do.
         key = (tuple((k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, repr(v))
-                     for k, v in inputs.items()), rows, stream)
+                     for k, v in inputs.items()), rows, stream, tuple(m.training for m in self._modules))
         entry = self._graphs.get(key, _UNSEEN)
         if entry is _UNSEEN:
             # First sight of a shape: run it eagerly, so that whatever it sets up the first time

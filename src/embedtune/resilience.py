@@ -373,6 +373,7 @@ class ResumableTrainer(SentenceTransformerTrainer):
                                                     generator, seed)
 
     graph_step = None  # an embedtune.graphs.GraphedStep when the run replays its steps as CUDA graphs
+    _modules_of = None  # the graphed step's model and its modules, listed once
     _finite_gate = None  # a _NonFiniteGate, if the first step chose the deferred check
     _finite_gate_decided = False
 
@@ -410,15 +411,26 @@ class ResumableTrainer(SentenceTransformerTrainer):
     def _graphed_training_step(self, model, inputs):
         """The trainer's step (loss scaled for gradient accumulation, as `Trainer.training_step` does)
         with forward and backward replayed as a CUDA graph."""
-        if not model.training:  # after an evaluation; train() walks every module (1-3 ms a step on LoRA
-            model.train()       # models), and a replayed graph keeps the train mode it was captured in
+        # What the trainer's own step does before its forward: every module in train mode (a replayed
+        # graph keeps the modes it was captured in), and the optimizer's train mode where it has one.
+        from .graphs import train_mode
+
+        if self._modules_of is None or self._modules_of[0] is not model:
+            self._modules_of = list(model.modules())  # listed once: reading their flags is cheap
+        train_mode(model, self._modules_of)
+        if callable(getattr(self.optimizer, "train", None)):
+            self.optimizer.train()
         # the batch stays on the host, where the graph step reads its shape and pads it, then copies
         # it into the graph's buffers (moving it to the device first would cost a round trip and a sync)
         inputs = dict(inputs)
         inputs.pop("dataset_name", None)
         features, _labels = self.collect_features(inputs)
         scale = 1.0 / self.current_gradient_accumulation_steps
-        return self.graph_step(features, scale=scale) * scale
+        loss = self.graph_step(features, scale=scale) * scale
+        every = self.args.torch_empty_cache_steps
+        if every is not None and self.state.global_step % every == 0:
+            torch.cuda.empty_cache()
+        return loss
 
 
 def _fused_adam(optimizer):

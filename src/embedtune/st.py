@@ -204,6 +204,10 @@ def to_sentence_transformer(model, tokenizer, pooling: str | None = None, max_se
     _match_backbone(rest, model)
     device = next(model.parameters()).device
     st_model = SentenceTransformer(modules=[first, *rest], device=str(device))
+    # One mode for the whole tree, the encoder's (transformers loads models in eval mode): a wrapper
+    # whose own flag says training over modules in eval mode would let a step that goes by the flag
+    # (`model.training`) run without dropout.
+    st_model.train(model.training)
     if info is not None:
         if info.prompts:  # a checkpoint's own prompts (e.g. E5's "query: ") keep applying
             st_model.prompts = dict(info.prompts)
