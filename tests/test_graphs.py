@@ -118,6 +118,10 @@ def test_recipe_turns_graphs_off_with_a_notice_off_gpu(root, caplog):
     with caplog.at_level("WARNING"):
         reason = graph_step_for(trainer, TrainConfig(data="x", cuda_graphs=True))
     assert "--cuda-graphs off" in caplog.text and reason in caplog.text and "CUDA" in reason
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # graphs chosen automatically: no warning, the summary says why
+        assert graph_step_for(trainer, TrainConfig(data="x")) == reason
+    assert not caplog.text
 
 
 def test_fixed_plan_shapes_depend_only_on_batch_width_and_stream():

@@ -24,15 +24,17 @@ def user_cache_dir() -> Path:
     return Path(base) / "embedtune"
 
 
+def compile_cache_dir() -> str:
+    """Where a compiled run keeps torch's compile caches: $TORCHINDUCTOR_CACHE_DIR if set, else
+    $XDG_CACHE_HOME/embedtune/torch-compile (~/.cache/... by default)."""
+    return os.environ.get(CACHE_ENV) or str(user_cache_dir() / "torch-compile")
+
+
 def use_persistent_compile_cache() -> str:
-    """Keep torch's compile caches in $XDG_CACHE_HOME/embedtune/torch-compile (~/.cache/... by
-    default) unless $TORCHINDUCTOR_CACHE_DIR is set; returns the folder in use."""
-    chosen = os.environ.get(CACHE_ENV)
-    if chosen:
-        return chosen
-    folder = user_cache_dir() / "torch-compile"
-    os.environ[CACHE_ENV] = str(folder)
-    return str(folder)
+    """Point torch's compile caches at `compile_cache_dir()` (unless the user chose a place); returns it."""
+    folder = compile_cache_dir()
+    os.environ[CACHE_ENV] = folder
+    return folder
 
 
 def compile_seconds() -> float:

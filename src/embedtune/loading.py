@@ -303,6 +303,7 @@ class FastModel:
         allow_pickle: bool = False,
         device: str | torch.device | None = None,
         fast: bool = True,
+        compile: bool | str = "auto",
         full_finetuning: bool = False,
         token: Any = None,
         **kwargs: Any,
@@ -310,7 +311,9 @@ class FastModel:
         """Load `(model, tokenizer)` for fine-tuning. Weights load from safetensors only unless `allow_pickle`.
 
         `fast=True` switches supported architectures to the padding-free packed forward
-        (`embedtune.packing`); outputs are the same, the dense layers just skip padding.
+        (`embedtune.packing`); outputs are the same, the dense layers just skip padding. `compile`:
+        "auto" compiles the packed layers on a GPU once a training run has gone on long enough to
+        earn the warm-up back (`speed.CompileWhenItPays`); True / False decide it now.
         Unsloth's own keywords are accepted (`unsloth_keywords`); `full_finetuning=True` is recorded
         and makes `get_peft_model` leave every weight trainable instead of adding LoRA.
         """
@@ -379,7 +382,7 @@ class FastModel:
         if fast:
             from .packing import enable_fast_path
 
-            enable_fast_path(model)
+            enable_fast_path(model, compile=compile)
         if full_finetuning and checkpointing not in (None, False):
             from .checkpointing import enable_checkpointing, parse_mode
 

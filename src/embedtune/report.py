@@ -187,6 +187,7 @@ def facts_table(metrics: dict):
         ("train time", f"{metrics['train_time_s']:.1f} s" if _number(metrics.get("train_time_s")) else None),
         ("total time", f"{metrics['total_time_s']:.1f} s" if _number(metrics.get("total_time_s")) else None),
         ("tokens/s", f"{metrics['tokens_per_s']:,.0f}" if _number(metrics.get("tokens_per_s")) else None),
+        ("speed mode", speed_fact(metrics.get("speed"), metrics.get("cuda_graphs"))),
         ("compile time", _compile_fact(metrics.get("compile"))),
         ("CUDA graphs", graphs_fact(metrics.get("cuda_graphs"))),
         ("best step", metrics.get("best_step")),
@@ -204,6 +205,16 @@ def _compile_fact(compile_info) -> str | None:
     if not isinstance(compile_info, dict) or not _number(compile_info.get("time_s")):
         return None
     return f"{compile_info['time_s']:.1f} s (cache: {compile_info.get('cache')})"
+
+
+def speed_fact(speed, graphs=None) -> str | None:
+    """'compiled layers + CUDA graphs (why ...)': the mode a run trained in (`embedtune.speed`)."""
+    if not isinstance(speed, dict):
+        return None
+    off = isinstance(graphs, dict) and graphs.get("off")
+    ran = [name for name, on in (("compiled layers", speed.get("compile")),
+                                 ("CUDA graphs", speed.get("cuda_graphs") and not off)) if on]
+    return f"{' + '.join(ran) or 'eager'} ({speed.get('why')})"
 
 
 def graphs_fact(graphs) -> str | None:

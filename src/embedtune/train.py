@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .compile_cache import compile_seconds, use_persistent_compile_cache
+from .compile_cache import compile_cache_dir, compile_seconds, use_persistent_compile_cache
 from .config_file import CONFIG_NAME, resolved_config, write_config_yaml
 from .data import column, load_pairs, train_eval_split
 from .data.sampler import no_duplicates_sampler
@@ -38,6 +38,7 @@ from .monitoring import (
 )
 from .save import check_target, replace_folder, save_adapter, save_merged
 from .sharding import local_tensor
+from .speed import mark_cache_warm
 from .st import to_sentence_transformer
 
 EVAL_NAME = "ir-eval"
@@ -74,8 +75,8 @@ class TrainConfig:
     save_every: int | None = None  # checkpoint interval in steps; None: the eval interval (at most 500), 0: off
     logging_steps: int = 5
     fast: bool = True  # padding-free packed forward where the architecture supports it
-    compile: bool = False  # torch.compile the packed layers (one compile per run; see packing.layers)
-    cuda_graphs: bool = False  # replay each step's forward and backward as a CUDA graph (see embedtune.graphs)
+    compile: bool | None = None  # torch.compile the packed layers (see packing.layers); None: where it pays (speed)
+    cuda_graphs: bool | None = None  # replay each step as a CUDA graph (see graphs); None: where it pays (speed)
     query_prompt: str | None = None  # e.g. "query: " (E5) or a Qwen3-Embedding instruction
     document_prompt: str | None = None  # e.g. "passage: "
     temperature: float = 0.05  # InfoNCE temperature (0.05 = MNRL's scale 20)
@@ -248,14 +249,18 @@ def check_speed_options(config: TrainConfig) -> None:
 
 
 def graph_step_for(trainer, config: TrainConfig):
-    """The run's CUDA-graph step (`embedtune.graphs`), or why not (str), after a one-line notice."""
+    """The run's CUDA-graph step (`embedtune.graphs`), or why not (str); a one-line notice when the
+    user asked for graphs (`--cuda-graphs`) and the run cannot have them."""
     from .graphs import GraphedStep, unsupported_reason
 
     reason = unsupported_reason(trainer.loss, trainer.model.device)
     if reason is None and trainer.args.fp16:
         reason = "fp16 training scales its loss on the host (use bf16)"
     if reason is not None:
-        logger.warning("embedtune: --cuda-graphs off: %s", reason)
+        if config.cuda_graphs:
+            logger.warning("embedtune: --cuda-graphs off: %s", reason)
+        else:  # chosen automatically: the summary says why the run stayed eager
+            logger.info("embedtune: CUDA graphs off: %s", reason)
         return reason
     return GraphedStep(trainer.loss, trainer.model.max_seq_length, dtype=torch.bfloat16 if trainer.args.bf16 else None)
 
@@ -298,6 +303,34 @@ def build_loss(st_model, config: TrainConfig):
                                token_budget=config.token_budget)
     except ValueError as exc:
         raise EmbedtuneError(f"loss options: {exc}") from None
+
+
+def choose_speed(config: TrainConfig, model, tokens_per_row: float, micro_steps: int):
+    """The run's speed mode (`speed.choose`) from the planned steps and the model's size, with compiling
+    switched on where chosen; returns (mode, compile cache folder or None, the model's fingerprint)."""
+    from . import speed as speed_mode
+    from .lora import unwrap_peft
+
+    base = unwrap_peft(model)
+    params = trainable = 0
+    for p in base.parameters():
+        params += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    fingerprint = speed_mode.model_fingerprint(base)
+    cache_dir = compile_cache_dir()
+    mode = speed_mode.choose(
+        compile=config.compile, cuda_graphs=config.cuda_graphs, fast=config.fast,
+        cuda=torch.cuda.is_available(), steps=micro_steps,
+        step_s=speed_mode.step_seconds(tokens_per_row * config.batch_size, params, trainable, speed_mode.peak_flops()),
+        layers=int(getattr(base.config, "num_hidden_layers", 0) or 0),
+        cache_warm=speed_mode.cache_is_warm(cache_dir, fingerprint), processes=distributed.world_size(),
+    )
+    compile_cache = use_persistent_compile_cache() if mode.compile else None  # later runs reuse its code
+    if config.fast:
+        from .packing import set_compile
+
+        set_compile(model, mode.compile)  # decided here, for the whole run (not "auto", as loaded)
+    return mode, compile_cache, fingerprint
 
 
 def train(data: str | None = None, config: TrainConfig | None = None, **kwargs) -> tuple[Any, dict]:
@@ -343,12 +376,6 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         dtype = torch.float32  # full fine-tuning keeps fp32 master weights; autocast does the rest
     model, tokenizer = FastModel.from_pretrained(config.model, max_seq_length=config.max_seq_length, dtype=dtype,
                                               fast=config.fast)
-    compile_cache = None
-    if config.compile:
-        from .packing import enable_fast_path
-
-        compile_cache = use_persistent_compile_cache()  # later runs reuse this run's compiled code
-        enable_fast_path(model, compile=True)
     if config.lora_r:
         model = get_peft_model(
             model, r=config.lora_r, lora_alpha=config.lora_alpha or config.lora_r,
@@ -382,12 +409,15 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     steps_per_epoch = max(1, len(train_ds) // rows_per_step)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     eval_steps = max(1, math.ceil(total_steps / max(1, config.evals_per_run)))
+    columns = [c for c in train_ds.column_names if c == "anchor" or c == "positive" or c.startswith("negative_")]
+    tokens_per_row = _tokens_per_row(tokenizer, train_ds, columns, max_seq_length)
+    speed, compile_cache, fingerprint = choose_speed(config, model, tokens_per_row,
+                                                     micro_steps=total_steps * accumulation)
     with discard_on_failure(work, fresh=resume_from is None):
         if distributed.is_main():  # only rank 0 writes; the others wait until the work folder exists
             prepare_work(work, config, resume_from, resumable=resumable)
         distributed.barrier()
 
-        columns = [c for c in train_ds.column_names if c == "anchor" or c == "positive" or c.startswith("negative_")]
         column_prompts = {c: (query_prompt if c == "anchor" else document_prompt) for c in columns}
         column_prompts = {c: p for c, p in column_prompts.items() if p}
         arguments = dict(
@@ -443,7 +473,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
             evaluator=evaluator,
             callbacks=[best.callback] if evaluator else None,
         )
-        graphs = graph_step_for(trainer, config) if config.cuda_graphs else None
+        graphs = graph_step_for(trainer, config) if speed.cuda_graphs else None
         if graphs is not None and not isinstance(graphs, str):
             trainer.graph_step = graphs
         rows_needed = total_steps * rows_per_step  # what the run will read
@@ -451,12 +481,13 @@ def run(config: TrainConfig, progress=None) -> RunResult:
                                           rows_needed=rows_needed)
         if config.report_to == "tensorboard":
             point_tensorboard(trainer, work)
-        tokens_per_row = _tokens_per_row(tokenizer, train_ds, columns, max_seq_length)
         attach_tokens_per_second(trainer, tokens_per_row * rows_per_step)
         readable_logs(trainer)
         train_started = time.time()
         train_resumably(trainer, best if evaluator else None, resume_from, resumable=resumable)
         train_time = time.time() - train_started
+        if compile_cache is not None:  # later runs of this model find its compiled code (`speed.cache_is_warm`)
+            mark_cache_warm(compile_cache, fingerprint)
         best.restore()
         final_metrics = summarize(best.best_metrics) if evaluator else {}
         if config.fsdp:
@@ -484,6 +515,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
             "tokens_per_s": _tokens_per_second(tokens, train_time, this_run),
             "compile": {"time_s": round(compile_seconds(), 2), "cache": compile_cache} if compile_cache else None,
             "cuda_graphs": graph_summary(graphs) if graphs is not None else None,
+            "speed": speed.as_dict(),
             "best_step": best.best_step,
             "token_cache": ({"texts": len(token_cache.cache.index), "batches_served": token_cache.hits,
                              "batches_tokenized": token_cache.misses} if token_cache else None),

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..lora import unwrap_peft
+from ..speed import CompileWhenItPays
 from .bert import packed_bert_forward
 from .deberta import packed_deberta_forward
 from .deberta import unsupported_reason as deberta_unsupported
@@ -65,6 +67,7 @@ class PackedForward:
         self.compile = compile  # the layer stack compiled once (see packing.layers)
         self.token_multiple = token_multiple  # pad packed streams to a multiple of this (packing.varlen)
         self.attention_backend = attention_backend
+        self.auto = None  # with compile="auto": when compiling starts to pay
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=True, **kwargs):
@@ -74,8 +77,15 @@ class PackedForward:
                                  position_ids=position_ids, inputs_embeds=inputs_embeds,
                                  output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                                  return_dict=return_dict, **kwargs)
-        with compiled_layers(self.compile), static_tokens(self.token_multiple):
+        compile = self.compile
+        if compile == "auto":  # compiled once the run has shown it is long enough (`speed.CompileWhenItPays`)
+            if self.auto is None:
+                self.auto = CompileWhenItPays(self.model)
+            compile = self.auto(input_ids.is_cuda, self.model.training and torch.is_grad_enabled())
+        with compiled_layers(compile), static_tokens(self.token_multiple):
             hidden = self.packed_fn(self.model, input_ids, attention_mask, token_type_ids, self.attention_backend)
+        if compile and self.compile == "auto":
+            self.auto.compiled()
         return BaseModelOutput(last_hidden_state=hidden)
 
 
@@ -85,6 +95,8 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str
 
     `compile=True` (or "default") also compiles the layers (one graph for the layer step, which every
     layer reuses, dynamic in the token count: one compile serves every batch shape; see `packing.layers`).
+    `compile="auto"` (what `FastModel.from_pretrained` sets) compiles on a GPU once the training time
+    spent has earned the warm-up back (`speed.CompileWhenItPays`); the recipe decides up front instead.
     `compile="reduce-overhead"` replays the compiled code as CUDA graphs, and pads packed streams to
     size classes (multiples of `token_multiple`, default 1024, see `PackedBatch`) so that few graphs
     are recorded; measured slower than "default" on an H200 (docs/BENCHMARKS.md): opt-in only.
@@ -109,6 +121,14 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str
     else:
         base.forward = PackedForward(base, fn, attention_backend, compile, token_multiple)
     return True
+
+
+def set_compile(model, compile: bool | str) -> None:
+    """How a packed model's layers run from now on (`enable_fast_path`'s `compile`); nothing for a
+    model without the packed forward."""
+    forward = unwrap_peft(model).__dict__.get("forward")
+    if isinstance(forward, PackedForward):
+        forward.compile = compile
 
 
 def disable_fast_path(model) -> None:
