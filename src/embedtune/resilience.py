@@ -458,14 +458,17 @@ class _NonFiniteGate(TrainerCallback):
     which then idles while the host prepares the next step. Each micro-step's loss folds into a flag
     on the device; the fused optimizer takes it as `found_inf` and skips its update when it is set, so
     the weights stay finite; the host reads the flag one step later, when the GPU is past it, and
-    stops the run there, naming the step whose loss was not finite. Checkpoints wait for the flag."""
+    stops the run there, naming the step whose loss was not finite. Checkpoints wait for the flag.
+    The flag goes to page-locked host memory by an asynchronous copy behind an event, and the host
+    waits on that event only: a plain `.item()` would wait for everything queued on the stream (the
+    next step too), leaving the GPU idle while the host prepares the step after."""
 
     def __init__(self, trainer, optimizer):
         self.trainer = trainer
         self.optimizer = optimizer  # the fused Adam/AdamW that reads `found_inf`
         self.flag = None  # this optimizer step's flag: a 0-dim float32, 1.0 if a loss was not finite
         self.losses: list[torch.Tensor] = []  # its micro-steps' losses, for the message
-        self.pending: list[tuple[torch.Tensor, list, int]] = []  # (flag, losses, step) not yet read
+        self.pending: list[tuple[torch.Tensor, Any, list, int]] = []  # (host flag, event, losses, step) not yet read
 
     def note(self, loss: torch.Tensor) -> None:
         bad = (~torch.isfinite(loss.detach())).any().to(torch.float32)
@@ -473,7 +476,14 @@ class _NonFiniteGate(TrainerCallback):
         self.losses.append(loss.detach())
 
     def _close_step(self, step: int) -> None:
-        self.pending.append((self.flag, self.losses, step))
+        flag, event = self.flag, None
+        if flag.is_cuda:  # copied behind the step's work; `check` waits for this point of the stream only
+            host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flag = host
+        self.pending.append((flag, event, self.losses, step))
         self.flag, self.losses = None, []
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -495,7 +505,9 @@ class _NonFiniteGate(TrainerCallback):
     def check(self, keep_last: int = 0) -> None:
         """Raise NonFiniteLoss for the oldest unread step whose loss was not finite."""
         while len(self.pending) > keep_last:
-            flag, losses, step = self.pending.pop(0)
+            flag, event, losses, step = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()
             if flag.item():
                 self.pending.clear()
                 loss = next(x for x in losses if not torch.isfinite(x).all())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Whole training jobs on one GPU, stock sentence-transformers vs `embedtune train` (bench_job_gpu.py);
+# one call per model, carry [".bench", ".whl"]:
+#   bash benchmarks/run_job_gpu.sh bert-base            (or bert-large; extra args go to bench_job_gpu.py)
+#   JOB_TAG=curves bash benchmarks/run_job_gpu.sh bert-base --check-curves
+# Writes $OUT/job_MODEL[_TAG].jsonl (rows as they finish) and $OUT/job_MODEL[_TAG].log (table last).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+MODEL=${1:-bert-base}
+shift || true
+NAME="job_${MODEL}${JOB_TAG:+_$JOB_TAG}"
+mkdir -p "$OUT"
+python3 -c "import datasets" 2>/dev/null || { python3 -c "import pyarrow,sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" && ls .whl/*.whl | grep -v pyarrow | xargs python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; }
+export PYTHONPATH=/tmp/site:$PWD/src
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+{
+  nvidia-smi -L
+  python3 -c "import sys, torch, transformers, sentence_transformers, peft, datasets; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'sentence-transformers', sentence_transformers.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__)"
+  git log -1 --format='embedtune %h %s' 2>/dev/null | cut -c1-120
+  python3 benchmarks/bench_job_gpu.py "$MODEL" --tokenizer .bench/tokenizer --out "$OUT/$NAME.jsonl" "$@"
+} 2>&1 | tee "$OUT/$NAME.log" | grep -v -i "warn"
