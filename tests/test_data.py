@@ -233,10 +233,13 @@ def test_numbered_negatives_in_numeric_order_after_plain_negative(tmp_path):
     }
 
 
-def test_first_alias_wins(tmp_path):
+def test_two_aliases_of_one_column_in_a_row_are_an_error(tmp_path):
+    """Both "anchor" and "query" with text: one would be ignored (the first alias used to win silently).
+    Tests of the rule itself: tests/test_no_silent_success.py."""
     path = tmp_path / "both.jsonl"
     _write_jsonl(path, [{"query": "from query", "anchor": "from anchor", "answer": "ans", "positive": "pos"}])
-    assert load_pairs(path).dataset[0] == {"anchor": "from anchor", "positive": "pos"}
+    with pytest.raises(DataError, match=r"both.jsonl:1: both 'anchor' and 'query' given"):
+        load_pairs(path)
 
 
 def test_negatives_rectangular_across_flushed_chunks(tmp_path, monkeypatch):

@@ -160,6 +160,31 @@ def test_killed_then_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_pa
     assert common and max((trained[k] - base[k]).abs().max().item() for k in common) > 1e-4
 
 
+def test_sigterm_checkpoints_stops_with_143_and_names_the_resume_command(tmp_path, pairs, children):
+    """SIGTERM (a scheduler's preemption notice) is handled like Ctrl-C: the step finishes, a checkpoint
+    is saved, the resume command is printed (also for an output given with a trailing slash), exit 143;
+    the printed command completes the run with the uninterrupted run's weights."""
+    reference = tmp_path / "reference"
+    assert CliRunner().invoke(app, ["train", str(pairs), "--output", str(reference), *RUN_FLAGS]).exit_code == 0
+    out = tmp_path / "run"
+    train_args = ["train", str(pairs), "--output", f"{out}/", *RUN_FLAGS]
+    gate = tmp_path / "gate-term"
+    child = _start_child(children, train_args, gate, "step:4")
+    _wait_for_gate(child, gate)
+    child.send_signal(signal.SIGTERM)
+    (gate / "release").write_text("")
+    stdout, stderr = child.communicate(timeout=HANG_GUARD_S)
+    assert child.returncode == 143, stderr[-4000:]
+    assert "Traceback" not in stderr and "SIGTERM: saving a checkpoint" in stderr
+    assert is_complete(checkpoints_dir(out) / "checkpoint-5")
+    commands = [line for line in stderr.splitlines() if line.startswith("embedtune train ")]
+    assert commands == [shlex.join(["embedtune", *train_args, "--resume"])], stderr[-2000:]
+    done = _cli(shlex.split(commands[0])[1:])
+    assert done.returncode == 0, done.stderr[-4000:]
+    diff = _max_diff(out / "model" / "model.safetensors", reference / "model" / "model.safetensors")
+    assert diff <= 1e-6, f"resumed weights differ from the uninterrupted run's by {diff}"
+
+
 # ----------------------------------------------------------------------------------- in-process, tiny model
 
 

@@ -192,15 +192,25 @@ def _load_sentence_transformer(source: ExportSource):
 
     install_compat()
     if source.model_dir is not None and (source.model_dir / "modules.json").is_file():
+        import pickle
+
+        from safetensors import SafetensorError
         from sentence_transformers import SentenceTransformer
 
+        from .loading import ModelFileError, check_model_folder, first_line
+
+        check_model_folder(source.model_dir)  # a broken file: one line naming it, before the stock loader reads it
         try:
             with warnings.catch_warnings(), quiet_transformers():
                 warnings.simplefilter("ignore")
                 return SentenceTransformer(str(source.model_dir), device="cpu", local_files_only=True,
+                                           trust_remote_code=False,
                                            model_kwargs=_encoder_load_kwargs(source.model_dir)).eval()
+        except (SafetensorError, pickle.UnpicklingError) as exc:
+            raise ModelFileError(f"{source.model_dir}: a weights file is broken ({first_line(exc)}); re-export or "
+                                 "re-download the model") from None
         except (OSError, ValueError) as exc:
-            raise EmbedtuneError(f"{source.model_dir}: could not load it: {str(exc).splitlines()[0]}") from None
+            raise EmbedtuneError(f"{source.model_dir}: could not load it: {first_line(exc)}") from None
     if source.model_dir is not None:
         model, tokenizer = FastModel.from_pretrained(str(source.model_dir), max_seq_length=None,
                                                      dtype=torch.float32, fast=False, device="cpu")
@@ -237,8 +247,9 @@ def _encoder_load_kwargs(folder: Path | str) -> dict[str, Any]:
 
 
 def _adapter_pipeline(adapter_dir: Path) -> dict:
-    path = adapter_dir / ADAPTER_PIPELINE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    from .lora import read_adapter_pipeline
+
+    return read_adapter_pipeline(adapter_dir)
 
 
 def _pipeline_facts(st) -> dict[str, Any]:
@@ -268,8 +279,10 @@ def _base_model(source: ExportSource) -> str | None:
         named = _adapter_pipeline(source.adapter_dir).get("base_model")
         if named:
             return str(named)
-        recorded = json.loads((source.adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-        return recorded.get("base_model_name_or_path")
+        from .loading import _read_json
+
+        recorded = _read_json(source.adapter_dir / "adapter_config.json")
+        return recorded.get("base_model_name_or_path") if isinstance(recorded, dict) else None
     return None
 
 
@@ -277,6 +290,25 @@ def _facts(fmt: str, source: ExportSource, output: Path, pipeline: dict, **extra
     return CardFacts(format=fmt, location=str(output), base_model=_base_model(source), metrics=source.metrics,
                      pooling=pipeline.get("pooling"), normalize=pipeline.get("normalize"),
                      max_seq_length=pipeline.get("max_seq_length"), prompts=pipeline.get("prompts"), **extra)
+
+
+def verify_written(folder: Path) -> None:
+    """What an export wrote, read back before the folder is put in place: every safetensors file whole
+    (its header parses and its tensors cover the file exactly) and every JSON file parses. A write
+    cut short (a full disk, say) is one line, and the temp folder goes away with the failed export."""
+    from .loading import ModelFileError, check_safetensors
+
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                check_safetensors(path)
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except (ModelFileError, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EmbedtuneError(f"export refused: {path.name} did not read back as written ({exc}); nothing "
+                                 "was put in place (is the disk full?)") from None
 
 
 def _finish(fmt: str, output: Path, checks: list[OnnxCheck] | None = None) -> ExportResult:
@@ -291,6 +323,7 @@ def _export_sentence_transformers(st, source: ExportSource, output: Path, overwr
     with atomic_folder(output, overwrite) as tmp:
         st.save(str(tmp), create_model_card=False, safe_serialization=True)
         write_model_card(tmp, _facts("sentence-transformers", source, output, _pipeline_facts(st)))
+        verify_written(tmp)
     return _finish("sentence-transformers", output)
 
 
@@ -308,6 +341,7 @@ def _export_hf(st, source: ExportSource, output: Path, overwrite: bool) -> Expor
         backbone.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         write_model_card(tmp, _facts("hf", source, output, pipeline))
+        verify_written(tmp)
     return _finish("hf", output)
 
 
@@ -317,8 +351,11 @@ def _export_adapter(source: ExportSource, output: Path, overwrite: bool) -> Expo
             f"{source.path}: no LoRA adapter to export (LoRA runs keep one in adapter/; full fine-tunes, and runs "
             "made before adapters were kept, have none)"
         )
-    config = json.loads((source.adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    base = config.get("base_model_name_or_path")
+    from .loading import _read_json
+    from .lora import check_adapter_files, check_adapter_fits, read_adapter_config
+
+    config = _read_json(source.adapter_dir / "adapter_config.json")
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     pipeline = _adapter_pipeline(source.adapter_dir)
     looks_local = bool(base) and (os.path.isabs(base) or base.startswith((".", "~")) or base.count("/") > 1)
     if not base or (looks_local and not Path(os.path.expanduser(base)).is_dir()):
@@ -326,14 +363,44 @@ def _export_adapter(source: ExportSource, output: Path, overwrite: bool) -> Expo
             f"{source.adapter_dir / 'adapter_config.json'}: the recorded base model {base!r} is not there; "
             "set base_model_name_or_path to a folder or hub id that holds the base"
         )
+    # What is handed over must load: the adapter's own files first, then its fit on the base's layers.
+    weights = check_adapter_files(source.adapter_dir, read_adapter_config(source.adapter_dir))
+    base_config = _base_config(base)
+    if base_config is not None:
+        check_adapter_fits(weights, base_config, str(source.adapter_dir / "adapter_model.safetensors"))
     with atomic_folder(output, overwrite) as tmp:
         for item in source.adapter_dir.iterdir():
             if item.is_file() and item.name != "README.md":
                 shutil.copy2(item, tmp / item.name)
+                if (tmp / item.name).stat().st_size != item.stat().st_size:
+                    raise EmbedtuneError(f"export refused: the copy of {item.name} is not the size of the original; "
+                                         "nothing was put in place (is the disk full?)")
         no_pooler = "add_pooling_layer" in _encoder_load_kwargs(base)  # the adapter has no LoRA for a pooler
         write_model_card(tmp, _facts("adapter", source, output, pipeline, adapter_base=base,
                                      adapter_base_kwargs="add_pooling_layer=False" if no_pooler else None))
+        verify_written(tmp)
+        check_adapter_files(tmp, read_adapter_config(tmp))  # the copy loads as the original did
     return _finish("adapter", output)
+
+
+def _base_config(base: str):
+    """The base model's transformers config (local folder, bundled copy or cached hub id), or None when it
+    cannot be read here (then the adapter is exported on the strength of its own files)."""
+    from transformers import AutoConfig
+
+    from .loading import bundled_alias, hub_offline, quiet_transformers, read_st_layout
+
+    folder = bundled_alias(str(base)) or Path(os.path.expanduser(str(base)))
+    try:
+        if folder.is_dir():
+            if (folder / "modules.json").is_file():
+                folder = read_st_layout(folder).transformer_dir
+            with quiet_transformers():
+                return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(str(base), local_files_only=hub_offline())
+    except Exception:  # noqa: BLE001 - unreadable or remote-code configs: no fit check, as before
+        return None
 
 
 # ---------------------------------------------------------------- onnx

@@ -22,6 +22,13 @@ import torch
 from .architectures import ArchSpec, arch_spec, default_pooling
 from .errors import EmbedtuneError
 
+
+class ModelFileError(EmbedtuneError):
+    """A model or adapter file that can't be used as it is: truncated or not the format its name says,
+    pickled weights without `allow_pickle=True`, code that would have to run without
+    `trust_remote_code=True`, weights that do not fit the model. One line naming the file, the
+    problem and what to do."""
+
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 # ST 5 writes one boolean per pooling mode; ST 6 writes a single "pooling_mode" string.
@@ -56,6 +63,7 @@ class LoadInfo:
     bundled: bool = False  # served from the bundled all-MiniLM-L6-v2 package: the hub id is the portable name
     full_finetuning: bool = False  # Unsloth's `full_finetuning=True`: every weight trains, no LoRA
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # whether the ST modules may load pickled weights (`pytorch_model.bin`)
     token: Any = field(default=None, repr=False)  # the HF token given to from_pretrained (for the ST modules)
 
 
@@ -105,8 +113,153 @@ def resolve_dtype(dtype: Any = None) -> torch.dtype:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EmbedtuneError(f"{path}: unreadable JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: unreadable JSON ({exc}); re-export or re-download it") from None
+
+
+# ---------------------------------------------------------------- checking model files before loading them
+
+SAFETENSORS_WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "adapter_model.bin")
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one short line (its first non-empty line, or its type's name), without
+    terminal colour codes. For torch's refusal of a pickle, the line that says what it refused."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = next((line.split("WeightsUnpickler error:", 1)[1].strip() for line in lines
+                   if "WeightsUnpickler error:" in line), None)
+    text = reason or (lines[0] if lines else type(exc).__name__)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_safetensors(path: str | os.PathLike) -> int:
+    """Check a safetensors file without reading its tensors: its header must parse, and the tensors it
+    lists (offsets, dtypes and shapes) must exactly cover the rest of the file, as safetensors itself
+    demands when loading. A truncated, empty or padded file, or one of another format, is a
+    `ModelFileError` naming it. Returns the number of tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with safe_open(str(path), framework="pt") as handle:
+            count = len(list(handle.keys()))
+    except (SafetensorError, OSError) as exc:
+        reason = first_line(exc).replace("Error while deserializing header: ", "")
+        raise ModelFileError(f"{path}: truncated or not a safetensors file ({reason}; {_size(path)}); "
+                             "re-export or re-download it") from None
+    if count == 0 and size > 0 and path.name in SAFETENSORS_WEIGHTS:
+        raise ModelFileError(f"{path}: holds no tensors; re-export or re-download it")
+    return count
+
+
+def _size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size:,} bytes"
+    except OSError:
+        return "unreadable"
+
+
+def _sharded_files(index: Path) -> list[Path]:
+    """The shard files a `*.safetensors.index.json` names (each must exist)."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelFileError(f"{index}: no weight_map; re-export or re-download the model")
+    shards = [index.parent / name for name in sorted(set(map(str, weight_map.values())))]
+    for shard in shards:
+        if not shard.is_file():
+            raise ModelFileError(f"{shard}: missing (listed in {index.name}); re-download the model")
+    return shards
+
+
+def check_weight_files(folder: str | os.PathLike, allow_pickle: bool = False, required: bool = False) -> list[Path]:
+    """Check the weights of one model (or ST module) folder before anything loads them: every
+    safetensors file (single or sharded) must be whole (`check_safetensors`); weights kept only as a
+    pickle (`pytorch_model.bin`) are refused unless `allow_pickle`. `required`: a folder with no
+    weights at all is an error too. Returns the safetensors files checked."""
+    folder = Path(folder)
+    files: list[Path] = []
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        files.extend(_sharded_files(index))
+    files.extend(p for p in sorted(folder.glob("*.safetensors")) if p not in files)
+    for path in files:
+        check_safetensors(path)
+    if files:
+        return files
+    pickled = [folder / name for name in PICKLED_WEIGHTS if (folder / name).is_file()]
+    pickled += sorted(folder.glob("pytorch_model*.bin.index.json"))
+    if pickled and not allow_pickle:
+        raise ModelFileError(f"{pickled[0]}: pickled weights are not loaded unless allow_pickle=True (a pickle can "
+                             "run code); convert them to safetensors (from Python, FastModel.from_pretrained(..., "
+                             "allow_pickle=True) loads them if you trust the file)")
+    if required and not pickled:
+        raise ModelFileError(f"{folder}: no model weights (model.safetensors); re-export or re-download the model")
+    return files
+
+
+def check_remote_code(config_file: str | os.PathLike, name: str, trust_remote_code: bool) -> None:
+    """Refuse, in one line, a checkpoint that transformers can only build by running its own code
+    (config.json's auto_map names classes, and its model_type is not one transformers knows)."""
+    if trust_remote_code:
+        return
+    path = Path(config_file)
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: not a JSON object; re-export or re-download the model")
+    auto_map = config.get("auto_map")
+    if not auto_map:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return  # transformers has the class itself and loads it without the checkpoint's code
+    raise ModelFileError(remote_code_message(name, path, auto_map, model_type))
+
+
+def remote_code_message(name: str, path, auto_map: Any, model_type: Any) -> str:
+    named = ""
+    if isinstance(auto_map, dict) and auto_map:
+        key = "AutoModel" if "AutoModel" in auto_map else next(iter(auto_map))
+        named = f" {key} -> {auto_map[key]}"
+    kind = f"model_type {model_type!r} is not built into transformers" if model_type else "it names no model_type"
+    return (f"{name} needs remote code ({path} auto_map{named}; {kind}), which embedtune does not run unless "
+            "asked: pass trust_remote_code=True to FastModel.from_pretrained if you trust it (the embedtune "
+            "command never runs remote code)")
+
+
+def check_st_modules(layout: "_StLayout", allow_pickle: bool = False) -> None:
+    """Check the weight files of the modules after the encoder in a local SentenceTransformer folder
+    (Dense, LayerNorm, ...): whole safetensors, and no pickle unless `allow_pickle`."""
+    if layout.folder is None or not layout.modules:
+        return
+    for entry in layout.modules:
+        kind = str(entry.get("type", ""))
+        if kind.endswith("Transformer"):
+            continue
+        sub = layout.folder / str(entry.get("path", ""))
+        if entry.get("path") and sub.is_dir():
+            check_weight_files(sub, allow_pickle)
+
+
+def check_model_folder(folder: str | os.PathLike, name: str | None = None, allow_pickle: bool = False,
+                       trust_remote_code: bool = False) -> None:
+    """Everything `FastModel.from_pretrained` and a stock SentenceTransformer load would read from a
+    local model folder, checked first so that a broken file is one line naming it, not a traceback from
+    deep inside the loader: the encoder's config (remote code) and weights, and every ST module's weights."""
+    folder = Path(folder)
+    name = name or str(folder)
+    layout = read_st_layout(folder) if (folder / "modules.json").is_file() else None
+    encoder = layout.transformer_dir if layout else folder
+    if (encoder / "config.json").is_file():
+        check_remote_code(encoder / "config.json", name, trust_remote_code)
+        check_weight_files(encoder, allow_pickle, required=True)
+    if layout is not None:
+        check_st_modules(layout, allow_pickle)
 
 
 def pooling_from_config(config: dict) -> str | None:
@@ -272,6 +425,59 @@ def _model_class(config, auto_model):
         ) from None
 
 
+def _load_weights(cls, weights: str, config, load_kwargs: dict, name: str, allow_pickle: bool):
+    """`cls.from_pretrained` with every way a weights file can be broken turned into one line, and a
+    load that would leave some of the model's weights at random initialisation refused."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    wants_info = "output_loading_info" not in load_kwargs
+    try:
+        with quiet_transformers():
+            loaded = cls.from_pretrained(weights, config=config, **load_kwargs, **({"output_loading_info": True}
+                                                                                   if wants_info else {}))
+    except SafetensorError as exc:
+        reason = first_line(exc).replace("Error while deserializing header: ", "")
+        raise ModelFileError(f"{name}: a weights file is truncated or not a safetensors file ({reason}); "
+                             "re-export or re-download the model") from None
+    except pickle.UnpicklingError as exc:
+        raise ModelFileError(f"{name}: torch.load(weights_only=True) refused its pickled weights ({first_line(exc)}); "
+                             "nothing in them was run; convert them to safetensors") from None
+    except (OSError, EnvironmentError) as exc:
+        hint = " (a pickle checkpoint needs allow_pickle=True)" if not allow_pickle else ""
+        raise ModelFileError(f"could not load weights from {name}: {first_line(exc)}{hint}") from None
+    except RuntimeError as exc:  # e.g. a tensor whose shape does not fit the config
+        if not any(word in str(exc) for word in ("size mismatch", "shape", "state_dict")):
+            raise
+        raise ModelFileError(f"{name}: its weights do not fit its config.json ({first_line(exc)}); re-export or "
+                             "re-download the model") from None
+    if not wants_info:
+        return loaded
+    model, info = loaded
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        files = sorted(Path(weights).glob("*.safetensors")) if Path(weights).is_dir() else []
+        where = str(files[0]) if len(files) == 1 else name
+        raise ModelFileError(
+            f"{where}: lacks {len(missing)} of the {type(model).__name__} weights (e.g. {missing[0]}), "
+            "which would start random; the weights file is incomplete, or belongs to another architecture"
+            + (" (config.json names the checkpoint's own code in auto_map: pass trust_remote_code=True if you "
+               "trust it)" if getattr(config, "auto_map", None) and not load_kwargs.get("trust_remote_code") else "")
+        )
+    return model
+
+
+def _broken_json(folder: Path) -> Path | None:
+    """The first JSON file in `folder` that does not parse (to name it when a loader fails), or None."""
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return path
+    return None
+
+
 def _accepts(cls, name: str) -> bool:
     try:
         params = inspect.signature(cls.__init__).parameters
@@ -322,6 +528,12 @@ class FastModel:
         checkpointing = unsloth_keywords(kwargs)
         source, layout = _resolve_source(str(model_name), token)
         weights = _weights_location(source, layout)
+        if Path(weights).is_dir():  # a broken local file is one line naming it, before any loader reads it
+            if (Path(weights) / "config.json").is_file():
+                check_remote_code(Path(weights) / "config.json", str(model_name), trust_remote_code)
+            check_weight_files(weights, allow_pickle)
+        if layout is not None:
+            check_st_modules(layout, allow_pickle)
         # A local folder, or HF_HUB_OFFLINE: transformers must not look anything up on the hub.
         local = {"local_files_only": True} if Path(weights).is_dir() or hub_offline() else {}
         if token is not None:
@@ -330,8 +542,12 @@ class FastModel:
             config = AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code, **local)
         except OSError as exc:
             offline = " (HF_HUB_OFFLINE is set: only local folders and cached hub models load)" if hub_offline() else ""
-            raise EmbedtuneError(f"could not load a model config from {model_name}: {str(exc).splitlines()[0]}"
+            raise EmbedtuneError(f"could not load a model config from {model_name}: {first_line(exc)}"
                                  f"{offline}") from None
+        except ValueError as exc:  # a hub checkpoint whose config needs its own code, or an unknown model_type
+            if "trust_remote_code" in str(exc):
+                raise ModelFileError(remote_code_message(str(model_name), "config.json", None, None)) from None
+            raise ModelFileError(f"could not load a model config from {model_name}: {first_line(exc)}") from None
         cls = _model_class(config, auto_model)
         torch_dtype = resolve_dtype(dtype)
         load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **local}
@@ -340,17 +556,14 @@ class FastModel:
         if _accepts(cls, "add_pooling_layer"):
             load_kwargs["add_pooling_layer"] = add_pooling_layer
         load_kwargs.update(kwargs)
-        try:
-            with quiet_transformers():
-                model = cls.from_pretrained(weights, config=config, **load_kwargs)
-        except (OSError, EnvironmentError) as exc:
-            hint = " (a pickle checkpoint needs allow_pickle=True)" if not allow_pickle else ""
-            raise EmbedtuneError(f"could not load weights from {model_name}: {str(exc).splitlines()[0]}{hint}") from None
+        model = _load_weights(cls, weights, config, load_kwargs, str(model_name), allow_pickle)
         tokenizer_dir = weights
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code, **local)
-        except (OSError, ValueError) as exc:
-            raise EmbedtuneError(f"could not load a tokenizer from {model_name}: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for a broken tokenizer.json
+            broken = _broken_json(Path(tokenizer_dir)) if Path(tokenizer_dir).is_dir() else None
+            raise ModelFileError(f"{broken or f'could not load a tokenizer from {model_name}'}: {first_line(exc)}; "
+                                 "re-export or re-download the model's tokenizer files") from None
 
         limit = _max_positions(config)
         if max_seq_length is None:  # the checkpoint's own setting, else its position table, else 512
@@ -377,6 +590,7 @@ class FastModel:
             bundled=_is_bundled(str(model_name), source),
             full_finetuning=bool(full_finetuning),
             trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
             token=token,
         )
         if fast:

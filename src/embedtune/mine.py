@@ -358,10 +358,14 @@ def _pick_backend(use_faiss: bool | None) -> str:
 
 
 def _encoder(model, batch_size: int, show_progress: bool):
+    from embedtune.data.token_cache import clip_inputs, model_budget
+
+    budget = model_budget(model)  # huge texts cut to what max_seq_length can use, before the tokenizer
+
     def encode(texts: list[str], prompt: str | None) -> torch.Tensor:
         kwargs = {"prompt": prompt} if prompt else {}
         emb = model.encode(
-            texts, normalize_embeddings=True, convert_to_tensor=True, batch_size=batch_size,
+            clip_inputs(texts, budget), normalize_embeddings=True, convert_to_tensor=True, batch_size=batch_size,
             show_progress_bar=show_progress, **kwargs,
         )
         return emb.float()

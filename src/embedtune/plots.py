@@ -11,16 +11,18 @@ def plot_curves(history: list[dict], path: str | Path, metric: str, base: float 
 
     `base` (the score before training) is drawn at step 0 so the curve shows the gain.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Imported here, at save time (about a second): a figure drawn by the Agg canvas directly, without
+    # pyplot, so the run does not switch the process's backend and the drawing may run in a thread.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     loss = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
     evals = [(h["step"], h[metric]) for h in history if metric in h and "step" in h]
     if base is not None:
         evals = [(0, base)] + evals
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_metric = fig.subplots(1, 2)
     if loss:
         ax_loss.plot(*zip(*loss), marker=".")
     ax_loss.set(title="training loss", xlabel="step", ylabel="MNRL loss")
@@ -31,5 +33,4 @@ def plot_curves(history: list[dict], path: str | Path, metric: str, base: float 
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)

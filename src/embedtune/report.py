@@ -184,6 +184,7 @@ def facts_table(metrics: dict):
         ("train pairs", metrics.get("train_pairs")),
         ("held-out pairs", metrics.get("eval_pairs")),
         ("rows skipped", metrics.get("skipped_summary") or metrics.get("skipped_rows")),
+        ("warnings", "\n".join(metrics["warnings"]) if metrics.get("warnings") else None),  # what the run could not do
         ("train time", f"{metrics['train_time_s']:.1f} s" if _number(metrics.get("train_time_s")) else None),
         ("total time", f"{metrics['total_time_s']:.1f} s" if _number(metrics.get("total_time_s")) else None),
         ("tokens/s", f"{metrics['tokens_per_s']:,.0f}" if _number(metrics.get("tokens_per_s")) else None),

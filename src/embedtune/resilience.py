@@ -16,7 +16,7 @@ Resuming with other settings is refused, except those in `RESUMABLE_CHANGES`: a 
 rate would be silently overridden by the restored optimizer and scheduler, and anything touching
 batches, data or seed would give a different run.
 
-In flight (`train_resumably`): the first Ctrl-C makes the trainer save a checkpoint after the current
+In flight (`train_resumably`): the first Ctrl-C (or SIGTERM) makes the trainer save a checkpoint after the current
 step and stop (`TrainingInterrupted`, a KeyboardInterrupt); a second one aborts at once. A NaN/inf
 loss stops the run (`NonFiniteLoss`) before the optimizer uses it: on the CPU or across processes at
 its step; on one GPU with the fused optimizer one step later, its update skipped on the device
@@ -75,12 +75,13 @@ class NonFiniteLoss(EmbedtuneError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the run after a step and a checkpoint; `--resume` continues it."""
+    """Ctrl-C (SIGINT) or SIGTERM stopped the run after a step and a checkpoint; `--resume` continues it.
+    `signum` is the signal, so the command line can exit with 128 + it (130, or 143 for SIGTERM)."""
 
-    def __init__(self, step: int, checkpoint: Path | None):
+    def __init__(self, step: int, checkpoint: Path | None, signum: int = signal.SIGINT):
         where = f"checkpoint saved in {checkpoint}" if checkpoint else "no checkpoint could be saved"
         super().__init__(f"stopped at step {step}; {where}")
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.signum = step, checkpoint, int(signum)
 
 
 # ----------------------------------------------------------------------------------- on disk
@@ -120,8 +121,10 @@ def latest_checkpoint(checkpoints: str | os.PathLike) -> Path | None:
 
 
 def checkpoints_dir(output: str | os.PathLike) -> Path:
-    """Where the checkpoints of a run writing to `output` live."""
-    return Path(f"{output}.partial") / CHECKPOINTS
+    """Where the checkpoints of a run writing to `output` live (beside the real output: links followed)."""
+    from .run_folder import work_folder
+
+    return work_folder(output) / CHECKPOINTS
 
 
 def discard_incomplete(checkpoints: Path) -> None:
@@ -174,10 +177,18 @@ def restore_best(best, checkpoint: Path) -> None:
 # ----------------------------------------------------------------------------------- same run?
 
 
-def data_digest(path: str | os.PathLike) -> str | None:
-    """sha256 of a data file (or of every file of a dataset folder); None for anything else."""
+def data_digest(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = ()) -> str | None:
+    """sha256 of a data file (or of every file of a dataset folder, but those under `exclude`: a run's
+    own folders inside it); None for anything else."""
     root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    skip = [Path(os.path.realpath(folder)) for folder in exclude]
+
+    def kept(file: Path) -> bool:
+        real = Path(os.path.realpath(file))
+        return not any(folder == real or folder in real.parents for folder in skip)
+
+    files = ([root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and kept(p))
+             if root.is_dir() else [])
     if not files:
         return None
     digest = hashlib.sha256()
@@ -192,7 +203,13 @@ def data_digest(path: str | os.PathLike) -> str | None:
 def run_record(config) -> dict:
     """What must match between a checkpointed run and its resumption (JSON-normalised)."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
-    record = {"config": fields, "data_sha256": data_digest(config.data)}
+    own = ()
+    if getattr(config, "output_dir", None):  # a run's folders may lie inside a dataset folder
+        from .run_folder import work_folder
+
+        work = work_folder(config.output_dir)
+        own = (work.with_name(work.name.removesuffix(".partial")), work)
+    record = {"config": fields, "data_sha256": data_digest(config.data, exclude=own)}
     return json.loads(json.dumps(record, default=str))
 
 
@@ -530,28 +547,33 @@ class _Seal(TrainerCallback):
 
 
 class InterruptGuard(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort at once."""
+    """First Ctrl-C or SIGTERM (what schedulers and Kubernetes send before a preemption): finish the
+    current step, save a checkpoint, stop. A second one: abort at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum = signal.SIGINT  # the first signal received
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts at once)",
-              file=sys.stderr, flush=True)
+        self.requested, self.signum = True, signum
+        print(f"\n{self.NAMES.get(signum, signum)}: saving a checkpoint after this step, then stopping "
+              "(Ctrl-C again aborts at once)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
         return False
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -601,6 +623,14 @@ def train_resumably(trainer, best=None, resume_from: Path | None = None, resumab
     guard = InterruptGuard()
     if resumable:
         trainer.add_callback(guard)
+    if resume_from is not None and 0 < trainer.args.max_steps <= (checkpoint_step(resume_from) or 0):
+        # Nothing left to train (a run stopped after its last checkpoint, in its finish): the trainer
+        # would still run one more step, so the checkpoint's weights and state are taken as they are.
+        from transformers.trainer_callback import TrainerState
+
+        trainer._load_from_checkpoint(str(resume_from))
+        trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+        return
     out_of_memory = False
     with guard if resumable else contextlib.nullcontext():
         try:
@@ -617,4 +647,4 @@ def train_resumably(trainer, best=None, resume_from: Path | None = None, resumab
         raise EmbedtuneError(_oom_message(trainer, trainer.state.global_step + 1))
     state = trainer.state
     if guard.requested and state.global_step < state.max_steps:
-        raise TrainingInterrupted(state.global_step, latest_checkpoint(Path(trainer.args.output_dir)))
+        raise TrainingInterrupted(state.global_step, latest_checkpoint(Path(trainer.args.output_dir)), guard.signum)

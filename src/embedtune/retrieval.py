@@ -144,12 +144,14 @@ def _encoded_chunks(st_model, texts: Sequence[str], prompt: str | None, batch_si
     gathered, so evaluation is split across the GPUs and every rank gets the same embeddings.
     """
     from . import distributed
+    from .data.token_cache import clip_inputs, model_budget
 
     kwargs = {"prompt": prompt} if prompt else {}
     rank, world = (distributed.rank(), distributed.world_size()) if shard_across_ranks(st_model) else (0, 1)
+    budget = model_budget(st_model)  # huge texts cut to what max_seq_length can use, before the tokenizer
     for start in range(0, len(texts), chunk_size):
         batch = list(texts[start : start + chunk_size])
-        mine = batch[rank::world]
+        mine = clip_inputs(batch[rank::world], budget)
         emb = st_model.encode(mine, batch_size=batch_size, normalize_embeddings=True, convert_to_tensor=True,
                               show_progress_bar=False, **kwargs).float()
         if world > 1:
@@ -243,7 +245,7 @@ class EvalData:
     notes: list[str] = field(default_factory=list)
 
 
-def load_eval_task(data: str | os.PathLike, split: str | None = None) -> EvalData:
+def load_eval_task(data: str | os.PathLike, split: str | None = None, keep_identical_ids: bool = False) -> EvalData:
     """A BEIR folder (holding corpus.jsonl, queries.jsonl or qrels/) or a pairs file, as an IR task.
 
     For pairs every anchor must find its positives among all distinct positives (as in training).
@@ -252,7 +254,7 @@ def load_eval_task(data: str | os.PathLike, split: str | None = None) -> EvalDat
     from embedtune.evaluate import pairs_to_ir_task
 
     if is_beir_folder(data):
-        loaded = read_beir(data, split)
+        loaded = read_beir(data, split, keep_identical_ids=keep_identical_ids)
         return EvalData(task=loaded.task, kind="beir", split=loaded.split, notes=loaded.notes())
     if split is not None:
         raise DataError(f"{os.fspath(data)}: --split applies to BEIR folders (corpus.jsonl, queries.jsonl, "

@@ -48,12 +48,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clear_stale(target: str | os.PathLike) -> None:
+def clear_stale(target: str | os.PathLike) -> list[Path]:
     """Remove the temp folders a killed save left next to `target`, restoring the previous folder if a
-    crash came between the two renames of `replace_folder`. Folders of live processes are left alone."""
+    crash came between the two renames of `replace_folder`. Folders of live processes are left alone.
+    Returns the set-aside folders that were put back."""
     path = Path(target)
+    restored = []
     if not path.parent.is_dir():
-        return
+        return restored
     for stray in sorted(path.parent.glob(f".{glob.escape(path.name)}.*-*-*")):
         kind, _, tag = stray.name[len(path.name) + 2:].partition("-")
         pid = tag.split("-", 1)[0]
@@ -61,8 +63,10 @@ def clear_stale(target: str | os.PathLike) -> None:
             continue
         if kind == "old" and not path.exists():
             os.replace(stray, path)  # the previous folder, moved aside just before the crash
+            restored.append(stray)
         else:
             shutil.rmtree(stray, ignore_errors=True)
+    return restored
 
 
 def replace_folder(source: str | os.PathLike, target: str | os.PathLike) -> Path:

@@ -176,6 +176,9 @@ def transformer_module(model, tokenizer, max_seq_length: int | None = None):
     else:
         module.tokenizer = tokenizer
     tokenizer.model_max_length = max_seq_length
+    from .data.token_cache import clip_module_inputs
+
+    clip_module_inputs(module)  # huge texts are cut to what max_seq_length can use before tokenizing
     return module
 
 
@@ -277,9 +280,20 @@ def _local_only(info) -> bool:
 
 
 def load_st_module(info, class_ref: str, subfolder: str):
-    """Load one module of the checkpoint with its class's own `load`, as sentence-transformers 5 and 6 do."""
+    """Load one module of the checkpoint with its class's own `load`, as sentence-transformers 5 and 6 do.
+
+    Its weight file is checked first (`check_module_weights`): a truncated safetensors file, or
+    weights kept only as a pickle without `allow_pickle=True`, is one line naming the file."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from .loading import ModelFileError, first_line
+
     cls = module_class(info, class_ref)
     local_only = _local_only(info)
+    where = os.path.join(str(info.st_folder), subfolder) if subfolder else str(info.st_folder)
+    check_module_weights(info, cls, subfolder, local_only)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -290,11 +304,55 @@ def load_st_module(info, class_ref: str, subfolder: str):
                                               local_files_only=local_only))
             return cls.load(info.st_folder, subfolder=subfolder, token=info.token, local_files_only=local_only,
                             trust_remote_code=bool(info.trust_remote_code))
+    except SafetensorError as exc:
+        reason = first_line(exc).replace("Error while deserializing header: ", "")
+        raise ModelFileError(f"{where}: its weights file is truncated or not a safetensors file ({reason}); "
+                             "re-export or re-download the model") from None
+    except pickle.UnpicklingError as exc:
+        raise ModelFileError(f"{where}/pytorch_model.bin: torch.load(weights_only=True) refused it "
+                             f"({first_line(exc)}); nothing in it was run; convert it to model.safetensors") from None
+    except RuntimeError as exc:  # the state dict does not fit the module's config (missing/unexpected keys, shapes)
+        if not any(word in str(exc) for word in ("state_dict", "size mismatch", "shape")):
+            raise
+        raise ModelFileError(f"{where}: the {class_ref.rsplit('.', 1)[-1]} module's weights do not fit its "
+                             f"config ({first_line(exc)}); re-export or re-download the model") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         offline = " (HF_HUB_OFFLINE is set)" if hub_offline() else ""
         raise EmbedtuneError(f"{info.source}: could not load its {class_ref.rsplit('.', 1)[-1]} module from "
-                             f"{subfolder or 'the root'}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                             f"{offline}") from None
+                             f"{subfolder or 'the root'}: {first_line(exc)}{offline}") from None
+
+
+def check_module_weights(info, cls, subfolder: str, local_only: bool) -> None:
+    """The weight file a checkpoint module would load, checked before it does: a whole safetensors file,
+    or a pickle only with `allow_pickle=True`. Local folders are checked in place; for a hub model, the
+    files the module's own lookup (`load_file_path`) finds (what it would download anyway)."""
+    from pathlib import Path
+
+    from .loading import ModelFileError, check_safetensors, check_weight_files
+
+    allow_pickle = bool(getattr(info, "allow_pickle", False))
+    if os.path.isdir(info.st_folder):
+        folder = Path(info.st_folder) / subfolder
+        if subfolder and folder.is_dir():
+            check_weight_files(folder, allow_pickle)
+        return
+    find = getattr(cls, "load_file_path", None)
+    if find is None:
+        return
+    lookup = {"subfolder": subfolder, "token": info.token, "local_files_only": local_only}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            safetensors = find(info.st_folder, filename="model.safetensors", **lookup)
+            pickled = None if safetensors else find(info.st_folder, filename="pytorch_model.bin", **lookup)
+    except (OSError, ValueError, TypeError):
+        return  # the load itself reports what it cannot find
+    if safetensors:
+        check_safetensors(safetensors)
+    elif pickled and not allow_pickle:
+        raise ModelFileError(f"{info.st_folder}/{subfolder}/pytorch_model.bin: pickled weights are not loaded unless "
+                             "allow_pickle=True (a pickle can run code); convert them to safetensors (from Python, "
+                             "FastModel.from_pretrained(..., allow_pickle=True) loads them if you trust the file)")
 
 
 def _match_backbone(modules, model) -> None:
@@ -521,3 +579,33 @@ def _saved_weight_names(folder) -> set[str] | None:
         return None
     with safe_open(str(single), framework="pt") as handle:
         return set(handle.keys())
+
+
+CARD_EXAMPLE_CHARS = 1000  # what sentence-transformers' own examples table shows of a text
+
+
+def clip_card_examples(st_model, chars: int = CARD_EXAMPLE_CHARS) -> None:
+    """Cut the training texts that sentence-transformers' trainer copies into the model card (the
+    widget examples in its YAML header, the usage snippet) to `chars` characters, as its examples
+    table already does. A pairs file of megabyte texts otherwise puts them whole into README.md, and
+    writing and re-reading that YAML with PyYAML takes minutes at every save. Call before saving."""
+    card = getattr(st_model, "model_card_data", None)
+    if card is None:
+        return
+
+    def cut(value):
+        if isinstance(value, str):
+            return value if len(value) <= chars else value[:chars] + "..."
+        if isinstance(value, list):
+            return [cut(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(cut(v) for v in value)
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        return value
+
+    for name in ("widget", "usage_examples", "usage_examples_display"):
+        value = getattr(card, name, None)
+        if value:
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(card, name, cut(value))

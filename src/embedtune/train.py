@@ -36,7 +36,8 @@ from .monitoring import (
     ENCODE_BAR_MIN_TEXTS, TENSORBOARD_DIR, attach_tokens_per_second, check_report_to, point_tensorboard,
     readable_logs, report_arguments,
 )
-from .save import check_target, replace_folder, save_adapter, save_merged
+from .run_folder import complete_finish, recover_at_start, resolve_output, seal_finished
+from .save import check_target, save_adapter, save_merged
 from .sharding import local_tensor
 from .speed import mark_cache_warm
 from .st import to_sentence_transformer
@@ -103,12 +104,27 @@ class RunResult:
 
 
 def _tokens_per_row(tokenizer, dataset, columns: list[str], max_len: int, sample: int = 2048) -> float:
-    """Mean real (unpadded, truncated) tokens per training row over all its columns, from a sample."""
+    """Mean real (unpadded, truncated) tokens per training row over all its columns, from a sample.
+
+    A fast (Rust) tokenizer encodes with the GIL released: the sample goes through it in chunks on a
+    few threads (the same ids, one chunk per thread call; the first call alone, so that the later ones
+    find the truncation already set and only read the tokenizer's settings)."""
     rows = dataset.select(range(min(sample, len(dataset))))
-    total = 0
-    for name in columns:
-        encoded = tokenizer(column(rows, name), truncation=True, max_length=max_len)
-        total += sum(len(ids) for ids in encoded["input_ids"])
+    texts = [text for name in columns for text in column(rows, name)]
+
+    def tokens(chunk: list[str]) -> int:
+        return sum(len(ids) for ids in tokenizer(chunk, truncation=True, max_length=max_len)["input_ids"])
+
+    threads = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if not getattr(tokenizer, "is_fast", False) or threads < 2 or len(texts) < 512:
+        return tokens(texts) / max(1, len(rows)) if texts else 0.0
+    size = -(-len(texts) // (2 * threads))
+    chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    total = tokens(chunks[0])
+    with ThreadPoolExecutor(threads, thread_name_prefix="embedtune-tokens") as pool:
+        total += sum(pool.map(tokens, chunks[1:]))
     return total / max(1, len(rows))
 
 
@@ -207,6 +223,7 @@ def check_settings(config: TrainConfig) -> None:
         if not ok:
             raise EmbedtuneError(f"{flag} {value}: {rule}")
 
+    check_finite(config)
     need(config.max_seq_length >= 1, "--max-seq-length", config.max_seq_length, "must be at least 1")
     need(config.epochs > 0, "--epochs", config.epochs, "must be positive")
     if config.max_steps is not None:
@@ -219,6 +236,12 @@ def check_settings(config: TrainConfig) -> None:
         need(config.lora_alpha > 0, "lora_alpha", config.lora_alpha, "must be positive")
     need(config.evals_per_run >= 1, "--evals", config.evals_per_run, "must be at least 1 (use --no-eval to skip evaluation)")
     need(config.temperature > 0, "--temperature", config.temperature, "must be positive")
+    need(TEMPERATURE_RANGE[0] <= config.temperature <= TEMPERATURE_RANGE[1], "--temperature", config.temperature,
+         f"must be between {TEMPERATURE_RANGE[0]:g} and {TEMPERATURE_RANGE[1]:g}: the loss divides cosine "
+         f"similarities by it, so below {TEMPERATURE_RANGE[0]:g} the scores reach "
+         f"±{1 / TEMPERATURE_RANGE[0]:,.0f} and "
+         f"the softmax saturates (gradients vanish or overflow), and above {TEMPERATURE_RANGE[1]:g} they all lie "
+         f"within ±{1 / TEMPERATURE_RANGE[1]:g}, so the loss hardly depends on the embeddings (usual: 0.01-0.1)")
     need(0 <= config.warmup_ratio <= 1, "warmup_ratio", config.warmup_ratio, "must be between 0 and 1")
     need(config.weight_decay >= 0, "weight_decay", config.weight_decay, "must not be negative")
     need(config.logging_steps >= 1, "logging_steps", config.logging_steps, "must be at least 1")
@@ -352,8 +375,14 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     started = time.time()
     check_settings(config)
     check_speed_options(config)
+    output = None
+    if config.output_dir:
+        output = resolve_output(config.output_dir, config.data)  # symlinks followed; data and cwd protected
+        finished = recover_at_start(output, config.resume, config.overwrite) if distributed.is_main() else None
+        if finished is not None:  # a sealed run, stopped while being moved into place: nothing to train
+            return _finished_result(finished)
     loaded = load_pairs(config.data)
-    output = check_target(config.output_dir, config.overwrite) if config.output_dir else None
+    output = check_target(output, config.overwrite) if output else None
     if config.pooling is not None and config.pooling not in POOLING_MODES:
         raise EmbedtuneError(f"--pooling {config.pooling!r} is not one of {', '.join(POOLING_MODES)}")
     if config.batch_size < 2:
@@ -365,6 +394,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         raise EmbedtuneError(
             f"{config.data}: {len(train_ds)} training pairs, fewer than one batch of {config.batch_size}"
         )
+    batches = check_batches(config, train_ds)  # no-silent-success: zero usable batches is an error, fewer a warning
     resumable = output is not None and not config.fsdp  # FSDP runs keep no resumable checkpoints (yet)
     work = Path(f"{output}.partial") if output else Path(os.environ.get("TMPDIR", "/tmp")) / f"embedtune-{os.getpid()}"
     resume_from = resume_point(work, config, resumable=resumable)  # checked before any loading
@@ -483,6 +513,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
             point_tensorboard(trainer, work)
         attach_tokens_per_second(trainer, tokens_per_row * rows_per_step)
         readable_logs(trainer)
+        checks = RunChecks(st_model)  # no-silent-success: fingerprints the weights training starts from
         train_started = time.time()
         train_resumably(trainer, best if evaluator else None, resume_from, resumable=resumable)
         train_time = time.time() - train_started
@@ -528,6 +559,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
                 eval_size=len(eval_ds) if eval_ds is not None else (0 if config.eval else config.eval_size),
             ),
         }
+        checks.report(metrics, state, first_step, total_steps, batches, loaded)  # no-silent-success: "warnings"
     result_dir = None
     if not distributed.is_main():
         pass  # rank 0 saves; under DDP the model in memory here is the same
@@ -540,29 +572,191 @@ def run(config: TrainConfig, progress=None) -> RunResult:
 
 
 def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite: bool) -> Path:
-    """Assemble model/, metrics.json and curves in the work folder, then rename it into place."""
+    """Assemble model/, adapter/, metrics.json, config.yaml and the curves in the work folder, beside
+    its checkpoints; seal it; then move it into place (`run_folder`): a kill at any point leaves the
+    previous result, or a run that `--resume` finishes (from its checkpoints, or sealed: moved only).
+    The curves are drawn in a thread while this one writes the tensors."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .plots import plot_curves
 
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    lora = bool(metrics["config"].get("lora_r"))
-    if lora:  # before save_merged merges it away: `embedtune export --to adapter` needs it
-        save_adapter(st_model, work / "adapter")
-    model_dir = save_merged(st_model, work / "model")
-    metrics["artifacts"] = {
-        "model": str(output / "model"),
-        "metrics": str(output / "metrics.json"),
-        "plot": str(output / "training_curves.png"),
-        "config": str(output / CONFIG_NAME),
-    }
-    if lora:
-        metrics["artifacts"]["adapter"] = str(output / "adapter")
-    if (work / TENSORBOARD_DIR).is_dir():
-        metrics["artifacts"]["tensorboard"] = str(output / TENSORBOARD_DIR)
-    write_config_yaml(metrics["config"], work / CONFIG_NAME)
-    (work / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    plot_curves(metrics["history"], work / "training_curves.png", metric=f"eval_{metric_key(EVAL_NAME)}",
-                base=metrics["base"].get("ndcg@10"))
+    for leftover in ("adapter", "model"):  # written by a finish that was killed before its seal
+        shutil.rmtree(work / leftover, ignore_errors=True)
+    with ThreadPoolExecutor(1, thread_name_prefix="embedtune-plot") as pool:
+        plot = pool.submit(plot_curves, metrics["history"], work / "training_curves.png",
+                           metric=f"eval_{metric_key(EVAL_NAME)}", base=metrics["base"].get("ndcg@10"))
+        lora = bool(metrics["config"].get("lora_r"))
+        if lora:  # before save_merged merges it away: `embedtune export --to adapter` needs it
+            save_adapter(st_model, work / "adapter")
+        model_dir = save_merged(st_model, work / "model")
+        metrics["artifacts"] = {
+            "model": str(output / "model"),
+            "metrics": str(output / "metrics.json"),
+            "plot": str(output / "training_curves.png"),
+            "config": str(output / CONFIG_NAME),
+        }
+        if lora:
+            metrics["artifacts"]["adapter"] = str(output / "adapter")
+        if (work / TENSORBOARD_DIR).is_dir():
+            metrics["artifacts"]["tensorboard"] = str(output / TENSORBOARD_DIR)
+        write_config_yaml(metrics["config"], work / CONFIG_NAME)
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        plot.result()
     assert model_dir.exists()
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise EmbedtuneError(f"{output}: appeared during the run; results left in {work}")
-    return replace_folder(work, output)  # a crash here leaves the previous OUTPUT or the new one, never neither
+    seal_finished(work)
+    return complete_finish(work, output)  # a crash here leaves the previous OUTPUT or the sealed new one
+
+
+def _finished_result(output: Path) -> RunResult:
+    """The result of a run whose finish was completed at start (`run_folder.recover_at_start`)."""
+    from sentence_transformers import SentenceTransformer
+
+    metrics = json.loads((output / "metrics.json").read_text(encoding="utf-8"))
+    return RunResult(SentenceTransformer(str(output / "model"), device="cpu"), metrics, output)
+
+
+# --------------------------------------------------------------------------------------------------
+# No silent success: a run that cannot train is refused before anything is written, and a run that
+# trained nothing (or less than planned) says so in its summary and metrics.json ("warnings").
+
+# The InfoNCE temperature's sane range: the loss divides cosine similarities (in [-1, 1]) by it.
+TEMPERATURE_RANGE = (1e-4, 100.0)
+_FLOAT_FLAGS = {"epochs": "--epochs", "lr": "--lr", "temperature": "--temperature"}
+
+
+def check_finite(config: TrainConfig) -> None:
+    """Every float setting (fields and `extra` training arguments) must be a finite number: inf or NaN
+    would pass the range checks or fail deep in the trainer (`--epochs inf`: an OverflowError)."""
+    import dataclasses
+
+    settings = [(_FLOAT_FLAGS.get(f.name, f.name), getattr(config, f.name)) for f in dataclasses.fields(config)]
+    settings += list((config.extra or {}).items())
+    for flag, value in settings:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise EmbedtuneError(f"{flag} {value}: must be a finite number")
+
+
+def _sampler_is_no_duplicates(config: TrainConfig) -> bool:
+    choice = (config.extra or {}).get("batch_sampler")
+    return choice is None or str(getattr(choice, "value", choice)) in ("no_duplicates", "no_duplicates_hashed")
+
+
+def check_batches(config: TrainConfig, train_ds) -> dict | None:
+    """The full batches the NO_DUPLICATES sampler will really yield (`data.sampler.plan_batches`):
+    zero optimizer steps is an error naming the data and why; fewer batches than the row count
+    promises is a one-line warning, also returned for metrics.json (`batches`, with its `warning`).
+    None when the run uses another sampler."""
+    from .data.sampler import fitting_batch_size, plan_batches
+
+    if not _sampler_is_no_duplicates(config):
+        return None
+    extra = config.extra or {}
+    batch_size = int(extra.get("per_device_train_batch_size", config.batch_size))
+    per_step = int(extra.get("gradient_accumulation_steps", 1)) * distributed.world_size()  # batches per step
+    columns = [c for c in train_ds.column_names if c == "anchor" or c == "positive" or c.startswith("negative_")]
+    plan = plan_batches(train_ds, batch_size, seed=int(extra.get("seed", config.seed)), columns=columns)
+    info = {**plan.as_dict(), "warning": None}
+    if not plan.short:
+        return info
+    steps_per_epoch = plan.per_epoch // per_step
+    if steps_per_epoch == 0:
+        step = f" ({per_step} batches make one optimizer step)" if per_step > 1 and plan.per_epoch else ""
+        smaller = fitting_batch_size(train_ds, batch_size, int(extra.get("seed", config.seed)), columns, per_step)
+        fix = (f"remove the duplicate rows or lower --batch-size (to {smaller}, for one)" if smaller else
+               "remove the duplicate rows (not even --batch-size 2 fills a batch)")
+        raise EmbedtuneError(f"{config.data}: {plan.describe()}{step}: the run would train no step; {fix}")
+    planned_per_epoch = max(1, len(train_ds) // (batch_size * per_step))  # as `run` plans
+    planned = config.max_steps or max(1, math.ceil(planned_per_epoch * config.epochs))
+    expected = min(planned, steps_per_epoch * math.ceil(planned / planned_per_epoch))
+    line = f"{config.data}: {plan.describe()}"
+    if plan.per_epoch > plan.per_pass:
+        line += f"; the sampler repeats rows to make {plan.per_epoch} batches per epoch"
+    if expected < planned:
+        line += f"; the run trains about {expected} of {planned} planned steps"
+    if distributed.is_main():  # one line, not one per rank
+        logger.warning("embedtune: %s", line)
+    info.update(warning=line, planned_steps=planned, expected_steps=expected)
+    return info
+
+
+def _digests(model) -> dict[str, tuple[float, float]]:
+    """Per trainable parameter (this rank's shard under FSDP): its sum and sum of squares in float64,
+    enough to tell whether training changed it without keeping a copy of the weights."""
+    with torch.no_grad():
+        out = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                values = local_tensor(param).detach().double()
+                out[name] = (float(values.sum()), float(values.square().sum()))
+        return out
+
+
+def _lora_update_vanishes(model) -> bool | None:
+    """True when every LoRA layer's update leaves its base weight exactly as it is once merged
+    (W + delta == W: lora_B still zero, or too small for W's precision); None without LoRA layers."""
+    found = False
+    with torch.no_grad():
+        for module in model.modules():
+            delta_of = getattr(module, "get_delta_weight", None)
+            adapters = getattr(module, "lora_A", None)
+            if delta_of is None or adapters is None or not hasattr(module, "get_base_layer"):
+                continue
+            weight = module.get_base_layer().weight
+            for name in getattr(module, "active_adapters", ()):
+                if name in adapters:
+                    found = True
+                    if not torch.equal(weight, weight + delta_of(name).to(weight.dtype)):
+                        return False
+    return True if found else None
+
+
+class RunChecks:
+    """What a finished run may have hidden, for the summary and metrics.json's `warnings`: fewer steps
+    than planned, a loss that never moved, gradients that were all zero (or never finite), weights
+    that ended equal to the base model's. Made just before training (it fingerprints the weights)."""
+
+    def __init__(self, st_model):
+        self.model = st_model
+        self.before = _digests(st_model)
+
+    def unchanged(self) -> bool:
+        """The trained model equals the one training started from (LoRA: its merged update is nil)."""
+        after = _digests(self.model)
+        lora = _lora_update_vanishes(self.model)
+        if lora is None:
+            return after == self.before
+        return lora is True and all(after[n] == self.before.get(n) for n in after if "lora_" not in n)
+
+    def warnings(self, history: list[dict], steps: int, first_step: int, planned: int,
+                 batches: dict | None) -> list[str]:
+        found = []
+        if batches and batches.get("warning"):
+            found.append(batches["warning"])
+        if steps < planned and not (batches and batches.get("expected_steps") == steps):
+            found.append(f"trained {steps} of the {planned} planned steps")
+        logs = [entry for entry in history if entry.get("step", 0) > first_step]
+        losses = [entry["loss"] for entry in logs if isinstance(entry.get("loss"), (int, float))]
+        if len(losses) >= 2 and len(set(losses)) == 1:
+            found.append(f"the training loss stayed exactly {losses[0]:.6g} over the run ({len(losses)} logged "
+                         "values): the model learned nothing from the data")
+        norms = [entry["grad_norm"] for entry in logs if isinstance(entry.get("grad_norm"), (int, float))]
+        if norms and all(n == 0 for n in norms):
+            found.append("the gradient norm was 0 at every logged step: no weight received a gradient")
+        elif norms and not any(math.isfinite(n) for n in norms):
+            found.append("the gradient norm was never finite at a logged step: every update was clipped from inf/NaN")
+        if steps > first_step and self.unchanged():
+            found.append("the fine-tuned weights equal the base model's (nothing training changed survives in the "
+                         "saved model): the saved model is the base model, unchanged")
+        return found
+
+    def report(self, metrics: dict, state, first_step: int, planned: int, batches: dict | None, loaded) -> None:
+        """Add `warnings` (one-line strings), `planned_steps`, `batches` and `rows_negatives_cut` to metrics;
+        each warning is logged too."""
+        warnings = self.warnings(state.log_history, state.global_step, first_step, planned, batches)
+        for line in warnings[1 if batches and batches.get("warning") else 0:]:  # the batch line was logged up front
+            if distributed.is_main():
+                logger.warning("embedtune: %s", line)
+        metrics.update(warnings=warnings, planned_steps=planned, batches=batches,
+                       rows_negatives_cut=getattr(loaded, "cut_negatives", 0))

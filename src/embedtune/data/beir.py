@@ -26,7 +26,7 @@ from pathlib import Path
 
 from embedtune.data.readers import decode_json_line, one_line
 from embedtune.errors import DataError
-from embedtune.evaluate import IRTask
+from embedtune.evaluate import IdenticalIds, IRTask
 
 CORPUS_FILE = "corpus.jsonl"
 QUERIES_FILE = "queries.jsonl"
@@ -53,9 +53,12 @@ class LoadedBeir:
     skipped_unknown_query: int = 0
     skipped_unknown_document: int = 0
     queries_without_relevant: int = 0
+    identical_ids: IdenticalIds | None = None  # queries sharing their id with a document (`IRTask.identical_ids`)
+    keep_identical_ids: bool = False  # those pairs counted as retrieved (BEIR drops them)
 
     def notes(self) -> list[str]:
-        """One line per thing the user should know: the split fallback and every skip count."""
+        """One line per thing the user should know: the split fallback, every skip count, and the
+        query/document pairs sharing an id (dropped, as BEIR does, unless kept)."""
         lines = [self.fallback] if self.fallback else []
         qrels = f"{QRELS_DIR}/{self.split}.tsv"
         if self.skipped_unknown_query:
@@ -67,6 +70,9 @@ class LoadedBeir:
         if self.queries_without_relevant:
             lines.append(f"{_count(self.queries_without_relevant, 'judged query', 'judged queries')} without a "
                          "relevant (score > 0) document in the corpus: not evaluated")
+        identical = self.identical_ids.note(kept=self.keep_identical_ids) if self.identical_ids else None
+        if identical:
+            lines.append(identical)
         return lines
 
 
@@ -76,8 +82,12 @@ def is_beir_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and any((p / name).exists() for name in (CORPUS_FILE, QUERIES_FILE, QRELS_DIR))
 
 
-def read_beir(folder: str | os.PathLike, split: str | None = None) -> LoadedBeir:
-    """Read and validate a BEIR folder; ``split=None`` uses qrels/test.tsv, else qrels/dev.tsv (and says so)."""
+def read_beir(folder: str | os.PathLike, split: str | None = None, keep_identical_ids: bool = False) -> LoadedBeir:
+    """Read and validate a BEIR folder; ``split=None`` uses qrels/test.tsv, else qrels/dev.tsv (and says so).
+
+    Queries whose id is also a document's id are counted (``identical_ids``) and noted: the evaluation
+    drops those pairs as BEIR does, unless ``keep_identical_ids`` (then pass
+    ``ignore_identical_ids=False`` to `retrieval.evaluate_retrieval` too; the note says which)."""
     name = os.fspath(folder)
     root = Path(name)
     if not root.exists():
@@ -127,6 +137,7 @@ def read_beir(folder: str | os.PathLike, split: str | None = None) -> LoadedBeir
     return LoadedBeir(
         task=task, source=name, split=split, fallback=fallback, judgements=sum(map(len, qrels.values())),
         skipped_unknown_query=unknown_query, skipped_unknown_document=unknown_doc, queries_without_relevant=without,
+        identical_ids=task.identical_ids(), keep_identical_ids=keep_identical_ids,
     )
 
 

@@ -7,7 +7,10 @@ Columns: anchor/query/question, positive/pos/answer, negative/neg/negative_<n>; 
 positives and negatives strings or lists of strings (FlagEmbedding style), a list of positives giving one
 row each. Null, empty and blank texts are skipped and counted; any other value where text is expected
 (a number, boolean, object) is an error, since skipping it would hide a broken export. A row keeps the
-number of hard negatives most rows have; rows with fewer are skipped and counted.
+number of hard negatives most rows have; rows with fewer are skipped and counted, rows with more keep the
+first ones and are counted too. Nothing is chosen silently: a JSON object naming a key twice (JSON keeps
+the last value) is an error naming the line and key, and so is a row where two aliases of one column
+(e.g. "anchor" and "query") both hold text; where only one of them does, that one is used.
 
 Every format is turned into a stream of row dicts and fed through one normaliser (:class:`_Collector`),
 so aliases, list-valued columns, skipping and negative handling behave the same everywhere. Any problem
@@ -57,7 +60,9 @@ class LoadedPairs:
     ``dataset`` has string columns ``anchor``, ``positive``, ``negative_1..negative_{num_negatives}``;
     ``skipped`` counts rows (or list entries of a list-valued positive) dropped for empty/null text;
     ``skipped_few_negatives`` counts rows dropped for holding fewer than ``num_negatives`` hard
-    negatives, the first of them at ``first_few_negatives`` (e.g. "line 17"); ``source`` is the path as given.
+    negatives, the first of them at ``first_few_negatives`` (e.g. "line 17"); ``cut_negatives`` counts
+    rows kept with only their first ``num_negatives`` hard negatives (they held more), the first of them
+    at ``first_cut_negatives``; ``source`` is the path as given.
     """
 
     dataset: datasets.Dataset
@@ -66,15 +71,22 @@ class LoadedPairs:
     num_negatives: int
     skipped_few_negatives: int = 0
     first_few_negatives: str | None = None
+    cut_negatives: int = 0
+    first_cut_negatives: str | None = None
 
     def skipped_summary(self) -> str:
-        """Every reason rows were dropped, on one line, e.g. for the CLI's end-of-run report."""
+        """Every reason rows were dropped or cut, on one line, e.g. for the CLI's end-of-run report."""
         text = f"{_rows(self.skipped)} skipped for empty text"
+        negatives = f"{self.num_negatives} hard negative{'s' if self.num_negatives != 1 else ''}"
         if self.skipped_few_negatives:
             text += (
-                f"; {_rows(self.skipped_few_negatives)} skipped: fewer than {self.num_negatives} hard "
-                f"negative{'s' if self.num_negatives != 1 else ''} (first at {self.first_few_negatives})"
+                f"; {_rows(self.skipped_few_negatives)} skipped: fewer than {negatives} "
+                f"(first at {self.first_few_negatives})"
             )
+        if self.cut_negatives:
+            used = f"only the first {self.num_negatives} used" if self.num_negatives else "not used"
+            held = f"more than {negatives}" if self.num_negatives else "hard negatives, which most rows lack"
+            text += f"; {_rows(self.cut_negatives)} held {held}: {used} (first at {self.first_cut_negatives})"
         return text
 
 
@@ -172,7 +184,7 @@ class _Collector:
         self.found: dict[str, None] = {}  # every column name seen, in first-seen order
         self.has_anchor_column = False
         self.has_positive_column = False
-        self._plans: dict[tuple, tuple[str | None, str | None, tuple[str, ...]]] = {}
+        self._plans: dict[tuple, tuple[str | None, str | None, tuple[str, ...], tuple]] = {}
 
     def declare_columns(self, names: Iterable[str], where: str | None = None) -> None:
         """Record a tabular file's columns so the missing-columns message is right even with 0 rows.
@@ -189,8 +201,11 @@ class _Collector:
 
     def check_types(self, schema) -> None:
         """Reject a typed (Parquet, saved dataset) text column that isn't text, before reading any row."""
-        anchor, positive, negatives = self._plan(tuple(schema.names))
-        for key, lists_allowed in ((anchor, False), (positive, True), *((k, True) for k in negatives)):
+        anchor, positive, negatives, clash = self._plan(tuple(schema.names))
+        anchors = clash[0] if clash and clash[0][0] in ANCHOR_ALIASES else (anchor,)
+        positives = clash[-1] if clash and clash[-1][0] in POSITIVE_ALIASES else (positive,)
+        for key, lists_allowed in (*((k, False) for k in anchors), *((k, True) for k in positives),
+                                   *((k, True) for k in negatives)):
             if key is None:
                 continue
             dtype = schema.field(key).type
@@ -198,24 +213,28 @@ class _Collector:
                 expected = "text or a list of text" if lists_allowed else "text"
                 raise DataError(f"{self.name}: column '{key}' has type {dtype}, expected {expected}")
 
-    def _plan(self, keys: tuple) -> tuple[str | None, str | None, tuple[str, ...]]:
+    def _plan(self, keys: tuple) -> tuple[str | None, str | None, tuple[str, ...], tuple]:
         """Resolve which keys hold anchor/positive/negatives; cached per distinct key tuple.
 
-        Resolution is per row shape, so in JSON lines a row lacking "anchor" may still use "query".
+        Resolution is per row shape, so in JSON lines a row lacking "anchor" may still use "query". The
+        last item lists the roles named by two or more aliases in this shape (e.g. ("anchor", "query")),
+        which `add` resolves per row: one alias holding text is used, two are an error.
         """
         plan = self._plans.get(keys)
         if plan is None:
             for key in keys:
                 self.found.setdefault(str(key))
-            anchor = next((a for a in ANCHOR_ALIASES if a in keys), None)
-            positive = next((a for a in POSITIVE_ALIASES if a in keys), None)
+            anchors = tuple(a for a in ANCHOR_ALIASES if a in keys)
+            positives = tuple(a for a in POSITIVE_ALIASES if a in keys)
+            anchor = anchors[0] if anchors else None
+            positive = positives[0] if positives else None
             numbered = sorted(
                 (int(m.group(1)), k) for k in keys if isinstance(k, str) and (m := _NUMBERED_NEGATIVE.fullmatch(k))
             )
             negatives = tuple(a for a in NEGATIVE_ALIASES if a in keys) + tuple(k for _, k in numbered)
             self.has_anchor_column |= anchor is not None
             self.has_positive_column |= positive is not None
-            plan = (anchor, positive, negatives)
+            plan = (anchor, positive, negatives, tuple(group for group in (anchors, positives) if len(group) > 1))
             if len(self._plans) < _MAX_PLANS:  # rows with ever-new keys must not grow this forever
                 self._plans[keys] = plan
         return plan
@@ -223,7 +242,9 @@ class _Collector:
     def add(self, record: dict, at: int) -> None:
         """Normalise one record; a list-valued positive yields one row per usable positive."""
         self.records += 1
-        anchor_key, positive_key, negative_keys = self._plan(tuple(record))
+        anchor_key, positive_key, negative_keys, clash = self._plan(tuple(record))
+        if clash:  # two names of one column in this row: use the one holding text, refuse two
+            anchor_key, positive_key = self._resolve_aliases(record, clash, at, anchor_key, positive_key)
         anchor = record.get(anchor_key)  # .get(None) is None: no anchor column in this row
         if type(anchor) is not str and anchor is not None:
             self._wrong_type(at, anchor_key, anchor)
@@ -271,6 +292,25 @@ class _Collector:
         if len(self.anchors) >= _FLUSH_ROWS:
             self._flush()
 
+    def _resolve_aliases(self, record: dict, clash: tuple, at: int, anchor_key, positive_key) -> tuple:
+        """The anchor and positive keys of a row that names a column twice (e.g. both "anchor" and
+        "query"): the alias holding something is used; two holding something are an error, since one
+        would be ignored."""
+        for group in clash:
+            filled = [key for key in group if _has_content(record[key])]
+            if len(filled) > 1:
+                role = "anchor" if group[0] in ANCHOR_ALIASES else "positive"
+                raise DataError(
+                    f"{self.located(at)}: both '{filled[0]}' and '{filled[1]}' given; they name the same column "
+                    f"(the {role}), so one would be ignored: keep one"
+                )
+            chosen = filled[0] if filled else group[0]
+            if group[0] in ANCHOR_ALIASES:
+                anchor_key = chosen
+            else:
+                positive_key = chosen
+        return anchor_key, positive_key
+
     def _texts(self, values: list | tuple, at: int, key: str) -> list[str]:
         """The usable texts of a list-valued column; nulls and blanks are dropped, other types refused."""
         texts = [v for v in values if _is_text(v)]
@@ -287,6 +327,14 @@ class _Collector:
     def where(self, at: int) -> str:
         """The file and position of record ``at``, as messages start: "f.jsonl:7", "f.json: item 3"."""
         return f"{self.name}:{at}" if self.unit == "line" else f"{self.name}: {self.unit} {at}"
+
+    def located(self, at: int) -> str:
+        """Like `where`, with a CSV row's line looked up: "f.csv:7"."""
+        if self.line_of is not None:
+            line = self.line_of(at)
+            if line is not None:
+                return f"{self.name}:{line}"
+        return self.where(at)
 
     def place(self, at: int) -> str:
         """Record ``at``'s position in words, e.g. "line 17" (CSV rows looked up as lines)."""
@@ -335,6 +383,7 @@ class _Collector:
 
         k = self._negatives_kept()
         few = [tally for n, tally in self.negative_counts.items() if n < k]
+        more = [tally for n, tally in self.negative_counts.items() if n > k]  # kept, their extra negatives cut
         columns = [pa.chunked_array([chunk[i] for chunk in self.chunks]) for i in range(3)]
         self.chunks = []
         if few:
@@ -353,6 +402,8 @@ class _Collector:
             num_negatives=k,
             skipped_few_negatives=sum(rows for rows, _ in few),
             first_few_negatives=self.place(min(first for _, first in few)[1]) if few else None,
+            cut_negatives=sum(rows for rows, _ in more),
+            first_cut_negatives=self.place(min(first for _, first in more)[1]) if more else None,
         )
 
 
@@ -404,6 +455,15 @@ def _quoted(text: str, limit: int = _MAX_QUOTED_CHARS) -> str:
     """File content echoed into a message: one printable line of at most ``limit`` characters."""
     text = _printable(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _has_content(value: Any) -> bool:
+    """Anything but null, blank text or an empty list: a value that using another alias would ignore."""
+    if value is None:
+        return False
+    if type(value) is str:
+        return value != "" and not value.isspace()
+    return not (isinstance(value, (list, tuple)) and len(value) == 0)
 
 
 def _is_text(value: Any) -> bool:
@@ -478,15 +538,43 @@ def _json_error(e: Exception) -> str:
     return one_line(str(e))  # e.g. an integer with too many digits
 
 
-_decode_json = json.JSONDecoder().decode  # skips json.loads' per-call argument checks
+class _DuplicateKey(Exception):
+    """An object names a key twice; `json` would keep the last value without a word."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """object_pairs_hook: the object as a dict, refusing a key named twice (about 5% on parsing)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def _duplicate_key_error(where: str, key: str) -> DataError:
+    return DataError(f"{where}: duplicate key {_quoted(json.dumps(key, ensure_ascii=False))} in one object "
+                     "(JSON keeps only its last value): keep one")
+
+
+_decode_json = json.JSONDecoder(object_pairs_hook=_unique_keys).decode  # no per-call argument checks
 
 
 def decode_json_line(name: str, lineno: int, text: str) -> Any:
-    """One JSON value from line `lineno` of file `name`; invalid JSON is a DataError naming both."""
+    """One JSON value from line `lineno` of file `name`; invalid JSON, or an object naming a key twice,
+    is a DataError naming both."""
     try:
         return _decode_json(text)
     except (ValueError, RecursionError) as e:
         raise DataError(f"{name}:{lineno}: invalid JSON: {_json_error(e)}") from None
+    except _DuplicateKey as e:
+        raise _duplicate_key_error(f"{name}:{lineno}", e.key) from None
 
 
 def _parse_line(name: str, lineno: int, text: str) -> dict:
@@ -535,7 +623,9 @@ def _read_json(p: Path, name: str, collector: _Collector) -> None:
         raise DataError(f"{name}:{lineno}: invalid UTF-8: {e.reason}") from None
     del data
     try:
-        document = json.loads(text)
+        document = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise _duplicate_key_error(f"{name}:{_duplicate_key_line(text, e.key)}", e.key) from None
     except (ValueError, RecursionError) as e:
         # JSON lines saved as .json: accept it when the first non-blank line is a JSON object on its
         # own; otherwise it's a broken JSON document, and that error is the useful one.
@@ -555,6 +645,36 @@ def _read_json(p: Path, name: str, collector: _Collector) -> None:
         if not isinstance(record, dict):
             raise DataError(f"{name}: item {index}: expected a JSON object, got {_json_type(record)}")
         collector.add(record, index)
+
+
+def _duplicate_key_line(text: str, key: str) -> int:
+    """The line of the first object in `text` that names `key` twice: where its second `"key":` stands.
+
+    Only on the error path: a second parse with the pure-Python scanner, whose object parser knows
+    where each object starts and ends."""
+    import json.decoder
+    import json.scanner
+
+    found: list[int] = []
+
+    def parse_object(s_and_end, strict, scan_once, object_hook, object_pairs_hook, memo=None):
+        s, start = s_and_end
+        pairs, end = json.decoder.JSONObject(s_and_end, strict, scan_once, None, list, memo)
+        if not found and len({k for k, _ in pairs}) != len(pairs) and any(k == key for k, _ in pairs):
+            # the key's second occurrence as a key in this object's text (a nested object naming it is rare)
+            hits = [m.start() for m in re.finditer(re.escape(json.dumps(key, ensure_ascii=False)) + r"\s*:",
+                                                   s[start:end])]
+            found.append(start + hits[1] if len(hits) > 1 else start)
+        return dict(pairs), end
+
+    decoder = json.JSONDecoder()
+    decoder.parse_object = parse_object
+    scan = json.scanner.py_make_scanner(decoder)
+    try:
+        scan(text, len(text) - len(text.lstrip()))
+    except (ValueError, RecursionError, StopIteration):
+        pass
+    return text.count("\n", 0, found[0]) + 1 if found else 1
 
 
 def _parses_as_object(text: str) -> bool:

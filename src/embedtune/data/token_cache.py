@@ -8,11 +8,20 @@ each text's unpadded ids in one flat int32 array. The collator then only looks i
 which yields exactly the tensors the model's preprocessing would have produced for that batch
 (tested). Anything the cache did not see (other columns, prompts or options) goes to the original
 preprocessing unchanged.
+
+Huge texts: every text is cut to a character budget before it reaches the tokenizer (`clip_text`,
+`char_budget`), so a 4 MB text costs what its first max_seq_length tokens cost, not seconds and
+gigabytes of token offsets that truncation throws away. The budget is large enough that the
+truncated token ids do not change (see `char_budget`). `clip_inputs` is the one helper every path
+uses: the cache's fill, the model's own preprocessing (`clip_module_inputs`, installed on the
+Transformer module of every model embedtune wraps: the trainer's collator, sentence-transformers'
+model-card statistics and `encode`), and the encoders of `retrieval` and `mine`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -23,6 +32,140 @@ ENCODE_CHUNK = 1024  # texts preprocessed per call while filling the cache
 PROGRESS_MIN_TEXTS = 20_000  # show a progress bar for fills at least this large
 MIN_READ_FRACTION = 0.25  # fill up front only if the run reads at least this share of the rows
 
+# ---------------------------------------------------------------- cutting huge texts before tokenizing
+#
+# Why the budget keeps the truncated ids unchanged. The tokenizers of the supported families split the
+# text into words at whitespace (and, for WordPiece, punctuation) before their model runs, and
+# tokenize each word on its own (WordPiece: BERT, MiniLM, MPNet...; byte-level BPE with a split regex:
+# RoBERTa, ModernBERT, Qwen, Llama 3...; SentencePiece with Metaspace: XLM-R, Gemma...). So cutting
+# the text changes only the tokens of the word the cut falls in; every token before that word is the
+# same. A token covers at most P characters of a word: the longest piece in the vocabulary, or for
+# WordPiece a whole unknown word of up to `max_input_chars_per_word` (100) characters, which becomes
+# one [UNK]. We take P = max(100, those two), at most 1024. Keeping (n + 2) * P non-whitespace
+# characters therefore keeps at least n + 1 whole tokens before the last (cut) word, for n =
+# max_seq_length: the tokenizer's truncation to n tokens (prompt and special tokens included, which
+# only take room) then sees exactly the ids it would have seen in the whole text. Whitespace is not
+# counted (WordPiece drops it, and runs of blanks in code would otherwise eat the budget), up to 4x
+# the budget in all. What this does not cover, and nothing short of tokenizing the whole text could:
+# text whose first n tokens span more than that, i.e. words of over P characters that become a
+# single token (a 10,000-letter unbroken [UNK] "word" in WordPiece) or kilobytes of blanks.
+MIN_CHARS_PER_TOKEN = 100
+MAX_CHARS_PER_TOKEN = 1024
+SPARE_TOKENS = 2  # the cut (last) word, and one token of margin
+MAX_BLANK_SHARE = 4  # at most this multiple of the budget is kept, blanks included
+_WHITESPACE = (" ", "\n", "\t", "\r")
+
+_per_token: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+
+
+def chars_per_token(tokenizer) -> int:
+    """P above: the most characters of a word one token of `tokenizer` covers (at least 100, at most
+    1024), from its WordPiece `max_input_chars_per_word` and its longest vocabulary piece. Cached."""
+    if tokenizer is None:
+        return MIN_CHARS_PER_TOKEN
+    try:
+        return _per_token[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    bound = MIN_CHARS_PER_TOKEN
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    limit = getattr(model, "max_input_chars_per_word", None) or getattr(tokenizer, "max_input_chars_per_word", None)
+    if isinstance(limit, int):
+        bound = max(bound, limit)
+    try:
+        vocab = tokenizer.get_vocab()
+        longest = max((len(piece) for piece in vocab), default=0)
+    except Exception:  # noqa: BLE001 - a tokenizer without a readable vocabulary: the default bound
+        longest = 0
+    bound = min(max(bound, longest), MAX_CHARS_PER_TOKEN)
+    try:
+        _per_token[tokenizer] = bound
+    except TypeError:
+        pass
+    return bound
+
+
+def char_budget(max_seq_length: int | None, tokenizer=None) -> int | None:
+    """Non-whitespace characters of a text that are sure to hold its first `max_seq_length` tokens
+    (see above); None when there is no length limit (then no text is cut)."""
+    if not isinstance(max_seq_length, int) or max_seq_length <= 0 or max_seq_length >= 1_000_000:
+        return None
+    return (max_seq_length + SPARE_TOKENS) * chars_per_token(tokenizer)
+
+
+def _blanks(text: str, start: int, end: int) -> int:
+    return sum(text.count(ch, start, end) for ch in _WHITESPACE)
+
+
+def clip_text(text: str, budget: int | None) -> str:
+    """`text` cut after `budget` non-whitespace characters (at most `MAX_BLANK_SHARE * budget`
+    characters in all); shorter texts come back as they are (the same object)."""
+    if budget is None or len(text) <= budget:
+        return text
+    limit = min(len(text), MAX_BLANK_SHARE * budget)
+    end = budget
+    solid = budget - _blanks(text, 0, end)
+    while solid < budget and end < limit:
+        step = min(max(budget - solid, 64), limit - end)
+        solid += step - _blanks(text, end, end + step)
+        end += step
+    return text[:end]
+
+
+def clip_inputs(inputs, budget: int | None):
+    """`inputs` (a batch of texts, or of text pairs) with every text cut to `budget`; anything that is
+    not text (dicts, images, ...) passes unchanged. The batch itself comes back when nothing was cut."""
+    if budget is None:
+        return inputs
+    out, changed = [], False
+    for item in inputs:
+        if isinstance(item, str):
+            cut = clip_text(item, budget)
+        elif isinstance(item, tuple) and any(isinstance(part, str) for part in item):
+            cut = tuple(clip_text(part, budget) if isinstance(part, str) else part for part in item)
+            cut = item if all(a is b for a, b in zip(cut, item)) else cut
+        else:
+            cut = item
+        changed |= cut is not item
+        out.append(cut)
+    return out if changed else inputs
+
+
+def model_budget(st_model) -> int | None:
+    """The character budget for a SentenceTransformer's texts: its max_seq_length and tokenizer."""
+    return char_budget(getattr(st_model, "max_seq_length", None), getattr(st_model, "tokenizer", None))
+
+
+class ClippedPreprocess:
+    """A Transformer module's own `preprocess` (`tokenize` on sentence-transformers 5), with every text
+    cut to the module's character budget first (`max_length` of the call, else its max_seq_length).
+    Installed per module instance by `clip_module_inputs`; picklable like the bound method it wraps."""
+
+    def __init__(self, module, original: Callable):
+        self.module = module
+        self.original = original
+
+    def __call__(self, inputs, *args, **kwargs):
+        length = kwargs.get("max_length") or getattr(self.module, "max_seq_length", None)
+        budget = char_budget(length, getattr(self.module, "tokenizer", None))
+        if budget is not None and isinstance(inputs, (list, tuple)):
+            inputs = clip_inputs(inputs, budget)
+        return self.original(inputs, *args, **kwargs)
+
+
+def clip_module_inputs(module) -> None:
+    """Make a sentence-transformers Transformer module cut huge texts before its tokenizer sees them
+    (see `ClippedPreprocess`). On this module instance only; idempotent."""
+    for name in ("preprocess", "tokenize"):
+        current = module.__dict__.get(name)
+        if isinstance(current, ClippedPreprocess):
+            return
+        original = getattr(module, name, None)
+        if callable(original):
+            object.__setattr__(module, name, ClippedPreprocess(module, original))
+            return
+
 
 def _key(prompt: str | None, text: str) -> bytes:
     # a 16-byte digest instead of the text: the cache must not hold a second copy of the corpus
@@ -32,8 +175,10 @@ def _key(prompt: str | None, text: str) -> bytes:
 class TokenCache:
     """Unpadded token ids (and aligned per-token features such as token_type_ids) per (prompt, text)."""
 
-    def __init__(self, preprocess: Callable, pad_values: dict[str, int], padding_side: str):
+    def __init__(self, preprocess: Callable, pad_values: dict[str, int], padding_side: str,
+                 budget: int | None = None):
         self.preprocess = preprocess
+        self.budget = budget  # texts are cut to this many characters before preprocessing (`clip_text`)
         self.pad_values = pad_values  # feature -> value at padding, e.g. input_ids -> pad_token_id
         self.padding_side = padding_side
         self.index: dict[bytes, int] = {}
@@ -49,6 +194,7 @@ class TokenCache:
         self.usable = True
 
     def _call(self, texts: list[str], prompt: str | None) -> dict[str, Any]:
+        texts = clip_inputs(texts, self.budget)
         return self.preprocess(texts, prompt=prompt) if prompt else self.preprocess(texts)
 
     def add(self, texts: Iterable[str], prompt: str | None = None, progress=None) -> None:
@@ -181,6 +327,7 @@ class CachedPreprocess:
         self.original = original
         self.hits = 0
         self.misses = 0
+        self.budget = cache.budget
 
     def __call__(self, texts, prompt: str | None = None, **kwargs):
         options = {k: v for k, v in kwargs.items() if v is not None}  # ST 6 always passes task=None
@@ -190,6 +337,8 @@ class CachedPreprocess:
                 self.hits += 1
                 return features
         self.misses += 1
+        if kwargs.get("max_length") is None:  # a call's own max_length: the module's preprocessing cuts for it
+            texts = clip_inputs(texts, self.budget)
         return self.original(texts, prompt=prompt, **kwargs) if prompt is not None else self.original(texts, **kwargs)
 
 
@@ -211,7 +360,7 @@ def install_token_cache(trainer, st_model, dataset, column_prompts: dict[str, st
     if rows_needed is not None and rows_needed < MIN_READ_FRACTION * len(dataset):
         return None
     tokenizer = st_model.tokenizer
-    cache = TokenCache(original, pad_values(tokenizer), tokenizer.padding_side)
+    cache = TokenCache(original, pad_values(tokenizer), tokenizer.padding_side, budget=model_budget(st_model))
     total = len(dataset) * len(dataset.column_names)
     with tqdm(total=total, desc="Tokenizing once", unit="text", disable=total < PROGRESS_MIN_TEXTS) as bar:
         for name in dataset.column_names:

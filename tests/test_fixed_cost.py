@@ -1,0 +1,347 @@
+"""What a job costs outside its training steps, checked by structure (no timings):
+
+- `import embedtune` / `embedtune.cli`, `embedtune --help` and the CLI's argument parsing load none of
+  torch, transformers, peft or sentence-transformers (the package's names are imported on first use),
+  while `embedtune.train` stays the function and the sentence-transformers patch still applies on import;
+- the CLI imports the libraries with the cyclic GC paused and frozen after, and freezes at exit;
+- `_tokens_per_row` tokenizes its sample on several threads, to the same count;
+- `_finish_output` draws the curves on a thread beside the model's save, and still fails (a plot that
+  fails) before the result is moved into place;
+- the curves are drawn without pyplot, to the same PNG bytes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("torch", "transformers", "peft", "sentence_transformers")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _fresh(code: str) -> dict:
+    """Run `code` in a fresh interpreter; it ends by printing one JSON line, returned parsed."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cli(argv: list[str]) -> dict:
+    """`embedtune ARGV` in a fresh interpreter (as the console script runs it): exit code and heavy modules loaded."""
+    return _fresh(f"""
+        import json, sys
+        sys.argv = ["embedtune", *{argv!r}]
+        from embedtune.cli import main
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        print(json.dumps({{"code": code, "loaded": [m for m in {HEAVY!r} if m in sys.modules]}}))
+    """)
+
+
+# ------------------------------------------------------------------------------- start-up
+
+
+def test_importing_the_package_and_the_cli_loads_no_ml_library():
+    seen = _fresh(f"""
+        import json, sys
+        import embedtune
+        after_package = [m for m in {HEAVY!r} if m in sys.modules]
+        import embedtune.cli
+        print(json.dumps({{"package": after_package, "cli": [m for m in {HEAVY!r} if m in sys.modules],
+                           "version": embedtune.__version__, "error": embedtune.EmbedtuneError.__name__}}))
+    """)
+    assert seen == {"package": [], "cli": [], "version": "0.1.0", "error": "EmbedtuneError"}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["export", "--help"]])
+def test_help_loads_no_ml_library(argv):
+    seen = _cli(argv)
+    assert seen == {"code": 0, "loaded": []}
+
+
+def test_argument_errors_are_reported_before_any_ml_library_loads(tmp_path):
+    """Parsing runs the eager --config callback too: without a file it must not import the recipe."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"anchor": "a", "positive": "b"}\n')
+    seen = _cli(["train", str(data), "--max-steps", "many"])
+    assert seen["code"] == 2  # click's usage error
+    assert seen["loaded"] == []
+
+
+def test_lazy_names_resolve_as_the_eager_package_bound_them():
+    seen = _fresh("""
+        import json, sys, types
+        import embedtune
+        names = {n: getattr(embedtune, n).__module__ for n in
+                 ("FastModel", "to_sentence_transformer", "install_compat", "TrainConfig", "save_merged", "save_hf",
+                  "save_adapter")}
+        first = type(embedtune.train).__name__
+        # importing the submodule (as the CLI and the tests do) binds it on the package: the name stays the function
+        from embedtune.train import TrainConfig
+        import embedtune.train as by_import
+        from embedtune import train as by_from
+        print(json.dumps({"names": names, "first": first, "after": type(embedtune.train).__name__,
+                          "by_import": type(by_import).__name__, "by_from": type(by_from).__name__,
+                          "module": type(sys.modules["embedtune.train"]).__name__,
+                          "same": embedtune.train is sys.modules["embedtune.train"].train,
+                          "dir": all(n in dir(embedtune) for n in embedtune.__all__)}))
+    """)
+    assert seen["names"] == {"FastModel": "embedtune.loading", "to_sentence_transformer": "embedtune.st",
+                             "install_compat": "embedtune.st", "TrainConfig": "embedtune.train",
+                             "save_merged": "embedtune.save", "save_hf": "embedtune.save",
+                             "save_adapter": "embedtune.save"}
+    assert seen["first"] == seen["after"] == seen["by_import"] == seen["by_from"] == "function"
+    assert seen["module"] == "module" and seen["same"] and seen["dir"]
+
+
+def test_unknown_attribute_is_still_an_attribute_error():
+    import embedtune
+
+    with pytest.raises(AttributeError):
+        embedtune.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("st_first", [False, True])
+def test_the_compat_patch_applies_whichever_is_imported_first(st_first):
+    """`import embedtune` patches sentence-transformers as its eager import did: at once if it is loaded,
+    else the moment it is; the package keeps its own loader, and the hook leaves sys.meta_path."""
+    seen = _fresh(f"""
+        import json, sys
+        if {st_first!r}:
+            import sentence_transformers
+        import embedtune
+        hooked = embedtune._HOOK in sys.meta_path
+        import sentence_transformers
+        from embedtune.st import _transformer_class, _BUNDLED_FLAG, _RESUME_FLAG
+        try:
+            from sentence_transformers.base.trainer import BaseTrainer as trainer
+        except ImportError:
+            from sentence_transformers import SentenceTransformerTrainer as trainer
+        cls = _transformer_class()
+        print(json.dumps({{"hooked": hooked, "models": hasattr(sentence_transformers, "models"),
+                           "bundled": bool(getattr(cls, _BUNDLED_FLAG, False)),
+                           "resume": bool(getattr(trainer, _RESUME_FLAG, False))
+                                     or "_load_from_checkpoint" not in vars(trainer),
+                           "loader": type(sentence_transformers.__spec__.loader).__name__,
+                           "same_loader": sentence_transformers.__loader__ is sentence_transformers.__spec__.loader,
+                           "left": embedtune._HOOK in sys.meta_path}}))
+    """)
+    assert seen["hooked"] is (not st_first)
+    assert seen["models"] and seen["bundled"] and seen["resume"]
+    assert seen["loader"] != "_PatchAfterExec" and seen["same_loader"]
+    assert seen["left"] is False
+
+
+# ------------------------------------------------------------------------------- garbage collector
+
+
+def test_heavy_imports_pause_the_collector_and_freeze_once():
+    seen = _fresh("""
+        import gc, json, sys
+        from embedtune.cli import heavy_imports
+        with heavy_imports():
+            paused = not gc.isenabled()
+            import torch
+        frozen, enabled = gc.get_freeze_count(), gc.isenabled()
+        with heavy_imports():  # torch is in: nothing more is frozen
+            again = not gc.isenabled()
+            junk = [[] for _ in range(1000)]
+        print(json.dumps({"paused": paused, "frozen": frozen, "enabled": enabled, "again": again,
+                          "unchanged": gc.get_freeze_count() == frozen}))
+    """)
+    assert seen["paused"] and seen["frozen"] > 100_000 and seen["enabled"]
+    assert not seen["again"] and seen["unchanged"]
+
+
+def test_the_cli_freezes_the_heap_at_exit():
+    """main() registers gc.freeze first, so it runs last among the exit handlers, before the
+    interpreter's final collections."""
+    seen = _fresh("""
+        import atexit, gc, json, sys
+        registered = []
+        atexit.register = lambda fn, *a, **k: registered.append(fn) or fn
+        sys.argv = ["embedtune", "--help"]
+        from embedtune.cli import main
+        before = len(registered)  # handlers the imports registered
+        try:
+            main()
+        except SystemExit:
+            pass
+        print(json.dumps({"first": registered[before] is gc.freeze if len(registered) > before else None}))
+    """)
+    assert seen["first"] is True
+
+
+# ------------------------------------------------------------------------------- tokens per row
+
+
+class _CountingTokenizer:
+    """A fast tokenizer stand-in: whitespace tokens plus two specials, truncated; records calling threads."""
+
+    is_fast = True
+
+    def __init__(self):
+        self.threads: set[int] = set()
+        self.texts = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, texts, truncation=False, max_length=None):
+        with self.lock:
+            self.threads.add(threading.get_ident())
+            self.texts += len(texts)
+        ids = [[101, *range(len(t.split())), 102] for t in texts]
+        return {"input_ids": [x[:max_length] if truncation else x for x in ids]}
+
+
+def _pairs_dataset(rows: int):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"anchor": [f"query {i} " + "w " * (i % 7) for i in range(rows)],
+                              "positive": [f"doc {i} " + "x " * (i % 50) for i in range(rows)]})
+
+
+def _reference_tokens_per_row(tokenizer, dataset, columns, max_len, sample=2048):  # the sequential original
+    from embedtune.data import column
+
+    rows = dataset.select(range(min(sample, len(dataset))))
+    total = 0
+    for name in columns:
+        total += sum(len(ids) for ids in tokenizer(column(rows, name), truncation=True, max_length=max_len)["input_ids"])
+    return total / max(1, len(rows))
+
+
+def test_tokens_per_row_tokenizes_the_sample_once_on_several_threads(monkeypatch):
+    train_module = importlib.import_module("embedtune.train")
+    monkeypatch.setattr(train_module.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    dataset = _pairs_dataset(3000)
+    tokenizer = _CountingTokenizer()
+    value = train_module._tokens_per_row(tokenizer, dataset, ["anchor", "positive"], 32)
+    assert value == _reference_tokens_per_row(_CountingTokenizer(), dataset, ["anchor", "positive"], 32)
+    assert tokenizer.texts == 2 * 2048  # every sampled text once
+    assert len(tokenizer.threads) > 1
+
+
+def test_tokens_per_row_with_a_real_fast_tokenizer_matches_the_sequential_count(monkeypatch):
+    from transformers import AutoTokenizer
+
+    from embedtune.loading import bundled_model_path
+
+    train_module = importlib.import_module("embedtune.train")
+    monkeypatch.setattr(train_module.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_path()))
+    dataset = _pairs_dataset(700)
+    expected = _reference_tokens_per_row(AutoTokenizer.from_pretrained(str(bundled_model_path())), dataset,
+                                         ["anchor", "positive"], 24)
+    assert train_module._tokens_per_row(tokenizer, dataset, ["anchor", "positive"], 24) == expected
+
+
+# ------------------------------------------------------------------------------- after the last step
+
+
+def _finish_setup(tmp_path, monkeypatch, plot=None):
+    train_module = importlib.import_module("embedtune.train")
+    plots = importlib.import_module("embedtune.plots")
+    work, output = tmp_path / "run.partial", tmp_path / "run"
+    for step in (1, 2):
+        (work / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        (work / "checkpoints" / f"checkpoint-{step}" / "trainable.safetensors").write_bytes(b"\0" * 1024)
+    seen = {}
+
+    def fake_save_merged(st_model, folder):
+        seen["save"] = threading.current_thread() is threading.main_thread()
+        Path(folder).mkdir()
+        (Path(folder) / "model.safetensors").write_bytes(b"weights")
+        return Path(folder)
+
+    def recording_plot(history, path, **kwargs):
+        seen["plot"] = threading.current_thread() is threading.main_thread()
+        Path(path).write_bytes(b"png")
+        return Path(path)
+
+    monkeypatch.setattr(train_module, "save_merged", fake_save_merged)
+    monkeypatch.setattr(plots, "plot_curves", plot or recording_plot)
+    metrics = {"config": {"lora_r": None}, "history": [{"step": 1, "loss": 1.0}], "base": {}}
+    return train_module, work, output, metrics, seen
+
+
+def test_finish_output_draws_the_curves_beside_the_save(tmp_path, monkeypatch):
+    train_module, work, output, metrics, seen = _finish_setup(tmp_path, monkeypatch)
+    result = train_module._finish_output(None, metrics, work, output, overwrite=False)
+    assert result == output and not work.exists()
+    assert sorted(p.name for p in output.iterdir()) == ["config.yaml", "metrics.json", "model", "training_curves.png"]
+    assert json.loads((output / "metrics.json").read_text())["artifacts"]["plot"] == str(output / "training_curves.png")
+    assert seen["save"] is True and seen["plot"] is False  # the curves were drawn on another thread
+
+
+def test_finish_output_fails_before_the_move_when_the_plot_fails(tmp_path, monkeypatch):
+    def broken_plot(history, path, **kwargs):
+        raise ValueError("no plot")
+
+    train_module, work, output, metrics, _ = _finish_setup(tmp_path, monkeypatch, plot=broken_plot)
+    with pytest.raises(ValueError, match="no plot"):
+        train_module._finish_output(None, metrics, work, output, overwrite=False)
+    assert not output.exists() and (work / "model").is_dir() and (work / "metrics.json").is_file()
+
+
+# ------------------------------------------------------------------------------- the curves
+
+
+def _pyplot_curves(history, path, metric, base=None, label="held-out nDCG@10"):  # the pyplot original
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h[metric]) for h in history if metric in h and "step" in h]
+    if base is not None:
+        evals = [(0, base)] + evals
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    if loss:
+        ax_loss.plot(*zip(*loss), marker=".")
+    ax_loss.set(title="training loss", xlabel="step", ylabel="MNRL loss")
+    if evals:
+        ax_metric.plot(*zip(*evals), marker="o", color="tab:green")
+    ax_metric.set(title=label, xlabel="step", ylabel="score")
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def test_curves_are_the_same_png_without_pyplot(tmp_path):
+    from embedtune.plots import plot_curves
+
+    metric = "eval_ir-eval_cosine_ndcg@10"
+    history = [{"step": s, "loss": 2.0 / s} for s in range(5, 200, 5)] + [{"step": s, metric: 0.3 + s / 1000}
+                                                                        for s in (50, 100, 150, 200)]
+    for i, (hist, base) in enumerate([(history, 0.28), (history[:3], None), ([], None)]):
+        plot_curves(hist, tmp_path / f"new{i}.png", metric=metric, base=base)
+        _pyplot_curves(hist, tmp_path / f"old{i}.png", metric=metric, base=base)
+        assert (tmp_path / f"new{i}.png").read_bytes() == (tmp_path / f"old{i}.png").read_bytes()
+
+
+def test_curves_leave_pyplot_and_the_backend_alone(tmp_path):
+    seen = _fresh(f"""
+        import json, sys
+        import matplotlib
+        matplotlib.use("svg")
+        from embedtune.plots import plot_curves
+        plot_curves([{{"step": 1, "loss": 1.0}}], {str(tmp_path / "c.png")!r}, metric="m")
+        print(json.dumps({{"pyplot": "matplotlib.pyplot" in sys.modules, "backend": matplotlib.get_backend()}}))
+    """)
+    assert seen == {"pyplot": False, "backend": "svg"}
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
