@@ -685,12 +685,17 @@ def _digests(model) -> dict[str, tuple[float, float]]:
     """Per trainable parameter (this rank's shard under FSDP): its sum and sum of squares in float64,
     enough to tell whether training changed it without keeping a copy of the weights."""
     with torch.no_grad():
-        out = {}
+        names, sums = [], []
         for name, param in model.named_parameters():
             if param.requires_grad:
-                values = local_tensor(param).detach().double()
-                out[name] = (float(values.sum()), float(values.square().sum()))
-        return out
+                values = local_tensor(param).detach()
+                names.append(name)  # reduced where the weights live, upcast on the fly, read back once
+                sums.append(torch.stack([values.sum(dtype=torch.float64),
+                                         torch.linalg.vector_norm(values, dtype=torch.float64) ** 2]))
+        if not names:
+            return {}
+        table = torch.stack([s.to(sums[0].device) for s in sums]).cpu().tolist()
+        return {name: (row[0], row[1]) for name, row in zip(names, table)}
 
 
 def _lora_update_vanishes(model) -> bool | None:
