@@ -291,3 +291,30 @@ def test_export_refuses_weights_that_do_not_read_back(models, tmp_path, monkeypa
         export(models["st"], to="sentence-transformers", output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "2_Dense/model.safetensors"])
+def test_trainer_checkpoint_with_a_damaged_file_is_one_line(models, tmp_path, damaged):
+    """Reloading a trainer checkpoint of a LoRA model (resume, load_best_model_at_end): a damaged weights
+    file is named, not a SafetensorError traceback."""
+    from embedtune.st import load_peft_checkpoint
+
+    model, tokenizer = FastModel.from_pretrained(str(models["st"]), fast=False, device="cpu")
+    st = to_sentence_transformer(get_peft_model(model, r=4, lora_alpha=4), tokenizer)
+    checkpoint = tmp_path / "checkpoint-1"
+    st.save(str(checkpoint))
+    load_peft_checkpoint(st, checkpoint)  # intact: loads
+    _truncate(checkpoint / damaged)
+    with pytest.raises(ModelFileError, match=f"{damaged}: truncated or not a safetensors file"):
+        load_peft_checkpoint(st, checkpoint)
+
+
+def test_a_pooler_the_checkpoint_lacks_is_not_a_broken_file(models, tmp_path):
+    """Only weights a sentence pipeline uses count: add_pooling_layer=True on a checkpoint saved without a
+    pooler still loads (the pooler starts random, as before, and no pipeline reads it)."""
+    folder = tmp_path / "no-pooler"
+    shutil.copytree(models["base"], folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("pooler.")}, str(folder / "model.safetensors"))
+    model, _ = FastModel.from_pretrained(str(folder), add_pooling_layer=True, fast=False, device="cpu")
+    assert model.pooler is not None

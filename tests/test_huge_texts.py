@@ -211,7 +211,37 @@ def test_tokenizer_never_sees_more_than_the_budget(huge_run):
     assert not too_long, too_long
 
 
-@pytest.mark.xfail(strict=True, reason="train._tokens_per_row (not in this change) tokenizes its sample uncut; "
-                                       "see the report for the one-line fix, then drop this marker")
 def test_throughput_sample_is_cut_too(huge_run):
     assert huge_run["spy"].longest.get("embedtune.train._tokens_per_row", 0) <= huge_run["limit"] + 100
+
+
+def test_card_examples_are_cut_before_a_save(tmp_path):
+    """`st.clip_card_examples`: the training texts sentence-transformers copies into the card (widget,
+    usage snippet) are cut to 1,000 characters, so a save writes (and PyYAML re-reads) no megabytes."""
+    from embedtune.st import CARD_EXAMPLE_CHARS, clip_card_examples
+
+    model, tok = FastModel.from_pretrained(str(bundled_model_path()), max_seq_length=32, fast=False, device="cpu")
+    st = to_sentence_transformer(model, tok)
+    huge = _words_text(300_000, seed=7)
+    st.model_card_data.widget = [{"source_sentence": huge, "sentences": [huge, "short"]}]
+    st.model_card_data.usage_examples = [huge, "short", huge]
+    clip_card_examples(st)
+    assert st.model_card_data.widget[0]["source_sentence"] == huge[:CARD_EXAMPLE_CHARS] + "..."
+    assert st.model_card_data.widget[0]["sentences"][1] == "short"
+    assert [len(t) for t in st.model_card_data.usage_examples] == [CARD_EXAMPLE_CHARS + 3, 5, CARD_EXAMPLE_CHARS + 3]
+    st.save(str(tmp_path / "model"))
+    assert (tmp_path / "model" / "README.md").stat().st_size < 100_000
+
+
+def test_saved_model_card_holds_no_megabyte_examples(tmp_path):
+    """What the trainer put in the card (`set_widget_examples` picks the shortest rows, which in a file of
+    only huge texts are huge) is cut when the recipe saves the model."""
+    from embedtune.save import save_merged
+
+    model, tok = FastModel.from_pretrained(str(bundled_model_path()), max_seq_length=32, fast=False, device="cpu")
+    st = to_sentence_transformer(model, tok)
+    huge = _words_text(300_000, seed=8)
+    st.model_card_data.widget = [{"source_sentence": huge, "sentences": [huge, huge]}]
+    st.model_card_data.usage_examples = [huge, huge, huge]
+    save_merged(st, tmp_path / "model")
+    assert (tmp_path / "model" / "README.md").stat().st_size < 100_000

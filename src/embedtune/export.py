@@ -238,7 +238,7 @@ def _encoder_load_kwargs(folder: Path | str) -> dict[str, Any]:
         if (Path(folder) / "modules.json").is_file():
             folder = read_st_layout(Path(folder)).transformer_dir
         with quiet_transformers():
-            config = AutoConfig.from_pretrained(str(folder))
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         if _accepts(_model_class(config, None), "add_pooling_layer"):
             kwargs["add_pooling_layer"] = False
     except (OSError, ValueError, EmbedtuneError):
@@ -396,9 +396,9 @@ def _base_config(base: str):
             if (folder / "modules.json").is_file():
                 folder = read_st_layout(folder).transformer_dir
             with quiet_transformers():
-                return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+                return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         with quiet_transformers():
-            return AutoConfig.from_pretrained(str(base), local_files_only=hub_offline())
+            return AutoConfig.from_pretrained(str(base), local_files_only=hub_offline(), trust_remote_code=False)
     except Exception:  # noqa: BLE001 - unreadable or remote-code configs: no fit check, as before
         return None
 

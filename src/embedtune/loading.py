@@ -221,13 +221,13 @@ def check_remote_code(config_file: str | os.PathLike, name: str, trust_remote_co
     raise ModelFileError(remote_code_message(name, path, auto_map, model_type))
 
 
-def remote_code_message(name: str, path, auto_map: Any, model_type: Any) -> str:
+def remote_code_message(name: str, path, auto_map: Any = None, model_type: Any = None) -> str:
     named = ""
     if isinstance(auto_map, dict) and auto_map:
         key = "AutoModel" if "AutoModel" in auto_map else next(iter(auto_map))
         named = f" {key} -> {auto_map[key]}"
-    kind = f"model_type {model_type!r} is not built into transformers" if model_type else "it names no model_type"
-    return (f"{name} needs remote code ({path} auto_map{named}; {kind}), which embedtune does not run unless "
+    kind = f"; model_type {model_type!r} is not built into transformers" if model_type else ""
+    return (f"{name} needs remote code ({path} auto_map{named}{kind}), which embedtune does not run unless "
             "asked: pass trust_remote_code=True to FastModel.from_pretrained if you trust it (the embedtune "
             "command never runs remote code)")
 
@@ -455,7 +455,9 @@ def _load_weights(cls, weights: str, config, load_kwargs: dict, name: str, allow
     if not wants_info:
         return loaded
     model, info = loaded
-    missing = sorted(info.get("missing_keys") or ())
+    # A pooler head asked for (add_pooling_layer=True) that the checkpoint lacks is not a broken file:
+    # sentence pipelines never use it.
+    missing = sorted(k for k in info.get("missing_keys") or () if not k.startswith("pooler."))
     if missing:
         files = sorted(Path(weights).glob("*.safetensors")) if Path(weights).is_dir() else []
         where = str(files[0]) if len(files) == 1 else name
@@ -546,7 +548,7 @@ class FastModel:
                                  f"{offline}") from None
         except ValueError as exc:  # a hub checkpoint whose config needs its own code, or an unknown model_type
             if "trust_remote_code" in str(exc):
-                raise ModelFileError(remote_code_message(str(model_name), "config.json", None, None)) from None
+                raise ModelFileError(remote_code_message(str(model_name), "its config.json")) from None
             raise ModelFileError(f"could not load a model config from {model_name}: {first_line(exc)}") from None
         cls = _model_class(config, auto_model)
         torch_dtype = resolve_dtype(dtype)

@@ -127,6 +127,9 @@ def save_merged(st_model, output_dir: str | os.PathLike, overwrite: bool = False
     merged = merge_lora(backbone)
     if merged is not backbone:
         st[0].auto_model = merged
+    from .st import clip_card_examples
+
+    clip_card_examples(st)  # the card keeps short examples, not megabyte texts
     with atomic_folder(output_dir, overwrite) as tmp:
         st.save(str(tmp), safe_serialization=True)
     return Path(output_dir)

@@ -467,12 +467,15 @@ def _load_adapters(backbone, folder) -> None:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from .loading import check_safetensors
+
     for adapter in backbone.peft_config:
         path = folder / ADAPTER_WEIGHTS if adapter == "default" else folder / adapter / ADAPTER_WEIGHTS
         if not path.is_file():
             pickled = " (it has adapter_model.bin, a pickle, which embedtune does not load)" \
                 if path.with_suffix(".bin").is_file() else ""
             raise EmbedtuneError(f"{path.parent}: no {ADAPTER_WEIGHTS} for LoRA adapter {adapter!r}{pickled}")
+        check_safetensors(path)  # a damaged file: one line naming it
         weights = load_file(str(path), device="cpu")
         # the adapter's own keys; embedding layers peft may add on save are not required (nor looked up online)
         expected = get_peft_model_state_dict(backbone, adapter_name=adapter, save_embedding_layers=False)
@@ -505,9 +508,12 @@ def _load_module_weights(module, root, subfolder: str, name: str) -> None:
     """A checkpoint module's weights into the live `module` (strict), from safetensors or its class's `load`."""
     from safetensors.torch import load_model
 
+    from .loading import check_safetensors
+
     folder = root / subfolder
     weights = folder / MODULE_WEIGHTS
     if weights.is_file():
+        check_safetensors(weights)  # a damaged file: one line naming it
         load_model(module, str(weights), strict=True)
         return
     if (folder / "pytorch_model.bin").is_file():
@@ -574,9 +580,12 @@ def _saved_weight_names(folder) -> set[str] | None:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         return set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+    from .loading import check_safetensors
+
     single = folder / MODULE_WEIGHTS
     if not single.is_file():
         return None
+    check_safetensors(single)  # a damaged checkpoint: one line naming the file
     with safe_open(str(single), framework="pt") as handle:
         return set(handle.keys())
 

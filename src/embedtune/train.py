@@ -110,7 +110,9 @@ def _tokens_per_row(tokenizer, dataset, columns: list[str], max_len: int, sample
     few threads (the same ids, one chunk per thread call; the first call alone, so that the later ones
     find the truncation already set and only read the tokenizer's settings)."""
     rows = dataset.select(range(min(sample, len(dataset))))
-    texts = [text for name in columns for text in column(rows, name)]
+    from .data.token_cache import char_budget, clip_inputs
+
+    texts = clip_inputs([text for name in columns for text in column(rows, name)], char_budget(max_len, tokenizer))
 
     def tokens(chunk: list[str]) -> int:
         return sum(len(ids) for ids in tokenizer(chunk, truncation=True, max_length=max_len)["input_ids"])

@@ -147,7 +147,10 @@ class ClippedPreprocess:
         self.original = original
 
     def __call__(self, inputs, *args, **kwargs):
-        length = kwargs.get("max_length") or getattr(self.module, "max_seq_length", None)
+        length = kwargs.get("max_length")
+        if not isinstance(length, int):  # the longest the module may use (ST 6: per-task query/document lengths)
+            lengths = [getattr(self.module, name, None) for name in ("max_seq_length", "query_length", "document_length")]
+            length = max((n for n in lengths if isinstance(n, int) and n > 0), default=None)
         budget = char_budget(length, getattr(self.module, "tokenizer", None))
         if budget is not None and isinstance(inputs, (list, tuple)):
             inputs = clip_inputs(inputs, budget)
