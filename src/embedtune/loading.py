@@ -123,6 +123,23 @@ SAFETENSORS_WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "adapter_model.bin")
 
 
+def refused_weights(exc: BaseException, where: str, pickle_file: str) -> ModelFileError | None:
+    """The one-line error for weights that safetensors (a damaged file) or torch's safe unpickler (a
+    pickle with code in it) refused, naming `where` (or the pickle file); None for any other error."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if isinstance(exc, SafetensorError):
+        reason = first_line(exc).replace("Error while deserializing header: ", "")
+        return ModelFileError(f"{where}: a weights file is truncated or not a safetensors file ({reason}); "
+                              "re-export or re-download the model")
+    if isinstance(exc, pickle.UnpicklingError):
+        return ModelFileError(f"{pickle_file}: torch.load(weights_only=True) refused it ({first_line(exc)}); "
+                              "nothing in it was run; convert it to safetensors")
+    return None
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message as one short line (its first non-empty line, or its type's name), without
     terminal colour codes. For torch's refusal of a pickle, the line that says what it refused."""
@@ -437,13 +454,8 @@ def _load_weights(cls, weights: str, config, load_kwargs: dict, name: str, allow
         with quiet_transformers():
             loaded = cls.from_pretrained(weights, config=config, **load_kwargs, **({"output_loading_info": True}
                                                                                    if wants_info else {}))
-    except SafetensorError as exc:
-        reason = first_line(exc).replace("Error while deserializing header: ", "")
-        raise ModelFileError(f"{name}: a weights file is truncated or not a safetensors file ({reason}); "
-                             "re-export or re-download the model") from None
-    except pickle.UnpicklingError as exc:
-        raise ModelFileError(f"{name}: torch.load(weights_only=True) refused its pickled weights ({first_line(exc)}); "
-                             "nothing in them was run; convert them to safetensors") from None
+    except (SafetensorError, pickle.UnpicklingError) as exc:
+        raise refused_weights(exc, name, name) from None
     except (OSError, EnvironmentError) as exc:
         hint = " (a pickle checkpoint needs allow_pickle=True)" if not allow_pickle else ""
         raise ModelFileError(f"could not load weights from {name}: {first_line(exc)}{hint}") from None

@@ -288,7 +288,7 @@ def load_st_module(info, class_ref: str, subfolder: str):
 
     from safetensors import SafetensorError
 
-    from .loading import ModelFileError, first_line
+    from .loading import ModelFileError, first_line, refused_weights
 
     cls = module_class(info, class_ref)
     local_only = _local_only(info)
@@ -304,13 +304,8 @@ def load_st_module(info, class_ref: str, subfolder: str):
                                               local_files_only=local_only))
             return cls.load(info.st_folder, subfolder=subfolder, token=info.token, local_files_only=local_only,
                             trust_remote_code=bool(info.trust_remote_code))
-    except SafetensorError as exc:
-        reason = first_line(exc).replace("Error while deserializing header: ", "")
-        raise ModelFileError(f"{where}: its weights file is truncated or not a safetensors file ({reason}); "
-                             "re-export or re-download the model") from None
-    except pickle.UnpicklingError as exc:
-        raise ModelFileError(f"{where}/pytorch_model.bin: torch.load(weights_only=True) refused it "
-                             f"({first_line(exc)}); nothing in it was run; convert it to model.safetensors") from None
+    except (SafetensorError, pickle.UnpicklingError) as exc:
+        raise refused_weights(exc, where, f"{where}/pytorch_model.bin") from None
     except RuntimeError as exc:  # the state dict does not fit the module's config (missing/unexpected keys, shapes)
         if not any(word in str(exc) for word in ("state_dict", "size mismatch", "shape")):
             raise
