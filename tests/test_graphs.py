@@ -44,6 +44,22 @@ def _st(arch, root, lora: bool):
     return st.train()
 
 
+class EagerGraphStep:
+    """A CPU stand-in for the run's GraphedStep: the loss and its backward run eagerly; `record(step,
+    features, scale)` sees each call first."""
+
+    counts, shapes, off_reason = {"eager": 0, "captured": 0, "replayed": 0}, 0, None
+
+    def __init__(self, loss, record):
+        self.loss, self.record = loss, record
+
+    def __call__(self, features, scale=1.0):
+        self.record(self, features, scale)
+        loss = self.loss(features)
+        (loss * scale).backward()
+        return loss.detach()
+
+
 def _grads(st):
     return {n: p.grad.detach().clone() for n, p in st.named_parameters() if p.requires_grad and p.grad is not None}
 
@@ -233,19 +249,10 @@ def test_recipe_hands_the_graph_step_host_batches_and_its_scale(tmp_path, monkey
     recipe = importlib.import_module("embedtune.train")  # the package's `train` is the function
     seen = []
 
-    class Recorder:
-        counts, shapes, off_reason = {"eager": 0, "captured": 0, "replayed": 0}, 0, None
+    def record(step, features, scale):
+        seen.append(([v.device.type for f in features for v in f.values() if torch.is_tensor(v)], scale))
 
-        def __init__(self, loss):
-            self.loss = loss
-
-        def __call__(self, features, scale=1.0):
-            seen.append(([v.device.type for f in features for v in f.values() if torch.is_tensor(v)], scale))
-            loss = self.loss(features)
-            (loss * scale).backward()
-            return loss.detach()
-
-    monkeypatch.setattr(recipe, "graph_step_for", lambda trainer, config: Recorder(trainer.loss))
+    monkeypatch.setattr(recipe, "graph_step_for", lambda trainer, config: EagerGraphStep(trainer.loss, record))
     from embedtune.resilience import ResumableTrainer
 
     moved = []  # the trainer's move to the device (a no-op on CPU, a round trip and a sync on a GPU)
@@ -331,17 +338,8 @@ def test_graphed_recipe_trains_with_dropout_like_the_eager_recipe(root, tmp_path
     recipe = importlib.import_module("embedtune.train")
     modes = []
 
-    class Eager:
-        counts, shapes, off_reason = {"eager": 0, "captured": 0, "replayed": 0}, 0, None
-
-        def __init__(self, loss):
-            self.loss = loss
-
-        def __call__(self, features, scale=1.0):
-            modes.append({m.training for m in self.loss.model.modules() if isinstance(m, torch.nn.Dropout)})
-            loss = self.loss(features)
-            (loss * scale).backward()
-            return loss.detach()
+    def record(step, features, scale):
+        modes.append({m.training for m in step.loss.model.modules() if isinstance(m, torch.nn.Dropout)})
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"anchor": f"how to do thing {i}", "positive": f"def thing_{i}(): pass"}) + "\n"
@@ -354,7 +352,7 @@ def test_graphed_recipe_trains_with_dropout_like_the_eager_recipe(root, tmp_path
         return [e["loss"] for e in result.metrics["history"] if "loss" in e]
 
     eager = losses(cuda_graphs=False)
-    monkeypatch.setattr(recipe, "graph_step_for", lambda trainer, config: Eager(trainer.loss))
+    monkeypatch.setattr(recipe, "graph_step_for", lambda trainer, config: EagerGraphStep(trainer.loss, record))
     graphed = losses(cuda_graphs=True)
     assert modes and all(m == {True} for m in modes), "the graph step ran with dropout off"
     assert len(eager) == len(graphed) == 6
