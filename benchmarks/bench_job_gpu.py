@@ -1,7 +1,8 @@
 """Whole training jobs as a user runs them, one GPU: stock sentence-transformers vs `embedtune train`.
 
 Each job is a separate process timed from start to exit (load, tokenize, compile, train, save):
-stock (benchmarks/stock_job.py: SentenceTransformerTrainer + MNRL, SDPA, bf16, fused AdamW), stock
+stock (benchmarks/stock_job.py: SentenceTransformerTrainer + MNRL, SDPA, bf16, fused AdamW, 4
+dataloader workers), stock_plain (the same with the trainer's default of none: --impls), stock
 with `torch_compile=True`, and `python -m embedtune train` with no speed flags (its defaults pick
 compile / CUDA graphs); optionally embedtune forced eager or forced compile + graphs (--variants).
 Same stdlib pairs, same random-init model folder, batch 128, max_seq_length 512, LoRA r8 and full.
@@ -45,7 +46,8 @@ PRIOR_OVERHEAD_S = {"stock": 30.0, "stock_compile": 200.0}  # embedtune*: 90
 EMBEDTUNE_FLAGS = {"embedtune": [], "embedtune_eager": ["--no-compile", "--no-cuda-graphs"],
                    "embedtune_graphs": ["--no-compile", "--cuda-graphs"],
                    "embedtune_forced": ["--compile", "--cuda-graphs"]}
-IMPLS = ["stock", "stock_compile", *EMBEDTUNE_FLAGS]  # the table's order
+STOCK_IMPLS = ["stock", "stock_plain", "stock_compile"]  # stock_plain: the trainer's default of no dataloader workers
+IMPLS = [*STOCK_IMPLS, *EMBEDTUNE_FLAGS]  # the table's order
 CURVE_FLAGS = {"eager": ["--no-compile", "--no-cuda-graphs"], "compile": ["--compile", "--no-cuda-graphs"],
                "graphs": ["--compile", "--cuda-graphs"], "default": []}
 RESERVE_S = 10.0  # kept for the table
@@ -149,7 +151,8 @@ class Bench:
         shared = ["--max-steps", str(steps), "--batch-size", str(a.batch_size), "--max-seq-length", str(a.max_seq_length)]
         if impl.startswith("stock"):
             cmd = [sys.executable, os.path.join(HERE, "stock_job.py"), self.pairs, self.model_dir, output, *shared,
-                   "--lora-r", "0" if mode == "full" else "8"] + (["--torch-compile"] if impl == "stock_compile" else [])
+                   "--lora-r", "0" if mode == "full" else "8"] + (["--torch-compile"] if impl == "stock_compile" else []) \
+                + (["--workers", "0"] if impl == "stock_plain" else [])
         else:
             cmd = [sys.executable, "-m", "embedtune", "train", self.pairs, "--model", self.model_dir, "--output", output,
                    *shared, "--no-eval", *(["--full"] if mode == "full" else ["--lora-r", "8"]), *EMBEDTUNE_FLAGS[impl]]
@@ -363,9 +366,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="bert-base, bert-large (any name in bench_train_gpu.SHAPES)")
     ap.add_argument("--modes", type=lambda s: s.split(","), default=["full", "lora"])
-    ap.add_argument("--impls", type=lambda s: pick(s.split(","), IMPLS[:3]), default=["embedtune", "stock", "stock_compile"],
+    ap.add_argument("--impls", type=lambda s: pick(s.split(","), [*STOCK_IMPLS, "embedtune"]),
+                    default=["embedtune", "stock", "stock_compile"],
                     help="a subset, to split the matrix over several calls")
-    ap.add_argument("--variants", type=lambda s: pick([f"embedtune_{v}" for v in s.split(",") if v], IMPLS[3:]), default=[],
+    ap.add_argument("--variants", type=lambda s: pick([f"embedtune_{v}" for v in s.split(",") if v], list(EMBEDTUNE_FLAGS)[1:]),
+                    default=[],
                     help="extra embedtune rows: eager (--no-compile --no-cuda-graphs), forced (--compile --cuda-graphs)")
     ap.add_argument("--steps", type=lambda s: tuple(int(n) for n in s.split(",")), default=None,
                     help="N1,N2 (default 150,450 for bert-base, 80,240 for bert-large)")
@@ -409,6 +414,8 @@ def run_all(bench: Bench, args) -> None:
     plan = []
     for mode in args.modes:
         plan += [(mode, "embedtune", "N1", n1), (mode, "stock", "N1", n1), (mode, "embedtune", "N2", n2), (mode, "stock", "N2", n2)]
+    for mode in args.modes:
+        plan += [(mode, "stock_plain", "N1", n1)]
     for mode in args.modes:
         plan += [(mode, "stock_compile", "N1", n1)] + ([(mode, "stock_compile", "N2", n2)] if args.stock_compile_lengths else [])
     for mode in args.modes:

@@ -13,6 +13,9 @@ mkdir -p "$OUT"
 python3 -c "import datasets" 2>/dev/null || { python3 -c "import pyarrow,sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" && ls .whl/*.whl | grep -v pyarrow | xargs python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; }
 export PYTHONPATH=/tmp/site:$PWD/src
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# The image ships torch & co. without .pyc files and its site-packages is read-only to the cache: without
+# a writable prefix every job would compile them at import (~10 s), which no user's install does.
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}
 {
   nvidia-smi -L
   python3 -c "import sys, torch, transformers, sentence_transformers, peft, datasets; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'sentence-transformers', sentence_transformers.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__)"

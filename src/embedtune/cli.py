@@ -175,7 +175,7 @@ def train(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Checkpoint activations (offloaded to CPU on GPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder (and an interrupted run's checkpoints)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint in OUTPUT.partial (same flags)."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", min=0, help="Checkpoint every N steps, for --resume (default: the eval interval, at most 500; 0: off)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", min=0, help="Checkpoint every N steps, for --resume (default: every 10 minutes of training and at the last step; 0: off)."),
     no_fast: bool = typer.Option(False, "--no-fast", help="Use the standard padded forward instead of the packed fast path."),
     compile_layers: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the packed layers (about 15 s on a GPU, 4 s once cached). Default: on a GPU when the planned steps earn the warm-up back."),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Replay each step's forward and backward as a CUDA graph (fast path, one GPU, bf16). Default: on a GPU for runs of 40 steps or more, where the step can be captured."),

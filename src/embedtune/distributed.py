@@ -56,6 +56,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rank0_says(flag: bool) -> bool:
+    """Rank 0's value of `flag` on every rank: decisions made from one clock (when to checkpoint)."""
+    if not initialized() or world_size() == 1:
+        return flag
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
     """Rows split round-robin over ranks (`items[rank::world]`) back in their original order.
 

@@ -37,6 +37,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ CHECKPOINTS = "checkpoints"
 # The newest checkpoint is unmarked while the trainer writes it (and rotates old ones out), so the
 # one before it must survive until then.
 KEEP_CHECKPOINTS = 2
-MAX_SAVE_EVERY = 500
+# The default cadence is by the clock: a checkpoint of a full model with its optimizer takes seconds,
+# so a step count would tax fast runs and leave slow ones unprotected. A preemption loses at most this.
+CHECKPOINT_EVERY_S = 600.0
 # Settings a resumed run may change: where things go, logging, and memory/speed knobs that compute the
 # same step (activation checkpointing, the packed forward, GradCache and its chunk size). The data
 # path may change; its content may not (`data_sha256`).
@@ -277,15 +280,47 @@ def prepare_work(work: Path, config, resume_from: Path | None, resumable: bool) 
         write_json_atomic(checkpoints / RUN_CONFIG, run_record(config))
 
 
-def save_arguments(save_every: int | None, eval_steps: int, resumable: bool) -> dict:
-    """Trainer arguments for periodic checkpoints: every `save_every` steps (default: the eval
-    interval, at most MAX_SAVE_EVERY), the last KEEP_CHECKPOINTS kept; 0 turns them off."""
-    every = min(eval_steps, MAX_SAVE_EVERY) if save_every is None else save_every
-    if every < 0:
-        raise EmbedtuneError(f"--save-every {every}: must be 0 (off) or a number of steps")
-    if not resumable or every == 0:
+def save_arguments(save_every: int | None, resumable: bool) -> dict:
+    """Trainer arguments for periodic checkpoints: every `save_every` steps, the last KEEP_CHECKPOINTS
+    kept; 0 turns them off; None leaves the cadence to `CheckpointClock` (`train_resumably`)."""
+    if save_every is not None and save_every < 0:
+        raise EmbedtuneError(f"--save-every {save_every}: must be 0 (off) or a number of steps")
+    if not resumable or save_every == 0:
         return {"save_strategy": "no"}
-    return {"save_strategy": "steps", "save_steps": every, "save_total_limit": KEEP_CHECKPOINTS}
+    if save_every is None:  # the trainer saves when the clock sets control.should_save
+        return {"save_strategy": "no", "save_total_limit": KEEP_CHECKPOINTS}
+    return {"save_strategy": "steps", "save_steps": save_every, "save_total_limit": KEEP_CHECKPOINTS}
+
+
+class CheckpointClock(TrainerCallback):
+    """The default checkpoint cadence: one when `every_s` seconds of training have passed since the
+    last checkpoint, and one at the last step (what a killed finish resumes from without retraining).
+    Under torchrun the ranks must agree: rank 0's clock decides, read every `check_every` steps."""
+
+    def __init__(self, every_s: float = CHECKPOINT_EVERY_S, check_every: int = 10):
+        self.every_s, self.check_every = every_s, max(1, check_every)
+        self.last = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.monotonic()  # any checkpoint (a Ctrl-C's too) restarts the clock
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from . import distributed
+
+        if 0 < state.max_steps <= state.global_step:
+            control.should_save = True
+            return
+        if distributed.world_size() > 1:
+            if state.global_step % self.check_every:
+                return
+            due = distributed.rank0_says(time.monotonic() - self.last >= self.every_s)
+        else:
+            due = time.monotonic() - self.last >= self.every_s
+        if due:
+            control.should_save = True
 
 
 def resume_command(argv: list[str] | None = None) -> str:
@@ -365,6 +400,11 @@ class ResumableTrainer(SentenceTransformerTrainer):
         weights = {n: p.detach().to("cpu", copy=True) for n, p in self.trainable_parameters().items()}
         check_finite_weights(weights, self.state.global_step, Path(self.args.output_dir))
         save_file(weights, str(folder / TRAINABLE_WEIGHTS))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if 0 < self.state.max_steps <= self.state.global_step:
+            return  # the last step's checkpoint only lets a killed finish complete: no step follows it
+        super()._save_optimizer_and_scheduler(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled:
@@ -614,23 +654,29 @@ def _close_progress_bars(trainer) -> None:
                 setattr(callback, name, None)
 
 
-def train_resumably(trainer, best=None, resume_from: Path | None = None, resumable: bool = True) -> None:
-    """`trainer.train()`, continuing from `resume_from`, with checkpoints sealed, Ctrl-C turned into a
-    checkpoint and a clean stop (`TrainingInterrupted`), and GPU OOM into a message naming the fixes."""
+def train_resumably(trainer, best=None, resume_from: Path | None = None, resumable: bool = True,
+                    clock: CheckpointClock | None = None) -> None:
+    """`trainer.train()`, continuing from `resume_from`, with checkpoints sealed (when `clock` says, if
+    given), Ctrl-C turned into a checkpoint and a clean stop (`TrainingInterrupted`), and GPU OOM into a
+    message naming the fixes."""
     if resume_from is not None:
         restore_best(best, resume_from)
     trainer.add_callback(_Seal(best))
     guard = InterruptGuard()
     if resumable:
         trainer.add_callback(guard)
-    if resume_from is not None and 0 < trainer.args.max_steps <= (checkpoint_step(resume_from) or 0):
-        # Nothing left to train (a run stopped after its last checkpoint, in its finish): the trainer
-        # would still run one more step, so the checkpoint's weights and state are taken as they are.
+    if resume_from is not None:
         from transformers.trainer_callback import TrainerState
 
-        trainer._load_from_checkpoint(str(resume_from))
-        trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
-        return
+        saved = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+        if 0 < saved.max_steps <= saved.global_step:
+            # Nothing left to train (a run stopped after its last step, in its finish): the trainer would
+            # still run one more step, and this checkpoint keeps no optimizer; its weights are the result.
+            trainer._load_from_checkpoint(str(resume_from))
+            trainer.state = saved
+            return
+    if clock is not None and resumable:
+        trainer.add_callback(clock)
     out_of_memory = False
     with guard if resumable else contextlib.nullcontext():
         try:

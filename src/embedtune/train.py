@@ -73,7 +73,7 @@ class TrainConfig:
     dtype: str | None = None
     overwrite: bool = False
     resume: bool = False  # continue from the last complete checkpoint in OUTPUT.partial
-    save_every: int | None = None  # checkpoint interval in steps; None: the eval interval (at most 500), 0: off
+    save_every: int | None = None  # checkpoint interval in steps; None: every 10 minutes and at the end, 0: off
     logging_steps: int = 5
     fast: bool = True  # padding-free packed forward where the architecture supports it
     compile: bool | None = None  # torch.compile the packed layers (see packing.layers); None: where it pays (speed)
@@ -371,7 +371,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     from sentence_transformers import SentenceTransformerTrainingArguments
 
     from .resilience import (
-        ResumableTrainer, checkpoint_step, prepare_work, resume_point, save_arguments, train_resumably,
+        CheckpointClock, ResumableTrainer, checkpoint_step, prepare_work, resume_point, save_arguments, train_resumably,
     )
 
     started = time.time()
@@ -466,7 +466,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
             batch_sampler=no_duplicates_sampler(),
             eval_strategy="steps" if evaluator else "no",
             eval_steps=eval_steps,
-            **save_arguments(config.save_every, eval_steps, resumable=resumable),
+            **save_arguments(config.save_every, resumable=resumable),
             logging_steps=config.logging_steps,
             **report_arguments(config.report_to, work, output.name if output else None,
                                SentenceTransformerTrainingArguments),
@@ -517,7 +517,8 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         readable_logs(trainer)
         checks = RunChecks(st_model)  # no-silent-success: fingerprints the weights training starts from
         train_started = time.time()
-        train_resumably(trainer, best if evaluator else None, resume_from, resumable=resumable)
+        train_resumably(trainer, best if evaluator else None, resume_from, resumable=resumable,
+                        clock=CheckpointClock(check_every=config.logging_steps) if config.save_every is None else None)
         train_time = time.time() - train_started
         if compile_cache is not None:  # later runs of this model find its compiled code (`speed.cache_is_warm`)
             mark_cache_warm(compile_cache, fingerprint)

@@ -1,0 +1,98 @@
+"""The default checkpoint cadence (`resilience.CheckpointClock`): by the clock, not by steps, plus one
+at the last step that holds the weights but no optimizer, which a killed finish resumes from."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from transformers import TrainerControl, TrainerState
+from typer.testing import CliRunner
+
+import embedtune.resilience as resilience
+from embedtune.cli import app
+from embedtune.resilience import CheckpointClock, save_arguments
+from embedtune.run_folder import work_folder
+
+FULL = ["--max-steps", "3", "--batch-size", "4", "--max-seq-length", "16", "--no-eval", "--full", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from tiny_models import make_tiny_model
+
+    return make_tiny_model("bert", tmp_path_factory.mktemp("tiny_cadence"))
+
+
+def _pairs(folder: Path, n: int = 16) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"anchor": f"how to do thing {i}", "positive": f"def thing_{i}(): pass"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def _step(clock: CheckpointClock, step: int, max_steps: int = 100) -> bool:
+    state, control = TrainerState(global_step=step, max_steps=max_steps), TrainerControl()
+    clock.on_step_end(None, state, control)
+    return control.should_save
+
+
+def test_the_clock_saves_when_its_interval_has_passed_and_at_the_last_step(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(resilience.time, "monotonic", lambda: now[0])
+    clock = CheckpointClock(every_s=600)
+    clock.on_train_begin(None, None, None)
+    now[0] += 599
+    assert not _step(clock, 1)
+    now[0] += 2
+    assert _step(clock, 2)
+    clock.on_save(None, None, None)  # the checkpoint restarts the clock
+    now[0] += 10
+    assert not _step(clock, 3)
+    assert _step(clock, 100)  # the last step: always
+
+
+def test_save_arguments_leave_the_default_cadence_to_the_clock():
+    assert save_arguments(None, resumable=True) == {"save_strategy": "no", "save_total_limit": 2}
+    assert save_arguments(5, resumable=True)["save_steps"] == 5
+    assert save_arguments(0, resumable=True) == {"save_strategy": "no"}
+    assert save_arguments(None, resumable=False) == {"save_strategy": "no"}
+
+
+def test_default_run_keeps_one_weights_only_checkpoint_that_a_killed_finish_resumes_from(tmp_path, tiny, monkeypatch):
+    """Full fine-tuning, default cadence, killed just before its result is sealed: the last step's
+    checkpoint (weights, no optimizer) is there, and --resume completes the run without a step."""
+    recipe = importlib.import_module("embedtune.train")  # `embedtune.train` the attribute is the function
+
+    data = _pairs(tmp_path / "d")
+    reference = tmp_path / "reference"
+    done = CliRunner().invoke(app, ["train", str(data), "--output", str(reference), "--model", str(tiny), *FULL])
+    assert done.exit_code == 0, done.output
+
+    class Killed(BaseException):
+        pass
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe, "seal_finished", lambda work: (_ for _ in ()).throw(Killed()))
+        with pytest.raises(Killed):
+            CliRunner().invoke(app, ["train", str(data), "--output", str(out), "--model", str(tiny), *FULL],
+                               catch_exceptions=False)
+    checkpoints = sorted((work_folder(out) / "checkpoints").glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-3"]  # no periodic one in a run this short
+    assert (checkpoints[0] / "trainable.safetensors").exists() and not (checkpoints[0] / "optimizer.pt").exists()
+
+    trained = []
+    original = resilience.ResumableTrainer.training_step
+    monkeypatch.setattr(resilience.ResumableTrainer, "training_step",
+                        lambda self, *a, **k: trained.append(1) or original(self, *a, **k))
+    resumed = CliRunner().invoke(app, ["train", str(data), "--output", str(out), "--model", str(tiny), *FULL, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert not trained  # completed from the checkpoint, not retrained
+    new, ref = load_file(str(out / "model" / "model.safetensors")), load_file(str(reference / "model" / "model.safetensors"))
+    assert new.keys() == ref.keys()
+    assert max((new[k] - ref[k]).abs().max().item() for k in ref) <= 1e-6
