@@ -175,7 +175,7 @@ class Bench:
                 with open(os.path.join(output, "metrics.json")) as f:
                     m = json.load(f)
                 row.update({k: m.get(k) for k in ("steps", "train_time_s", "total_time_s", "peak_gpu_gb", "speed",
-                                                  "cuda_graphs", "compile", "tokens_per_s")})
+                                                  "cuda_graphs", "compile", "tokens_per_s", "phases_s")})
                 row["in_job_pairs_s"] = in_job_rate(m, a.batch_size)
             except (OSError, ValueError) as e:
                 row.setdefault("error", f"no metrics.json: {e}")
@@ -191,7 +191,9 @@ class Bench:
         print(f"[{elapsed():5.0f}s] {mode} {impl} {length}={steps}: rc {row['rc']}, wall {row['wall_s']:.1f} s "
               f"(guessed {guess:.0f}), train {row.get('train_s', row.get('train_time_s'))} s, peak {peak} GB"
               + (f", in-job {row['in_job_pairs_s']} pairs/s" if row.get("in_job_pairs_s") else "")
-              + (f", speed {speed_note(row.get('speed'), row.get('cuda_graphs'))}" if not impl.startswith("stock") else ""),
+              + (f", speed {speed_note(row.get('speed'), row.get('cuda_graphs'))}" if not impl.startswith("stock") else "")
+              + (f", phases {row['phases_s']}" if row.get("phases_s") else "")
+              + (f", data wait {row['data_wait_s']} s" if row.get("data_wait_s") is not None else ""),
               flush=True)
 
     def find(self, mode: str, impl: str, length: str | None = None) -> dict | None:

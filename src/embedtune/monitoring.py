@@ -154,3 +154,45 @@ def readable_logs(trainer) -> None:
     if any(type(cb) is ProgressCallback for cb in handler.callbacks):
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(ReadableProgress)
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Python start-up and imports included), where the OS says."""
+    try:
+        import psutil  # a dependency of accelerate, so of the trainer
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - a missing figure, never a failed run
+        return None
+
+
+class Phases:
+    """Wall-clock seconds of a run's named stages, for metrics.json's `phases_s`: where a job's time
+    goes outside its training steps (the fixed cost a user waits through on every run)."""
+
+    def __init__(self):
+        age = process_age_s()
+        self.start = time.time()
+        self.seconds: dict[str, float] = {"process_start": round(age, 2)} if age is not None else {}
+        self._last = self.start
+
+    def mark(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 2)
+        self._last = now
+
+    def first_step_callback(self):
+        """A trainer callback that closes the stage before the first step (the trainer's own set-up)."""
+        from transformers import TrainerCallback
+
+        phases = self
+
+        class FirstStep(TrainerCallback):
+            seen = False
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if not self.seen:
+                    self.seen = True
+                    phases.mark("trainer_setup")
+
+        return FirstStep()

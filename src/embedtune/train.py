@@ -33,7 +33,7 @@ from .evaluate import evaluate_model, metric_key, pairs_to_ir_task, shared_ir_ev
 from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
 from .lora import get_peft_model
 from .monitoring import (
-    ENCODE_BAR_MIN_TEXTS, TENSORBOARD_DIR, attach_tokens_per_second, check_report_to, point_tensorboard,
+    ENCODE_BAR_MIN_TEXTS, TENSORBOARD_DIR, Phases, attach_tokens_per_second, check_report_to, point_tensorboard,
     readable_logs, report_arguments,
 )
 from .run_folder import complete_finish, recover_at_start, resolve_output, seal_finished
@@ -375,6 +375,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     )
 
     started = time.time()
+    phases = Phases()  # metrics.json's phases_s
     check_settings(config)
     check_speed_options(config)
     output = None
@@ -384,6 +385,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         if finished is not None:  # a sealed run, stopped while being moved into place: nothing to train
             return _finished_result(finished)
     loaded = load_pairs(config.data)
+    phases.mark("read_data")
     output = check_target(output, config.overwrite) if output else None
     if config.pooling is not None and config.pooling not in POOLING_MODES:
         raise EmbedtuneError(f"--pooling {config.pooling!r} is not one of {', '.join(POOLING_MODES)}")
@@ -418,6 +420,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
 
         enable_checkpointing(model, config.gradient_checkpointing)
     st_model = to_sentence_transformer(model, tokenizer, pooling=config.pooling)
+    phases.mark("load_model")
     if config.fsdp and any(True for module in list(st_model)[1:] for _ in module.parameters()):
         raise EmbedtuneError(f"{config.model}: --fsdp shards the encoder only, and this checkpoint's pipeline has "
                              "weights after it (Dense, LayerNorm, ...); train it without --fsdp")
@@ -435,6 +438,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
                                  show_progress=big)
         base_metrics = evaluate_model(st_model, task, query_prompt=query_prompt, document_prompt=document_prompt,
                                       show_progress=True)
+        phases.mark("base_eval")
 
     accumulation = int(config.extra.get("gradient_accumulation_steps", 1))
     rows_per_step = config.batch_size * accumulation * distributed.world_size()  # one optimizer step's rows
@@ -445,6 +449,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     tokens_per_row = _tokens_per_row(tokenizer, train_ds, columns, max_seq_length)
     speed, compile_cache, fingerprint = choose_speed(config, model, tokens_per_row,
                                                      micro_steps=total_steps * accumulation)
+    phases.mark("plan")
     with discard_on_failure(work, fresh=resume_from is None):
         if distributed.is_main():  # only rank 0 writes; the others wait until the work folder exists
             prepare_work(work, config, resume_from, resumable=resumable)
@@ -516,10 +521,13 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         attach_tokens_per_second(trainer, tokens_per_row * rows_per_step)
         readable_logs(trainer)
         checks = RunChecks(st_model)  # no-silent-success: fingerprints the weights training starts from
+        trainer.add_callback(phases.first_step_callback())
+        phases.mark("build_trainer")
         train_started = time.time()
         train_resumably(trainer, best if evaluator else None, resume_from, resumable=resumable,
                         clock=CheckpointClock(check_every=config.logging_steps) if config.save_every is None else None)
         train_time = time.time() - train_started
+        phases.mark("train")  # from the first step on (the trainer's set-up before it is trainer_setup)
         if compile_cache is not None:  # later runs of this model find its compiled code (`speed.cache_is_warm`)
             mark_cache_warm(compile_cache, fingerprint)
         best.restore()
@@ -567,14 +575,15 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     if not distributed.is_main():
         pass  # rank 0 saves; under DDP the model in memory here is the same
     elif output is not None:
-        result_dir = _finish_output(st_model, metrics, work, output, config.overwrite)
+        result_dir = _finish_output(st_model, metrics, work, output, config.overwrite, phases)
     else:
         shutil.rmtree(work, ignore_errors=True)
     distributed.barrier()
     return RunResult(st_model, metrics, result_dir)
 
 
-def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite: bool) -> Path:
+def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite: bool,
+                   phases: Phases | None = None) -> Path:
     """Assemble model/, adapter/, metrics.json, config.yaml and the curves in the work folder, beside
     its checkpoints; seal it; then move it into place (`run_folder`): a kill at any point leaves the
     previous result, or a run that `--resume` finishes (from its checkpoints, or sealed: moved only).
@@ -583,6 +592,8 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
 
     from .plots import plot_curves
 
+    if phases is not None:
+        phases.mark("wrap_up")  # the best weights restored, the run's checks and metrics
     for leftover in ("adapter", "model"):  # written by a finish that was killed before its seal
         shutil.rmtree(work / leftover, ignore_errors=True)
     with ThreadPoolExecutor(1, thread_name_prefix="embedtune-plot") as pool:
@@ -592,6 +603,9 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
         if lora:  # before save_merged merges it away: `embedtune export --to adapter` needs it
             save_adapter(st_model, work / "adapter")
         model_dir = save_merged(st_model, work / "model")
+        if phases is not None:
+            phases.mark("save_model")
+            metrics["phases_s"] = dict(phases.seconds)  # up to here; sealing and moving the folder follow
         metrics["artifacts"] = {
             "model": str(output / "model"),
             "metrics": str(output / "metrics.json"),
