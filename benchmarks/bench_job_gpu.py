@@ -341,11 +341,13 @@ def speed_note(speed, graphs) -> str:
 
 
 def ratio(row: dict, ref: dict | None) -> float | None:
-    """Like for like: the two-length steady rates where both have one, else the in-job rates."""
+    """Like for like: the two-length steady rates where both have one, else the in-job rates; a side
+    that ran one length only (stock, whose in-job rate has no start-up in it) gives its in-job rate."""
     for key in ("steady", "in_job"):
         if ref and row[key] and ref[key]:
             return row[key] / ref[key]
-    return None
+    mine, theirs = row["steady"] or row["in_job"], ref and (ref["steady"] or ref["in_job"])
+    return mine / theirs if mine and theirs else None
 
 
 def fmt(x, digits: int) -> str:
@@ -377,6 +379,9 @@ def main() -> None:
     ap.add_argument("--steps", type=lambda s: tuple(int(n) for n in s.split(",")), default=None,
                     help="N1,N2 (default 150,450 for bert-base, 80,240 for bert-large)")
     ap.add_argument("--stock-compile-lengths", action="store_true", help="stock + compile at N2 too")
+    ap.add_argument("--jobs", type=lambda s: s.split(","), default=None,
+                    help="an explicit plan instead of the default one: MODE:IMPL:N1|N2,... run in this order, "
+                         "e.g. full:embedtune:N1,full:embedtune:N2,full:stock:N2 (stock's rate is then its in-job one)")
     ap.add_argument("--budget-s", type=float, default=540.0)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--max-seq-length", type=int, default=512)
@@ -413,6 +418,12 @@ def run_all(bench: Bench, args) -> None:
         bench.curves()
         return
     n1, n2 = args.steps or STEPS.get(args.model, (20, 60))
+    if args.jobs:  # an explicit plan: MODE:IMPL:N1|N2, in this order
+        for token in args.jobs:
+            mode, impl, length = token.split(":")
+            bench.job(mode, impl, length, n1 if length == "N1" else n2)
+        bench.table()
+        return
     plan = []
     for mode in args.modes:
         plan += [(mode, "embedtune", "N1", n1), (mode, "stock", "N1", n1), (mode, "embedtune", "N2", n2), (mode, "stock", "N2", n2)]
