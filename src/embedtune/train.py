@@ -454,6 +454,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         if distributed.is_main():  # only rank 0 writes; the others wait until the work folder exists
             prepare_work(work, config, resume_from, resumable=resumable)
         distributed.barrier()
+        phases.mark("prepare_work")
 
         column_prompts = {c: (query_prompt if c == "anchor" else document_prompt) for c in columns}
         column_prompts = {c: p for c, p in column_prompts.items() if p}
@@ -510,19 +511,21 @@ def run(config: TrainConfig, progress=None) -> RunResult:
             evaluator=evaluator,
             callbacks=[best.callback] if evaluator else None,
         )
+        phases.mark("trainer")
         graphs = graph_step_for(trainer, config) if speed.cuda_graphs else None
         if graphs is not None and not isinstance(graphs, str):
             trainer.graph_step = graphs
         rows_needed = total_steps * rows_per_step  # what the run will read
         token_cache = install_token_cache(trainer, st_model, train_ds.select_columns(columns), column_prompts,
                                           rows_needed=rows_needed)
+        phases.mark("token_cache")
         if config.report_to == "tensorboard":
             point_tensorboard(trainer, work)
         attach_tokens_per_second(trainer, tokens_per_row * rows_per_step)
         readable_logs(trainer)
         checks = RunChecks(st_model)  # no-silent-success: fingerprints the weights training starts from
         trainer.add_callback(phases.first_step_callback())
-        phases.mark("build_trainer")
+        phases.mark("checks")
         train_started = time.time()
         train_resumably(trainer, best if evaluator else None, resume_from, resumable=resumable,
                         clock=CheckpointClock(check_every=config.logging_steps) if config.save_every is None else None)
