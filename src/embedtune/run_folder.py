@@ -93,12 +93,15 @@ def complete_finish(work: Path, output: Path) -> Path:
 def recover_at_start(output: Path, resume: bool, overwrite: bool) -> Path | None:
     """What a killed finish left, dealt with before a run starts: with `resume`, a sealed result is
     moved into place (its path is returned: nothing to train). Otherwise a previous result set aside
-    mid-rename is put back (with a notice), and a sealed result is named, not silently retrained over."""
+    mid-rename is put back (with a notice), the marker of a result already in place is dropped, a
+    sealed result is named, not silently retrained over, and a resume of a finished run is refused."""
     from .save import clear_stale
 
     work = work_folder(output)
     for restored in clear_stale(output):
         logger.warning("embedtune: put back %s, which a run stopped mid-save had set aside as %s", output, restored)
+    if (output / FINISHED).is_file():  # a finish stopped just after its move into place: only the marker stayed
+        (output / FINISHED).unlink(missing_ok=True)
     if is_finished(work):
         if resume:
             logger.warning("embedtune: %s holds a finished run that was stopped while being moved into place; "
@@ -107,4 +110,7 @@ def recover_at_start(output: Path, resume: bool, overwrite: bool) -> Path | None
         if not overwrite:
             raise EmbedtuneError(f"{work}: holds a finished run that was stopped while being moved into place; "
                                  "pass --resume to move it to the output, or --overwrite to train again")
+    elif resume and not work.exists() and (output / "metrics.json").is_file():
+        # (said here, before the output's emptiness check would answer a resume with "pass --overwrite")
+        raise EmbedtuneError(f"nothing to resume: the run in {output} has finished (there is no {work})")
     return None
