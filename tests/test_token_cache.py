@@ -101,3 +101,27 @@ def test_features_with_one_value_are_not_stored_per_token(monkeypatch):
         for key in want:
             assert torch.equal(got[key], want[key]), key
     assert served.misses == 0
+
+
+def test_filling_on_threads_stores_what_one_thread_stores(st_model, monkeypatch):
+    """The cache fills chunk by chunk on several threads (a fast tokenizer drops the GIL); the result
+    must not depend on it: same index, same ids, same batches served."""
+    import embedtune.data.token_cache as token_cache
+
+    monkeypatch.setattr(token_cache, "ENCODE_CHUNK", 3)  # many chunks from a few texts
+    texts = [f"{t} {i}" for i in range(7) for t in TEXTS]  # 49 texts, 17 chunks
+    tokenizer = st_model.tokenizer
+    caches = {}
+    for threads in (1, 4):
+        cache = TokenCache(st_model.preprocess, pad_values(tokenizer), tokenizer.padding_side, threads=threads)
+        calls = []
+        original = cache._call
+        cache._call = lambda chunk, prompt, original=original, calls=calls: calls.append(len(chunk)) or original(chunk, prompt)
+        cache.add(texts, prompt="query: ")
+        assert sum(calls) == len(texts) and len(calls) == 17
+        caches[threads] = cache
+    one, many = caches[1], caches[4]
+    assert one.index == many.index
+    served = [CachedPreprocess(c, st_model.preprocess)(texts[::-1], prompt="query: ", task=None) for c in (one, many)]
+    for key, value in served[0].items():
+        assert torch.equal(value, served[1][key]) if torch.is_tensor(value) else value == served[1][key]

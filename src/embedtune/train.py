@@ -110,14 +110,14 @@ def _tokens_per_row(tokenizer, dataset, columns: list[str], max_len: int, sample
     few threads (the same ids, one chunk per thread call; the first call alone, so that the later ones
     find the truncation already set and only read the tokenizer's settings)."""
     rows = dataset.select(range(min(sample, len(dataset))))
-    from .data.token_cache import char_budget, clip_inputs
+    from .data.token_cache import char_budget, clip_inputs, tokenizer_threads
 
     texts = clip_inputs([text for name in columns for text in column(rows, name)], char_budget(max_len, tokenizer))
 
     def tokens(chunk: list[str]) -> int:
         return sum(len(ids) for ids in tokenizer(chunk, truncation=True, max_length=max_len)["input_ids"])
 
-    threads = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = tokenizer_threads()
     if not getattr(tokenizer, "is_fast", False) or threads < 2 or len(texts) < 512:
         return tokens(texts) / max(1, len(rows)) if texts else 0.0
     size = -(-len(texts) // (2 * threads))

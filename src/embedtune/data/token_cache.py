@@ -21,14 +21,15 @@ model-card statistics and `encode`), and the encoders of `retrieval` and `mine`.
 from __future__ import annotations
 
 import hashlib
+import os
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-ENCODE_CHUNK = 1024  # texts preprocessed per call while filling the cache
+ENCODE_CHUNK = 512  # texts preprocessed per call while filling the cache (a thread's share of work)
 PROGRESS_MIN_TEXTS = 20_000  # show a progress bar for fills at least this large
 MIN_READ_FRACTION = 0.25  # fill up front only if the run reads at least this share of the rows
 
@@ -179,8 +180,9 @@ class TokenCache:
     """Unpadded token ids (and aligned per-token features such as token_type_ids) per (prompt, text)."""
 
     def __init__(self, preprocess: Callable, pad_values: dict[str, int], padding_side: str,
-                 budget: int | None = None):
+                 budget: int | None = None, threads: int = 1):
         self.preprocess = preprocess
+        self.threads = threads  # preprocessing calls at once: >1 only for a fast (Rust) tokenizer
         self.budget = budget  # texts are cut to this many characters before preprocessing (`clip_text`)
         self.pad_values = pad_values  # feature -> value at padding, e.g. input_ids -> pad_token_id
         self.padding_side = padding_side
@@ -200,6 +202,28 @@ class TokenCache:
         texts = clip_inputs(texts, self.budget)
         return self.preprocess(texts, prompt=prompt) if prompt else self.preprocess(texts)
 
+    def _encoded(self, chunks: list[list[str]], prompt: str | None) -> Iterator[dict[str, Any]]:
+        """Each chunk's features, in order. A fast tokenizer encodes with the GIL released, so after the
+        first chunk (alone: its call settles the tokenizer's truncation settings) the rest go through
+        `threads` threads: the same features, a fraction of the wait at start-up."""
+        if not chunks:
+            return
+        yield self._call(chunks[0], prompt)
+        if self.threads < 2 or len(chunks) < 3:
+            for chunk in chunks[1:]:
+                yield self._call(chunk, prompt)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="embedtune-tokens") as pool:
+            futures = [pool.submit(self._call, chunk, prompt) for chunk in chunks[1:]]
+            try:
+                for future in futures:
+                    yield future.result()
+            finally:
+                for future in futures:  # the cache stopped early (not usable): drop what has not started
+                    future.cancel()
+
     def add(self, texts: Iterable[str], prompt: str | None = None, progress=None) -> None:
         """Preprocess and store every text not cached yet (with `prompt`, as its column will use it).
         `progress` (a tqdm bar) advances by the texts handled."""
@@ -212,9 +236,9 @@ class TokenCache:
                 todo.append(text)
         if progress is not None:
             progress.update(count - len(todo))  # cached already, or repeated
-        for start in range(0, len(todo), ENCODE_CHUNK):
-            chunk = todo[start : start + ENCODE_CHUNK]
-            self._store(chunk, prompt, self._call(chunk, prompt))
+        chunks = [todo[start : start + ENCODE_CHUNK] for start in range(0, len(todo), ENCODE_CHUNK)]
+        for chunk, features in zip(chunks, self._encoded(chunks, prompt)):
+            self._store(chunk, prompt, features)
             if progress is not None:
                 progress.update(len(chunk))
             if not self.usable:
@@ -345,6 +369,12 @@ class CachedPreprocess:
         return self.original(texts, prompt=prompt, **kwargs) if prompt is not None else self.original(texts, **kwargs)
 
 
+def tokenizer_threads() -> int:
+    """Threads worth giving a fast tokenizer: the CPUs this process may use, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
 def install_token_cache(trainer, st_model, dataset, column_prompts: dict[str, str],
                         rows_needed: int | None = None) -> CachedPreprocess | None:
     """Tokenize the training columns of `dataset` once and make the trainer's collator use the cache.
@@ -363,7 +393,8 @@ def install_token_cache(trainer, st_model, dataset, column_prompts: dict[str, st
     if rows_needed is not None and rows_needed < MIN_READ_FRACTION * len(dataset):
         return None
     tokenizer = st_model.tokenizer
-    cache = TokenCache(original, pad_values(tokenizer), tokenizer.padding_side, budget=model_budget(st_model))
+    cache = TokenCache(original, pad_values(tokenizer), tokenizer.padding_side, budget=model_budget(st_model),
+                       threads=tokenizer_threads() if getattr(tokenizer, "is_fast", False) else 1)
     total = len(dataset) * len(dataset.column_names)
     with tqdm(total=total, desc="Tokenizing once", unit="text", disable=total < PROGRESS_MIN_TEXTS) as bar:
         for name in dataset.column_names:
