@@ -16,22 +16,10 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 # The image ships torch & co. without .pyc files and its site-packages is read-only to the cache: without
 # a writable prefix every job would compile them at import (~10 s), which no user's install does.
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}
-# Byte-compile what the jobs import, once, into that prefix (the image may also set PYTHONDONTWRITEBYTECODE).
+# The image may also set PYTHONDONTWRITEBYTECODE: then every job would compile them again. Unset, the
+# first import below (and the fixtures' warm-up import) writes them into the prefix for every job alike.
 env | grep -E '^PYTHON(DONTWRITEBYTECODE|PYCACHEPREFIX)=' || true
 unset PYTHONDONTWRITEBYTECODE
-python3 - <<'PY'
-import compileall, importlib.util, os, time
-t = time.time()
-for name in ("torch", "transformers", "sentence_transformers", "peft", "datasets", "accelerate", "huggingface_hub",
-             "safetensors", "tokenizers", "typer", "rich", "click", "numpy", "scipy", "sklearn", "pandas", "pyarrow",
-             "triton", "sympy", "networkx", "jinja2", "yaml", "tqdm", "regex", "fsspec", "dill", "multiprocess", "xxhash"):
-    spec = importlib.util.find_spec(name)
-    if spec and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            compileall.compile_dir(folder, quiet=2, workers=os.cpu_count() or 1)
-compileall.compile_dir("src", quiet=2)
-print(f"byte-compiled the imported packages in {time.time() - t:.0f} s")
-PY
 python3 -X importtime -c "import embedtune.cli, embedtune.train" 2> "$OUT/importtime_$NAME.txt"
 echo "slowest imports (cumulative us):"; sort -t'|' -k2 -n "$OUT/importtime_$NAME.txt" | tail -12
 {
