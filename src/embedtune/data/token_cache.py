@@ -236,6 +236,9 @@ class TokenCache:
                 todo.append(text)
         if progress is not None:
             progress.update(count - len(todo))  # cached already, or repeated
+        # Chunks of texts of like length: each call pads to its longest text, and turning the padded
+        # lists into tensors (under the GIL) is most of a fill's time.
+        todo.sort(key=len)
         chunks = [todo[start : start + ENCODE_CHUNK] for start in range(0, len(todo), ENCODE_CHUNK)]
         for chunk, features in zip(chunks, self._encoded(chunks, prompt)):
             self._store(chunk, prompt, features)
