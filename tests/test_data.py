@@ -645,3 +645,28 @@ def test_write_jsonl_round_trips_through_load_pairs(tmp_path, stdlib_pairs):
     loaded = load_pairs(path)
     assert loaded.dataset.to_list() == rows
     assert loaded.skipped == 0 and loaded.num_negatives == 0
+
+
+def test_a_pipe_as_data_is_one_line_not_a_drained_read(tmp_path):
+    """A FIFO would be drained by the first of the reads a run makes (check, hash, load): refused."""
+    import os
+
+    from embedtune.data.readers import DataError as ReaderError, load_pairs
+
+    import threading
+
+    fifo = tmp_path / "pairs.jsonl"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def read():  # a reader that opens the pipe would wait for a writer forever: run it aside
+        try:
+            load_pairs(fifo)
+        except ReaderError as e:
+            outcome.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)  # a guard against a hang, not a timing: the check opens nothing
+    assert not reader.is_alive(), "load_pairs opened the pipe and waits on it"
+    assert outcome and "not a regular file" in outcome[0] and "\n" not in outcome[0]

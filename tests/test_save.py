@@ -34,6 +34,28 @@ def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_saved_files_get_the_modes_plain_files_get(tmp_path, lora_st):
+    """A library may write through mkstemp (0600: transformers' safetensors shards); a saved result
+    is readable as everything else its user writes (0644 / 0755 under the usual umask)."""
+    import os
+    import stat
+
+    model, tok, st = lora_st
+    mask = os.umask(0o022)
+    try:
+        save_adapter(model, tmp_path / "adapter")  # before save_merged merges it away
+        save_merged(st, tmp_path / "merged")
+        with atomic_folder(tmp_path / "private") as tmp:
+            fd = os.open(tmp / "secretive.bin", os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+    finally:
+        os.umask(mask)
+    paths = [p for p in tmp_path.rglob("*")]
+    assert any(p.name.endswith(".safetensors") for p in paths)
+    for p in paths:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p
+
+
 def test_atomic_folder_keeps_previous_on_failure(tmp_path):
     target = tmp_path / "out"
     target.mkdir()

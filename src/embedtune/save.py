@@ -83,6 +83,33 @@ def replace_folder(source: str | os.PathLike, target: str | os.PathLike) -> Path
     return path
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would, for a moment, for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_modes(folder: Path) -> None:
+    """Give everything in `folder` the modes a plain new file or folder gets (0644 / 0755 under the
+    usual umask): libraries write some files through mkstemp (0600, e.g. transformers' safetensors
+    shards), which would leave a result unreadable to whoever may read the rest of it."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
     """Yield a temp folder next to `target`; on success it replaces `target` in one rename.
@@ -101,6 +128,7 @@ def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    default_modes(tmp)
     replace_folder(tmp, path)
 
 

@@ -101,6 +101,9 @@ def load_pairs(path: str | os.PathLike) -> LoadedPairs:
     if not p.exists():
         raise DataError(f"{name}: no such file or directory")
 
+    if not p.is_dir() and not p.is_file():  # a FIFO would be drained by the first of several reads
+        raise DataError(f"{name}: not a regular file (a pipe or a device); embedtune reads its data more than "
+                        "once (to check it, to hash it for --resume): write it to a file first")
     collector = _Collector(name)
     try:
         if p.is_dir():
