@@ -372,8 +372,8 @@ def _run_case(setting: Setting, point: str, sig: str, mode: str, folder: Path, r
 
     # recovery: the printed command, else the same command with --resume; a rerun only if there is nothing
     printed = [line for line in child.stderr.splitlines() if line.startswith("embedtune train ")]
-    if child.code in (130, 143) and checkpoint and not printed:
-        result.problem("stopped with a checkpoint on disk, but no command to continue it was printed")
+    if child.code in (130, 143) and (checkpoint or sealed) and not printed:
+        result.problem("stopped with a checkpoint or a sealed result on disk, but no command to continue it was printed")
     if child.code != 0:
         resume = shlex.split(printed[-1])[1:] if printed else [*command, "--resume"]
         if resume != [*command, "--resume"]:
