@@ -76,7 +76,7 @@ dataset = load_dataset("json", data_files=os.environ["GUIDE_DATASET"], split="tr
 dataset = dataset.map(lambda x, idx: {"id": str(idx)}, with_indices=True)
 dataset = dataset.shuffle(seed=42)
 
-split_dataset = dataset.train_test_split(test_size=4096, seed=42)
+split_dataset = dataset.train_test_split(test_size=int(os.environ.get("GUIDE_TEST_SIZE", "4096")), seed=42)
 train_dataset = split_dataset["train"]
 validation_dataset = split_dataset["test"]
 
