@@ -65,15 +65,17 @@ def tiny_bert(tmp_path_factory):
     return make_tiny_model("bert", tmp_path_factory.mktemp("tiny_ddp"))
 
 
-def _step(tmp_path, model, name, flags, distributed: bool):
-    out = tmp_path / f"{name}.safetensors"
-    args = [HERE / "ddp_step.py", model, out, PER_RANK, *flags]
+def _steps(tmp_path, model, variants: dict[str, list[str]], distributed: bool) -> dict[str, dict]:
+    """Each variant's weights after one step (`ddp_step.py`), all variants in one launch."""
+    out = tmp_path / ("ddp" if distributed else "single")
+    out.mkdir(exist_ok=True)
+    args = [HERE / "ddp_step.py", model, out, PER_RANK, *(f"{name}:{','.join(flags)}" for name, flags in variants.items())]
     if distributed:
         proc = _torchrun(*args)
     else:
         proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_file(out)
+    return {name: load_file(out / f"{name}.safetensors") for name in variants}
 
 
 def _max_diff(a, b):
@@ -82,19 +84,18 @@ def _max_diff(a, b):
 
 def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, tiny_bert):
     start = load_file(str(next(Path(tiny_bert).glob("*.safetensors"))))
-    for name, flags in [("plain", []), ("cached", ["--cached", "--negatives"]),
-                        ("symmetric-matryoshka", ["--symmetric", "--matryoshka", "--negatives"])]:
-        single = _step(tmp_path, tiny_bert, f"single-{name}", flags, distributed=False)
-        ddp = _step(tmp_path, tiny_bert, f"ddp-{name}", flags, distributed=True)
+    variants = {"plain": [], "cached": ["cached", "negatives"],
+                "symmetric-matryoshka": ["symmetric", "matryoshka", "negatives"]}
+    singles = _steps(tmp_path, tiny_bert, variants, distributed=False)
+    # Control: without the cross-rank gather each rank sees only its own negatives; that must show.
+    ddps = _steps(tmp_path, tiny_bert, {**variants, "no-gather": ["no-gather"]}, distributed=True)
+    for name in variants:
+        single, ddp = singles[name], ddps[name]
         assert _max_diff(single, ddp) <= 1e-5, name
         plain = {k.split(".", 2)[2]: v for k, v in single.items()}  # "0.model.x" (ST 6) / "0.auto_model.x" (ST 5)
         moved = max((plain[k] - start[k]).abs().max().item() for k in start if k in plain)
         assert moved > 1e-3, f"{name}: the step barely moved the weights, so the comparison proves nothing"
-
-    # Control: without the cross-rank gather each rank sees only its own negatives; that must show.
-    ddp_local = _step(tmp_path, tiny_bert, "ddp-no-gather", ["--no-gather"], distributed=True)
-    single = load_file(tmp_path / "single-plain.safetensors")
-    assert _max_diff(single, ddp_local) > 1e-4
+    assert _max_diff(singles["plain"], ddps["no-gather"]) > 1e-4
 
 
 def _pairs_file(path: Path, n: int) -> Path:
@@ -136,9 +137,11 @@ def test_fsdp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, arch, t
     the same step as one process with the whole batch, plain and cached."""
     model = tiny_bert if arch == "bert" else tiny_qwen3
     start = load_file(str(next(Path(model).glob("*.safetensors"))))
-    for name, flags in [("plain", ["--fsdp", "--negatives"]), ("cached", ["--fsdp", "--cached"])]:
-        single = _step(tmp_path, model, f"single-{name}", flags, distributed=False)
-        sharded = _step(tmp_path, model, f"fsdp-{name}", flags, distributed=True)
+    variants = {"plain": ["fsdp", "negatives"], "cached": ["fsdp", "cached"]}
+    singles = _steps(tmp_path, model, variants, distributed=False)
+    shardeds = _steps(tmp_path, model, variants, distributed=True)
+    for name in variants:
+        single, sharded = singles[name], shardeds[name]
         assert set(single) == set(sharded) and set(single) >= set(start) - {"pooler.dense.weight", "pooler.dense.bias"}
         assert _max_diff(single, sharded) <= 1e-5, name
         moved = max((single[k] - start[k]).abs().max().item() for k in single)
