@@ -299,12 +299,7 @@ def _child_main(request: dict) -> None:
             os.close(handle)
         command, *args = request["argv"]
         try:
-            if command == "save":
-                _save(args[0])
-            elif command == "tiny":
-                _tiny(*args)
-            else:
-                _run_cli(command, args)
+            _dispatch(command, args)
             code = 0
         except SystemExit as stop:  # what `python -m embedtune` would exit with
             if stop.code is None or isinstance(stop.code, int):
@@ -385,16 +380,22 @@ def _tiny(arch: str, root: str) -> None:
     print(make_tiny_model(arch, Path(root)))
 
 
-def main() -> None:
-    command, *args = sys.argv[1:]
-    if command == "serve":
-        serve()
-    elif command == "save":
+def _dispatch(command: str, args: list[str]) -> None:
+    """One child command: save, tiny, or the CLI's (train ...)."""
+    if command == "save":
         _save(args[0])
     elif command == "tiny":
         _tiny(*args)
     else:
         _run_cli(command, args)
+
+
+def main() -> None:
+    command, *args = sys.argv[1:]
+    if command == "serve":
+        serve()
+    else:
+        _dispatch(command, args)
 
 
 if __name__ == "__main__":

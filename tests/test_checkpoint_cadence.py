@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 import embedtune.resilience as resilience
 from embedtune.cli import app
 from embedtune.resilience import CheckpointClock, save_arguments
+from tiny_models import write_pairs as _pairs
+
 from embedtune.run_folder import work_folder
 
 FULL = ["--max-steps", "3", "--batch-size", "4", "--max-seq-length", "16", "--no-eval", "--full", "--lr", "1e-3"]
@@ -25,14 +27,6 @@ def tiny(tmp_path_factory) -> Path:
     from tiny_models import make_tiny_model
 
     return make_tiny_model("bert", tmp_path_factory.mktemp("tiny_cadence"))
-
-
-def _pairs(folder: Path, n: int = 16) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"anchor": f"how to do thing {i}", "positive": f"def thing_{i}(): pass"}) + "\n"
-                            for i in range(n)))
-    return path
 
 
 def _step(clock: CheckpointClock, step: int, max_steps: int = 100) -> bool:

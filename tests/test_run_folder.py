@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from embedtune.cli import app
 from embedtune.errors import EmbedtuneError
 from embedtune.run_folder import FINISHED, resolve_output, work_folder
+from tiny_models import write_pairs as _pairs
 
 FLAGS = ["--max-steps", "3", "--batch-size", "4", "--max-seq-length", "16", "--no-eval", "--lora-r", "4",
          "--save-every", "1"]
@@ -25,14 +26,6 @@ def tiny(tmp_path_factory) -> Path:
     from tiny_models import make_tiny_model
 
     return make_tiny_model("bert", tmp_path_factory.mktemp("tiny_run_folder"))
-
-
-def _pairs(folder: Path, n: int = 16) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"anchor": f"how to do thing {i}", "positive": f"def thing_{i}(): pass"}) + "\n"
-                            for i in range(n)))
-    return path
 
 
 def _train(data: Path, output: str, tiny: Path, *extra: str):

@@ -154,3 +154,16 @@ def make_tiny_st_model(root: Path, name: str, arch: str = "bert", dense_dims: tu
         modules.append(models.Normalize())
     SentenceTransformer(modules=modules, device="cpu").save(str(target), safe_serialization=True)
     return target
+
+
+def write_pairs(folder, n: int = 16):
+    """A small pairs.jsonl in `folder`: distinct anchors and code positives, enough for a few steps."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"anchor": f"how to do thing {i}", "positive": f"def thing_{i}(): pass"}) + "\n"
+                            for i in range(n)))
+    return path

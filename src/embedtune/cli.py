@@ -76,18 +76,17 @@ def resume_hint(output: str | None):
         if not output or not work_folder(output).is_dir():  # "run/", "run" and a link to it: one run.partial
             raise
         from .resilience import checkpoint_step, checkpoints_dir, latest_checkpoint, resume_command
-
         from .run_folder import is_finished
 
         latest = latest_checkpoint(checkpoints_dir(output))
         if latest is not None:
-            err_console.print(f"checkpoint of step {checkpoint_step(latest)} saved in {latest}; continue with:",
-                              markup=False, highlight=False, soft_wrap=True)
-            err_console.print(resume_command(), markup=False, highlight=False, soft_wrap=True)
+            where = f"checkpoint of step {checkpoint_step(latest)} saved in {latest}; continue with:"
         elif is_finished(work_folder(output)):  # stopped in the finish, after its checkpoints were dropped
-            err_console.print(f"the finished run is sealed in {work_folder(output)}; move it into place with:",
-                              markup=False, highlight=False, soft_wrap=True)
-            err_console.print(resume_command(), markup=False, highlight=False, soft_wrap=True)
+            where = f"the finished run is sealed in {work_folder(output)}; move it into place with:"
+        else:
+            raise
+        for line in (where, resume_command()):
+            err_console.print(line, markup=False, highlight=False, soft_wrap=True)
         raise
 
 

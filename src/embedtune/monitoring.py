@@ -172,9 +172,8 @@ class Phases:
 
     def __init__(self):
         age = process_age_s()
-        self.start = time.time()
         self.seconds: dict[str, float] = {"process_start": round(age, 2)} if age is not None else {}
-        self._last = self.start
+        self._last = time.time()
 
     def mark(self, name: str) -> None:
         now = time.time()

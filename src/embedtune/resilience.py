@@ -313,13 +313,11 @@ class CheckpointClock(TrainerCallback):
         if 0 < state.max_steps <= state.global_step:
             control.should_save = True
             return
-        if distributed.world_size() > 1:
-            if state.global_step % self.check_every:
-                return
-            due = distributed.rank0_says(time.monotonic() - self.last >= self.every_s)
-        else:
-            due = time.monotonic() - self.last >= self.every_s
-        if due:
+        several = distributed.world_size() > 1
+        if several and state.global_step % self.check_every:
+            return
+        due = time.monotonic() - self.last >= self.every_s
+        if distributed.rank0_says(due) if several else due:
             control.should_save = True
 
 
