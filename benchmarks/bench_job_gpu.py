@@ -175,7 +175,7 @@ class Bench:
                 with open(os.path.join(output, "metrics.json")) as f:
                     m = json.load(f)
                 row.update({k: m.get(k) for k in ("steps", "train_time_s", "total_time_s", "peak_gpu_gb", "speed",
-                                                  "cuda_graphs", "compile", "tokens_per_s", "phases_s")})
+                                                  "cuda_graphs", "compile", "tokens_per_s", "phases_s", "token_cache")})
                 row["in_job_pairs_s"] = in_job_rate(m, a.batch_size)
             except (OSError, ValueError) as e:
                 row.setdefault("error", f"no metrics.json: {e}")

@@ -125,3 +125,91 @@ def test_filling_on_threads_stores_what_one_thread_stores(st_model, monkeypatch)
     served = [CachedPreprocess(c, st_model.preprocess)(texts[::-1], prompt="query: ", task=None) for c in (one, many)]
     for key, value in served[0].items():
         assert torch.equal(value, served[1][key]) if torch.is_tensor(value) else value == served[1][key]
+
+
+def _equal(got, want):
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value) if torch.is_tensor(value) else got[key] == value, key
+
+
+def test_background_fill_serves_only_once_complete_and_the_same_batches(st_model):
+    """Until the fill is over, batches go through the model's own preprocessing; afterwards they come
+    from the cache. Both give the tensors preprocessing gives."""
+    import threading
+
+    preprocess = st_model.preprocess
+    tokenizer = st_model.tokenizer
+    cache = TokenCache(preprocess, pad_values(tokenizer), tokenizer.padding_side)
+    release = threading.Event()
+
+    def fill():
+        release.wait(timeout=60)
+        cache.add(TEXTS)
+
+    served = CachedPreprocess(cache, preprocess, fill=fill)
+    batch = TEXTS[::-1]
+    _equal(served(batch, task=None), preprocess(batch))
+    assert (served.hits, served.misses) == (0, 1) and not served.ready.is_set()
+    release.set()
+    assert served.ready.wait(timeout=60)
+    _equal(served(batch, task=None), preprocess(batch))
+    assert (served.hits, served.misses) == (1, 1)
+    assert served.summary()["fill"] == "background" and served.summary()["texts"] == len(TEXTS)
+
+
+def test_a_stopped_or_failed_background_fill_is_never_served(st_model):
+    import threading
+
+    preprocess = st_model.preprocess
+    tokenizer = st_model.tokenizer
+    for outcome in ("stopped", "failed"):
+        cache = TokenCache(preprocess, pad_values(tokenizer), tokenizer.padding_side)
+        release = threading.Event()
+
+        def fill(outcome=outcome, cache=cache, release=release):
+            release.wait(timeout=60)
+            if outcome == "failed":
+                raise RuntimeError("tokenizer broke")
+            cache.add(TEXTS)
+
+        served = CachedPreprocess(cache, preprocess, fill=fill)
+        if outcome == "stopped":
+            served.stop()
+        release.set()
+        assert served.ready.wait(timeout=60)
+        _equal(served(TEXTS, task=None), preprocess(TEXTS))
+        assert served.hits == 0 and served.misses == 1 and served.summary()["texts"] == 0, outcome
+
+
+def test_install_in_background_while_the_trainer_tokenizes(st_model, monkeypatch):
+    """The installed background fill runs on several threads while this thread keeps calling the
+    collator's preprocessing (as the first training steps do): no error from the shared tokenizer,
+    every batch equal to preprocessing, and the cache serves once ready."""
+    from types import SimpleNamespace
+
+    import embedtune.data.token_cache as token_cache
+    from datasets import Dataset
+
+    monkeypatch.setattr(token_cache, "ENCODE_CHUNK", 4)
+    monkeypatch.setattr(token_cache, "tokenizer_threads", lambda: 4)
+    anchors = [f"query {i} {TEXTS[i % len(TEXTS)]}" for i in range(400)]
+    positives = [f"def f_{i}(x): return x * {i}" + " pad" * (i % 37) for i in range(400)]
+    dataset = Dataset.from_dict({"anchor": anchors, "positive": positives})
+    preprocess = st_model.preprocess
+    st_model.tokenizer(["settings the fill must not fight over"], truncation=True, max_length=8)  # no padding
+    collator = SimpleNamespace(preprocess_fn=preprocess, router_mapping=None, max_length=None)
+    served = token_cache.install_token_cache(SimpleNamespace(data_collator=collator), st_model, dataset,
+                                             {"anchor": "query: "}, background=True)
+    assert collator.preprocess_fn is served
+    rng = random.Random(0)
+    while True:
+        done = served.ready.is_set()
+        rows = rng.sample(range(400), 16)
+        for column, texts, prompt in (("anchor", anchors, "query: "), ("positive", positives, None)):
+            batch = [texts[i] for i in rows]
+            got = served(batch, prompt=prompt, task=None)
+            _equal(got, preprocess(batch, prompt=prompt) if prompt else preprocess(batch))
+        if done:
+            break
+    assert served.hits >= 2 and served.summary()["texts"] == 800

@@ -517,7 +517,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
             trainer.graph_step = graphs
         rows_needed = total_steps * rows_per_step  # what the run will read
         token_cache = install_token_cache(trainer, st_model, train_ds.select_columns(columns), column_prompts,
-                                          rows_needed=rows_needed)
+                                          rows_needed=rows_needed, background=st_model.device.type == "cuda")
         phases.mark("token_cache")
         if config.report_to == "tensorboard":
             point_tensorboard(trainer, work)
@@ -527,8 +527,12 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         trainer.add_callback(phases.first_step_callback())
         phases.mark("checks")
         train_started = time.time()
-        train_resumably(trainer, best if evaluator else None, resume_from, resumable=resumable,
-                        clock=CheckpointClock(check_every=config.logging_steps) if config.save_every is None else None)
+        try:
+            train_resumably(trainer, best if evaluator else None, resume_from, resumable=resumable,
+                            clock=CheckpointClock(check_every=config.logging_steps) if config.save_every is None else None)
+        finally:
+            if token_cache is not None:
+                token_cache.stop()  # a background fill still running is of no use now
         train_time = time.time() - train_started
         phases.mark("train")  # from the first step on (the trainer's set-up before it is trainer_setup)
         if compile_cache is not None:  # later runs of this model find its compiled code (`speed.cache_is_warm`)
@@ -562,8 +566,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
             "cuda_graphs": graph_summary(graphs) if graphs is not None else None,
             "speed": speed.as_dict(),
             "best_step": best.best_step,
-            "token_cache": ({"texts": len(token_cache.cache.index), "batches_served": token_cache.hits,
-                             "batches_tokenized": token_cache.misses} if token_cache else None),
+            "token_cache": token_cache.summary() if token_cache else None,
             "world_size": distributed.world_size(),
             "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
             "history": state.log_history,

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -197,10 +199,15 @@ class TokenCache:
         self._uniform: dict[str, int | None] = {}
         self._offset_cache: np.ndarray | None = None
         self.usable = True
+        self.stopped = threading.Event()  # set to end a fill early (`CachedPreprocess.stop`)
 
     def _call(self, texts: list[str], prompt: str | None) -> dict[str, Any]:
         texts = clip_inputs(texts, self.budget)
         return self.preprocess(texts, prompt=prompt) if prompt else self.preprocess(texts)
+
+    def _call_unless_stopped(self, texts: list[str], prompt: str | None) -> dict[str, Any] | None:
+        # queued chunks of a stopped fill return at once: the pool's threads are joined at exit
+        return None if self.stopped.is_set() else self._call(texts, prompt)
 
     def _encoded(self, chunks: list[list[str]], prompt: str | None) -> Iterator[dict[str, Any]]:
         """Each chunk's features, in order. A fast tokenizer encodes with the GIL released, so after the
@@ -216,7 +223,7 @@ class TokenCache:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="embedtune-tokens") as pool:
-            futures = [pool.submit(self._call, chunk, prompt) for chunk in chunks[1:]]
+            futures = [pool.submit(self._call_unless_stopped, chunk, prompt) for chunk in chunks[1:]]
             try:
                 for future in futures:
                     yield future.result()
@@ -244,13 +251,15 @@ class TokenCache:
             self._store(chunk, prompt, features)
             if progress is not None:
                 progress.update(len(chunk))
+            if self.stopped.is_set():
+                self.usable = False  # left half-filled: never served
             if not self.usable:
                 return
         self._flat = {}
         self._offset_cache = None
 
-    def _store(self, texts: list[str], prompt: str | None, features: dict[str, Any]) -> None:
-        mask = features.get("attention_mask")
+    def _store(self, texts: list[str], prompt: str | None, features: dict[str, Any] | None) -> None:
+        mask = features.get("attention_mask") if features is not None else None
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != len(texts):
             self.usable = False
             return
@@ -350,18 +359,50 @@ def pad_values(tokenizer) -> dict[str, int]:
 
 
 class CachedPreprocess:
-    """A drop-in for the collator's preprocessing function that answers from a `TokenCache`."""
+    """A drop-in for the collator's preprocessing function that answers from a `TokenCache`.
 
-    def __init__(self, cache: TokenCache, original: Callable):
+    With `fill` (a background fill, see `install_token_cache`), batches are tokenized as usual until
+    the fill has finished, then served from the cache: the same tensors either way, so which batch
+    was the first served changes nothing but speed."""
+
+    def __init__(self, cache: TokenCache, original: Callable, fill: Callable[[], None] | None = None):
         self.cache = cache
         self.original = original
         self.hits = 0
         self.misses = 0
         self.budget = cache.budget
+        self.fill_s: float | None = None  # how long the fill took
+        self.ready = threading.Event()  # set once the fill is over (usable or not)
+        self._thread: threading.Thread | None = None
+        if fill is None:
+            self.ready.set()
+        else:
+            self._thread = threading.Thread(target=self._fill, args=(fill,), name="embedtune-token-cache", daemon=True)
+            self._thread.start()
+
+    def _fill(self, fill: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        try:
+            fill()
+        except Exception:  # noqa: BLE001 - a fill that fails leaves the batches to the model's own preprocessing
+            self.cache.usable = False
+        finally:
+            self.fill_s = round(time.perf_counter() - started, 2)
+            self.ready.set()
+
+    def stop(self) -> None:
+        """End a fill still running (the run is over): it stops after its current chunk."""
+        self.cache.stopped.set()
+
+    def summary(self) -> dict[str, Any]:
+        """metrics.json's `token_cache`: texts cached, batches served from the cache and tokenized."""
+        return {"texts": len(self.cache.index) if self.cache.usable else 0, "batches_served": self.hits,
+                "batches_tokenized": self.misses, "fill": "background" if self._thread else "up front",
+                "fill_s": self.fill_s}
 
     def __call__(self, texts, prompt: str | None = None, **kwargs):
         options = {k: v for k, v in kwargs.items() if v is not None}  # ST 6 always passes task=None
-        if not options and all(isinstance(t, str) for t in texts):
+        if not options and self.ready.is_set() and all(isinstance(t, str) for t in texts):
             features = self.cache.batch(texts, prompt)
             if features is not None:
                 self.hits += 1
@@ -379,13 +420,17 @@ def tokenizer_threads() -> int:
 
 
 def install_token_cache(trainer, st_model, dataset, column_prompts: dict[str, str],
-                        rows_needed: int | None = None) -> CachedPreprocess | None:
+                        rows_needed: int | None = None, background: bool = False) -> CachedPreprocess | None:
     """Tokenize the training columns of `dataset` once and make the trainer's collator use the cache.
 
     Returns the installed preprocessing function (its hit/miss counts say how it served), or None
     when the collator or the model's preprocessing is of a kind the cache does not cover, or when
     the run reads (`rows_needed`) under a quarter of the rows: for a short run on a large set,
     tokenizing all of it up front would cost more than tokenizing the batches it reads.
+
+    `background`: fill on a thread while training starts (the first batches are tokenized as they
+    come), instead of before the first step. Worth it where the CPU is idle while the accelerator
+    trains; on a CPU-only run both would compete for the same cores.
     """
     from tqdm.auto import tqdm
 
@@ -398,12 +443,30 @@ def install_token_cache(trainer, st_model, dataset, column_prompts: dict[str, st
     tokenizer = st_model.tokenizer
     cache = TokenCache(original, pad_values(tokenizer), tokenizer.padding_side, budget=model_budget(st_model),
                        threads=tokenizer_threads() if getattr(tokenizer, "is_fast", False) else 1)
-    total = len(dataset) * len(dataset.column_names)
-    with tqdm(total=total, desc="Tokenizing once", unit="text", disable=total < PROGRESS_MIN_TEXTS) as bar:
-        for name in dataset.column_names:
-            cache.add(dataset[name], column_prompts.get(name), progress=bar)
-            if not cache.usable:
-                return None
-    cached = CachedPreprocess(cache, original)
+    columns = {name: dataset[name] for name in dataset.column_names}  # read on this thread: datasets is not shared
+    total = len(dataset) * len(columns)
+
+    def fill() -> None:
+        with tqdm(total=total, desc="Tokenizing once", unit="text",
+                  disable=background or total < PROGRESS_MIN_TEXTS) as bar:
+            for name, texts in columns.items():
+                cache.add(texts, column_prompts.get(name), progress=bar)
+                if not cache.usable:
+                    return
+
+    if background:
+        # One text through the preprocessing first, here: it sets the tokenizer's truncation and padding
+        # as every later call wants them, so that the fill's calls and the trainer's own only read them
+        # (a fast tokenizer refuses to change its settings while another thread encodes).
+        name = next(iter(columns), None)
+        first = next(iter(columns[name]), None) if name is not None else None
+        if isinstance(first, str):
+            cache._call([first], column_prompts.get(name))
+        cached = CachedPreprocess(cache, original, fill=fill)
+    else:
+        fill()
+        if not cache.usable:
+            return None
+        cached = CachedPreprocess(cache, original)
     collator.preprocess_fn = cached
     return cached
