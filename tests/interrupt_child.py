@@ -4,6 +4,7 @@
     python interrupt_child.py save TARGET     saves a tiny merged model over the folder TARGET
     python interrupt_child.py tiny ARCH ROOT  builds tests/tiny_models' tiny ARCH model in ROOT/ARCH
     python interrupt_child.py serve           a fork server for many such children (see `serve`)
+    python interrupt_child.py signals         prints how SIGINT and SIGTERM are handled (`_as_from_a_terminal`)
 
 The gate, set by environment variables, makes the child stop and wait at one point:
   CHILD_GATE_DIR   folder where the child writes `reached` when it gets there, and waits
@@ -20,6 +21,7 @@ it), and holds the first time the run gets there. The finish gates follow `train
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -380,17 +382,38 @@ def _tiny(arch: str, root: str) -> None:
     print(make_tiny_model(arch, Path(root)))
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT and SIGTERM handled as in a command typed at a terminal: Ctrl-C raises KeyboardInterrupt,
+    SIGTERM takes its default action. A process inherits ignored signals, and Python keeps an inherited
+    SIG_IGN for SIGINT instead of installing its KeyboardInterrupt handler: under a launcher that ignores
+    SIGINT (a background job of a non-interactive shell, `pytest ... &` in a script) the run would ignore
+    the tests' Ctrl-C wherever embedtune keeps the disposition it started with (outside training: the
+    base evaluation and the finish), finish, and exit 0 instead of 130."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _signals() -> None:
+    def name(handler) -> str:
+        return getattr(handler, "__name__", None) or signal.Handlers(handler).name
+
+    print(name(signal.getsignal(signal.SIGINT)), name(signal.getsignal(signal.SIGTERM)))
+
+
 def _dispatch(command: str, args: list[str]) -> None:
-    """One child command: save, tiny, or the CLI's (train ...)."""
+    """One child command: save, tiny, signals, or the CLI's (train ...)."""
     if command == "save":
         _save(args[0])
     elif command == "tiny":
         _tiny(*args)
+    elif command == "signals":
+        _signals()
     else:
         _run_cli(command, args)
 
 
 def main() -> None:
+    _as_from_a_terminal()  # the fork server's children inherit it
     command, *args = sys.argv[1:]
     if command == "serve":
         serve()
