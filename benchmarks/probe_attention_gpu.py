@@ -1,5 +1,5 @@
 """Packed attention kernels on one GPU: torch's FlashAttention-2 (what `embedtune::varlen_attn` calls)
-against packed-tile Triton kernels (an experiment: `triton_packed_attn.py`), the memory-efficient
+against packed-tile Triton kernels (an experiment that lost: `experiments/triton_packed_attn.py`), the memory-efficient
 (CUTLASS) kernel and, with --cudnn, cuDNN's fused attention, over the same ragged (cu_seqlens) batch,
 with and without dropout.
 
@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))  # triton_packed_attn
 
 
 def real_lengths(tokenizer: str, batch: int, max_len: int, steps: int) -> list[list[int]]:
@@ -75,7 +78,7 @@ def efficient_bwd(g, q, k, v, out, saved, cu, max_len, p, scale):
 
 
 def triton_fwd(q, k, v, cu, max_len, p, scale):
-    """The packed-tile Triton kernels of the experiment in `triton_packed_attn.py`."""
+    """The packed-tile Triton kernels of the experiment in `experiments/triton_packed_attn.py`."""
     import triton_packed_attn as triton_attn
 
     seed = triton_attn.draw_seed(q.device) if p > 0 else q.new_zeros(1, dtype=torch.int64)

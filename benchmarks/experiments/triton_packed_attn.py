@@ -1,5 +1,5 @@
 """An experiment, not part of embedtune: packed-tile varlen attention in Triton, to compare with
-torch's FlashAttention-2 in `probe_attention_gpu.py` (result in docs/BENCHMARKS.md: not faster on the
+torch's FlashAttention-2 in `benchmarks/probe_attention_gpu.py` (result in docs/BENCHMARKS_HISTORY.md: not faster on the
 stdlib batches, slower with dropout, so embedtune keeps FlashAttention-2).
 
 FlashAttention-2's varlen kernel gives every (sequence, head) its own programs and 128-row tiles, so a
@@ -282,7 +282,7 @@ def keep_mask(seed: torch.Tensor, tokens: int, heads: int, dropout_p: float, dev
 
 def _cpu_check() -> None:
     """Against plain softmax attention in fp32, with and without dropout, on CPU through Triton's
-    interpreter: TRITON_INTERPRET=1 python benchmarks/triton_packed_attn.py"""
+    interpreter: TRITON_INTERPRET=1 python benchmarks/experiments/triton_packed_attn.py"""
     torch.manual_seed(0)
     lens = [5, 17, 3, 40, 1, 9, 70]
     tokens, heads, dim = sum(lens), 2, 16
