@@ -115,7 +115,7 @@ class _PatchAfterExec:
         if module.__spec__ is not None:
             module.__spec__.loader = self.loader
         self.loader.exec_module(module)
-        from .st import install_compat
+        from .st import install_compat  # heavy (torch): only once sentence-transformers is imported
 
         install_compat()
 
@@ -132,7 +132,7 @@ def _uninstall_hook() -> None:
 
 def _install_compat_on_import() -> None:
     if "sentence_transformers" in sys.modules:  # imported already: patch now
-        from .st import install_compat
+        from .st import install_compat  # heavy (torch): only once sentence-transformers is imported
 
         install_compat()
     elif _HOOK not in sys.meta_path:

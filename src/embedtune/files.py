@@ -5,6 +5,7 @@ A leaf module (standard library only): anything in embedtune may import it.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import uuid
@@ -54,7 +55,16 @@ def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = False)
     return Path(path)
 
 
+BOM = codecs.BOM_UTF8  # what Windows editors put at the start of a UTF-8 file
+
+
+def decode_text(raw: bytes) -> str:
+    """A whole UTF-8 text (or its first line), without the byte-order mark it may start with.
+    Raises UnicodeDecodeError for bytes that are not UTF-8."""
+    return raw.decode("utf-8-sig")
+
+
 def decode_line(raw: bytes, lineno: int) -> str:
     """One line of a UTF-8 text file; a byte-order mark is dropped from the first line (files saved by
     Windows editors start with one). Raises UnicodeDecodeError for bytes that are not UTF-8."""
-    return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    return decode_text(raw) if lineno == 1 else raw.decode("utf-8")

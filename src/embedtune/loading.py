@@ -9,18 +9,21 @@ second look at the checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .architectures import ArchSpec, arch_spec, default_pooling
+from .architectures import arch_spec
+from .checkpointing import enable_checkpointing, parse_mode
 from .errors import EmbedtuneError
+from .hf_quiet import quiet_transformers
+# re-exported: st.py, save.py, train.py, the CLI and users import these from here
+from .model_facts import DEFAULT_MODEL_ID, LoadInfo, load_info, pooling_for  # noqa: F401
 
 
 class ModelFileError(EmbedtuneError):
@@ -28,8 +31,6 @@ class ModelFileError(EmbedtuneError):
     pickled weights without `allow_pickle=True`, code that would have to run without
     `trust_remote_code=True`, weights that do not fit the model. One line naming the file, the
     problem and what to do."""
-
-DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 # ST 5 writes one boolean per pooling mode; ST 6 writes a single "pooling_mode" string.
 _LEGACY_POOLING_KEYS = {
@@ -42,29 +43,6 @@ _LEGACY_POOLING_KEYS = {
 }
 # Position ids of these families start after the padding index (HF's create_position_ids_from_input_ids).
 _PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet"}
-
-
-@dataclass
-class LoadInfo:
-    """What `from_pretrained` learned about a checkpoint, kept on the model for later steps."""
-
-    source: str  # what the user asked for (hub id or path)
-    weights_path: str  # the folder or hub id the weights came from
-    model_type: str
-    pooling: str | None  # the checkpoint's own pooling, None when it does not say
-    normalize: bool | None  # whether the checkpoint's ST pipeline ends in Normalize
-    max_seq_length: int
-    spec: ArchSpec | None
-    prompts: dict[str, str] | None = None
-    # The SentenceTransformer pipeline, when the checkpoint has one: where its modules load from (a
-    # folder, or the hub id) and its modules.json entries, so `to_sentence_transformer` rebuilds it.
-    st_folder: str | None = None
-    st_modules: list[dict] | None = None
-    bundled: bool = False  # served from the bundled all-MiniLM-L6-v2 package: the hub id is the portable name
-    full_finetuning: bool = False  # Unsloth's `full_finetuning=True`: every weight trains, no LoRA
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # whether the ST modules may load pickled weights (`pytorch_model.bin`)
-    token: Any = field(default=None, repr=False)  # the HF token given to from_pretrained (for the ST modules)
 
 
 def bundled_model_path() -> Path | None:
@@ -416,19 +394,6 @@ def unsloth_keywords(kwargs: dict) -> Any:
     return kwargs.pop("use_gradient_checkpointing", None)
 
 
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' load reports (e.g. the unused pooler of a checkpoint) during our own loads."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def _model_class(config, auto_model):
     if auto_model is not None:
         return auto_model
@@ -509,6 +474,62 @@ def _max_positions(config) -> int | None:
     return limit
 
 
+def _check_local_files(weights: str, layout: _StLayout | None, name: str, trust_remote_code: bool,
+                       allow_pickle: bool) -> None:
+    """Check a local model's files before any loader reads them, so that a broken file is one line
+    naming it rather than a traceback from deep inside transformers."""
+    if Path(weights).is_dir():
+        if (Path(weights) / "config.json").is_file():
+            check_remote_code(Path(weights) / "config.json", name, trust_remote_code)
+        check_weight_files(weights, allow_pickle)
+    if layout is not None:
+        check_st_modules(layout, allow_pickle)
+
+
+def _load_config(weights: str, name: str, trust_remote_code: bool, local: dict):
+    """The checkpoint's transformers config; a missing, offline-only or remote-code config is one
+    line saying which (AutoConfig's own errors are long and name no fix)."""
+    from transformers import AutoConfig  # heavy: only when a model loads
+
+    try:
+        return AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code, **local)
+    except OSError as exc:
+        offline = " (HF_HUB_OFFLINE is set: only local folders and cached hub models load)" if hub_offline() else ""
+        raise EmbedtuneError(f"could not load a model config from {name}: {first_line(exc)}"
+                             f"{offline}") from None
+    except ValueError as exc:  # a hub checkpoint whose config needs its own code, or an unknown model_type
+        if "trust_remote_code" in str(exc):
+            raise ModelFileError(remote_code_message(name, "its config.json")) from None
+        raise ModelFileError(f"could not load a model config from {name}: {first_line(exc)}") from None
+
+
+def _load_tokenizer(folder: str, name: str, trust_remote_code: bool, local: dict):
+    """The checkpoint's tokenizer; a broken tokenizer file is one line naming it (tokenizers raises
+    a bare Exception that names none)."""
+    from transformers import AutoTokenizer  # heavy: only when a model loads
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **local)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for a broken tokenizer.json
+        broken = _broken_json(Path(folder)) if Path(folder).is_dir() else None
+        raise ModelFileError(f"{broken or f'could not load a tokenizer from {name}'}: {first_line(exc)}; "
+                             "re-export or re-download the model's tokenizer files") from None
+
+
+def _set_max_length(tokenizer, config, layout: _StLayout | None, max_seq_length: int | None) -> int:
+    """Fix the tokenizer's length limit and padding: the length asked for, else the checkpoint's own
+    setting, else its position table, else 512, never past what the position table holds; decoders
+    without a pad token pad with EOS. Returns the length."""
+    limit = _max_positions(config)
+    if max_seq_length is None:
+        max_seq_length = (layout.max_seq_length if layout else None) or limit or 512
+    max_seq_length = min(max_seq_length, limit) if limit else max_seq_length
+    tokenizer.model_max_length = max_seq_length
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return max_seq_length
+
+
 class FastModel:
     """The guide's entry point: `from_pretrained` loads an encoder, `get_peft_model` adds LoRA."""
 
@@ -537,90 +558,57 @@ class FastModel:
         Unsloth's own keywords are accepted (`unsloth_keywords`); `full_finetuning=True` is recorded
         and makes `get_peft_model` leave every weight trainable instead of adding LoRA.
         """
-        from transformers import AutoConfig, AutoTokenizer
-
+        name = str(model_name)
         checkpointing = unsloth_keywords(kwargs)
-        source, layout = _resolve_source(str(model_name), token)
+        source, layout = _resolve_source(name, token)
         weights = _weights_location(source, layout)
-        if Path(weights).is_dir():  # a broken local file is one line naming it, before any loader reads it
-            if (Path(weights) / "config.json").is_file():
-                check_remote_code(Path(weights) / "config.json", str(model_name), trust_remote_code)
-            check_weight_files(weights, allow_pickle)
-        if layout is not None:
-            check_st_modules(layout, allow_pickle)
+        _check_local_files(weights, layout, name, trust_remote_code, allow_pickle)
         # A local folder, or HF_HUB_OFFLINE: transformers must not look anything up on the hub.
         local = {"local_files_only": True} if Path(weights).is_dir() or hub_offline() else {}
         if token is not None:
             local["token"] = token
-        try:
-            config = AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code, **local)
-        except OSError as exc:
-            offline = " (HF_HUB_OFFLINE is set: only local folders and cached hub models load)" if hub_offline() else ""
-            raise EmbedtuneError(f"could not load a model config from {model_name}: {first_line(exc)}"
-                                 f"{offline}") from None
-        except ValueError as exc:  # a hub checkpoint whose config needs its own code, or an unknown model_type
-            if "trust_remote_code" in str(exc):
-                raise ModelFileError(remote_code_message(str(model_name), "its config.json")) from None
-            raise ModelFileError(f"could not load a model config from {model_name}: {first_line(exc)}") from None
+        config = _load_config(weights, name, trust_remote_code, local)
         cls = _model_class(config, auto_model)
-        torch_dtype = resolve_dtype(dtype)
-        load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **local}
+        load_kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code, **local}
         if not allow_pickle:
             load_kwargs["use_safetensors"] = True
         if _accepts(cls, "add_pooling_layer"):
             load_kwargs["add_pooling_layer"] = add_pooling_layer
         load_kwargs.update(kwargs)
-        model = _load_weights(cls, weights, config, load_kwargs, str(model_name), allow_pickle)
-        tokenizer_dir = weights
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code, **local)
-        except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for a broken tokenizer.json
-            broken = _broken_json(Path(tokenizer_dir)) if Path(tokenizer_dir).is_dir() else None
-            raise ModelFileError(f"{broken or f'could not load a tokenizer from {model_name}'}: {first_line(exc)}; "
-                                 "re-export or re-download the model's tokenizer files") from None
+        model = _load_weights(cls, weights, config, load_kwargs, name, allow_pickle)
+        tokenizer = _load_tokenizer(weights, name, trust_remote_code, local)
+        max_seq_length = _set_max_length(tokenizer, config, layout, max_seq_length)
 
-        limit = _max_positions(config)
-        if max_seq_length is None:  # the checkpoint's own setting, else its position table, else 512
-            max_seq_length = (layout.max_seq_length if layout else None) or limit or 512
-        max_seq_length = min(max_seq_length, limit) if limit else max_seq_length
-        tokenizer.model_max_length = max_seq_length
-        spec = arch_spec(config.model_type)
-        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device)
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.embedtune_info = LoadInfo(
-            source=str(model_name),
+            source=name,
             weights_path=weights,
             model_type=config.model_type,
             pooling=layout.pooling if layout else None,
             normalize=layout.normalize if layout else None,
             max_seq_length=max_seq_length,
-            spec=spec,
+            spec=arch_spec(config.model_type),
             prompts=layout.prompts if layout else None,
             st_folder=_st_folder(source, layout),
             st_modules=layout.modules if layout else None,
-            bundled=_is_bundled(str(model_name), source),
+            bundled=_is_bundled(name, source),
             full_finetuning=bool(full_finetuning),
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
             token=token,
         )
         if fast:
-            from .packing import enable_fast_path
+            from .packing import enable_fast_path  # packing imports transformers: kept off `import loading`
 
             enable_fast_path(model, compile=compile)
         if full_finetuning and checkpointing not in (None, False):
-            from .checkpointing import enable_checkpointing, parse_mode
-
             enable_checkpointing(model, parse_mode(checkpointing))
         return model, tokenizer
 
     @staticmethod
     def get_peft_model(model, *args, **kwargs):
         """Add LoRA adapters; see `embedtune.lora.get_peft_model`."""
-        from .lora import get_peft_model
+        from .lora_model import get_peft_model  # peft is heavy: imported when LoRA is added
 
         return get_peft_model(model, *args, **kwargs)
 
@@ -629,30 +617,3 @@ class FastModel:
         """Kept for API parity with the guide's library; the model is already trainable."""
         model.train()
         return model
-
-
-def load_info(model) -> LoadInfo | None:
-    """The LoadInfo recorded by `from_pretrained`, looking through PEFT wrappers."""
-    seen = model
-    for _ in range(4):
-        info = seen.__dict__.get("embedtune_info") if hasattr(seen, "__dict__") else None
-        if info is not None:
-            return info
-        inner = getattr(seen, "base_model", None)
-        if inner is None or inner is seen:
-            inner = getattr(seen, "model", None)
-        if inner is None or inner is seen:
-            break
-        seen = inner
-    return None
-
-
-def pooling_for(model, pooling: str | None = None) -> str:
-    """The pooling to use: explicit choice, else the checkpoint's own, else cls/lasttoken by family."""
-    if pooling:
-        return pooling
-    info = load_info(model)
-    if info and info.pooling:
-        return info.pooling
-    config = getattr(model, "config", None)
-    return default_pooling(getattr(config, "model_type", ""))

@@ -27,21 +27,22 @@ import json
 import math
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from embedtune.data.readers import decode_json_line, one_line
+from embedtune.data import column, load_pairs
+from embedtune.data.readers import decode_data_line, decode_json_line, one_line
+from embedtune.data.token_cache import clip_inputs, model_budget
 from embedtune.errors import DataError, EmbedtuneError, SaveError
+from embedtune.exact_search import MAX_QUERY_BLOCK, SCORE_BUDGET, chunked_topk, search_bar  # chunked_topk: re-exported
+from embedtune.files import atomic_file
 
 _OUTPUT_SUFFIXES = (".jsonl", ".ndjson", ".json")  # what load_pairs reads back as JSON lines
 _CORPUS_JSONL = (".jsonl", ".ndjson")
 _CORPUS_TEXT = (".txt",)
-_SCORE_BUDGET = 1 << 26  # floats in one (query block x corpus chunk) score matrix: 256 MiB in fp32
-_MAX_QUERY_BLOCK = 4096
 _ROW_BLOCK = 8192  # rows filtered per step: bounds the Python lists made from the top-k tensors
 
 
@@ -92,13 +93,9 @@ def mine_hard_negatives(
     out = _check_output(output, overwrite)
     backend = _pick_backend(use_faiss)
 
-    from embedtune.data import column, load_pairs
-
     loaded = load_pairs(data)
     anchors_col = column(loaded.dataset, "anchor")
     positives_col = column(loaded.dataset, "positive")
-    n_rows = len(anchors_col)
-
     # Documents: deduplicated, first-seen order; corpus ids are positions in `docs`.
     if corpus is None:
         docs = list(dict.fromkeys(positives_col))
@@ -106,92 +103,33 @@ def mine_hard_negatives(
     else:
         docs = read_corpus(corpus)
         corpus_source = os.fspath(corpus)
-    doc_id = {text: i for i, text in enumerate(docs)}
-
-    # Distinct anchors, and for each the corpus ids of all its positives (the "own positives").
-    anchor_id: dict[str, int] = {}
-    row_anchor = [anchor_id.setdefault(a, len(anchor_id)) for a in anchors_col]
-    own: list[set[int] | None] = [None] * len(anchor_id)
-    for a, p in zip(row_anchor, positives_col):
-        cid = doc_id.get(p)
-        if cid is not None:
-            if own[a] is None:
-                own[a] = set()
-            own[a].add(cid)
-    max_own = max((len(s) for s in own if s), default=0)
-
-    # Positives missing from the corpus (only with a corpus file) are encoded on their own.
-    extra_id: dict[str, int] = {}
-    for p in positives_col:
-        if p not in doc_id:
-            extra_id.setdefault(p, len(extra_id))
-    # Per row: >= 0 is a corpus id, < 0 is -(1 + extra id).
-    row_positive = [doc_id[p] if p in doc_id else -1 - extra_id[p] for p in positives_col]
-
-    encode = _encoder(model, batch_size, show_progress)
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        anchor_emb = encode(list(anchor_id), query_prompt)
-        doc_emb = encode(docs, document_prompt)
-        extra_emb = encode(list(extra_id), document_prompt) if extra_id else None
-    finally:
-        model.train(was_training)
+    pairs = _PairIds.build(anchors_col, positives_col, docs)
+    emb = _encode_all(model, pairs, docs, batch_size, show_progress, query_prompt, document_prompt)
 
     # Retrieve enough that removing the anchor's own positives still leaves ranks up to hi - 1.
-    k = min(hi + max_own, len(docs))
+    k = min(hi + pairs.max_own, len(docs))
     if backend == "faiss":
-        top_scores, top_ids = faiss_topk(anchor_emb, doc_emb, k, progress=show_progress)
+        top_scores, top_ids = faiss_topk(emb.anchors, emb.docs, k, progress=show_progress)
     else:
-        top_scores, top_ids = chunked_topk(anchor_emb, doc_emb, k, chunk_size, progress=show_progress)
+        top_scores, top_ids = chunked_topk(emb.anchors, emb.docs, k, chunk_size, progress=show_progress)
 
-    written = skipped = 0
-    pos_total = neg_total = 0.0
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with tmp.open("w", encoding="utf-8", newline="\n") as f:
-            for r0 in range(0, n_rows, _ROW_BLOCK):
-                r1 = min(r0 + _ROW_BLOCK, n_rows)
-                a_ids = torch.tensor(row_anchor[r0:r1], dtype=torch.long)
-                pos_scores = _positive_scores(anchor_emb, doc_emb, extra_emb, a_ids, row_positive[r0:r1]).tolist()
-                block_ids = top_ids[a_ids].tolist()
-                block_scores = top_scores[a_ids].tolist()
-                for j, r in enumerate(range(r0, r1)):
-                    a = row_anchor[r]
-                    picked = select_negatives(
-                        block_ids[j], block_scores[j], own[a] or (), pos_scores[j],
-                        num_negatives=num_negatives, rank_range=(lo, hi), margin=margin,
-                    )
-                    if picked is None:
-                        skipped += 1
-                        continue
-                    row: dict[str, Any] = {"anchor": anchors_col[r], "positive": positives_col[r]}
-                    for n, (cid, score) in enumerate(picked, 1):
-                        row[f"negative_{n}"] = docs[cid]
-                        neg_total += score
-                    f.write(json.dumps(row, ensure_ascii=False))
-                    f.write("\n")
-                    pos_total += pos_scores[j]
-                    written += 1
-            f.flush()
-            os.fsync(f.fileno())
-        if written == 0:
+    with atomic_file(out, "w", durable=True) as f:  # no output at all unless some row was mined
+        counts = _write_mined(f, pairs, emb, top_ids, top_scores, docs, anchors_col, positives_col,
+                              num_negatives=num_negatives, rank_range=(lo, hi), margin=margin)
+        if counts.written == 0:
             raise DataError(
                 f"{os.fspath(data)}: no row got {num_negatives} negatives passing the filters "
                 f"(rank_range=({lo}, {hi}), margin={margin}, corpus of {len(docs)} documents); "
                 "lower num_negatives or margin, or widen rank_range or the corpus"
             )
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
+    written, skipped = counts.written, counts.skipped
     stats = {
-        "mean_positive_score": pos_total / written,
-        "mean_negative_score": neg_total / (written * num_negatives),
+        "mean_positive_score": counts.positive_total / written,
+        "mean_negative_score": counts.negative_total / (written * num_negatives),
         "rows_written": written,
-        "rows_input": n_rows,
+        "rows_input": len(anchors_col),
         "rows_skipped_by_loader": loaded.skipped,
         "skipped_no_candidates": skipped,
         "skipped_reason": (
@@ -208,6 +146,105 @@ def mine_hard_negatives(
     }
     return MineResult(path=out, rows=written, skipped_no_candidates=skipped, num_negatives=num_negatives,
                       stats=stats)
+
+
+# --------------------------------------------------------------------------------------------------
+# The steps of mining
+
+
+@dataclass
+class _PairIds:
+    """The pair rows as ids, so the filters compare integers, not texts: per row its distinct anchor
+    (``row_anchor``) and its positive (``row_positive``: >= 0 a corpus id, < 0 is -(1 + extra id));
+    per anchor the corpus ids of all its positives (``own``, removed from its ranking); positives
+    missing from the corpus (only with a corpus file: ``extra``, encoded on their own)."""
+    anchors: dict[str, int]
+    row_anchor: list[int]
+    own: list[set[int] | None]
+    max_own: int
+    extra: dict[str, int]
+    row_positive: list[int]
+
+    @classmethod
+    def build(cls, anchors_col: list[str], positives_col: list[str], docs: list[str]) -> _PairIds:
+        doc_id = {text: i for i, text in enumerate(docs)}
+        anchor_id: dict[str, int] = {}
+        row_anchor = [anchor_id.setdefault(a, len(anchor_id)) for a in anchors_col]
+        own: list[set[int] | None] = [None] * len(anchor_id)
+        for a, p in zip(row_anchor, positives_col):
+            cid = doc_id.get(p)
+            if cid is not None:
+                if own[a] is None:
+                    own[a] = set()
+                own[a].add(cid)
+        max_own = max((len(s) for s in own if s), default=0)
+        extra_id: dict[str, int] = {}
+        for p in positives_col:
+            if p not in doc_id:
+                extra_id.setdefault(p, len(extra_id))
+        row_positive = [doc_id[p] if p in doc_id else -1 - extra_id[p] for p in positives_col]
+        return cls(anchor_id, row_anchor, own, max_own, extra_id, row_positive)
+
+
+@dataclass
+class _Embeddings:
+    anchors: torch.Tensor
+    docs: torch.Tensor
+    extra: torch.Tensor | None
+
+
+def _encode_all(model, pairs: _PairIds, docs: list[str], batch_size: int, show_progress: bool,
+                query_prompt: str | None, document_prompt: str | None) -> _Embeddings:
+    """Anchors, documents and out-of-corpus positives encoded in eval mode (the model's own mode put
+    back after, even on error: a model being trained must not stay in eval mode)."""
+    encode = _encoder(model, batch_size, show_progress)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        return _Embeddings(anchors=encode(list(pairs.anchors), query_prompt), docs=encode(docs, document_prompt),
+                           extra=encode(list(pairs.extra), document_prompt) if pairs.extra else None)
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class _Counts:
+    written: int = 0
+    skipped: int = 0
+    positive_total: float = 0.0
+    negative_total: float = 0.0
+
+
+def _write_mined(f, pairs: _PairIds, emb: _Embeddings, top_ids, top_scores, docs: list[str], anchors_col: list[str],
+                 positives_col: list[str], *, num_negatives: int, rank_range: tuple[int, int],
+                 margin: float) -> _Counts:
+    """Filter every row's candidates and write the rows that keep ``num_negatives`` as JSON lines;
+    rows are taken ``_ROW_BLOCK`` at a time so the Python lists made from the top-k tensors stay small."""
+    counts = _Counts()
+    n_rows = len(anchors_col)
+    for r0 in range(0, n_rows, _ROW_BLOCK):
+        r1 = min(r0 + _ROW_BLOCK, n_rows)
+        a_ids = torch.tensor(pairs.row_anchor[r0:r1], dtype=torch.long)
+        pos_scores = _positive_scores(emb.anchors, emb.docs, emb.extra, a_ids, pairs.row_positive[r0:r1]).tolist()
+        block_ids = top_ids[a_ids].tolist()
+        block_scores = top_scores[a_ids].tolist()
+        for j, r in enumerate(range(r0, r1)):
+            picked = select_negatives(
+                block_ids[j], block_scores[j], pairs.own[pairs.row_anchor[r]] or (), pos_scores[j],
+                num_negatives=num_negatives, rank_range=rank_range, margin=margin,
+            )
+            if picked is None:
+                counts.skipped += 1
+                continue
+            row: dict[str, Any] = {"anchor": anchors_col[r], "positive": positives_col[r]}
+            for n, (cid, score) in enumerate(picked, 1):
+                row[f"negative_{n}"] = docs[cid]
+                counts.negative_total += score
+            f.write(json.dumps(row, ensure_ascii=False))
+            f.write("\n")
+            counts.positive_total += pos_scores[j]
+            counts.written += 1
+    return counts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,55 +296,6 @@ def _positive_scores(anchor_emb, doc_emb, extra_emb, a_ids: torch.Tensor, row_po
 # Search
 
 
-def chunked_topk(
-    queries: torch.Tensor, corpus: torch.Tensor, k: int, chunk_size: int = 50_000, query_block: int | None = None,
-    progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` inner products of each query against ``corpus``: (scores, ids), descending, on the CPU.
-
-    Scores one (query block x corpus chunk) matrix at a time and merges each chunk's top-k into a
-    running top-k, so peak memory is bounded by ``query_block * chunk_size`` scores, not the corpus.
-    ``k`` is clamped to the corpus size. ``progress`` shows a bar over the (query block, chunk) pairs.
-    """
-    if chunk_size < 1:
-        raise EmbedtuneError(f"chunk_size must be at least 1, got {chunk_size}")
-    n_q, n_c = queries.shape[0], corpus.shape[0]
-    k = min(k, n_c)
-    out_scores = torch.empty(n_q, k, dtype=torch.float32)
-    out_ids = torch.empty(n_q, k, dtype=torch.long)
-    if n_q == 0 or k == 0:
-        return out_scores, out_ids
-    if query_block is None:
-        query_block = max(1, min(_MAX_QUERY_BLOCK, _SCORE_BUDGET // min(chunk_size, n_c)))
-    corpus = corpus.to(queries.device, queries.dtype)
-    bar = _search_bar(math.ceil(n_q / query_block) * math.ceil(n_c / chunk_size), progress)
-    for q0 in range(0, n_q, query_block):
-        q = queries[q0 : q0 + query_block]
-        best_scores = best_ids = None
-        for c0 in range(0, n_c, chunk_size):
-            bar.update(1)
-            scores = q @ corpus[c0 : c0 + chunk_size].T
-            s, i = scores.topk(min(k, scores.shape[1]), dim=1)
-            i += c0
-            if best_scores is None:
-                best_scores, best_ids = s, i
-            else:
-                merged_s = torch.cat([best_scores, s], dim=1)
-                merged_i = torch.cat([best_ids, i], dim=1)
-                best_scores, order = merged_s.topk(min(k, merged_s.shape[1]), dim=1)
-                best_ids = merged_i.gather(1, order)
-        out_scores[q0 : q0 + len(q)] = best_scores.float().cpu()
-        out_ids[q0 : q0 + len(q)] = best_ids.cpu()
-    bar.close()
-    return out_scores, out_ids
-
-
-def _search_bar(total: int, show: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="Searching", unit="block", disable=not show)
-
-
 def faiss_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int,
                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` inner products with a FAISS ``IndexFlatIP``: (scores, ids), descending, on the CPU."""
@@ -321,8 +309,8 @@ def faiss_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int,
     out_ids = torch.empty(queries.shape[0], k, dtype=torch.long)
     if k == 0:
         return out_scores, out_ids
-    step = max(1, min(_MAX_QUERY_BLOCK, _SCORE_BUDGET // max(1, corpus.shape[0])))
-    bar = _search_bar(math.ceil(queries.shape[0] / step), progress)
+    step = max(1, min(MAX_QUERY_BLOCK, SCORE_BUDGET // max(1, corpus.shape[0])))
+    bar = search_bar(math.ceil(queries.shape[0] / step), progress)
     for q0 in range(0, queries.shape[0], step):
         q = np.ascontiguousarray(queries[q0 : q0 + step].float().cpu().numpy())
         scores, ids = index.search(q, k)
@@ -358,8 +346,6 @@ def _pick_backend(use_faiss: bool | None) -> str:
 
 
 def _encoder(model, batch_size: int, show_progress: bool):
-    from embedtune.data.token_cache import clip_inputs, model_budget
-
     budget = model_budget(model)  # huge texts cut to what max_seq_length can use, before the tokenizer
 
     def encode(texts: list[str], prompt: str | None) -> torch.Tensor:
@@ -400,10 +386,7 @@ def read_corpus(path: str | os.PathLike) -> list[str]:
     try:
         with p.open("rb") as f:
             for lineno, raw in enumerate(f, 1):
-                try:
-                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{name}:{lineno}: invalid UTF-8: {e.reason} at byte {e.start + 1}") from None
+                text = decode_data_line(name, raw, lineno)
                 if not text.strip():
                     continue
                 if jsonl:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import __version__
+
 CARD_NAME = "README.md"
 _LIBRARY = {"sentence-transformers": "sentence-transformers", "hf": "transformers", "adapter": "peft",
             "onnx": "onnx"}
@@ -50,8 +52,6 @@ def embedtune_version() -> str:
     try:
         return version("embedtune")
     except PackageNotFoundError:
-        from . import __version__
-
         return __version__
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from embedtune.errors import EmbedtuneError
+from embedtune.plots import plot_curves
 
 METRICS_FILE = "metrics.json"
 DEFAULT_PNG = "report.png"
@@ -89,8 +90,6 @@ def sparkline(values: list[float], width: int = _SPARK_WIDTH) -> str:
 
 def render_png(metrics: dict, path: str | os.PathLike) -> Path:
     """Draw the run's loss and held-out nDCG@10 curves to ``path`` (written atomically)."""
-    from embedtune.plots import plot_curves
-
     target = _check_png(path)
     history = metrics.get("history") or []
     key = eval_key(history) or "eval_ndcg@10"

@@ -1,7 +1,7 @@
 """Exact retrieval evaluation with graded relevance, bounded in memory for million-document corpora.
 
 The corpus is encoded chunk by chunk (normalized embeddings, the model's query/document prompts);
-each chunk is searched at once with `embedtune.mine.chunked_topk` on the model's device (GPU or CPU)
+each chunk is searched at once with `embedtune.exact_search.chunked_topk` on the model's device (GPU or CPU)
 and merged into a running exact top-100 per query, so neither the corpus embeddings nor a full score
 matrix is ever held: peak memory is one chunk's embeddings plus ``queries x 100`` results.
 
@@ -24,16 +24,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from embedtune import distributed
+from embedtune.data import column, is_beir_folder, load_pairs, read_beir
+from embedtune.data.pairs_task import pairs_to_ir_task
+from embedtune.data.token_cache import clip_inputs, model_budget
 from embedtune.errors import DataError, EmbedtuneError, SaveError
-from embedtune.evaluate import IRTask
-from embedtune.mine import chunked_topk
+from embedtune.exact_search import chunked_topk
+from embedtune.files import write_text_atomic
+from embedtune.ir_task import IRTask
 
 RETRIEVAL_METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10", "recall@100", "map@100")
 TOP_K = 100  # the deepest cut any reported metric needs
@@ -143,9 +147,6 @@ def _encoded_chunks(st_model, texts: Sequence[str], prompt: str | None, batch_si
     Under torch.distributed (DDP) every rank encodes its share of each chunk and the shares are
     gathered, so evaluation is split across the GPUs and every rank gets the same embeddings.
     """
-    from . import distributed
-    from .data.token_cache import clip_inputs, model_budget
-
     kwargs = {"prompt": prompt} if prompt else {}
     rank, world = (distributed.rank(), distributed.world_size()) if shard_across_ranks(st_model) else (0, 1)
     budget = model_budget(st_model)  # huge texts cut to what max_seq_length can use, before the tokenizer
@@ -168,8 +169,7 @@ def shard_across_ranks(st_model) -> bool:
     must not shard (the other ranks never reach our gather). Nor under FSDP: every forward there is
     a collective, so all ranks must run the same batches.
     """
-    from . import distributed
-    from .sharding import is_sharded
+    from .sharding import is_sharded  # heavy: sharding pulls peft and transformers, needed only when evaluating
 
     if getattr(st_model, "_distributed_inference", None) is not None or is_sharded(st_model):
         return False
@@ -250,9 +250,6 @@ def load_eval_task(data: str | os.PathLike, split: str | None = None, keep_ident
 
     For pairs every anchor must find its positives among all distinct positives (as in training).
     """
-    from embedtune.data import column, is_beir_folder, load_pairs, read_beir
-    from embedtune.evaluate import pairs_to_ir_task
-
     if is_beir_folder(data):
         loaded = read_beir(data, split, keep_identical_ids=keep_identical_ids)
         return EvalData(task=loaded.task, kind="beir", split=loaded.split, notes=loaded.notes())
@@ -302,11 +299,5 @@ def write_report(path: str | os.PathLike, report: dict) -> Path:
     """Write ``report`` as JSON, atomically (a temp file renamed into place); replaces an existing file."""
     out = check_report_path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return out

@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedtune.data.readers import decode_json_line, one_line
+from embedtune.data.readers import decode_data_line, decode_json_line, one_line
 from embedtune.errors import DataError
-from embedtune.evaluate import IdenticalIds, IRTask
+from embedtune.ir_task import IdenticalIds, IRTask
 
 CORPUS_FILE = "corpus.jsonl"
 QUERIES_FILE = "queries.jsonl"
@@ -169,11 +169,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     name = os.fspath(path)
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{name}:{lineno}: invalid UTF-8: {e.reason} at byte {e.start + 1}") from None
-            text = text.rstrip("\r\n")
+            text = decode_data_line(name, raw, lineno).rstrip("\r\n")
             if text.strip():
                 yield lineno, text
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from embedtune.errors import DataError
+from embedtune.files import BOM, decode_line, decode_text
 
 if TYPE_CHECKING:  # datasets/pyarrow are imported lazily so `embedtune --help` stays fast
     import datasets
@@ -507,8 +508,8 @@ def _is_blank_file(p: Path) -> bool:
     with p.open("rb") as f:
         first = True
         while chunk := f.read(1 << 16):
-            if first and chunk.startswith(b"\xef\xbb\xbf"):  # a lone UTF-8 BOM is still empty
-                chunk = chunk[3:]
+            if first:  # a lone UTF-8 BOM is still empty
+                chunk = chunk.removeprefix(BOM)
             first = False
             if chunk.strip():
                 return False
@@ -589,6 +590,15 @@ def _parse_line(name: str, lineno: int, text: str) -> dict:
     return value
 
 
+def decode_data_line(name: str, raw: bytes, lineno: int) -> str:
+    """Line ``lineno`` of the UTF-8 data file ``name`` (a BOM dropped from line 1, `files.decode_line`);
+    bytes that are not UTF-8 are a DataError naming the file, the line and the first bad byte."""
+    try:
+        return decode_line(raw, lineno)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}:{lineno}: invalid UTF-8: {e.reason} at byte {e.start + 1}") from None
+
+
 def _check_encodable(value: Any, where: str) -> None:
     """Reject lone-surrogate escapes ("\\ud800"): valid JSON, but not representable in Arrow strings."""
     try:
@@ -600,13 +610,7 @@ def _check_encodable(value: Any, where: str) -> None:
 def _jsonl_records(name: str, lines: Iterable[tuple[int, bytes | str]]) -> Iterator[tuple[int, dict]]:
     """(line number, record) for each non-blank line."""
     for lineno, raw in lines:
-        if isinstance(raw, bytes):
-            try:
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{name}:{lineno}: invalid UTF-8: {e.reason} at byte {e.start + 1}") from None
-        else:
-            text = raw
+        text = decode_data_line(name, raw, lineno) if isinstance(raw, bytes) else raw
         if text and not text.isspace():
             yield lineno, _parse_line(name, lineno, text)
 
@@ -620,7 +624,7 @@ def _read_jsonl(p: Path, name: str, collector: _Collector) -> None:
 def _read_json(p: Path, name: str, collector: _Collector) -> None:
     data = p.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
+        text = decode_text(data)
     except UnicodeDecodeError as e:
         lineno = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{name}:{lineno}: invalid UTF-8: {e.reason}") from None
@@ -857,7 +861,7 @@ def _csv_lines(p: Path) -> Iterator[str]:
             for piece in raw.splitlines(keepends=True):
                 lineno += 1
                 try:
-                    yield piece.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                    yield decode_line(piece, lineno)
                 except UnicodeDecodeError as e:
                     raise _BadCsv(lineno, f"invalid UTF-8: {e.reason} at byte {e.start + 1}") from None
 

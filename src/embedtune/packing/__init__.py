@@ -15,7 +15,7 @@ import logging
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from ..lora import unwrap_peft
+from ..model_facts import unwrap_peft
 from ..speed import CompileWhenItPays
 from .bert import packed_bert_forward
 from .deberta import packed_deberta_forward

@@ -1,0 +1,159 @@
+"""Adding LoRA to a loaded encoder (`get_peft_model`) and merging it back (`merge_lora`), with peft directly.
+
+Recent transformers' `add_adapter` refuses the peft versions on the registry, so we build the
+peft model ourselves. Our wrapper class also mends a trap in the guide's step 6: after
+`model.merge_and_unload()` (return value ignored), peft's `save_pretrained` on the wrapper writes
+an empty adapter. `LoraEmbeddingModel` remembers that it was merged and then saves the plain
+merged encoder instead.
+
+Below `loading` (whose `FastModel.get_peft_model` is this module's function); `embedtune.lora`, the
+public home of these names, re-exports them beside the saved-adapter readers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, PeftModelForFeatureExtraction, TaskType
+
+from .architectures import default_lora_targets
+from .checkpointing import enable_checkpointing, parse_mode
+from .errors import EmbedtuneError, SettingError
+from .model_facts import DEFAULT_MODEL_ID, load_info
+
+
+class LoraEmbeddingModel(PeftModelForFeatureExtraction):
+    """A peft feature-extraction model that saves the merged encoder once it has been merged."""
+
+    _embedtune_merged = False
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any):
+        """Merge LoRA into the base weights in place and return the plain base model."""
+        base = self.base_model.merge_and_unload(*args, **kwargs)
+        self._embedtune_merged = True
+        return base
+
+    @property
+    def is_merged(self) -> bool:
+        return self._embedtune_merged
+
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
+        """Before merging: the adapter (peft's behaviour). After merging: the full encoder."""
+        if self._embedtune_merged:
+            return self.get_base_model().save_pretrained(save_directory, **kwargs)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+# Per family: the attention and the MLP projections, as peft regexes (full match on the module name),
+# for Unsloth's `finetune_attention_modules` / `finetune_mlp_modules`. Together they are the registry's
+# default targets (`architectures.default_lora_targets`).
+_BERT_ATTENTION = r".*\.attention\.(self\.(query|key|value)|output\.dense)"
+_BERT_MLP = r".*\.(intermediate\.dense|layer\.\d+\.output\.dense)"
+_DECODER_SPLIT = (r".*\.(q_proj|k_proj|v_proj|o_proj)", r".*\.(gate_proj|up_proj|down_proj)")
+_TARGET_SPLIT = {
+    "bert": (_BERT_ATTENTION, _BERT_MLP),
+    "roberta": (_BERT_ATTENTION, _BERT_MLP),
+    "xlm-roberta": (_BERT_ATTENTION, _BERT_MLP),
+    "electra": (_BERT_ATTENTION, _BERT_MLP),
+    "distilbert": (r".*\.(q_lin|k_lin|v_lin|out_lin)", r".*\.(lin1|lin2)"),
+    "mpnet": (r".*\.attn\.(q|k|v|o)", r".*\.(intermediate|output)\.dense"),
+    "deberta-v2": (r".*\.attention\.(self\.(query_proj|key_proj|value_proj)|output\.dense)", _BERT_MLP),
+    "modernbert": (r".*\.attn\.(Wqkv|Wo)", r".*\.mlp\.(Wi|Wo)"),
+    "qwen2": _DECODER_SPLIT, "qwen3": _DECODER_SPLIT, "llama": _DECODER_SPLIT, "mistral": _DECODER_SPLIT,
+    "gemma3_text": _DECODER_SPLIT,
+}
+
+
+def default_targets(model_type: str, attention: bool = True, mlp: bool = True, language: bool = True):
+    """LoRA targets for `target_modules=None`: the registry's default, or its attention or MLP half."""
+    if not language or not (attention or mlp):
+        raise EmbedtuneError("finetune_language_layers / finetune_attention_modules / finetune_mlp_modules leave "
+                             "nothing to fine-tune in a text model; enable at least one")
+    if attention and mlp:
+        return default_lora_targets(model_type)
+    split = _TARGET_SPLIT.get(model_type)
+    if split is None:
+        raise EmbedtuneError(f"no attention/MLP split known for model_type {model_type!r}; pass target_modules=[...]")
+    return split[0] if attention else split[1]
+
+
+def _loftq(config: Any) -> None:
+    """Unsloth passes `loftq_config={}` by default: empty is no LoftQ; LoftQ itself quantizes, which we do not."""
+    if config:
+        raise EmbedtuneError("loftq_config: LoftQ initialisation quantizes the base model, which embedtune does "
+                             "not support; leave it None")
+
+
+def get_peft_model(
+    model,
+    r: int = 16,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    target_modules: list[str] | str | None = None,
+    bias: str = "none",
+    use_gradient_checkpointing: bool | str = False,
+    task_type: Any = TaskType.FEATURE_EXTRACTION,
+    random_state: int | None = None,
+    finetune_vision_layers: bool = True,
+    finetune_language_layers: bool = True,
+    finetune_attention_modules: bool = True,
+    finetune_mlp_modules: bool = True,
+    loftq_config: Any = None,
+    **kwargs: Any,
+) -> LoraEmbeddingModel:
+    """Add LoRA to `model`; `target_modules=None` picks the architecture's attention+MLP projections
+    (only one half with `finetune_attention_modules=False` or `finetune_mlp_modules=False`, as in
+    Unsloth; `finetune_vision_layers` has nothing to act on in a text model).
+
+    `use_gradient_checkpointing` takes True, False or "unsloth" (checkpointing with the saved
+    layer inputs offloaded to CPU on GPU machines), also as strings. `random_state` seeds the LoRA
+    init; `use_rslora` and peft's other LoraConfig fields pass through. A model loaded with
+    `full_finetuning=True` gets no adapters (as in Unsloth): it is returned, fully trainable.
+    """
+    try:
+        use_gradient_checkpointing = parse_mode(use_gradient_checkpointing)
+    except ValueError as exc:
+        raise EmbedtuneError(str(exc)) from None
+    info = load_info(model)
+    if info is not None and info.full_finetuning:
+        warnings.warn("full_finetuning=True: get_peft_model adds no adapters; every weight trains", stacklevel=2)
+        model.embedtune_checkpointing = enable_checkpointing(model, use_gradient_checkpointing)
+        return model
+    if random_state is not None:
+        torch.manual_seed(random_state)
+    _loftq(loftq_config)
+    if target_modules is None:
+        target_modules = default_targets(model.config.model_type, finetune_attention_modules, finetune_mlp_modules,
+                                         finetune_language_layers)
+    if task_type not in (TaskType.FEATURE_EXTRACTION, "FEATURE_EXTRACTION", None):
+        raise SettingError(f"embedding models train as TaskType.FEATURE_EXTRACTION, not {task_type}")
+    for name in ("max_seq_length", "temporary_location"):  # Unsloth's; the tokenizer holds the length
+        kwargs.pop(name, None)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        bias=bias,
+        task_type=TaskType.FEATURE_EXTRACTION,
+        **kwargs,
+    )
+    info = model.__dict__.get("embedtune_info")
+    peft_model = LoraEmbeddingModel(model, config)
+    if info is not None:
+        peft_model.embedtune_info = info
+        if info.bundled:  # the bundled package IS the hub model: record the portable name
+            config.base_model_name_or_path = DEFAULT_MODEL_ID
+    peft_model.embedtune_checkpointing = enable_checkpointing(peft_model, use_gradient_checkpointing)
+    return peft_model
+
+
+def merge_lora(model):
+    """Merge LoRA into the base weights if `model` carries unmerged adapters; return the plain model."""
+    if isinstance(model, PeftModel):
+        if not getattr(model, "_embedtune_merged", False):
+            model.merge_and_unload()
+        return model.get_base_model()
+    return model
