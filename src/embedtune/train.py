@@ -106,72 +106,11 @@ class TrainConfig:
 
 @dataclass
 class RunResult:
+    """What `run` returns: the trained SentenceTransformer, metrics.json's content, and the output folder."""
+
     model: Any
     metrics: dict
     output_dir: Path | None
-
-
-def _tokens_per_row(tokenizer, dataset, columns: list[str], max_len: int, sample: int = 2048) -> float:
-    """Mean real (unpadded, truncated) tokens per training row over all its columns, from a sample.
-
-    A fast (Rust) tokenizer encodes with the GIL released: the sample goes through it in chunks on a
-    few threads (the same ids, one chunk per thread call; the first call alone, so that the later ones
-    find the truncation already set and only read the tokenizer's settings)."""
-    rows = dataset.select(range(min(sample, len(dataset))))
-    from .data.token_cache import char_budget, clip_inputs, tokenizer_threads
-
-    texts = clip_inputs([text for name in columns for text in column(rows, name)], char_budget(max_len, tokenizer))
-
-    def tokens(chunk: list[str]) -> int:
-        return sum(len(ids) for ids in tokenizer(chunk, truncation=True, max_length=max_len)["input_ids"])
-
-    threads = tokenizer_threads()
-    if not getattr(tokenizer, "is_fast", False) or threads < 2 or len(texts) < 512:
-        return tokens(texts) / max(1, len(rows)) if texts else 0.0
-    size = -(-len(texts) // (2 * threads))
-    chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
-    from concurrent.futures import ThreadPoolExecutor
-
-    total = tokens(chunks[0])
-    with ThreadPoolExecutor(threads, thread_name_prefix="embedtune-tokens") as pool:
-        total += sum(pool.map(tokens, chunks[1:]))
-    return total / max(1, len(rows))
-
-
-def _tokens_per_second(tokens: int, train_time: float, history: list[dict]) -> float | None:
-    """Training throughput with the in-run evaluations' time taken out (as the progress bar shows it)."""
-    busy = train_time - sum(float(entry.get("eval_runtime", 0.0)) for entry in history)
-    return round(tokens / busy, 1) if busy > 0 else None
-
-
-def _optimizer_name() -> str:
-    """The trainer's AdamW: the fused kernel on CUDA (one launch, and it can skip a step on the device:
-    `guards._NonFiniteGate`)."""
-    return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
-
-
-def _precision_flags(model_dtype: torch.dtype) -> dict:
-    if not torch.cuda.is_available():
-        return {"bf16": False, "fp16": False}
-    bf16 = torch.cuda.is_bf16_supported()
-    return {"bf16": bf16, "fp16": not bf16, "tf32": True}
-
-
-def build_loss(st_model, config: TrainConfig):
-    """The run's contrastive loss: in-batch (and cross-rank) negatives plus any hard-negative columns."""
-    from .losses import ContrastiveLoss
-
-    dimension = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
-    width = dimension()  # ST 6 renamed the method; 5.x has only the old name
-    too_wide = [d for d in config.matryoshka_dims or () if width and d > width]
-    if too_wide:
-        raise EmbedtuneError(f"--matryoshka-dims {too_wide}: larger than the model's embedding size {width}")
-    try:
-        return ContrastiveLoss(st_model, temperature=config.temperature, symmetric=config.symmetric,
-                               matryoshka_dims=config.matryoshka_dims, cached=config.cached_loss,
-                               token_budget=config.token_budget)
-    except ValueError as exc:
-        raise EmbedtuneError(f"loss options: {exc}") from None
 
 
 def train(data: str | None = None, config: TrainConfig | None = None, **kwargs) -> tuple[Any, dict]:
@@ -569,6 +508,73 @@ def finish(config: TrainConfig, data: RunData, trained: Trained, metrics: dict, 
     return RunResult(trained.model, metrics, result_dir)
 
 
+# ------------------------------------------------------------------------------------------------
+# What the stages use: the loss, the throughput estimate, the optimizer and precision, the finish.
+
+
+def build_loss(st_model, config: TrainConfig):
+    """The run's contrastive loss: in-batch (and cross-rank) negatives plus any hard-negative columns."""
+    from .losses import ContrastiveLoss
+
+    dimension = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+    width = dimension()  # ST 6 renamed the method; 5.x has only the old name
+    too_wide = [d for d in config.matryoshka_dims or () if width and d > width]
+    if too_wide:
+        raise EmbedtuneError(f"--matryoshka-dims {too_wide}: larger than the model's embedding size {width}")
+    try:
+        return ContrastiveLoss(st_model, temperature=config.temperature, symmetric=config.symmetric,
+                               matryoshka_dims=config.matryoshka_dims, cached=config.cached_loss,
+                               token_budget=config.token_budget)
+    except ValueError as exc:
+        raise EmbedtuneError(f"loss options: {exc}") from None
+
+
+def _tokens_per_row(tokenizer, dataset, columns: list[str], max_len: int, sample: int = 2048) -> float:
+    """Mean real (unpadded, truncated) tokens per training row over all its columns, from a sample.
+
+    A fast (Rust) tokenizer encodes with the GIL released: the sample goes through it in chunks on a
+    few threads (the same ids, one chunk per thread call; the first call alone, so that the later ones
+    find the truncation already set and only read the tokenizer's settings)."""
+    rows = dataset.select(range(min(sample, len(dataset))))
+    from .data.token_cache import char_budget, clip_inputs, tokenizer_threads
+
+    texts = clip_inputs([text for name in columns for text in column(rows, name)], char_budget(max_len, tokenizer))
+
+    def tokens(chunk: list[str]) -> int:
+        return sum(len(ids) for ids in tokenizer(chunk, truncation=True, max_length=max_len)["input_ids"])
+
+    threads = tokenizer_threads()
+    if not getattr(tokenizer, "is_fast", False) or threads < 2 or len(texts) < 512:
+        return tokens(texts) / max(1, len(rows)) if texts else 0.0
+    size = -(-len(texts) // (2 * threads))
+    chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    total = tokens(chunks[0])
+    with ThreadPoolExecutor(threads, thread_name_prefix="embedtune-tokens") as pool:
+        total += sum(pool.map(tokens, chunks[1:]))
+    return total / max(1, len(rows))
+
+
+def _tokens_per_second(tokens: int, train_time: float, history: list[dict]) -> float | None:
+    """Training throughput with the in-run evaluations' time taken out (as the progress bar shows it)."""
+    busy = train_time - sum(float(entry.get("eval_runtime", 0.0)) for entry in history)
+    return round(tokens / busy, 1) if busy > 0 else None
+
+
+def _optimizer_name() -> str:
+    """The trainer's AdamW: the fused kernel on CUDA (one launch, and it can skip a step on the device:
+    `guards._NonFiniteGate`)."""
+    return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
+
+
+def _precision_flags(model_dtype: torch.dtype) -> dict:
+    if not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False}
+    bf16 = torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "fp16": not bf16, "tf32": True}
+
+
 def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite: bool,
                    phases: Phases | None = None) -> Path:
     """Assemble model/, adapter/, metrics.json, config.yaml and the curves in the work folder, beside
@@ -611,14 +617,6 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
         raise EmbedtuneError(f"{output}: appeared during the run; results left in {work}")
     seal_finished(work)
     return complete_finish(work, output)  # a crash here leaves the previous OUTPUT or the sealed new one
-
-
-def _finished_result(output: Path) -> RunResult:
-    """The result of a run whose finish was completed at start (`run_folder.recover_at_start`)."""
-    from sentence_transformers import SentenceTransformer
-
-    metrics = json.loads((output / "metrics.json").read_text(encoding="utf-8"))
-    return RunResult(SentenceTransformer(str(output / "model"), device="cpu"), metrics, output)
 
 
 def _finished_result(output: Path) -> RunResult:
