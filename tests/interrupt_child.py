@@ -89,17 +89,17 @@ def _install_train_gate(where: str) -> None:
     elif kind == "seal":
         import importlib
 
-        resilience = importlib.import_module("embedtune.resilience")
+        checkpoint_format = importlib.import_module("embedtune.checkpoint_format")
         step = int(at)
-        original_write = resilience.write_json_atomic
+        original_write = checkpoint_format.write_json_atomic
 
         def write_json_atomic(path, data):  # seal_checkpoint writes the marker last, through this
-            if (Path(path).name == resilience.MARKER and resilience.checkpoint_step(Path(path).parent) == step
-                    and once()):
+            if (Path(path).name == checkpoint_format.MARKER
+                    and checkpoint_format.checkpoint_step(Path(path).parent) == step and once()):
                 _wait_at_gate()
             return original_write(path, data)
 
-        resilience.write_json_atomic = write_json_atomic
+        checkpoint_format.write_json_atomic = write_json_atomic
     elif kind == "finish":
         _install_finish_gate(at, once)
     else:

@@ -54,11 +54,11 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path,
     CPU's fused AdamW: the NaN step's update is skipped, the host learns of it one step later."""
     import importlib
 
-    from embedtune import resilience
+    from embedtune import guards
 
     if deferred:
         monkeypatch.setattr(importlib.import_module("embedtune.train"), "_optimizer_name", lambda: "adamw_torch_fused")
-        monkeypatch.setattr(resilience, "_deferrable_optimizer", lambda trainer: resilience._fused_adam(trainer.optimizer))
+        monkeypatch.setattr(guards, "_deferrable_optimizer", lambda trainer: guards._fused_adam(trainer.optimizer))
         skipped = []
         original_step = torch.optim.AdamW.step
 

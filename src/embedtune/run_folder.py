@@ -16,6 +16,7 @@ A run works in `OUTPUT.partial/` (its checkpoints live there) and only a finishe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import uuid
 from pathlib import Path
 
 from .errors import EmbedtuneError
+from .files import write_text_atomic
 
 FINISHED = "embedtune_finished.json"  # written last into OUTPUT.partial: the result there is complete
 
@@ -62,10 +64,22 @@ def is_finished(work: Path) -> bool:
 def seal_finished(work: Path) -> None:
     """Mark the work folder's result complete (every artifact written and flushed); from here on it
     is moved into place rather than trained again."""
-    marker = Path(work) / FINISHED
-    tmp = marker.with_name(f".{FINISHED}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"finished": True}), encoding="utf-8")
-    os.replace(tmp, marker)
+    write_text_atomic(Path(work) / FINISHED, json.dumps({"finished": True}))
+
+
+@contextlib.contextmanager
+def discard_on_failure(work: Path, fresh: bool):
+    """A fresh run that fails before its first checkpoint leaves no OUTPUT.partial behind: there is
+    nothing in it to resume. (A resumed run's folder, or one with a checkpoint, stays for --resume.)"""
+    from . import distributed
+    from .checkpoint_format import CHECKPOINTS, latest_checkpoint
+
+    try:
+        yield
+    except BaseException:
+        if fresh and distributed.is_main() and latest_checkpoint(work / CHECKPOINTS) is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def discard_checkpoints(work: Path, name: str = "checkpoints") -> None:

@@ -1,0 +1,235 @@
+"""The checkpoint format: what a checkpoint folder holds, when it counts, and whether a run may resume it.
+
+The HF Trainer writes `checkpoint-N/` folders in place, file by file, so a process killed mid-save
+leaves a folder that looks like a checkpoint (and transformers' `get_last_checkpoint` goes by the
+folder name alone, so it would pick it). Here a folder counts only once `embedtune_checkpoint.json`
+is in it: written last (after the trainer's files and the best-so-far weights are flushed to disk),
+in one rename, listing every file with its size (`seal_checkpoint`, `is_complete`). A checkpoint
+holds the trainable weights (safetensors; for LoRA a few MB), the optimizer, scheduler and RNG states
+(torch files that transformers loads with `weights_only=True`, numpy's RNG types allow-listed:
+nothing else is unpickled), `trainer_state.json` (step, log history) and `BestWeights`' best-so-far
+weights. The data order needs no state: the NO_DUPLICATES sampler reshuffles from seed + epoch and
+the trainer skips the batches already trained on, then restores the RNG (dropout) state.
+
+The run's resolved config (and a digest of the data) is kept in `OUTPUT.partial/checkpoints/run_config.json`.
+Resuming with other settings is refused, except those in `RESUMABLE_CHANGES`: a different learning
+rate would be silently overridden by the restored optimizer and scheduler, and anything touching
+batches, data or seed would give a different run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from .config_file import dataclass_defaults
+from .errors import EmbedtuneError
+from .files import fsync_path, write_text_atomic
+
+MARKER = "embedtune_checkpoint.json"
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+BEST_WEIGHTS = "best_weights.safetensors"
+RUN_CONFIG = "run_config.json"
+CHECKPOINTS = "checkpoints"
+# The newest checkpoint is unmarked while the trainer writes it (and rotates old ones out), so the
+# one before it must survive until then.
+KEEP_CHECKPOINTS = 2
+# Settings a resumed run may change: where things go, logging, and memory/speed knobs that compute the
+# same step (activation checkpointing, the packed forward, GradCache and its chunk size). The data
+# path may change; its content may not (`data_sha256`).
+RESUMABLE_CHANGES = frozenset({
+    "resume", "overwrite", "output_dir", "data", "logging_steps", "save_every", "report_to",
+    "gradient_checkpointing", "fast", "cached_loss", "token_budget", "compile", "cuda_graphs",
+})
+_FLAG_NAMES = {"evals_per_run": "--evals", "eval": "--no-eval", "lora_r": "--lora-r/--full",
+               "data_sha256": "the data's content", "extra": "extra training arguments"}
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------- on disk
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    match = _CHECKPOINT_NAME.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint folder whose marker exists, names its own step and lists files that are all there."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if marker.get("step") != checkpoint_step(folder) or not marker.get("files"):
+        return False
+    for name, size in marker["files"].items():
+        path = Path(folder) / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
+
+
+def _checkpoint_folders(checkpoints: Path) -> list[Path]:
+    if not Path(checkpoints).is_dir():
+        return []
+    found = [p for p in Path(checkpoints).iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(checkpoints: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in a run's checkpoints folder, or None."""
+    complete = [p for p in _checkpoint_folders(Path(checkpoints)) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def checkpoints_dir(output: str | os.PathLike) -> Path:
+    """Where the checkpoints of a run writing to `output` live (beside the real output: links followed)."""
+    from .run_folder import work_folder
+
+    return work_folder(output) / CHECKPOINTS
+
+
+def discard_incomplete(checkpoints: Path) -> None:
+    for folder in _checkpoint_folders(checkpoints):
+        if not is_complete(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """`data` as indented JSON at `path`, in one rename, flushed to disk with its folder entry."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=str), durable=True)
+
+
+def seal_checkpoint(folder: Path, step: int, best=None) -> None:
+    """Add the best-so-far weights to a checkpoint the trainer has just written, then mark it complete."""
+    meta = None
+    if best is not None:
+        meta, weights = best.state()
+        if weights:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / BEST_WEIGHTS))
+        if meta.get("step") is None:
+            meta = None  # no evaluation yet
+    files = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MARKER):
+        fsync_path(path)
+        files[path.name] = path.stat().st_size
+    write_json_atomic(folder / MARKER, {"step": step, "files": files, "best": meta})
+
+
+def restore_best(best, checkpoint: Path) -> None:
+    """Give a resumed run's BestWeights the best-so-far weights and score saved with the checkpoint."""
+    meta = json.loads((checkpoint / MARKER).read_text(encoding="utf-8")).get("best")
+    if best is not None and meta:
+        weights = checkpoint / BEST_WEIGHTS
+        best.load_state(meta, load_file(str(weights), device="cpu") if weights.exists() else {})
+
+
+# ----------------------------------------------------------------------------------- same run?
+
+
+def data_digest(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = ()) -> str | None:
+    """sha256 of a data file (or of every file of a dataset folder, but those under `exclude`: a run's
+    own folders inside it); None for anything else."""
+    root = Path(path)
+    skip = [Path(os.path.realpath(folder)) for folder in exclude]
+
+    def kept(file: Path) -> bool:
+        real = Path(os.path.realpath(file))
+        return not any(folder == real or folder in real.parents for folder in skip)
+
+    files = ([root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and kept(p))
+             if root.is_dir() else [])
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(root) if file != root else file.name).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def run_record(config) -> dict:
+    """What must match between a checkpointed run and its resumption (JSON-normalised)."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+    own = ()
+    if getattr(config, "output_dir", None):  # a run's folders may lie inside a dataset folder
+        from .run_folder import work_folder
+
+        work = work_folder(config.output_dir)
+        own = (work.with_name(work.name.removesuffix(".partial")), work)
+    record = {"config": fields, "data_sha256": data_digest(config.data, exclude=own)}
+    return json.loads(json.dumps(record, default=str))
+
+
+def _defaults(config) -> dict:
+    return json.loads(json.dumps(dataclass_defaults(type(config)), default=str))
+
+
+def _flag(name: str) -> str:
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def check_same_run(checkpoints: Path, config) -> None:
+    """Refuse to resume a run made with other settings, naming the first difference."""
+    try:
+        saved = json.loads((checkpoints / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise EmbedtuneError(f"{checkpoints / RUN_CONFIG}: missing or unreadable, so this run can't be resumed; "
+                             "start over with --overwrite") from None
+    now, defaults = run_record(config), _defaults(config)
+    then = saved.get("config", {})
+    diffs = [(k, then.get(k, defaults.get(k)), v) for k, v in now["config"].items() if then.get(k, defaults.get(k)) != v]
+    if saved.get("data_sha256") != now["data_sha256"]:
+        diffs.append(("data_sha256", "", ""))
+    if diffs:
+        name, was, is_ = diffs[0]
+        detail = f"{_flag(name)} changed" if name in ("data_sha256", "extra") else f"{_flag(name)} is {is_!r}, was {was!r}"
+        more = f" (and {', '.join(_flag(d[0]) for d in diffs[1:])})" if len(diffs) > 1 else ""
+        raise EmbedtuneError(f"can't resume {checkpoints.parent}: {detail}{more}; rerun with the settings of the "
+                             "interrupted run, or drop --resume and pass --overwrite to start over")
+
+
+def resume_point(work: Path, config, resumable: bool) -> Path | None:
+    """The checkpoint `config.resume` continues from (None: a fresh start), validated before anything
+    is loaded or written. A fresh start refuses to throw away an interrupted run unless `overwrite`."""
+    checkpoints = work / CHECKPOINTS
+    latest = latest_checkpoint(checkpoints)
+    if getattr(config, "resume", False):
+        if not resumable:
+            raise EmbedtuneError("--resume needs the output folder of the interrupted run (--output)")
+        if latest is None:
+            finished = work.with_name(work.name.removesuffix(".partial"))
+            if not work.exists() and (finished / "metrics.json").exists():
+                raise EmbedtuneError(f"nothing to resume: the run in {finished} has finished")
+            raise EmbedtuneError(f"nothing to resume: {checkpoints} holds no complete checkpoint; "
+                                 "run without --resume to start")
+        check_same_run(checkpoints, config)
+        return latest
+    if latest is not None and not config.overwrite:
+        raise EmbedtuneError(f"{work}: holds an interrupted run (checkpoint at step {checkpoint_step(latest)}); "
+                             "pass --resume to continue it or --overwrite to start over")
+    return None
+
+
+def prepare_work(work: Path, config, resume_from: Path | None, resumable: bool) -> None:
+    """Resuming: drop checkpoints a crash left half-written. Else: a fresh work folder holding the
+    run's config, which a later --resume must match."""
+    checkpoints = work / CHECKPOINTS
+    if resume_from is not None:
+        discard_incomplete(checkpoints)
+        return
+    if work.exists():
+        shutil.rmtree(work)
+    checkpoints.mkdir(parents=True)
+    if resumable:
+        write_json_atomic(checkpoints / RUN_CONFIG, run_record(config))

@@ -1,0 +1,291 @@
+"""The trainer of a long run: checkpoints it can resume, taken by the clock, and `train_resumably`.
+
+`ResumableTrainer` is the SentenceTransformerTrainer with checkpoints of the trainable weights only
+(safetensors, in the format of `checkpoint_format`), the NaN/inf loss check of `guards` at every
+step, and the CUDA-graph step of `graphs` where the run has one. `CheckpointClock` takes checkpoints
+by the clock by default. `train_resumably` runs it: continuing from a checkpoint, each checkpoint
+sealed, Ctrl-C/SIGTERM turned into a checkpoint and a clean stop, GPU OOM into a one-line error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from sentence_transformers import SentenceTransformerTrainer
+from transformers import TrainerCallback
+
+from .checkpoint_format import KEEP_CHECKPOINTS, TRAINABLE_WEIGHTS, latest_checkpoint, restore_best, seal_checkpoint
+from .errors import EmbedtuneError
+from .guards import (
+    OUT_OF_MEMORY, InterruptGuard, NonFiniteLoss, TrainingInterrupted, check_finite_weights, finite_gate_for,
+    nonfinite_loss_message, oom_message,
+)
+
+# The default cadence is by the clock: a checkpoint of a full model with its optimizer takes seconds,
+# so a step count would tax fast runs and leave slow ones unprotected. A preemption loses at most this.
+CHECKPOINT_EVERY_S = 600.0
+
+
+# ----------------------------------------------------------------------------------- cadence
+
+
+def save_arguments(save_every: int | None, resumable: bool) -> dict:
+    """Trainer arguments for periodic checkpoints: every `save_every` steps, the last KEEP_CHECKPOINTS
+    kept; 0 turns them off; None leaves the cadence to `CheckpointClock` (`train_resumably`)."""
+    if save_every is not None and save_every < 0:
+        raise EmbedtuneError(f"--save-every {save_every}: must be 0 (off) or a number of steps")
+    if not resumable or save_every == 0:
+        return {"save_strategy": "no"}
+    if save_every is None:  # the trainer saves when the clock sets control.should_save
+        return {"save_strategy": "no", "save_total_limit": KEEP_CHECKPOINTS}
+    return {"save_strategy": "steps", "save_steps": save_every, "save_total_limit": KEEP_CHECKPOINTS}
+
+
+class CheckpointClock(TrainerCallback):
+    """The default checkpoint cadence: one when `every_s` seconds of training have passed since the
+    last checkpoint, and one at the last step (what a killed finish resumes from without retraining).
+    Under torchrun the ranks must agree: rank 0's clock decides, read every `check_every` steps."""
+
+    def __init__(self, every_s: float = CHECKPOINT_EVERY_S, check_every: int = 10):
+        self.every_s, self.check_every = every_s, max(1, check_every)
+        self.last = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.monotonic()  # any checkpoint (a Ctrl-C's too) restarts the clock
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from . import distributed
+
+        if 0 < state.max_steps <= state.global_step:
+            control.should_save = True
+            return
+        several = distributed.world_size() > 1
+        if several and state.global_step % self.check_every:
+            return
+        due = time.monotonic() - self.last >= self.every_s
+        if distributed.rank0_says(due) if several else due:
+            control.should_save = True
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that was run, with --resume appended: what continues an interrupted run."""
+    args = list(sys.argv if argv is None else argv)[1:]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["embedtune", *args])
+
+
+# ----------------------------------------------------------------------------------- the trainer
+
+
+class ResumableTrainer(SentenceTransformerTrainer):
+    """SentenceTransformerTrainer whose checkpoints hold only the trainable weights, as safetensors,
+    and that stops at the first non-finite loss, before the optimizer step that would spread it."""
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The model's trainable parameters, plus any the loss owns (e.g. a learned temperature)."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        seen = {id(p) for p in params.values()}
+        losses = self.loss.items() if isinstance(self.loss, dict) else [("", self.loss)]
+        for key, loss in losses:
+            if isinstance(loss, torch.nn.Module):
+                for name, param in loss.named_parameters():
+                    if param.requires_grad and id(param) not in seen:
+                        seen.add(id(param))
+                        params[".".join(filter(None, ("loss", key, name)))] = param
+        return params
+
+    def evaluation_loop(self, *args, **kwargs):
+        """Under embedtune's FSDP (`embedtune.sharding`, unknown to the trainer) every rank must run
+        the evaluator: each forward is a collective. sentence-transformers shares evaluation across
+        ranks unless FSDP is on, so say it is, for the evaluation only."""
+        from .sharding import is_sharded
+
+        if not is_sharded(self.model) or self.is_fsdp_enabled:
+            return super().evaluation_loop(*args, **kwargs)
+        self.is_fsdp_enabled = True
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self.is_fsdp_enabled = False
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if self._finite_gate is not None:  # no checkpoint at a step whose loss was not finite
+            self._finite_gate.check()
+        if self.is_fsdp_enabled:  # sharded weights: the trainer's own (gathered) save
+            return super()._save(output_dir, state_dict)
+        folder = Path(output_dir or self.args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {n: p.detach().to("cpu", copy=True) for n, p in self.trainable_parameters().items()}
+        check_finite_weights(weights, self.state.global_step, Path(self.args.output_dir))
+        save_file(weights, str(folder / TRAINABLE_WEIGHTS))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if 0 < self.state.max_steps <= self.state.global_step:
+            return  # the last step's checkpoint only lets a killed finish complete: no step follows it
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint)
+        path = Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS
+        saved = load_file(str(path), device="cpu")
+        params = self.trainable_parameters()
+        if set(saved) != set(params):
+            raise EmbedtuneError(f"{path}: its weights don't match this model's trainable weights; "
+                                 "resume with the model and LoRA settings of the interrupted run")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved[name].to(param.device))
+
+    def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
+        """The hashed NO_DUPLICATES sampler hashing in this process (`data.sampler`); the rest as the
+        trainer builds them."""
+        from .data.sampler import batch_sampler
+
+        sampler = batch_sampler(self.args.batch_sampler, dataset, batch_size=batch_size, drop_last=drop_last,
+                                valid_label_columns=valid_label_columns, generator=generator, seed=seed)
+        return sampler or super().get_batch_sampler(dataset, batch_size, drop_last, valid_label_columns,
+                                                    generator, seed)
+
+    graph_step = None  # an embedtune.graphs.GraphedStep when the run replays its steps as CUDA graphs
+    _modules_of = None  # the graphed step's model and its modules, listed once
+    _finite_gate = None  # a guards._NonFiniteGate, if the first step chose the deferred check
+    _finite_gate_decided = False
+
+    def get_train_dataloader(self):
+        """With CUDA graphs, batches stay on the host: the graph step pads and pins them and copies them
+        into its buffers without blocking. accelerate's copy to the device (a blocking one per tensor)
+        would make the host wait for the GPU's previous step, and the step would copy them back."""
+        loader = super().get_train_dataloader()
+        if self.graph_step is not None and getattr(loader, "device", None) is not None:
+            loader.device = None
+        return loader
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.graph_step is not None:
+            loss = self._graphed_training_step(model, inputs)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self._finite_gate_decided:  # at the first step: the optimizer exists by then
+            self._finite_gate_decided = True
+            self._finite_gate = finite_gate_for(self)
+            if self._finite_gate is not None:
+                self.add_callback(self._finite_gate)
+        if self._finite_gate is not None:
+            self._finite_gate.note(loss)
+        elif not torch.isfinite(loss).all():
+            raise self.nonfinite_loss(loss, self.state.global_step + 1)
+        return loss
+
+    def nonfinite_loss(self, loss: torch.Tensor, step: int) -> NonFiniteLoss:
+        precision = "fp16" if self.args.fp16 else "bf16" if self.args.bf16 else "fp32"
+        return NonFiniteLoss(nonfinite_loss_message(loss.float().mean().item(), step, self.args.learning_rate,
+                                                    precision, Path(self.args.output_dir)))
+
+    def _graphed_training_step(self, model, inputs):
+        """The trainer's step (loss scaled for gradient accumulation, as `Trainer.training_step` does)
+        with forward and backward replayed as a CUDA graph."""
+        # What the trainer's own step does before its forward: every module in train mode (a replayed
+        # graph keeps the modes it was captured in), and the optimizer's train mode where it has one.
+        from .graphs import train_mode
+
+        if self._modules_of is None or self._modules_of[0] is not model:
+            self._modules_of = list(model.modules())  # listed once: reading their flags is cheap
+        train_mode(model, self._modules_of)
+        if callable(getattr(self.optimizer, "train", None)):
+            self.optimizer.train()
+        # the batch stays on the host, where the graph step reads its shape and pads it, then copies
+        # it into the graph's buffers (moving it to the device first would cost a round trip and a sync)
+        inputs = dict(inputs)
+        inputs.pop("dataset_name", None)
+        features, _labels = self.collect_features(inputs)
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        loss = self.graph_step(features, scale=scale) * scale
+        every = self.args.torch_empty_cache_steps
+        if every is not None and self.state.global_step % every == 0:
+            torch.cuda.empty_cache()
+        return loss
+
+
+# ----------------------------------------------------------------------------------- the run
+
+
+class _Seal(TrainerCallback):
+    def __init__(self, best):
+        self.best = best
+
+    def on_save(self, args, state, control, **kwargs):
+        from . import distributed
+
+        distributed.barrier()  # every rank's files (its RNG state) are written before rank 0 seals
+        if args.should_save:
+            seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.best)
+
+
+def _close_progress_bars(trainer) -> None:
+    """A run stopped by an exception leaves the trainer's bars open; the error line should start a line."""
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None and hasattr(bar, "close"):
+                with contextlib.suppress(Exception):
+                    bar.close()
+                setattr(callback, name, None)
+
+
+def _already_done(trainer, resume_from: Path) -> bool:
+    """A checkpoint at the run's last step (a run stopped after it, in its finish): its weights are the
+    result. The trainer would still run one more step, and this checkpoint keeps no optimizer, so its
+    weights and state are loaded here instead of training (True)."""
+    from transformers.trainer_callback import TrainerState
+
+    saved = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+    if not 0 < saved.max_steps <= saved.global_step:
+        return False
+    trainer._load_from_checkpoint(str(resume_from))
+    trainer.state = saved
+    return True
+
+
+def train_resumably(trainer, best=None, resume_from: Path | None = None, resumable: bool = True,
+                    clock: CheckpointClock | None = None) -> None:
+    """`trainer.train()`, continuing from `resume_from`, with checkpoints sealed (when `clock` says, if
+    given), Ctrl-C turned into a checkpoint and a clean stop (`TrainingInterrupted`), and GPU OOM into a
+    message naming the fixes."""
+    if resume_from is not None:
+        restore_best(best, resume_from)
+    trainer.add_callback(_Seal(best))
+    guard = InterruptGuard()
+    if resumable:
+        trainer.add_callback(guard)
+    if resume_from is not None and _already_done(trainer, resume_from):
+        return
+    if clock is not None and resumable:
+        trainer.add_callback(clock)
+    out_of_memory = False
+    with guard if resumable else contextlib.nullcontext():
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except OUT_OF_MEMORY:
+            out_of_memory = True  # raised below, outside this block, so the failed step's tensors can go
+        except BaseException:
+            _close_progress_bars(trainer)
+            raise
+    if out_of_memory:
+        _close_progress_bars(trainer)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise EmbedtuneError(oom_message(trainer, trainer.state.global_step + 1))
+    state = trainer.state
+    if guard.requested and state.global_step < state.max_steps:
+        raise TrainingInterrupted(state.global_step, latest_checkpoint(Path(trainer.args.output_dir)), guard.signum)

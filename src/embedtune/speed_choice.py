@@ -1,0 +1,68 @@
+"""The speed mode applied to one run: compiled layers switched on or off, the CUDA-graph step built.
+
+`speed.choose` decides from plain numbers; this module reads them off the run (its model, its planned
+steps, its trainer) and applies the decision.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import distributed
+from .compile_cache import compile_cache_dir, use_persistent_compile_cache
+
+logger = logging.getLogger(__name__)
+
+
+def choose_speed(config, model, tokens_per_row: float, micro_steps: int):
+    """The run's speed mode (`speed.choose`) from the planned steps and the model's size, with compiling
+    switched on where chosen; returns (mode, compile cache folder or None, the model's fingerprint)."""
+    from . import speed as speed_mode
+    from .lora import unwrap_peft
+
+    base = unwrap_peft(model)
+    params = trainable = 0
+    for p in base.parameters():
+        params += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    fingerprint = speed_mode.model_fingerprint(base)
+    cache_dir = compile_cache_dir()
+    mode = speed_mode.choose(
+        compile=config.compile, cuda_graphs=config.cuda_graphs, fast=config.fast,
+        cuda=torch.cuda.is_available(), steps=micro_steps,
+        step_s=speed_mode.step_seconds(tokens_per_row * config.batch_size, params, trainable, speed_mode.peak_flops()),
+        layers=int(getattr(base.config, "num_hidden_layers", 0) or 0),
+        cache_warm=speed_mode.cache_is_warm(cache_dir, fingerprint), processes=distributed.world_size(),
+    )
+    compile_cache = use_persistent_compile_cache() if mode.compile else None  # later runs reuse its code
+    if config.fast:
+        from .packing import set_compile
+
+        set_compile(model, mode.compile)  # decided here, for the whole run (not "auto", as loaded)
+    return mode, compile_cache, fingerprint
+
+
+def graph_step_for(trainer, config):
+    """The run's CUDA-graph step (`embedtune.graphs`), or why not (str); a one-line notice when the
+    user asked for graphs (`--cuda-graphs`) and the run cannot have them."""
+    from .graphs import GraphedStep, unsupported_reason
+
+    reason = unsupported_reason(trainer.loss, trainer.model.device)
+    if reason is None and trainer.args.fp16:
+        reason = "fp16 training scales its loss on the host (use bf16)"
+    if reason is not None:
+        if config.cuda_graphs:
+            logger.warning("embedtune: --cuda-graphs off: %s", reason)
+        else:  # chosen automatically: the summary says why the run stayed eager
+            logger.info("embedtune: CUDA graphs off: %s", reason)
+        return reason
+    return GraphedStep(trainer.loss, trainer.model.max_seq_length, dtype=torch.bfloat16 if trainer.args.bf16 else None)
+
+
+def graph_summary(step) -> dict:
+    """metrics.json's `cuda_graphs`: steps run each way and graphs captured, or why graphs were off."""
+    if isinstance(step, str):
+        return {"off": step}
+    return {**step.counts, "shapes": step.shapes, "off": step.off_reason}
