@@ -209,8 +209,7 @@ def test_moved_names_stay_importable_from_their_old_modules():
         for old, names in old_homes.items():
             for name in names:
                 assert getattr(old, name) is getattr(leaf, name), f"{old.__name__}.{name}"
-    # save.py still spells the adapter pipeline file itself (it should import it from model_facts)
-    assert embedtune.save.ADAPTER_PIPELINE == embedtune.model_facts.ADAPTER_PIPELINE
+    assert embedtune.save.ADAPTER_PIPELINE is embedtune.model_facts.ADAPTER_PIPELINE
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ from pathlib import Path
 from .errors import SaveError
 from .loading import load_info
 from .lora import merge_lora
-
-# Written next to a saved adapter: the sentence pipeline around the encoder (read by lora.load_adapter).
-ADAPTER_PIPELINE = "embedtune_adapter.json"
+from .model_facts import ADAPTER_PIPELINE  # written next to a saved adapter (read by lora.load_adapter)
 
 
 def _is_nonempty_dir(path: Path) -> bool:

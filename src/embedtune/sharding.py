@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora import unwrap_peft
+from .model_facts import unwrap_peft
 from .packing.layers import PACKED_STEP
 
 
