@@ -19,6 +19,7 @@ batches, data or seed would give a different run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from .config_file import dataclass_defaults
 from .errors import EmbedtuneError
 from .files import fsync_path, write_text_atomic
+from .run_folder import work_folder
 
 MARKER = "embedtune_checkpoint.json"
 TRAINABLE_WEIGHTS = "trainable.safetensors"
@@ -92,9 +94,21 @@ def latest_checkpoint(checkpoints: str | os.PathLike) -> Path | None:
 
 def checkpoints_dir(output: str | os.PathLike) -> Path:
     """Where the checkpoints of a run writing to `output` live (beside the real output: links followed)."""
-    from .run_folder import work_folder
-
     return work_folder(output) / CHECKPOINTS
+
+
+@contextlib.contextmanager
+def discard_on_failure(work: Path, fresh: bool):
+    """A fresh run that fails before its first checkpoint leaves no OUTPUT.partial behind: there is
+    nothing in it to resume. (A resumed run's folder, or one with a checkpoint, stays for --resume.)"""
+    from . import distributed  # torch.distributed: loaded when a run starts, not on import
+
+    try:
+        yield
+    except BaseException:
+        if fresh and distributed.is_main() and latest_checkpoint(work / CHECKPOINTS) is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def discard_incomplete(checkpoints: Path) -> None:
@@ -163,8 +177,6 @@ def run_record(config) -> dict:
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
     own = ()
     if getattr(config, "output_dir", None):  # a run's folders may lie inside a dataset folder
-        from .run_folder import work_folder
-
         work = work_folder(config.output_dir)
         own = (work.with_name(work.name.removesuffix(".partial")), work)
     record = {"config": fields, "data_sha256": data_digest(config.data, exclude=own)}

@@ -16,7 +16,6 @@ A run works in `OUTPUT.partial/` (its checkpoints live there) and only a finishe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -65,21 +64,6 @@ def seal_finished(work: Path) -> None:
     """Mark the work folder's result complete (every artifact written and flushed); from here on it
     is moved into place rather than trained again."""
     write_text_atomic(Path(work) / FINISHED, json.dumps({"finished": True}))
-
-
-@contextlib.contextmanager
-def discard_on_failure(work: Path, fresh: bool):
-    """A fresh run that fails before its first checkpoint leaves no OUTPUT.partial behind: there is
-    nothing in it to resume. (A resumed run's folder, or one with a checkpoint, stays for --resume.)"""
-    from . import distributed
-    from .checkpoint_format import CHECKPOINTS, latest_checkpoint
-
-    try:
-        yield
-    except BaseException:
-        if fresh and distributed.is_main() and latest_checkpoint(work / CHECKPOINTS) is None:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
 
 
 def discard_checkpoints(work: Path, name: str = "checkpoints") -> None:

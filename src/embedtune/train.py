@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint_format import checkpoint_step, prepare_work, resume_point
+from .checkpoint_format import checkpoint_step, discard_on_failure, prepare_work, resume_point
 from .compile_cache import compile_seconds
 from .config_file import CONFIG_NAME, resolved_config, write_config_yaml
 from .data import column, load_pairs, train_eval_split
@@ -40,7 +40,7 @@ from .monitoring import (
     ENCODE_BAR_MIN_TEXTS, TENSORBOARD_DIR, Phases, attach_tokens_per_second, check_report_to, point_tensorboard,
     readable_logs, report_arguments,
 )
-from .run_folder import complete_finish, discard_on_failure, recover_at_start, resolve_output, seal_finished
+from .run_folder import complete_finish, recover_at_start, resolve_output, seal_finished
 from .save import check_target, save_adapter, save_merged
 from .speed import mark_cache_warm
 from .st import to_sentence_transformer
