@@ -181,7 +181,10 @@ class InterruptGuard(TrainerCallback):
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+            # A signal the process was started ignoring (`nohup`, or a background job of a script,
+            # which starts with Ctrl-C ignored) stays ignored, as it is outside training.
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS
+                              if signal.getsignal(signum) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc):
