@@ -71,7 +71,7 @@ def unsupported_reason(loss, device: torch.device) -> str | None:
         return f"the packed forward of {model_type} builds its plans on the host"
     if any(getattr(m, "gradient_checkpointing", False) for m in loss.model.modules()):
         return "gradient checkpointing is on"
-    if loss._model_scan()["sharded"]:
+    if loss.runs_sharded:
         return "the model is sharded (FSDP)"
     return None
 
@@ -219,7 +219,7 @@ class GraphedStep:
         from .losses import padding_side
 
         host = [{k: v.cpu() if isinstance(v, Tensor) else v for k, v in f.items()} for f in features]
-        merged = self.loss._merged(host)
+        merged = self.loss.merged_columns(host)
         if merged is None:
             return None
         batch, rows = merged
