@@ -7,7 +7,7 @@ captured graph launches them all with one call. Capture needs fixed shapes and n
 - every column is padded to the model's max_seq_length and all columns go through one forward, as
   `ContrastiveLoss` does on the packed path;
 - the packed stream is padded to a multiple of `token_multiple` tokens and its plan is built on the
-  device (`varlen.fixed_stream`), so a run sees a handful of shapes (a new shape costs one eager step
+  device (`PackedOptions.fixed_stream`, held by the packed forwards for the step), so a run sees a handful of shapes (a new shape costs one eager step
   and one capture; padding costs every step, so the multiple is finer than the packed path's size
   classes: 3% padding on the stdlib pairs against 5%);
 - gradients accumulate into buffers that outlive the graph, re-attached to the parameters before each
@@ -71,9 +71,31 @@ def unsupported_reason(loss, device: torch.device) -> str | None:
         return f"the packed forward of {model_type} builds its plans on the host"
     if any(getattr(m, "gradient_checkpointing", False) for m in loss.model.modules()):
         return "gradient checkpointing is on"
-    if loss._model_scan()["sharded"]:
+    if loss.runs_sharded:
         return "the model is sharded (FSDP)"
     return None
+
+
+def _packed_forwards(model) -> list:
+    return [m.__dict__["forward"] for m in model.modules() if isinstance(m.__dict__.get("forward"), PackedForward)]
+
+
+@contextlib.contextmanager
+def _fixed_stream_on(forwards: list, stream: int):
+    """Inside this block the packed forwards run fixed-length streams of `stream` tokens: each holds it
+    (`PackedForward.fixed_stream`) and passes it down in its `PackedOptions`. A packed forward that holds
+    no such setting (yet) reads it from the `varlen.fixed_stream` context instead (compatibility)."""
+    if not forwards or not all(hasattr(f, "fixed_stream") for f in forwards):
+        with fixed_stream(stream):
+            yield
+        return
+    for forward in forwards:
+        forward.fixed_stream = stream
+    try:
+        yield
+    finally:
+        for forward in forwards:
+            forward.fixed_stream = None
 
 
 @contextlib.contextmanager
@@ -147,6 +169,7 @@ class GraphedStep:
         self.token_multiple = token_multiple
         self.params = [p for p in loss.parameters() if p.requires_grad]
         self._modules = list(loss.modules())  # their train/eval flags are part of each graph's key
+        self._packed = _packed_forwards(loss.model)
         self._grads: list[Tensor] | None = None
         self._graphs: dict[tuple, _Graph | None] = {}  # None: seen once, ran eagerly
         self._pool = None
@@ -219,7 +242,7 @@ class GraphedStep:
         from .losses import padding_side
 
         host = [{k: v.cpu() if isinstance(v, Tensor) else v for k, v in f.items()} for f in features]
-        merged = self.loss._merged(host)
+        merged = self.loss.merged_columns(host)
         if merged is None:
             return None
         batch, rows = merged
@@ -238,7 +261,7 @@ class GraphedStep:
     # -- running it
 
     def _forward_backward(self, inputs: dict[str, Any], rows: tuple[int, ...], stream: int, scale) -> Tensor:
-        with self._autocast(), fixed_stream(stream):
+        with self._autocast(), _fixed_stream_on(self._packed, stream):
             embeddings = self.loss.model(dict(inputs))["sentence_embedding"]
             loss = self.loss.loss_from_embeddings(list(embeddings.split(list(rows))))
         (loss * scale).backward()

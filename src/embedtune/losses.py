@@ -384,6 +384,17 @@ class ContrastiveLoss(nn.Module):
             return list(self.model(batch)["sentence_embedding"].split(rows))
         return [self.model(f)["sentence_embedding"] for f in features]
 
+    def merged_columns(self, features: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]] | None:
+        """All columns as one batch and each column's row count, as `embed_columns` runs them in one
+        forward on the packed path; None where it runs a forward per column (see `_merged`). What a
+        step that runs the model itself (`embedtune.graphs`) feeds it."""
+        return self._merged(features)
+
+    @property
+    def runs_sharded(self) -> bool:
+        """Whether the model this loss runs is sharded (FSDP)."""
+        return self._model_scan()["sharded"]
+
     def _merged(self, features: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]] | None:
         """All columns as one batch and each column's row count, when the model runs packed and the
         columns merge exactly; else None. `prompt_length` (set on prompted columns only) is dropped

@@ -1,15 +1,15 @@
 """The SentenceTransformer bridge: wrap an in-memory model, and keep the guide's wrapper working.
 
 `to_sentence_transformer` puts a stock ST Transformer module around the model already in memory
-(no second load of the encoder) and rebuilds the checkpoint's own pipeline after it (Pooling, Dense,
-Normalize, ... as its modules.json lists them; Pooling + Normalize for a plain HF checkpoint).
-`install_compat` is the one narrow patch of sentence-transformers that embedtune makes, applied on
-import: the Transformer constructor loads the bundled all-MiniLM-L6-v2 for that model's hub id (as
-`FastModel.from_pretrained` does), and on ST 6 it makes `sentence_transformers.models` reachable
-again and makes assigning `auto_model`/`tokenizer` on a Transformer module really replace the
-backbone (stock ST 6 silently registers a stray submodule and keeps running the old model). On ST 5
-and 6 it also makes the trainer's checkpoint loading (resume, `load_best_model_at_end`) work for a
-model whose Transformer runs an unmerged LoRA `PeftModel` (see `load_peft_checkpoint`).
+(no second load of the encoder: a one-off subclass adopts the model, then the module is a plain
+Transformer again) and rebuilds the checkpoint's own pipeline after it (Pooling, Dense, Normalize, ...
+as its modules.json lists them; Pooling + Normalize for a plain HF checkpoint).
+`install_compat` is the guide compat: the narrow patches of sentence-transformers that a program
+written from the guide needs around a model embedtune built (the bundled model's hub id in the
+Transformer constructor; on ST 6 `sentence_transformers.models` reachable and assigning
+`auto_model`/`tokenizer` really replacing the backbone; the trainer's checkpoint loading for LoRA
+models). Each acts on embedtune's models only (`embedtune_built`) and leaves everything else to the
+stock code; docs/ARCHITECTURE.md ("Patches") lists them with the tests that cover them.
 """
 
 from __future__ import annotations
@@ -86,6 +86,12 @@ def replace_tokenizer(module, tokenizer) -> None:
     object.__setattr__(module, "processor", tokenizer)
 
 
+def embedtune_built(model) -> bool:
+    """Whether `model` (a transformers model, possibly inside peft wrappers) was loaded by
+    `FastModel.from_pretrained`: the only models the guide compat below acts on."""
+    return model is not None and load_info(model) is not None
+
+
 def _resolve_bundled_names(cls) -> None:
     """Make the Transformer constructor load the bundled all-MiniLM-L6-v2 for its hub id (and short name).
 
@@ -114,51 +120,86 @@ def _bundled_or(name: str) -> str:
     return str(folder) if folder is not None else name
 
 
-def install_compat() -> None:
-    """Apply the compatibility patch once: the bundled model's names and the trainer's loading of
-    LoRA checkpoints (`_install_peft_checkpoint_loading`) on ST 5 and 6, and on ST 6 the
-    backbone/tokenizer assignment (ST 5 keeps these attributes plain)."""
-    cls = _transformer_class()
-    _resolve_bundled_names(cls)
-    _install_peft_checkpoint_loading()
-    if getattr(cls, _COMPAT_FLAG, False) or not _backbone_is_property(cls):
+def _install_backbone_assignment(cls) -> None:
+    """ST 6: make `module.auto_model = model` / `module.tokenizer = tokenizer` (the guide's step 4) really
+    swap the backbone / tokenizer (`replace_backbone`, `replace_tokenizer`), for embedtune's models only:
+    the value, or the backbone the module runs, was built by `FastModel.from_pretrained`. Every other
+    assignment is the stock `__setattr__`'s (which registers a stray `auto_model` submodule and keeps
+    running the old backbone, and refuses `tokenizer`)."""
+    if getattr(cls, _COMPAT_FLAG, False):
         return
-    original_setattr = cls.__setattr__
+    original = cls.__setattr__
 
+    @functools.wraps(original)
     def __setattr__(self, name, value):
-        if name == "auto_model":
+        if name == "auto_model" and (embedtune_built(value) or _runs_embedtune_model(self)):
             replace_backbone(self, value)
-        elif name == "tokenizer":
+        elif name == "tokenizer" and _runs_embedtune_model(self):
             replace_tokenizer(self, value)
         else:
-            original_setattr(self, name, value)
+            original(self, name, value)
 
     cls.__setattr__ = __setattr__
     setattr(cls, _COMPAT_FLAG, True)
 
 
-@contextlib.contextmanager
-def _reuse_model(cls, model):
-    """Make the ST Transformer constructor adopt `model` instead of loading weights."""
-    original = cls._load_model
-    as_property = _backbone_is_property(cls)
+def _runs_embedtune_model(module) -> bool:
+    return embedtune_built(module.__dict__.get("_modules", {}).get("model"))
+
+
+def install_compat() -> None:
+    """Install the guide compat, once: what a program written from the guide needs of sentence-transformers
+    around a model embedtune built (see docs/ARCHITECTURE.md, "Patches"):
+
+    - `sentence_transformers.models` reachable (ST 6 only imports it on demand; the guide reads it);
+    - the bundled model's hub id and short name in the Transformer constructor (`_resolve_bundled_names`);
+    - on ST 6, assigning `auto_model` / `tokenizer` (`_install_backbone_assignment`);
+    - the trainer's checkpoint loading for embedtune's (LoRA) models (`_install_peft_checkpoint_loading`).
+
+    Each patch acts on embedtune's models (or the bundled model's names) only and hands everything else
+    to the stock code. `FastModel.from_pretrained` is where it belongs (the guide's step 1: nothing of
+    sentence-transformers is touched before a model is built); a process that never builds a model with
+    embedtune keeps the stock classes. Idempotent.
+    """
+    st_modules()
+    cls = _transformer_class()
+    _resolve_bundled_names(cls)
+    _install_peft_checkpoint_loading()
+    if _backbone_is_property(cls):
+        _install_backbone_assignment(cls)
+
+
+def set_backbone(module, model) -> None:
+    """`module.auto_model = model` on ST 5 and 6 alike, without the compat patch (embedtune's own code)."""
+    if _backbone_is_property(type(module)):
+        replace_backbone(module, model)
+    else:
+        module.auto_model = model  # ST 5: a plain attribute
+
+
+def set_tokenizer(module, tokenizer) -> None:
+    """`module.tokenizer = tokenizer` on ST 5 and 6 alike, without the compat patch."""
+    if _backbone_is_property(type(module)):
+        replace_tokenizer(module, tokenizer)
+    else:
+        module.tokenizer = tokenizer
+
+
+def _adopting(cls, model):
+    """A one-off subclass of the ST Transformer `cls` whose constructor adopts `model` instead of loading
+    weights (its `_load_model`); the instance is turned back into a plain `cls` once built."""
 
     def _load_model(self, *args, **kwargs):
-        if as_property:
+        if _backbone_is_property(cls):
             return model
         self.auto_model = model  # ST 5: a plain attribute
         return None
 
-    cls._load_model = _load_model
-    try:
-        yield
-    finally:
-        cls._load_model = original
+    return type(f"_Adopting{cls.__name__}", (cls,), {"_load_model": _load_model, "__module__": __name__})
 
 
 def transformer_module(model, tokenizer, max_seq_length: int | None = None):
     """A stock ST Transformer module around the in-memory `model` and `tokenizer`."""
-    install_compat()
     cls = _transformer_class()
     if max_seq_length is None:
         info = load_info(model)
@@ -167,14 +208,11 @@ def transformer_module(model, tokenizer, max_seq_length: int | None = None):
         # ST reads the config and tokenizer from a folder; we give it the in-memory ones' files.
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        with _reuse_model(cls, model), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = cls(tmp, max_seq_length=max_seq_length)
-    install_compat()
-    if _backbone_is_property(cls):
-        replace_tokenizer(module, tokenizer)
-    else:
-        module.tokenizer = tokenizer
+            module = _adopting(cls, model)(tmp, max_seq_length=max_seq_length)
+    module.__class__ = cls  # a stock Transformer from here on (modules.json names its class)
+    set_tokenizer(module, tokenizer)
     tokenizer.model_max_length = max_seq_length
     from .data.token_cache import clip_module_inputs
 
@@ -375,9 +413,9 @@ def _install_peft_checkpoint_loading() -> None:
     `BaseTrainer._load_from_checkpoint` (ST 5.7 and 6.x; run by `train(resume_from_checkpoint=...)`
     and by `load_best_model_at_end=True`) rebuilds the checkpoint as a stock SentenceTransformer and
     copies its state dict over: for a Transformer module holding a peft `PeftModel` the keys differ
-    (ST 6 raises; `load_best_model_at_end` only logs it and keeps the last weights). Only that case
-    is taken over (`load_peft_checkpoint`); every other model, and FSDP / DeepSpeed runs, go to the
-    original. In full fine-tuning the stock reload builds the backbone with parts that embedtune's
+    (ST 6 raises; `load_best_model_at_end` only logs it and keeps the last weights). Only models whose
+    backbone embedtune built (`embedtune_built`) are taken over (`load_peft_checkpoint`); every other
+    model, and FSDP / DeepSpeed runs, go to the original untouched. In full fine-tuning the stock reload builds the backbone with parts that embedtune's
     loading leaves out and the checkpoint never held (BERT's pooler): those keys alone are dropped
     (`_ignore_fresh_backbone_keys`). Subclasses that override the method (embedtune's own
     `ResumableTrainer`) are unaffected.
@@ -392,9 +430,10 @@ def _install_peft_checkpoint_loading() -> None:
 
     @functools.wraps(original)
     def _load_from_checkpoint(self, checkpoint_path, *args, **kwargs):
-        if args or kwargs or getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-            return original(self, checkpoint_path, *args, **kwargs)
         model = getattr(self.model, "_orig_mod", self.model)
+        if (args or kwargs or getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
+                or not embedtune_built(_first_backbone(model))):
+            return original(self, checkpoint_path, *args, **kwargs)
         if unmerged_peft_backbone(model) is None:
             with _ignore_fresh_backbone_keys(model, checkpoint_path):
                 return original(self, checkpoint_path, *args, **kwargs)
@@ -402,6 +441,13 @@ def _install_peft_checkpoint_loading() -> None:
 
     cls._load_from_checkpoint = _load_from_checkpoint
     setattr(cls, _RESUME_FLAG, True)
+
+
+def _first_backbone(st_model):
+    """The backbone the SentenceTransformer's first module runs, if that module is a ST Transformer."""
+    modules = getattr(st_model, "_modules", None)
+    first = next(iter(modules.values()), None) if modules else None
+    return getattr(first, "auto_model", None) if isinstance(first, _transformer_class()) else None
 
 
 def unmerged_peft_backbone(st_model):
@@ -548,22 +594,22 @@ def _ignore_fresh_backbone_keys(st_model, checkpoint_path):
         return
     live = set(st_model.state_dict())
     prefix = f"{first_name}."
-    stock_load = st_model.load_state_dict
 
-    def load_state_dict(state_dict, *args, **kwargs):
-        def fresh(key: str) -> bool:
-            if not key.startswith(prefix) or key in live:
-                return False
-            inner = key[len(prefix):].split(".", 1)[-1]  # past the module's backbone attribute (model / auto_model)
-            return inner not in saved
-        return stock_load({k: v for k, v in state_dict.items() if not fresh(k)}, *args, **kwargs)
+    def fresh(key: str) -> bool:
+        if not key.startswith(prefix) or key in live:
+            return False
+        inner = key[len(prefix):].split(".", 1)[-1]  # past the module's backbone attribute (model / auto_model)
+        return inner not in saved
 
-    st_model.load_state_dict = load_state_dict
+    def drop_fresh(module, state_dict, *args):  # torch's load_state_dict pre-hook: the root runs it first
+        for key in [k for k in state_dict if fresh(k)]:
+            del state_dict[key]
+
+    handle = st_model.register_load_state_dict_pre_hook(drop_fresh)
     try:
         yield
     finally:
-        with contextlib.suppress(AttributeError):
-            del st_model.load_state_dict
+        handle.remove()
 
 
 def _saved_weight_names(folder) -> set[str] | None:

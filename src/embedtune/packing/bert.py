@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .layers import run_layers
+from .layers import PackedOptions, run_layers
 from .lora_linear import linear, linears
 from .varlen import PackedBatch, varlen_attention
 
@@ -48,9 +48,12 @@ def feed_forward(layer, hidden):
     return out.LayerNorm(out.dropout(linear(out.dense, inter)) + hidden)
 
 
-def packed_bert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
+def packed_bert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
+                        options: PackedOptions | None = None):
     """Token embeddings [B, L, H] (zeros at padding) computed without running dense layers on padding."""
-    plan = PackedBatch.for_forward(attention_mask)
+    options = PackedOptions.current() if options is None else options
+    plan = PackedBatch.for_forward(attention_mask, options)
     hidden = _embed(model, input_ids, token_type_ids, plan)
-    hidden = run_layers(model.encoder.layer, hidden, lambda layer, h: _layer(layer, h, plan, attention_backend))
+    hidden = run_layers(model.encoder.layer, hidden, lambda layer, h: _layer(layer, h, plan, attention_backend),
+                        options=options)
     return plan.unpack(hidden)

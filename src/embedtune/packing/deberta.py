@@ -28,7 +28,7 @@ import torch
 
 from .bert import feed_forward
 from .biased import biased_attention
-from .layers import run_layers
+from .layers import PackedOptions, run_layers
 from .lora_linear import linear, linears
 from .varlen import PackedBatch
 
@@ -116,8 +116,10 @@ def _layer(model, layer, hidden, plan: PackedBatch, indices, backend: str):
     return feed_forward(layer, hidden)
 
 
-def packed_deberta_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
+def packed_deberta_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
+                           options: PackedOptions | None = None):
     """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
+    options = PackedOptions.current() if options is None else options
     plan = PackedBatch.from_mask(attention_mask)
     types = plan.pack(token_type_ids)[None] if token_type_ids is not None else None
     hidden = model.embeddings(input_ids=plan.pack(input_ids)[None], token_type_ids=types,
@@ -126,5 +128,5 @@ def packed_deberta_forward(model, input_ids, attention_mask, token_type_ids=None
     indices = _distance_indices(model, first, plan.max_len, hidden.device) if first.relative_attention else None
     hidden = run_layers(model.encoder.layer, hidden,
                         lambda layer, h: _layer(model, layer, h, plan, indices, attention_backend),
-                        stack_traceable=False)  # biased attention buckets on the host
+                        stack_traceable=False, options=options)  # biased attention buckets on the host
     return plan.unpack(hidden)

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .layers import run_layers
+from .layers import PackedOptions, run_layers
 from .lora_linear import linear, linears
 from .varlen import PackedBatch, varlen_attention
 
@@ -55,9 +55,11 @@ def gated_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     return linear(mlp.down_proj, mlp.act_fn(gate) * up)
 
 
-def packed_decoder_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
+def packed_decoder_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
+                           options: PackedOptions | None = None):
     """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
-    plan = PackedBatch.for_forward(attention_mask)
+    options = PackedOptions.current() if options is None else options
+    plan = PackedBatch.for_forward(attention_mask, options)
     hidden = model.embed_tokens(plan.pack(input_ids))
     positions = plan.position_ids[None]
     cos, sin = model.rotary_emb(hidden[None], positions)
@@ -65,5 +67,5 @@ def packed_decoder_forward(model, input_ids, attention_mask, token_type_ids=None
     causal = not getattr(model.config, "use_bidirectional_attention", False)
     hidden = run_layers(model.layers, hidden,
                         lambda layer, h: _layer(model, layer, h, cos, sin, plan, attention_backend, causal),
-                        per_token=(cos, sin))
+                        per_token=(cos, sin), options=options)
     return plan.unpack(model.norm(hidden))

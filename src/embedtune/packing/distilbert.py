@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .layers import run_layers
+from .layers import PackedOptions, run_layers
 from .lora_linear import linear, linears
 from .varlen import PackedBatch, varlen_attention
 
@@ -20,9 +20,12 @@ def _layer(layer, hidden, plan: PackedBatch, attention_backend: str):
     return layer.output_layer_norm(out + hidden)
 
 
-def packed_distilbert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
+def packed_distilbert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
+                              options: PackedOptions | None = None):
     """Last hidden states [B, L, H] (zeros at padding) with the dense layers on real tokens only."""
-    plan = PackedBatch.for_forward(attention_mask)
+    options = PackedOptions.current() if options is None else options
+    plan = PackedBatch.for_forward(attention_mask, options)
     hidden = model.embeddings(plan.pack(input_ids)[None], position_ids=plan.position_ids[None])[0]
-    hidden = run_layers(model.transformer.layer, hidden, lambda layer, h: _layer(layer, h, plan, attention_backend))
+    hidden = run_layers(model.transformer.layer, hidden, lambda layer, h: _layer(layer, h, plan, attention_backend),
+                        options=options)
     return plan.unpack(hidden)

@@ -20,7 +20,7 @@ silently differ.
 from __future__ import annotations
 
 from .decoder import gated_mlp, rotary_attention
-from .layers import run_layers
+from .layers import PackedOptions, run_layers
 from .lora_linear import linear, linears
 from .varlen import PackedBatch
 
@@ -61,9 +61,11 @@ def _layer(model, layer, hidden, rope_by_type, plan: PackedBatch, backend: str, 
     return hidden + layer.post_feedforward_layernorm(x)
 
 
-def packed_gemma3_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
+def packed_gemma3_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
+                          options: PackedOptions | None = None):
     """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
-    plan = PackedBatch.for_forward(attention_mask)
+    options = PackedOptions.current() if options is None else options
+    plan = PackedBatch.for_forward(attention_mask, options)
     hidden = model.embed_tokens(plan.pack(input_ids))
     positions = plan.position_ids[None]
     rope_by_type = {}
@@ -74,5 +76,5 @@ def packed_gemma3_forward(model, input_ids, attention_mask, token_type_ids=None,
     layers = model.layers[: model.config.num_hidden_layers]
     hidden = run_layers(layers, hidden,
                         lambda layer, h: _layer(model, layer, h, rope_by_type, plan, attention_backend, causal),
-                        per_token=tuple(t for pair in rope_by_type.values() for t in pair))
+                        per_token=tuple(t for pair in rope_by_type.values() for t in pair), options=options)
     return plan.unpack(model.norm(hidden))

@@ -4,7 +4,8 @@ Per layer this honours, in order: FSDP (gathering the layer's sharded weights ar
 `embedtune.sharding`), activation checkpointing, and compilation. Compiled, the per-layer step is
 one graph that every layer reuses (parameters are graph inputs; attention is one opaque op,
 `embedtune::varlen_attn`, so there are no graph breaks): a layer costs one graph call forward and
-one backward instead of a Python-driven launch of every kernel. `WHOLE_STACK` compiles the whole
+one backward instead of a Python-driven launch of every kernel. `PackedOptions.whole_stack` (default
+`WHOLE_STACK`) compiles the whole
 stack as one graph instead where it can, each layer a nested compile region
 (`torch.compiler.nested_compile_region`) so identical layers share compiled code. On an H200 both
 ran at the same speed, but dynamo, AOTAutograd and inductor's passes still walk every layer of the
@@ -12,8 +13,10 @@ whole stack: at 12 layers it compiled in 2-2.5x the time (docs/BENCHMARKS.md), s
 default. The token dimension is compiled dynamic either way, so packed streams of any length reuse
 the graph: one compile per run, not one per batch shape.
 Mode "reduce-overhead" also replays the compiled regions as CUDA graphs, meant to remove the kernel
-launch cost; it records one graph per input size, so it runs with `varlen.static_tokens` (streams
-padded to a few size classes). Measured on an H200 it is still slower than the default mode
+launch cost; it records one graph per input size, so it runs with `PackedOptions.token_multiple` (streams
+padded to a few size classes).
+What a forward runs with comes down explicitly as one `PackedOptions`; the context managers
+(`compiled_layers`, `varlen.static_tokens`, `varlen.fixed_stream`) remain for callers that pass none. Measured on an H200 it is still slower than the default mode
 (docs/BENCHMARKS.md), so it is opt-in.
 """
 
@@ -21,24 +24,66 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 PACKED_STEP = "embedtune_packed_step"  # set by embedtune.sharding on FSDP-sharded layers
-WHOLE_STACK = False  # True: the whole stack as one graph where it can be (see above; a benchmark row)
-_COMPILE_LAYERS = contextvars.ContextVar("embedtune_compile_layers", default=False)
+WHOLE_STACK = False  # the default of `PackedOptions.whole_stack` (see above; a benchmark row)
 COMPILE_MODES = ("default", "reduce-overhead")
 
 
-@contextlib.contextmanager
-def compiled_layers(mode: bool | str = True):
-    """Run the packed layer steps inside this block through torch.compile (`True` = "default")."""
+def compile_mode(mode: bool | str | None) -> str | bool:
+    """`mode` as the layers take it: False (eager), "default" (also for True) or "reduce-overhead"."""
     if mode is True:
         mode = "default"
     if mode and mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, not {mode!r}")
-    token = _COMPILE_LAYERS.set(mode)
+    return mode or False
+
+
+@dataclass(frozen=True)
+class PackedOptions:
+    """How one packed forward runs, passed down explicitly: the packed forward (`packing.PackedForward`)
+    builds it per call and hands it to the architecture's forward, which gives it to `PackedBatch.for_forward`
+    (the plan) and `run_layers` (the layers). Read in Python before anything is traced, so for
+    torch.compile these are constants.
+
+    token_multiple: pad packed streams to size classes of this many tokens (`PackedBatch.from_mask`);
+    fixed_stream: make streams exactly this many tokens, planned on the device (`PackedBatch.fixed`,
+        what a CUDA-graph step needs, `embedtune.graphs`);
+    compile_layers: False, True / "default" or "reduce-overhead" (`run_layers`);
+    whole_stack: compile the whole layer stack as one graph where it can be (`run_layers`).
+    """
+
+    token_multiple: int | None = None
+    fixed_stream: int | None = None
+    compile_layers: bool | str = False
+    whole_stack: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "compile_layers", compile_mode(self.compile_layers))
+
+    @classmethod
+    def current(cls) -> "PackedOptions":
+        """The options the compatibility context managers set (`compiled_layers`, `varlen.static_tokens`,
+        `varlen.fixed_stream`) and the `WHOLE_STACK` default: for callers that pass none."""
+        from . import varlen
+
+        return cls(token_multiple=varlen._TOKEN_MULTIPLE.get(), fixed_stream=varlen._FIXED_STREAM.get(),
+                   compile_layers=_COMPILE_LAYERS.get(), whole_stack=WHOLE_STACK)
+
+
+# Compatibility: `PackedOptions.current()` reads these for callers that pass no options.
+_COMPILE_LAYERS = contextvars.ContextVar("embedtune_compile_layers", default=False)
+
+
+@contextlib.contextmanager
+def compiled_layers(mode: bool | str = True):
+    """Run the packed layer steps inside this block through torch.compile (`True` = "default"); for
+    callers that pass no `PackedOptions` (compatibility)."""
+    token = _COMPILE_LAYERS.set(compile_mode(mode))
     try:
         yield
     finally:
@@ -76,29 +121,34 @@ def mark_token_dim(*tensors: torch.Tensor) -> None:
         torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
-def _whole_stack(layers, hidden: torch.Tensor) -> bool:
-    """Compile all layers as one graph (no graph breaks: attention is one opaque op) when `WHOLE_STACK`
-    is on, no layer is sharded or checkpointed, and attention will be that op: always on CUDA; on CPU
+def _whole_stack(layers, hidden: torch.Tensor, whole_stack: bool | None = None) -> bool:
+    """Compile all layers as one graph (no graph breaks: attention is one opaque op) when `whole_stack`
+    (None: `WHOLE_STACK`) is on, no layer is sharded or checkpointed, and attention will be that op: always on CUDA; on CPU
     only without dropout, whose masks the op cannot replay (see `varlen.varlen_attention`)."""
     first = layers[0]
     checkpointed = getattr(first, "gradient_checkpointing", False) and first.training
-    if not WHOLE_STACK or PACKED_STEP in first.__dict__ or checkpointed:
+    if whole_stack is None:
+        whole_stack = WHOLE_STACK
+    if not whole_stack or PACKED_STEP in first.__dict__ or checkpointed:
         return False
     return hidden.is_cuda or not (first.training and torch.is_grad_enabled())
 
 
 def run_layers(layers, hidden: torch.Tensor, step: Callable, stack_traceable: bool = True,
-               per_token: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+               per_token: tuple[torch.Tensor, ...] = (), options: PackedOptions | None = None) -> torch.Tensor:
     """`hidden = step(layer, hidden)` for each layer, through the layer's checkpoint function when it is on.
 
-    Compiled, this is one graph per layer step; with `WHOLE_STACK`, one graph for the whole stack
+    Compiled (`options.compile_layers`), this is one graph per layer step; with `options.whole_stack`, one graph for the whole stack
     where it can be (`stack_traceable`: the architecture's attention is the opaque op, not host-side
     bucketing).
     `per_token`: tensors the step reads (from its closure) with one row per token, such as rotary
     tables: marked dynamic in that dimension like `hidden`.
+    `options`: None takes `PackedOptions.current()`.
     """
-    mode = _COMPILE_LAYERS.get()
-    if mode and stack_traceable and len(layers) and _whole_stack(layers, hidden):
+    if options is None:
+        options = PackedOptions.current()
+    mode = options.compile_layers
+    if mode and stack_traceable and len(layers) and _whole_stack(layers, hidden, options.whole_stack):
         # dynamic=None, not True: with every size symbolic, dynamo fails to stamp out the nested
         # layer regions; the token dimension is marked dynamic instead (here and by the callers).
         mark_token_dim(hidden, *per_token)

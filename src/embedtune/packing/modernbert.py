@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from .layers import run_layers
+from .layers import PackedOptions, run_layers
 from .lora_linear import linear
 from .varlen import PackedBatch, varlen_attention
 
@@ -26,9 +26,11 @@ def _layer(model, layer, hidden, rope_by_type, plan: PackedBatch, backend: str):
     return hidden + linear(mlp.Wo, mlp.drop(mlp.act(gate_in) * gate))
 
 
-def packed_modernbert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
+def packed_modernbert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
+                              options: PackedOptions | None = None):
     """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
-    plan = PackedBatch.for_forward(attention_mask)
+    options = PackedOptions.current() if options is None else options
+    plan = PackedBatch.for_forward(attention_mask, options)
     hidden = model.embeddings(input_ids=plan.pack(input_ids)[None])[0]
     positions = plan.position_ids[None]
     rope_by_type = {}
@@ -37,5 +39,5 @@ def packed_modernbert_forward(model, input_ids, attention_mask, token_type_ids=N
         rope_by_type[layer_type] = (cos[0], sin[0])
     hidden = run_layers(model.layers, hidden,
                         lambda layer, h: _layer(model, layer, h, rope_by_type, plan, attention_backend),
-                        per_token=tuple(t for pair in rope_by_type.values() for t in pair))
+                        per_token=tuple(t for pair in rope_by_type.values() for t in pair), options=options)
     return plan.unpack(model.final_norm(hidden))

@@ -21,7 +21,7 @@ import torch
 
 from .bert import feed_forward
 from .biased import biased_attention
-from .layers import run_layers
+from .layers import PackedOptions, run_layers
 from .lora_linear import linear, linears
 from .varlen import PackedBatch
 
@@ -50,8 +50,10 @@ def _layer(model, layer, hidden, plan: PackedBatch, backend: str, shared_bias):
     return feed_forward(layer, hidden)
 
 
-def packed_mpnet_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto"):
+def packed_mpnet_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
+                         options: PackedOptions | None = None):
     """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
+    options = PackedOptions.current() if options is None else options
     plan = PackedBatch.from_mask(attention_mask)
     # MPNet numbers positions from padding_idx + 1 (fairseq style), whatever the tokenizer's pad id.
     positions = plan.position_ids + model.embeddings.padding_idx + 1
@@ -60,5 +62,5 @@ def packed_mpnet_forward(model, input_ids, attention_mask, token_type_ids=None, 
     checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
     bias = None if checkpointed else _position_bias(model, plan.max_len, hidden.device)
     hidden = run_layers(layers, hidden, lambda layer, h: _layer(model, layer, h, plan, attention_backend, bias),
-                        stack_traceable=False)  # biased attention buckets on the host
+                        stack_traceable=False, options=options)  # biased attention buckets on the host
     return plan.unpack(hidden)

@@ -22,16 +22,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layers import mark_token_dim
+from .layers import PackedOptions, mark_token_dim
 
-
+# Compatibility: `PackedOptions.current()` reads these for callers that pass no options.
 _TOKEN_MULTIPLE = contextvars.ContextVar("embedtune_token_multiple", default=None)
 
 
 @contextlib.contextmanager
 def static_tokens(multiple: int | None):
     """Inside this block, packed streams are padded up to a multiple of `multiple` tokens (see
-    `PackedBatch.from_mask`), so compiled code and CUDA graphs see a few shapes, not one per batch."""
+    `PackedBatch.from_mask`), so compiled code and CUDA graphs see a few shapes, not one per batch.
+    For callers that pass no `PackedOptions` (`token_multiple`); compatibility."""
     token = _TOKEN_MULTIPLE.set(multiple)
     try:
         yield
@@ -60,7 +61,7 @@ def fixed_stream(tokens: int | None):
     """Inside this block, packed streams are exactly `tokens` long (at least the batch's real token
     count, which the caller knows from the host copy of the mask), and their plans are built on the
     device without a host sync (`PackedBatch.fixed`): what capturing a step as a CUDA graph needs
-    (`embedtune.graphs`)."""
+    (`embedtune.graphs`). For callers that pass no `PackedOptions` (`fixed_stream`); compatibility."""
     token = _FIXED_STREAM.set(tokens)
     try:
         yield
@@ -140,13 +141,14 @@ class PackedBatch:
         return cls(flat_index, cu, positions, seq_lens, batch, max_len, width, mask)
 
     @classmethod
-    def for_forward(cls, attention_mask: torch.Tensor) -> "PackedBatch":
-        """The plan a packed forward runs on: a fixed-length stream inside `fixed_stream`, else the
-        stream padded to the `static_tokens` multiple, if any."""
-        stream = _FIXED_STREAM.get()
-        if stream is not None:
-            return cls.fixed(attention_mask, stream)
-        return cls.from_mask(attention_mask, _TOKEN_MULTIPLE.get())
+    def for_forward(cls, attention_mask: torch.Tensor, options: PackedOptions | None = None) -> "PackedBatch":
+        """The plan a packed forward runs on: a stream of `options.fixed_stream` tokens if set, else the
+        stream padded to the `options.token_multiple` multiple, if any (None: `PackedOptions.current()`)."""
+        if options is None:
+            options = PackedOptions.current()
+        if options.fixed_stream is not None:
+            return cls.fixed(attention_mask, options.fixed_stream)
+        return cls.from_mask(attention_mask, options.token_multiple)
 
     @classmethod
     def fixed(cls, mask: torch.Tensor, stream: int) -> "PackedBatch":
