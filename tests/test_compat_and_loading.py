@@ -16,6 +16,10 @@ MINILM = str(bundled_model_path())
 def test_models_namespace_is_reachable():
     import sentence_transformers
 
+    import embedtune
+
+    embedtune.install_compat()  # what building a model with embedtune installs
+
     assert sentence_transformers.models.Transformer is not None
     assert sentence_transformers.models.Pooling is not None
 

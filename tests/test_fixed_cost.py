@@ -2,7 +2,7 @@
 
 - `import embedtune` / `embedtune.cli`, `embedtune --help` and the CLI's argument parsing load none of
   torch, transformers, peft or sentence-transformers (the package's names are imported on first use),
-  while `embedtune.train` stays the function and the sentence-transformers patch still applies on import;
+  while `embedtune.train` stays the function and importing patches nothing (the compat patches come with the first model embedtune builds);
 - the CLI imports the libraries with the cyclic GC paused and frozen after, and freezes at exit;
 - `_tokens_per_row` tokenizes its sample on several threads, to the same count;
 - `_finish_output` draws the curves on a thread beside the model's save, and still fails (a plot that
@@ -114,15 +114,14 @@ def test_unknown_attribute_is_still_an_attribute_error():
 
 
 @pytest.mark.parametrize("st_first", [False, True])
-def test_the_compat_patch_applies_whichever_is_imported_first(st_first):
-    """`import embedtune` patches sentence-transformers as its eager import did: at once if it is loaded,
-    else the moment it is; the package keeps its own loader, and the hook leaves sys.meta_path."""
+def test_importing_embedtune_patches_nothing_and_its_first_model_installs_the_compat(st_first):
+    """`import embedtune` leaves sentence-transformers stock, whichever is imported first; the guide's
+    compatibility patches (`st.install_compat`) arrive with the first model embedtune builds."""
     seen = _fresh(f"""
         import json, sys
         if {st_first!r}:
             import sentence_transformers
         import embedtune
-        hooked = embedtune._HOOK in sys.meta_path
         import sentence_transformers
         from embedtune.st import _transformer_class, _BUNDLED_FLAG, _RESUME_FLAG
         try:
@@ -130,18 +129,19 @@ def test_the_compat_patch_applies_whichever_is_imported_first(st_first):
         except ImportError:
             from sentence_transformers import SentenceTransformerTrainer as trainer
         cls = _transformer_class()
-        print(json.dumps({{"hooked": hooked, "models": hasattr(sentence_transformers, "models"),
-                           "bundled": bool(getattr(cls, _BUNDLED_FLAG, False)),
-                           "resume": bool(getattr(trainer, _RESUME_FLAG, False))
-                                     or "_load_from_checkpoint" not in vars(trainer),
-                           "loader": type(sentence_transformers.__spec__.loader).__name__,
-                           "same_loader": sentence_transformers.__loader__ is sentence_transformers.__spec__.loader,
-                           "left": embedtune._HOOK in sys.meta_path}}))
+
+        def state():
+            return {{"bundled": bool(getattr(cls, _BUNDLED_FLAG, False)),
+                     "resume": bool(getattr(trainer, _RESUME_FLAG, False))}}
+
+        before = state()
+        embedtune.FastModel.from_pretrained(max_seq_length=32)
+        print(json.dumps({{"before": before, "after": state(), "models": hasattr(sentence_transformers, "models"),
+                           "hook": any(type(f).__module__.startswith("embedtune") for f in sys.meta_path)}}))
     """)
-    assert seen["hooked"] is (not st_first)
-    assert seen["models"] and seen["bundled"] and seen["resume"]
-    assert seen["loader"] != "_PatchAfterExec" and seen["same_loader"]
-    assert seen["left"] is False
+    assert seen["before"] == {"bundled": False, "resume": False}
+    assert seen["after"] == {"bundled": True, "resume": True} and seen["models"]
+    assert not seen["hook"]
 
 
 # ------------------------------------------------------------------------------- garbage collector

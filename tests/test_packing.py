@@ -7,7 +7,8 @@ import torch
 
 from embedtune import FastModel
 from embedtune.packing import PACKED_FORWARDS, disable_fast_path, enable_fast_path
-from embedtune.packing.varlen import PackedBatch, bucketed_sdpa, fixed_stream, padded_sdpa, varlen_attention
+from embedtune.graphs import _fixed_stream_on, _packed_forwards
+from embedtune.packing.varlen import PackedBatch, bucketed_sdpa, padded_sdpa, varlen_attention
 from tiny_models import make_tiny_model
 
 ARCHS = sorted(PACKED_FORWARDS)
@@ -115,7 +116,7 @@ def _check_packed_equals_padded(arch, lora, padding_side, tiny_root, token_multi
     batch = tok(TEXTS, padding=True, return_tensors="pt")
     mask = batch["attention_mask"].bool()
     assert enable_fast_path(model, token_multiple=token_multiple)
-    with fixed_stream(stream):
+    with _fixed_stream_on(_packed_forwards(model), stream):
         fast_out, fast_grads = _outputs_and_grads(model, batch)
     disable_fast_path(model)
     assert (fast_out[mask] - ref_out[ref_mask]).abs().max().item() < 1e-5

@@ -29,10 +29,6 @@ from tiny_models import make_tiny_model  # noqa: E402
 SRC = Path(__file__).resolve().parents[1] / "src" / "embedtune"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md"
 
-# `embedtune/__init__.py` installing the compat when sentence-transformers is imported (the import hook)
-# is what the stock-after-import checks expect to be gone; until it is, they must fail (strict xfail).
-IMPORT_INSTALLS = "install_compat()" in (SRC / "__init__.py").read_text(encoding="utf-8")
-
 # (class path, attribute) that embedtune patches or patched: each must be sentence-transformers' own.
 PATCHED = [
     ("sentence_transformers.base.modules.transformer:Transformer", "__init__"),
@@ -146,8 +142,6 @@ def test_plain_model_trains_and_resumes_as_stock(runs, mode):
             assert torch.allclose(got[key][name], tensor, atol=1e-6, rtol=0), f"{key}: {name}"
 
 
-@pytest.mark.xfail(IMPORT_INSTALLS, strict=True,
-                   reason="embedtune/__init__.py still installs the guide compat when sentence-transformers is imported")
 def test_stock_classes_keep_their_functions_after_import_and_plain_training(runs):
     stages = runs["imported"]["stock"]
     assert set(stages) == {"after import embedtune", "after training a plain model"}
@@ -155,8 +149,6 @@ def test_stock_classes_keep_their_functions_after_import_and_plain_training(runs
         assert all(attributes.values()), f"{stage}: patched {[k for k, v in attributes.items() if not v]}"
 
 
-@pytest.mark.xfail(IMPORT_INSTALLS, strict=True,
-                   reason="embedtune/__init__.py still installs the guide compat when sentence-transformers is imported")
 def test_stock_classes_keep_their_functions_after_import_in_either_order():
     """`import embedtune` before or after sentence-transformers: the classes' functions are their own
     (no wrapper from embedtune's code) until embedtune builds a model."""

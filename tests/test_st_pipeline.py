@@ -286,6 +286,10 @@ def test_unsloth_peft_keyword_errors():
 def test_compat_transformer_resolves_the_bundled_hub_id(monkeypatch, tmp_path):
     import sentence_transformers
 
+    import embedtune
+
+    embedtune.install_compat()  # what building a model with embedtune installs
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     module = sentence_transformers.models.Transformer(model_name_or_path=DEFAULT_MODEL_ID, max_seq_length=32)
     assert module.get_word_embedding_dimension() == 384

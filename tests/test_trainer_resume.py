@@ -192,6 +192,7 @@ def test_resume_with_other_lora_settings_is_one_clear_error(tiny_root, pairs, tm
 def test_patch_is_installed_once_and_narrow():
     from sentence_transformers.base.trainer import BaseTrainer
 
+    embedtune.install_compat()  # what building a model with embedtune installs
     patched = BaseTrainer._load_from_checkpoint
     embedtune.install_compat()
     assert BaseTrainer._load_from_checkpoint is patched

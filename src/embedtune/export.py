@@ -57,7 +57,7 @@ from .lora import (
 )
 from .model_card import CardFacts, write_model_card
 from .save import ADAPTER_PIPELINE, atomic_folder, check_target
-from .st import install_compat, to_sentence_transformer
+from .st import set_backbone, to_sentence_transformer
 
 FORMATS = ("sentence-transformers", "hf", "adapter", "onnx")
 ONNX_VARIANTS = ("fp16", "int8")
@@ -197,7 +197,6 @@ def _load_sentence_transformer(source: ExportSource):
     embedtune's for plain HF folders (its pooling defaults) and for adapters (merged onto the base)."""
     import torch
 
-    install_compat()
     if source.model_dir is not None and (source.model_dir / "modules.json").is_file():
         import pickle
 
@@ -222,7 +221,7 @@ def _load_sentence_transformer(source: ExportSource):
         return to_sentence_transformer(model, tokenizer).eval()
     model, tokenizer = load_adapter(source.adapter_dir, dtype=torch.float32, fast=False, device="cpu")
     st = to_sentence_transformer(model, tokenizer, normalize=_adapter_pipeline(source.adapter_dir).get("normalize", True))
-    st[0].auto_model = merge_lora(model)
+    set_backbone(st[0], merge_lora(model))
     return st.eval()
 
 

@@ -39,7 +39,6 @@ from torch.nn import functional as F
 
 from .errors import EmbedtuneError
 from .packing import PackedForward
-from .packing.varlen import fixed_stream
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +82,7 @@ def _packed_forwards(model) -> list:
 @contextlib.contextmanager
 def _fixed_stream_on(forwards: list, stream: int):
     """Inside this block the packed forwards run fixed-length streams of `stream` tokens: each holds it
-    (`PackedForward.fixed_stream`) and passes it down in its `PackedOptions`. A packed forward that holds
-    no such setting (yet) reads it from the `varlen.fixed_stream` context instead (compatibility)."""
-    if not forwards or not all(hasattr(f, "fixed_stream") for f in forwards):
-        with fixed_stream(stream):
-            yield
-        return
+    (`PackedForward.fixed_stream`) and passes it down in its `PackedOptions`."""
     for forward in forwards:
         forward.fixed_stream = stream
     try:

@@ -18,6 +18,7 @@ from .errors import SaveError
 from .loading import load_info
 from .lora import merge_lora
 from .model_facts import ADAPTER_PIPELINE  # written next to a saved adapter (read by lora.load_adapter)
+from .st import clip_card_examples, set_backbone
 
 
 def _is_nonempty_dir(path: Path) -> bool:
@@ -144,16 +145,12 @@ def save_merged(st_model, output_dir: str | os.PathLike, overwrite: bool = False
 
     After this call `st_model` runs the merged plain encoder, so what is saved is what is in memory.
     """
-    from .st import install_compat
-
-    install_compat()
     backbone, _, st = _split_st(st_model)
     if st is None:
         raise SaveError("save_merged needs a SentenceTransformer; use save_hf for a plain encoder")
     merged = merge_lora(backbone)
     if merged is not backbone:
-        st[0].auto_model = merged
-    from .st import clip_card_examples
+        set_backbone(st[0], merged)
 
     clip_card_examples(st)  # the card keeps short examples, not megabyte texts
     with atomic_folder(output_dir, overwrite) as tmp:

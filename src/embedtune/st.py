@@ -24,7 +24,11 @@ import warnings
 import torch
 
 from .errors import EmbedtuneError
-from .loading import bundled_alias, hub_offline, load_info, pooling_for, pooling_from_config
+from .model_facts import load_info, pooling_for
+from .model_files import (
+    ModelFileError, bundled_alias, check_safetensors, check_weight_files, first_line, hub_offline,
+    pooling_from_config, refused_weights,
+)
 
 _COMPAT_FLAG = "_embedtune_compat"
 _BUNDLED_FLAG = "_embedtune_bundled_names"
@@ -214,7 +218,7 @@ def transformer_module(model, tokenizer, max_seq_length: int | None = None):
     module.__class__ = cls  # a stock Transformer from here on (modules.json names its class)
     set_tokenizer(module, tokenizer)
     tokenizer.model_max_length = max_seq_length
-    from .data.token_cache import clip_module_inputs
+    from .data.token_cache import clip_module_inputs  # the data package loads its readers: only when wrapping
 
     clip_module_inputs(module)  # huge texts are cut to what max_seq_length can use before tokenizing
     return module
@@ -326,7 +330,6 @@ def load_st_module(info, class_ref: str, subfolder: str):
 
     from safetensors import SafetensorError
 
-    from .loading import ModelFileError, first_line, refused_weights
 
     cls = module_class(info, class_ref)
     local_only = _local_only(info)
@@ -361,7 +364,6 @@ def check_module_weights(info, cls, subfolder: str, local_only: bool) -> None:
     files the module's own lookup (`load_file_path`) finds (what it would download anyway)."""
     from pathlib import Path
 
-    from .loading import ModelFileError, check_safetensors, check_weight_files
 
     allow_pickle = bool(getattr(info, "allow_pickle", False))
     if os.path.isdir(info.st_folder):
@@ -508,7 +510,6 @@ def _load_adapters(backbone, folder) -> None:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .loading import check_safetensors
 
     for adapter in backbone.peft_config:
         path = folder / ADAPTER_WEIGHTS if adapter == "default" else folder / adapter / ADAPTER_WEIGHTS
@@ -549,7 +550,6 @@ def _load_module_weights(module, root, subfolder: str, name: str) -> None:
     """A checkpoint module's weights into the live `module` (strict), from safetensors or its class's `load`."""
     from safetensors.torch import load_model
 
-    from .loading import check_safetensors
 
     folder = root / subfolder
     weights = folder / MODULE_WEIGHTS
@@ -621,7 +621,6 @@ def _saved_weight_names(folder) -> set[str] | None:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         return set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
-    from .loading import check_safetensors
 
     single = folder / MODULE_WEIGHTS
     if not single.is_file():

@@ -24,10 +24,10 @@ from .decoder import packed_decoder_forward
 from .distilbert import packed_distilbert_forward
 from .gemma3 import packed_gemma3_forward
 from .gemma3 import unsupported_reason as gemma3_unsupported
-from .layers import compiled_layers
+from . import layers
+from .layers import PackedOptions
 from .modernbert import packed_modernbert_forward
 from .mpnet import packed_mpnet_forward
-from .varlen import static_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class PackedForward:
         self.token_multiple = token_multiple  # pad packed streams to a multiple of this (packing.varlen)
         self.attention_backend = attention_backend
         self.auto = None  # with compile="auto": when compiling starts to pay
+        self.fixed_stream: int | None = None  # streams of exactly this many tokens (set by `graphs` per step)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=True, **kwargs):
@@ -82,8 +83,10 @@ class PackedForward:
             if self.auto is None:
                 self.auto = CompileWhenItPays(self.model)
             compile = self.auto(input_ids.is_cuda, self.model.training and torch.is_grad_enabled())
-        with compiled_layers(compile), static_tokens(self.token_multiple):
-            hidden = self.packed_fn(self.model, input_ids, attention_mask, token_type_ids, self.attention_backend)
+        options = PackedOptions(token_multiple=self.token_multiple, fixed_stream=self.fixed_stream,
+                                compile_layers=compile, whole_stack=layers.WHOLE_STACK)
+        hidden = self.packed_fn(self.model, input_ids, attention_mask, token_type_ids, self.attention_backend,
+                                options=options)
         if compile and self.compile == "auto":
             self.auto.compiled()
         return BaseModelOutput(last_hidden_state=hidden)

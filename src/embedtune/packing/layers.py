@@ -69,14 +69,14 @@ class PackedOptions:
     def current(cls) -> "PackedOptions":
         """The options the compatibility context managers set (`compiled_layers`, `varlen.static_tokens`,
         `varlen.fixed_stream`) and the `WHOLE_STACK` default: for callers that pass none."""
-        from . import varlen
-
-        return cls(token_multiple=varlen._TOKEN_MULTIPLE.get(), fixed_stream=varlen._FIXED_STREAM.get(),
+        return cls(token_multiple=_TOKEN_MULTIPLE.get(), fixed_stream=_FIXED_STREAM.get(),
                    compile_layers=_COMPILE_LAYERS.get(), whole_stack=WHOLE_STACK)
 
 
 # Compatibility: `PackedOptions.current()` reads these for callers that pass no options.
 _COMPILE_LAYERS = contextvars.ContextVar("embedtune_compile_layers", default=False)
+_TOKEN_MULTIPLE = contextvars.ContextVar("embedtune_token_multiple", default=None)  # set by varlen.static_tokens
+_FIXED_STREAM = contextvars.ContextVar("embedtune_fixed_stream", default=None)  # set by varlen.fixed_stream
 
 
 @contextlib.contextmanager

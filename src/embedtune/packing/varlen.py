@@ -14,7 +14,6 @@ key mask, and the results are scattered back. Retrieval batches mix 15-token que
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import weakref
 from dataclasses import dataclass
@@ -22,10 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layers import PackedOptions, mark_token_dim
+from .layers import _FIXED_STREAM, _TOKEN_MULTIPLE, PackedOptions, mark_token_dim
 
 # Compatibility: `PackedOptions.current()` reads these for callers that pass no options.
-_TOKEN_MULTIPLE = contextvars.ContextVar("embedtune_token_multiple", default=None)
 
 
 @contextlib.contextmanager
@@ -52,7 +50,6 @@ def size_class(tokens: int, multiple: int) -> int:
     return -(-tokens // step) * step
 
 
-_FIXED_STREAM = contextvars.ContextVar("embedtune_fixed_stream", default=None)
 FILLER_LEN = 128  # filler sequences in a fixed-length stream: short, so their attention costs little
 
 
