@@ -51,7 +51,6 @@ def feed_forward(layer, hidden):
 def packed_bert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
                         options: PackedOptions | None = None):
     """Token embeddings [B, L, H] (zeros at padding) computed without running dense layers on padding."""
-    options = PackedOptions.current() if options is None else options
     plan = PackedBatch.for_forward(attention_mask, options)
     hidden = _embed(model, input_ids, token_type_ids, plan)
     hidden = run_layers(model.encoder.layer, hidden, lambda layer, h: _layer(layer, h, plan, attention_backend),

@@ -119,7 +119,6 @@ def _layer(model, layer, hidden, plan: PackedBatch, indices, backend: str):
 def packed_deberta_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
                            options: PackedOptions | None = None):
     """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
-    options = PackedOptions.current() if options is None else options
     plan = PackedBatch.from_mask(attention_mask)
     types = plan.pack(token_type_ids)[None] if token_type_ids is not None else None
     hidden = model.embeddings(input_ids=plan.pack(input_ids)[None], token_type_ids=types,

@@ -58,7 +58,6 @@ def gated_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
 def packed_decoder_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
                            options: PackedOptions | None = None):
     """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
-    options = PackedOptions.current() if options is None else options
     plan = PackedBatch.for_forward(attention_mask, options)
     hidden = model.embed_tokens(plan.pack(input_ids))
     positions = plan.position_ids[None]

@@ -23,7 +23,6 @@ def _layer(layer, hidden, plan: PackedBatch, attention_backend: str):
 def packed_distilbert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
                               options: PackedOptions | None = None):
     """Last hidden states [B, L, H] (zeros at padding) with the dense layers on real tokens only."""
-    options = PackedOptions.current() if options is None else options
     plan = PackedBatch.for_forward(attention_mask, options)
     hidden = model.embeddings(plan.pack(input_ids)[None], position_ids=plan.position_ids[None])[0]
     hidden = run_layers(model.transformer.layer, hidden, lambda layer, h: _layer(layer, h, plan, attention_backend),

@@ -53,7 +53,6 @@ def _layer(model, layer, hidden, plan: PackedBatch, backend: str, shared_bias):
 def packed_mpnet_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
                          options: PackedOptions | None = None):
     """Last hidden states [B, L, H] (zeros at padding), every dense layer run on real tokens only."""
-    options = PackedOptions.current() if options is None else options
     plan = PackedBatch.from_mask(attention_mask)
     # MPNet numbers positions from padding_idx + 1 (fairseq style), whatever the tokenizer's pad id.
     positions = plan.position_ids + model.embeddings.padding_idx + 1
