@@ -42,6 +42,7 @@ from .loading import (
     bundled_alias,
     check_model_folder,
     check_safetensors,
+    checkpoint_has_pooler,
     first_line,
     hub_offline,
     pooling_from_config,
@@ -63,6 +64,9 @@ FORMATS = ("sentence-transformers", "hf", "adapter", "onnx")
 ONNX_VARIANTS = ("fp16", "int8")
 ONNX_FILE = "model.onnx"
 ONNX_OUTPUT = "sentence_embedding"
+# The encoder's token embeddings, the output sentence-transformers' ONNX backend (optimum's
+# ORTModelForFeatureExtraction) reads; its own Pooling / Normalize modules then run on them.
+ONNX_TOKENS = "last_hidden_state"
 ONNX_OPSET = 17
 ONNX_MIN_COSINE = 0.9999
 # variant -> (floor, enforced): fp16 below its floor is a broken export; int8 is only flagged.
@@ -226,22 +230,36 @@ def _load_sentence_transformer(source: ExportSource):
 
 
 def _encoder_load_kwargs(folder: Path | str) -> dict[str, Any]:
-    """Safetensors only, and no pooler head where the class has one: sentence pipelines never use it,
-    and a checkpoint saved without it would otherwise get a randomly initialised one in every export."""
+    """Safetensors only; and for a class with a pooler head (BERT's), the head exactly when the checkpoint
+    holds its weights: a pooler that was saved is exported with the rest, and one that never was is not
+    built (it would start random in every export)."""
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if _builds_pooler(folder) and not checkpoint_has_pooler(_encoder_folder(folder)):
+        kwargs["add_pooling_layer"] = False
+    return kwargs
+
+
+def _encoder_folder(folder: Path | str) -> Path:
+    """The folder that holds the encoder's config and weights (a SentenceTransformer's Transformer module)."""
+    folder = bundled_alias(str(folder)) or Path(folder)  # the bundled MiniLM's hub id: its local copy
+    if (Path(folder) / "modules.json").is_file():
+        return read_st_layout(Path(folder)).transformer_dir
+    return Path(folder)
+
+
+def _builds_pooler(folder: Path | str) -> bool:
+    """Whether the model class of the encoder in `folder` (a local folder or the bundled model's name)
+    takes `add_pooling_layer` (BERT, RoBERTa, XLM-R, ...)."""
     from transformers import AutoConfig
 
-    kwargs: dict[str, Any] = {"use_safetensors": True}
-    folder = bundled_alias(str(folder)) or folder  # the bundled MiniLM's hub id: its local copy
     try:
-        if (Path(folder) / "modules.json").is_file():
-            folder = read_st_layout(Path(folder)).transformer_dir
+        folder = _encoder_folder(folder)
         with quiet_transformers():
-            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-        if _accepts(_model_class(config, None), "add_pooling_layer"):
-            kwargs["add_pooling_layer"] = False
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False,
+                                                local_files_only=folder.is_dir() or hub_offline())
+        return _accepts(_model_class(config, None), "add_pooling_layer")
     except (OSError, ValueError, EmbedtuneError):
-        pass  # the load itself reports what is wrong
-    return kwargs
+        return False  # the load itself reports what is wrong
 
 
 def _adapter_pipeline(adapter_dir: Path) -> dict:
@@ -363,7 +381,7 @@ def _export_adapter(source: ExportSource, output: Path, overwrite: bool) -> Expo
                 if (tmp / item.name).stat().st_size != item.stat().st_size:
                     raise EmbedtuneError(f"export refused: the copy of {item.name} is not the size of the original; "
                                          "nothing was put in place (is the disk full?)")
-        no_pooler = "add_pooling_layer" in _encoder_load_kwargs(base)  # the adapter has no LoRA for a pooler
+        no_pooler = _builds_pooler(base)  # embedtune trains without the pooler: the adapter has no LoRA for one
         write_model_card(tmp, _facts("adapter", source, output, pipeline, adapter_base=base,
                                      adapter_base_kwargs="add_pooling_layer=False" if no_pooler else None))
         verify_written(tmp)
@@ -402,9 +420,30 @@ def _sentence_graph(st, input_names: list[str]):
             self.st = st
 
         def forward(self, *tensors):
-            return self.st(dict(zip(input_names, tensors)))[ONNX_OUTPUT]
+            features = self.st[0](dict(zip(input_names, tensors)))
+            self.tokens = features["token_embeddings"]  # the encoder's own output, before any later module
+            for module in list(self.st)[1:]:
+                features = module(features)
+            return features[ONNX_OUTPUT]
 
     return SentenceGraph().eval()
+
+
+def _graph_outputs(sentence_graph):
+    """The traced module: the sentence graph's embedding, and the encoder's token embeddings it computed
+    on the way (for sentence-transformers' ONNX backend), from one run of the encoder."""
+    import torch
+
+    class Outputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.graph = sentence_graph
+
+        def forward(self, *tensors):
+            sentence = self.graph(*tensors)
+            return self.graph.tokens, sentence
+
+    return Outputs().eval()
 
 
 def _export_graph(st, tokenizer, path: Path) -> list[str]:
@@ -417,14 +456,15 @@ def _export_graph(st, tokenizer, path: Path) -> list[str]:
                         padding=True, return_tensors="pt")
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes[ONNX_OUTPUT] = {0: "batch"}
+    axes[ONNX_TOKENS] = {0: "batch", 1: "sequence"}
     kwargs: dict[str, Any] = {}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes; the check below decides
         try:
-            torch.onnx.export(_sentence_graph(st, names), tuple(example[n] for n in names), str(path),
-                              input_names=names, output_names=[ONNX_OUTPUT], dynamic_axes=axes,
+            torch.onnx.export(_graph_outputs(_sentence_graph(st, names)), tuple(example[n] for n in names), str(path),
+                              input_names=names, output_names=[ONNX_TOKENS, ONNX_OUTPUT], dynamic_axes=axes,
                               opset_version=ONNX_OPSET, do_constant_folding=True, **kwargs)
         except Exception as exc:  # an architecture the tracer can't follow: one line, not a traceback
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -439,15 +479,34 @@ def onnx_embeddings(session, tokenizer, texts: list[str]):
     return session.run([ONNX_OUTPUT], {k: v for k, v in batch.items() if k in feed_names})[0]
 
 
-def _min_cosine(path: Path, tokenizer, texts: list[str], reference) -> float:
-    """Worst cosine between ONNX and PyTorch embeddings, over one padded batch and each text alone."""
+def st_backend_embeddings(session, tokenizer, texts: list[str], st):
+    """Sentence embeddings as sentence-transformers' ONNX backend makes them: the graph's token embeddings
+    (`last_hidden_state`), then the pipeline's modules after the encoder (Pooling, Normalize, ...) in PyTorch."""
+    import torch
+
+    feed_names = {i.name for i in session.get_inputs()}
+    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="np")
+    tokens = session.run([ONNX_TOKENS], {k: v for k, v in batch.items() if k in feed_names})[0]
+    features = {k: torch.from_numpy(v) for k, v in batch.items()}
+    features["token_embeddings"] = torch.from_numpy(tokens)
+    with torch.no_grad():
+        for module in list(st)[1:]:
+            features = module(features)
+    return features[ONNX_OUTPUT].numpy()
+
+
+def _min_cosine(path: Path, tokenizer, texts: list[str], reference, st=None) -> float:
+    """Worst cosine between ONNX and PyTorch embeddings, over one padded batch and each text alone; with
+    `st`, the ONNX embeddings are made the way sentence-transformers' ONNX backend makes them."""
     import numpy as np
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 1.0
     for rows in [list(range(len(texts)))] + [[i] for i in range(len(texts))]:
-        got = onnx_embeddings(session, tokenizer, [texts[i] for i in rows]).astype(np.float64)
+        chosen = [texts[i] for i in rows]
+        got = (onnx_embeddings(session, tokenizer, chosen) if st is None
+               else st_backend_embeddings(session, tokenizer, chosen, st)).astype(np.float64)
         want = reference[rows].astype(np.float64)
         cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1) + 1e-12)
         worst = min(worst, float(np.nan_to_num(cos, nan=-1.0).min()))
@@ -481,6 +540,25 @@ def _write_variant(variant: str, fp32_path: Path, folder: Path) -> Path:
     return target
 
 
+def _write_st_layout(st, folder: Path) -> None:
+    """Make the ONNX folder a SentenceTransformer folder for `SentenceTransformer(folder, backend="onnx")`:
+    modules.json, the encoder's config.json, sentence_bert_config.json, the modules after the encoder
+    (Pooling, Dense, Normalize, ...) and the tokenizer, as `SentenceTransformer.save` writes them, without
+    the encoder's PyTorch weights (`model.onnx` holds the encoder: its `last_hidden_state` output is what
+    the backend reads). The README is embedtune's card, written after."""
+    staging = folder / ".st-layout"
+    st.save(str(staging), create_model_card=False, safe_serialization=True)
+    encoder = read_st_layout(staging).transformer_dir
+    for weights in list(encoder.glob("*.safetensors")) + list(encoder.glob("*.safetensors.index.json")):
+        weights.unlink()
+    for item in sorted(staging.iterdir()):
+        target = folder / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
+
+
 def _export_onnx(st, source: ExportSource, output: Path, overwrite: bool, texts: list[str],
                  variant: str | None) -> ExportResult:
     import torch
@@ -508,12 +586,17 @@ def _export_onnx(st, source: ExportSource, output: Path, overwrite: bool, texts:
             floor, enforced = VARIANT_MIN_COSINE[variant]
             checks.append(OnnxCheck(path.name, variant, _min_cosine(path, saved_tokenizer, texts, reference),
                                     floor, enforced))
+        # sentence-transformers' ONNX backend: the graph's token embeddings through the folder's own modules
+        st_path = _min_cosine(fp32, saved_tokenizer, texts, reference, st=st)
+        if st_path < ONNX_MIN_COSINE:
+            checks[0].min_cosine = min(checks[0].min_cosine, st_path)
         for check in checks:
             if check.enforced and not check.passed:
                 raise EmbedtuneError(
                     f"ONNX export refused: {check.file} matches the PyTorch model only to cosine "
                     f"{check.min_cosine:.6f} on {len(texts)} probe texts (needs >= {check.threshold})"
                 )
+        _write_st_layout(st, tmp)
         write_model_card(tmp, _facts("onnx", source, output, pipeline, onnx_checks=checks,
                                      onnx_inputs=inputs, probe_count=len(texts)))
     return _finish("onnx", output, checks)

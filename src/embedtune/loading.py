@@ -198,6 +198,122 @@ def _load_weights(cls, weights: str, config, load_kwargs: dict, name: str, allow
     return model
 
 
+# ---------------------------------------------------------------- weights the model in memory does not build
+
+# The checkpoint's tensors that the model in memory leaves out (BERT's pooler under
+# add_pooling_layer=False): kept on the CPU, written back by every save_pretrained of the model.
+KEPT_WEIGHTS = "embedtune_kept_weights"
+POOLER_PREFIX = "pooler."
+
+
+def _pooler_key_names(cls):
+    """A test on checkpoint key names: the pooler's, bare or under the class's base_model_prefix."""
+    prefixes = (POOLER_PREFIX,)
+    base = getattr(cls, "base_model_prefix", "") or ""
+    if base:
+        prefixes += (f"{base}.{POOLER_PREFIX}",)
+
+    def name(key: str) -> str | None:
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                return POOLER_PREFIX + key[len(prefix):]
+        return None
+
+    return name
+
+
+def _weight_files(weights: str, local: dict) -> list[Path]:
+    """The safetensors files of a local folder or of a hub model (as cached by the load that just ran)."""
+    folder = Path(weights)
+    if folder.is_dir():
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            return _sharded_files(index)
+        return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    try:
+        from transformers.utils import cached_file
+
+        lookup = {"local_files_only": True, "_raise_exceptions_for_missing_entries": False}
+        if local.get("token") is not None:
+            lookup["token"] = local["token"]
+        single = cached_file(weights, "model.safetensors", **lookup)
+        if single:
+            return [Path(single)]
+        index = cached_file(weights, "model.safetensors.index.json", **lookup)
+        if index:
+            names = sorted(set(_read_json(Path(index)).get("weight_map", {}).values()))
+            found = [cached_file(weights, n, **lookup) for n in names]
+            return [Path(f) for f in found if f]
+    except Exception:  # noqa: BLE001 - nothing cached to read: nothing kept (the model itself loaded)
+        pass
+    return []
+
+
+def checkpoint_tensors(weights: str, rename, local: dict | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint at `weights` whose names `rename` maps (to the returned names), on the CPU."""
+    from safetensors import safe_open
+
+    found: dict[str, torch.Tensor] = {}
+    for path in _weight_files(weights, local or {}):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                target = rename(key)
+                if target is not None:
+                    found[target] = handle.get_tensor(key)
+    return found
+
+
+def checkpoint_has_pooler(folder: str | os.PathLike) -> bool:
+    """Whether a local model folder's weights hold a pooler (bare or under a base_model_prefix)."""
+    from safetensors import safe_open
+
+    for path in _weight_files(str(folder), {}):
+        with safe_open(str(path), framework="pt") as handle:
+            if any(k.startswith(POOLER_PREFIX) or f".{POOLER_PREFIX}" in k for k in handle.keys()):
+                return True
+    return False
+
+
+def keep_unbuilt_weights(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Keep checkpoint tensors that `model` does not build (its pooler, say) so that nothing it loaded is
+    lost: every `model.save_pretrained` writes them beside the model's own weights (cast to its dtype), and
+    `model.load_state_dict` takes them (a trainer checkpoint reloaded onto the model) without calling them
+    unexpected. The model's parameters, its `state_dict()` and its forward are untouched, so training,
+    optimizers and distributed wrappers see exactly the model that was built."""
+    import types
+
+    if not tensors:
+        return
+    model.__dict__[KEPT_WEIGHTS] = {k: v.detach().to("cpu") for k, v in tensors.items()}
+    if "save_pretrained" not in model.__dict__:
+        # a bound method (not a closure), so that copy.deepcopy binds it to the copy
+        model.save_pretrained = types.MethodType(_save_pretrained_keeping, model)
+        model.register_load_state_dict_pre_hook(_take_kept_weights)
+
+
+def _save_pretrained_keeping(self, save_directory, *args, **kwargs):
+    kept = self.__dict__.get(KEPT_WEIGHTS)
+    if kept and not args:
+        state = kwargs.get("state_dict")
+        state = dict(self.state_dict() if state is None else state)
+        reference = next(iter(self.parameters()), None)
+        for key, tensor in kept.items():
+            if key not in state:
+                state[key] = tensor.to(device=reference.device, dtype=reference.dtype) \
+                    if reference is not None and tensor.is_floating_point() else tensor
+        kwargs["state_dict"] = state
+    return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+
+
+def _take_kept_weights(module, state_dict, prefix, *args) -> None:
+    kept = module.__dict__.get(KEPT_WEIGHTS)
+    if not kept:
+        return
+    for key in list(state_dict):
+        if key.startswith(prefix) and key[len(prefix):] in kept:
+            kept[key[len(prefix):]] = state_dict.pop(key).detach().to("cpu")
+
+
 def _broken_json(folder: Path) -> Path | None:
     """The first JSON file in `folder` that does not parse (to name it when a loader fails), or None."""
     for path in sorted(folder.glob("*.json")):
@@ -327,6 +443,9 @@ class FastModel:
             load_kwargs["add_pooling_layer"] = add_pooling_layer
         load_kwargs.update(kwargs)
         model = _load_weights(cls, weights, config, load_kwargs, name, allow_pickle)
+        if load_kwargs.get("add_pooling_layer") is False:
+            # not built (training never reads it), but the checkpoint's own pooler goes into every save
+            keep_unbuilt_weights(model, checkpoint_tensors(weights, _pooler_key_names(cls), local))
         tokenizer = _load_tokenizer(weights, name, trust_remote_code, local)
         max_seq_length = _set_max_length(tokenizer, config, layout, max_seq_length)
 

@@ -83,6 +83,11 @@ def _front_matter(facts: CardFacts) -> str:
     return "\n".join(lines)
 
 
+def _file_name(path: Any) -> Any:
+    """A training file's name without its folder: a card is published, the machine's paths are not."""
+    return Path(str(path)).name if isinstance(path, str) and path else path
+
+
 def _metrics_section(metrics: dict) -> list[str]:
     base, final = metrics.get("base") or {}, metrics.get("final") or {}
     if not base and not final:
@@ -109,7 +114,7 @@ def _training_section(metrics: dict | None) -> list[str]:
     config = metrics.get("config") or {}
     out += [
         "| data | value |", "|---|---|",
-        f"| data file | {_cell(config.get('data'))} |",
+        f"| data file | {_cell(_file_name(config.get('data')))} |",
         f"| training pairs | {_cell(metrics.get('train_pairs'))} |",
         f"| held-out pairs | {_cell(metrics.get('eval_pairs'))} |",
         f"| rows skipped | {_cell(metrics.get('skipped_summary') or metrics.get('skipped_rows'))} |",
