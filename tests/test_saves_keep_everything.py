@@ -214,8 +214,6 @@ print(json.dumps(tokens[:, 0].tolist()))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="needs save.py change: reloadable_base records the bundled model's local "
-                                       "folder (str(bundled_model_path())) instead of its hub id")
 def test_adapter_of_the_bundled_model_loads_offline_with_plain_peft(tmp_path):
     """`embedtune train`'s adapter/ of the bundled model, loaded by a program that never imports embedtune,
     offline with an empty Hugging Face cache: the recorded base must be something it can resolve."""

@@ -200,14 +200,14 @@ def save_adapter(model, output_dir: str | os.PathLike, overwrite: bool = False) 
 def reloadable_base(info) -> str:
     """The base to record in an adapter: the local weights folder when there is one, else the hub id.
 
-    The bundled MiniLM is recorded by its hub id, the portable name of the same weights (a
-    site-packages path means nothing on another machine); `lora.load_adapter` and `embedtune export`
-    resolve it to the bundled copy offline.
+    The bundled MiniLM is recorded by its installed folder, so plain peft + transformers load the
+    adapter offline without embedtune; its hub id, the portable name of the same weights, stays in
+    `embedtune_adapter.json` (`base_model`) and the card.
     """
     if getattr(info, "bundled", False):
-        from .loading import DEFAULT_MODEL_ID
+        from .loading import bundled_model_path
 
-        return DEFAULT_MODEL_ID
+        return str(bundled_model_path())
     weights = Path(info.weights_path)
     return str(weights.resolve()) if weights.is_dir() else info.source
 
