@@ -60,12 +60,13 @@ class PackedForward:
     """A model's forward that runs packed; anything unusual goes to the original forward."""
 
     def __init__(self, model, packed_fn, attention_backend: str = "auto", compile: bool | str = False,
-                 token_multiple: int | None = None):
+                 token_multiple: int | None = None, whole_stack: bool = False):
         self.original = model.forward
         self.model = model
         self.packed_fn = packed_fn
         self.compile = compile  # the layer stack compiled once (see packing.layers)
         self.token_multiple = token_multiple  # pad packed streams to a multiple of this (packing.varlen)
+        self.whole_stack = whole_stack  # compiled: the whole layer stack as one graph (packing.layers)
         self.attention_backend = attention_backend
         self.auto = None  # with compile="auto": when compiling starts to pay
         self.fixed_stream: int | None = None  # streams of exactly this many tokens (set by `graphs` per step)
@@ -84,7 +85,7 @@ class PackedForward:
                 self.auto = CompileWhenItPays(self.model)
             compile = self.auto(input_ids.is_cuda, self.model.training and torch.is_grad_enabled())
         options = PackedOptions(token_multiple=self.token_multiple, fixed_stream=self.fixed_stream,
-                                compile_layers=compile, whole_stack=layers.WHOLE_STACK)
+                                compile_layers=compile, whole_stack=self.whole_stack)
         hidden = self.packed_fn(self.model, input_ids, attention_mask, token_type_ids, self.attention_backend,
                                 options=options)
         if compile and self.compile == "auto":
@@ -93,7 +94,7 @@ class PackedForward:
 
 
 def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str = False,
-                     token_multiple: int | None = None) -> bool:
+                     token_multiple: int | None = None, whole_stack: bool | None = None) -> bool:
     """Switch `model` (plain or peft) to the packed forward; returns False (with a notice) if unsupported.
 
     `compile=True` (or "default") also compiles the layers (one graph for the layer step, which every
@@ -103,7 +104,11 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str
     `compile="reduce-overhead"` replays the compiled code as CUDA graphs, and pads packed streams to
     size classes (multiples of `token_multiple`, default 1024, see `PackedBatch`) so that few graphs
     are recorded; measured slower than "default" on an H200 (docs/BENCHMARKS.md): opt-in only.
+    `whole_stack` (default `packing.layers.WHOLE_STACK`, off): compile the whole stack as one graph
+    instead of one graph per layer step (as fast, longer to compile; a benchmark row).
     """
+    if whole_stack is None:
+        whole_stack = layers.WHOLE_STACK
     if compile == "reduce-overhead" and token_multiple is None:
         token_multiple = DEFAULT_TOKEN_MULTIPLE
     base = unwrap_peft(model)
@@ -120,9 +125,9 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str
         return False
     current = base.__dict__.get("forward")
     if isinstance(current, PackedForward):
-        current.compile, current.token_multiple = compile, token_multiple
+        current.compile, current.token_multiple, current.whole_stack = compile, token_multiple, whole_stack
     else:
-        base.forward = PackedForward(base, fn, attention_backend, compile, token_multiple)
+        base.forward = PackedForward(base, fn, attention_backend, compile, token_multiple, whole_stack)
     return True
 
 

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 PACKED_STEP = "embedtune_packed_step"  # set by embedtune.sharding on FSDP-sharded layers
-WHOLE_STACK = False  # the default of `PackedOptions.whole_stack` (see above; a benchmark row)
+WHOLE_STACK = False  # `enable_fast_path`'s default for `whole_stack` (see above; a benchmark row)
 COMPILE_MODES = ("default", "reduce-overhead")
 
 
