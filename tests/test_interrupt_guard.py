@@ -21,6 +21,7 @@ def restore_signals():
 
 
 def test_first_signal_requests_a_stop_second_aborts_and_handlers_come_back(restore_signals, capsys):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, whatever started pytest
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     before = {s: signal.getsignal(s) for s in InterruptGuard.SIGNALS}
     guard = InterruptGuard()

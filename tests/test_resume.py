@@ -296,7 +296,17 @@ def test_resume_refusals_are_one_line(tmp_path, tiny, tiny_pairs, monkeypatch, o
     assert result.exit_code == 1 and "the data's content changed" in " ".join(result.output.split())
 
 
-def test_ctrl_c_saves_and_stops_and_a_second_ctrl_c_aborts(tmp_path, tiny, tiny_pairs, monkeypatch, one_thread):
+@pytest.fixture
+def ctrl_c_as_at_a_terminal():
+    """Ctrl-C handled as in a process started from a terminal, whatever started pytest: a background job
+    of a script starts with it ignored, and a run keeps an ignored signal ignored (`guards.InterruptGuard`)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_saves_and_stops_and_a_second_ctrl_c_aborts(tmp_path, tiny, tiny_pairs, monkeypatch, one_thread,
+                                                          ctrl_c_as_at_a_terminal):
     """In-process: the guard's signal handling itself (the subprocess test covers the CLI around it)."""
     import signal as signals
 
