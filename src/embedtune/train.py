@@ -1,6 +1,6 @@
 """The recipe: the guide's whole workflow in one call, as named stages (set up, then train, then finish).
 
-    data -> model -> loss and evaluator -> plan -> trainer -> train -> metrics -> finish
+    output -> data -> model -> loss and evaluator -> trainer (plan first) -> train -> finish (metrics first)
 
 load pairs -> hold-out split -> FastModel + LoRA -> SentenceTransformer -> MNRL with the
 NO_DUPLICATES sampler and an IR evaluator -> best checkpoint restored -> merged save. `run` reads as
@@ -140,12 +140,10 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     distributed.init_if_launched()  # under torchrun: join the process group before evaluating
     model = load_model(config, phases)
     objective = loss_and_evaluator(config, data, model, phases)
-    plan = plan_run(config, data, model, phases)
     with discard_on_failure(data.work, fresh=data.resume_from is None):
-        setup = set_up_trainer(config, data, model, objective, plan, phases)
-        trained = train_model(config, data, model, objective, plan, setup, phases)
-        metrics = run_metrics(config, started, data, objective, plan, setup, trained)
-    return finish(config, data, trained, metrics, phases)
+        setup = set_up_trainer(config, data, model, objective, phases)
+        trained = train_model(config, data, model, objective, setup, phases)
+    return finish(config, started, data, objective, setup, trained, phases)
 
 
 def _import_trainer_libraries() -> None:
@@ -317,13 +315,17 @@ class Setup:
     token_cache: Any
     graphs: Any
     checks: RunChecks
+    plan: Plan
 
 
-def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: Objective, plan: Plan,
+def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: Objective,
                    phases: Phases) -> Setup:
-    """The work folder (fresh, or the resumed run's with half-written checkpoints dropped), then the
-    trainer and what rides on it: best weights, the CUDA-graph step, the token cache, logging, checks."""
+    """The run's plan (`plan_run`), the work folder (fresh, or the resumed run's with half-written
+    checkpoints dropped), then the trainer and what rides on it: best weights, the CUDA-graph step, the
+    token cache, logging, checks."""
     from .resumable_trainer import ResumableTrainer
+
+    plan = plan_run(config, data, model, phases)
 
     if distributed.is_main():  # only rank 0 writes; the others wait until the work folder exists
         prepare_work(data.work, config, data.resume_from, resumable=data.resumable)
@@ -364,7 +366,7 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
     checks = RunChecks(st_model)  # no-silent-success: fingerprints the weights training starts from
     trainer.add_callback(phases.first_step_callback())
     phases.mark("checks")
-    return Setup(trainer, best, token_cache, graphs, checks)
+    return Setup(trainer, best, token_cache, graphs, checks, plan)
 
 
 def training_arguments(config: TrainConfig, data: RunData, objective: Objective, plan: Plan, dtype: torch.dtype,
@@ -424,7 +426,7 @@ class Trained:
     train_time: float
 
 
-def train_model(config: TrainConfig, data: RunData, model: Model, objective: Objective, plan: Plan, setup: Setup,
+def train_model(config: TrainConfig, data: RunData, model: Model, objective: Objective, setup: Setup,
                 phases: Phases) -> Trained:
     """Train (resuming, checkpointing by the clock, stopping cleanly on Ctrl-C/NaN/OOM), then put the
     best evaluation's weights back, and gather them from FSDP's shards or check the ranks agree."""
@@ -441,6 +443,7 @@ def train_model(config: TrainConfig, data: RunData, model: Model, objective: Obj
             setup.token_cache.stop()  # a background fill still running is of no use now
     train_time = time.time() - train_started
     phases.mark("train")  # from the first step on (the trainer's set-up before it is trainer_setup)
+    plan = setup.plan
     if plan.compile_cache is not None:  # later runs of this model find its compiled code (`speed.cache_is_warm`)
         mark_cache_warm(plan.compile_cache, plan.fingerprint)
     setup.best.restore()
@@ -453,10 +456,11 @@ def train_model(config: TrainConfig, data: RunData, model: Model, objective: Obj
     return Trained(st_model, final_metrics, train_time)
 
 
-def run_metrics(config: TrainConfig, started: float, data: RunData, objective: Objective, plan: Plan,
-                setup: Setup, trained: Trained) -> dict:
+def run_metrics(config: TrainConfig, started: float, data: RunData, objective: Objective, setup: Setup,
+                trained: Trained) -> dict:
     """metrics.json: scores before and after, times, steps and data counts, throughput, the speed mode,
     the resolved config (what config.yaml replays), and the run's checks' warnings (no silent success)."""
+    plan = setup.plan
     state = setup.trainer.state
     first_step = checkpoint_step(data.resume_from) if data.resume_from is not None else 0  # steps before this process
     rows_seen = (state.global_step - first_step) * plan.rows_per_step  # drop_last: full batches
@@ -494,9 +498,12 @@ def run_metrics(config: TrainConfig, started: float, data: RunData, objective: O
     return metrics
 
 
-def finish(config: TrainConfig, data: RunData, trained: Trained, metrics: dict, phases: Phases) -> RunResult:
-    """Rank 0 saves the result and moves it into place (`_finish_output`), or, without an output
-    folder, drops the work folder; every rank waits for it, so none returns before the result exists."""
+def finish(config: TrainConfig, started: float, data: RunData, objective: Objective, setup: Setup,
+           trained: Trained, phases: Phases) -> RunResult:
+    """The run's metrics (`run_metrics`), then rank 0 saves the result and moves it into place
+    (`_finish_output`), or, without an output folder, drops the work folder; every rank waits for it,
+    so none returns before the result exists."""
+    metrics = run_metrics(config, started, data, objective, setup, trained)
     result_dir = None
     if not distributed.is_main():
         pass  # rank 0 saves; under DDP the model in memory here is the same
