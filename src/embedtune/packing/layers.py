@@ -15,14 +15,13 @@ the graph: one compile per run, not one per batch shape.
 Mode "reduce-overhead" also replays the compiled regions as CUDA graphs, meant to remove the kernel
 launch cost; it records one graph per input size, so it runs with `PackedOptions.token_multiple` (streams
 padded to a few size classes).
-What a forward runs with comes down explicitly as one `PackedOptions`; the context managers
-(`compiled_layers`, `varlen.static_tokens`, `varlen.fixed_stream`) remain for callers that pass none. Measured on an H200 it is still slower than the default mode
+What a forward runs with comes down explicitly as one `PackedOptions` (a direct call that passes none
+gets the defaults, and `varlen.fixed_stream`'s stream length if inside one). Measured on an H200 it is still slower than the default mode
 (docs/BENCHMARKS.md), so it is opt-in.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 from dataclasses import dataclass
 from typing import Callable
@@ -67,27 +66,12 @@ class PackedOptions:
 
     @classmethod
     def current(cls) -> "PackedOptions":
-        """The options the compatibility context managers set (`compiled_layers`, `varlen.static_tokens`,
-        `varlen.fixed_stream`) and the `WHOLE_STACK` default: for callers that pass none."""
-        return cls(token_multiple=_TOKEN_MULTIPLE.get(), fixed_stream=_FIXED_STREAM.get(),
-                   compile_layers=_COMPILE_LAYERS.get(), whole_stack=WHOLE_STACK)
+        """For a direct call that passes no options: the defaults, inside `varlen.fixed_stream` its length."""
+        return cls(fixed_stream=_FIXED_STREAM.get(), whole_stack=WHOLE_STACK)
 
 
-# Compatibility: `PackedOptions.current()` reads these for callers that pass no options.
-_COMPILE_LAYERS = contextvars.ContextVar("embedtune_compile_layers", default=False)
-_TOKEN_MULTIPLE = contextvars.ContextVar("embedtune_token_multiple", default=None)  # set by varlen.static_tokens
+# `PackedOptions.current()` reads this for direct calls that pass no options.
 _FIXED_STREAM = contextvars.ContextVar("embedtune_fixed_stream", default=None)  # set by varlen.fixed_stream
-
-
-@contextlib.contextmanager
-def compiled_layers(mode: bool | str = True):
-    """Run the packed layer steps inside this block through torch.compile (`True` = "default"); for
-    callers that pass no `PackedOptions` (compatibility)."""
-    token = _COMPILE_LAYERS.set(compile_mode(mode))
-    try:
-        yield
-    finally:
-        _COMPILE_LAYERS.reset(token)
 
 
 def _compiled(step: Callable, mode: str, dynamic: bool | None = True) -> Callable:

@@ -21,21 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layers import _FIXED_STREAM, _TOKEN_MULTIPLE, PackedOptions, mark_token_dim
-
-# Compatibility: `PackedOptions.current()` reads these for callers that pass no options.
-
-
-@contextlib.contextmanager
-def static_tokens(multiple: int | None):
-    """Inside this block, packed streams are padded up to a multiple of `multiple` tokens (see
-    `PackedBatch.from_mask`), so compiled code and CUDA graphs see a few shapes, not one per batch.
-    For callers that pass no `PackedOptions` (`token_multiple`); compatibility."""
-    token = _TOKEN_MULTIPLE.set(multiple)
-    try:
-        yield
-    finally:
-        _TOKEN_MULTIPLE.reset(token)
+from .layers import _FIXED_STREAM, PackedOptions, mark_token_dim
 
 
 def size_class_step(tokens: int, multiple: int) -> int:
