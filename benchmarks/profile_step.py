@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--compile", default=None, help="embedtune compile mode: default or reduce-overhead")
     parser.add_argument("--cached", action="store_true", help="embedtune's cached loss (else its uncached loss)")
     parser.add_argument("--token-budget", type=int, default=None)
+    parser.add_argument("--rows", type=int, default=18, help="rows of the table of kernels by device time")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="embedtune: each step replayed as a CUDA graph (embedtune.graphs); every batch is warmed "
                              "up and captured before the timed and profiled steps")
@@ -116,7 +117,7 @@ def main() -> None:
             wall = time.perf_counter() - t0
         if graphed is not None:
             print("graphs:", graphed.counts, "off:", graphed.off_reason)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
         from torch._dynamo.utils import counters
 
