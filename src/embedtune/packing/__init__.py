@@ -60,7 +60,7 @@ class PackedForward:
     """A model's forward that runs packed; anything unusual goes to the original forward."""
 
     def __init__(self, model, packed_fn, attention_backend: str = "auto", compile: bool | str = False,
-                 token_multiple: int | None = None, whole_stack: bool = False):
+                 token_multiple: int | None = None, whole_stack: bool = False, fused_kernels: bool = True):
         self.original = model.forward
         self.model = model
         self.packed_fn = packed_fn
@@ -68,6 +68,7 @@ class PackedForward:
         self.token_multiple = token_multiple  # pad packed streams to a multiple of this (packing.varlen)
         self.whole_stack = whole_stack  # compiled: the whole layer stack as one graph (packing.layers)
         self.attention_backend = attention_backend
+        self.fused_kernels = fused_kernels  # fused dropout + residual + LayerNorm where it applies (`fused_norm`)
         self.auto = None  # with compile="auto": when compiling starts to pay
         self.fixed_stream: int | None = None  # streams of exactly this many tokens (set by `graphs` per step)
 
@@ -85,7 +86,8 @@ class PackedForward:
                 self.auto = CompileWhenItPays(self.model)
             compile = self.auto(input_ids.is_cuda, self.model.training and torch.is_grad_enabled())
         options = PackedOptions(token_multiple=self.token_multiple, fixed_stream=self.fixed_stream,
-                                compile_layers=compile, whole_stack=self.whole_stack)
+                                compile_layers=compile, whole_stack=self.whole_stack,
+                                fused_kernels=self.fused_kernels)
         hidden = self.packed_fn(self.model, input_ids, attention_mask, token_type_ids, self.attention_backend,
                                 options=options)
         if compile and self.compile == "auto":
@@ -94,7 +96,8 @@ class PackedForward:
 
 
 def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str = False,
-                     token_multiple: int | None = None, whole_stack: bool | None = None) -> bool:
+                     token_multiple: int | None = None, whole_stack: bool | None = None,
+                     fused_kernels: bool = True) -> bool:
     """Switch `model` (plain or peft) to the packed forward; returns False (with a notice) if unsupported.
 
     `compile=True` (or "default") also compiles the layers (one graph for the layer step, which every
@@ -106,6 +109,8 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str
     are recorded; measured slower than "default" on an H200 (docs/BENCHMARKS.md): opt-in only.
     `whole_stack` (default `packing.layers.WHOLE_STACK`, off): compile the whole stack as one graph
     instead of one graph per layer step (as fast, longer to compile; a benchmark row).
+    `fused_kernels` (on): BERT-family layers end their sub-blocks with the fused dropout + residual +
+    LayerNorm kernels on a CUDA device when not compiled (`packing.fused_norm`); off runs the modules.
     """
     if whole_stack is None:
         whole_stack = layers.WHOLE_STACK
@@ -126,8 +131,9 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str
     current = base.__dict__.get("forward")
     if isinstance(current, PackedForward):
         current.compile, current.token_multiple, current.whole_stack = compile, token_multiple, whole_stack
+        current.fused_kernels = fused_kernels
     else:
-        base.forward = PackedForward(base, fn, attention_backend, compile, token_multiple, whole_stack)
+        base.forward = PackedForward(base, fn, attention_backend, compile, token_multiple, whole_stack, fused_kernels)
     return True
 
 

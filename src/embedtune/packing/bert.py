@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .fused_norm import residual_norm
 from .layers import PackedOptions, run_layers
 from .lora_linear import linear, linears
 from .varlen import PackedBatch, varlen_attention
@@ -28,7 +29,7 @@ def _embed(model, input_ids, token_type_ids, plan: PackedBatch):
     return project(hidden) if project is not None else hidden
 
 
-def _layer(layer, hidden, plan: PackedBatch, attention_backend: str):
+def _layer(layer, hidden, plan: PackedBatch, attention_backend: str, fused: bool = False):
     self_attn = layer.attention.self
     tokens = hidden.shape[0]
     heads, dim = self_attn.num_attention_heads, self_attn.attention_head_size
@@ -37,15 +38,19 @@ def _layer(layer, hidden, plan: PackedBatch, attention_backend: str):
     scale = getattr(self_attn, "scaling", dim ** -0.5)
     context = varlen_attention(q, k, v, plan, scale, dropout, backend=attention_backend).reshape(tokens, heads * dim)
     out = layer.attention.output
-    hidden = out.LayerNorm(out.dropout(linear(out.dense, context)) + hidden)
-    return feed_forward(layer, hidden)
+    hidden, product_input = residual_norm(out.LayerNorm, out.dropout, linear(out.dense, context), hidden, fused)
+    return feed_forward(layer, hidden, product_input, fused)
 
 
-def feed_forward(layer, hidden):
-    """The BERT-family block after attention: dense, activation, dense, dropout, residual, LayerNorm."""
-    inter = layer.intermediate.intermediate_act_fn(linear(layer.intermediate.dense, hidden))
+def feed_forward(layer, hidden, product_input=None, fused: bool = False):
+    """The BERT-family block after attention: dense, activation, dense, dropout, residual, LayerNorm.
+
+    `product_input`: `hidden` as the first product takes it (its autocast copy, from the fused norm).
+    `fused`: end with the fused dropout + residual + LayerNorm where it applies (`fused_norm`)."""
+    first = hidden if product_input is None else product_input
+    inter = layer.intermediate.intermediate_act_fn(linear(layer.intermediate.dense, first))
     out = layer.output
-    return out.LayerNorm(out.dropout(linear(out.dense, inter)) + hidden)
+    return residual_norm(out.LayerNorm, out.dropout, linear(out.dense, inter), hidden, fused)[0]
 
 
 def packed_bert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
@@ -53,6 +58,7 @@ def packed_bert_forward(model, input_ids, attention_mask, token_type_ids=None, a
     """Token embeddings [B, L, H] (zeros at padding) computed without running dense layers on padding."""
     plan = PackedBatch.for_forward(attention_mask, options)
     hidden = _embed(model, input_ids, token_type_ids, plan)
-    hidden = run_layers(model.encoder.layer, hidden, lambda layer, h: _layer(layer, h, plan, attention_backend),
-                        options=options)
+    fused = (options or PackedOptions.current()).fused_kernels
+    hidden = run_layers(model.encoder.layer, hidden,
+                        lambda layer, h: _layer(layer, h, plan, attention_backend, fused), options=options)
     return plan.unpack(hidden)

@@ -53,13 +53,16 @@ class PackedOptions:
     fixed_stream: make streams exactly this many tokens, planned on the device (`PackedBatch.fixed`,
         what a CUDA-graph step needs, `embedtune.graphs`);
     compile_layers: False, True / "default" or "reduce-overhead" (`run_layers`);
-    whole_stack: compile the whole layer stack as one graph where it can be (`run_layers`).
+    whole_stack: compile the whole layer stack as one graph where it can be (`run_layers`);
+    fused_kernels: end each BERT-family sub-block with the fused dropout + residual + LayerNorm
+        kernels where they apply (`fused_norm.residual_norm`: CUDA, not compiled).
     """
 
     token_multiple: int | None = None
     fixed_stream: int | None = None
     compile_layers: bool | str = False
     whole_stack: bool = False
+    fused_kernels: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "compile_layers", compile_mode(self.compile_layers))

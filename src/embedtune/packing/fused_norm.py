@@ -1,0 +1,112 @@
+"""`LayerNorm(dropout(branch) + residual)`, the end of every BERT-family sub-block, as one kernel each way.
+
+Run op by op (dropout, add, LayerNorm, and under autocast the cast of the result for the next
+matrix products), the stream is read and written five times forward and as often backward, and the
+dropout mask is stored. On a CUDA device (Triton kernels, `triton_norm`) the forward reads branch
+and residual once and writes the normalized stream, its copy in the autocast dtype and the pre-norm
+sum; the backward reads them once. Dropout draws its mask from a seed that is itself drawn from
+torch's CUDA generator on every call, so: each step (and each CUDA-graph replay, whose generator
+offsets advance) gets a new mask, activation checkpointing's recompute (which restores the RNG
+state) gets the same one, and eval mode draws nothing. The masks are not torch's own bits; their
+rate, scale and reuse in the backward are (tests/test_fused_norm.py).
+
+Numerics are those of the plain path under autocast (LayerNorm in fp32, result in fp32), with the
+dropped branch kept in fp32 instead of rounded to the branch's dtype before the add.
+`residual_norm` picks the fused op where it applies and the modules otherwise: under
+torch.compile (inductor fuses the plain ops itself), on the CPU, for a LayerNorm without affine
+weights, or where Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+MAX_COLUMNS = 8192  # one row per tile in registers; wider rows take the plain ops
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _kernels():
+    from . import triton_norm  # imported on first use: Triton's import and JIT are not free
+
+    return triton_norm
+
+
+class DropoutAddNorm(torch.autograd.Function):
+    """y = LayerNorm(dropout(x, p) + residual); with `half_dtype`, also y in that dtype (second output)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, p: float, eps: float, seed, out_dtype, half_dtype):
+        shape = residual.shape
+        x2, r2 = x.reshape(-1, shape[-1]).contiguous(), residual.reshape(-1, shape[-1]).contiguous()
+        y, y_half, s, mean, rstd = _kernels().forward(x2, r2, weight, bias, seed, p, eps, out_dtype, half_dtype)
+        ctx.save_for_backward(s, mean, rstd, weight, seed)
+        ctx.p, ctx.dtypes, ctx.shape, ctx.half = p, (x.dtype, residual.dtype, bias.dtype), shape, half_dtype is not None
+        ctx.set_materialize_grads(False)
+        if y_half is None:
+            return y.view(shape)
+        return y.view(shape), y_half.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, dy_half=None):
+        s, mean, rstd, weight, seed = ctx.saved_tensors
+        x_dtype, residual_dtype, bias_dtype = ctx.dtypes
+        cols = ctx.shape[-1]
+        if dy is None and dy_half is None:
+            return (None,) * 9
+        if dy is None:  # only the copy in the autocast dtype fed anything that needs a gradient
+            dy, dy_half = dy_half, None
+        dy = dy.reshape(-1, cols).contiguous()
+        dy_half = dy_half.reshape(-1, cols).contiguous() if dy_half is not None else None
+        want_dx, want_dr, want_dw, want_db = ctx.needs_input_grad[:4]
+        ds, dx, dw, db = _kernels().backward(dy, dy_half, s, mean, rstd, weight, seed, ctx.p, x_dtype,
+                                             residual_dtype, want_dx, want_dw or want_db)
+        return (dx.view(ctx.shape) if want_dx else None, ds.view(ctx.shape) if want_dr else None,
+                dw if want_dw else None, db.to(bias_dtype) if want_db else None, None, None, None, None, None)
+
+
+def dropout_seed(device: torch.device) -> torch.Tensor:
+    """A fresh seed on the device, drawn from torch's generator (so CUDA-graph replays draw anew)."""
+    return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def can_fuse(norm, branch: torch.Tensor) -> bool:
+    """Whether `residual_norm` may take the fused op for this LayerNorm and input."""
+    return (_TRITON and (branch.is_cuda or _interpreting()) and type(norm) is torch.nn.LayerNorm
+            and norm.weight is not None and norm.bias is not None and len(norm.normalized_shape) == 1
+            and branch.shape[-1] <= MAX_COLUMNS and not torch.compiler.is_compiling())
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dropout_add_norm(norm: torch.nn.LayerNorm, p: float, branch: torch.Tensor, residual: torch.Tensor,
+                     with_half: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused op with the plain path's dtypes: (normalized stream, its input for the next matrix
+    products). Under autocast the stream is fp32, as autocast's LayerNorm returns, and the second is
+    the same values in the autocast dtype; without autocast both are one tensor."""
+    device = branch.device.type
+    autocast = torch.is_autocast_enabled(device)
+    out_dtype = torch.float32 if autocast else torch.promote_types(branch.dtype, residual.dtype)
+    half_dtype = torch.get_autocast_dtype(device) if autocast else None
+    if not with_half or half_dtype == out_dtype:
+        half_dtype = None
+    seed = dropout_seed(branch.device) if p > 0 else None
+    out = DropoutAddNorm.apply(branch, residual, norm.weight, norm.bias, p, norm.eps, seed, out_dtype, half_dtype)
+    return out if half_dtype is not None else (out, out)
+
+
+def residual_norm(norm, dropout, branch: torch.Tensor, residual: torch.Tensor,
+                  fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`norm(dropout(branch) + residual)`, and the same values as the next products' input.
+
+    `fused` (from `PackedOptions.fused_kernels`): use the fused op where `can_fuse` allows."""
+    if fused and can_fuse(norm, branch):
+        p = dropout.p if dropout.training else 0.0
+        return dropout_add_norm(norm, p, branch, residual)
+    out = norm(dropout(branch) + residual)
+    return out, out

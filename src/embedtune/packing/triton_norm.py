@@ -1,0 +1,141 @@
+"""Triton kernels for `dropout(x) + residual -> LayerNorm`, forward and backward (see `fused_norm`).
+
+Imported only where they run: on a CUDA device, or on the CPU under Triton's interpreter
+(`TRITON_INTERPRET=1` set before this module is imported), which is how CI checks them.
+
+Forward, one pass over each row: load the branch `x` and the residual, drop `x` with a Philox mask
+drawn from (seed, element index), add, normalize in fp32, write the normalized stream (and, when
+asked, its copy in the autocast dtype for the next matrix products), the pre-norm sum and the row
+statistics. The mask is never stored: the backward draws it again from the same seed.
+Backward, one pass: recompute the normalized row from the saved sum, form the LayerNorm input
+gradient (the residual's gradient), mask and scale it for the branch, and accumulate the weight and
+bias gradients per program; `fused_norm` adds up the per-program partials.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _forward(X, R, W, B, Y, Y_HALF, S, MEAN, RSTD, SEED, rows, cols, p, eps,
+             DROPOUT: tl.constexpr, WRITE_HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    col = tl.arange(0, BLOCK)
+    in_rows = row < rows
+    mask = in_rows[:, None] & (col < cols)[None, :]
+    offs = row[:, None] * cols + col[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if DROPOUT:
+        keep = tl.rand(tl.load(SEED), offs) >= p
+        x = tl.where(keep, x / (1.0 - p), 0.0)
+    s = x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(S + offs, s, mask=mask)
+    mean = tl.sum(s, axis=1) / cols
+    centred = tl.where(mask, s - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / cols + eps)
+    w = tl.load(W + col, mask=col < cols, other=0.0).to(tl.float32)
+    b = tl.load(B + col, mask=col < cols, other=0.0).to(tl.float32)
+    y = centred * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    if WRITE_HALF:
+        tl.store(Y_HALF + offs, y.to(Y_HALF.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean, mask=in_rows)
+    tl.store(RSTD + row, rstd, mask=in_rows)
+
+
+@triton.jit
+def _backward(DY, DY_HALF, S, MEAN, RSTD, W, SEED, DS, DX, DW, DB, rows, cols, rows_per_program, p,
+              DROPOUT: tl.constexpr, HAS_HALF: tl.constexpr, WANT_DX: tl.constexpr, WANT_DW: tl.constexpr,
+              BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    program = tl.program_id(0)
+    col = tl.arange(0, BLOCK)
+    in_cols = col < cols
+    w = tl.load(W + col, mask=in_cols, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    db = tl.zeros((BLOCK,), dtype=tl.float32)
+    first = program * rows_per_program
+    start = 0
+    while start < rows_per_program:  # a multiple of ROWS; rows past the end are masked
+        row = (first + start + tl.arange(0, ROWS)).to(tl.int64)
+        in_rows = row < rows
+        mask = in_rows[:, None] & in_cols[None, :]
+        offs = row[:, None] * cols + col[None, :]
+        mean = tl.load(MEAN + row, mask=in_rows, other=0.0)
+        rstd = tl.load(RSTD + row, mask=in_rows, other=0.0)
+        xhat = tl.where(mask, (tl.load(S + offs, mask=mask, other=0.0) - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_HALF:
+            dy += tl.load(DY_HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        g = dy * w[None, :]
+        c1 = tl.sum(xhat * g, axis=1) / cols
+        c2 = tl.sum(g, axis=1) / cols
+        ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
+        if WANT_DX:
+            dx = ds
+            if DROPOUT:
+                keep = tl.rand(tl.load(SEED), offs) >= p
+                dx = tl.where(keep, ds / (1.0 - p), 0.0)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if WANT_DW:
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
+        start += ROWS
+    if WANT_DW:
+        tl.store(DW + program * cols + col, dw, mask=in_cols)
+        tl.store(DB + program * cols + col, db, mask=in_cols)
+
+
+def _block(cols: int) -> tuple[int, int, int]:
+    """Columns per row padded to a power of two, rows per tile (about 4k elements a tile), warps."""
+    block = triton.next_power_of_2(cols)
+    rows = max(1, min(16, 4096 // block))
+    return block, rows, 8 if block >= 2048 else 4
+
+
+def forward(x, residual, weight, bias, seed, p: float, eps: float, out_dtype, half_dtype):
+    """Returns (y, y_half or None, pre-norm sum, mean, rstd); x and residual are [rows, cols], contiguous."""
+    rows, cols = x.shape
+    block, tile_rows, warps = _block(cols)
+    y = torch.empty((rows, cols), device=x.device, dtype=out_dtype)
+    y_half = torch.empty((rows, cols), device=x.device, dtype=half_dtype) if half_dtype is not None else y
+    s = torch.empty((rows, cols), device=x.device, dtype=torch.float32)
+    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(rows, tile_rows),)
+    _forward[grid](x, residual, weight, bias, y, y_half, s, mean, rstd, seed if seed is not None else mean,
+                   rows, cols, p, eps, DROPOUT=seed is not None, WRITE_HALF=half_dtype is not None,
+                   BLOCK=block, ROWS=tile_rows, num_warps=warps)
+    return y, (y_half if half_dtype is not None else None), s, mean, rstd
+
+
+def _programs(device: torch.device, rows: int, tile_rows: int) -> int:
+    if device.type == "cuda":
+        slots = torch.cuda.get_device_properties(device).multi_processor_count * 4
+    else:
+        slots = 4  # the interpreter: few programs, each looping over many rows
+    return max(1, min(slots, triton.cdiv(rows, tile_rows)))
+
+
+def backward(dy, dy_half, s, mean, rstd, weight, seed, p: float, x_dtype, residual_dtype,
+             want_dx: bool, want_dw: bool):
+    """Returns (d residual, d x or None, d weight or None, d bias or None)."""
+    rows, cols = s.shape
+    block, tile_rows, warps = _block(cols)
+    programs = _programs(s.device, rows, tile_rows)
+    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), tile_rows) * tile_rows
+    programs = triton.cdiv(rows, rows_per_program)
+    ds = torch.empty((rows, cols), device=s.device, dtype=residual_dtype)
+    dx = torch.empty((rows, cols), device=s.device, dtype=x_dtype) if want_dx else ds
+    partial_w = torch.empty((programs, cols), device=s.device, dtype=torch.float32) if want_dw else mean
+    partial_b = torch.empty((programs, cols), device=s.device, dtype=torch.float32) if want_dw else mean
+    _backward[(programs,)](dy, dy_half if dy_half is not None else dy, s, mean, rstd, weight,
+                           seed if seed is not None else mean, ds, dx, partial_w, partial_b,
+                           rows, cols, rows_per_program, p, DROPOUT=seed is not None, HAS_HALF=dy_half is not None,
+                           WANT_DX=want_dx, WANT_DW=want_dw, BLOCK=block, ROWS=tile_rows, num_warps=warps)
+    dw = partial_w.sum(0).to(weight.dtype) if want_dw else None
+    db = partial_b.sum(0).to(weight.dtype) if want_dw else None
+    return ds, (dx if want_dx else None), dw, db

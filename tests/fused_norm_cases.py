@@ -1,0 +1,216 @@
+"""The fused dropout + residual + LayerNorm kernels against the plain ops, run on the CPU through
+Triton's interpreter: outputs and gradients, the dropout mask's rate, scale and reuse in the backward,
+fresh masks per call, seeded reproducibility, eval mode, and whole packed BERT training steps
+(dropout on, activation checkpointing's recompute).
+
+Run by tests/test_fused_norm.py in a process of its own with TRITON_INTERPRET=1: Triton picks the
+interpreter when it is first imported, which other tests may already have done."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # after TRITON_INTERPRET=1 (the runner's environment)
+
+from embedtune import FastModel  # noqa: E402
+from embedtune.packing import enable_fast_path  # noqa: E402
+from embedtune.packing import fused_norm  # noqa: E402
+from embedtune.packing.fused_norm import DropoutAddNorm, dropout_add_norm, dropout_seed, residual_norm  # noqa: E402
+from tiny_models import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def interpreted():
+    """Triton kernels on the CPU, through the interpreter (see the module's docstring)."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_fused_norm.py"
+    kernels = fused_norm._kernels()
+    assert type(kernels._forward).__name__ == "InterpretedFunction"
+
+
+def _norm(cols: int) -> torch.nn.LayerNorm:
+    norm = torch.nn.LayerNorm(cols, eps=1e-12)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+        norm.bias.normal_(0.0, 0.3)
+    return norm
+
+
+def _grads(*tensors):
+    out = [t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return out
+
+
+@pytest.mark.parametrize("rows,cols", [(37, 48), (5, 96), (70, 33)])
+def test_matches_plain_ops_without_dropout(rows, cols):
+    torch.manual_seed(rows)
+    norm = _norm(cols)
+    x = torch.randn(rows, cols, requires_grad=True)
+    r = torch.randn(rows, cols, requires_grad=True)
+    up = torch.randn(rows, cols)
+    fused, same = dropout_add_norm(norm, 0.0, x, r)
+    assert same is fused  # no autocast: one tensor serves both
+    (fused * up).sum().backward()
+    got = _grads(x, r, norm.weight, norm.bias)
+    plain = norm(x + r)
+    (plain * up).sum().backward()
+    want = _grads(x, r, norm.weight, norm.bias)
+    assert (fused - plain).abs().max() < 1e-5
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() < 1e-4 * max(1.0, w.abs().max().item())
+
+
+def test_under_autocast_gives_fp32_stream_and_half_copy_with_both_gradients():
+    """Under autocast the plain path's LayerNorm returns fp32, which the next products cast back: the fused op
+    returns both, and the gradients reaching either output are added."""
+    torch.manual_seed(1)
+    norm = _norm(64)
+    x = torch.randn(21, 64, dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(21, 64, requires_grad=True)
+    up, up_half = torch.randn(21, 64), torch.randn(21, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stream, half = dropout_add_norm(norm, 0.0, x, r)
+    assert stream.dtype == torch.float32 and half.dtype == torch.bfloat16
+    # one bf16 step apart at most (Triton's interpreter truncates to bf16; a GPU rounds to nearest)
+    assert torch.allclose(half.float(), stream, rtol=2 ** -7, atol=0)
+    ((stream * up).sum() + (half.float() * up_half).sum()).backward()
+    got = _grads(x, r, norm.weight, norm.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = norm(x + r)
+        plain_half = plain.to(torch.bfloat16)
+    assert plain.dtype == torch.float32
+    ((plain * up).sum() + (plain_half.float() * up_half).sum()).backward()
+    want = _grads(x, r, norm.weight, norm.bias)
+    assert (stream - plain).abs().max() < 1e-5
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    for g, w in zip(got, want):
+        assert (g.float() - w.float()).abs().max() < 2e-2 * max(1.0, w.abs().max().item())
+
+
+def test_dropout_mask_rate_scale_and_reuse_in_backward():
+    torch.manual_seed(2)
+    rows, cols, p = 400, 96, 0.1
+    norm = _norm(cols)
+    x = (torch.rand(rows, cols) + 0.5).requires_grad_()  # never zero, so dropped entries show
+    r = torch.randn(rows, cols, requires_grad=True)
+    seed = dropout_seed(x.device)
+    up = torch.randn(rows, cols)
+    fused = DropoutAddNorm.apply(x, r, norm.weight, norm.bias, p, norm.eps, seed, torch.float32, None)
+    (fused * up).sum().backward()
+    got = _grads(x, r, norm.weight, norm.bias)
+    # the mask as the kernel drew it: the pre-norm sum minus the residual is the dropped branch
+    _, _, pre_norm, _, _ = fused_norm._kernels().forward(x.detach(), r.detach(), norm.weight, norm.bias, seed,
+                                                         p, norm.eps, torch.float32, None)
+    dropped = pre_norm - r.detach()
+    keep = dropped != 0
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 0.01, rate  # 38,400 draws: the rate's standard deviation is 0.0015
+    assert torch.allclose(dropped[keep], x.detach()[keep] / (1 - p), rtol=1e-6)
+    plain = norm(x * keep / (1 - p) + r)  # the same mask through the plain ops
+    (plain * up).sum().backward()
+    want = _grads(x, r, norm.weight, norm.bias)
+    assert (fused - plain).abs().max() < 1e-5
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() < 1e-4 * max(1.0, w.abs().max().item())
+    assert (got[0][~keep] == 0).all()  # dropped entries get no gradient
+
+
+def test_each_call_draws_a_new_mask_from_torchs_generator():
+    norm = _norm(32)
+    x, r = torch.rand(64, 32) + 0.5, torch.randn(64, 32)
+    torch.manual_seed(3)
+    first, second = dropout_add_norm(norm, 0.2, x, r)[0], dropout_add_norm(norm, 0.2, x, r)[0]
+    torch.manual_seed(3)
+    again = dropout_add_norm(norm, 0.2, x, r)[0]
+    assert not torch.equal(first, second)  # a new mask per call
+    assert torch.equal(first, again)  # seeded by torch's generator: reproducible
+
+
+def test_residual_norm_follows_the_dropout_modules_mode():
+    norm, dropout = _norm(32), torch.nn.Dropout(0.1)
+    x, r = torch.rand(50, 32) + 0.5, torch.randn(50, 32)
+    dropout.eval()
+    state = torch.get_rng_state()
+    fused, _ = residual_norm(norm, dropout, x, r, fused=True)
+    assert torch.equal(torch.get_rng_state(), state)  # eval draws nothing, as the plain path
+    assert (fused - norm(x + r)).abs().max() < 1e-5
+    dropout.train()
+    assert not torch.allclose(residual_norm(norm, dropout, x, r, fused=True)[0], fused)
+
+
+def _bert(tmp_path, dropout: float):
+    torch.manual_seed(0)
+    model, tok = FastModel.from_pretrained(str(make_tiny_model("bert", tmp_path)), max_seq_length=64, fast=False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = dropout
+    model.config.attention_probs_dropout_prob = 0.0  # attention dropout is not this op's; keep it out of the way
+    for layer in model.encoder.layer:
+        layer.attention.self.dropout.p = 0.0
+    batch = tok(["short", "a longer sentence with more tokens in it", "def f(x):\n    return x + 1"],
+                padding=True, return_tensors="pt")
+    return model, batch
+
+
+def _step(model, batch, seed: int = 0):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].bool()
+    loss = (out[mask] * torch.linspace(0.5, 1.5, out.shape[-1])).pow(2).sum()
+    loss.backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _close(a: dict, b: dict, tol: float) -> bool:
+    return set(a) == set(b) and all((a[k] - b[k]).abs().max() <= tol * max(1.0, b[k].abs().max().item()) for k in a)
+
+
+def test_packed_bert_layers_use_the_fused_op_and_train_like_the_modules(tmp_path, monkeypatch):
+    model, batch = _bert(tmp_path, dropout=0.1)
+    mask = batch["attention_mask"].bool()
+    calls = []
+    real = DropoutAddNorm.apply
+    monkeypatch.setattr(DropoutAddNorm, "apply", lambda *a: calls.append(a[4]) or real(*a))
+    assert enable_fast_path(model, fused_kernels=False)
+    model.eval()
+    plain_out, plain_grads = _step(model, batch)
+    assert not calls
+    enable_fast_path(model, fused_kernels=True)
+    fused_out, fused_grads = _step(model, batch)
+    assert calls == [0.0] * 4  # two sub-blocks in each of two layers, eval mode: no dropout
+    assert (fused_out[mask] - plain_out[mask]).abs().max() < 1e-5
+    assert _close(fused_grads, plain_grads, 1e-4)
+
+    model.train()  # dropout on: masks differ from torch's own bits, so compare behaviour, not values
+    calls.clear()
+    train_out, train_grads = _step(model, batch, seed=1)
+    assert calls == [0.1] * 4
+    assert (train_out[mask] - fused_out[mask]).abs().max() > 1e-3  # dropout acted
+    again_out, again_grads = _step(model, batch, seed=1)
+    assert torch.equal(train_out, again_out) and _close(again_grads, train_grads, 0)  # seeded: same masks
+    other_out, _ = _step(model, batch, seed=2)
+    assert not torch.equal(other_out, train_out)
+
+    # activation checkpointing recomputes each layer in the backward: it must redraw the same masks
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ckpt_out, ckpt_grads = _step(model, batch, seed=1)
+    assert torch.equal(ckpt_out, train_out)
+    assert _close(ckpt_grads, train_grads, 1e-6)
+
+
+def test_packed_bert_without_dropout_trains_as_the_modules(tmp_path):
+    model, batch = _bert(tmp_path, dropout=0.0)
+    mask = batch["attention_mask"].bool()
+    model.train()
+    assert enable_fast_path(model, fused_kernels=False)
+    plain_out, plain_grads = _step(model, batch)
+    enable_fast_path(model, fused_kernels=True)
+    fused_out, fused_grads = _step(model, batch)
+    assert (fused_out[mask] - plain_out[mask]).abs().max() < 1e-5
+    assert _close(fused_grads, plain_grads, 1e-4)
