@@ -106,13 +106,13 @@ def stock_model(path: str, lora: bool, max_len: int, compile_model: bool):
 
 
 def embedtune_model(path: str, lora: bool, max_len: int, fp32_base: bool = False, compile_model: bool | str = False,
-                    token_multiple: int | None = None):
+                    token_multiple: int | None = None, fused_kernels: bool = True):
     from embedtune import FastModel, to_sentence_transformer
     from embedtune.packing import enable_fast_path
 
     dtype = torch.bfloat16 if lora and not fp32_base else torch.float32
     model, tok = FastModel.from_pretrained(path, max_seq_length=max_len, dtype=dtype, fast=False)
-    enable_fast_path(model, compile=compile_model, token_multiple=token_multiple)
+    enable_fast_path(model, compile=compile_model, token_multiple=token_multiple, fused_kernels=fused_kernels)
     if lora:
         model = FastModel.get_peft_model(model, r=8, lora_alpha=8, target_modules=TARGETS[_kind(path)])
     return to_sentence_transformer(model, tok, pooling=POOLING[_kind(path)], normalize=False)
@@ -253,6 +253,9 @@ def main() -> None:
                         help="run the embedtune+compile variant rows above with each step replayed as a CUDA graph")
     parser.add_argument("--cuda-graph-rows", action="store_true",
                         help="also run embedtune (and embedtune+compile) with each step replayed as a CUDA graph")
+    parser.add_argument("--unfused-norm-row", action="store_true",
+                        help="also run embedtune + CUDA graphs with dropout + residual + LayerNorm as separate ops "
+                             "(packing.fused_norm off)")
     parser.add_argument("--warm-cache-row", action="store_true",
                         help="repeat each embedtune+compile row: its warm-up then reads torch's on-disk compile caches")
     args = parser.parse_args()
@@ -284,6 +287,9 @@ def main() -> None:
                 if args.cuda_graph_rows:
                     runners.append(("embedtune + CUDA graphs", lambda: embedtune_model(path, lora, args.max_seq_length),
                                     {"cuda_graphs": True}))
+                if args.unfused_norm_row:
+                    runners.append(("embedtune + CUDA graphs, norm unfused", lambda: embedtune_model(
+                        path, lora, args.max_seq_length, fused_kernels=False), {"cuda_graphs": True}))
                 if lora and args.fused_lora_row:
                     runners.append(("embedtune, LoRA add fused", lambda: embedtune_model(path, lora, args.max_seq_length), {}))
                 for compile_mode in args.compile_modes if args.compile else ():

@@ -1,0 +1,122 @@
+"""GPU check of the fused dropout + residual + LayerNorm (`embedtune.packing.fused_norm`): exactness
+against the plain ops, the dropout mask under CUDA-graph replay, and the time of one call forward +
+backward against the plain ops (eager and torch.compile'd) at BERT shapes. Prints a table last.
+
+    python3 benchmarks/check_fused_norm_gpu.py [--tokens 17000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from embedtune.packing import fused_norm
+from embedtune.packing.fused_norm import DropoutAddNorm, dropout_add_norm, dropout_seed
+
+
+def plain(norm, p, x, r):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = norm(torch.nn.functional.dropout(x, p, training=p > 0) + r)
+        return y, y.to(torch.bfloat16)
+
+
+def fused(norm, p, x, r):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return dropout_add_norm(norm, p, x, r)
+
+
+def exactness(tokens: int, cols: int) -> dict:
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(cols, eps=1e-12).cuda()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+        norm.bias.normal_(0, 0.3)
+    x = (torch.randn(tokens, cols, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_()
+    r = torch.randn(tokens, cols, device="cuda", requires_grad=True)
+    up, up_half = torch.randn(tokens, cols, device="cuda"), torch.randn(tokens, cols, device="cuda")
+    out = {}
+    for name, fn in (("fused", fused), ("plain", plain)):
+        y, y16 = fn(norm, 0.0, x, r)
+        ((y * up).sum() + (y16.float() * up_half).sum()).backward()
+        out[name] = [y.detach(), y16.detach()] + [t.grad.clone() for t in (x, r, norm.weight, norm.bias)]
+        for t in (x, r, norm.weight, norm.bias):
+            t.grad = None
+    names = ["y", "y_bf16", "dx", "dr", "dw", "db"]
+    err = {n: ((a.float() - b.float()).norm() / b.float().norm()).item() for n, a, b in zip(names, out["fused"], out["plain"])}
+    err["y_bf16_is_y_rounded"] = bool(torch.equal(out["fused"][1], out["fused"][0].to(torch.bfloat16)))
+    # dropout: rate and scale from the saved pre-norm sum
+    seed = dropout_seed(x.device)
+    _, _, s, _, _ = fused_norm._kernels().forward(x.detach(), r.detach(), norm.weight, norm.bias, seed, 0.1, 1e-12,
+                                                  torch.float32, None)
+    dropped = s - r.detach()
+    keep = dropped != 0
+    err["keep_rate"] = keep.float().mean().item()
+    nonzero = x.detach().float() != 0
+    err["scale_err"] = ((dropped[keep & nonzero] / x.detach().float()[keep & nonzero]) - 1 / 0.9).abs().max().item()
+    # CUDA graph: each replay draws a new mask; backward reuses the forward's
+    static_x, static_r = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            y, _ = fused(norm, 0.1, static_x, static_r)
+            y.sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    static_x.grad = static_r.grad = None
+    with torch.cuda.graph(graph):
+        y, _ = fused(norm, 0.1, static_x, static_r)
+        (y * up).sum().backward()
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        masks.append(static_x.grad != 0)
+    torch.cuda.synchronize()
+    err["replays_differ"] = bool(not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2]))
+    err["replay_keep_rate"] = masks[2].float().mean().item()
+    return err
+
+
+def timing(tokens: int, cols: int, p: float) -> dict:
+    from triton.testing import do_bench
+
+    norm = torch.nn.LayerNorm(cols, eps=1e-12).cuda()
+    x = torch.randn(tokens, cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(tokens, cols, device="cuda", requires_grad=True)
+    up = torch.randn(tokens, cols, device="cuda")
+    up16 = up.to(torch.bfloat16)
+    compiled = torch.compile(plain, dynamic=True)
+    result = {}
+    for name, fn in (("plain eager", plain), ("plain compiled", compiled), ("fused", fused)):
+        def step():
+            y, y16 = fn(norm, p, x, r)
+            torch.autograd.backward([y, y16], [up, up16])
+        for _ in range(3):
+            step()
+        result[name] = do_bench(step, warmup=20, rep=200)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=17000)
+    args = parser.parse_args()
+    rows = []
+    for cols in (768, 1024):
+        err = exactness(args.tokens, cols)
+        print(json.dumps({"cols": cols, **err}), flush=True)
+        times = timing(args.tokens, cols, 0.1)
+        print(json.dumps({"cols": cols, "ms": times}), flush=True)
+        rows.append((cols, err, times))
+    print(f"\n{'cols':>5s} {'rel err y / dx / dr / dw / db':>44s} {'keep':>6s} {'replays':>8s} "
+          f"{'eager ms':>9s} {'compiled ms':>12s} {'fused ms':>9s}")
+    for cols, err, t in rows:
+        errs = " / ".join(f"{err[k]:.1e}" for k in ("y", "dx", "dr", "dw", "db"))
+        print(f"{cols:5d} {errs:>44s} {err['keep_rate']:6.3f} {str(err['replays_differ']):>8s} "
+              f"{t['plain eager']:9.3f} {t['plain compiled']:12.3f} {t['fused']:9.3f}")
+
+
+if __name__ == "__main__":
+    main()
