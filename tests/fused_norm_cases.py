@@ -214,3 +214,30 @@ def test_packed_bert_without_dropout_trains_as_the_modules(tmp_path):
     fused_out, fused_grads = _step(model, batch)
     assert (fused_out[mask] - plain_out[mask]).abs().max() < 1e-5
     assert _close(fused_grads, plain_grads, 1e-4)
+
+
+def test_packed_bert_under_autocast_feeds_the_half_copy_to_the_products(tmp_path, monkeypatch):
+    """Under autocast the attention block's norm hands its bf16 copy to the feed-forward product and the
+    feed-forward's norm writes none (nothing reads it); outputs and gradients stay those of the modules."""
+    model, batch = _bert(tmp_path, dropout=0.1)
+    mask = batch["attention_mask"].bool()
+    halves = []
+    real = DropoutAddNorm.apply
+    monkeypatch.setattr(DropoutAddNorm, "apply", lambda *a: halves.append(a[8]) or real(*a))
+    model.eval()
+    results = {}
+    for fused in (False, True):
+        enable_fast_path(model, fused_kernels=fused)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[fused] = _step(model, batch)
+    assert halves == [torch.bfloat16, None] * 2
+    (plain_out, plain_grads), (fused_out, fused_grads) = results[False], results[True]
+    assert fused_out.dtype == plain_out.dtype == torch.float32
+    assert (fused_out[mask] - plain_out[mask]).abs().max() < 2e-2 * plain_out[mask].abs().max()
+    assert set(fused_grads) == set(plain_grads)
+    # bf16 products: 3% of each gradient's norm, with a floor for the key biases, whose exact gradient is
+    # zero (softmax ignores a per-query constant) and which hold only rounding noise on both paths
+    floor = 3e-3 * max(g.norm().item() for g in plain_grads.values())
+    excess = {k: (fused_grads[k] - plain_grads[k]).norm().item() - 3e-2 * plain_grads[k].norm().item() - floor
+              for k in plain_grads}
+    assert max(excess.values()) <= 0, sorted(excess.items(), key=lambda kv: -kv[1])[:4]

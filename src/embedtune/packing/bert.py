@@ -50,7 +50,7 @@ def feed_forward(layer, hidden, product_input=None, fused: bool = False):
     first = hidden if product_input is None else product_input
     inter = layer.intermediate.intermediate_act_fn(linear(layer.intermediate.dense, first))
     out = layer.output
-    return residual_norm(out.LayerNorm, out.dropout, linear(out.dense, inter), hidden, fused)[0]
+    return residual_norm(out.LayerNorm, out.dropout, linear(out.dense, inter), hidden, fused, product_input=False)[0]
 
 
 def packed_bert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",

@@ -100,13 +100,15 @@ def dropout_add_norm(norm: torch.nn.LayerNorm, p: float, branch: torch.Tensor, r
     return out if half_dtype is not None else (out, out)
 
 
-def residual_norm(norm, dropout, branch: torch.Tensor, residual: torch.Tensor,
-                  fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_norm(norm, dropout, branch: torch.Tensor, residual: torch.Tensor, fused: bool,
+                  product_input: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`norm(dropout(branch) + residual)`, and the same values as the next products' input.
 
-    `fused` (from `PackedOptions.fused_kernels`): use the fused op where `can_fuse` allows."""
+    `fused` (from `PackedOptions.fused_kernels`): use the fused op where `can_fuse` allows.
+    `product_input`: the caller feeds the result to matrix products (so the fused op also writes
+    the autocast copy); False: only the stream is used, and the second value is the stream."""
     if fused and can_fuse(norm, branch):
         p = dropout.p if dropout.training else 0.0
-        return dropout_add_norm(norm, p, branch, residual)
+        return dropout_add_norm(norm, p, branch, residual, with_half=product_input)
     out = norm(dropout(branch) + residual)
     return out, out

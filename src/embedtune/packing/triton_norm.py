@@ -19,16 +19,18 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _forward(X, R, W, B, Y, Y_HALF, S, MEAN, RSTD, SEED, rows, cols, p, eps,
-             DROPOUT: tl.constexpr, WRITE_HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+# One compiled kernel each way: the switches are runtime arguments, and the row count is not
+# specialized on (Triton would compile again for counts that are or are not multiples of 16).
+@triton.jit(do_not_specialize=["rows", "dropout", "write_half"])
+def _forward(X, R, W, B, Y, Y_HALF, S, MEAN, RSTD, SEED, rows, cols, p, eps, dropout, write_half,
+             BLOCK: tl.constexpr, ROWS: tl.constexpr):
     row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     col = tl.arange(0, BLOCK)
     in_rows = row < rows
     mask = in_rows[:, None] & (col < cols)[None, :]
     offs = row[:, None] * cols + col[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    if DROPOUT:
+    if dropout != 0:
         keep = tl.rand(tl.load(SEED), offs) >= p
         x = tl.where(keep, x / (1.0 - p), 0.0)
     s = x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
@@ -40,16 +42,15 @@ def _forward(X, R, W, B, Y, Y_HALF, S, MEAN, RSTD, SEED, rows, cols, p, eps,
     b = tl.load(B + col, mask=col < cols, other=0.0).to(tl.float32)
     y = centred * rstd[:, None] * w[None, :] + b[None, :]
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-    if WRITE_HALF:
+    if write_half != 0:
         tl.store(Y_HALF + offs, y.to(Y_HALF.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean, mask=in_rows)
     tl.store(RSTD + row, rstd, mask=in_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "rows_per_program", "dropout", "has_half", "want_dx", "want_dw"])
 def _backward(DY, DY_HALF, S, MEAN, RSTD, W, SEED, DS, DX, DW, DB, rows, cols, rows_per_program, p,
-              DROPOUT: tl.constexpr, HAS_HALF: tl.constexpr, WANT_DX: tl.constexpr, WANT_DW: tl.constexpr,
-              BLOCK: tl.constexpr, ROWS: tl.constexpr):
+              dropout, has_half, want_dx, want_dw, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     program = tl.program_id(0)
     col = tl.arange(0, BLOCK)
     in_cols = col < cols
@@ -67,24 +68,24 @@ def _backward(DY, DY_HALF, S, MEAN, RSTD, W, SEED, DS, DX, DW, DB, rows, cols, r
         rstd = tl.load(RSTD + row, mask=in_rows, other=0.0)
         xhat = tl.where(mask, (tl.load(S + offs, mask=mask, other=0.0) - mean[:, None]) * rstd[:, None], 0.0)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_HALF:
+        if has_half != 0:
             dy += tl.load(DY_HALF + offs, mask=mask, other=0.0).to(tl.float32)
         g = dy * w[None, :]
         c1 = tl.sum(xhat * g, axis=1) / cols
         c2 = tl.sum(g, axis=1) / cols
         ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
-        if WANT_DX:
+        if want_dx != 0:
             dx = ds
-            if DROPOUT:
+            if dropout != 0:
                 keep = tl.rand(tl.load(SEED), offs) >= p
                 dx = tl.where(keep, ds / (1.0 - p), 0.0)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        if WANT_DW:
+        if want_dw != 0:
             dw += tl.sum(dy * xhat, axis=0)
             db += tl.sum(dy, axis=0)
         start += ROWS
-    if WANT_DW:
+    if want_dw != 0:
         tl.store(DW + program * cols + col, dw, mask=in_cols)
         tl.store(DB + program * cols + col, db, mask=in_cols)
 
@@ -107,7 +108,7 @@ def forward(x, residual, weight, bias, seed, p: float, eps: float, out_dtype, ha
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(rows, tile_rows),)
     _forward[grid](x, residual, weight, bias, y, y_half, s, mean, rstd, seed if seed is not None else mean,
-                   rows, cols, p, eps, DROPOUT=seed is not None, WRITE_HALF=half_dtype is not None,
+                   rows, cols, p, eps, int(seed is not None), int(half_dtype is not None),
                    BLOCK=block, ROWS=tile_rows, num_warps=warps)
     return y, (y_half if half_dtype is not None else None), s, mean, rstd
 
@@ -134,8 +135,8 @@ def backward(dy, dy_half, s, mean, rstd, weight, seed, p: float, x_dtype, residu
     partial_b = torch.empty((programs, cols), device=s.device, dtype=torch.float32) if want_dw else mean
     _backward[(programs,)](dy, dy_half if dy_half is not None else dy, s, mean, rstd, weight,
                            seed if seed is not None else mean, ds, dx, partial_w, partial_b,
-                           rows, cols, rows_per_program, p, DROPOUT=seed is not None, HAS_HALF=dy_half is not None,
-                           WANT_DX=want_dx, WANT_DW=want_dw, BLOCK=block, ROWS=tile_rows, num_warps=warps)
+                           rows, cols, rows_per_program, p, int(seed is not None), int(dy_half is not None),
+                           int(want_dx), int(want_dw), BLOCK=block, ROWS=tile_rows, num_warps=warps)
     dw = partial_w.sum(0).to(weight.dtype) if want_dw else None
     db = partial_b.sum(0).to(weight.dtype) if want_dw else None
     return ds, (dx if want_dx else None), dw, db
