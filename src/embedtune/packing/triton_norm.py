@@ -97,6 +97,11 @@ def _block(cols: int) -> tuple[int, int, int]:
     return block, rows, 8 if block >= 2048 else 4
 
 
+def _seed_or_zero(seed, device):
+    """The seed pointer is int64 in every call (without dropout it is not read), so one kernel serves both."""
+    return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
+
+
 def forward(x, residual, weight, bias, seed, p: float, eps: float, out_dtype, half_dtype):
     """Returns (y, y_half or None, pre-norm sum, mean, rstd); x and residual are [rows, cols], contiguous."""
     rows, cols = x.shape
@@ -107,7 +112,7 @@ def forward(x, residual, weight, bias, seed, p: float, eps: float, out_dtype, ha
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(rows, tile_rows),)
-    _forward[grid](x, residual, weight, bias, y, y_half, s, mean, rstd, seed if seed is not None else mean,
+    _forward[grid](x, residual, weight, bias, y, y_half, s, mean, rstd, _seed_or_zero(seed, x.device),
                    rows, cols, p, eps, int(seed is not None), int(half_dtype is not None),
                    BLOCK=block, ROWS=tile_rows, num_warps=warps)
     return y, (y_half if half_dtype is not None else None), s, mean, rstd
@@ -134,7 +139,7 @@ def backward(dy, dy_half, s, mean, rstd, weight, seed, p: float, x_dtype, residu
     partial_w = torch.empty((programs, cols), device=s.device, dtype=torch.float32) if want_dw else mean
     partial_b = torch.empty((programs, cols), device=s.device, dtype=torch.float32) if want_dw else mean
     _backward[(programs,)](dy, dy_half if dy_half is not None else dy, s, mean, rstd, weight,
-                           seed if seed is not None else mean, ds, dx, partial_w, partial_b,
+                           _seed_or_zero(seed, s.device), ds, dx, partial_w, partial_b,
                            rows, cols, rows_per_program, p, int(seed is not None), int(dy_half is not None),
                            int(want_dx), int(want_dw), BLOCK=block, ROWS=tile_rows, num_warps=warps)
     dw = partial_w.sum(0).to(weight.dtype) if want_dw else None
