@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 
 import torch
 
@@ -64,9 +68,11 @@ def exactness(tokens: int, cols: int) -> dict:
             y, _ = fused(norm, 0.1, static_x, static_r)
             y.sum().backward()
     torch.cuda.current_stream().wait_stream(stream)
+    from embedtune.graphs import _fresh_leaf_streams  # as the recipe's graph step captures
+
     graph = torch.cuda.CUDAGraph()
     static_x.grad = static_r.grad = None
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), _fresh_leaf_streams():
         y, _ = fused(norm, 0.1, static_x, static_r)
         (y * up).sum().backward()
     masks = []
@@ -99,10 +105,41 @@ def timing(tokens: int, cols: int, p: float) -> dict:
     return result
 
 
+FIRST_CALL = """
+import time
+t = time.perf_counter()
+import torch
+from embedtune.packing.fused_norm import dropout_add_norm
+norm = torch.nn.LayerNorm(768).cuda()
+x = torch.randn(1000, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+r = torch.randn(1000, 768, device="cuda", requires_grad=True)
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    y, y16 = dropout_add_norm(norm, 0.1, x, r)
+torch.autograd.backward([y, y16], [torch.ones_like(y), torch.ones_like(y16)])
+torch.cuda.synchronize()
+print(time.perf_counter() - t)
+"""
+
+
+def build_seconds() -> dict:
+    """The first fused call's seconds in a fresh process (torch imported beforehand, so not counted):
+    with an empty Triton cache, then with the one it filled."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        base = "import time, torch\ntorch.zeros(1, device='cuda')\n"
+        def run(code):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else out.stderr[-500:]
+        code = base + FIRST_CALL.replace("import torch\n", "", 1)
+        return {"cold_s": run(code), "warm_s": run(code)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=17000)
     args = parser.parse_args()
+    builds = build_seconds()
+    print(json.dumps({"first_call": builds}), flush=True)
     rows = []
     for cols in (768, 1024):
         err = exactness(args.tokens, cols)
@@ -116,6 +153,7 @@ def main() -> None:
         errs = " / ".join(f"{err[k]:.1e}" for k in ("y", "dx", "dr", "dw", "db"))
         print(f"{cols:5d} {errs:>44s} {err['keep_rate']:6.3f} {str(err['replays_differ']):>8s} "
               f"{t['plain eager']:9.3f} {t['plain compiled']:12.3f} {t['fused']:9.3f}")
+    print(f"first fused call in a new process (torch and CUDA already up): {builds}")
 
 
 if __name__ == "__main__":

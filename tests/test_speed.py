@@ -37,6 +37,31 @@ def test_compile_when_the_steps_earn_the_warm_up_back():
     assert warm.compile and "warm cache" in warm.why
 
 
+def test_fused_norm_where_its_build_pays_or_is_cached(tmp_path, monkeypatch):
+    """The fused kernels' cold build is paid back by long runs; a cached build by short ones; compiled layers
+    fuse the norm themselves, and models without such layers never take it."""
+    step_s = 0.05
+    break_even = speed.FUSED_NORM_COLD_S / (speed.FUSED_NORM_GAIN * step_s)
+    kw = dict(compile=False, cuda_graphs=None, step_s=step_s, fused_applies=True, **GPU)
+    short = choose(steps=int(break_even * 0.9), **kw)
+    long = choose(steps=int(break_even * 1.1), **kw)
+    assert not short.fused_kernels and long.fused_kernels and "cold cache" in long.why
+    warm = choose(steps=int(break_even * 0.9), fused_warm=True, **kw)
+    assert warm.fused_kernels and "warm cache" in warm.why
+    assert not choose(steps=10**6, **{**kw, "compile": True}).fused_kernels
+    assert not choose(steps=10**6, **{**kw, "fused_applies": False}).fused_kernels
+    assert not choose(steps=10**6, **{**kw, "cuda": False}).fused_kernels
+    forced = choose(steps=1, fused_kernels=True, **kw)
+    assert forced.fused_kernels and "--fused-kernels" in forced.why
+    assert not choose(steps=10**6, fused_kernels=False, **kw).fused_kernels
+    # the marker: written after a build, per kernel source (an edited kernel is built anew)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    assert not speed.fused_kernels_cached("abc")
+    speed.mark_fused_kernels_built("abc")
+    assert speed.fused_kernels_cached("abc") and not speed.fused_kernels_cached("abd")
+    assert speed.fused_kernels_fingerprint("one source") != speed.fused_kernels_fingerprint("another")
+
+
 def test_flags_overrule_the_choice():
     off = choose(compile=False, cuda_graphs=False, steps=10**6, step_s=1.0, **GPU)
     assert (off.compile, off.cuda_graphs) == (False, False)
@@ -133,5 +158,6 @@ def test_recipe_records_its_speed_mode(tmp_path):
                                       "--max-seq-length", "32", "--no-eval"])
     assert result.exit_code == 0, result.output
     mode = json.loads((out / "metrics.json").read_text())["speed"]
-    assert mode == {"compile": False, "cuda_graphs": False, "why": mode["why"]} and "no CUDA device" in mode["why"]
+    assert mode == {"compile": False, "cuda_graphs": False, "fused_kernels": False, "why": mode["why"]}
+    assert "no CUDA device" in mode["why"]
     assert "speed mode: eager" in result.output

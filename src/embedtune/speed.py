@@ -8,6 +8,10 @@ tests/test_compile.py, benchmarks/check_graphs_gpu.py); they differ in what they
 - CUDA graphs: each batch shape runs eagerly once and is captured at its second sight (a few
   shapes per run), so they pay after a few dozen steps. Where the step cannot be captured (another
   loss, several processes, gradient checkpointing, ...) the run stays eager (`graphs.unsupported_reason`).
+- Fused kernels (`packing.fused_norm`, BERT-family layers not compiled): Triton builds them on their
+  first use and keeps them in its on-disk cache; a cold build costs seconds (its launchers are
+  compiled C), a cached one almost nothing. They save a small share of each step, so they are on
+  where that pays, or where the cache holds them (a marker written after a build, as for compiling).
 - Compiling the packed layers: one compile per run, 12-15 s cold on an H200 and about 3 s when torch's
   on-disk cache already holds this model's code (docs/BENCHMARKS.md). It saves a share of each step,
   so it pays when the planned steps earn the warm-up back, which the estimate below decides.
@@ -36,6 +40,11 @@ COMPILE_COLD_S, COMPILE_COLD_PER_LAYER_S, COMPILE_WARM_S = 12.0, 0.15, 4.0
 # Share of a step that compiled layers save over the same step without them (H200, BERT-base and
 # BERT-large, batch 128 x 512: 12-22% with CUDA graphs, more without).
 COMPILE_GAIN = 0.12
+# Fused dropout + residual + LayerNorm: share of a BERT-family step it saves (H200, BERT-base full,
+# CUDA graphs: 420.5k against 401.5k tokens/s, docs/BENCHMARKS.md), and its build cost in seconds with
+# Triton's cache cold and warm.
+FUSED_NORM_GAIN = 0.045
+FUSED_NORM_COLD_S, FUSED_NORM_WARM_S = 8.0, 0.5
 # Eager packed step's model FLOPs utilisation (BERT-base full on an H200: ~20%).
 EAGER_MFU = 0.20
 # Dense bf16 tensor-core FLOP/s by compute capability (major); the fallback is a modest card.
@@ -50,6 +59,7 @@ class SpeedMode:
     compile: bool
     cuda_graphs: bool  # asked for; the graph step may still find the run unsupported (`graphs`)
     why: str
+    fused_kernels: bool = False  # the fused norm kernels of BERT-family layers (`packing.fused_norm`)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -67,11 +77,13 @@ def compile_seconds(layers: int, warm: bool) -> float:
 
 
 def choose(*, compile: bool | None, cuda_graphs: bool | None, fast: bool, cuda: bool, steps: int,
-           step_s: float, layers: int, cache_warm: bool, processes: int = 1) -> SpeedMode:
-    """The run's mode. `compile`/`cuda_graphs`: the user's choice, None for automatic. `steps`: the
-    micro-steps planned; `step_s`: an eager step's estimated time (`step_seconds`). Runs over several
-    processes stay eager unless asked: graphs do not capture the gradient exchange, and compiled
-    layers under DDP/FSDP are not covered by the tests."""
+           step_s: float, layers: int, cache_warm: bool, processes: int = 1, fused_kernels: bool | None = None,
+           fused_applies: bool = False, fused_warm: bool = False) -> SpeedMode:
+    """The run's mode. `compile`/`cuda_graphs`/`fused_kernels`: the user's choice, None for automatic.
+    `steps`: the micro-steps planned; `step_s`: an eager step's estimated time (`step_seconds`). Runs
+    over several processes stay eager unless asked: graphs do not capture the gradient exchange, and
+    compiled layers under DDP/FSDP are not covered by the tests. `fused_applies`: the model's layers
+    have the fused norm (BERT family on the fast path); `fused_warm`: Triton's cache holds it."""
     if not fast:
         if compile or cuda_graphs:
             raise ValueError("compile and CUDA graphs need the packed fast path")
@@ -102,7 +114,44 @@ def choose(*, compile: bool | None, cuda_graphs: bool | None, fast: bool, cuda: 
     else:
         compiled = compile
         reasons.append(f"compile: {'--compile' if compile else '--no-compile'}")
-    return SpeedMode(bool(compiled), bool(graphs), "; ".join(reasons))
+    fused = False
+    if fused_kernels is not None:
+        fused = fused_kernels and fused_applies and cuda and not compiled
+        reasons.append(f"fused norm: {'--fused-kernels' if fused_kernels else '--no-fused-kernels'}"
+                       + ("" if fused or not fused_kernels else " (not used: " + (
+                           "compiled layers fuse it themselves" if compiled else
+                           "no CUDA device" if not cuda else "no such layers") + ")"))
+    elif fused_applies and cuda and not compiled:
+        cost = FUSED_NORM_WARM_S if fused_warm else FUSED_NORM_COLD_S
+        saved = FUSED_NORM_GAIN * step_s * steps
+        fused = saved > cost
+        reasons.append(f"fused norm: saves ~{saved:.1f} s over {steps} steps against ~{cost:.1f} s of kernel "
+                       f"builds ({'warm' if fused_warm else 'cold'} cache)")
+    return SpeedMode(bool(compiled), bool(graphs), "; ".join(reasons), bool(fused))
+
+
+def triton_cache_dir() -> Path:
+    """Where Triton keeps built kernels (its own default unless TRITON_CACHE_DIR says otherwise)."""
+    import os
+
+    return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+
+
+def fused_kernels_fingerprint(source: str) -> str:
+    """The fused kernels' source and the card's compute capability: a build of other code or for
+    another card does not count as cached."""
+    import torch
+
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+    return hashlib.sha256(f"{source}|{capability}".encode()).hexdigest()[:16]
+
+
+def fused_kernels_cached(fingerprint: str) -> bool:
+    return cache_is_warm(triton_cache_dir(), "fused-" + fingerprint)
+
+
+def mark_fused_kernels_built(fingerprint: str) -> None:
+    mark_cache_warm(triton_cache_dir(), "fused-" + fingerprint)
 
 
 def model_fingerprint(model) -> str:

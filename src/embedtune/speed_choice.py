@@ -29,18 +29,30 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int):
         trainable += p.numel() if p.requires_grad else 0
     fingerprint = speed_mode.model_fingerprint(base)
     cache_dir = compile_cache_dir()
+    fused_applies = fused_warm = False
+    if config.fast and torch.cuda.is_available():
+        from .packing import has_fused_kernels
+        from .packing.fused_norm import can_build
+
+        fused_applies = has_fused_kernels(model) and can_build()
+        if fused_applies:
+            from .packing.fused_norm import kernels_fingerprint
+
+            fused_warm = speed_mode.fused_kernels_cached(kernels_fingerprint())
     mode = speed_mode.choose(
         compile=config.compile, cuda_graphs=config.cuda_graphs, fast=config.fast,
         cuda=torch.cuda.is_available(), steps=micro_steps,
         step_s=speed_mode.step_seconds(tokens_per_row * config.batch_size, params, trainable, speed_mode.peak_flops()),
         layers=int(getattr(base.config, "num_hidden_layers", 0) or 0),
         cache_warm=speed_mode.cache_is_warm(cache_dir, fingerprint), processes=distributed.world_size(),
+        fused_kernels=getattr(config, "fused_kernels", None), fused_applies=fused_applies, fused_warm=fused_warm,
     )
     compile_cache = use_persistent_compile_cache() if mode.compile else None  # later runs reuse its code
     if config.fast:
-        from .packing import set_compile
+        from .packing import set_compile, set_fused_kernels
 
         set_compile(model, mode.compile)  # decided here, for the whole run (not "auto", as loaded)
+        set_fused_kernels(model, mode.fused_kernels)
     return mode, compile_cache, fingerprint
 
 

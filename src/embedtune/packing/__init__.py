@@ -145,6 +145,20 @@ def set_compile(model, compile: bool | str) -> None:
         forward.compile = compile
 
 
+def set_fused_kernels(model, on: bool) -> None:
+    """Whether a packed model's layers use the fused kernels where they apply (`enable_fast_path`'s
+    `fused_kernels`); nothing for a model without the packed forward."""
+    forward = unwrap_peft(model).__dict__.get("forward")
+    if isinstance(forward, PackedForward):
+        forward.fused_kernels = on
+
+
+def has_fused_kernels(model) -> bool:
+    """Whether the model's packed forward has layers with the fused norm (the BERT family)."""
+    forward = unwrap_peft(model).__dict__.get("forward")
+    return isinstance(forward, PackedForward) and forward.packed_fn is packed_bert_forward
+
+
 def disable_fast_path(model) -> None:
     base = unwrap_peft(model)
     if isinstance(base.__dict__.get("forward"), PackedForward):

@@ -20,6 +20,8 @@ weights, or where Triton is not installed.
 from __future__ import annotations
 
 import importlib.util
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -31,6 +33,22 @@ def _kernels():
     from . import triton_norm  # imported on first use: Triton's import and JIT are not free
 
     return triton_norm
+
+
+@lru_cache(maxsize=None)
+def kernels_fingerprint() -> str:
+    """Names this build of the kernels (their source, the card) for `speed`'s cache marker."""
+    from ..speed import fused_kernels_fingerprint
+
+    return fused_kernels_fingerprint((Path(__file__).parent / "triton_norm.py").read_text())
+
+
+@lru_cache(maxsize=None)
+def _mark_built(device_index: int) -> None:
+    """After the first call on a CUDA device: later runs find the kernels in Triton's cache."""
+    from ..speed import mark_fused_kernels_built
+
+    mark_fused_kernels_built(kernels_fingerprint())
 
 
 class DropoutAddNorm(torch.autograd.Function):
@@ -71,6 +89,11 @@ def dropout_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
 
 
+def can_build() -> bool:
+    """Triton is installed, so the kernels can be built for a CUDA device."""
+    return _TRITON
+
+
 def can_fuse(norm, branch: torch.Tensor) -> bool:
     """Whether `residual_norm` may take the fused op for this LayerNorm and input."""
     return (_TRITON and (branch.is_cuda or _interpreting()) and type(norm) is torch.nn.LayerNorm
@@ -97,6 +120,8 @@ def dropout_add_norm(norm: torch.nn.LayerNorm, p: float, branch: torch.Tensor, r
         half_dtype = None
     seed = dropout_seed(branch.device) if p > 0 else None
     out = DropoutAddNorm.apply(branch, residual, norm.weight, norm.bias, p, norm.eps, seed, out_dtype, half_dtype)
+    if branch.is_cuda:
+        _mark_built(branch.device.index or 0)
     return out if half_dtype is not None else (out, out)
 
 
