@@ -59,22 +59,27 @@ def exactness(tokens: int, cols: int) -> dict:
     err["keep_rate"] = keep.float().mean().item()
     nonzero = x.detach().float() != 0
     err["scale_err"] = ((dropped[keep & nonzero] / x.detach().float()[keep & nonzero]) - 1 / 0.9).abs().max().item()
-    # CUDA graph: each replay draws a new mask; backward reuses the forward's
-    static_x, static_r = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
+    # CUDA graph: each replay draws a new mask; backward reuses the forward's. Its own norm with frozen
+    # weights and inputs made on the side stream, so nothing captured accumulates into tensors of the
+    # default stream (which capture forbids)
+    graph_norm = torch.nn.LayerNorm(cols, eps=1e-12).cuda().requires_grad_(False)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):
-            y, _ = fused(norm, 0.1, static_x, static_r)
-            y.sum().backward()
+        static_x = x.detach().clone().requires_grad_()
+        static_r = r.detach().clone()
+        static_up = up.clone()
+        for _ in range(3):
+            y, _ = fused(graph_norm, 0.1, static_x, static_r)
+            (y * static_up).sum().backward()
+            static_x.grad = None
     torch.cuda.current_stream().wait_stream(stream)
     from embedtune.graphs import _fresh_leaf_streams  # as the recipe's graph step captures
 
     graph = torch.cuda.CUDAGraph()
-    static_x.grad = static_r.grad = None
     with torch.cuda.graph(graph), _fresh_leaf_streams():
-        y, _ = fused(norm, 0.1, static_x, static_r)
-        (y * up).sum().backward()
+        y, _ = fused(graph_norm, 0.1, static_x, static_r)
+        (y * static_up).sum().backward()
     masks = []
     for _ in range(3):
         graph.replay()
