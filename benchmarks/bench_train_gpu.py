@@ -106,7 +106,7 @@ def stock_model(path: str, lora: bool, max_len: int, compile_model: bool):
 
 
 def embedtune_model(path: str, lora: bool, max_len: int, fp32_base: bool = False, compile_model: bool | str = False,
-                    token_multiple: int | None = None, fused_kernels: bool = True):
+                    token_multiple: int | None = None, fused_kernels: bool = False):
     from embedtune import FastModel, to_sentence_transformer
     from embedtune.packing import enable_fast_path
 
@@ -253,9 +253,9 @@ def main() -> None:
                         help="run the embedtune+compile variant rows above with each step replayed as a CUDA graph")
     parser.add_argument("--cuda-graph-rows", action="store_true",
                         help="also run embedtune (and embedtune+compile) with each step replayed as a CUDA graph")
-    parser.add_argument("--unfused-norm-row", action="store_true",
-                        help="also run embedtune + CUDA graphs with dropout + residual + LayerNorm as separate ops "
-                             "(packing.fused_norm off)")
+    parser.add_argument("--fused-norm-row", action="store_true",
+                        help="also run embedtune + CUDA graphs with the fused dropout + residual + LayerNorm kernels "
+                             "(packing.fused_norm)")
     parser.add_argument("--warm-cache-row", action="store_true",
                         help="repeat each embedtune+compile row: its warm-up then reads torch's on-disk compile caches")
     args = parser.parse_args()
@@ -287,9 +287,9 @@ def main() -> None:
                 if args.cuda_graph_rows:
                     runners.append(("embedtune + CUDA graphs", lambda: embedtune_model(path, lora, args.max_seq_length),
                                     {"cuda_graphs": True}))
-                if args.unfused_norm_row:
-                    runners.append(("embedtune + CUDA graphs, norm unfused", lambda: embedtune_model(
-                        path, lora, args.max_seq_length, fused_kernels=False), {"cuda_graphs": True}))
+                if args.fused_norm_row:
+                    runners.append(("embedtune + CUDA graphs, fused norm", lambda: embedtune_model(
+                        path, lora, args.max_seq_length, fused_kernels=True), {"cuda_graphs": True}))
                 if lora and args.fused_lora_row:
                     runners.append(("embedtune, LoRA add fused", lambda: embedtune_model(path, lora, args.max_seq_length), {}))
                 for compile_mode in args.compile_modes if args.compile else ():

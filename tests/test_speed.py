@@ -51,6 +51,8 @@ def test_fused_norm_where_its_build_pays_or_is_cached(tmp_path, monkeypatch):
     assert not choose(steps=10**6, **{**kw, "compile": True}).fused_kernels
     assert not choose(steps=10**6, **{**kw, "fused_applies": False}).fused_kernels
     assert not choose(steps=10**6, **{**kw, "cuda": False}).fused_kernels
+    eager = choose(steps=10**6, **{**kw, "cuda_graphs": False})
+    assert not eager.fused_kernels and "without CUDA graphs" in eager.why
     forced = choose(steps=1, fused_kernels=True, **kw)
     assert forced.fused_kernels and "--fused-kernels" in forced.why
     assert not choose(steps=10**6, fused_kernels=False, **kw).fused_kernels

@@ -10,8 +10,10 @@ tests/test_compile.py, benchmarks/check_graphs_gpu.py); they differ in what they
   loss, several processes, gradient checkpointing, ...) the run stays eager (`graphs.unsupported_reason`).
 - Fused kernels (`packing.fused_norm`, BERT-family layers not compiled): Triton builds them on their
   first use and keeps them in its on-disk cache; a cold build costs seconds (its launchers are
-  compiled C), a cached one almost nothing. They save a small share of each step, so they are on
-  where that pays, or where the cache holds them (a marker written after a build, as for compiling).
+  compiled C), a cached one almost nothing. They save a small share of a replayed step, so with CUDA
+  graphs they are on where that pays, or where the cache holds them (a marker written after a build,
+  as for compiling). Without graphs the step is bound by host launches, to which the fused op's
+  Python adds, so they stay off.
 - Compiling the packed layers: one compile per run, 12-15 s cold on an H200 and about 3 s when torch's
   on-disk cache already holds this model's code (docs/BENCHMARKS.md). It saves a share of each step,
   so it pays when the planned steps earn the warm-up back, which the estimate below decides.
@@ -122,6 +124,8 @@ def choose(*, compile: bool | None, cuda_graphs: bool | None, fast: bool, cuda: 
                        + ("" if fused or not fused_kernels else " (not used: " + (
                            "compiled layers fuse it themselves" if compiled else
                            "no CUDA device" if not cuda else "no such layers") + ")"))
+    elif fused_applies and cuda and not compiled and not graphs:
+        reasons.append("fused norm: without CUDA graphs its launches cost more host time than it saves")
     elif fused_applies and cuda and not compiled:
         cost = FUSED_NORM_WARM_S if fused_warm else FUSED_NORM_COLD_S
         saved = FUSED_NORM_GAIN * step_s * steps

@@ -60,7 +60,7 @@ class PackedForward:
     """A model's forward that runs packed; anything unusual goes to the original forward."""
 
     def __init__(self, model, packed_fn, attention_backend: str = "auto", compile: bool | str = False,
-                 token_multiple: int | None = None, whole_stack: bool = False, fused_kernels: bool = True):
+                 token_multiple: int | None = None, whole_stack: bool = False, fused_kernels: bool = False):
         self.original = model.forward
         self.model = model
         self.packed_fn = packed_fn
@@ -97,7 +97,7 @@ class PackedForward:
 
 def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str = False,
                      token_multiple: int | None = None, whole_stack: bool | None = None,
-                     fused_kernels: bool = True) -> bool:
+                     fused_kernels: bool = False) -> bool:
     """Switch `model` (plain or peft) to the packed forward; returns False (with a notice) if unsupported.
 
     `compile=True` (or "default") also compiles the layers (one graph for the layer step, which every
@@ -109,8 +109,9 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str
     are recorded; measured slower than "default" on an H200 (docs/BENCHMARKS.md): opt-in only.
     `whole_stack` (default `packing.layers.WHOLE_STACK`, off): compile the whole stack as one graph
     instead of one graph per layer step (as fast, longer to compile; a benchmark row).
-    `fused_kernels` (on): BERT-family layers end their sub-blocks with the fused dropout + residual +
-    LayerNorm kernels on a CUDA device when not compiled (`packing.fused_norm`); off runs the modules.
+    `fused_kernels`: BERT-family layers end their sub-blocks with the fused dropout + residual +
+    LayerNorm kernels on a CUDA device when not compiled (`packing.fused_norm`). Off by default: they
+    pay only in a step replayed as a CUDA graph, which the recipe decides (`speed`, `set_fused_kernels`).
     """
     if whole_stack is None:
         whole_stack = layers.WHOLE_STACK

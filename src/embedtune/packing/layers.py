@@ -55,14 +55,15 @@ class PackedOptions:
     compile_layers: False, True / "default" or "reduce-overhead" (`run_layers`);
     whole_stack: compile the whole layer stack as one graph where it can be (`run_layers`);
     fused_kernels: end each BERT-family sub-block with the fused dropout + residual + LayerNorm
-        kernels where they apply (`fused_norm.residual_norm`: CUDA, not compiled).
+        kernels where they apply (`fused_norm.residual_norm`: CUDA, not compiled; the recipe turns
+        them on where they pay, `speed`).
     """
 
     token_multiple: int | None = None
     fixed_stream: int | None = None
     compile_layers: bool | str = False
     whole_stack: bool = False
-    fused_kernels: bool = True
+    fused_kernels: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "compile_layers", compile_mode(self.compile_layers))
