@@ -256,8 +256,9 @@ def to_sentence_transformer(model, tokenizer, pooling: str | None = None, max_se
     if info is not None:
         if info.prompts:  # a checkpoint's own prompts (e.g. E5's "query: ") keep applying
             st_model.prompts = dict(info.prompts)
-        with contextlib.suppress(Exception):
-            st_model.model_card_data.base_model = info.source
+        if not os.path.isabs(str(info.source)) and not os.path.exists(str(info.source)):  # a hub id, not a path
+            with contextlib.suppress(Exception):
+                st_model.model_card_data.base_model = info.source
     return st_model
 
 
