@@ -209,10 +209,13 @@ def _usage_section(facts: CardFacts) -> list[str]:
             f"model = AutoModel.from_pretrained({where}).eval()",
         ])
     elif facts.format == "adapter":
+        folder = _folder_name(facts.location)
         code = _pooled_snippet(facts, [
+            "import json", "",
             "from peft import PeftModel",
             "from transformers import AutoModel, AutoTokenizer", "",
-            f"base = AutoModel.from_pretrained({json.dumps(facts.adapter_base)}"
+            f"recorded = json.load(open({json.dumps(folder + '/adapter_config.json')}))[\"base_model_name_or_path\"]",
+            f"base = AutoModel.from_pretrained(recorded"
             f"{', ' + facts.adapter_base_kwargs if facts.adapter_base_kwargs else ''})",
             f"model = PeftModel.from_pretrained(base, {where}).eval()",
             f"tokenizer = AutoTokenizer.from_pretrained({where})",
@@ -269,8 +272,8 @@ def embedtune_section(facts: CardFacts) -> str:
         SECTION_START,
         "## Fine-tuned with embedtune",
         "",
-        f"Fine-tuned from `{base or 'unknown'}` with embedtune {embedtune_version()}; this folder is the "
-        f"{_TITLE[facts.format]} export.",
+        f"Fine-tuned from `{base or 'unknown'}` with embedtune {embedtune_version()}. This folder holds it as: "
+        f"{_TITLE[facts.format]}.",
         "",
         "| | |", "|---|---|",
         f"| base model | {_cell(base or 'unknown')} |",
@@ -282,7 +285,7 @@ def embedtune_section(facts: CardFacts) -> str:
         lines.append(f"| adapter's recorded base | {_cell(recorded)} |")
     lines.append("")
     lines += _usage_section(facts) + _pipeline_section(facts) + _onnx_section(facts) + _training_section(facts.metrics)
-    return "\n".join(lines).rstrip() + "\n" + SECTION_END + "\n"
+    return "\n".join(lines).rstrip() + "\n\n" + SECTION_END + "\n"
 
 
 def _without_section(text: str) -> str:
