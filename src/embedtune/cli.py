@@ -364,7 +364,8 @@ def mine(
 
 
 def demo_data_path(pairs: int) -> Path:
-    """Where the demo keeps its pairs file: in the user's cache, so the run's config.yaml replays it."""
+    """Where the demo keeps its pairs file: in the user's cache, so a replay of the run's config.yaml from
+    that folder finds it (config.yaml names it by its file name)."""
     from .compile_cache import user_cache_dir  # demo only: kept off the CLI's start
 
     return user_cache_dir() / "demo" / f"stdlib_pairs_{pairs}.jsonl"
