@@ -312,7 +312,10 @@ def _write_card(st, folder: Path, facts: CardFacts) -> None:
 
 def complete_run_card(st, model_dir: Path, metrics: dict) -> None:
     """A training run's model/ card: the one sentence-transformers' save wrote there (its trainer's facts:
-    model-index, hyperparameters, logs), completed with embedtune's section from the run's metrics."""
+    model-index, hyperparameters, logs), completed with embedtune's section from the run's metrics.
+    A folder without a sentence-transformers card is left as it is."""
+    if source_card(model_dir) is None:
+        return
     pipeline = _pipeline_facts(st)
     complete_saved_card(model_dir, CardFacts(
         format="sentence-transformers", location=Path(model_dir).name,

@@ -348,6 +348,9 @@ def st_card_text(st_model, folder: str | os.PathLike) -> str | None:
     from .st import clip_card_examples  # torch: only when a card is made from a model
 
     clip_card_examples(st_model)
+    card = getattr(st_model, "model_card_data", None)
+    if card is not None and hasattr(card, "local_files_only"):
+        card.local_files_only = True  # an export does not ask the hub what the base model was
     try:
         with quiet_stderr():
             create(str(folder))
