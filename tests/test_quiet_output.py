@@ -74,3 +74,23 @@ def test_mine_prints_no_third_party_noise_and_names_its_bars(folder):
     assert (folder / "mined.jsonl").is_file()
     assert _noise(output) == []
     assert "Encoding queries" in output and "Encoding corpus" in output
+
+
+def test_guide_lora_steps_warn_nothing(tmp_path):
+    """The guide's LoRA steps in Python, offline: adding LoRA (peft reads transformers' deprecated
+    `is_gradient_checkpointing`) and saving the adapter of a hub-named base (peft looks its config up on
+    the hub) raise no warning."""
+    import warnings
+
+    import torch
+
+    from embedtune import FastModel
+
+    model, _ = FastModel.from_pretrained(max_seq_length=32, fast=False, device="cpu", dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = FastModel.get_peft_model(model, r=4)
+        assert peft_model.peft_config["default"].base_model_name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
+        peft_model.save_pretrained(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert [str(w.message) for w in caught] == []
