@@ -58,7 +58,8 @@ def trained(folder):
 
 
 def test_train_prints_no_third_party_noise(trained):
-    assert "held-out retrieval" in trained  # the summary is there
+    assert "held-out retrieval" in trained and "trained 2 steps" in trained  # the summary
+    assert "step 2/2" in trained and "2/2 [" in trained  # the per-log line and the progress bar
     assert _noise(trained) == []
 
 

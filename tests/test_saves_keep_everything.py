@@ -6,8 +6,11 @@
   is the same at every load.
 - ONNX exports are SentenceTransformer folders (config, modules, tokenizer, `model.onnx` with the
   encoder's `last_hidden_state`) that give the PyTorch model's embeddings the way sentence-transformers'
-  ONNX backend computes them.
-- No card names the training file's local path.
+  ONNX backend computes them, and that backend itself (optimum in onnxruntime, from the separate
+  `.onnx-st` stack) loads them and gives those embeddings.
+- No card names the training file's local path; metrics.json and config.yaml name no local absolute
+  path, and the saved config still replays (a real run) and `embedtune report` still reads the run.
+- Adapters of the bundled model load offline with plain peft + transformers.
 """
 
 from __future__ import annotations
