@@ -278,7 +278,7 @@ def test_model_card_is_sentence_transformers_own_completed_by_embedtune(trained,
             assert heading in card, (name, heading)
         assert card.count(SECTION_START) == 1 and card.count(SECTION_END) == 1, name
         assert str(trained.root) not in card and str(tmp_path) not in card, f"{name}: a local absolute path"
-    assert "| export format | `onnx` |" in cards["onnx"] and "### ONNX check" in cards["onnx"]
+    assert "| format | `onnx` |" in cards["onnx"] and "### ONNX check" in cards["onnx"]
 
 
 def test_model_folder_without_training_record_says_so(trained, tmp_path):

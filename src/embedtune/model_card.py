@@ -277,7 +277,7 @@ def embedtune_section(facts: CardFacts) -> str:
         "",
         "| | |", "|---|---|",
         f"| base model | {_cell(base or 'unknown')} |",
-        f"| export format | {_cell(facts.format)} |",
+        f"| format | {_cell(facts.format)} |",
         f"| embedtune version | {_cell(embedtune_version())} |",
     ]
     if facts.adapter_base:
