@@ -15,3 +15,13 @@ if [ -z "${EMBEDTUNE_SKIP_ST5:-}" ]; then
     tests/test_architectures.py tests/test_st_pipeline.py -k "roundtrip or compat or save or assigning or wrapper"
   PYTHONPATH=.st5 python -m pytest -q -p no:cacheprovider tests/test_trainer_resume.py
 fi
+
+# sentence-transformers' ONNX backend (optimum-onnx pins transformers < 4.58, so not in the venv): its
+# stack installed beside the venv, where tests/test_saves_keep_everything.py loads an export with it.
+if [ -z "${EMBEDTUNE_SKIP_ONNX_ST:-}" ]; then
+  python -m pip install -q --no-deps --upgrade --target .onnx-st "sentence-transformers>=5.7,<6" \
+    "transformers==4.57.*" "tokenizers>=0.22,<=0.23.0" "huggingface-hub>=0.34,<1.0" "datasets>=4,<4.5" \
+    "optimum~=2.1.0" "optimum-onnx==0.1.0" requests "urllib3<3" "charset-normalizer<4" idna certifi \
+    httpx httpcore h11 anyio sniffio
+  python -m pytest -q -p no:cacheprovider tests/test_saves_keep_everything.py -k onnx_backend
+fi

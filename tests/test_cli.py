@@ -170,7 +170,8 @@ def test_unusable_settings_are_one_line_and_write_nothing(tmp_path, flags, needl
 
 def test_demo_scales_its_held_out_split_and_runs_without_one(tmp_path, monkeypatch):
     """`demo --pairs 120` holds out a quarter (the fixed 300 was more than the data); --eval-size 0 trains
-    without evaluation (it crashed reading the missing nDCG); the data stays where config.yaml says."""
+    without evaluation (it crashed reading the missing nDCG); the data stays in the cache, which config.yaml
+    names by its file name."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--output", str(out), "--pairs", "120", "--max-steps", "1",
@@ -178,7 +179,9 @@ def test_demo_scales_its_held_out_split_and_runs_without_one(tmp_path, monkeypat
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_pairs"] == 30 and "nDCG@10:" in result.output
-    assert Path(metrics["config"]["data"]).is_file()
+    from embedtune.cli import demo_data_path
+
+    assert metrics["config"]["data"] == demo_data_path(120).name and demo_data_path(120).is_file()
     result = runner.invoke(app, ["demo", "--output", str(out), "--pairs", "120", "--eval-size", "0",
                                  "--max-steps", "1", "--batch-size", "8", "--max-seq-length", "32"])
     assert result.exit_code == 0, result.output

@@ -100,7 +100,7 @@ def test_lora_run_keeps_its_adapter_with_a_reloadable_base(trained):
     pipeline = json.loads((adapter / "embedtune_adapter.json").read_text())
     assert pipeline["pooling"] == "mean" and pipeline["normalize"] is True
     assert pipeline["prompts"] == {"query": "query: "}
-    assert trained.metrics["artifacts"]["adapter"] == str(adapter)
+    assert trained.metrics["artifacts"]["adapter"] == "adapter"  # named inside the run folder
 
 
 def test_sentence_transformers_export_loads_with_stock_sentence_transformers(trained, tmp_path):
@@ -253,9 +253,32 @@ def test_model_card_states_the_run_and_its_metrics(trained, tmp_path):
     assert f"| held-out pairs | {metrics['eval_pairs']} |" in card
     assert f"| lora_r | {metrics['config']['lora_r']} |" in card
     assert f"| lr | {metrics['config']['lr']:g} |" in card
-    assert f"| base model | `{trained.base}` |" in card
+    assert f"| base model | `{trained.base.name}` |" in card  # a local base by its folder name
     assert f"| embedtune version | `{embedtune_version()}` |" in card
-    assert 'SentenceTransformer("' + str(out) + '")' in card
+    assert "| data file | `pairs.jsonl` |" in card and "| speed mode | `eager" in card
+    assert "| loss | `in-batch negatives contrastive loss" in card
+    assert 'SentenceTransformer("st")' in card  # the folder as handed over, wherever it is put
+    assert str(trained.root) not in card and str(tmp_path) not in card, "no local absolute path"
+
+
+def test_model_card_is_sentence_transformers_own_completed_by_embedtune(trained, tmp_path):
+    """The run's model/ card and every export's card are the card sentence-transformers' trainer wrote
+    (model-index with the evaluation, hyperparameters, training logs), with one embedtune section."""
+    from embedtune.model_card import SECTION_END, SECTION_START
+
+    cards = {"run": (trained.run / "model" / "README.md").read_text()}
+    for fmt in ("sentence-transformers", "hf", "adapter", "onnx"):
+        cards[fmt] = (export(trained.run, to=fmt, output=tmp_path / fmt).output / "README.md").read_text()
+    for name, card in cards.items():
+        header = card.split("\n---\n", 1)[0]
+        assert card.startswith("---\n") and "- sentence-transformers" in header and "- embedtune" in header, name
+        assert "model-index:" in header, name  # sentence-transformers' evaluation results
+        for heading in ("## Model Details", "### Training Hyperparameters", "### Training Logs",
+                        "## Fine-tuned with embedtune"):
+            assert heading in card, (name, heading)
+        assert card.count(SECTION_START) == 1 and card.count(SECTION_END) == 1, name
+        assert str(trained.root) not in card and str(tmp_path) not in card, f"{name}: a local absolute path"
+    assert "| format | `onnx` |" in cards["onnx"] and "### ONNX check" in cards["onnx"]
 
 
 def test_model_folder_without_training_record_says_so(trained, tmp_path):
@@ -303,13 +326,17 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, case):
 
 
 @pytest.mark.parametrize("fmt", ["sentence-transformers", "hf", "adapter", "onnx"])
-def test_card_snippets_run_and_give_the_fine_tuned_embeddings(trained, tmp_path, fmt):
+def test_card_snippets_run_and_give_the_fine_tuned_embeddings(trained, tmp_path, fmt, monkeypatch):
     """The card's "How to load" code, run as written, reproduces the model (adapter: both ways)."""
+    from embedtune.model_card import SECTION_END, SECTION_START
+
     out = tmp_path / fmt
     export(trained.run, to=fmt, output=out)
     card = (out / "README.md").read_text()
-    snippets = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    section = card.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0]  # embedtune's; the rest is ST's
+    snippets = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(snippets) == (2 if fmt == "adapter" else 1)
+    monkeypatch.chdir(tmp_path)  # the snippets name the folder as handed over: run beside it
     for code in snippets:
         namespace: dict = {}
         exec(compile(code, f"{fmt}-card", "exec"), namespace)  # noqa: S102 - our own generated snippet

@@ -281,7 +281,7 @@ def test_finish_output_draws_the_curves_beside_the_save(tmp_path, monkeypatch):
     result = train_module._finish_output(None, metrics, work, output, overwrite=False)
     assert result == output and not work.exists()
     assert sorted(p.name for p in output.iterdir()) == ["config.yaml", "metrics.json", "model", "training_curves.png"]
-    assert json.loads((output / "metrics.json").read_text())["artifacts"]["plot"] == str(output / "training_curves.png")
+    assert json.loads((output / "metrics.json").read_text())["artifacts"]["plot"] == "training_curves.png"
     assert seen["save"] is True and seen["plot"] is False  # the curves were drawn on another thread
 
 

@@ -6,14 +6,17 @@
   is the same at every load.
 - ONNX exports are SentenceTransformer folders (config, modules, tokenizer, `model.onnx` with the
   encoder's `last_hidden_state`) that give the PyTorch model's embeddings the way sentence-transformers'
-  ONNX backend computes them.
-- No card names the training file's local path.
+  ONNX backend computes them, and that backend itself (optimum in onnxruntime, from the separate
+  `.onnx-st` stack) loads them and gives those embeddings.
+- No card names the training file's local path; metrics.json and config.yaml name no local absolute
+  path, and the saved config still replays (a real run) and `embedtune report` still reads the run.
+- Adapters of the bundled model load offline with plain peft + transformers.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +148,46 @@ def test_no_card_names_the_training_files_path(trained, tmp_path, fmt):
     assert leaks == [], f"the training file's local path is written in {leaks}"
 
 
+def test_run_folder_names_no_absolute_local_path(trained, tmp_path_factory):
+    """metrics.json names the run's files inside the run folder, config.yaml names the data by its file
+    name and the local model by its folder name, and neither they nor the card hold a local absolute path."""
+    import yaml
+
+    root, data, result = trained
+    run_dir = root / "run"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["artifacts"] == {"model": "model", "metrics": "metrics.json", "plot": "training_curves.png",
+                                    "config": "config.yaml", "adapter": "adapter"}
+    assert all((run_dir / name).exists() for name in metrics["artifacts"].values())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["data"] == data.name and config["output_dir"] == run_dir.name
+    assert config == metrics["config"]
+    for name in ("metrics.json", "config.yaml", "model/README.md"):
+        assert str(tmp_path_factory.getbasetemp()) not in (run_dir / name).read_text(), name
+
+
+def test_saved_config_replays_and_report_reads_the_run(trained, models, tmp_path, monkeypatch):
+    """The saved config.yaml replays from a folder that holds the data file and the model folder under the
+    names it records (a real run), and `embedtune report` reads the run folder."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from embedtune.cli import app
+
+    root, data, _ = trained
+    runner = CliRunner()
+    report = runner.invoke(app, ["report", str(root / "run")])
+    assert report.exit_code == 0, report.output
+    saved = yaml.safe_load((root / "run" / "config.yaml").read_text())
+    (tmp_path / data.name).symlink_to(data)
+    (tmp_path / saved["model"]).symlink_to(models["bert"], target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    replay = runner.invoke(app, ["train", "--config", str(root / "run" / "config.yaml"), "--output", "replay"])
+    assert replay.exit_code == 0, replay.output
+    again = yaml.safe_load((tmp_path / "replay" / "config.yaml").read_text())
+    assert again == {**saved, "output_dir": "replay"}
+
+
 def _pool(tokens: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
     if mode == "cls":
         pooled = tokens[:, 0]
@@ -159,20 +202,27 @@ def _cos(a, b) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
 
 
-def test_onnx_export_is_a_sentence_transformers_onnx_folder(tmp_path):
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory):
+    """The bundled model exported to ONNX, and the PyTorch model's embeddings of TEXTS."""
+    from sentence_transformers import SentenceTransformer  # noqa: F401 - loaded before the export, as users do
+
+    root = tmp_path_factory.mktemp("onnx")
+    model, tokenizer = FastModel.from_pretrained(fast=False, device="cpu", dtype=torch.float32)
+    st = to_sentence_transformer(model, tokenizer).eval()
+    expected = st.encode(TEXTS, convert_to_numpy=True)
+    src = save_merged(st, root / "merged")
+    return export(src, to="onnx", output=root / "onnx").output, expected
+
+
+def test_onnx_export_is_a_sentence_transformers_onnx_folder(onnx_export):
     """The bundled model exported to ONNX: the files `SentenceTransformer(dir, backend="onnx")` reads, and
     the backend's computation (the graph's last_hidden_state, then the folder's Pooling and Normalize)
     gives the PyTorch model's embeddings, in onnxruntime."""
     import onnxruntime as ort
-    from sentence_transformers import SentenceTransformer
     from transformers import AutoConfig, AutoTokenizer
 
-    model, tokenizer = FastModel.from_pretrained(fast=False, device="cpu", dtype=torch.float32)
-    st = to_sentence_transformer(model, tokenizer).eval()
-    expected = st.encode(TEXTS, convert_to_numpy=True)
-    src = save_merged(st, tmp_path / "merged")
-    out = export(src, to="onnx", output=tmp_path / "onnx").output
-
+    out, expected = onnx_export
     modules = json.loads((out / "modules.json").read_text())
     assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling", "Normalize"]
     assert AutoConfig.from_pretrained(str(out)).model_type == "bert"
@@ -190,10 +240,48 @@ def test_onnx_export_is_a_sentence_transformers_onnx_folder(tmp_path):
         tokens = session.run(["last_hidden_state"], {k: v for k, v in batch.items() if k in names})[0]
         assert _cos(_pool(tokens, batch["attention_mask"], mode), want) >= 0.9999
 
-    if importlib.util.find_spec("optimum") is None:
-        return  # the backend itself needs optimum (not installable next to transformers 5 here)
-    onnx_st = SentenceTransformer(str(out), backend="onnx", device="cpu")
-    assert _cos(onnx_st.encode(TEXTS, convert_to_numpy=True), expected) >= 0.9999
+
+# sentence-transformers' ONNX backend needs optimum-onnx, which pins transformers < 4.58 and so cannot
+# sit beside transformers 5. scripts/test.sh installs that stack (sentence-transformers 5.x, optimum-onnx,
+# transformers 4.57, ...) into .onnx-st; the backend then loads the export in a process of its own.
+ONNX_STACK = Path(os.environ.get("EMBEDTUNE_ONNX_ST", Path(__file__).resolve().parents[1] / ".onnx-st"))
+_ONNX_BACKEND = """
+import json, sys
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer(sys.argv[1], backend="onnx", device="cpu")
+print(type(model[0].auto_model).__name__, file=sys.stderr)
+assert type(model[0].auto_model).__name__ == "ORTModelForFeatureExtraction"  # onnxruntime, no torch encoder
+print(json.dumps(model.encode(json.loads(sys.argv[2]), convert_to_numpy=True).tolist()))
+"""
+
+
+@pytest.mark.skipif(not (ONNX_STACK / "optimum" / "onnxruntime").is_dir(),
+                    reason=f"sentence-transformers' ONNX backend stack is not installed in {ONNX_STACK} "
+                           "(scripts/test.sh installs it)")
+def test_onnx_export_loads_with_sentence_transformers_onnx_backend(onnx_export, tmp_path):
+    """`SentenceTransformer(dir, backend="onnx")` itself (optimum's ORTModelForFeatureExtraction in
+    onnxruntime) loads the export and gives the PyTorch model's embeddings. That stack's
+    sentence-transformers 5.x keeps Normalize in another module than 6.x, which wrote modules.json:
+    the copy it loads names the class where 5.x has it, and nothing else is changed."""
+    import shutil
+    import subprocess
+    import sys
+
+    out, expected = onnx_export
+    folder = tmp_path / "onnx"
+    shutil.copytree(out, folder)
+    if not (ONNX_STACK / "sentence_transformers" / "base" / "modules" / "normalize.py").is_file():
+        modules = (folder / "modules.json").read_text()
+        (folder / "modules.json").write_text(modules.replace(
+            "sentence_transformers.base.modules.normalize.Normalize",
+            "sentence_transformers.sentence_transformer.modules.normalize.Normalize"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ONNX_STACK)}
+    done = subprocess.run([sys.executable, "-c", _ONNX_BACKEND, str(folder), json.dumps(TEXTS)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.array(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert got.shape == expected.shape and _cos(got, expected) >= 0.9999
 
 
 _PLAIN_PEFT = """

@@ -108,8 +108,9 @@ def _metric_table(title: str, columns: dict[str, dict[str, float]],
     return table
 
 
-def print_summary(metrics: dict) -> None:
-    """The end-of-run summary: before/after retrieval metrics, time, throughput, artifacts."""
+def print_summary(metrics: dict, folder: Optional[Path] = None) -> None:
+    """The end-of-run summary: before/after retrieval metrics, time, throughput, artifacts (metrics.json
+    names them relative to the run folder; shown under `folder`, the run's output)."""
     if metrics.get("base"):
         from .retrieval import RETRIEVAL_METRICS  # heavy: retrieval imports torch
 
@@ -144,7 +145,7 @@ def print_summary(metrics: dict) -> None:
 
         console.print(f"CUDA graphs: {graphs_fact(metrics['cuda_graphs'])}", soft_wrap=True, highlight=False)
     for name, path in metrics.get("artifacts", {}).items():
-        console.print(f"  {name:11s} {path}", soft_wrap=True, highlight=False)
+        console.print(f"  {name:11s} {Path(folder) / path if folder else path}", soft_wrap=True, highlight=False)
 
 
 def _config_file_callback(ctx: typer.Context, param: typer.CallbackParam, value: Optional[str]):
@@ -222,7 +223,7 @@ def train(
         with resume_hint(config.output_dir):
             result = run(config)
         if distributed.is_main():  # under torchrun, one summary
-            print_summary(result.metrics)
+            print_summary(result.metrics, result.output_dir)
 
 
 @app.command("eval")
@@ -364,7 +365,8 @@ def mine(
 
 
 def demo_data_path(pairs: int) -> Path:
-    """Where the demo keeps its pairs file: in the user's cache, so the run's config.yaml replays it."""
+    """Where the demo keeps its pairs file: in the user's cache, so a replay of the run's config.yaml from
+    that folder finds it (config.yaml names it by its file name)."""
     from .compile_cache import user_cache_dir  # demo only: kept off the CLI's start
 
     return user_cache_dir() / "demo" / f"stdlib_pairs_{pairs}.jsonl"
@@ -409,7 +411,7 @@ def demo(
             eval_size=held_out or None, eval=held_out > 0, evals_per_run=1, overwrite=True,
         )
         result = run(config)
-        print_summary(result.metrics)
+        print_summary(result.metrics, result.output_dir)
         if result.metrics["base"]:
             base, final = result.metrics["base"]["ndcg@10"], result.metrics["final"]["ndcg@10"]
             console.print(f"[bold]nDCG@10: {base:.4f} -> {final:.4f} ({final - base:+.4f})[/]")

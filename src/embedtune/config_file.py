@@ -317,8 +317,9 @@ def resolved_config(config, **resolved) -> dict[str, Any]:
     """The settings a run used, as plain YAML/JSON values: every dataclass field after defaults.
 
     ``resolved`` replaces fields whose default was decided during the run (the learning rate, the
-    eval size). Local paths become absolute so the file replays from any folder; ``NOT_SAVED``
-    switches and an empty ``extra`` are left out.
+    eval size). Local paths (data, output, a model folder) are written as `portable_path` gives them,
+    never absolute: the file is shared with the run folder; ``NOT_SAVED`` switches and an empty
+    ``extra`` are left out.
     """
     out = {}
     for f in dataclasses.fields(config):
@@ -329,9 +330,20 @@ def resolved_config(config, **resolved) -> dict[str, Any]:
             continue
         if f.name in ("data", "output_dir", "model") and isinstance(value, (str, os.PathLike)):
             if f.name != "model" or Path(value).exists():
-                value = str(Path(value).resolve())
+                value = portable_path(value)
         out[f.name] = json.loads(json.dumps(value, default=str))  # plain types only
     return out
+
+
+def portable_path(value: str | os.PathLike) -> str:
+    """A local path as a saved config names it: relative to the folder the run was started in when it
+    lies inside it (a replay from there finds it), else only its file or folder name (a replay finds it
+    in the folder it runs from, or takes it from the command line)."""
+    path = Path(value).resolve()
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix() or "."
+    except ValueError:
+        return path.name
 
 
 def write_config_yaml(settings: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -339,6 +351,7 @@ def write_config_yaml(settings: dict[str, Any], path: str | os.PathLike) -> Path
     import yaml
 
     path = Path(path)
-    header = "# embedtune train settings of this run; replay with: embedtune train --config config.yaml\n"
+    header = ("# embedtune train settings of this run; replay with: embedtune train --config config.yaml\n"
+              "# (paths are relative to the folder the run was started in; files from elsewhere by their name)\n")
     path.write_text(header + yaml.safe_dump(settings, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path

@@ -15,7 +15,8 @@ MODEL is a run output folder (`model/`, maybe `adapter/`, `metrics.json`), a mod
   and ``int8`` (onnxruntime dynamic quantisation, per channel; its cosine is reported, and one below
   0.95 is flagged, never refused: int8 trades accuracy for size by design).
 
-Every export writes a README.md model card (`model_card`) and is written atomically.
+Every export writes a README.md model card (sentence-transformers' own, completed with embedtune's
+facts: `model_card`) and is written atomically.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from .lora import (
     read_adapter_config,
     read_adapter_pipeline,
 )
-from .model_card import CardFacts, write_model_card
+from .model_card import CardFacts, complete_saved_card, source_card, st_card_text, write_model_card
 from .save import ADAPTER_PIPELINE, atomic_folder, check_target
 from .st import set_backbone, to_sentence_transformer
 
@@ -297,9 +298,29 @@ def _base_model(source: ExportSource) -> str | None:
 
 
 def _facts(fmt: str, source: ExportSource, output: Path, pipeline: dict, **extra) -> CardFacts:
-    return CardFacts(format=fmt, location=str(output), base_model=_base_model(source), metrics=source.metrics,
+    return CardFacts(format=fmt, location=output.name, base_model=_base_model(source), metrics=source.metrics,
                      pooling=pipeline.get("pooling"), normalize=pipeline.get("normalize"),
                      max_seq_length=pipeline.get("max_seq_length"), prompts=pipeline.get("prompts"), **extra)
+
+
+def _write_card(st, folder: Path, facts: CardFacts) -> None:
+    """The export's card: sentence-transformers' own for the model (the one it was saved with, for a
+    run's model/: the trainer's), completed with embedtune's section for this format."""
+    facts.st_card = st_card_text(st, folder)
+    write_model_card(folder, facts)
+
+
+def complete_run_card(st, model_dir: Path, metrics: dict) -> None:
+    """A training run's model/ card: the one sentence-transformers' save wrote there (its trainer's facts:
+    model-index, hyperparameters, logs), completed with embedtune's section from the run's metrics.
+    A folder without a sentence-transformers card is left as it is."""
+    if source_card(model_dir) is None:
+        return
+    pipeline = _pipeline_facts(st)
+    complete_saved_card(model_dir, CardFacts(
+        format="sentence-transformers", location=Path(model_dir).name,
+        base_model=(metrics.get("config") or {}).get("model"), metrics=metrics, pooling=pipeline["pooling"],
+        normalize=pipeline["normalize"], max_seq_length=pipeline["max_seq_length"], prompts=pipeline["prompts"]))
 
 
 def verify_written(folder: Path) -> None:
@@ -330,7 +351,7 @@ def _finish(fmt: str, output: Path, checks: list[OnnxCheck] | None = None) -> Ex
 def _export_sentence_transformers(st, source: ExportSource, output: Path, overwrite: bool) -> ExportResult:
     with atomic_folder(output, overwrite) as tmp:
         st.save(str(tmp), create_model_card=False, safe_serialization=True)
-        write_model_card(tmp, _facts("sentence-transformers", source, output, _pipeline_facts(st)))
+        _write_card(st, tmp, _facts("sentence-transformers", source, output, _pipeline_facts(st)))
         verify_written(tmp)
     return _finish("sentence-transformers", output)
 
@@ -348,7 +369,7 @@ def _export_hf(st, source: ExportSource, output: Path, overwrite: bool) -> Expor
     with atomic_folder(output, overwrite) as tmp:
         backbone.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        write_model_card(tmp, _facts("hf", source, output, pipeline))
+        _write_card(st, tmp, _facts("hf", source, output, pipeline))
         verify_written(tmp)
     return _finish("hf", output)
 
@@ -383,7 +404,8 @@ def _export_adapter(source: ExportSource, output: Path, overwrite: bool) -> Expo
                                          "nothing was put in place (is the disk full?)")
         no_pooler = _builds_pooler(base)  # embedtune trains without the pooler: the adapter has no LoRA for one
         write_model_card(tmp, _facts("adapter", source, output, pipeline, adapter_base=base,
-                                     adapter_base_kwargs="add_pooling_layer=False" if no_pooler else None))
+                                     adapter_base_kwargs="add_pooling_layer=False" if no_pooler else None,
+                                     st_card=source_card(source.model_dir)))  # the run's model/ card, if any
         verify_written(tmp)
         check_adapter_files(tmp, read_adapter_config(tmp))  # the copy loads as the original did
     return _finish("adapter", output)
@@ -545,7 +567,7 @@ def _write_st_layout(st, folder: Path) -> None:
     modules.json, the encoder's config.json, sentence_bert_config.json, the modules after the encoder
     (Pooling, Dense, Normalize, ...) and the tokenizer, as `SentenceTransformer.save` writes them, without
     the encoder's PyTorch weights (`model.onnx` holds the encoder: its `last_hidden_state` output is what
-    the backend reads). The README is embedtune's card, written after."""
+    the backend reads). The README, sentence-transformers' card completed by embedtune, is written after."""
     staging = folder / ".st-layout"
     st.save(str(staging), create_model_card=False, safe_serialization=True)
     encoder = read_st_layout(staging).transformer_dir
@@ -597,6 +619,6 @@ def _export_onnx(st, source: ExportSource, output: Path, overwrite: bool, texts:
                     f"{check.min_cosine:.6f} on {len(texts)} probe texts (needs >= {check.threshold})"
                 )
         _write_st_layout(st, tmp)
-        write_model_card(tmp, _facts("onnx", source, output, pipeline, onnx_checks=checks,
-                                     onnx_inputs=inputs, probe_count=len(texts)))
+        _write_card(st, tmp, _facts("onnx", source, output, pipeline, onnx_checks=checks,
+                                    onnx_inputs=inputs, probe_count=len(texts)))
     return _finish("onnx", output, checks)

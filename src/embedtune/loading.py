@@ -167,7 +167,7 @@ def _load_weights(cls, weights: str, config, load_kwargs: dict, name: str, allow
 
     wants_info = "output_loading_info" not in load_kwargs
     try:
-        with quiet_transformers():
+        with quiet_transformers(progress_bars=True):  # no load report, and no per-load bar
             loaded = cls.from_pretrained(weights, config=config, **load_kwargs, **({"output_loading_info": True}
                                                                                    if wants_info else {}))
     except (SafetensorError, pickle.UnpicklingError) as exc:

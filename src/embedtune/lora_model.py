@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, PeftModelForFeatureExtraction, TaskType
 from .architectures import default_lora_targets
 from .checkpointing import enable_checkpointing, parse_mode
 from .errors import EmbedtuneError, SettingError
+from .hf_quiet import ignoring_warnings
 from .model_facts import DEFAULT_MODEL_ID, load_info
 
 
@@ -28,6 +29,12 @@ class LoraEmbeddingModel(PeftModelForFeatureExtraction):
     """A peft feature-extraction model that saves the merged encoder once it has been merged."""
 
     _embedtune_merged = False
+
+    def __init__(self, model, peft_config, *args: Any, **kwargs: Any):
+        # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning for every
+        # wrap); checkpointing itself is set up by embedtune (`enable_checkpointing`).
+        with ignoring_warnings("`is_gradient_checkpointing` is deprecated", category=FutureWarning):
+            super().__init__(model, peft_config, *args, **kwargs)
 
     def merge_and_unload(self, *args: Any, **kwargs: Any):
         """Merge LoRA into the base weights in place and return the plain base model."""
@@ -43,7 +50,10 @@ class LoraEmbeddingModel(PeftModelForFeatureExtraction):
         """Before merging: the adapter (peft's behaviour). After merging: the full encoder."""
         if self._embedtune_merged:
             return self.get_base_model().save_pretrained(save_directory, **kwargs)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # Offline, peft's look-up of a hub-named base's config.json fails with a note; the check it
+        # serves (was the vocabulary resized?) does not apply: embedtune never resizes it.
+        with ignoring_warnings("Could not find a config file"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 # Per family: the attention and the MLP projections, as peft regexes (full match on the module name),

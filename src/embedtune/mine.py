@@ -201,8 +201,10 @@ def _encode_all(model, pairs: _PairIds, docs: list[str], batch_size: int, show_p
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        return _Embeddings(anchors=encode(list(pairs.anchors), query_prompt), docs=encode(docs, document_prompt),
-                           extra=encode(list(pairs.extra), document_prompt) if pairs.extra else None)
+        return _Embeddings(anchors=encode(list(pairs.anchors), query_prompt, "Encoding queries"),
+                           docs=encode(docs, document_prompt, "Encoding corpus"),
+                           extra=encode(list(pairs.extra), document_prompt, "Encoding positives")
+                           if pairs.extra else None)
     finally:
         model.train(was_training)
 
@@ -345,16 +347,30 @@ def _pick_backend(use_faiss: bool | None) -> str:
     return "torch"
 
 
+ENCODE_CHUNK_BATCHES = 64  # batches per `encode` call: its own length sorting works within a chunk
+
+
 def _encoder(model, batch_size: int, show_progress: bool):
+    """`encode(texts, prompt, label)`: normalized embeddings, under a bar named by what it encodes
+    (sentence-transformers' own bar would say only "Batches")."""
+    from tqdm.auto import tqdm
+
     budget = model_budget(model)  # huge texts cut to what max_seq_length can use, before the tokenizer
 
-    def encode(texts: list[str], prompt: str | None) -> torch.Tensor:
+    def encode(texts: list[str], prompt: str | None, label: str) -> torch.Tensor:
         kwargs = {"prompt": prompt} if prompt else {}
-        emb = model.encode(
-            clip_inputs(texts, budget), normalize_embeddings=True, convert_to_tensor=True, batch_size=batch_size,
-            show_progress_bar=show_progress, **kwargs,
-        )
-        return emb.float()
+        step = max(1, batch_size * ENCODE_CHUNK_BATCHES)
+        parts = []
+        with tqdm(total=len(texts), desc=label, unit="text", disable=not show_progress) as bar:
+            for start in range(0, len(texts), step):
+                chunk = clip_inputs(texts[start:start + step], budget)
+                parts.append(model.encode(chunk, normalize_embeddings=True, convert_to_tensor=True,
+                                          batch_size=batch_size, show_progress_bar=False, **kwargs).float())
+                bar.update(len(chunk))
+        if not parts:
+            return model.encode([], normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False,
+                                **kwargs).float()
+        return torch.cat(parts)
 
     return encode
 

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from .errors import SaveError
+from .hf_quiet import quiet_transformers
 from .loading import load_info
 from .lora import merge_lora
 from .model_facts import ADAPTER_PIPELINE  # written next to a saved adapter (read by lora.load_adapter)
@@ -153,8 +154,8 @@ def save_merged(st_model, output_dir: str | os.PathLike, overwrite: bool = False
         set_backbone(st[0], merged)
 
     clip_card_examples(st)  # the card keeps short examples, not megabyte texts
-    with atomic_folder(output_dir, overwrite) as tmp:
-        st.save(str(tmp), safe_serialization=True)
+    with atomic_folder(output_dir, overwrite) as tmp, quiet_transformers(logs=False, progress_bars=True):
+        st.save(str(tmp), safe_serialization=True)  # (transformers' per-save bar says nothing a caller needs)
     return Path(output_dir)
 
 
@@ -168,7 +169,7 @@ def save_hf(model, tokenizer=None, output_dir: str | os.PathLike = None, overwri
             f"{target}: holds a SentenceTransformer model; save the plain encoder to a different folder"
         )
     merged = merge_lora(backbone)
-    with atomic_folder(target, overwrite) as tmp:
+    with atomic_folder(target, overwrite) as tmp, quiet_transformers(logs=False, progress_bars=True):
         merged.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -188,7 +189,7 @@ def save_adapter(model, output_dir: str | os.PathLike, overwrite: bool = False) 
     if info is not None:
         for config in backbone.peft_config.values():
             config.base_model_name_or_path = reloadable_base(info)
-    with atomic_folder(output_dir, overwrite) as tmp:
+    with atomic_folder(output_dir, overwrite) as tmp, quiet_transformers(logs=False, progress_bars=True):
         backbone.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from .errors import EmbedtuneError
-from .model_facts import load_info, pooling_for
+from .model_facts import DEFAULT_MODEL_ID, load_info, pooling_for
 from .model_files import (
     ModelFileError, bundled_alias, check_safetensors, check_weight_files, first_line, hub_offline,
     pooling_from_config, refused_weights,
@@ -256,9 +256,22 @@ def to_sentence_transformer(model, tokenizer, pooling: str | None = None, max_se
     if info is not None:
         if info.prompts:  # a checkpoint's own prompts (e.g. E5's "query: ") keep applying
             st_model.prompts = dict(info.prompts)
-        with contextlib.suppress(Exception):
-            st_model.model_card_data.base_model = info.source
+        _card_base_model(st_model, info)
     return st_model
+
+
+def _card_base_model(st_model, info) -> None:
+    """The card's base model: the hub id (the bundled MiniLM's own, wherever its copy lies); a local folder
+    is named by no path (a card is published) and, as it has no hub id, none is looked up at save."""
+    source = str(info.source)
+    local = os.path.isabs(source) or os.path.exists(source)
+    name = DEFAULT_MODEL_ID if getattr(info, "bundled", False) else (None if local else source)
+    card = st_model.model_card_data
+    with contextlib.suppress(Exception):
+        if name:
+            card.base_model = name
+        else:
+            card.local_files_only = True
 
 
 def plain_head(hidden_size: int, mode: str, normalize: bool | None) -> list:

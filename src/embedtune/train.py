@@ -36,6 +36,7 @@ from .errors import EmbedtuneError
 from .evaluate import evaluate_model, metric_key, pairs_to_ir_task, shared_ir_evaluator, summarize
 from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
 from .lora import get_peft_model
+from .model_card import pick_card_examples
 from .monitoring import (
     ENCODE_BAR_MIN_TEXTS, TENSORBOARD_DIR, Phases, attach_tokens_per_second, check_report_to, point_tensorboard,
     readable_logs, report_arguments,
@@ -343,6 +344,7 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
             st_model.to(torch.device("cuda", torch.cuda.current_device()))
         shard_model(st_model, param_dtype=torch.bfloat16 if args.bf16 else None)
     st_model.model_card_data.generate_widget_examples = False  # it encodes samples: slow, and not ours to show
+    pick_card_examples(st_model, data.train_ds.select_columns(plan.columns))  # before the trainer would, loudly
     best = BestWeights(st_model, f"eval_{metric_key(EVAL_NAME)}")
     trainer = ResumableTrainer(  # checkpoints of the trainable weights; stops on a NaN/inf loss
         model=st_model,
@@ -403,7 +405,8 @@ def training_arguments(config: TrainConfig, data: RunData, objective: Objective,
         logging_nan_inf_filter=False,
         dataloader_drop_last=True,
         dataloader_pin_memory=torch.cuda.is_available(),
-        accelerator_config={"non_blocking": True},  # pinned batches go to the GPU without the host waiting
+        # pinned batches go to the GPU without the host waiting; on CPU there is nothing to pin or wait for
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
         prompts=column_prompts or None,
         **_precision_flags(dtype),
         ddp_broadcast_buffers=False,  # encoder buffers (position ids) are constants: skip a sync per forward
@@ -604,19 +607,19 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
         if lora:  # before save_merged merges it away: `embedtune export --to adapter` needs it
             save_adapter(st_model, work / "adapter")
         model_dir = save_merged(st_model, work / "model")
+        from .export import complete_run_card  # the card sentence-transformers wrote, with embedtune's facts
+
+        complete_run_card(st_model, model_dir, metrics)
         if phases is not None:
             phases.mark("save_model")
             metrics["phases_s"] = dict(phases.seconds)  # up to here; sealing and moving the folder follow
-        metrics["artifacts"] = {
-            "model": str(output / "model"),
-            "metrics": str(output / "metrics.json"),
-            "plot": str(output / "training_curves.png"),
-            "config": str(output / CONFIG_NAME),
-        }
+        # Named relative to the run folder: it is moved, copied and shared whole.
+        metrics["artifacts"] = {"model": "model", "metrics": "metrics.json", "plot": "training_curves.png",
+                                "config": CONFIG_NAME}
         if lora:
-            metrics["artifacts"]["adapter"] = str(output / "adapter")
+            metrics["artifacts"]["adapter"] = "adapter"
         if (work / TENSORBOARD_DIR).is_dir():
-            metrics["artifacts"]["tensorboard"] = str(output / TENSORBOARD_DIR)
+            metrics["artifacts"]["tensorboard"] = TENSORBOARD_DIR
         write_config_yaml(metrics["config"], work / CONFIG_NAME)
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         plot.result()
