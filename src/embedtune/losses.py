@@ -2,6 +2,10 @@
 Matryoshka variants, across GPUs, and a cached (GradCache-style) form whose memory does not grow
 with the batch.
 
+`ColumnLoss` holds what every embedtune loss shares (the merged packed forward over all columns, the
+cached mode); `ContrastiveLoss` is InfoNCE on it, and `shape_losses` holds the losses of the other
+data shapes (triplet, CoSENT, AnglE, MarginMSE, KL) on the same base.
+
 `ContrastiveLoss` is a sentence-transformers loss module (`forward(sentence_features, labels)`), so
 it drops into `SentenceTransformerTrainer` like `MultipleNegativesRankingLoss`. Columns are
 (anchor, positive, negative_1, ..., negative_n); every anchor is scored against every positive and

@@ -49,7 +49,7 @@ class Part:
         return {"name": self.name, "path": self.source.path, "loss": self.choice.loss,
                 "columns": self.choice.columns, "train_rows": len(self.train_ds),
                 "eval_rows": len(self.eval_ds) if self.eval_ds is not None else 0,
-                "skipped_rows": self.loaded.skipped, "warning": self.choice.warning}
+                "skipped_rows": self.loaded.skipped, "warning": self.choice.warning, "batches": self.batches}
 
 
 def load_parts(config) -> list[Part]:

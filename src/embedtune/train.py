@@ -533,7 +533,9 @@ def run_metrics(config: TrainConfig, started: float, data: RunData, objective: O
         ),
     }
     setup.checks.report(metrics, state, first_step, plan.total_steps, data.batches, loaded)  # adds "warnings"
-    metrics["warnings"] = [p.choice.warning for p in data.parts if p.choice.warning] + metrics["warnings"]
+    # a loss leaving a column out, and the other data sets' batch shortfalls (the first's is in `warnings` already)
+    shortfalls = [p.batches["warning"] for p in data.parts[1:] if p.batches and p.batches.get("warning")]
+    metrics["warnings"] = [p.choice.warning for p in data.parts if p.choice.warning] + metrics["warnings"] + shortfalls
     return metrics
 
 
