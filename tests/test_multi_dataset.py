@@ -123,6 +123,9 @@ def test_cli_trains_on_two_files_and_reports_each(tmp_path):
                                                                                       ("b", 34, "cosent")]
     assert metrics["train_pairs"] == 88 and metrics["steps"] == 3 and "ndcg@10" in metrics["final"]
     assert metrics["config"]["data"] == [str(a.resolve()), str(b.resolve())]
+    # one token cache holds both data sets' texts and serves every batch of either (each column: one call)
+    cache = metrics["token_cache"]
+    assert cache["texts"] >= 54 + 34 and cache["batches_served"] >= 3 * 2 and cache["batches_tokenized"] == 0  # 2 columns
 
 
 def test_yaml_mapping_gives_each_data_set_its_loss(tmp_path):
@@ -162,3 +165,16 @@ def test_bad_multi_dataset_option_is_one_line(tmp_path):
     result = runner.invoke(app, ["train", str(a), str(a), "--output", str(out), "--multi-dataset", "mixed"])
     assert result.exit_code != 0 and "--multi-dataset 'mixed': not one of proportional, round-robin" in result.output
     assert not out.exists()
+
+
+def test_resume_record_holds_each_data_files_digest(tmp_path):
+    """--resume checks the data did not change: with several files, each one's digest by its name."""
+    from embedtune.checkpoint_format import data_digest, run_record
+    from embedtune.train import TrainConfig
+
+    a = _pairs_file(tmp_path / "a.jsonl", rows=20)
+    b = _sts_file(tmp_path / "b.jsonl", rows=20)
+    record = run_record(TrainConfig(data=[str(a), str(b)]))
+    assert record["data_sha256"] == {"a": data_digest(a), "b": data_digest(b)} and None not in record["data_sha256"].values()
+    b.write_text(b.read_text(encoding="utf-8").replace("0.", "1."), encoding="utf-8")
+    assert run_record(TrainConfig(data=[str(a), str(b)]))["data_sha256"]["b"] != record["data_sha256"]["b"]

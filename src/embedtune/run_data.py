@@ -94,6 +94,31 @@ def trainer_dataset(parts: list[Part]):
     return DatasetDict({part.name: part.train_ds.select_columns(part.choice.columns) for part in parts})
 
 
+class TextColumns:
+    """Every data set's texts by column name (anchor, positive, negative_1, ...), concatenated: what the
+    token cache (`data.token_cache.install_token_cache`) reads of a dataset (`column_names`, a column's
+    texts, the row count), so that one cache serves the batches of every data set."""
+
+    def __init__(self, parts: list[Part]):
+        self.parts = parts
+        self.column_names = text_columns(parts)
+
+    def __len__(self) -> int:
+        return sum(len(part.train_ds) for part in self.parts)
+
+    def __getitem__(self, name: str) -> list[str]:
+        from .data import column
+
+        return [text for part in self.parts if name in part.choice.text_columns for text in column(part.train_ds, name)]
+
+
+def cached_texts(parts: list[Part]):
+    """What the token cache tokenizes: the one data set's text columns, or every data set's (`TextColumns`)."""
+    if len(parts) == 1:
+        return parts[0].train_ds.select_columns(list(parts[0].choice.text_columns))
+    return TextColumns(parts)
+
+
 def text_columns(parts: list[Part]) -> list[str]:
     """Every text column of the run's data sets, in order (anchor, positive, negative_1, ...)."""
     seen: dict[str, None] = {}

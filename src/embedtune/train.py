@@ -41,8 +41,8 @@ from .monitoring import (
     readable_logs, report_arguments,
 )
 from .run_data import (
-    Evaluation, build_losses, choose_evaluation, load_parts, similarity_evaluator, similarity_summary, split_parts,
-    steps_per_epoch, text_columns, trainer_dataset,
+    Evaluation, build_losses, cached_texts, choose_evaluation, load_parts, similarity_evaluator, similarity_summary,
+    split_parts, steps_per_epoch, text_columns, trainer_dataset,
 )
 from .run_folder import complete_finish, recover_at_start, resolve_output, seal_finished
 from .save import check_target, save_adapter, save_merged
@@ -385,11 +385,8 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
     if graphs is not None and not isinstance(graphs, str):
         trainer.graph_step = graphs
     rows_needed = plan.total_steps * plan.rows_per_step  # what the run will read
-    token_cache = None
-    for part in data.parts:  # several data sets: each cache serves its texts and hands the rest to the one before
-        token_cache = install_token_cache(trainer, st_model, part.train_ds.select_columns(list(part.choice.text_columns)),
-                                          column_prompts, rows_needed=rows_needed, background=st_model.device.type == "cuda"
-                                          ) or token_cache
+    token_cache = install_token_cache(trainer, st_model, cached_texts(data.parts), column_prompts,  # every data set's
+                                      rows_needed=rows_needed, background=st_model.device.type == "cuda")
     phases.mark("token_cache")
     if config.report_to == "tensorboard":
         point_tensorboard(trainer, data.work)
@@ -437,7 +434,9 @@ def training_arguments(config: TrainConfig, data: RunData, objective: Objective,
         dataloader_drop_last=True,
         dataloader_pin_memory=torch.cuda.is_available(),
         accelerator_config={"non_blocking": True},  # pinned batches go to the GPU without the host waiting
-        prompts=column_prompts or None,
+        # several data sets: per data set, so that one named like a column ("anchor") cannot take its place
+        prompts=({p.name: column_prompts for p in data.parts} if len(data.parts) > 1 else column_prompts)
+        if column_prompts else None,
         **_precision_flags(dtype),
         ddp_broadcast_buffers=False,  # encoder buffers (position ids) are constants: skip a sync per forward
         # The same parameters take part in every step: DDP learns them on the first step instead of
