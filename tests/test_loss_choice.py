@@ -159,3 +159,24 @@ def test_graphs_are_off_with_a_reason_for_other_losses_and_several_data_sets(tmp
         trainer = SimpleNamespace(loss=loss, model=model, args=SimpleNamespace(fp16=False, bf16=True))
         assert needle in graph_step_for(trainer, TrainConfig(data="x"))
     assert graphs_off_reason(ContrastiveLoss(None)) is None  # graphs.unsupported_reason decides as before
+
+
+def test_a_real_run_says_which_column_it_leaves_out(tmp_path):
+    """`--loss mnrl` on scored pairs trains, and the score column left out is a warning in the log, the
+    summary and metrics.json: a score is never dropped silently."""
+    from typer.testing import CliRunner
+
+    from embedtune.cli import app
+    from embedtune.data import build_stdlib_pairs
+
+    pairs = build_stdlib_pairs(max_pairs=40, seed=5)
+    data = _jsonl(tmp_path / "sts.jsonl", [{"sentence1": p["anchor"], "sentence2": p["positive"], "score": i % 5}
+                                           for i, p in enumerate(pairs)])
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(data), "--loss", "mnrl", "--output", str(out), "--max-steps", "2",
+                                      "--batch-size", "8", "--max-seq-length", "32", "--eval-size", "4", "--evals", "1"])
+    assert result.exit_code == 0, result.output
+    line = f"{data}: column 'score' is not used by the mnrl loss: it trains on the texts only"
+    assert f"warning: {line}" in " ".join(result.output.split())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert line in metrics["warnings"] and metrics["datasets"][0]["columns"] == ["anchor", "positive"]

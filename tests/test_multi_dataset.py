@@ -126,6 +126,8 @@ def test_cli_trains_on_two_files_and_reports_each(tmp_path):
     # one token cache holds both data sets' texts and serves every batch of either (each column: one call)
     cache = metrics["token_cache"]
     assert cache["texts"] >= 54 + 34 and cache["batches_served"] >= 3 * 2 and cache["batches_tokenized"] == 0  # 2 columns
+    report = runner.invoke(app, ["report", str(out)])
+    assert report.exit_code == 0 and "a: 54 training rows, loss mnrl" in report.output, report.output
 
 
 def test_yaml_mapping_gives_each_data_set_its_loss(tmp_path):
@@ -157,6 +159,8 @@ def test_yaml_mapping_gives_each_data_set_its_loss(tmp_path):
     assert "spearman_cosine" in result.output and "held-out similarity" in " ".join(result.output.split())
     metrics = json.loads((only_sts / "metrics.json").read_text())
     assert metrics["evaluation"]["kind"] == "similarity" and "spearman_cosine" in metrics["final"]
+    report = runner.invoke(app, ["report", str(only_sts)])
+    assert report.exit_code == 0 and "held-out similarity" in report.output and "spearman_cosine" in report.output
 
 
 def test_bad_multi_dataset_option_is_one_line(tmp_path):
