@@ -135,9 +135,11 @@ def test_parquet_scores_are_typed(tmp_path):
     ({"anchor": "a", "positive": "p", "negative": ["n"], "scores": [1]}, "'scores' holds 1 number, expected 2"),
     ({"anchor": "a", "positive": "p", "negative": ["n"], "scores": [1, "x"]}, "holds a list holding"),
     ({"anchor": "a", "positive": "p", "score": 1, "scores": [1]}, "both 'score' (one score per row) and 'scores'"),
+    ([{"anchor": "a", "positive": "p", "score": 1}, {"anchor": "b", "positive": "q", "scores": [1]}],
+     "some rows hold a score ('score'/'label', one per row) and others teacher 'scores'"),
 ])
 def test_bad_scores_are_one_line(tmp_path, row, needle):
-    path = _jsonl(tmp_path / "bad.jsonl", [row])
+    path = _jsonl(tmp_path / "bad.jsonl", [row] if isinstance(row, dict) else row)
     with pytest.raises(DataError) as e:
         load_pairs(path)
     assert str(e.value).startswith(str(path)) and needle in str(e.value), str(e.value)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import distributed
-from .errors import EmbedtuneError
+from .errors import DataError, EmbedtuneError
 from .loss_choice import LossChoice, check_options, choose_loss
 from .multi_data import DataSource, batches_per_epoch, data_sources, sampler_name
 
@@ -77,7 +77,10 @@ def split_parts(config, parts: list[Part], eval_size: int | None) -> None:
     from .run_checks import check_batches
 
     for part in parts:
-        part.train_ds, part.eval_ds = train_eval_split(part.loaded.dataset, eval_size, seed=config.seed)
+        try:
+            part.train_ds, part.eval_ds = train_eval_split(part.loaded.dataset, eval_size, seed=config.seed)
+        except DataError as e:  # several data sets: say which one is too small
+            raise (DataError(f"{part.source.path}: {e}") if len(parts) > 1 else e) from None
         if len(part.train_ds) < config.batch_size:
             raise EmbedtuneError(f"{part.source.path}: {len(part.train_ds)} training pairs, fewer than one batch "
                                  f"of {config.batch_size}")

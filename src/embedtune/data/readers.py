@@ -70,7 +70,9 @@ _MAX_PLANS = 4096  # distinct row shapes (key tuples) whose column resolution is
 class LoadedPairs:
     """A validated pair dataset plus what the loader had to drop, for the CLI to report.
 
-    ``dataset`` has string columns ``anchor``, ``positive``, ``negative_1..negative_{num_negatives}``;
+    ``dataset`` has string columns ``anchor``, ``positive``, ``negative_1..negative_{num_negatives}``, and
+    ``score`` (a float per row) or ``scores`` (floats, one per candidate) where the file has them;
+    ``skipped_no_score`` counts rows dropped for lacking the score the other rows have;
     ``skipped`` counts rows (or list entries of a list-valued positive) dropped for empty/null text;
     ``skipped_few_negatives`` counts rows dropped for holding fewer than ``num_negatives`` hard
     negatives, the first of them at ``first_few_negatives`` (e.g. "line 17"); ``cut_negatives`` counts
@@ -508,6 +510,9 @@ class _Collector:
             keep = pc.greater_equal(pc.list_value_length(columns[2]), k)
             columns = [c.filter(keep) for c in columns]
         no_score = 0
+        if self.has_score and self.has_teacher:  # rows of one kind and rows of the other: no loss reads both
+            raise DataError(f"{name}: some rows hold a score ('score'/'label', one per row) and others teacher "
+                            f"'{TEACHER_SCORES}' (one per candidate); no loss reads both: keep one kind")
         if self.has_score or self.has_teacher:  # rows without the score the file's other rows have
             keep = (pc.invert(pc.is_nan(columns[3])) if self.has_score
                     else pc.greater(pc.list_value_length(columns[4]), 0))
