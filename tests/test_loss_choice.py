@@ -37,6 +37,7 @@ def _jsonl(path, rows):
     (TWO_NEGATIVES + ["scores"], None, "marginmse", TWO_NEGATIVES + ["scores"]),
     (TWO_NEGATIVES + ["scores"], "KL", "kl", TWO_NEGATIVES + ["scores"]),
     (TRIPLETS + ["scores"], "margin-mse", "marginmse", TRIPLETS + ["scores"]),
+    (TRIPLETS + ["score"], None, "marginmse", TRIPLETS + ["score"]),  # the teacher's margin (ST's format)
 ])
 def test_columns_choose_the_loss(columns, requested, loss, trained):
     choice = choose_loss("f.jsonl", columns, requested)
@@ -61,7 +62,9 @@ def test_a_column_the_loss_leaves_out_is_a_warning(columns, requested, label):
     (PAIRS, "cosent", "--loss cosent needs two texts and a score per row"),
     (TRIPLETS + ["score"], "angle", "no negatives"),
     (PAIRS + ["score"], "kl", "--loss kl needs a query, a positive, negatives and 'scores'"),
-    (TRIPLETS + ["score"], None, "a score per row and hard negatives (columns: anchor, positive, negative_1, score)"),
+    (TWO_NEGATIVES + ["score"], None, "a score per row and 2 hard negatives (columns: anchor, positive, negative_1, "
+                                      "negative_2, score)"),
+    (TRIPLETS + ["score"], "kl", "--loss kl needs a query, a positive, negatives and 'scores'"),
     (PAIRS + ["scores"], None, "teacher scores need hard negatives"),
 ])
 def test_a_loss_that_does_not_fit_is_one_line_naming_file_and_columns(columns, requested, needle):

@@ -67,6 +67,7 @@ def _reference(name, st):
         "cosent": lambda: losses.CoSENTLoss(st),
         "angle": lambda: losses.AnglELoss(st),
         "marginmse": lambda: losses.MarginMSELoss(st),
+        "marginmse-margin": lambda: losses.MarginMSELoss(st),
         "kl": lambda: losses.DistillKLDivLoss(st),
     }[name]()
 
@@ -77,6 +78,7 @@ SHAPES = {
     "cosent": (CoSENTLoss, 0, torch.tensor(PAIR_SCORES)),
     "angle": (AnglELoss, 0, torch.tensor(PAIR_SCORES)),
     "marginmse": (MarginMSELoss, 2, torch.tensor(TEACHER)),
+    "marginmse-margin": (MarginMSELoss, 1, torch.tensor([t[0] - t[1] for t in TEACHER])),  # one margin per row
     "kl": (DistillKLLoss, 2, torch.tensor(TEACHER)),
 }
 

@@ -5,6 +5,7 @@ YAML config, `TrainConfig.loss`), and checked against them.
     anchor, positive                                 mnrl              -
     anchor, positive, negative_1..n                  mnrl              triplet (n = 1)
     anchor, positive, score                          cosent            angle
+    anchor, positive, negative_1, score (a margin)   marginmse         -
     anchor, positive, negative_1..n, scores (n+1)    marginmse         kl
 
 A column the chosen loss does not read is never dropped silently: a `score`/`scores` column under
@@ -75,13 +76,14 @@ def choose_loss(source: str, column_names: list[str], requested: str | None = No
     found = ", ".join(column_names)
     name = loss_name(requested)
     if name is None:
-        if label == "score" and negatives:
-            raise EmbedtuneError(f"{source}: a score per row and hard negatives (columns: {found}): no loss reads "
-                                 "both; pick one with --loss (mnrl or triplet leave the score out) or drop a column")
+        if label == "score" and negatives > 1:
+            raise EmbedtuneError(f"{source}: a score per row and {negatives} hard negatives (columns: {found}): no "
+                                 "loss reads both; give 'scores' (one per candidate), or pick a loss with --loss (mnrl "
+                                 "leaves the score out)")
         if label == "scores" and not negatives:
             raise EmbedtuneError(f"{source}: teacher scores need hard negatives to compare the positive with "
                                  f"(columns: {found})")
-        name = {"score": "cosent", "scores": "marginmse"}.get(label, "mnrl")
+        name = {"score": "marginmse" if negatives else "cosent", "scores": "marginmse"}.get(label, "mnrl")
 
     def refuse(needs: str) -> EmbedtuneError:
         return EmbedtuneError(f"{source}: --loss {name} needs {needs}; the file has columns: {found}")
@@ -96,8 +98,11 @@ def choose_loss(source: str, column_names: list[str], requested: str | None = No
         if label != "score" or negatives:
             raise refuse("two texts and a score per row (sentence1, sentence2, score), no negatives")
         return LossChoice(name, texts, "score")
+    if name == "marginmse" and label == "score" and negatives == 1:  # the teacher's margin, one per row
+        return LossChoice(name, texts, "score")
     if label != "scores" or not negatives:
-        raise refuse("a query, a positive, negatives and 'scores' (the teacher's, one per candidate)")
+        raise refuse("a query, a positive, negatives and 'scores' (the teacher's, one per candidate)"
+                     + (", or one negative and the teacher's margin as 'score'" if name == "marginmse" else ""))
     return LossChoice(name, texts, "scores")
 
 

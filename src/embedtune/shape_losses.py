@@ -7,7 +7,8 @@ compares loss and gradients), and each is a `losses.ColumnLoss`: the columns go 
 forward on the packed path, and `cached=True` runs the GradCache mode, as for the contrastive loss.
 The similarity functions are sentence-transformers' own (`sentence_transformers.util`), so the math
 cannot drift from theirs. Scores arrive as the collator's `labels`: one number per row (CoSENT,
-AnglE) or one teacher score per candidate column, positive first (MarginMSE, KL).
+AnglE; MarginMSE's teacher margin with one negative) or one teacher score per candidate column,
+positive first (MarginMSE, KL).
 """
 
 from __future__ import annotations
@@ -109,15 +110,19 @@ def _candidate_scores(embeddings: Sequence[Tensor], loss: str) -> Tensor:
 
 
 class MarginMSELoss(ColumnLoss):
-    """MSE between the student's margins dot(q, pos) - dot(q, neg_i) and the teacher's
-    score_pos - score_neg_i; sentence-transformers' MarginMSELoss given the teacher's scores (one per
-    candidate, positive first). Columns: query, positive, negatives, scores."""
+    """MSE between the student's margins dot(q, pos) - dot(q, neg_i) and the teacher's; sentence-
+    transformers' MarginMSELoss. The teacher's margins come as its scores (one per candidate, positive
+    first: score_pos - score_neg_i), or, with one negative, as the margin itself (one number per row,
+    sentence-transformers' triplet format). Columns: query, positive, negatives, scores (or score)."""
 
     def loss_from_embeddings(self, embeddings: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
         student = _candidate_scores(embeddings, "MarginMSE")
-        teacher = _need_labels(labels, tuple(student.shape), "MarginMSE")
         student_margins = student[:, :1] - student[:, 1:]
-        teacher_margins = teacher[:, :1] - teacher[:, 1:]
+        if labels is not None and labels.dim() == 1 and student.shape[1] == 2:  # the margin itself
+            teacher_margins = _need_labels(labels, (student.shape[0],), "MarginMSE")[:, None]
+        else:
+            teacher = _need_labels(labels, tuple(student.shape), "MarginMSE")
+            teacher_margins = teacher[:, :1] - teacher[:, 1:]
         return F.mse_loss(student_margins, teacher_margins)
 
 
