@@ -161,10 +161,12 @@ def test_typed_tables_keep_working_for_text_nulls_lists_and_unused_columns(tmp_p
         "positive": pa.array(["p", None, "r"], pa.large_string()),
         "neg": pa.array([["n1"], ["n2"], ["n3"]]),
         "negative_1": pa.array([None, None, None], pa.null()),
-        "score": pa.array([1, 2, 3]),  # not a text column: ignored, as before
+        "score": pa.array([1, 2, 3]),  # a number per row: kept for the losses that train on it
+        "note": pa.array([1, 2, 3]),  # not a column embedtune reads: ignored, as before
     }), path)
     loaded = load_pairs(path)
-    assert loaded.dataset.to_dict() == {"anchor": ["a", "c"], "positive": ["p", "r"], "negative_1": ["n1", "n3"]}
+    assert loaded.dataset.to_dict() == {"anchor": ["a", "c"], "positive": ["p", "r"], "negative_1": ["n1", "n3"],
+                                        "score": [1.0, 3.0]}
     assert loaded.skipped == 1
 
 

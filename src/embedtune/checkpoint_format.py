@@ -179,7 +179,14 @@ def run_record(config) -> dict:
     if getattr(config, "output_dir", None):  # a run's folders may lie inside a dataset folder
         work = work_folder(config.output_dir)
         own = (work.with_name(work.name.removesuffix(".partial")), work)
-    record = {"config": fields, "data_sha256": data_digest(config.data, exclude=own)}
+    data = config.data
+    if isinstance(data, (list, tuple, dict)):  # several data sets: each file's digest, in order
+        from .multi_data import data_sources
+
+        digest = {s.name: data_digest(s.path, exclude=own) for s in data_sources(data)}
+    else:
+        digest = data_digest(data, exclude=own)
+    record = {"config": fields, "data_sha256": digest}
     return json.loads(json.dumps(record, default=str))
 
 

@@ -11,7 +11,7 @@ import gc
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -109,9 +109,10 @@ def _metric_table(title: str, columns: dict[str, dict[str, float]],
 
 
 def print_summary(metrics: dict, folder: Optional[Path] = None) -> None:
-    """The end-of-run summary: before/after retrieval metrics, time, throughput, artifacts (metrics.json
-    names them relative to the run folder; shown under `folder`, the run's output)."""
-    if metrics.get("base"):
+    """The end-of-run summary: before/after metrics, time, throughput, artifacts (metrics.json names them
+    relative to the run folder; shown under `folder`, the run's output)."""
+    similarity = (metrics.get("evaluation") or {}).get("kind") == "similarity"
+    if metrics.get("base") and not similarity:
         from .retrieval import RETRIEVAL_METRICS  # heavy: retrieval imports torch
 
         shown = tuple(m for m in RETRIEVAL_METRICS if m in metrics["base"])
@@ -122,6 +123,18 @@ def print_summary(metrics: dict, folder: Optional[Path] = None) -> None:
             console.print(f"[yellow]note: no evaluation beat the base model (nDCG@10 {final:.4f} < {base:.4f}); "
                           "the saved model is the best fine-tuned one. Try a lower --lr or more data.[/]",
                           soft_wrap=True, highlight=False)
+    elif metrics.get("base"):  # scored pairs only: their similarity
+        console.print(_metric_table("held-out similarity (cosine vs score)",
+                                    {"base": metrics["base"], "fine-tuned": metrics["final"]},
+                                    ("spearman_cosine", "pearson_cosine")))
+    datasets = metrics.get("datasets") or []
+    if len(datasets) > 1 or any(d.get("loss") != "mnrl" for d in datasets):  # rows and loss per data set
+        from .multi_data import describe
+
+        for line in describe(datasets):
+            console.print(f"  data: {line}", soft_wrap=True, highlight=False)
+        if (metrics.get("evaluation") or {}).get("described"):
+            console.print(f"  evaluation: {metrics['evaluation']['described']}", soft_wrap=True, highlight=False)
     resumed = metrics.get("resumed_from_step")
     steps = f"steps {resumed + 1}-{metrics['steps']} (resumed from step {resumed})" if resumed else f"{metrics['steps']} steps"
     console.print(
@@ -163,9 +176,11 @@ def _config_file_callback(ctx: typer.Context, param: typer.CallbackParam, value:
 @app.command()
 def train(
     ctx: typer.Context,
-    data: str = typer.Argument(..., help="Pairs file: JSONL, JSON, CSV, Parquet or a saved HF dataset folder."),
+    data: Optional[List[str]] = typer.Argument(None, help="Data file(s): JSONL, JSON, CSV, Parquet or a saved HF dataset folder; several train together, each batch from one of them (or `data:` in --config)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, HF folder or ST folder (default: bundled all-MiniLM-L6-v2)."),
     output: str = typer.Option("embedtune-output", "--output", help="Output folder (model/, metrics.json, training_curves.png)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="mnrl, triplet, cosent, angle, marginmse or kl (default: from the data's columns; see README, Data shapes and losses)."),
+    multi_dataset: str = typer.Option("proportional", "--multi-dataset", help="Several data files: proportional (each file's batches in proportion to its size) or round-robin."),
     epochs: float = typer.Option(1.0, "--epochs"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (overrides --epochs)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Pairs per step; every other pair is an in-batch negative."),
@@ -210,7 +225,8 @@ def train(
 
     with user_errors():
         config = TrainConfig(
-            data=data, model=model or DEFAULT_MODEL_ID, output_dir=output, epochs=epochs, max_steps=max_steps,
+            data=(data[0] if len(data) == 1 else list(data)) if data else None, loss=loss, multi_dataset=multi_dataset,
+            model=model or DEFAULT_MODEL_ID, output_dir=output, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, lr=lr, max_seq_length=max_seq_length, lora_r=None if full else lora_r,
             eval_size=eval_size, eval=not no_eval, evals_per_run=evals, pooling=pooling, seed=seed,
             gradient_checkpointing="unsloth" if gradient_checkpointing else False, overwrite=overwrite,
@@ -220,6 +236,8 @@ def train(
             cached_loss=cached_loss, token_budget=token_budget, fsdp=fsdp,
         )
         config = apply_config_fields(ctx, config)  # --config keys that have no flag of their own
+        if config.data is None:
+            raise EmbedtuneError("no training data: give one or more data files (or `data:` in --config)")
         with resume_hint(config.output_dir):
             result = run(config)
         if distributed.is_main():  # under torchrun, one summary

@@ -167,6 +167,13 @@ def load_config_defaults(ctx, param, path: str | os.PathLike | None, fields_of: 
         if not isinstance(key, str):
             raise EmbedtuneError(f"{where}: keys must be setting names, got {key!r}")
         norm = key.strip().lstrip("-").replace("-", "_")
+        if norm == "data" and fields_of is not None and "data" in fields:
+            if isinstance(value, dict):  # name -> file or {path, loss}: no flag spells it, the field takes it
+                file_fields["data"] = _data_mapping(where, key, value)
+                set_by["data"] = key
+                continue
+            if isinstance(value, str):  # the data argument takes a list of files
+                value = [value]
         by_value = _value_target(norm, value)
         if by_value is not None and by_value[0] in params:
             target, value = by_value
@@ -202,6 +209,18 @@ def load_config_defaults(ctx, param, path: str | os.PathLike | None, fields_of: 
         defaults[target] = _check_value(where, key, value, hints.get(target, Any))
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta[_META_KEY] = file_fields
+
+
+def _data_mapping(where: str, key: str, value: dict) -> dict:
+    """`data:` as a mapping of data set name -> file, or -> {path: FILE, loss: NAME}; checked here so
+    that a mistake names the config file's line."""
+    for name, item in value.items():
+        if isinstance(item, str):
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or set(item) - {"path", "loss"}:
+            raise EmbedtuneError(f"{where}: {key}: {name}: expected a file path or {{path: FILE, loss: NAME}}, "
+                                 f"got {_show(item)}")
+    return value
 
 
 def _value_target(norm: str, value) -> tuple[str, Any] | None:
@@ -331,6 +350,11 @@ def resolved_config(config, **resolved) -> dict[str, Any]:
         if f.name in ("data", "output_dir", "model") and isinstance(value, (str, os.PathLike)):
             if f.name != "model" or Path(value).exists():
                 value = portable_path(value)
+        elif f.name == "data" and isinstance(value, list):  # several data files
+            value = [portable_path(v) for v in value]
+        elif f.name == "data" and isinstance(value, dict):  # name -> file or {path, loss}
+            value = {k: portable_path(v) if isinstance(v, str) else {**v, "path": portable_path(v["path"])}
+                     for k, v in value.items()}
         out[f.name] = json.loads(json.dumps(value, default=str))  # plain types only
     return out
 

@@ -2,6 +2,10 @@
 Matryoshka variants, across GPUs, and a cached (GradCache-style) form whose memory does not grow
 with the batch.
 
+`ColumnLoss` holds what every embedtune loss shares (the merged packed forward over all columns, the
+cached mode); `ContrastiveLoss` is InfoNCE on it, and `shape_losses` holds the losses of the other
+data shapes (triplet, CoSENT, AnglE, MarginMSE, KL) on the same base.
+
 `ContrastiveLoss` is a sentence-transformers loss module (`forward(sentence_features, labels)`), so
 it drops into `SentenceTransformerTrainer` like `MultipleNegativesRankingLoss`. Columns are
 (anchor, positive, negative_1, ..., negative_n); every anchor is scored against every positive and
@@ -326,54 +330,37 @@ def _all_reduce_gradients(module: nn.Module) -> None:
 # ----------------------------------------------------------------------------------- the module
 
 
-class ContrastiveLoss(nn.Module):
-    """InfoNCE over in-batch (and cross-rank) positives and hard negatives; a sentence-transformers loss.
+class ColumnLoss(nn.Module):
+    """What every embedtune loss shares: the columns' embeddings from one merged forward on the packed
+    fast path (`embed_columns`), and the cached (GradCache-style) mode that embeds in chunks without
+    graphs and replays them on backward (`cached=True`). A subclass only states its math, in
+    `loss_from_embeddings(embeddings, labels)`; the scores or teacher scores of the batch (`labels`, as
+    sentence-transformers' collator hands them) go through the cached mode unchanged.
 
     Args:
         model: the SentenceTransformer being trained.
-        temperature: softmax temperature over cosine scores (0.05 = MNRL's scale of 20).
-        symmetric: also train positive -> anchor (mean of both directions).
-        matryoshka_dims: train leading slices of the embedding too, e.g. [768, 512, 256, 128, 64].
-        matryoshka_weights: one weight per dim (default 1 each).
         cached: GradCache-style; memory flat in the batch size, chunks of `token_budget` tokens.
         token_budget: real tokens per chunk in cached mode (default: sized from the free GPU memory on
             the packed path, see `gpu_token_budget`; else `DEFAULT_TOKEN_BUDGET`).
-        gather_across_devices: under torch.distributed, score against every rank's candidates.
     """
 
-    def __init__(self, model: nn.Module, temperature: float = 0.05, symmetric: bool = False,
-                 matryoshka_dims: Sequence[int] | None = None, matryoshka_weights: Sequence[float] | None = None,
-                 cached: bool = False, token_budget: int | None = None, gather_across_devices: bool = True):
+    def __init__(self, model: nn.Module, cached: bool = False, token_budget: int | None = None):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if matryoshka_dims is not None:
-            matryoshka_dims = [int(d) for d in matryoshka_dims]
-            if not matryoshka_dims or min(matryoshka_dims) < 1:
-                raise ValueError(f"matryoshka_dims must be positive integers, got {matryoshka_dims}")
-            if matryoshka_weights is not None and len(matryoshka_weights) != len(matryoshka_dims):
-                raise ValueError("matryoshka_weights needs one weight per dimension")
         if token_budget is not None and token_budget < 1:
             raise ValueError(f"token_budget must be positive, got {token_budget}")
         self.model = model
-        self.temperature = float(temperature)
-        self.symmetric = symmetric
-        self.matryoshka_dims = matryoshka_dims
-        self.matryoshka_weights = list(matryoshka_weights) if matryoshka_weights else None
         self.cached = cached
         self.token_budget = token_budget  # None: chosen at the first cached step (`_chunk_budget`)
-        self.gather_across_devices = gather_across_devices
         self._scan: dict[str, bool] | None = None
 
-    def loss_from_embeddings(self, embeddings: Sequence[Tensor]) -> Tensor:
-        return contrastive_loss(embeddings, self.temperature, self.symmetric, self.matryoshka_dims,
-                                self.matryoshka_weights, gather=self.gather_across_devices)
+    def loss_from_embeddings(self, embeddings: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
 
     def forward(self, sentence_features: Iterable[dict[str, Any]], labels: Tensor | None = None) -> Tensor:
         features = list(sentence_features)
         if self.cached and torch.is_grad_enabled():
-            return self._cached_forward(features)
-        return self.loss_from_embeddings(self.embed_columns(features))
+            return self._cached_forward(features, labels)
+        return self.loss_from_embeddings(self.embed_columns(features), labels)
 
     def embed_columns(self, features: list[dict[str, Any]]) -> list[Tensor]:
         """Each column's embeddings. On the packed fast path all columns go through one forward (one
@@ -440,7 +427,7 @@ class ContrastiveLoss(nn.Module):
                 self.token_budget = DEFAULT_TOKEN_BUDGET
         return self.token_budget
 
-    def _cached_forward(self, features: list[dict[str, Any]]) -> Tensor:
+    def _cached_forward(self, features: list[dict[str, Any]], labels: Tensor | None = None) -> Tensor:
         module, ddp = _unwrap_ddp(self.model)
         device = features[0]["attention_mask"].device
         rows = None
@@ -449,7 +436,7 @@ class ContrastiveLoss(nn.Module):
             batch, rows = merged
             features = [batch]
         with _varied_shape_attention(device):
-            loss, replay = self._embed_and_plan_replay(module, ddp, features, rows)
+            loss, replay = self._embed_and_plan_replay(module, ddp, features, rows, labels)
         # The trainer calls backward() outside its autocast block: re-run the chunks under the same
         # autocast as the first pass, else they run in fp32, slower and not the embeddings we cached.
         autocast = current_autocast(device)
@@ -462,7 +449,7 @@ class ContrastiveLoss(nn.Module):
         return _ReplayOnBackward.apply(loss.detach(), anchor, replay_with_kernels)
 
     def _embed_and_plan_replay(self, module: nn.Module, ddp, features: list[dict[str, Any]],
-                               rows: list[int] | None = None):
+                               rows: list[int] | None = None, labels: Tensor | None = None):
         """Embed `features` chunk by chunk without graphs; `rows` splits a merged batch back into columns."""
         budget = self._chunk_budget(features[0]["attention_mask"].device)
         plans = [ColumnChunks.plan(f, budget) for f in features]
@@ -488,7 +475,7 @@ class ContrastiveLoss(nn.Module):
                 with torch.no_grad():
                     parts.append(module(chunk)["sentence_embedding"].detach())
             columns.append(torch.cat(parts).requires_grad_())
-        loss = self.loss_from_embeddings(columns if rows is None else list(columns[0].split(rows)))
+        loss = self.loss_from_embeddings(columns if rows is None else list(columns[0].split(rows)), labels)
         column_grads = torch.autograd.grad(loss, columns)
 
         def replay(grad_output: Tensor) -> None:
@@ -513,3 +500,39 @@ class ContrastiveLoss(nn.Module):
     @property
     def citation(self) -> str:
         return "GradCache: Gao et al., 2021, Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"
+
+
+class ContrastiveLoss(ColumnLoss):
+    """InfoNCE over in-batch (and cross-rank) positives and hard negatives; a sentence-transformers loss.
+
+    Args:
+        model: the SentenceTransformer being trained.
+        temperature: softmax temperature over cosine scores (0.05 = MNRL's scale of 20).
+        symmetric: also train positive -> anchor (mean of both directions).
+        matryoshka_dims: train leading slices of the embedding too, e.g. [768, 512, 256, 128, 64].
+        matryoshka_weights: one weight per dim (default 1 each).
+        cached, token_budget: see `ColumnLoss`.
+        gather_across_devices: under torch.distributed, score against every rank's candidates.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float = 0.05, symmetric: bool = False,
+                 matryoshka_dims: Sequence[int] | None = None, matryoshka_weights: Sequence[float] | None = None,
+                 cached: bool = False, token_budget: int | None = None, gather_across_devices: bool = True):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if matryoshka_dims is not None:
+            matryoshka_dims = [int(d) for d in matryoshka_dims]
+            if not matryoshka_dims or min(matryoshka_dims) < 1:
+                raise ValueError(f"matryoshka_dims must be positive integers, got {matryoshka_dims}")
+            if matryoshka_weights is not None and len(matryoshka_weights) != len(matryoshka_dims):
+                raise ValueError("matryoshka_weights needs one weight per dimension")
+        super().__init__(model, cached=cached, token_budget=token_budget)
+        self.temperature = float(temperature)
+        self.symmetric = symmetric
+        self.matryoshka_dims = matryoshka_dims
+        self.matryoshka_weights = list(matryoshka_weights) if matryoshka_weights else None
+        self.gather_across_devices = gather_across_devices
+
+    def loss_from_embeddings(self, embeddings: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
+        return contrastive_loss(embeddings, self.temperature, self.symmetric, self.matryoshka_dims,
+                                self.matryoshka_weights, gather=self.gather_across_devices)

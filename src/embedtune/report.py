@@ -17,7 +17,8 @@ from embedtune.plots import plot_curves
 
 METRICS_FILE = "metrics.json"
 DEFAULT_PNG = "report.png"
-METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10", "recall@100", "map@100")
+METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10", "recall@100", "map@100",
+           "spearman_cosine", "pearson_cosine")  # the last two: runs on scored pairs only (`run_data`)
 CURVE_METRICS = ("ndcg@10", "mrr@10", "recall@10")  # the per-evaluation table's columns
 _BLOCKS = "▁▂▃▄▅▆▇█"
 _SPARK_WIDTH = 48
@@ -154,7 +155,9 @@ def metric_table(base: dict, final: dict):
     names = [m for m in METRICS if m in base or m in final]
     if not names:
         return None
-    table = Table(title="held-out retrieval", title_justify="left")
+    similarity = names[0] in ("spearman_cosine", "pearson_cosine")
+    table = Table(title="held-out similarity (cosine vs score)" if similarity else "held-out retrieval",
+                  title_justify="left")
     for column, justify in (("metric", "left"), ("base", "right"), ("fine-tuned", "right"), ("change", "right")):
         table.add_column(column, justify=justify)
     for name in names:
@@ -176,6 +179,8 @@ def facts_table(metrics: dict):
     facts = [
         ("model", config.get("model")),
         ("data", config.get("data")),
+        ("data sets", "\n".join(f"{d['name']}: {d['train_rows']} training rows, loss {d['loss']}"
+                                for d in metrics["datasets"]) if len(metrics.get("datasets") or ()) > 1 else None),
         ("method", None if "lora_r" not in config else (f"LoRA r{lora}" if lora else "full fine-tuning")),
         ("steps", metrics.get("steps")),
         ("batch size", config.get("batch_size")),

@@ -60,8 +60,10 @@ def graph_step_for(trainer, config):
     """The run's CUDA-graph step (`embedtune.graphs`), or why not (str); a one-line notice when the
     user asked for graphs (`--cuda-graphs`) and the run cannot have them."""
     from .graphs import GraphedStep, unsupported_reason
+    from .loss_choice import graphs_off_reason
 
-    reason = unsupported_reason(trainer.loss, trainer.model.device)
+    # a loss other than the contrastive one, or one per data set: off, with the reason
+    reason = graphs_off_reason(trainer.loss) or unsupported_reason(trainer.loss, trainer.model.device)
     if reason is None and trainer.args.fp16:
         reason = "fp16 training scales its loss on the host (use bf16)"
     if reason is not None:

@@ -28,7 +28,7 @@ import torch
 from .checkpoint_format import checkpoint_step, discard_on_failure, prepare_work, resume_point
 from .compile_cache import compile_seconds
 from .config_file import CONFIG_NAME, resolved_config, write_config_yaml
-from .data import column, load_pairs, train_eval_split
+from .data import column
 from .data.sampler import no_duplicates_sampler
 from .data.token_cache import install_token_cache
 from . import distributed
@@ -40,6 +40,10 @@ from .model_card import pick_card_examples
 from .monitoring import (
     ENCODE_BAR_MIN_TEXTS, TENSORBOARD_DIR, Phases, attach_tokens_per_second, check_report_to, point_tensorboard,
     readable_logs, report_arguments,
+)
+from .run_data import (
+    Evaluation, build_losses, cached_texts, choose_evaluation, load_parts, similarity_evaluator, similarity_summary,
+    split_parts, steps_per_epoch, text_columns, trainer_dataset,
 )
 from .run_folder import complete_finish, recover_at_start, resolve_output, seal_finished
 from .save import check_target, save_adapter, save_merged
@@ -61,7 +65,7 @@ POOLING_MODES = ("cls", "mean", "max", "lasttoken", "weightedmean", "mean_sqrt_l
 class TrainConfig:
     """Every knob of a run; the CLI flags map one to one onto these fields."""
 
-    data: str
+    data: str | list[str] | dict[str, Any] | None = None  # one file, several, or name -> file (`multi_data`)
     model: str = DEFAULT_MODEL_ID
     output_dir: str | None = None
     epochs: float = 1.0
@@ -93,6 +97,8 @@ class TrainConfig:
     temperature: float = 0.05  # InfoNCE temperature (0.05 = MNRL's scale 20)
     symmetric: bool = False  # also train positive -> anchor
     matryoshka_dims: list[int] | None = None  # e.g. [768, 512, 256, 128, 64]
+    loss: str | None = None  # mnrl, triplet, cosent, angle, marginmse, kl; None: from the columns (loss_choice)
+    multi_dataset: str = "proportional"  # or "round-robin": how batches of several data sets take turns
     cached_loss: bool = False  # GradCache: memory flat in --batch-size
     token_budget: int | None = None  # real tokens per cached chunk (default: see losses.gpu_token_budget)
     report_to: str = "none"  # or "tensorboard" (events in OUTPUT/tensorboard) or "wandb"
@@ -162,7 +168,10 @@ def place_output(config: TrainConfig) -> tuple[Path | None, Path | None]:
     second item (nothing to train); otherwise None."""
     if not config.output_dir:
         return None, None
-    output = resolve_output(config.output_dir, config.data)  # symlinks followed; data and cwd protected
+    from .multi_data import data_sources
+
+    for source in data_sources(config.data, config.loss):
+        output = resolve_output(config.output_dir, source.path)  # symlinks followed; data and cwd protected
     finished = recover_at_start(output, config.resume, config.overwrite) if distributed.is_main() else None
     return output, finished
 
@@ -180,13 +189,15 @@ class RunData:
     work: Path
     resumable: bool
     resume_from: Path | None
+    parts: list = field(default_factory=list)  # each data set (`run_data.Part`); `loaded`... are the first's
 
 
 def read_data(config: TrainConfig, output: Path | None, phases: Phases) -> RunData:
     """Read the pairs, then refuse whatever would fail later, before any model loads or folder is
     written: an occupied output, bad pooling or batch size, an unusable --report-to, too few pairs for
     one batch, batches the sampler cannot fill, a --resume with nothing (or something else) to resume."""
-    loaded = load_pairs(config.data)
+    parts = load_parts(config)  # each data set read, its loss chosen from its columns (or --loss) and checked
+    loaded = parts[0].loaded
     phases.mark("read_data")
     output = check_target(output, config.overwrite) if output else None
     if config.pooling is not None and config.pooling not in POOLING_MODES:
@@ -195,16 +206,13 @@ def read_data(config: TrainConfig, output: Path | None, phases: Phases) -> RunDa
         raise EmbedtuneError("--batch-size must be at least 2: in-batch negatives need company")
     check_report_to(config.report_to, has_output=output is not None)
     eval_size = 0 if not config.eval else config.eval_size
-    train_ds, eval_ds = train_eval_split(loaded.dataset, eval_size, seed=config.seed)
-    if len(train_ds) < config.batch_size:
-        raise EmbedtuneError(
-            f"{config.data}: {len(train_ds)} training pairs, fewer than one batch of {config.batch_size}"
-        )
-    batches = check_batches(config, train_ds)  # no-silent-success: zero usable batches is an error, fewer a warning
+    # per data set: split, refuse fewer rows than a batch, count the full batches (no-silent-success)
+    split_parts(config, parts, eval_size)
+    train_ds, eval_ds, batches = parts[0].train_ds, parts[0].eval_ds, parts[0].batches
     resumable = output is not None and not config.fsdp  # FSDP runs keep no resumable checkpoints (yet)
     work = Path(f"{output}.partial") if output else Path(os.environ.get("TMPDIR", "/tmp")) / f"embedtune-{os.getpid()}"
     resume_from = resume_point(work, config, resumable=resumable)  # checked before any loading
-    return RunData(loaded, train_ds, eval_ds, batches, output, work, resumable, resume_from)
+    return RunData(loaded, train_ds, eval_ds, batches, output, work, resumable, resume_from, parts)
 
 
 @dataclass
@@ -256,21 +264,40 @@ class Objective:
     loss: Any
     evaluator: Any | None
     base_metrics: dict
+    evaluation: Evaluation | None = None  # what the evaluator covers (`run_data.choose_evaluation`)
+
+    @property
+    def metric(self) -> str:
+        """The evaluator's key of the metric the best weights follow."""
+        return self.evaluation.metric if self.evaluation is not None else metric_key(EVAL_NAME)
+
+    def summarize(self, raw: dict) -> dict:
+        if self.evaluation is not None and self.evaluation.kind == "similarity":
+            return similarity_summary(raw)
+        return summarize(raw)
 
 
 def loss_and_evaluator(config: TrainConfig, data: RunData, model: Model, phases: Phases) -> Objective:
     """The loss first (its option errors come before any evaluation or folder), then the held-out IR
     task over every positive as corpus, and the base model's score on it: what training must beat."""
-    loss = build_loss(model.st, config)
-    evaluator, base_metrics = None, {}
-    if data.eval_ds is not None:
+    parts = data.parts or []
+    loss = build_losses(parts, lambda name: build_loss(model.st, config, name)) if parts else build_loss(model.st, config)
+    evaluator, base_metrics, evaluation = None, {}, None
+    if parts:  # retrieval over the data sets with relevant positives, else the scored pairs' similarity
+        evaluation = choose_evaluation(parts, EVAL_NAME, metric_key(EVAL_NAME))
+    if evaluation is not None and evaluation.kind == "similarity":
+        evaluator = similarity_evaluator(evaluation, batch_size=64)
+        base_metrics = similarity_summary(evaluator(model.st))
+        phases.mark("base_eval")
+    elif data.eval_ds is not None and (evaluation is None or evaluation.kind == "retrieval"):
         prompts = {"query_prompt": model.query_prompt, "document_prompt": model.document_prompt}
-        task = pairs_to_ir_task(data.eval_ds, corpus_texts=column(data.loaded.dataset, "positive"))
+        task = evaluation.task if evaluation is not None else pairs_to_ir_task(
+            data.eval_ds, corpus_texts=column(data.loaded.dataset, "positive"))
         big = len(task.queries) + len(task.corpus) >= ENCODE_BAR_MIN_TEXTS  # bars during training only if slow
         evaluator = shared_ir_evaluator(task, name=EVAL_NAME, **prompts, show_progress=big)
         base_metrics = evaluate_model(model.st, task, **prompts, show_progress=True)
         phases.mark("base_eval")
-    return Objective(loss, evaluator, base_metrics)
+    return Objective(loss, evaluator, base_metrics, evaluation)
 
 
 @dataclass
@@ -294,12 +321,14 @@ def plan_run(config: TrainConfig, data: RunData, model: Model, phases: Phases) -
     tokens per row on a sample, and choose the speed mode from both (`speed_choice.choose_speed`)."""
     accumulation = int(config.extra.get("gradient_accumulation_steps", 1))
     rows_per_step = config.batch_size * accumulation * distributed.world_size()  # one optimizer step's rows
-    steps_per_epoch = max(1, len(data.train_ds) // rows_per_step)
-    total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
+    per_epoch = steps_per_epoch(config, data.parts, rows_per_step, accumulation)  # several data sets: their sampler's
+    total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
     eval_steps = max(1, math.ceil(total_steps / max(1, config.evals_per_run)))
-    columns = [c for c in data.train_ds.column_names if c == "anchor" or c == "positive" or c.startswith("negative_")]
+    columns = text_columns(data.parts)  # the texts; a score column goes to the trainer, not the tokenizer
     max_seq_length = model.st.max_seq_length  # what the model really uses (capped by its position table)
-    tokens_per_row = _tokens_per_row(model.tokenizer, data.train_ds, columns, max_seq_length)
+    rows = sum(len(p.train_ds) for p in data.parts)
+    tokens_per_row = sum(len(p.train_ds) * _tokens_per_row(model.tokenizer, p.train_ds, list(p.choice.text_columns),
+                                                            max_seq_length) for p in data.parts) / max(1, rows)
     speed, compile_cache, fingerprint = choose_speed(config, model.encoder, tokens_per_row,
                                                      micro_steps=total_steps * accumulation)
     phases.mark("plan")
@@ -344,12 +373,13 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
             st_model.to(torch.device("cuda", torch.cuda.current_device()))
         shard_model(st_model, param_dtype=torch.bfloat16 if args.bf16 else None)
     st_model.model_card_data.generate_widget_examples = False  # it encodes samples: slow, and not ours to show
-    pick_card_examples(st_model, data.train_ds.select_columns(plan.columns))  # before the trainer would, loudly
-    best = BestWeights(st_model, f"eval_{metric_key(EVAL_NAME)}")
+    first = data.parts[0]  # the card's examples: texts of the first data set, picked before the trainer would, loudly
+    pick_card_examples(st_model, first.train_ds.select_columns(list(first.choice.text_columns)))
+    best = BestWeights(st_model, f"eval_{objective.metric}")
     trainer = ResumableTrainer(  # checkpoints of the trainable weights; stops on a NaN/inf loss
         model=st_model,
         args=args,
-        train_dataset=data.train_ds.select_columns(plan.columns),
+        train_dataset=trainer_dataset(data.parts),  # several data sets: a DatasetDict, one loss each
         loss=objective.loss,
         evaluator=objective.evaluator,
         callbacks=[best.callback] if objective.evaluator else None,
@@ -359,7 +389,7 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
     if graphs is not None and not isinstance(graphs, str):
         trainer.graph_step = graphs
     rows_needed = plan.total_steps * plan.rows_per_step  # what the run will read
-    token_cache = install_token_cache(trainer, st_model, data.train_ds.select_columns(plan.columns), column_prompts,
+    token_cache = install_token_cache(trainer, st_model, cached_texts(data.parts), column_prompts,  # every data set's
                                       rows_needed=rows_needed, background=st_model.device.type == "cuda")
     phases.mark("token_cache")
     if config.report_to == "tensorboard":
@@ -378,6 +408,7 @@ def training_arguments(config: TrainConfig, data: RunData, objective: Objective,
     evaluations spread over the run, checkpoints by the clock, a fused AdamW), then `config.extra`'s."""
     from sentence_transformers import SentenceTransformerTrainingArguments
 
+    from .multi_data import sampler_name
     from .resumable_trainer import save_arguments
 
     arguments = dict(
@@ -392,6 +423,7 @@ def training_arguments(config: TrainConfig, data: RunData, objective: Objective,
         weight_decay=config.weight_decay,
         optim=_optimizer_name(),
         batch_sampler=no_duplicates_sampler(),
+        **({"multi_dataset_batch_sampler": sampler_name(config.multi_dataset)} if len(data.parts) > 1 else {}),
         eval_strategy="steps" if objective.evaluator else "no",
         eval_steps=plan.eval_steps,
         **save_arguments(config.save_every, resumable=data.resumable),
@@ -407,7 +439,9 @@ def training_arguments(config: TrainConfig, data: RunData, objective: Objective,
         dataloader_pin_memory=torch.cuda.is_available(),
         # pinned batches go to the GPU without the host waiting; on CPU there is nothing to pin or wait for
         accelerator_config={"non_blocking": torch.cuda.is_available()},
-        prompts=column_prompts or None,
+        # several data sets: per data set, so that one named like a column ("anchor") cannot take its place
+        prompts=({p.name: column_prompts for p in data.parts} if len(data.parts) > 1 else column_prompts)
+        if column_prompts else None,
         **_precision_flags(dtype),
         ddp_broadcast_buffers=False,  # encoder buffers (position ids) are constants: skip a sync per forward
         # The same parameters take part in every step: DDP learns them on the first step instead of
@@ -451,7 +485,7 @@ def train_model(config: TrainConfig, data: RunData, model: Model, objective: Obj
     if plan.compile_cache is not None:  # later runs of this model find its compiled code (`speed.cache_is_warm`)
         mark_cache_warm(plan.compile_cache, plan.fingerprint)
     setup.best.restore()
-    final_metrics = summarize(setup.best.best_metrics) if objective.evaluator else {}
+    final_metrics = objective.summarize(setup.best.best_metrics) if objective.evaluator else {}
     st_model = model.st
     if config.fsdp:
         st_model = unsharded_copy(st_model, config)  # rank 0: the full model; other ranks: None
@@ -477,11 +511,15 @@ def run_metrics(config: TrainConfig, started: float, data: RunData, objective: O
         "train_time_s": round(trained.train_time, 2),
         "total_time_s": round(time.time() - started, 2),
         "steps": state.global_step,
-        "train_pairs": len(data.train_ds),
-        "eval_pairs": len(eval_ds) if eval_ds is not None else 0,
-        "skipped_rows": loaded.skipped,
-        "skipped_rows_few_negatives": loaded.skipped_few_negatives,
-        "skipped_summary": loaded.skipped_summary(),
+        "train_pairs": sum(len(p.train_ds) for p in data.parts),
+        "eval_pairs": sum(len(p.eval_ds) for p in data.parts if p.eval_ds is not None),
+        "skipped_rows": sum(p.loaded.skipped for p in data.parts),
+        "skipped_rows_few_negatives": sum(p.loaded.skipped_few_negatives for p in data.parts),
+        "skipped_summary": loaded.skipped_summary() if len(data.parts) == 1 else "; ".join(
+            f"{p.name}: {p.loaded.skipped_summary()}" for p in data.parts),
+        "datasets": [p.summary() for p in data.parts],  # rows and loss per data set
+        "evaluation": objective.evaluation.as_dict() | {"described": objective.evaluation.describe()}
+        if objective.evaluation is not None else None,
         "resumed_from_step": first_step or None,
         "tokens_per_s": _tokens_per_second(tokens, trained.train_time, this_run),
         "compile": {"time_s": round(compile_seconds(), 2), "cache": compile_cache} if compile_cache else None,
@@ -499,6 +537,9 @@ def run_metrics(config: TrainConfig, started: float, data: RunData, objective: O
         ),
     }
     setup.checks.report(metrics, state, first_step, plan.total_steps, data.batches, loaded)  # adds "warnings"
+    # a loss leaving a column out, and the other data sets' batch shortfalls (the first's is in `warnings` already)
+    shortfalls = [p.batches["warning"] for p in data.parts[1:] if p.batches and p.batches.get("warning")]
+    metrics["warnings"] = [p.choice.warning for p in data.parts if p.choice.warning] + metrics["warnings"] + shortfalls
     return metrics
 
 
@@ -523,9 +564,10 @@ def finish(config: TrainConfig, started: float, data: RunData, objective: Object
 # What the stages use: the loss, the throughput estimate, the optimizer and precision, the finish.
 
 
-def build_loss(st_model, config: TrainConfig):
-    """The run's contrastive loss: in-batch (and cross-rank) negatives plus any hard-negative columns."""
-    from .losses import ContrastiveLoss
+def build_loss(st_model, config: TrainConfig, name: str = "mnrl"):
+    """The loss `name` (`loss_choice`); by default the contrastive loss: in-batch (and cross-rank)
+    negatives plus any hard-negative columns."""
+    from .loss_choice import build_loss as build_named_loss
 
     dimension = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
     width = dimension()  # ST 6 renamed the method; 5.x has only the old name
@@ -533,9 +575,7 @@ def build_loss(st_model, config: TrainConfig):
     if too_wide:
         raise EmbedtuneError(f"--matryoshka-dims {too_wide}: larger than the model's embedding size {width}")
     try:
-        return ContrastiveLoss(st_model, temperature=config.temperature, symmetric=config.symmetric,
-                               matryoshka_dims=config.matryoshka_dims, cached=config.cached_loss,
-                               token_budget=config.token_budget)
+        return build_named_loss(name, st_model, config)
     except ValueError as exc:
         raise EmbedtuneError(f"loss options: {exc}") from None
 
@@ -602,7 +642,8 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
         shutil.rmtree(work / leftover, ignore_errors=True)
     with ThreadPoolExecutor(1, thread_name_prefix="embedtune-plot") as pool:
         plot = pool.submit(plot_curves, metrics["history"], work / "training_curves.png",
-                           metric=f"eval_{metric_key(EVAL_NAME)}", base=metrics["base"].get("ndcg@10"))
+                           metric=f"eval_{(metrics.get('evaluation') or {}).get('metric') or metric_key(EVAL_NAME)}",
+                           base=metrics["base"].get("ndcg@10", metrics["base"].get("spearman_cosine")))
         lora = bool(metrics["config"].get("lora_r"))
         if lora:  # before save_merged merges it away: `embedtune export --to adapter` needs it
             save_adapter(st_model, work / "adapter")

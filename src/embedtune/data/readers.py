@@ -3,7 +3,13 @@
 Accepted: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects, an object holding one list such as
 ``{"data": [...]}``, or JSON lines), ``.csv`` (every cell read as text), ``.parquet``, and folders written
 by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk`` (the "train" split, else the first).
-Columns: anchor/query/question, positive/pos/answer, negative/neg/negative_<n>; anchors are strings,
+Columns: anchor/query/question (or sentence1/text1), positive/pos/answer (or sentence2/text2),
+negative/neg/negative_<n>, and the scores some losses train on: ``score`` (or ``label``), one number
+per row (a pair's similarity, for CoSENT/AnglE; CSV text such as "0.8" is read as a number), or
+``scores``, a list of teacher scores, one per candidate: the positive's, then each negative's in order
+(for MarginMSE and KL distillation). A row lacking the score the file's other rows have is skipped
+and counted; a score that is not a number, a ``scores`` list of the wrong length, or both a
+``score`` and a ``scores`` column is an error. Anchors are strings,
 positives and negatives strings or lists of strings (FlagEmbedding style), a list of positives giving one
 row each. Null, empty and blank texts are skipped and counted; any other value where text is expected
 (a number, boolean, object) is an error, since skipping it would hide a broken export. A row keeps the
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import uuid
@@ -39,6 +46,11 @@ ANCHOR_ALIASES: tuple[str, ...] = ("anchor", "query", "question")
 POSITIVE_ALIASES: tuple[str, ...] = ("positive", "pos", "answer")
 # Plus numbered columns negative_1, negative_2, ... (see _NUMBERED_NEGATIVE).
 NEGATIVE_ALIASES: tuple[str, ...] = ("negative", "neg")
+# Two-text data (STS style: sentence1, sentence2, score) reads as anchor and positive.
+_ANCHOR_KEYS: tuple[str, ...] = ANCHOR_ALIASES + ("sentence1", "text1")
+_POSITIVE_KEYS: tuple[str, ...] = POSITIVE_ALIASES + ("sentence2", "text2")
+SCORE_ALIASES: tuple[str, ...] = ("score", "label")  # one number per row
+TEACHER_SCORES = "scores"  # a list of numbers per row: one per candidate, the positive's first
 
 _NUMBERED_NEGATIVE = re.compile(r"negative_(\d+)")
 _JSON_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -58,7 +70,9 @@ _MAX_PLANS = 4096  # distinct row shapes (key tuples) whose column resolution is
 class LoadedPairs:
     """A validated pair dataset plus what the loader had to drop, for the CLI to report.
 
-    ``dataset`` has string columns ``anchor``, ``positive``, ``negative_1..negative_{num_negatives}``;
+    ``dataset`` has string columns ``anchor``, ``positive``, ``negative_1..negative_{num_negatives}``, and
+    ``score`` (a float per row) or ``scores`` (floats, one per candidate) where the file has them;
+    ``skipped_no_score`` counts rows dropped for lacking the score the other rows have;
     ``skipped`` counts rows (or list entries of a list-valued positive) dropped for empty/null text;
     ``skipped_few_negatives`` counts rows dropped for holding fewer than ``num_negatives`` hard
     negatives, the first of them at ``first_few_negatives`` (e.g. "line 17"); ``cut_negatives`` counts
@@ -74,6 +88,12 @@ class LoadedPairs:
     first_few_negatives: str | None = None
     cut_negatives: int = 0
     first_cut_negatives: str | None = None
+    skipped_no_score: int = 0
+
+    @property
+    def label_column(self) -> str | None:
+        """"score" (a number per row), "scores" (teacher scores per candidate) or None."""
+        return next((c for c in ("score", TEACHER_SCORES) if c in self.dataset.column_names), None)
 
     def skipped_summary(self) -> str:
         """Every reason rows were dropped or cut, on one line, e.g. for the CLI's end-of-run report."""
@@ -88,6 +108,8 @@ class LoadedPairs:
             used = f"only the first {self.num_negatives} used" if self.num_negatives else "not used"
             held = f"more than {negatives}" if self.num_negatives else "hard negatives, which most rows lack"
             text += f"; {_rows(self.cut_negatives)} held {held}: {used} (first at {self.first_cut_negatives})"
+        if self.skipped_no_score:
+            text += f"; {_rows(self.skipped_no_score)} skipped for a missing {self.label_column or 'score'}"
         return text
 
 
@@ -188,6 +210,12 @@ class _Collector:
         self.found: dict[str, None] = {}  # every column name seen, in first-seen order
         self.has_anchor_column = False
         self.has_positive_column = False
+        self.scores: list[float] = []  # per kept row: its score, NaN where the row has none
+        self.teacher: list[float] = []  # every kept row's teacher scores, flat
+        self.teacher_ends: list[int] = []  # per row: where its teacher scores end in ``teacher``
+        self.has_score = False
+        self.has_teacher = False
+        self._score_plans: dict[tuple, tuple[str | None, str | None]] = {}
         self._plans: dict[tuple, tuple[str | None, str | None, tuple[str, ...], tuple]] = {}
 
     def declare_columns(self, names: Iterable[str], where: str | None = None) -> None:
@@ -206,8 +234,8 @@ class _Collector:
     def check_types(self, schema) -> None:
         """Reject a typed (Parquet, saved dataset) text column that isn't text, before reading any row."""
         anchor, positive, negatives, clash = self._plan(tuple(schema.names))
-        anchors = clash[0] if clash and clash[0][0] in ANCHOR_ALIASES else (anchor,)
-        positives = clash[-1] if clash and clash[-1][0] in POSITIVE_ALIASES else (positive,)
+        anchors = clash[0] if clash and clash[0][0] in _ANCHOR_KEYS else (anchor,)
+        positives = clash[-1] if clash and clash[-1][0] in _POSITIVE_KEYS else (positive,)
         for key, lists_allowed in (*((k, False) for k in anchors), *((k, True) for k in positives),
                                    *((k, True) for k in negatives)):
             if key is None:
@@ -216,6 +244,29 @@ class _Collector:
             if not _is_text_type(dtype, lists_allowed):
                 expected = "text or a list of text" if lists_allowed else "text"
                 raise DataError(f"{self.name}: column '{key}' has type {dtype}, expected {expected}")
+        if anchor is None or positive is None:
+            return
+        score, teacher = self._score_plan(tuple(schema.names))
+        for key, lists in ((score, False), (teacher, True)):
+            if key is not None and not _is_number_type(schema.field(key).type, lists):
+                expected = "a list of numbers" if lists else "a number"
+                raise DataError(f"{self.name}: column '{key}' has type {schema.field(key).type}, expected {expected}")
+
+    def _score_plan(self, keys: tuple) -> tuple[str | None, str | None]:
+        """The keys holding a row's score and teacher scores (None: absent); cached per key tuple."""
+        plan = self._score_plans.get(keys)
+        if plan is None:
+            named = [k for k in SCORE_ALIASES if k in keys]
+            if len(named) > 1:
+                raise DataError(f"{self.name}: both '{named[0]}' and '{named[1]}' given; they name the same "
+                                "column (the score), so one would be ignored: keep one")
+            plan = (named[0] if named else None, TEACHER_SCORES if TEACHER_SCORES in keys else None)
+            if plan[0] and plan[1]:
+                raise DataError(f"{self.name}: both '{plan[0]}' (one score per row) and '{TEACHER_SCORES}' (one per "
+                                "candidate) given; no loss uses both: keep one")
+            if len(self._score_plans) < _MAX_PLANS:
+                self._score_plans[keys] = plan
+        return plan
 
     def _plan(self, keys: tuple) -> tuple[str | None, str | None, tuple[str, ...], tuple]:
         """Resolve which keys hold anchor/positive/negatives; cached per distinct key tuple.
@@ -228,8 +279,8 @@ class _Collector:
         if plan is None:
             for key in keys:
                 self.found.setdefault(str(key))
-            anchors = tuple(a for a in ANCHOR_ALIASES if a in keys)
-            positives = tuple(a for a in POSITIVE_ALIASES if a in keys)
+            anchors = tuple(a for a in _ANCHOR_KEYS if a in keys)
+            positives = tuple(a for a in _POSITIVE_KEYS if a in keys)
             anchor = anchors[0] if anchors else None
             positive = positives[0] if positives else None
             numbered = sorted(
@@ -266,21 +317,38 @@ class _Collector:
             self._wrong_type(at, positive_key, positive)
 
         negatives: list[str] = []
+        given = 0  # negative slots in the row, usable or not: teacher scores line up with these
         for key in negative_keys:
             value = record[key]
             if type(value) is str:
+                given += 1
                 if _is_text(value):
                     negatives.append(value)
             elif isinstance(value, (list, tuple)):
+                given += len(value)
                 negatives.extend(self._texts(value, at, key))
             elif value is not None:
                 self._wrong_type(at, key, value)
+            else:
+                given += 1
+
+        score, teacher = None, None
+        if anchor_key is not None and positive_key is not None:
+            score_key, teacher_key = self._score_plan(tuple(record))
+            if score_key is not None:
+                self.has_score = True
+                score = self._number(record[score_key], at, score_key)
+            if teacher_key is not None:
+                teacher = self._teacher_scores(record[teacher_key], at, given, positive)
 
         if not _is_text(anchor):
             self.skipped += 1
             return
         self.skipped += unusable
         if not positives:
+            return
+        if teacher is not None and len(negatives) != given:  # a blank negative: its score would not line up
+            self.skipped += len(positives)
             return
         tally = self.negative_counts.get(len(negatives))
         if tally is None:
@@ -293,8 +361,50 @@ class _Collector:
             if negatives:
                 self.negatives.extend(negatives)
             self.negative_ends.append(len(self.negatives))
+            self.scores.append(float("nan") if score is None else score)
+            if teacher:
+                self.teacher.extend(teacher)
+            self.teacher_ends.append(len(self.teacher))
         if len(self.anchors) >= _FLUSH_ROWS:
             self._flush()
+
+    def _number(self, value: Any, at: int, key: str) -> float | None:
+        """A score: a number, or text holding one (CSV cells are text); None for a null or blank."""
+        if value is None or (type(value) is str and not value.strip()):
+            return None
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        else:
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if number is None or not math.isfinite(number):
+            held = f'text ("{_quoted(value, 40)}")' if isinstance(value, str) else _describe(value)
+            raise DataError(f"{self.located(at)}: column '{_printable(key)}' holds {held}, "
+                            "expected a finite number (a score)")
+        return number
+
+    def _teacher_scores(self, value: Any, at: int, negatives: int, positive: Any) -> list[float] | None:
+        """A row's teacher scores: one number per candidate (positive first), None for a null."""
+        self.has_teacher = True
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)):
+            raise DataError(f"{self.located(at)}: column '{TEACHER_SCORES}' holds {_describe(value)}, expected a list "
+                            "of numbers: the teacher's score of the positive, then of each negative")
+        if isinstance(positive, (list, tuple)) and len(positive) > 1:
+            raise DataError(f"{self.located(at)}: '{TEACHER_SCORES}' with a list of positives: the scores cannot "
+                            "tell them apart; give one positive per row")
+        if len(value) != negatives + 1:
+            raise DataError(f"{self.located(at)}: '{TEACHER_SCORES}' holds {len(value)} number"
+                            f"{'s' if len(value) != 1 else ''}, expected {negatives + 1}: the positive's score, "
+                            f"then one per negative ({negatives} in this row)")
+        for v in value:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise DataError(f"{self.located(at)}: column '{TEACHER_SCORES}' holds a list holding {_describe(v)}, "
+                                "expected finite numbers")
+        return [float(v) for v in value]
 
     def _resolve_aliases(self, record: dict, clash: tuple, at: int, anchor_key, positive_key) -> tuple:
         """The anchor and positive keys of a row that names a column twice (e.g. both "anchor" and
@@ -303,13 +413,13 @@ class _Collector:
         for group in clash:
             filled = [key for key in group if _has_content(record[key])]
             if len(filled) > 1:
-                role = "anchor" if group[0] in ANCHOR_ALIASES else "positive"
+                role = "anchor" if group[0] in _ANCHOR_KEYS else "positive"
                 raise DataError(
                     f"{self.located(at)}: both '{filled[0]}' and '{filled[1]}' given; they name the same column "
                     f"(the {role}), so one would be ignored: keep one"
                 )
             chosen = filled[0] if filled else group[0]
-            if group[0] in ANCHOR_ALIASES:
+            if group[0] in _ANCHOR_KEYS:
                 anchor_key = chosen
             else:
                 positive_key = chosen
@@ -358,10 +468,16 @@ class _Collector:
             negatives = pa.LargeListArray.from_arrays(
                 pa.array([0, *self.negative_ends], pa.int64()), pa.array(self.negatives, pa.large_string())
             )
-            self.chunks.append([pa.array(self.anchors, pa.string()), pa.array(self.positives, pa.string()), negatives])
+            teacher = pa.LargeListArray.from_arrays(pa.array([0, *self.teacher_ends], pa.int64()),
+                                                    pa.array(self.teacher, pa.float64()))
+            self.chunks.append([pa.array(self.anchors, pa.string()), pa.array(self.positives, pa.string()), negatives,
+                                pa.array(self.scores, pa.float64()), teacher])
+        except DataError:
+            raise
         except Exception as e:  # e.g. text that isn't encodable as UTF-8
             raise DataError(f"{self.name}: invalid text: {one_line(str(e))}") from None
         self.anchors, self.positives, self.negatives, self.negative_ends = [], [], [], []
+        self.scores, self.teacher, self.teacher_ends = [], [], []
 
     def _negatives_kept(self) -> int:
         """The number of negatives most rows have; on a tie the larger (rows dropped are reported)."""
@@ -388,14 +504,32 @@ class _Collector:
         k = self._negatives_kept()
         few = [tally for n, tally in self.negative_counts.items() if n < k]
         more = [tally for n, tally in self.negative_counts.items() if n > k]  # kept, their extra negatives cut
-        columns = [pa.chunked_array([chunk[i] for chunk in self.chunks]) for i in range(3)]
+        columns = [pa.chunked_array([chunk[i] for chunk in self.chunks]) for i in range(5)]
         self.chunks = []
         if few:
             keep = pc.greater_equal(pc.list_value_length(columns[2]), k)
             columns = [c.filter(keep) for c in columns]
+        no_score = 0
+        if self.has_score and self.has_teacher:  # rows of one kind and rows of the other: no loss reads both
+            raise DataError(f"{name}: some rows hold a score ('score'/'label', one per row) and others teacher "
+                            f"'{TEACHER_SCORES}' (one per candidate); no loss reads both: keep one kind")
+        if self.has_score or self.has_teacher:  # rows without the score the file's other rows have
+            keep = (pc.invert(pc.is_nan(columns[3])) if self.has_score
+                    else pc.greater(pc.list_value_length(columns[4]), 0))
+            no_score = len(columns[3]) - pc.sum(keep.cast(pa.int64())).as_py()
+            if no_score:
+                columns = [c.filter(keep) for c in columns]
+            if not len(columns[0]):
+                raise DataError(f"{name}: no usable rows: none holds a {'score' if self.has_score else TEACHER_SCORES}")
         names = ["anchor", "positive"] + [f"negative_{i}" for i in range(1, k + 1)]
         negatives = [pc.list_element(columns[2], i).cast(pa.string()) for i in range(k)]
         table = pa.table(dict(zip(names, columns[:2] + negatives)))
+        if self.has_score:
+            table = table.append_column("score", columns[3])
+        elif self.has_teacher:  # rows cut to k negatives keep the scores of those: k + 1
+            teacher = pa.chunked_array([pc.list_slice(c, 0, k + 1).cast(pa.list_(pa.float64())) for c in columns[4].chunks],
+                                       pa.list_(pa.float64()))
+            table = table.append_column(TEACHER_SCORES, teacher)
         # An explicit fingerprint: by default datasets hashes the whole in-memory table, which for
         # a large file doubles peak memory and takes seconds. A random one can never alias a cache.
         dataset = datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=uuid.uuid4().hex)
@@ -408,15 +542,27 @@ class _Collector:
             first_few_negatives=self.place(min(first for _, first in few)[1]) if few else None,
             cut_negatives=sum(rows for rows, _ in more),
             first_cut_negatives=self.place(min(first for _, first in more)[1]) if more else None,
+            skipped_no_score=no_score,
         )
 
 
 def _is_pair_column(key: str) -> bool:
     """A column name the readers use (an alias or a numbered negative)."""
     return (
-        key in ANCHOR_ALIASES or key in POSITIVE_ALIASES or key in NEGATIVE_ALIASES
-        or _NUMBERED_NEGATIVE.fullmatch(key) is not None
+        key in _ANCHOR_KEYS or key in _POSITIVE_KEYS or key in NEGATIVE_ALIASES or key in SCORE_ALIASES
+        or key == TEACHER_SCORES or _NUMBERED_NEGATIVE.fullmatch(key) is not None
     )
+
+
+def _is_number_type(dtype, lists_allowed: bool) -> bool:
+    """An Arrow type whose values are numbers (or text holding them, or nulls), or lists of numbers."""
+    import pyarrow as pa
+
+    if lists_allowed:
+        return (pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)) and (
+            _is_number_type(dtype.value_type, False))
+    return (pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_decimal(dtype)
+            or pa.types.is_null(dtype) or pa.types.is_string(dtype) or pa.types.is_large_string(dtype))
 
 
 def _is_text_type(dtype, lists_allowed: bool) -> bool:
@@ -697,7 +843,7 @@ def _json_document_records(document: Any, name: str) -> list:
         return document
     if not isinstance(document, dict):
         raise DataError(f"{name}: expected a JSON list of objects, got {_json_type(document)}")
-    if any(k in document for k in ANCHOR_ALIASES) and any(k in document for k in POSITIVE_ALIASES):
+    if any(k in document for k in _ANCHOR_KEYS) and any(k in document for k in _POSITIVE_KEYS):
         return [document]  # one record, e.g. a one-line FlagEmbedding file named .json
     for key in _JSON_LIST_KEYS:
         if isinstance(document.get(key), list):
