@@ -9,6 +9,8 @@ import random
 from pathlib import Path
 
 import pytest
+
+from embedtune.config_file import portable_path
 from typer.testing import CliRunner
 
 from embedtune.cli import app
@@ -122,7 +124,7 @@ def test_cli_trains_on_two_files_and_reports_each(tmp_path):
     assert [(d["name"], d["train_rows"], d["loss"]) for d in metrics["datasets"]] == [("a", 54, "mnrl"),
                                                                                       ("b", 34, "cosent")]
     assert metrics["train_pairs"] == 88 and metrics["steps"] == 3 and "ndcg@10" in metrics["final"]
-    assert metrics["config"]["data"] == [str(a.resolve()), str(b.resolve())]
+    assert metrics["config"]["data"] == [portable_path(a), portable_path(b)]  # no absolute local path
     # one token cache holds both data sets' texts and serves every batch of either (each column: one call)
     cache = metrics["token_cache"]
     assert cache["texts"] >= 54 + 34 and cache["batches_served"] >= 3 * 2 and cache["batches_tokenized"] == 0  # 2 columns
