@@ -140,6 +140,11 @@ def print_summary(metrics: dict) -> None:
                           "the saved model is the best fine-tuned one. Try a lower --lr or more data.[/]",
                           soft_wrap=True, highlight=False)
     if plan:
+        source = evaluation.get("source") or {}
+        console.print(f"evaluated on {source.get('path') or 'the held-out pairs'}"
+                      + (f" (split {source['split']})" if source.get("split") else "")
+                      + f": {source.get('queries')} queries, {source.get('documents')} documents", soft_wrap=True,
+                      highlight=False)
         times = evaluation.get("time_s") or {}
         parts = ", ".join(f"{kind} {times[kind]:.1f} s" for kind in ("probe", "base", "during", "final") if times.get(kind))
         console.print(f"evaluation plan: {plan.get('reason')}"
@@ -176,8 +181,8 @@ def print_summary(metrics: dict) -> None:
 def _eval_title(evaluation: dict) -> str:
     """The metric table's title: what was evaluated (held-out pairs, or the --eval-data file or folder)."""
     source = evaluation.get("source") or {}
-    if source.get("path"):
-        return f"retrieval on {source['path']}" + (f" (split {source['split']})" if source.get("split") else "")
+    if source.get("path"):  # the name only: a table's title wraps (the whole path is on the plan's line)
+        return f"retrieval on {Path(source['path']).name}" + (f" (split {source['split']})" if source.get("split") else "")
     return "held-out retrieval"
 
 

@@ -27,7 +27,7 @@ from .ir_task import IRTask
 
 EVAL_SHARE = 0.25  # evaluation's share of the run's wall time, at most
 PLAN_MARGIN = 0.9  # the up-front plan spends this much of the budget: its costs are estimates
-NEVER_CUT_S = 10.0  # exact plans estimated under this many seconds are kept, whatever the run's length
+NEVER_CUT_S = 30.0  # exact plans estimated under this many seconds in all are kept whole: cutting saves little
 MIN_QUERIES = 50  # a subsample keeps at least this many queries (fewer: too noisy to pick weights by)
 
 
