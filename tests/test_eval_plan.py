@@ -58,6 +58,13 @@ def test_a_medium_run_subsamples_within_the_budget():
     assert 5 * costs.eval_s(bigger) + costs.eval_s(FULL) > PLAN_MARGIN * plan.budget_s
 
 
+def test_evaluation_already_spent_counts_in_the_budget():
+    costs = _costs()
+    free, probed = plan_evals(4, 300, FULL, costs), plan_evals(4, 300, FULL, costs, spent_s=20.0)
+    assert (probed.evals, probed.during.queries) < (free.evals, free.during.queries)
+    assert probed.estimate["all_evals_s"] <= PLAN_MARGIN * probed.budget_s + 1e-6 and probed.estimate["spent_s"] == 20
+
+
 def test_a_shorter_run_evaluates_less_often_before_giving_up():
     counts = [plan_evals(4, steps, FULL, _costs()).evals for steps in (60, 95, 150, 200, 300, 5000)]
     assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 4

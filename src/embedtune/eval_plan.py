@@ -104,17 +104,20 @@ def _budget(costs: Costs, total_steps: int, share: float) -> float:
 
 
 def plan_evals(requested: int, total_steps: int, full: EvalSize, costs: Costs, share: float = EVAL_SHARE,
-               seed: int = 42, margin: float = PLAN_MARGIN, min_queries: int = MIN_QUERIES) -> EvalPlan:
-    """The first of A (all exact), B (subsampled, most evaluations first), C (final only) that fits."""
+               seed: int = 42, margin: float = PLAN_MARGIN, min_queries: int = MIN_QUERIES,
+               spent_s: float = 0.0) -> EvalPlan:
+    """The first of A (all exact), B (subsampled, most evaluations first), C (final only) that fits;
+    `spent_s`: evaluation seconds already spent (the probe), which the budget includes."""
     exact = costs.eval_s(full)
     budget = _budget(costs, total_steps, share)
-    spend = budget * margin
-    estimate = {"train_s": round(total_steps * costs.step_s, 1), "exact_eval_s": round(exact, 1)}
+    spend = budget * margin - spent_s
+    estimate = {"train_s": round(total_steps * costs.step_s, 1), "exact_eval_s": round(exact, 1),
+                "spent_s": round(spent_s, 1)}
 
     def plan(evals: int, during: EvalSize, reason: str) -> EvalPlan:
         one = costs.eval_s(during) if evals else 0.0
         final = 0.0 if (evals and during == full) else exact
-        total = (evals + 1) * one + final
+        total = (evals + 1) * one + final + spent_s
         return EvalPlan(requested, evals, full, during, seed, share, round(budget, 1),
                         {**estimate, "during_eval_s": round(one, 1), "all_evals_s": round(total, 1)}, reason)
 

@@ -142,9 +142,10 @@ class RunEvaluation:
                 self.plan.reason = f"exact: {self.plan.evals} evaluations (not sized under torchrun)"
         else:
             step_s = TRAIN_TOKEN_COST * tokens_per_step * (self.token_s or 0.0)
-            self.costs = Costs(self.costs.query_s, self.costs.document_s, step_s, other_s)
+            probe = self.clock.seconds["probe"]  # evaluation already: counted in the budget, not as other work
+            self.costs = Costs(self.costs.query_s, self.costs.document_s, step_s, max(0.0, other_s - probe))
             self.plan = plan_evals(self.requested, total_steps, self.full, self.costs, share=self.share,
-                                   seed=self.seed)
+                                   seed=self.seed, spent_s=probe)
         if self.plan.subsampled:
             self.during = subsample_task(self.source.task, self.plan.during, self.plan.seed)
         if self.plan.evals:
