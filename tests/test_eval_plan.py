@@ -286,3 +286,41 @@ def test_bad_eval_data_is_one_line_before_anything_is_written(pairs, tmp_path):
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert needle in " ".join(result.output.split())
         assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+def _subsampled_metrics() -> dict:
+    """metrics.json of a run whose base and in-training evaluations ran on a subsample (as a long CPU
+    run's would): written by hand, so the summary and the report are checked on a known plan."""
+    plan = plan_evals(4, 300, FULL, _costs(), seed=9)
+    assert plan.subsampled
+    scores = lambda v: {m: v for m in ("ndcg@10", "mrr@10", "recall@1", "recall@10", "recall@100", "map@100")}  # noqa: E731
+    history = [{"loss": 1.0, "step": 1}, {"eval_ir-eval_cosine_ndcg@10": 0.61, "step": 75}]
+    return {"base": scores(0.5), "final": scores(0.58), "steps": 300, "train_pairs": 3045, "eval_pairs": 338,
+            "train_time_s": 900.0, "eval_time_s": 210.0, "total_time_s": 1130.0, "tokens_per_s": 1000.0,
+            "skipped_rows": 0, "best_step": 75, "history": history, "config": {"model": "m", "lora_r": 16},
+            "eval": {"source": {"kind": "held-out pairs", "path": None, "split": None, "notes": [],
+                                "queries": FULL.queries, "documents": FULL.documents},
+                     "plan": plan.as_dict(), "time_s": {"probe": 2.0, "base": 30.0, "during": 100.0, "final": 78.0},
+                     "skipped_steps": [], "best_during": scores(0.61), "final_exact": True}}
+
+
+def test_summary_and_report_compare_base_on_its_own_set(tmp_path, capsys):
+    from embedtune.cli import print_summary
+
+    metrics = _subsampled_metrics()
+    during = metrics["eval"]["plan"]["during"]
+    print_summary(metrics)
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{during['queries']} of {FULL.queries} queries, {during['documents']} of {FULL.documents} documents (seed 9)" \
+        in text
+    assert "+0.1100" in text and "final, exact: 338 queries, 3383 documents" in text and "0.5800" in text
+    assert "+0.0800" not in text  # base (subsample) never set against the final (whole set)
+    assert "in 900.0 s (evaluation not included" in text and "evaluation took 210.0 s" in text
+    assert "base 30.0 s, during 100.0 s, final 78.0 s" in text
+
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    result = runner.invoke(app, ["report", str(tmp_path), "--png", str(tmp_path / "r.png")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "in-training subsample" in text and "final, exact" in text and "+0.1100" in text and "+0.0800" not in text
+    assert "eval time" in text and "210.0 s" in text and "subsample: 4 of 4 evaluations" in text
