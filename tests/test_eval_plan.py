@@ -190,6 +190,30 @@ def test_the_schedule_evaluates_at_the_planned_steps_only(tiny_st):
     assert evaluated == [4, 8, 12] == evaluation.plan.steps(12)
 
 
+def test_over_budget_evaluations_are_skipped_but_the_last_runs(tiny_st):
+    """With no room for evaluation at all, every planned evaluation but the last is skipped and recorded."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from embedtune.run_eval import EvalSource, RunEvaluation
+
+    evaluation = RunEvaluation(EvalSource(_task(), "held-out pairs"), requested=3, share=1.0)
+    evaluation.costs, evaluation.token_s = Costs(query_s=0.01, document_s=0.01, step_s=0.0), 1e-4
+    evaluation.plan_and_score_base(tiny_st, total_steps=12, tokens_per_step=100.0, other_s=0.0)
+    assert evaluation.plan.steps(12) == [4, 8, 12] and evaluation.clock.seconds["base"] > 0
+    evaluation.share = 1e-9  # the budget as it would be if the measured training were nearly instant
+    schedule = evaluation.schedule(12)
+    args, state, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(), TrainerControl()
+    schedule.on_train_begin(args, state, control)
+    evaluated = []
+    for step in range(1, 13):
+        state.global_step = step
+        schedule.on_step_end(args, state, control)
+        if control.should_evaluate:
+            evaluated.append(step)
+    assert evaluated == [12] and evaluation.skipped == [4, 8]
+    assert evaluation.summary()["skipped_steps"] == [4, 8]
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 
 

@@ -112,14 +112,14 @@ def print_summary(metrics: dict) -> None:
     """The end-of-run summary: before/after retrieval metrics, train and evaluation time, throughput, artifacts."""
     evaluation = metrics.get("eval") or {}
     plan = evaluation.get("plan") or {}
-    if metrics.get("base") and plan.get("subsampled") and evaluation.get("best_during"):
+    if metrics.get("base") and plan.get("subsampled"):  # base and best on the subsample; the final apart
         from .retrieval import RETRIEVAL_METRICS  # heavy: retrieval imports torch
 
         during, full = plan["during"], plan["full"]
+        columns = {"base": metrics["base"], **({"best": evaluation["best_during"]} if evaluation.get("best_during") else {})}
         console.print(_metric_table(
             f"in-training evaluations: {during['queries']} of {full['queries']} queries, {during['documents']} of "
-            f"{full['documents']} documents (seed {plan['seed']})",
-            {"base": metrics["base"], "best": evaluation["best_during"]}, RETRIEVAL_METRICS))
+            f"{full['documents']} documents (seed {plan['seed']})", columns, RETRIEVAL_METRICS))
         console.print(_metric_table(f"final, exact: {full['queries']} queries, {full['documents']} documents",
                                     {"fine-tuned": metrics["final"]}, RETRIEVAL_METRICS))
     elif metrics.get("base"):

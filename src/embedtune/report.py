@@ -129,8 +129,8 @@ def print_report(folder: str | os.PathLike, png: str | os.PathLike | None = None
     console.print(Text(os.fspath(folder), style="bold"))  # Text: a path is never markup
     evaluation = metrics.get("eval") or {}
     plan = evaluation.get("plan") or {}
-    if plan.get("subsampled") and evaluation.get("best_during"):  # base and best share the subsample; final: exact
-        table = metric_table(metrics.get("base") or {}, evaluation["best_during"], title="in-training subsample",
+    if plan.get("subsampled") and metrics.get("base"):  # base and best share the subsample; final: exact
+        table = metric_table(metrics["base"], evaluation.get("best_during") or {}, title="in-training subsample",
                              after="best")
         console.print(table)
         table = metric_table({}, metrics.get("final") or {}, title="final, exact")

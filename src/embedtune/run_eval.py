@@ -114,12 +114,16 @@ class RunEvaluation:
         task, rng = self.source.task, random.Random(self.seed)
         queries = rng.sample(list(task.queries.values()), min(PROBE_QUERIES, len(task.queries)))
         documents = rng.sample(list(task.corpus.values()), min(PROBE_DOCUMENTS, len(task.corpus)))
+        from .data.token_cache import clip_inputs, model_budget
+
+        budget = model_budget(st_model)  # huge texts cut as the evaluation cuts them (`retrieval`)
         was_training = st_model.training
         st_model.eval()
         try:
             with self.clock.measure("probe"):
                 encode = lambda texts, prompt: st_model.encode(  # noqa: E731
-                    texts, batch_size=EVAL_BATCH, show_progress_bar=False, **({"prompt": prompt} if prompt else {}))
+                    clip_inputs(texts, budget), batch_size=EVAL_BATCH, show_progress_bar=False,
+                    **({"prompt": prompt} if prompt else {}))
                 encode(documents[:2], None)  # warm-up: first-call allocations are no evaluation's cost
                 started = time.perf_counter()
                 encode(queries, self.prompts["query_prompt"])
@@ -129,7 +133,7 @@ class RunEvaluation:
                 document_s = (time.perf_counter() - started) / max(1, len(documents))
         finally:
             st_model.train(was_training)
-        tokens = _token_count(st_model, queries + documents)
+        tokens = _token_count(st_model, clip_inputs(queries + documents, budget))
         self.token_s = (query_s * len(queries) + document_s * len(documents)) / max(1, tokens)
         self.costs = Costs(query_s, document_s, step_s=0.0)
 
@@ -165,12 +169,14 @@ class RunEvaluation:
                                    clock=self.clock, **self.prompts)
 
     def schedule(self, total_steps: int):
-        """A trainer callback that evaluates at the plan's steps (and nowhere else), skipping one when the
-        measured step and evaluation times say it would take evaluation past the share of the run.
+        """A trainer callback that evaluates at the plan's steps (and nowhere else), skipping one before
+        the last when the measured step and evaluation times say it would take evaluation past the share
+        of the run. The last always runs: the final weights compete, and the base has its comparison.
         Added after the best-weights callback, it has the last word on `should_evaluate`."""
         from transformers import TrainerCallback
 
         outer, steps = self, set(self.plan.steps(total_steps))
+        last = max(steps, default=None)
 
         class Schedule(TrainerCallback):
             started = first_step = None
@@ -182,7 +188,8 @@ class RunEvaluation:
 
             def on_step_end(self, args, state, control, **kwargs):
                 step = state.global_step
-                control.should_evaluate = step in steps and not outer._over_budget(self, step, total_steps, steps)
+                control.should_evaluate = step in steps and (
+                    step == last or not outer._over_budget(self, step, total_steps, steps))
                 if step in steps and not control.should_evaluate:
                     outer.skipped.append(step)
 
@@ -198,10 +205,11 @@ class RunEvaluation:
         done = max(1, step - schedule.first_step)
         train_total = trained + (total_steps - step) * trained / done
         runs = self.clock.calls["during"] + self.clock.calls["base"]  # evaluations of the in-training set so far
-        one = (self.clock.seconds["during"] + self.clock.seconds["base"]) / runs if runs \
-            else self.costs.eval_s(self.plan.during)
+        estimated = self.costs.eval_s(self.plan.during)
+        one = (self.clock.seconds["during"] + self.clock.seconds["base"]) / runs if runs else estimated
         left = len([s for s in steps if s >= step])
-        final = 0.0 if self.plan.final_is_best else self.costs.eval_s(self.full)
+        # the final evaluation's estimate, scaled as the measured evaluations came out against theirs
+        final = 0.0 if self.plan.final_is_best else self.costs.eval_s(self.full) * (one / estimated if estimated else 1)
         evaluation = self.clock.total + left * one + final
         return evaluation > self.share * (self.costs.other_s + train_total + evaluation)
 
@@ -243,5 +251,5 @@ def build_run_evaluation(config, held_out, eval_source: EvalSource | None, corpu
     source = eval_source or (held_out_source(held_out, corpus_texts()) if held_out is not None else None)
     if source is None:
         return None
-    return RunEvaluation(source, config.evals_per_run, share=getattr(config, "eval_share", EVAL_SHARE),
+    return RunEvaluation(source, config.evals_per_run, share=config.eval_share,
                          seed=config.seed, query_prompt=query_prompt, document_prompt=document_prompt, name=name)
