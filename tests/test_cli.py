@@ -154,7 +154,7 @@ def test_mine_then_train_reads_negatives(tmp_path):
     (["--lora-r", "-1"], "--lora-r -1"),
     (["--max-steps", "0"], "--max-steps 0"),
     (["--epochs", "-1"], "--epochs -1.0"),
-    (["--evals", "0"], "--no-eval"),
+    (["--evals", "-1"], "--evals -1"),
     (["--temperature", "0"], "--temperature 0.0"),
     (["--matryoshka-dims", "1000"], "larger than the model's embedding size"),
 ])

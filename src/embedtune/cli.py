@@ -109,24 +109,43 @@ def _metric_table(title: str, columns: dict[str, dict[str, float]],
 
 
 def print_summary(metrics: dict, folder: Optional[Path] = None) -> None:
-    """The end-of-run summary: before/after metrics, time, throughput, artifacts (metrics.json names them
-    relative to the run folder; shown under `folder`, the run's output)."""
+    """The end-of-run summary: before/after metrics, train and evaluation time, throughput, artifacts
+    (metrics.json names them relative to the run folder; shown under `folder`, the run's output)."""
+    evaluation = metrics.get("eval") or {}
+    plan = evaluation.get("plan") or {}
     similarity = (metrics.get("evaluation") or {}).get("kind") == "similarity"
-    if metrics.get("base") and not similarity:
+    if similarity:  # scored pairs only: their similarity
+        if metrics.get("base"):
+            console.print(_metric_table("held-out similarity (cosine vs score)",
+                                        {"base": metrics["base"], "fine-tuned": metrics["final"]},
+                                        ("spearman_cosine", "pearson_cosine")))
+    elif metrics.get("base") and plan.get("subsampled"):  # base and best on the subsample; the final apart
+        from .retrieval import RETRIEVAL_METRICS  # heavy: retrieval imports torch
+
+        during, full = plan["during"], plan["full"]
+        columns = {"base": metrics["base"], **({"best": evaluation["best_during"]} if evaluation.get("best_during") else {})}
+        console.print(_metric_table(
+            f"in-training evaluations: {during['queries']} of {full['queries']} queries, {during['documents']} of "
+            f"{full['documents']} documents (seed {plan['seed']})", columns, RETRIEVAL_METRICS))
+        console.print(_metric_table(f"final, exact: {full['queries']} queries, {full['documents']} documents",
+                                    {"fine-tuned": metrics["final"]}, RETRIEVAL_METRICS))
+    elif metrics.get("base"):
         from .retrieval import RETRIEVAL_METRICS  # heavy: retrieval imports torch
 
         shown = tuple(m for m in RETRIEVAL_METRICS if m in metrics["base"])
-        console.print(_metric_table("held-out retrieval", {"base": metrics["base"], "fine-tuned": metrics["final"]},
+        console.print(_metric_table(_eval_title(evaluation), {"base": metrics["base"], "fine-tuned": metrics["final"]},
                                     shown or ("ndcg@10", "mrr@10", "recall@10")))
-        base, final = metrics["base"].get("ndcg@10"), metrics["final"].get("ndcg@10")
+    elif metrics.get("final"):
+        from .retrieval import RETRIEVAL_METRICS  # heavy: retrieval imports torch
+
+        console.print(_metric_table(_eval_title(evaluation), {"fine-tuned": metrics["final"]}, RETRIEVAL_METRICS))
+    after = evaluation.get("best_during") if plan.get("subsampled") else metrics.get("final")  # on the base's set
+    if not similarity and metrics.get("base") and after:
+        base, final = metrics["base"].get("ndcg@10"), after.get("ndcg@10")
         if base is not None and final is not None and final < base:
             console.print(f"[yellow]note: no evaluation beat the base model (nDCG@10 {final:.4f} < {base:.4f}); "
                           "the saved model is the best fine-tuned one. Try a lower --lr or more data.[/]",
                           soft_wrap=True, highlight=False)
-    elif metrics.get("base"):  # scored pairs only: their similarity
-        console.print(_metric_table("held-out similarity (cosine vs score)",
-                                    {"base": metrics["base"], "fine-tuned": metrics["final"]},
-                                    ("spearman_cosine", "pearson_cosine")))
     datasets = metrics.get("datasets") or []
     if len(datasets) > 1 or any(d.get("loss") != "mnrl" for d in datasets):  # rows and loss per data set
         from .multi_data import describe
@@ -135,11 +154,24 @@ def print_summary(metrics: dict, folder: Optional[Path] = None) -> None:
             console.print(f"  data: {line}", soft_wrap=True, highlight=False)
         if (metrics.get("evaluation") or {}).get("described"):
             console.print(f"  evaluation: {metrics['evaluation']['described']}", soft_wrap=True, highlight=False)
+    if plan:
+        source = evaluation.get("source") or {}
+        console.print(f"evaluated on {source.get('path') or 'the held-out pairs'}"
+                      + (f" (split {source['split']})" if source.get("split") else "")
+                      + f": {source.get('queries')} queries, {source.get('documents')} documents", soft_wrap=True,
+                      highlight=False)
+        times = evaluation.get("time_s") or {}
+        parts = ", ".join(f"{kind} {times[kind]:.1f} s" for kind in ("probe", "base", "during", "final") if times.get(kind))
+        console.print(f"evaluation plan: {plan.get('reason')}"
+                      + (f"; skipped at steps {evaluation['skipped_steps']} to stay within the budget"
+                         if evaluation.get("skipped_steps") else ""), soft_wrap=True, highlight=False)
+        console.print(f"evaluation took {metrics.get('eval_time_s', 0):.1f} s ({parts or 'none'}) of "
+                      f"{metrics.get('total_time_s', 0):.1f} s", soft_wrap=True, highlight=False)
     resumed = metrics.get("resumed_from_step")
     steps = f"steps {resumed + 1}-{metrics['steps']} (resumed from step {resumed})" if resumed else f"{metrics['steps']} steps"
     console.print(
         f"trained {steps} on {metrics['train_pairs']} pairs in {metrics['train_time_s']:.1f} s "
-        f"({metrics['tokens_per_s'] or 0:,.0f} tokens/s outside evaluation); {metrics['eval_pairs']} held-out pairs; "
+        f"(evaluation not included; {metrics['tokens_per_s'] or 0:,.0f} tokens/s); {metrics['eval_pairs']} held-out pairs; "
         + (metrics.get("skipped_summary") or f"{metrics['skipped_rows']} rows skipped for empty text")
         + (f"; {metrics['world_size']} processes" if metrics.get("world_size", 1) > 1 else ""),
         soft_wrap=True,
@@ -159,6 +191,14 @@ def print_summary(metrics: dict, folder: Optional[Path] = None) -> None:
         console.print(f"CUDA graphs: {graphs_fact(metrics['cuda_graphs'])}", soft_wrap=True, highlight=False)
     for name, path in metrics.get("artifacts", {}).items():
         console.print(f"  {name:11s} {Path(folder) / path if folder else path}", soft_wrap=True, highlight=False)
+
+
+def _eval_title(evaluation: dict) -> str:
+    """The metric table's title: what was evaluated (held-out pairs, or the --eval-data file or folder)."""
+    source = evaluation.get("source") or {}
+    if source.get("path"):  # the name only: a table's title wraps (the whole path is on the plan's line)
+        return f"retrieval on {Path(source['path']).name}" + (f" (split {source['split']})" if source.get("split") else "")
+    return "held-out retrieval"
 
 
 def _config_file_callback(ctx: typer.Context, param: typer.CallbackParam, value: Optional[str]):
@@ -190,7 +230,8 @@ def train(
     full: bool = typer.Option(False, "--full", help="Full fine-tuning instead of LoRA."),
     eval_size: Optional[int] = typer.Option(None, "--eval-size", help="Held-out pairs (default min(4096, 10%))."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the held-out split and evaluation."),
-    evals: int = typer.Option(4, "--evals", help="Evaluations during the run; the best one's weights are kept."),
+    evals: int = typer.Option(4, "--evals", help="Evaluations during the run (fewer, or on a seeded subsample, when they would take over a quarter of the run); the best one's weights are kept. 0: the final evaluation only."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Pairs file or BEIR folder to evaluate on, during training and (exactly) at the end; every training pair then trains unless --eval-size is given."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="cls, mean, lasttoken, max, weightedmean (default: the checkpoint's)."),
     seed: int = typer.Option(42, "--seed"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Checkpoint activations (offloaded to CPU on GPU)."),
@@ -228,7 +269,7 @@ def train(
             data=(data[0] if len(data) == 1 else list(data)) if data else None, loss=loss, multi_dataset=multi_dataset,
             model=model or DEFAULT_MODEL_ID, output_dir=output, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, lr=lr, max_seq_length=max_seq_length, lora_r=None if full else lora_r,
-            eval_size=eval_size, eval=not no_eval, evals_per_run=evals, pooling=pooling, seed=seed,
+            eval_size=eval_size, eval=not no_eval, evals_per_run=evals, eval_data=eval_data, pooling=pooling, seed=seed,
             gradient_checkpointing="unsloth" if gradient_checkpointing else False, overwrite=overwrite,
             resume=resume, save_every=save_every,
             fast=not no_fast, compile=compile_layers, cuda_graphs=cuda_graphs, fused_kernels=fused_kernels, query_prompt=query_prompt, document_prompt=document_prompt, report_to=report_to,
@@ -427,6 +468,7 @@ def demo(
             data=str(data), model=DEFAULT_MODEL_ID, output_dir=output, max_steps=max_steps,
             batch_size=batch_size, lr=lr, max_seq_length=max_seq_length, lora_r=16,
             eval_size=held_out or None, eval=held_out > 0, evals_per_run=1, overwrite=True,
+            eval_share=1.0,  # the demo shows before and after on the whole held-out set: evaluations exact
         )
         result = run(config)
         print_summary(result.metrics, result.output_dir)

@@ -347,7 +347,7 @@ def resolved_config(config, **resolved) -> dict[str, Any]:
         value = resolved.get(f.name, getattr(config, f.name))
         if f.name == "extra" and not value:
             continue
-        if f.name in ("data", "output_dir", "model") and isinstance(value, (str, os.PathLike)):
+        if f.name in ("data", "output_dir", "model", "eval_data") and isinstance(value, (str, os.PathLike)):
             if f.name != "model" or Path(value).exists():
                 value = portable_path(value)
         elif f.name == "data" and isinstance(value, list):  # several data files

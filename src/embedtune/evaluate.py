@@ -37,13 +37,15 @@ def evaluate_model(st_model, task: IRTask, batch_size: int = 64, show_progress: 
 
 
 def shared_ir_evaluator(task: IRTask, name: str = "ir-eval", batch_size: int = 64, show_progress: bool = False,
-                        query_prompt: str | None = None, document_prompt: str | None = None):
+                        query_prompt: str | None = None, document_prompt: str | None = None, clock=None):
     """The training-time evaluator: `evaluate_model` behind sentence-transformers' evaluator interface.
 
     It reports under `metric_key`'s keys (named as sentence-transformers' IR evaluator names them);
     its exact chunked search is split across ranks under DDP, and it computes the same numbers as
-    `embedtune eval`.
+    `embedtune eval`. A `clock` (`run_eval.EvalClock`) counts its seconds as in-training evaluation.
     """
+    import contextlib
+
     # heavy: sentence-transformers is imported when a training run builds its evaluator
     from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
 
@@ -55,8 +57,9 @@ def shared_ir_evaluator(task: IRTask, name: str = "ir-eval", batch_size: int = 6
             self.greater_is_better = True
 
         def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
-            scores = evaluate_model(model, task, batch_size=batch_size, show_progress=show_progress,
-                                    query_prompt=query_prompt, document_prompt=document_prompt)
+            with clock.measure("during") if clock is not None else contextlib.nullcontext():
+                scores = evaluate_model(model, task, batch_size=batch_size, show_progress=show_progress,
+                                        query_prompt=query_prompt, document_prompt=document_prompt)
             metrics = {metric_key(name, m): v for m, v in scores.items()}
             self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
             return metrics

@@ -128,7 +128,15 @@ def print_report(folder: str | os.PathLike, png: str | os.PathLike | None = None
     from rich.text import Text
 
     console.print(Text(os.fspath(folder), style="bold"))  # Text: a path is never markup
-    table = metric_table(metrics.get("base") or {}, metrics.get("final") or {})
+    evaluation = metrics.get("eval") or {}
+    plan = evaluation.get("plan") or {}
+    if plan.get("subsampled") and metrics.get("base"):  # base and best share the subsample; final: exact
+        table = metric_table(metrics["base"], evaluation.get("best_during") or {}, title="in-training subsample",
+                             after="best")
+        console.print(table)
+        table = metric_table({}, metrics.get("final") or {}, title="final, exact")
+    else:
+        table = metric_table(metrics.get("base") or {}, metrics.get("final") or {})
     if table is not None:
         console.print(table)
     else:
@@ -148,7 +156,7 @@ def print_report(folder: str | os.PathLike, png: str | os.PathLike | None = None
 # Pieces of the report
 
 
-def metric_table(base: dict, final: dict):
+def metric_table(base: dict, final: dict, title: str = "held-out retrieval", after: str = "fine-tuned"):
     """Base vs fine-tuned for every metric either side has; None when the run had no evaluation."""
     from rich.table import Table
 
@@ -156,9 +164,10 @@ def metric_table(base: dict, final: dict):
     if not names:
         return None
     similarity = names[0] in ("spearman_cosine", "pearson_cosine")
-    table = Table(title="held-out similarity (cosine vs score)" if similarity else "held-out retrieval",
-                  title_justify="left")
-    for column, justify in (("metric", "left"), ("base", "right"), ("fine-tuned", "right"), ("change", "right")):
+    if similarity and title == "held-out retrieval":
+        title = "held-out similarity (cosine vs score)"
+    table = Table(title=title, title_justify="left")
+    for column, justify in (("metric", "left"), ("base", "right"), (after, "right"), ("change", "right")):
         table.add_column(column, justify=justify)
     for name in names:
         before, after = base.get(name), final.get(name)
@@ -190,6 +199,8 @@ def facts_table(metrics: dict):
         ("rows skipped", metrics.get("skipped_summary") or metrics.get("skipped_rows")),
         ("warnings", "\n".join(metrics["warnings"]) if metrics.get("warnings") else None),  # what the run could not do
         ("train time", f"{metrics['train_time_s']:.1f} s" if _number(metrics.get("train_time_s")) else None),
+        ("eval time", f"{metrics['eval_time_s']:.1f} s" if _number(metrics.get("eval_time_s")) else None),
+        ("eval plan", ((metrics.get("eval") or {}).get("plan") or {}).get("reason")),
         ("total time", f"{metrics['total_time_s']:.1f} s" if _number(metrics.get("total_time_s")) else None),
         ("tokens/s", f"{metrics['tokens_per_s']:,.0f}" if _number(metrics.get("tokens_per_s")) else None),
         ("speed mode", speed_fact(metrics.get("speed"), metrics.get("cuda_graphs"))),

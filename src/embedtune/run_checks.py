@@ -184,7 +184,9 @@ def check_settings(config) -> None:
         need(config.lora_r >= 1, "--lora-r", config.lora_r, "must be at least 1 (use --full for full fine-tuning)")
     if config.lora_alpha is not None:
         need(config.lora_alpha > 0, "lora_alpha", config.lora_alpha, "must be positive")
-    need(config.evals_per_run >= 1, "--evals", config.evals_per_run, "must be at least 1 (use --no-eval to skip evaluation)")
+    need(config.evals_per_run >= 0, "--evals", config.evals_per_run,
+         "must not be negative (0: the final evaluation only; --no-eval: none)")
+    need(0 < config.eval_share <= 1, "eval_share", config.eval_share, "must be above 0 and at most 1 (1: never cut)")
     need(config.temperature > 0, "--temperature", config.temperature, "must be positive")
     need(TEMPERATURE_RANGE[0] <= config.temperature <= TEMPERATURE_RANGE[1], "--temperature", config.temperature,
          f"must be between {TEMPERATURE_RANGE[0]:g} and {TEMPERATURE_RANGE[1]:g}: the loss divides cosine "

@@ -33,18 +33,19 @@ from .data.sampler import no_duplicates_sampler
 from .data.token_cache import install_token_cache
 from . import distributed
 from .errors import EmbedtuneError
-from .evaluate import evaluate_model, metric_key, pairs_to_ir_task, shared_ir_evaluator, summarize
+from .evaluate import metric_key
 from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
 from .lora import get_peft_model
 from .model_card import pick_card_examples
 from .monitoring import (
-    ENCODE_BAR_MIN_TEXTS, TENSORBOARD_DIR, Phases, attach_tokens_per_second, check_report_to, point_tensorboard,
+    TENSORBOARD_DIR, Phases, attach_tokens_per_second, check_report_to, point_tensorboard,
     readable_logs, report_arguments,
 )
 from .run_data import (
     Evaluation, build_losses, cached_texts, choose_evaluation, load_parts, similarity_evaluator, similarity_summary,
     split_parts, steps_per_epoch, text_columns, trainer_dataset,
 )
+from .run_eval import build_run_evaluation, read_eval_data
 from .run_folder import complete_finish, recover_at_start, resolve_output, seal_finished
 from .save import check_target, save_adapter, save_merged
 from .speed import mark_cache_warm
@@ -77,7 +78,9 @@ class TrainConfig:
     lora_alpha: int | None = None  # None: equal to lora_r
     eval_size: int | None = None  # None: min(4096, 10%)
     eval: bool = True
-    evals_per_run: int = 4
+    evals_per_run: int = 4  # in-training evaluations asked for (sized to the run: eval_plan); 0: the final one only
+    eval_data: str | None = None  # a pairs file or a BEIR folder to evaluate on instead of held-out pairs
+    eval_share: float = 0.25  # evaluation's share of the run's wall time, at most (1: never cut)
     pooling: str | None = None
     seed: int = 42
     warmup_ratio: float = 0.1
@@ -190,6 +193,7 @@ class RunData:
     resumable: bool
     resume_from: Path | None
     parts: list = field(default_factory=list)  # each data set (`run_data.Part`); `loaded`... are the first's
+    eval_source: Any = None  # --eval-data read (`run_eval.EvalSource`); None: the held-out pairs, if any
 
 
 def read_data(config: TrainConfig, output: Path | None, phases: Phases) -> RunData:
@@ -205,14 +209,15 @@ def read_data(config: TrainConfig, output: Path | None, phases: Phases) -> RunDa
     if config.batch_size < 2:
         raise EmbedtuneError("--batch-size must be at least 2: in-batch negatives need company")
     check_report_to(config.report_to, has_output=output is not None)
-    eval_size = 0 if not config.eval else config.eval_size
+    eval_source = read_eval_data(config)  # --eval-data: every pair trains, unless --eval-size holds some out
+    eval_size = 0 if not config.eval or (eval_source is not None and config.eval_size is None) else config.eval_size
     # per data set: split, refuse fewer rows than a batch, count the full batches (no-silent-success)
     split_parts(config, parts, eval_size)
     train_ds, eval_ds, batches = parts[0].train_ds, parts[0].eval_ds, parts[0].batches
     resumable = output is not None and not config.fsdp  # FSDP runs keep no resumable checkpoints (yet)
     work = Path(f"{output}.partial") if output else Path(os.environ.get("TMPDIR", "/tmp")) / f"embedtune-{os.getpid()}"
     resume_from = resume_point(work, config, resumable=resumable)  # checked before any loading
-    return RunData(loaded, train_ds, eval_ds, batches, output, work, resumable, resume_from, parts)
+    return RunData(loaded, train_ds, eval_ds, batches, output, work, resumable, resume_from, parts, eval_source)
 
 
 @dataclass
@@ -258,13 +263,15 @@ def load_model(config: TrainConfig, phases: Phases) -> Model:
 
 @dataclass
 class Objective:
-    """What the loss-and-evaluator stage produced: the loss, the held-out IR evaluator (None with
-    --no-eval) and the base model's scores on it."""
+    """What the loss-and-evaluator stage produced: the loss, the trainer's IR evaluator and the base
+    model's scores (both set once the run is planned; None and {} without in-training evaluations),
+    and the run's evaluations (`run_eval.RunEvaluation`; None with --no-eval)."""
 
     loss: Any
     evaluator: Any | None
     base_metrics: dict
-    evaluation: Evaluation | None = None  # what the evaluator covers (`run_data.choose_evaluation`)
+    evaluation: Evaluation | None = None  # what the evaluations cover (`run_data.choose_evaluation`)
+    run_eval: Any = None  # retrieval evaluations sized to the run (`run_eval.RunEvaluation`); None for similarity
 
     @property
     def metric(self) -> str:
@@ -278,26 +285,29 @@ class Objective:
 
 
 def loss_and_evaluator(config: TrainConfig, data: RunData, model: Model, phases: Phases) -> Objective:
-    """The loss first (its option errors come before any evaluation or folder), then the held-out IR
-    task over every positive as corpus, and the base model's score on it: what training must beat."""
+    """The loss first (its option errors come before any evaluation or folder), then what the run
+    evaluates: retrieval (--eval-data, else the held-out rows of the data sets with relevant positives,
+    against every positive as corpus), sized to the run by `run_eval` (a timed encoding probe prices one
+    evaluation; the plan and the base score follow once the steps are known); for scored pairs alone,
+    their similarity, exact (sentence-transformers' EmbeddingSimilarityEvaluator)."""
     parts = data.parts or []
     loss = build_losses(parts, lambda name: build_loss(model.st, config, name)) if parts else build_loss(model.st, config)
-    evaluator, base_metrics, evaluation = None, {}, None
-    if parts:  # retrieval over the data sets with relevant positives, else the scored pairs' similarity
-        evaluation = choose_evaluation(parts, EVAL_NAME, metric_key(EVAL_NAME))
+    evaluation = choose_evaluation(parts, EVAL_NAME, metric_key(EVAL_NAME)) if parts else None
+    if data.eval_source is not None:  # --eval-data: that set only (held-out rows, if any, just stay out of training)
+        evaluation = Evaluation("retrieval", data.eval_source.task, metric_key(EVAL_NAME),
+                                [Path(str(data.eval_source.path)).name], [p.name for p in parts])
     if evaluation is not None and evaluation.kind == "similarity":
         evaluator = similarity_evaluator(evaluation, batch_size=64)
         base_metrics = similarity_summary(evaluator(model.st))
         phases.mark("base_eval")
-    elif data.eval_ds is not None and (evaluation is None or evaluation.kind == "retrieval"):
-        prompts = {"query_prompt": model.query_prompt, "document_prompt": model.document_prompt}
-        task = evaluation.task if evaluation is not None else pairs_to_ir_task(
-            data.eval_ds, corpus_texts=column(data.loaded.dataset, "positive"))
-        big = len(task.queries) + len(task.corpus) >= ENCODE_BAR_MIN_TEXTS  # bars during training only if slow
-        evaluator = shared_ir_evaluator(task, name=EVAL_NAME, **prompts, show_progress=big)
-        base_metrics = evaluate_model(model.st, task, **prompts, show_progress=True)
-        phases.mark("base_eval")
-    return Objective(loss, evaluator, base_metrics, evaluation)
+        return Objective(loss, evaluator, base_metrics, evaluation)
+    held_out = evaluation.task if evaluation is not None and evaluation.kind == "retrieval" else None
+    run_eval = build_run_evaluation(config, held_out, data.eval_source, model.query_prompt, model.document_prompt,
+                                    EVAL_NAME)
+    if run_eval is not None:
+        run_eval.probe(model.st)
+        phases.mark("eval_probe")
+    return Objective(loss, None, {}, evaluation, run_eval)
 
 
 @dataclass
@@ -357,6 +367,11 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
     from .resumable_trainer import ResumableTrainer
 
     plan = plan_run(config, data, model, phases)
+    if objective.run_eval is not None:  # evaluations sized to the planned run (`eval_plan`), then the base score
+        objective.base_metrics = objective.run_eval.plan_and_score_base(
+            model.st, plan.total_steps, plan.tokens_per_row * plan.rows_per_step, sum(phases.seconds.values()))
+        objective.evaluator = objective.run_eval.evaluator()
+        phases.mark("base_eval")
 
     if distributed.is_main():  # only rank 0 writes; the others wait until the work folder exists
         prepare_work(data.work, config, data.resume_from, resumable=data.resumable)
@@ -382,7 +397,8 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
         train_dataset=trainer_dataset(data.parts),  # several data sets: a DatasetDict, one loss each
         loss=objective.loss,
         evaluator=objective.evaluator,
-        callbacks=[best.callback] if objective.evaluator else None,
+        callbacks=([best.callback] + ([objective.run_eval.schedule(plan.total_steps)] if objective.run_eval else [])
+                   if objective.evaluator else None),
     )
     phases.mark("trainer")
     graphs = graph_step_for(trainer, config) if plan.speed.cuda_graphs else None
@@ -485,7 +501,12 @@ def train_model(config: TrainConfig, data: RunData, model: Model, objective: Obj
     if plan.compile_cache is not None:  # later runs of this model find its compiled code (`speed.cache_is_warm`)
         mark_cache_warm(plan.compile_cache, plan.fingerprint)
     setup.best.restore()
-    final_metrics = objective.summarize(setup.best.best_metrics) if objective.evaluator else {}
+    final_metrics = {}
+    if objective.run_eval is not None:  # exact, on the whole eval set
+        final_metrics = objective.run_eval.final(model.st, setup.best if objective.evaluator else None)
+        phases.mark("final_eval")
+    elif objective.evaluator is not None:  # similarity: the best weights' scores, from the trainer's evaluations
+        final_metrics = objective.summarize(setup.best.best_metrics)
     st_model = model.st
     if config.fsdp:
         st_model = unsharded_copy(st_model, config)  # rank 0: the full model; other ranks: None
@@ -505,11 +526,15 @@ def run_metrics(config: TrainConfig, started: float, data: RunData, objective: O
     tokens = int(plan.tokens_per_row * rows_seen)
     this_run = [entry for entry in state.log_history if entry.get("step", 0) > first_step]
     loaded, eval_ds, compile_cache, token_cache = data.loaded, data.eval_ds, plan.compile_cache, setup.token_cache
+    run_eval = objective.run_eval
+    clock = run_eval.clock.seconds if run_eval is not None else {}
     metrics = {
         "base": objective.base_metrics,
         "final": trained.final_metrics,
-        "train_time_s": round(trained.train_time, 2),
+        "train_time_s": round(trained.train_time - clock.get("during", 0.0), 2),  # evaluations taken out
+        "eval_time_s": round(sum(clock.values()), 2),  # probe, base, in-training and final evaluations
         "total_time_s": round(time.time() - started, 2),
+        "eval": run_eval.summary() if run_eval is not None else None,
         "steps": state.global_step,
         "train_pairs": sum(len(p.train_ds) for p in data.parts),
         "eval_pairs": sum(len(p.eval_ds) for p in data.parts if p.eval_ds is not None),
