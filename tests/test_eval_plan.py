@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from embedtune.config_file import portable_path
 from typer.testing import CliRunner
 
 from embedtune.cli import app
@@ -267,7 +269,7 @@ def test_eval_data_pairs_file_trains_on_every_pair(pairs, tmp_path):
     assert metrics["train_pairs"] == 48 and metrics["eval_pairs"] == 0  # no held-out split
     assert "ndcg@10" in metrics["final"] and "retrieval on eval.jsonl" in text
     assert f"evaluated on {eval_file}: 20 queries, 20 documents" in text
-    assert metrics["config"]["eval_data"] == str(eval_file)
+    assert metrics["config"]["eval_data"] == portable_path(eval_file)  # as config.yaml names every local path
     _times_apart(metrics, text)
 
     held, _ = _train(pairs, tmp_path / "held", "--eval-data", str(eval_file), "--evals", "0", "--eval-size", "8")
