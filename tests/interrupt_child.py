@@ -112,17 +112,17 @@ def _install_eval_gate(at: str, once) -> None:
     import transformers
 
     evaluate = importlib.import_module("embedtune.evaluate")
-    recipe = importlib.import_module("embedtune.train")  # (the package's `train` is the function)
 
-    if at == "base":  # the recipe's own call, before the trainer exists
-        original_base = recipe.evaluate_model
+    if at == "base":  # the recipe's own call, before the trainer exists (`run_eval` scores the base model)
+        run_eval = importlib.import_module("embedtune.run_eval")
+        original_base = run_eval.RunEvaluation.plan_and_score_base
 
         def base_evaluation(*args, **kwargs):
             if once():
                 _wait_at_gate()
             return original_base(*args, **kwargs)
 
-        recipe.evaluate_model = base_evaluation
+        run_eval.RunEvaluation.plan_and_score_base = base_evaluation
         return
     step = int(at)
     evaluating_at = []  # the trainer's step while it evaluates

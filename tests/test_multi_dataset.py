@@ -117,8 +117,8 @@ def test_cli_trains_on_two_files_and_reports_each(tmp_path):
                                  "8", "--max-seq-length", "32", "--eval-size", "6", "--evals", "1"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert f"data: a ({a}): 54 training rows, 6 held out, loss mnrl" in text
-    assert f"data: b ({b}): 34 training rows, 6 held out, loss cosent" in text
+    assert f"data: a ({portable_path(a)}): 54 training rows, 6 held out, loss mnrl" in text
+    assert f"data: b ({portable_path(b)}): 34 training rows, 6 held out, loss cosent" in text
     assert "held-out retrieval (nDCG@10) on a; not evaluated: b" in text
     metrics = json.loads((out / "metrics.json").read_text())
     assert [(d["name"], d["train_rows"], d["loss"]) for d in metrics["datasets"]] == [("a", 54, "mnrl"),

@@ -45,8 +45,10 @@ class Part:
         return self.source.name
 
     def summary(self) -> dict:
-        """metrics.json's entry for this data set."""
-        return {"name": self.name, "path": self.source.path, "loss": self.choice.loss,
+        """metrics.json's entry for this data set (its file named as config.yaml names it: no absolute local path)."""
+        from .config_file import portable_path
+
+        return {"name": self.name, "path": portable_path(self.source.path), "loss": self.choice.loss,
                 "columns": self.choice.columns, "train_rows": len(self.train_ds),
                 "eval_rows": len(self.eval_ds) if self.eval_ds is not None else 0,
                 "skipped_rows": self.loaded.skipped, "warning": self.choice.warning, "batches": self.batches}
