@@ -129,10 +129,11 @@ def residual_norm(norm, dropout, branch: torch.Tensor, residual: torch.Tensor, f
                   product_input: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`norm(dropout(branch) + residual)`, and the same values as the next products' input.
 
-    `fused` (from `PackedOptions.fused_kernels`): use the fused op where `can_fuse` allows.
+    `fused` (from `PackedOptions.fused_kernels`): use the fused op where `can_fuse` allows, in training
+    (with autograd on; encoding without gradients runs the modules, unreplayed and bound by launches).
     `product_input`: the caller feeds the result to matrix products (so the fused op also writes
     the autocast copy); False: only the stream is used, and the second value is the stream."""
-    if fused and can_fuse(norm, branch):
+    if fused and torch.is_grad_enabled() and can_fuse(norm, branch):  # inference: launch-bound, the modules
         p = dropout.p if dropout.training else 0.0
         return dropout_add_norm(norm, p, branch, residual, with_half=product_input)
     out = norm(dropout(branch) + residual)
