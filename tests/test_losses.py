@@ -10,19 +10,9 @@ import torch
 from embedtune import FastModel
 from embedtune.losses import ColumnChunks, ContrastiveLoss, padding_side, plan_chunks, slice_features
 from embedtune.st import to_sentence_transformer
+from loss_checks import ANCHORS, POSITIVES
+from loss_checks import assert_same as _assert_same, features as _features, loss_and_grads as _grads
 from tiny_models import make_tiny_model
-
-ANCHORS = ["how to sort a list", "open a file", "x", "parse json text into a dict", "join paths", "hash bytes"]
-POSITIVES = [
-    "def sort(items): return sorted(items)",
-    "with open(path) as f: return f.read()",
-    "y",
-    "import json\ndef parse(text):\n    return json.loads(text)",
-    "os.path.join(a, b)",
-    "hashlib.sha256(data).hexdigest() is a long line with many many tokens in it to make lengths differ",
-]
-NEGATIVES = [["sorted reversed", "write a file"], ["close file", "z"], ["w", "v"], ["dump json", "yaml load"],
-             ["split path", "abs path"], ["md5", "crc32 checksum"]]
 
 
 @pytest.fixture(scope="module")
@@ -40,27 +30,6 @@ def _st(path, fast: bool, lora: bool = False):
                 if "lora_B" in name:
                     p.normal_(0, 0.1)
     return to_sentence_transformer(model, tok)
-
-
-def _features(st, negatives: int = 0):
-    columns = [ANCHORS, POSITIVES] + [[n[i] for n in NEGATIVES] for i in range(negatives)]
-    return [st.tokenize(texts) for texts in columns]
-
-
-def _grads(st, loss_fn, features):
-    st.zero_grad(set_to_none=True)
-    loss = loss_fn(features, None)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in st.named_parameters() if p.requires_grad and p.grad is not None}
-    return loss.detach(), grads
-
-
-def _assert_same(a, b, tol=1e-5):
-    (loss_a, grads_a), (loss_b, grads_b) = a, b
-    assert torch.allclose(loss_a, loss_b, atol=tol, rtol=0), (loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for name in grads_a:
-        assert torch.allclose(grads_a[name], grads_b[name], atol=tol, rtol=1e-4), name
 
 
 @pytest.mark.parametrize("negatives", [0, 2])

@@ -10,19 +10,9 @@ import torch
 from embedtune import FastModel
 from embedtune.shape_losses import AnglELoss, CoSENTLoss, DistillKLLoss, MarginMSELoss, TripletMarginLoss
 from embedtune.st import to_sentence_transformer
+from loss_checks import assert_same as _assert_same, features as _features, loss_and_grads as _grads
 from tiny_models import make_tiny_model
 
-ANCHORS = ["how to sort a list", "open a file", "x", "parse json text into a dict", "join paths", "hash bytes"]
-POSITIVES = [
-    "def sort(items): return sorted(items)",
-    "with open(path) as f: return f.read()",
-    "y",
-    "import json\ndef parse(text):\n    return json.loads(text)",
-    "os.path.join(a, b)",
-    "hashlib.sha256(data).hexdigest() is a long line with many many tokens in it to make lengths differ",
-]
-NEGATIVES = [["sorted reversed", "write a file"], ["close file", "z"], ["w", "v"], ["dump json", "yaml load"],
-             ["split path", "abs path"], ["md5", "crc32 checksum"]]
 PAIR_SCORES = [0.9, 0.1, 0.5, 0.5, 1.0, 0.0]  # a tie too: ties must not count as ordered pairs
 TEACHER = [[9.0, 2.0, 1.0], [7.5, 7.0, 0.5], [3.0, 1.0, 2.0], [8.0, -1.0, 0.0], [6.0, 5.5, 5.0], [4.0, 1.0, 3.0]]
 
@@ -36,27 +26,6 @@ def _st(path, fast: bool):
     torch.manual_seed(0)
     model, tok = FastModel.from_pretrained(str(path), max_seq_length=64, fast=fast)
     return to_sentence_transformer(model, tok).eval()
-
-
-def _features(st, negatives: int):
-    columns = [ANCHORS, POSITIVES] + [[n[i] for n in NEGATIVES] for i in range(negatives)]
-    return [st.tokenize(texts) for texts in columns]
-
-
-def _grads(st, loss_fn, features, labels):
-    st.zero_grad(set_to_none=True)
-    loss = loss_fn(features, labels)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in st.named_parameters() if p.requires_grad and p.grad is not None}
-    return loss.detach(), grads
-
-
-def _assert_same(a, b, tol=1e-5):
-    (loss_a, grads_a), (loss_b, grads_b) = a, b
-    assert torch.allclose(loss_a, loss_b, atol=tol, rtol=0), (loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for name in grads_a:
-        assert torch.allclose(grads_a[name], grads_b[name], atol=tol, rtol=1e-4), name
 
 
 def _reference(name, st):

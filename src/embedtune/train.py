@@ -192,7 +192,7 @@ class RunData:
     work: Path
     resumable: bool
     resume_from: Path | None
-    parts: list = field(default_factory=list)  # each data set (`run_data.Part`); `loaded`... are the first's
+    parts: list  # each data set (`run_data.Part`); `loaded`... are the first's
     eval_source: Any = None  # --eval-data read (`run_eval.EvalSource`); None: the held-out pairs, if any
 
 
@@ -278,11 +278,6 @@ class Objective:
         """The evaluator's key of the metric the best weights follow."""
         return self.evaluation.metric if self.evaluation is not None else metric_key(EVAL_NAME)
 
-    def summarize(self, raw: dict) -> dict:
-        if self.evaluation is not None and self.evaluation.kind == "similarity":
-            return similarity_summary(raw)
-        return summarize(raw)
-
 
 def loss_and_evaluator(config: TrainConfig, data: RunData, model: Model, phases: Phases) -> Objective:
     """The loss first (its option errors come before any evaluation or folder), then what the run
@@ -290,9 +285,9 @@ def loss_and_evaluator(config: TrainConfig, data: RunData, model: Model, phases:
     against every positive as corpus), sized to the run by `run_eval` (a timed encoding probe prices one
     evaluation; the plan and the base score follow once the steps are known); for scored pairs alone,
     their similarity, exact (sentence-transformers' EmbeddingSimilarityEvaluator)."""
-    parts = data.parts or []
-    loss = build_losses(parts, lambda name: build_loss(model.st, config, name)) if parts else build_loss(model.st, config)
-    evaluation = choose_evaluation(parts, EVAL_NAME, metric_key(EVAL_NAME)) if parts else None
+    parts = data.parts
+    loss = build_losses(parts, lambda name: build_loss(model.st, config, name))
+    evaluation = choose_evaluation(parts, EVAL_NAME, metric_key(EVAL_NAME))
     if data.eval_source is not None:  # --eval-data: that set only (held-out rows, if any, just stay out of training)
         evaluation = Evaluation("retrieval", data.eval_source.task, metric_key(EVAL_NAME),
                                 [Path(str(data.eval_source.path)).name], [p.name for p in parts])
@@ -506,7 +501,7 @@ def train_model(config: TrainConfig, data: RunData, model: Model, objective: Obj
         final_metrics = objective.run_eval.final(model.st, setup.best if objective.evaluator else None)
         phases.mark("final_eval")
     elif objective.evaluator is not None:  # similarity: the best weights' scores, from the trainer's evaluations
-        final_metrics = objective.summarize(setup.best.best_metrics)
+        final_metrics = similarity_summary(setup.best.best_metrics)
     st_model = model.st
     if config.fsdp:
         st_model = unsharded_copy(st_model, config)  # rank 0: the full model; other ranks: None
