@@ -241,3 +241,50 @@ def test_packed_bert_under_autocast_feeds_the_half_copy_to_the_products(tmp_path
     excess = {k: (fused_grads[k] - plain_grads[k]).norm().item() - 3e-2 * plain_grads[k].norm().item() - floor
               for k in plain_grads}
     assert max(excess.values()) <= 0, sorted(excess.items(), key=lambda kv: -kv[1])[:4]
+
+
+def _record_variants(monkeypatch) -> set:
+    """Record the kernel variants called: what Triton specializes on (tensor dtypes, the width's block)."""
+    kernels = fused_norm._kernels()
+    seen = set()
+    real_forward, real_backward = kernels.forward, kernels.backward
+
+    def forward(x, residual, weight, bias, seed, p, eps, out_dtype, half_dtype):
+        seen.add(("forward", x.dtype, residual.dtype, weight.dtype, bias.dtype, out_dtype, half_dtype,
+                  kernels._block(x.shape[1])))
+        return real_forward(x, residual, weight, bias, seed, p, eps, out_dtype, half_dtype)
+
+    def backward(dy, dy_half, s, mean, rstd, weight, seed, p, x_dtype, residual_dtype, want_dx, want_dw):
+        seen.add(("backward", dy.dtype, None if dy_half is None else dy_half.dtype, s.dtype, weight.dtype,
+                  x_dtype, residual_dtype, kernels._block(s.shape[1])))
+        return real_backward(dy, dy_half, s, mean, rstd, weight, seed, p, x_dtype, residual_dtype, want_dx, want_dw)
+
+    monkeypatch.setattr(kernels, "forward", forward)
+    monkeypatch.setattr(kernels, "backward", backward)
+    return seen
+
+
+def test_prebuild_calls_every_kernel_variant_a_training_step_calls(tmp_path, monkeypatch):
+    """`packing.prebuild` builds Triton's kernels ahead of a run: it must call the variants (dtypes, block
+    width) that a packed BERT training step under bf16 autocast calls, or the run builds them again."""
+    from embedtune.packing import prebuild
+
+    seen = _record_variants(monkeypatch)
+    model, batch = _bert(tmp_path, dropout=0.1)
+    enable_fast_path(model, fused_kernels=True)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _step(model, batch)
+    trained = set(seen)
+    assert {v[0] for v in trained} == {"forward", "backward"}
+    seen.clear()
+    width = prebuild.fused_width({"model_type": model.config.model_type, "hidden_size": model.config.hidden_size})
+    assert width == model.config.hidden_size
+    prebuild.build(width, torch.float32, torch.device("cpu"))
+    assert trained <= seen, sorted(map(str, trained - seen))
+    # LoRA runs keep the base (its LayerNorms) in bf16: the variants differ in the weights' dtype only
+    seen.clear()
+    prebuild.build(width, torch.bfloat16, torch.device("cpu"))
+    as_bf16 = {v[:3] + (torch.bfloat16, torch.bfloat16) + v[5:] if v[0] == "forward" else v[:4] + (torch.bfloat16,) + v[5:]
+               for v in trained}
+    assert as_bf16 <= seen, sorted(map(str, as_bf16 - seen))

@@ -258,6 +258,13 @@ def train(
     ),
 ):
     """Fine-tune an embedding model on anchor/positive pairs and save the merged SentenceTransformer."""
+    from .kernel_prebuild import start as start_kernel_prebuild, weights_for
+    from .model_facts import DEFAULT_MODEL_ID as default_model
+
+    # the fused norm kernels build in a child process while this one imports its libraries (the run
+    # picks that child up; a --config that changes the model or dtype starts its own)
+    start_kernel_prebuild(model or default_model, weights_for(not full, None), fast=not no_fast,
+                          compile=compile_layers, cuda_graphs=cuda_graphs, fused_kernels=fused_kernels)
     with heavy_imports():  # here, not at the top: --help and argument parsing stay free of torch
         from . import distributed
         from .config_file import apply_config_fields

@@ -12,8 +12,9 @@ tests/test_compile.py, benchmarks/check_graphs_gpu.py); they differ in what they
   first use and keeps them in its on-disk cache; a cold build costs seconds (its launchers are
   compiled C), a cached one almost nothing. They save a small share of a replayed step, so with CUDA
   graphs they are on where that pays, or where the cache holds them (a marker written after a build,
-  as for compiling). Without graphs the step is bound by host launches, to which the fused op's
-  Python adds, so they stay off.
+  as for compiling). A run builds them ahead in a child process (`kernel_prebuild`), alongside its
+  own imports and model load, and waits for it where they would pay on a warm cache. Without graphs
+  the step is bound by host launches, to which the fused op's Python adds, so they stay off.
 - Compiling the packed layers: one compile per run, 12-15 s cold on an H200 and about 3 s when torch's
   on-disk cache already holds this model's code (docs/BENCHMARKS.md). It saves a share of each step,
   so it pays when the planned steps earn the warm-up back, which the estimate below decides.
@@ -81,12 +82,13 @@ def compile_seconds(layers: int, warm: bool) -> float:
 
 def choose(*, compile: bool | None, cuda_graphs: bool | None, fast: bool, cuda: bool, steps: int,
            step_s: float, layers: int, cache_warm: bool, processes: int = 1, fused_kernels: bool | None = None,
-           fused_applies: bool = False, fused_warm: bool = False) -> SpeedMode:
+           fused_applies: bool = False, fused_warm: bool = False, prebuilt: str | None = None) -> SpeedMode:
     """The run's mode. `compile`/`cuda_graphs`/`fused_kernels`: the user's choice, None for automatic.
     `steps`: the micro-steps planned; `step_s`: an eager step's estimated time (`step_seconds`). Runs
     over several processes stay eager unless asked: graphs do not capture the gradient exchange, and
     compiled layers under DDP/FSDP are not covered by the tests. `fused_applies`: the model's layers
-    have the fused norm (BERT family on the fast path); `fused_warm`: Triton's cache holds it."""
+    have the fused norm (BERT family on the fast path); `fused_warm`: Triton's cache holds it;
+    `prebuilt`: how a build ahead of the run (`kernel_prebuild`) went, for the reason."""
     if not fast:
         if compile or cuda_graphs:
             raise ValueError("compile and CUDA graphs need the packed fast path")
@@ -121,6 +123,7 @@ def choose(*, compile: bool | None, cuda_graphs: bool | None, fast: bool, cuda: 
     if fused_kernels is not None:
         fused = fused_kernels and fused_applies and cuda and not compiled
         reasons.append(f"fused norm: {'--fused-kernels' if fused_kernels else '--no-fused-kernels'}"
+                       + (f" ({prebuilt})" if prebuilt and fused else "")
                        + ("" if fused or not fused_kernels else " (not used: " + (
                            "compiled layers fuse it themselves" if compiled else
                            "no CUDA device" if not cuda else "no such layers") + ")"))
@@ -131,7 +134,7 @@ def choose(*, compile: bool | None, cuda_graphs: bool | None, fast: bool, cuda: 
         saved = FUSED_NORM_GAIN * step_s * steps
         fused = saved > cost
         reasons.append(f"fused norm: saves ~{saved:.1f} s over {steps} steps against ~{cost:.1f} s of kernel "
-                       f"builds ({'warm' if fused_warm else 'cold'} cache)")
+                       f"builds ({'warm' if fused_warm else 'cold'} cache" + (f"; {prebuilt}" if prebuilt else "") + ")")
     return SpeedMode(bool(compiled), bool(graphs), "; ".join(reasons), bool(fused))
 
 

@@ -7,6 +7,7 @@ steps, its trainer) and applies the decision.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -16,9 +17,22 @@ from .compile_cache import compile_cache_dir, use_persistent_compile_cache
 logger = logging.getLogger(__name__)
 
 
-def choose_speed(config, model, tokens_per_row: float, micro_steps: int):
+def start_kernel_prebuild(config):
+    """Start building the fused norm kernels for this run in a child process (`kernel_prebuild`), or
+    get the one the CLI started before its imports; None where the run could not use them."""
+    from .kernel_prebuild import start, weights_for
+
+    return start(config.model, weights_for(config.lora_r is not None, config.dtype), fast=config.fast,
+                 compile=config.compile, cuda_graphs=config.cuda_graphs, fused_kernels=getattr(config, "fused_kernels", None))
+
+
+def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuild=None):
     """The run's speed mode (`speed.choose`) from the planned steps and the model's size, with compiling
-    switched on where chosen; returns (mode, compile cache folder or None, the model's fingerprint)."""
+    switched on where chosen; returns (mode, compile cache folder or None, the model's fingerprint).
+
+    `prebuild` (`kernel_prebuild.Prebuild`): the fused norm kernels building in a child process. Where
+    they would be chosen on a warm cache but are not cached yet, wait for it, at most what a cold build
+    here would cost; then the choice sees the cache it left."""
     from . import speed as speed_mode
     from .lora import unwrap_peft
 
@@ -39,14 +53,27 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int):
             from .packing.fused_norm import kernels_fingerprint
 
             fused_warm = speed_mode.fused_kernels_cached(kernels_fingerprint())
-    mode = speed_mode.choose(
-        compile=config.compile, cuda_graphs=config.cuda_graphs, fast=config.fast,
-        cuda=torch.cuda.is_available(), steps=micro_steps,
-        step_s=speed_mode.step_seconds(tokens_per_row * config.batch_size, params, trainable, speed_mode.peak_flops()),
-        layers=int(getattr(base.config, "num_hidden_layers", 0) or 0),
-        cache_warm=speed_mode.cache_is_warm(cache_dir, fingerprint), processes=distributed.world_size(),
-        fused_kernels=getattr(config, "fused_kernels", None), fused_applies=fused_applies, fused_warm=fused_warm,
-    )
+    def choose(fused_warm: bool, prebuilt: str | None = None):
+        return speed_mode.choose(
+            compile=config.compile, cuda_graphs=config.cuda_graphs, fast=config.fast,
+            cuda=torch.cuda.is_available(), steps=micro_steps,
+            step_s=speed_mode.step_seconds(tokens_per_row * config.batch_size, params, trainable, speed_mode.peak_flops()),
+            layers=int(getattr(base.config, "num_hidden_layers", 0) or 0),
+            cache_warm=speed_mode.cache_is_warm(cache_dir, fingerprint), processes=distributed.world_size(),
+            fused_kernels=getattr(config, "fused_kernels", None), fused_applies=fused_applies, fused_warm=fused_warm,
+            prebuilt=prebuilt,
+        )
+
+    mode = choose(fused_warm)
+    if fused_applies and not fused_warm and prebuild is not None and choose(True).fused_kernels:
+        from .packing.fused_norm import kernels_fingerprint
+
+        waited = time.monotonic()
+        ok = prebuild.wait(speed_mode.FUSED_NORM_COLD_S - speed_mode.FUSED_NORM_WARM_S)
+        waited = time.monotonic() - waited
+        fused_warm = ok and speed_mode.fused_kernels_cached(kernels_fingerprint())
+        mode = choose(fused_warm, prebuilt=f"built ahead in a child process (waited {waited:.1f} s)" if fused_warm
+                      else f"the build ahead did not finish ({'failed' if prebuild.process.poll() else 'still running'})")
     compile_cache = use_persistent_compile_cache() if mode.compile else None  # later runs reuse its code
     if config.fast:
         from .packing import set_compile, set_fused_kernels

@@ -55,7 +55,7 @@ from .st import to_sentence_transformer
 # from `embedtune.train`, and tests replace `graph_step_for` here, where the trainer stage reads it).
 from .best_weights import BestWeights
 from .run_checks import RunChecks, check_batches, check_settings, check_speed_options
-from .speed_choice import choose_speed, graph_step_for, graph_summary
+from .speed_choice import choose_speed, graph_step_for, graph_summary, start_kernel_prebuild
 from .unshard import unsharded_copy
 
 EVAL_NAME = "ir-eval"
@@ -144,6 +144,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     phases = Phases()  # metrics.json's phases_s
     check_settings(config)
     check_speed_options(config)
+    prebuild = start_kernel_prebuild(config)  # builds alongside data reading and model loading
     output, finished = place_output(config)
     if finished is not None:  # a sealed run, stopped while being moved into place: nothing to train
         return _finished_result(finished)
@@ -152,7 +153,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
     model = load_model(config, phases)
     objective = loss_and_evaluator(config, data, model, phases)
     with discard_on_failure(data.work, fresh=data.resume_from is None):
-        setup = set_up_trainer(config, data, model, objective, phases)
+        setup = set_up_trainer(config, data, model, objective, phases, prebuild)
         trained = train_model(config, data, model, objective, setup, phases)
     return finish(config, started, data, objective, setup, trained, phases)
 
@@ -321,7 +322,7 @@ class Plan:
     fingerprint: Any
 
 
-def plan_run(config: TrainConfig, data: RunData, model: Model, phases: Phases) -> Plan:
+def plan_run(config: TrainConfig, data: RunData, model: Model, phases: Phases, prebuild=None) -> Plan:
     """Count the run's steps from the rows one optimizer step takes (over all ranks), measure the mean
     tokens per row on a sample, and choose the speed mode from both (`speed_choice.choose_speed`)."""
     accumulation = int(config.extra.get("gradient_accumulation_steps", 1))
@@ -335,7 +336,7 @@ def plan_run(config: TrainConfig, data: RunData, model: Model, phases: Phases) -
     tokens_per_row = sum(len(p.train_ds) * _tokens_per_row(model.tokenizer, p.train_ds, list(p.choice.text_columns),
                                                             max_seq_length) for p in data.parts) / max(1, rows)
     speed, compile_cache, fingerprint = choose_speed(config, model.encoder, tokens_per_row,
-                                                     micro_steps=total_steps * accumulation)
+                                                     micro_steps=total_steps * accumulation, prebuild=prebuild)
     phases.mark("plan")
     return Plan(rows_per_step, total_steps, eval_steps, columns, max_seq_length, tokens_per_row, speed,
                 compile_cache, fingerprint)
@@ -355,13 +356,13 @@ class Setup:
 
 
 def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: Objective,
-                   phases: Phases) -> Setup:
+                   phases: Phases, prebuild=None) -> Setup:
     """The run's plan (`plan_run`), the work folder (fresh, or the resumed run's with half-written
     checkpoints dropped), then the trainer and what rides on it: best weights, the CUDA-graph step, the
     token cache, logging, checks."""
     from .resumable_trainer import ResumableTrainer
 
-    plan = plan_run(config, data, model, phases)
+    plan = plan_run(config, data, model, phases, prebuild)
     if objective.run_eval is not None:  # evaluations sized to the planned run (`eval_plan`), then the base score
         objective.base_metrics = objective.run_eval.plan_and_score_base(
             model.st, plan.total_steps, plan.tokens_per_row * plan.rows_per_step, sum(phases.seconds.values()))

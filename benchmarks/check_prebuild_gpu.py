@@ -1,0 +1,105 @@
+"""GPU check of the fused norm kernels built ahead of a run (`embedtune.kernel_prebuild`,
+`embedtune.packing.prebuild`): with an empty Triton cache, the child builds the kernels; then a packed
+BERT training step (bf16 autocast, dropout on) in a fresh process must find every kernel it calls in
+the cache (no new cache entries) and its first call must cost what a warm cache costs. Full fine-tuning
+(fp32 LayerNorms) and LoRA (bf16 base). Prints a table last.
+
+    python3 benchmarks/check_prebuild_gpu.py [--hidden 768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STEP = r"""
+import json, sys, time
+import torch
+from transformers import BertConfig, BertModel
+from embedtune.packing import enable_fast_path
+hidden, weights = int(sys.argv[1]), sys.argv[2]
+config = BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=hidden // 64,
+                    intermediate_size=4 * hidden, vocab_size=30522)
+model = BertModel(config, add_pooling_layer=False).cuda()
+if weights == "bf16":
+    model = model.to(torch.bfloat16)
+model.train()
+assert enable_fast_path(model, fused_kernels=True)
+ids = torch.randint(1000, 30000, (64, 160), device="cuda")
+mask = (torch.arange(160, device="cuda")[None] < torch.randint(8, 160, (64, 1), device="cuda")).long()
+torch.cuda.synchronize()
+t = time.perf_counter()
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+out.float().square().mean().backward()
+torch.cuda.synchronize()
+print(json.dumps({"first_step_s": time.perf_counter() - t}))
+"""
+
+
+def entries(cache: Path) -> int:
+    return sum(1 for _ in cache.rglob("*.json")) if cache.exists() else 0
+
+
+def check(hidden: int, weights: str, root: Path) -> dict:
+    cache = root / f"triton_{hidden}_{weights}"
+    env = dict(os.environ, TRITON_CACHE_DIR=str(cache))
+    model_dir = root / f"bert_{hidden}"
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": hidden}))
+    row = {"hidden": hidden, "weights": weights}
+    # the step's first call on an empty cache: the cost the build ahead takes off the run
+    t = time.perf_counter()
+    cold = subprocess.run([sys.executable, "-c", STEP, str(hidden), weights], env=dict(env, TRITON_CACHE_DIR=str(cache) + "_cold"),
+                          capture_output=True, text=True)
+    row["cold_step_process_s"] = round(time.perf_counter() - t, 2)
+    row["cold_first_step_s"] = round(json.loads(cold.stdout.strip().splitlines()[-1])["first_step_s"], 3) if cold.returncode == 0 else cold.stderr[-500:]
+    t = time.perf_counter()
+    child = subprocess.run([sys.executable, "-m", "embedtune.packing.prebuild", str(model_dir), "--weights", weights],
+                           env=env, capture_output=True, text=True)
+    row["prebuild_s"] = round(time.perf_counter() - t, 2)
+    row["prebuild_rc"] = child.returncode
+    row["entries_after_prebuild"] = entries(cache)
+    step = subprocess.run([sys.executable, "-c", STEP, str(hidden), weights], env=env, capture_output=True, text=True)
+    if step.returncode != 0:
+        row["error"] = step.stderr[-1500:]
+        return row
+    row["warm_first_step_s"] = round(json.loads(step.stdout.strip().splitlines()[-1])["first_step_s"], 3)
+    row["entries_after_step"] = entries(cache)
+    row["no_new_kernels"] = row["entries_after_step"] == row["entries_after_prebuild"] > 0
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", default="768,1024")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for hidden in (int(h) for h in args.hidden.split(",")):
+            for weights in ("fp32", "bf16"):
+                row = check(hidden, weights, Path(tmp))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    if args.out:
+        Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    print(f"\n{'hidden':>6} {'weights':>7} {'prebuild s':>10} {'cache entries':>13} {'after step':>10} "
+          f"{'no new kernels':>14} {'first step cold s':>17} {'first step warm s':>17}")
+    for r in rows:
+        print(f"{r['hidden']:>6} {r['weights']:>7} {r['prebuild_s']:>10} {r['entries_after_prebuild']:>13} "
+              f"{r.get('entries_after_step', '-'):>10} {str(r.get('no_new_kernels', r.get('error', '')[:40])):>14} "
+              f"{r['cold_first_step_s']!s:>17} {r.get('warm_first_step_s', '-')!s:>17}")
+    ok = all(r.get("no_new_kernels") for r in rows)
+    print("prebuild check:", "PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Start the fused norm kernels' build (`packing.prebuild`) in a child process, early, and wait for it
+where the speed choice would use them.
+
+Light on purpose (no torch): the CLI calls `start` before its own heavy imports, so the child's build
+runs alongside them on another core. `start` is idempotent within a process: `train.run` calls it
+again and gets the CLI's child, or starts one itself when called as a library.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Prebuild:
+    """A started build: its process and when it began."""
+
+    process: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
+
+    def wait(self, seconds: float) -> bool:
+        """Wait at most `seconds` for the build to end; True if it ended and succeeded."""
+        try:
+            return self.process.wait(timeout=max(0.0, seconds)) == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+
+_started: dict[tuple[str, str], Prebuild] = {}  # per process: (model, weights dtype) -> its child
+
+
+def _gpu_visible() -> bool:
+    """A cheap hint that an NVIDIA GPU is there (the child checks for real, with torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
+
+
+def wanted(fast: bool, compile: bool | None, cuda_graphs: bool | None, fused_kernels: bool | None) -> bool:
+    """Whether a run with these speed settings could use the fused norm: the packed path, not compiled
+    layers, CUDA graphs not refused, the kernels not refused, one process (under torchrun every rank
+    would build the same kernels into one cache), Triton installed and a GPU visible."""
+    return (fast and compile is not True and cuda_graphs is not False and fused_kernels is not False
+            and os.environ.get("WORLD_SIZE", "1") == "1" and importlib.util.find_spec("triton") is not None
+            and _gpu_visible())
+
+
+def weights_for(lora: bool, dtype: str | None) -> str | None:
+    """The LayerNorm weights' dtype a run trains with (`train.load_model`): fp32 for full fine-tuning,
+    the loaded dtype under LoRA (bf16 by default on cards that have it); None for fp16, which trains
+    without CUDA graphs and so without the fused norm."""
+    if not lora:
+        return "fp32"
+    name = (dtype or "bf16").lower()
+    return {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32", "float": "fp32"}.get(name)
+
+
+def start(model: str, weights: str | None, fast: bool = True, compile: bool | None = None,
+          cuda_graphs: bool | None = None, fused_kernels: bool | None = None) -> Prebuild | None:
+    """Start the build for `model` with LayerNorm weights in `weights` ("fp32" or "bf16"), or return the
+    one this process already started; None where the run could not use the kernels. The child is
+    silent and ends by itself (an interrupted run leaves it to finish its few seconds)."""
+    if weights is None or not wanted(fast, compile, cuda_graphs, fused_kernels):
+        return None
+    key = (str(model), weights)
+    if key not in _started:
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "embedtune.packing.prebuild", str(model), "--weights", weights],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            return None
+        _started[key] = Prebuild(process)
+    return _started[key]

@@ -1,0 +1,93 @@
+"""Build the fused norm kernels (`fused_norm`) ahead of a run, in a process of its own.
+
+Triton compiles a kernel at its first call: about 3 s for the fused norm's forward and backward,
+which a short run does not earn back, so the speed choice used to leave them off on a cold cache.
+`embedtune.kernel_prebuild` starts this module as a child process before the run's own imports; it
+builds the same kernel variants a training step calls (bf16 autocast, fp32 stream, weights in the
+run's dtype) on the run's card, and marks Triton's cache, in parallel with the parent's imports and
+model load. By the time the parent plans its speed mode the cache is warm.
+
+    python -m embedtune.packing.prebuild MODEL --weights fp32|bf16
+
+Exits 0, quietly, where there is nothing to build: no CUDA device, no Triton, a model outside the
+BERT family, a config it cannot read without the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from . import PACKED_FORWARDS
+from .bert import packed_bert_forward
+from .fused_norm import MAX_COLUMNS, can_build, residual_norm
+
+FUSED_NORM_TYPES = frozenset(t for t, fn in PACKED_FORWARDS.items() if fn is packed_bert_forward)
+_ROWS = 256
+
+
+def fused_width(config: dict) -> int | None:
+    """The hidden width whose kernels a model's packed layers call, or None if they call none."""
+    width = config.get("hidden_size")
+    if config.get("model_type") not in FUSED_NORM_TYPES or not isinstance(width, int) or not 0 < width <= MAX_COLUMNS:
+        return None
+    return width
+
+
+def read_config(model: str) -> dict | None:
+    """The model's config.json as `FastModel.from_pretrained` would find it, without the network and
+    without transformers (this process only needs two of its fields); None where it cannot be read."""
+    from ..loading import _resolve_source, _weights_location
+
+    try:
+        source, layout = _resolve_source(model)
+        weights = _weights_location(source, layout)
+        if Path(weights).is_dir():
+            path = Path(weights) / "config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(weights, "config.json", local_files_only=True))
+        return json.loads(path.read_text(encoding="utf-8"))
+    except Exception:  # the run itself reports a bad model; here it only means nothing to build
+        return None
+
+
+def build(width: int, weights_dtype: torch.dtype, device: torch.device) -> None:
+    """Call the fused op forward and backward as a packed BERT layer does under bf16 autocast: the
+    attention sub-block's norm (fp32 stream plus its bf16 copy, both read downstream) feeding the
+    feed-forward sub-block's norm (stream only), dropout on."""
+    torch.manual_seed(0)
+    norms = [torch.nn.LayerNorm(width, eps=1e-12, device=device, dtype=weights_dtype) for _ in range(2)]
+    dropout = torch.nn.Dropout(0.1)
+    stream = torch.randn(_ROWS, width, device=device, requires_grad=True)  # fp32: autocast's LayerNorm output
+    branches = [torch.randn(_ROWS, width, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        hidden, product_input = residual_norm(norms[0], dropout, branches[0], stream, fused=True)
+        ffn = branches[1] * product_input  # the copy feeds a product; its gradient comes back in bf16
+        out, _ = residual_norm(norms[1], dropout, ffn, hidden, fused=True, product_input=False)
+    out.float().square().mean().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help="the run's LayerNorm weights")
+    args = parser.parse_args(argv)
+    if not (can_build() and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        return 0
+    config = read_config(args.model)
+    width = fused_width(config) if config is not None else None
+    if width is None:
+        return 0
+    build(width, torch.float32 if args.weights == "fp32" else torch.bfloat16, torch.device("cuda"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

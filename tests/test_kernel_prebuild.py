@@ -1,0 +1,157 @@
+"""The fused norm kernels built ahead of a run in a child process (`embedtune.kernel_prebuild`,
+`embedtune.packing.prebuild`): when the child starts, that the speed choice waits for it only where
+the kernels would pay on a warm cache, and what it decides when the build is there or is not. The
+variants the child builds are checked against a training step's in tests/fused_norm_cases.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from embedtune import kernel_prebuild, speed
+from embedtune.speed_choice import choose_speed
+from tiny_models import make_tiny_model
+
+
+@pytest.fixture
+def gpu_visible(monkeypatch):
+    monkeypatch.setattr(kernel_prebuild, "_gpu_visible", lambda: True)
+    monkeypatch.setattr(kernel_prebuild, "_started", {})
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    started = []
+
+    class FakePopen:
+        def __init__(self, argv, **kwargs):
+            started.append(argv)
+            assert kwargs["stdout"] is subprocess.DEVNULL and kwargs["stderr"] is subprocess.DEVNULL
+
+    monkeypatch.setattr(kernel_prebuild.subprocess, "Popen", FakePopen)
+    return started
+
+
+def test_starts_one_child_per_model_and_dtype_where_the_run_could_use_the_kernels(gpu_visible, monkeypatch):
+    pytest.importorskip("triton")
+    first = kernel_prebuild.start("m", kernel_prebuild.weights_for(False, None))
+    assert first is not None
+    assert gpu_visible == [[sys.executable, "-m", "embedtune.packing.prebuild", "m", "--weights", "fp32"]]
+    assert kernel_prebuild.start("m", "fp32") is first  # the run picks up the CLI's child
+    kernel_prebuild.start("m", kernel_prebuild.weights_for(True, None))  # LoRA: bf16 LayerNorms
+    assert gpu_visible[-1][-1] == "bf16" and len(gpu_visible) == 2
+    # settings under which the run cannot use the kernels start nothing
+    assert kernel_prebuild.start("n", "fp32", compile=True) is None
+    assert kernel_prebuild.start("n", "fp32", cuda_graphs=False) is None
+    assert kernel_prebuild.start("n", "fp32", fused_kernels=False) is None
+    assert kernel_prebuild.start("n", "fp32", fast=False) is None
+    assert kernel_prebuild.start("n", kernel_prebuild.weights_for(True, "fp16")) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert kernel_prebuild.start("n", "fp32") is None
+    assert len(gpu_visible) == 2
+
+
+def test_nothing_starts_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(kernel_prebuild, "_started", {})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert kernel_prebuild.start("m", "fp32") is None
+
+
+def test_the_child_exits_quietly_where_there_is_nothing_to_build(tmp_path):
+    """On this CPU machine: no CUDA device, so nothing is built; exit 0 and no output."""
+    folder = make_tiny_model("bert", tmp_path)
+    done = subprocess.run([sys.executable, "-m", "embedtune.packing.prebuild", str(folder)], capture_output=True,
+                          text=True, timeout=300)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+def test_the_child_reads_width_and_family_from_the_config(tmp_path):
+    from embedtune.packing.prebuild import fused_width, read_config
+
+    config = read_config(str(make_tiny_model("bert", tmp_path)))
+    assert fused_width(config) == config["hidden_size"]
+    assert fused_width({**config, "model_type": "modernbert"}) is None  # its layers have no fused norm
+    assert read_config(str(tmp_path / "missing")) is None
+
+
+class FakeBuild:
+    """A child that, once waited for, has (or has not) left the kernels in Triton's cache."""
+
+    def __init__(self, succeeds: bool):
+        self.succeeds, self.waits = succeeds, []
+        self.process = SimpleNamespace(poll=lambda: 0 if succeeds else 1)
+
+    def wait(self, seconds):
+        from embedtune.packing.fused_norm import kernels_fingerprint
+
+        self.waits.append(seconds)
+        if self.succeeds:
+            speed.mark_fused_kernels_built(kernels_fingerprint())
+        return self.succeeds
+
+
+@pytest.fixture
+def bert_on_a_fake_gpu(tmp_path, monkeypatch):
+    """A packed tiny BERT, with the speed choice made to believe it runs on a CUDA card."""
+    pytest.importorskip("triton")
+    from embedtune import FastModel
+    from embedtune.packing import fused_norm
+
+    model, _ = FastModel.from_pretrained(str(make_tiny_model("bert", tmp_path)), max_seq_length=32)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
+    monkeypatch.setattr(speed, "step_seconds", lambda *a: 0.05)
+    fused_norm.kernels_fingerprint.cache_clear()
+    yield model
+    fused_norm.kernels_fingerprint.cache_clear()
+
+
+def _config(**kw):
+    return SimpleNamespace(**{"fast": True, "compile": False, "cuda_graphs": True, "fused_kernels": None, "batch_size": 8,
+                              **kw})
+
+
+def test_waits_for_the_child_where_the_kernels_pay_on_a_warm_cache(bert_on_a_fake_gpu):
+    # between the break-even of a warm and of a cold cache: only the build ahead makes them pay
+    steps = int((speed.FUSED_NORM_WARM_S + speed.FUSED_NORM_COLD_S) / 2 / (speed.FUSED_NORM_GAIN * 0.05))
+    assert not choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps)[0].fused_kernels  # no child: cold
+    build = FakeBuild(succeeds=True)
+    mode = choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=build)[0]
+    assert build.waits == [speed.FUSED_NORM_COLD_S - speed.FUSED_NORM_WARM_S]  # at most a cold build's cost
+    assert mode.fused_kernels and "built ahead" in mode.why and "warm cache" in mode.why
+    assert choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=FakeBuild(True))[0].fused_kernels
+
+
+def test_a_failed_build_leaves_the_cold_choice(bert_on_a_fake_gpu):
+    steps = int((speed.FUSED_NORM_WARM_S + speed.FUSED_NORM_COLD_S) / 2 / (speed.FUSED_NORM_GAIN * 0.05))
+    build = FakeBuild(succeeds=False)
+    mode = choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=build)[0]
+    assert len(build.waits) == 1 and not mode.fused_kernels and "did not finish (failed)" in mode.why
+
+
+def test_no_wait_where_the_kernels_would_not_be_used(bert_on_a_fake_gpu):
+    short = int(speed.FUSED_NORM_WARM_S / (speed.FUSED_NORM_GAIN * 0.05) * 0.5)  # too short even when warm
+    for config, steps in [(_config(), short), (_config(fused_kernels=False), 10**6),
+                          (_config(cuda_graphs=False), 10**6), (_config(compile=True), 10**6)]:
+        build = FakeBuild(succeeds=True)
+        assert not choose_speed(config, bert_on_a_fake_gpu, 100.0, steps, prebuild=build)[0].fused_kernels
+        assert build.waits == [], config
+
+
+def test_the_cli_starts_the_build_before_its_own_imports(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from embedtune.cli import app
+    from embedtune.model_facts import DEFAULT_MODEL_ID
+
+    calls = []
+    monkeypatch.setattr(kernel_prebuild, "start", lambda *a, **kw: calls.append((a, kw)))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "missing.jsonl"), "--full", "--no-compile",
+                                      "--output", str(tmp_path / "out")])
+    assert result.exit_code != 0  # the data is missing: the build was started before that was found
+    expected = ((DEFAULT_MODEL_ID, "fp32"), {"fast": True, "compile": False, "cuda_graphs": None, "fused_kernels": None})
+    assert calls == [expected, expected]  # the CLI's, then the run's own (which gets the CLI's child back)
