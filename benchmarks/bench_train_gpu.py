@@ -255,7 +255,7 @@ def main() -> None:
                         help="also run embedtune (and embedtune+compile) with each step replayed as a CUDA graph")
     parser.add_argument("--fused-norm-row", action="store_true",
                         help="also run embedtune + CUDA graphs with the fused dropout + residual + LayerNorm kernels "
-                             "(packing.fused_norm)")
+                             "(kernels.fused_norm)")
     parser.add_argument("--warm-cache-row", action="store_true",
                         help="repeat each embedtune+compile row: its warm-up then reads torch's on-disk compile caches")
     args = parser.parse_args()

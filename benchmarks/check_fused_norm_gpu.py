@@ -1,4 +1,4 @@
-"""GPU check of the fused dropout + residual + LayerNorm (`embedtune.packing.fused_norm`): exactness
+"""GPU check of the fused dropout + residual + LayerNorm (`embedtune.kernels.fused_norm`): exactness
 against the plain ops, the dropout mask under CUDA-graph replay, and the time of one call forward +
 backward against the plain ops (eager and torch.compile'd) at BERT shapes. Prints a table last.
 
@@ -16,8 +16,8 @@ import tempfile
 
 import torch
 
-from embedtune.packing import fused_norm
-from embedtune.packing.fused_norm import DropoutAddNorm, dropout_add_norm, dropout_seed
+from embedtune.kernels import fused_norm
+from embedtune.kernels.fused_norm import DropoutAddNorm, dropout_add_norm, dropout_seed
 
 
 def plain(norm, p, x, r):
@@ -115,7 +115,7 @@ FIRST_CALL = """
 import time
 t = time.perf_counter()
 import torch
-from embedtune.packing.fused_norm import dropout_add_norm
+from embedtune.kernels.fused_norm import dropout_add_norm
 norm = torch.nn.LayerNorm(768).cuda()
 x = torch.randn(1000, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 r = torch.randn(1000, 768, device="cuda", requires_grad=True)

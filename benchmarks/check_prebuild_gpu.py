@@ -1,5 +1,5 @@
 """GPU check of the fused norm kernels built ahead of a run (`embedtune.kernel_prebuild`,
-`embedtune.packing.prebuild`): with an empty Triton cache, the child builds the kernels; then a packed
+`embedtune.kernels.prebuild`): with an empty Triton cache, the child builds the kernels; then a packed
 BERT training step (bf16 autocast, dropout on) in a fresh process must find every kernel it calls in
 the cache (no new cache entries) and its first call must cost what a warm cache costs. Full fine-tuning
 (fp32 LayerNorms) and LoRA (bf16 base). Prints a table last.
@@ -61,7 +61,7 @@ def check(hidden: int, weights: str, root: Path) -> dict:
     row["cold_step_process_s"] = round(time.perf_counter() - t, 2)
     row["cold_first_step_s"] = round(json.loads(cold.stdout.strip().splitlines()[-1])["first_step_s"], 3) if cold.returncode == 0 else cold.stderr[-500:]
     t = time.perf_counter()
-    child = subprocess.run([sys.executable, "-m", "embedtune.packing.prebuild", str(model_dir), "--weights", weights],
+    child = subprocess.run([sys.executable, "-m", "embedtune.kernels.prebuild", str(model_dir), "--weights", weights],
                            env=env, capture_output=True, text=True)
     row["prebuild_s"] = round(time.perf_counter() - t, 2)
     row["prebuild_rc"] = child.returncode

@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="embedtune: each step replayed as a CUDA graph (embedtune.graphs); every batch is warmed "
                              "up and captured before the timed and profiled steps")
+    parser.add_argument("--fused-kernels", action="store_true",
+                        help="embedtune: the fused dropout + residual + LayerNorm kernels (kernels.fused_norm), as the "
+                             "default mode runs them with CUDA graphs")
     args = parser.parse_args()
 
     from sentence_transformers.losses import MultipleNegativesRankingLoss
@@ -44,6 +47,10 @@ def main() -> None:
             st = embedtune_model(path, lora, 512, fp32_base=args.fp32_base, compile_model=args.compile or False)
         else:
             st = stock_model(path, lora, 512, False)
+        if args.fused_kernels:
+            from embedtune.packing import set_fused_kernels
+
+            set_fused_kernels(st[0].auto_model, True)
         if args.no_dropout:
             for m in st.modules():
                 if isinstance(m, torch.nn.Dropout):

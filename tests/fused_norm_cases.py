@@ -17,8 +17,8 @@ pytest.importorskip("triton")  # after TRITON_INTERPRET=1 (the runner's environm
 
 from embedtune import FastModel  # noqa: E402
 from embedtune.packing import enable_fast_path  # noqa: E402
-from embedtune.packing import fused_norm  # noqa: E402
-from embedtune.packing.fused_norm import DropoutAddNorm, dropout_add_norm, dropout_seed, residual_norm  # noqa: E402
+from embedtune.kernels import fused_norm  # noqa: E402
+from embedtune.kernels.fused_norm import DropoutAddNorm, dropout_add_norm, dropout_seed, residual_norm  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
 
 
@@ -265,9 +265,9 @@ def _record_variants(monkeypatch) -> set:
 
 
 def test_prebuild_calls_every_kernel_variant_a_training_step_calls(tmp_path, monkeypatch):
-    """`packing.prebuild` builds Triton's kernels ahead of a run: it must call the variants (dtypes, block
+    """`kernels.prebuild` builds Triton's kernels ahead of a run: it must call the variants (dtypes, block
     width) that a packed BERT training step under bf16 autocast calls, or the run builds them again."""
-    from embedtune.packing import prebuild
+    from embedtune.kernels import prebuild
 
     seen = _record_variants(monkeypatch)
     model, batch = _bert(tmp_path, dropout=0.1)

@@ -1,4 +1,4 @@
-"""The fused dropout + residual + LayerNorm kernels (`embedtune.packing.fused_norm`) against the plain
+"""The fused dropout + residual + LayerNorm kernels (`embedtune.kernels.fused_norm`) against the plain
 ops on the CPU: the cases in tests/fused_norm_cases.py, run under Triton's interpreter in a process
 of their own (Triton chooses the interpreter at its first import)."""
 

@@ -1,5 +1,5 @@
 """The fused norm kernels built ahead of a run in a child process (`embedtune.kernel_prebuild`,
-`embedtune.packing.prebuild`): when the child starts, that the speed choice waits for it only where
+`embedtune.kernels.prebuild`): when the child starts, that the speed choice waits for it only where
 the kernels would pay on a warm cache, and what it decides when the build is there or is not. The
 variants the child builds are checked against a training step's in tests/fused_norm_cases.py."""
 
@@ -37,7 +37,7 @@ def test_starts_one_child_per_model_and_dtype_where_the_run_could_use_the_kernel
     pytest.importorskip("triton")
     first = kernel_prebuild.start("m", kernel_prebuild.weights_for(False, None))
     assert first is not None
-    assert gpu_visible == [[sys.executable, "-m", "embedtune.packing.prebuild", "m", "--weights", "fp32"]]
+    assert gpu_visible == [[sys.executable, "-m", "embedtune.kernels.prebuild", "m", "--weights", "fp32"]]
     assert kernel_prebuild.start("m", "fp32") is first  # the run picks up the CLI's child
     kernel_prebuild.start("m", kernel_prebuild.weights_for(True, None))  # LoRA: bf16 LayerNorms
     assert gpu_visible[-1][-1] == "bf16" and len(gpu_visible) == 2
@@ -61,14 +61,24 @@ def test_nothing_starts_without_a_gpu(monkeypatch):
 def test_the_child_exits_quietly_where_there_is_nothing_to_build(tmp_path):
     """On this CPU machine: no CUDA device, so nothing is built; exit 0 and no output."""
     folder = make_tiny_model("bert", tmp_path)
-    done = subprocess.run([sys.executable, "-m", "embedtune.packing.prebuild", str(folder)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "embedtune.kernels.prebuild", str(folder)], capture_output=True,
                           text=True, timeout=300)
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
 
 
-def test_the_child_reads_width_and_family_from_the_config(tmp_path):
-    from embedtune.packing.prebuild import fused_width, read_config
+def test_the_child_names_the_families_whose_layers_call_the_fused_norm():
+    from embedtune.kernels.prebuild import FUSED_NORM_TYPES
+    from embedtune.packing import PACKED_FORWARDS
+    from embedtune.packing.bert import packed_bert_forward
 
+    assert FUSED_NORM_TYPES == {t for t, fn in PACKED_FORWARDS.items() if fn is packed_bert_forward}
+
+
+def test_the_child_reads_width_and_family_from_the_config(tmp_path):
+    from embedtune.kernels.prebuild import fused_width, read_config
+    from embedtune.model_facts import DEFAULT_MODEL_ID
+
+    assert fused_width(read_config(DEFAULT_MODEL_ID)) == 384  # the bundled MiniLM
     config = read_config(str(make_tiny_model("bert", tmp_path)))
     assert fused_width(config) == config["hidden_size"]
     assert fused_width({**config, "model_type": "modernbert"}) is None  # its layers have no fused norm
@@ -80,10 +90,13 @@ class FakeBuild:
 
     def __init__(self, succeeds: bool):
         self.succeeds, self.waits = succeeds, []
-        self.process = SimpleNamespace(poll=lambda: 0 if succeeds else 1)
+        self.process = SimpleNamespace(poll=lambda: None if not self.waits else 0 if succeeds else 1)
+
+    def running(self):
+        return self.process.poll() is None
 
     def wait(self, seconds):
-        from embedtune.packing.fused_norm import kernels_fingerprint
+        from embedtune.kernels.fused_norm import kernels_fingerprint
 
         self.waits.append(seconds)
         if self.succeeds:
@@ -96,7 +109,7 @@ def bert_on_a_fake_gpu(tmp_path, monkeypatch):
     """A packed tiny BERT, with the speed choice made to believe it runs on a CUDA card."""
     pytest.importorskip("triton")
     from embedtune import FastModel
-    from embedtune.packing import fused_norm
+    from embedtune.kernels import fused_norm
 
     model, _ = FastModel.from_pretrained(str(make_tiny_model("bert", tmp_path)), max_seq_length=32)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
@@ -124,6 +137,19 @@ def test_waits_for_the_child_where_the_kernels_pay_on_a_warm_cache(bert_on_a_fak
     assert build.waits == [speed.FUSED_NORM_COLD_S - speed.FUSED_NORM_WARM_S]  # at most a cold build's cost
     assert mode.fused_kernels and "built ahead" in mode.why and "warm cache" in mode.why
     assert choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=FakeBuild(True))[0].fused_kernels
+
+
+def test_waits_while_the_child_runs_even_once_its_first_kernel_marked_the_cache(bert_on_a_fake_gpu):
+    from embedtune.kernels.fused_norm import kernels_fingerprint
+
+    speed.mark_fused_kernels_built(kernels_fingerprint())  # the child's first kernel is built; the rest may not be
+    build = FakeBuild(succeeds=True)
+    assert choose_speed(_config(), bert_on_a_fake_gpu, 100.0, 10**4, prebuild=build)[0].fused_kernels
+    assert len(build.waits) == 1
+    done = FakeBuild(succeeds=True)
+    done.waits.append(0.0)  # ended before the choice: nothing to wait for
+    choose_speed(_config(), bert_on_a_fake_gpu, 100.0, 10**4, prebuild=done)
+    assert done.waits == [0.0]
 
 
 def test_a_failed_build_leaves_the_cold_choice(bert_on_a_fake_gpu):

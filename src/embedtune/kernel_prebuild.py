@@ -1,4 +1,4 @@
-"""Start the fused norm kernels' build (`packing.prebuild`) in a child process, early, and wait for it
+"""Start the fused norm kernels' build (`kernels.prebuild`) in a child process, early, and wait for it
 where the speed choice would use them.
 
 Light on purpose (no torch): the CLI calls `start` before its own heavy imports, so the child's build
@@ -23,6 +23,9 @@ class Prebuild:
 
     process: subprocess.Popen
     started: float = field(default_factory=time.monotonic)
+
+    def running(self) -> bool:
+        return self.process.poll() is None
 
     def wait(self, seconds: float) -> bool:
         """Wait at most `seconds` for the build to end; True if it ended and succeeded."""
@@ -71,7 +74,7 @@ def start(model: str, weights: str | None, fast: bool = True, compile: bool | No
     key = (str(model), weights)
     if key not in _started:
         try:
-            process = subprocess.Popen([sys.executable, "-m", "embedtune.packing.prebuild", str(model), "--weights", weights],
+            process = subprocess.Popen([sys.executable, "-m", "embedtune.kernels.prebuild", str(model), "--weights", weights],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         except OSError:
             return None

@@ -8,7 +8,7 @@ tests/test_compile.py, benchmarks/check_graphs_gpu.py); they differ in what they
 - CUDA graphs: each batch shape runs eagerly once and is captured at its second sight (a few
   shapes per run), so they pay after a few dozen steps. Where the step cannot be captured (another
   loss, several processes, gradient checkpointing, ...) the run stays eager (`graphs.unsupported_reason`).
-- Fused kernels (`packing.fused_norm`, BERT-family layers not compiled): Triton builds them on their
+- Fused kernels (`kernels.fused_norm`, BERT-family layers not compiled): Triton builds them on their
   first use and keeps them in its on-disk cache; a cold build costs seconds (its launchers are
   compiled C), a cached one almost nothing. They save a small share of a replayed step, so with CUDA
   graphs they are on where that pays, or where the cache holds them (a marker written after a build,
@@ -63,7 +63,7 @@ class SpeedMode:
     compile: bool
     cuda_graphs: bool  # asked for; the graph step may still find the run unsupported (`graphs`)
     why: str
-    fused_kernels: bool = False  # the fused norm kernels of BERT-family layers (`packing.fused_norm`)
+    fused_kernels: bool = False  # the fused norm kernels of BERT-family layers (`kernels.fused_norm`)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -31,8 +31,8 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
     switched on where chosen; returns (mode, compile cache folder or None, the model's fingerprint).
 
     `prebuild` (`kernel_prebuild.Prebuild`): the fused norm kernels building in a child process. Where
-    they would be chosen on a warm cache but are not cached yet, wait for it, at most what a cold build
-    here would cost; then the choice sees the cache it left."""
+    they would be chosen on a warm cache but the child has not ended, wait for it, at most what a cold
+    build here would cost; then the choice sees the cache it left."""
     from . import speed as speed_mode
     from .lora import unwrap_peft
 
@@ -46,11 +46,11 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
     fused_applies = fused_warm = False
     if config.fast and torch.cuda.is_available():
         from .packing import has_fused_kernels
-        from .packing.fused_norm import can_build
+        from .kernels.fused_norm import can_build
 
         fused_applies = has_fused_kernels(model) and can_build()
         if fused_applies:
-            from .packing.fused_norm import kernels_fingerprint
+            from .kernels.fused_norm import kernels_fingerprint
 
             fused_warm = speed_mode.fused_kernels_cached(kernels_fingerprint())
     def choose(fused_warm: bool, prebuilt: str | None = None):
@@ -65,8 +65,10 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
         )
 
     mode = choose(fused_warm)
-    if fused_applies and not fused_warm and prebuild is not None and choose(True).fused_kernels:
-        from .packing.fused_norm import kernels_fingerprint
+    # the child marks the cache after its first kernel: while it runs, the rest may still be building
+    building = prebuild is not None and (not fused_warm or prebuild.running())
+    if fused_applies and building and choose(True).fused_kernels:
+        from .kernels.fused_norm import kernels_fingerprint
 
         waited = time.monotonic()
         ok = prebuild.wait(speed_mode.FUSED_NORM_COLD_S - speed_mode.FUSED_NORM_WARM_S)

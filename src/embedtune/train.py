@@ -94,7 +94,7 @@ class TrainConfig:
     fast: bool = True  # padding-free packed forward where the architecture supports it
     compile: bool | None = None  # torch.compile the packed layers (see packing.layers); None: where it pays (speed)
     cuda_graphs: bool | None = None  # replay each step as a CUDA graph (see graphs); None: where it pays (speed)
-    fused_kernels: bool | None = None  # fused dropout + residual + LayerNorm (packing.fused_norm); None: where it pays
+    fused_kernels: bool | None = None  # fused dropout + residual + LayerNorm (kernels.fused_norm); None: where it pays
     query_prompt: str | None = None  # e.g. "query: " (E5) or a Qwen3-Embedding instruction
     document_prompt: str | None = None  # e.g. "passage: "
     temperature: float = 0.05  # InfoNCE temperature (0.05 = MNRL's scale 20)

@@ -110,7 +110,7 @@ def enable_fast_path(model, attention_backend: str = "auto", compile: bool | str
     `whole_stack` (default `packing.layers.WHOLE_STACK`, off): compile the whole stack as one graph
     instead of one graph per layer step (as fast, longer to compile; a benchmark row).
     `fused_kernels`: BERT-family layers end their sub-blocks with the fused dropout + residual +
-    LayerNorm kernels on a CUDA device when not compiled (`packing.fused_norm`). Off by default: they
+    LayerNorm kernels on a CUDA device when not compiled (`kernels.fused_norm`). Off by default: they
     pay only in a step replayed as a CUDA graph, which the recipe decides (`speed`, `set_fused_kernels`).
     """
     if whole_stack is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_norm import residual_norm
+from ..kernels.fused_norm import residual_norm
 from .layers import PackedOptions, run_layers
 from .lora_linear import linear, linears
 from .varlen import PackedBatch, varlen_attention

@@ -7,7 +7,7 @@ builds the same kernel variants a training step calls (bf16 autocast, fp32 strea
 run's dtype) on the run's card, and marks Triton's cache, in parallel with the parent's imports and
 model load. By the time the parent plans its speed mode the cache is warm.
 
-    python -m embedtune.packing.prebuild MODEL --weights fp32|bf16
+    python -m embedtune.kernels.prebuild MODEL --weights fp32|bf16
 
 Exits 0, quietly, where there is nothing to build: no CUDA device, no Triton, a model outside the
 BERT family, a config it cannot read without the network.
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from . import PACKED_FORWARDS
-from .bert import packed_bert_forward
 from .fused_norm import MAX_COLUMNS, can_build, residual_norm
 
-FUSED_NORM_TYPES = frozenset(t for t, fn in PACKED_FORWARDS.items() if fn is packed_bert_forward)
+# the model types whose packed layers call the fused norm (`packing.bert`; a test keeps the two equal).
+# Named here, not read from `packing`: importing that package brings transformers, which this process
+# has no time for.
+FUSED_NORM_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra"})
 _ROWS = 256
 
 
@@ -38,20 +39,23 @@ def fused_width(config: dict) -> int | None:
 
 
 def read_config(model: str) -> dict | None:
-    """The model's config.json as `FastModel.from_pretrained` would find it, without the network and
-    without transformers (this process only needs two of its fields); None where it cannot be read."""
-    from ..loading import _resolve_source, _weights_location
+    """The model's config.json as `FastModel.from_pretrained` finds it (the bundled model, a folder,
+    the encoder's folder of a sentence-transformers layout, a cached hub id), without the network and
+    without transformers (this process needs two of its fields); None where it cannot be read."""
+    from ..model_files import bundled_alias, read_st_layout
 
     try:
-        source, layout = _resolve_source(model)
-        weights = _weights_location(source, layout)
-        if Path(weights).is_dir():
-            path = Path(weights) / "config.json"
-        else:
+        folder = bundled_alias(model) or Path(model).expanduser()
+        if not folder.is_dir():  # a hub id: its files as cached (the run itself downloads them)
             from huggingface_hub import hf_hub_download
 
-            path = Path(hf_hub_download(weights, "config.json", local_files_only=True))
-        return json.loads(path.read_text(encoding="utf-8"))
+            try:
+                folder = Path(hf_hub_download(model, "modules.json", local_files_only=True)).parent
+            except Exception:
+                folder = Path(hf_hub_download(model, "config.json", local_files_only=True)).parent
+        if (folder / "modules.json").exists():
+            folder = read_st_layout(folder).transformer_dir
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except Exception:  # the run itself reports a bad model; here it only means nothing to build
         return None
 
