@@ -102,10 +102,13 @@ def _seed_or_zero(seed, device):
     return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
 
 
-def forward(x, residual, weight, bias, seed, p: float, eps: float, out_dtype, half_dtype):
-    """Returns (y, y_half or None, pre-norm sum, mean, rstd); x and residual are [rows, cols], contiguous."""
+def forward(x, residual, weight, bias, seed, p: float, eps: float, out_dtype, half_dtype, tile=None):
+    """Returns (y, y_half or None, pre-norm sum, mean, rstd); x and residual are [rows, cols], contiguous.
+    `tile`: (rows per program, warps) instead of `_block`'s (benchmarks/tune_fused_norm_gpu.py)."""
     rows, cols = x.shape
     block, tile_rows, warps = _block(cols)
+    if tile is not None:
+        tile_rows, warps = tile
     y = torch.empty((rows, cols), device=x.device, dtype=out_dtype)
     y_half = torch.empty((rows, cols), device=x.device, dtype=half_dtype) if half_dtype is not None else y
     s = torch.empty((rows, cols), device=x.device, dtype=torch.float32)
@@ -118,20 +121,24 @@ def forward(x, residual, weight, bias, seed, p: float, eps: float, out_dtype, ha
     return y, (y_half if half_dtype is not None else None), s, mean, rstd
 
 
-def _programs(device: torch.device, rows: int, tile_rows: int) -> int:
+def _programs(device: torch.device, rows: int, tile_rows: int, per_sm: int = 4) -> int:
     if device.type == "cuda":
-        slots = torch.cuda.get_device_properties(device).multi_processor_count * 4
+        slots = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
     else:
         slots = 4  # the interpreter: few programs, each looping over many rows
     return max(1, min(slots, triton.cdiv(rows, tile_rows)))
 
 
 def backward(dy, dy_half, s, mean, rstd, weight, seed, p: float, x_dtype, residual_dtype,
-             want_dx: bool, want_dw: bool):
-    """Returns (d residual, d x or None, d weight or None, d bias or None)."""
+             want_dx: bool, want_dw: bool, tile=None):
+    """Returns (d residual, d x or None, d weight or None, d bias or None). `tile`: (rows per step,
+    warps, programs per multiprocessor) instead of the defaults (benchmarks/tune_fused_norm_gpu.py)."""
     rows, cols = s.shape
     block, tile_rows, warps = _block(cols)
-    programs = _programs(s.device, rows, tile_rows)
+    per_sm = 4
+    if tile is not None:
+        tile_rows, warps, per_sm = tile
+    programs = _programs(s.device, rows, tile_rows, per_sm)
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), tile_rows) * tile_rows
     programs = triton.cdiv(rows, rows_per_program)
     ds = torch.empty((rows, cols), device=s.device, dtype=residual_dtype)

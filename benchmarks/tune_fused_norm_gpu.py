@@ -1,0 +1,96 @@
+"""Tile shapes of the fused norm kernels (`embedtune.kernels.triton_norm`) on one GPU: each forward
+(rows per program, warps) and backward (rows per step, warps, programs per multiprocessor) timed as
+GPU time inside a CUDA graph (20 calls replayed), at BERT shapes under bf16 autocast, dropout 0.1.
+Results equal to the defaults' are checked. Prints the best tiles last.
+
+    python3 benchmarks/tune_fused_norm_gpu.py [--tokens 17900] [--cols 768,1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from embedtune.kernels import triton_norm
+from embedtune.kernels.fused_norm import dropout_seed
+
+
+def graph_ms(fn, calls: int = 20, replays: int = 10) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (calls * replays)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=17900)
+    ap.add_argument("--cols", default="768,1024")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows_out = []
+    best = {}
+    for cols in (int(c) for c in args.cols.split(",")):
+        torch.manual_seed(0)
+        x = torch.randn(args.tokens, cols, device="cuda").to(torch.bfloat16)
+        r = torch.randn(args.tokens, cols, device="cuda")
+        w = torch.randn(cols, device="cuda") * 0.3 + 1
+        b = torch.randn(cols, device="cuda") * 0.3
+        seed = dropout_seed(x.device)
+        ref = triton_norm.forward(x, r, w, b, seed, 0.1, 1e-12, torch.float32, torch.bfloat16)
+        dy, dyh = torch.randn_like(r), torch.randn_like(x)
+        ref_b = triton_norm.backward(dy, dyh, ref[2], ref[3], ref[4], w, seed, 0.1, torch.bfloat16, torch.float32,
+                                     True, True)
+        default_f = triton_norm._block(cols)[1:]
+        for tile in [None] + list(itertools.product([1, 2, 4, 8], [2, 4, 8])):
+            out = triton_norm.forward(x, r, w, b, seed, 0.1, 1e-12, torch.float32, torch.bfloat16, tile=tile)
+            same = all(torch.allclose(a.float(), c.float(), rtol=1e-5, atol=1e-5 if a.dtype == torch.float32 else 2e-2)
+                       for a, c in zip(out[:3], ref[:3]))
+            ms = graph_ms(lambda: triton_norm.forward(x, r, w, b, seed, 0.1, 1e-12, torch.float32, torch.bfloat16, tile=tile))
+            row = {"cols": cols, "kind": "forward", "tile": tile or default_f, "default": tile is None, "us": round(ms * 1000, 1), "same": same}
+            rows_out.append(row)
+            print(json.dumps(row), flush=True)
+        for tile in [None] + list(itertools.product([2, 4, 8], [4, 8], [4, 8, 16, 32])):
+            out = triton_norm.backward(dy, dyh, ref[2], ref[3], ref[4], w, seed, 0.1, torch.bfloat16, torch.float32,
+                                       True, True, tile=tile)
+            same = torch.allclose(out[0], ref_b[0], rtol=1e-5, atol=1e-5) and \
+                torch.allclose(out[1].float(), ref_b[1].float(), rtol=1e-2, atol=2e-2) and \
+                torch.allclose(out[2], ref_b[2], rtol=1e-4, atol=1e-3) and torch.allclose(out[3], ref_b[3], rtol=1e-4, atol=1e-3)
+            ms = graph_ms(lambda: triton_norm.backward(dy, dyh, ref[2], ref[3], ref[4], w, seed, 0.1, torch.bfloat16,
+                                                       torch.float32, True, True, tile=tile))
+            row = {"cols": cols, "kind": "backward", "tile": tile or (default_f[0], default_f[1], 4), "default": tile is None,
+                   "us": round(ms * 1000, 1), "same": same}
+            rows_out.append(row)
+            print(json.dumps(row), flush=True)
+        for kind in ("forward", "backward"):
+            mine = [r for r in rows_out if r["cols"] == cols and r["kind"] == kind]
+            best[(cols, kind)] = (min((r for r in mine if r["same"]), key=lambda r: r["us"]), next(r for r in mine if r["default"]))
+    if args.out:
+        open(args.out, "w").write("\n".join(json.dumps(r) for r in rows_out) + "\n")
+    gbytes = lambda cols: args.tokens * cols * (2 + 4 + 4 + 2 + 4) / 1e9  # noqa: E731 - each way moves about this much
+    print(f"\n{'cols':>5} {'kind':>8} {'default tile':>14} {'default us':>10} {'best tile':>12} {'best us':>8} {'GB/s best':>9}")
+    for (cols, kind), (top, default) in best.items():
+        print(f"{cols:>5} {kind:>8} {str(tuple(default['tile'])):>14} {default['us']:>10} {str(tuple(top['tile'])):>12} "
+              f"{top['us']:>8} {gbytes(cols) / (top['us'] / 1e6):>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
