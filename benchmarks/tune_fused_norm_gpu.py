@@ -59,7 +59,8 @@ def main() -> None:
         dy, dyh = torch.randn_like(r), torch.randn_like(x)
         ref_b = triton_norm.backward(dy, dyh, ref[2], ref[3], ref[4], w, seed, 0.1, torch.bfloat16, torch.float32,
                                      True, True)
-        default_f = triton_norm._block(cols)[1:]
+        default_f = triton_norm._forward_tile(cols)
+        default_b = triton_norm._backward_tile(cols)
         for tile in [None] + list(itertools.product([1, 2, 4, 8], [2, 4, 8])):
             out = triton_norm.forward(x, r, w, b, seed, 0.1, 1e-12, torch.float32, torch.bfloat16, tile=tile)
             same = all(torch.allclose(a.float(), c.float(), rtol=1e-5, atol=1e-5 if a.dtype == torch.float32 else 2e-2)
@@ -76,7 +77,7 @@ def main() -> None:
                 torch.allclose(out[2], ref_b[2], rtol=1e-4, atol=1e-3) and torch.allclose(out[3], ref_b[3], rtol=1e-4, atol=1e-3)
             ms = graph_ms(lambda: triton_norm.backward(dy, dyh, ref[2], ref[3], ref[4], w, seed, 0.1, torch.bfloat16,
                                                        torch.float32, True, True, tile=tile))
-            row = {"cols": cols, "kind": "backward", "tile": tile or (default_f[0], default_f[1], 4), "default": tile is None,
+            row = {"cols": cols, "kind": "backward", "tile": tile or default_b, "default": tile is None,
                    "us": round(ms * 1000, 1), "same": same}
             rows_out.append(row)
             print(json.dumps(row), flush=True)
