@@ -156,7 +156,19 @@ def test_a_failed_build_leaves_the_cold_choice(bert_on_a_fake_gpu):
     steps = int((speed.FUSED_NORM_WARM_S + speed.FUSED_NORM_COLD_S) / 2 / (speed.FUSED_NORM_GAIN * 0.05))
     build = FakeBuild(succeeds=False)
     mode = choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=build)[0]
-    assert len(build.waits) == 1 and not mode.fused_kernels and "did not finish (failed)" in mode.why
+    assert len(build.waits) == 1 and not mode.fused_kernels and "the build ahead failed (exit code 1)" in mode.why
+
+
+def test_a_child_that_built_nothing_or_still_runs_says_so(bert_on_a_fake_gpu):
+    steps = int((speed.FUSED_NORM_WARM_S + speed.FUSED_NORM_COLD_S) / 2 / (speed.FUSED_NORM_GAIN * 0.05))
+    nothing = FakeBuild(succeeds=True)
+    nothing.wait = lambda seconds: nothing.waits.append(seconds) or True  # exit 0, no kernels in the cache
+    mode = choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=nothing)[0]
+    assert not mode.fused_kernels and "built nothing" in mode.why
+    slow = FakeBuild(succeeds=False)
+    slow.wait = lambda seconds: False  # timed out: poll() is still None
+    mode = choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=slow)[0]
+    assert not mode.fused_kernels and "still running" in mode.why
 
 
 def test_no_wait_where_the_kernels_would_not_be_used(bert_on_a_fake_gpu):
@@ -181,3 +193,45 @@ def test_the_cli_starts_the_build_before_its_own_imports(tmp_path, monkeypatch):
     assert result.exit_code != 0  # the data is missing: the build was started before that was found
     expected = ((DEFAULT_MODEL_ID, "fp32"), {"fast": True, "compile": False, "cuda_graphs": None, "fused_kernels": None})
     assert calls == [expected, expected]  # the CLI's, then the run's own (which gets the CLI's child back)
+
+
+class FakeNvml:
+    """libnvidia-ml's few calls the child makes, over cards in the given compute modes."""
+
+    def __init__(self, modes, init=0):
+        self.modes, self.init, self.shut = modes, init, False
+
+    def nvmlInit_v2(self):
+        return self.init
+
+    def nvmlDeviceGetCount_v2(self, count):
+        count._obj.value = len(self.modes)
+        return 0
+
+    def nvmlDeviceGetHandleByIndex_v2(self, index, handle):
+        handle._obj.value = index.value + 1
+        return 0
+
+    def nvmlDeviceGetComputeMode(self, handle, mode):
+        mode._obj.value = self.modes[handle.value - 1]
+        return 0
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+
+def test_the_child_builds_only_on_gpus_every_process_may_share():
+    """A card in exclusive-process mode admits one CUDA context: the child's would lock the run out."""
+    from embedtune.kernels.prebuild import gpus_shared
+
+    shared = FakeNvml([0, 0])
+    assert gpus_shared(lambda: shared) and shared.shut
+    assert not gpus_shared(lambda: FakeNvml([0, 3]))  # one card exclusive-process
+    assert not gpus_shared(lambda: FakeNvml([2]))  # prohibited
+    assert not gpus_shared(lambda: FakeNvml([]))
+    assert not gpus_shared(lambda: FakeNvml([0], init=1))  # NVML cannot say
+
+    def missing():
+        raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+
+    assert not gpus_shared(missing)

@@ -74,8 +74,11 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
         ok = prebuild.wait(speed_mode.FUSED_NORM_COLD_S - speed_mode.FUSED_NORM_WARM_S)
         waited = time.monotonic() - waited
         fused_warm = ok and speed_mode.fused_kernels_cached(kernels_fingerprint())
+        code = prebuild.process.poll()
         mode = choose(fused_warm, prebuilt=f"built ahead in a child process (waited {waited:.1f} s)" if fused_warm
-                      else f"the build ahead did not finish ({'failed' if prebuild.process.poll() else 'still running'})")
+                      else "the build ahead is still running" if code is None
+                      else "the build ahead built nothing (no GPU it may share, or another model family)" if code == 0
+                      else f"the build ahead failed (exit code {code})")
     compile_cache = use_persistent_compile_cache() if mode.compile else None  # later runs reuse its code
     if config.fast:
         from .packing import set_compile, set_fused_kernels

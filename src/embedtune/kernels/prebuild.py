@@ -9,8 +9,9 @@ model load. By the time the parent plans its speed mode the cache is warm.
 
     python -m embedtune.kernels.prebuild MODEL --weights fp32|bf16
 
-Exits 0, quietly, where there is nothing to build: no CUDA device, no Triton, a model outside the
-BERT family, a config it cannot read without the network.
+Exits 0, quietly, where there is nothing to build: no CUDA device, no Triton, a GPU that one process
+holds alone (exclusive compute mode: this process would lock the run out), a model outside the BERT
+family, a config it cannot read without the network.
 """
 
 from __future__ import annotations
@@ -78,12 +79,39 @@ def build(width: int, weights_dtype: torch.dtype, device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def gpus_shared(load=None) -> bool:
+    """Whether every GPU is in the default compute mode, read through NVML before any CUDA context
+    exists. On a card in exclusive-process mode this process's context would lock the run out of its
+    GPU, so then (or when NVML cannot say) nothing is built here. `load`: opens the NVML library
+    (tests pass a fake)."""
+    import ctypes
+
+    try:
+        nvml = (load or (lambda: ctypes.CDLL("libnvidia-ml.so.1")))()
+        if nvml.nvmlInit_v2() != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    try:
+        count = ctypes.c_uint(0)
+        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0 or count.value == 0:
+            return False
+        for index in range(count.value):
+            handle, mode = ctypes.c_void_p(), ctypes.c_int(-1)
+            if (nvml.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(index), ctypes.byref(handle)) != 0
+                    or nvml.nvmlDeviceGetComputeMode(handle, ctypes.byref(mode)) != 0 or mode.value != 0):
+                return False  # 0 is NVML_COMPUTEMODE_DEFAULT; the others give one process the card
+        return True
+    finally:
+        nvml.nvmlShutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help="the run's LayerNorm weights")
     args = parser.parse_args(argv)
-    if not (can_build() and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+    if not (can_build() and gpus_shared() and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         return 0
     config = read_config(args.model)
     width = fused_width(config) if config is not None else None
