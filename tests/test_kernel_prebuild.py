@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -88,8 +89,9 @@ def test_the_child_reads_width_and_family_from_the_config(tmp_path):
 class FakeBuild:
     """A child that, once waited for, has (or has not) left the kernels in Triton's cache."""
 
-    def __init__(self, succeeds: bool):
+    def __init__(self, succeeds: bool, age_s: float = 60.0):
         self.succeeds, self.waits = succeeds, []
+        self.started = time.monotonic() - age_s  # started long enough ago to be expected done
         self.process = SimpleNamespace(poll=lambda: None if not self.waits else 0 if succeeds else 1)
 
     def running(self):
@@ -169,6 +171,15 @@ def test_a_child_that_built_nothing_or_still_runs_says_so(bert_on_a_fake_gpu):
     slow.wait = lambda seconds: False  # timed out: poll() is still None
     mode = choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=slow)[0]
     assert not mode.fused_kernels and "still running" in mode.why
+
+
+def test_no_wait_for_a_child_that_cannot_have_ended_yet(bert_on_a_fake_gpu):
+    steps = int((speed.FUSED_NORM_WARM_S + speed.FUSED_NORM_COLD_S) / 2 / (speed.FUSED_NORM_GAIN * 0.05))
+    fresh = FakeBuild(succeeds=True, age_s=0.0)  # the run started it itself, a moment ago
+    mode = choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=fresh)[0]
+    assert fresh.waits == [] and not mode.fused_kernels and "still running" in mode.why
+    due = FakeBuild(succeeds=True, age_s=speed.FUSED_PREBUILD_S - 1.0)  # due within the wait
+    assert choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=due)[0].fused_kernels and due.waits
 
 
 def test_no_wait_where_the_kernels_would_not_be_used(bert_on_a_fake_gpu):

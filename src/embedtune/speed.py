@@ -49,6 +49,7 @@ COMPILE_GAIN = 0.12
 # docs/BENCHMARKS.md).
 FUSED_NORM_GAIN = 0.045
 FUSED_NORM_COLD_S, FUSED_NORM_WARM_S = 3.0, 0.3
+FUSED_PREBUILD_S = 9.0  # the build ahead's whole child process on an H200 (check_prebuild_gpu.py: 8.1-9.3 s)
 # Eager packed step's model FLOPs utilisation (BERT-base full on an H200: ~20%).
 EAGER_MFU = 0.20
 # Dense bf16 tensor-core FLOP/s by compute capability (major); the fallback is a modest card.

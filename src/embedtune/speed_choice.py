@@ -32,7 +32,9 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
 
     `prebuild` (`kernel_prebuild.Prebuild`): the fused norm kernels building in a child process. Where
     they would be chosen on a warm cache but the child has not ended, wait for it, at most what a cold
-    build here would cost; then the choice sees the cache it left."""
+    build here would cost, and only where it is expected to end by then (a child started at the CLI's
+    start usually has; one the run started itself a moment ago has not); then the choice sees the cache
+    it left."""
     from . import speed as speed_mode
     from .lora import unwrap_peft
 
@@ -70,8 +72,10 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
     if fused_applies and building and choose(True).fused_kernels:
         from .kernels.fused_norm import kernels_fingerprint
 
+        bound = speed_mode.FUSED_NORM_COLD_S - speed_mode.FUSED_NORM_WARM_S
+        expected_left = speed_mode.FUSED_PREBUILD_S - (time.monotonic() - prebuild.started)
         waited = time.monotonic()
-        ok = prebuild.wait(speed_mode.FUSED_NORM_COLD_S - speed_mode.FUSED_NORM_WARM_S)
+        ok = prebuild.wait(bound) if expected_left <= bound else False  # a child just started: no use waiting
         waited = time.monotonic() - waited
         fused_warm = ok and speed_mode.fused_kernels_cached(kernels_fingerprint())
         code = prebuild.process.poll()
