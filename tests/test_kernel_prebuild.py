@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from embedtune import kernel_prebuild, speed
+
+_real_spare_cpu = kernel_prebuild._spare_cpu  # the fixture below replaces it
 from embedtune.speed_choice import choose_speed
 from tiny_models import make_tiny_model
 
@@ -21,6 +23,7 @@ from tiny_models import make_tiny_model
 @pytest.fixture
 def gpu_visible(monkeypatch):
     monkeypatch.setattr(kernel_prebuild, "_gpu_visible", lambda: True)
+    monkeypatch.setattr(kernel_prebuild, "_spare_cpu", lambda: True)
     monkeypatch.setattr(kernel_prebuild, "_started", {})
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     started = []
@@ -50,6 +53,10 @@ def test_starts_one_child_per_model_and_dtype_where_the_run_could_use_the_kernel
     assert kernel_prebuild.start("n", kernel_prebuild.weights_for(True, "fp16")) is None
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert kernel_prebuild.start("n", "fp32") is None
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(kernel_prebuild.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(kernel_prebuild, "_spare_cpu", _real_spare_cpu)
+    assert kernel_prebuild.start("n", "fp32") is None  # one CPU: the build would slow the run's start
     assert len(gpu_visible) == 2
 
 

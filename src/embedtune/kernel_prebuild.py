@@ -45,13 +45,22 @@ def _gpu_visible() -> bool:
     return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
 
 
+def _spare_cpu() -> bool:
+    """At least two CPUs this process may run on: on one, the child's build would slow the run's own
+    start by about as much as it takes off the first step."""
+    try:
+        return len(os.sched_getaffinity(0)) >= 2
+    except AttributeError:  # not Linux
+        return (os.cpu_count() or 1) >= 2
+
+
 def wanted(fast: bool, compile: bool | None, cuda_graphs: bool | None, fused_kernels: bool | None) -> bool:
     """Whether a run with these speed settings could use the fused norm: the packed path, not compiled
     layers, CUDA graphs not refused, the kernels not refused, one process (under torchrun every rank
-    would build the same kernels into one cache), Triton installed and a GPU visible."""
+    would build the same kernels into one cache), Triton installed, a GPU visible and a CPU to spare."""
     return (fast and compile is not True and cuda_graphs is not False and fused_kernels is not False
             and os.environ.get("WORLD_SIZE", "1") == "1" and importlib.util.find_spec("triton") is not None
-            and _gpu_visible())
+            and _gpu_visible() and _spare_cpu())
 
 
 def weights_for(lora: bool, dtype: str | None) -> str | None:
