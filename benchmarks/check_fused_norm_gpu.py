@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 import torch
+from gpu_timing import replay_ms
 
 from embedtune.kernels import fused_norm
 from embedtune.kernels.fused_norm import DropoutAddNorm, dropout_add_norm, dropout_seed
@@ -164,14 +165,7 @@ def graph_timing(tokens: int, cols: int, p: float, replays: int = 50) -> dict:
         with torch.cuda.graph(graph), _fresh_leaf_streams():
             y, y16 = fn(norm, p, x, r)
             torch.autograd.backward([y, y16], [up, up16])
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        result[name] = start.elapsed_time(end) / replays
+        result[name] = replay_ms(graph, replays)
     return result
 
 

@@ -15,6 +15,7 @@ import json
 import torch
 import triton
 import triton.language as tl
+from gpu_timing import graph_ms
 
 
 @triton.jit(do_not_specialize=["rows", "rows_per_program"])
@@ -48,27 +49,6 @@ def matvec(g: torch.Tensor) -> torch.Tensor:
     return torch.mv(g.t(), ones)
 
 
-def graph_us(fn, calls: int = 20, replays: int = 10) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (calls * replays)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=17900)
@@ -84,7 +64,7 @@ def main() -> None:
         for name, fn in ways.items():
             got = fn(g)
             err = ((got.double() - exact).norm() / exact.norm()).item()
-            us = graph_us(lambda: fn(g))
+            us = graph_ms(lambda: fn(g)) * 1000
             row = {"features": cols, "way": name, "us": round(us, 1), "rel_err": err,
                    "GB/s": round(g.numel() * 2 / (us / 1e6) / 1e9)}
             rows.append(row)

@@ -67,10 +67,12 @@ def weights_for(lora: bool, dtype: str | None) -> str | None:
     """The LayerNorm weights' dtype a run trains with (`train.load_model`): fp32 for full fine-tuning,
     the loaded dtype under LoRA (bf16 by default on cards that have it); None for fp16, which trains
     without CUDA graphs and so without the fused norm."""
+    from .model_facts import DTYPE_ALIASES
+
     if not lora:
         return "fp32"
-    name = (dtype or "bf16").lower()
-    return {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32", "float": "fp32"}.get(name)
+    name = DTYPE_ALIASES.get((dtype or "bf16").lower())
+    return name if name in ("bf16", "fp32") else None
 
 
 def start(model: str, weights: str | None, fast: bool = True, compile: bool | None = None,

@@ -24,7 +24,7 @@ from .errors import EmbedtuneError
 from .hf_quiet import quiet_transformers
 from .st import install_compat
 # re-exported: st.py, save.py, train.py, the CLI and users import these from here
-from .model_facts import DEFAULT_MODEL_ID, LoadInfo, load_info, pooling_for  # noqa: F401
+from .model_facts import DTYPE_ALIASES, DEFAULT_MODEL_ID, LoadInfo, load_info, pooling_for  # noqa: F401
 
 
 from .model_files import (  # noqa: F401 - re-exported: st, lora, export, tests and users import them from here
@@ -62,12 +62,10 @@ def resolve_dtype(dtype: Any = None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str):
-        names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                 "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
-                 "float32": torch.float32, "float": torch.float32}
-        if dtype.lower() not in names:
+        name = DTYPE_ALIASES.get(dtype.lower())
+        if name is None:
             raise EmbedtuneError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
-        return names[dtype.lower()]
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
     if dtype is not None:
         raise EmbedtuneError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
     if torch.cuda.is_available():

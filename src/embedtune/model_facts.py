@@ -13,6 +13,9 @@ from typing import Any
 from .architectures import ArchSpec, default_pooling
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+# dtype names a run accepts -> the one each stands for (torch-free: `kernel_prebuild` reads it before torch loads)
+DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+                 "fp32": "fp32", "float32": "fp32", "float": "fp32"}
 
 # The file beside a saved LoRA adapter recording the sentence pipeline around its encoder (pooling,
 # prompts, a reloadable base). `save.save_adapter` writes it; save.py still spells the name itself.

@@ -55,16 +55,17 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
             from .kernels.fused_norm import kernels_fingerprint
 
             fused_warm = speed_mode.fused_kernels_cached(kernels_fingerprint())
+    facts = dict(  # what the choice reads off the run, read once however often it is made below
+        compile=config.compile, cuda_graphs=config.cuda_graphs, fast=config.fast,
+        cuda=torch.cuda.is_available(), steps=micro_steps,
+        step_s=speed_mode.step_seconds(tokens_per_row * config.batch_size, params, trainable, speed_mode.peak_flops()),
+        layers=int(getattr(base.config, "num_hidden_layers", 0) or 0),
+        cache_warm=speed_mode.cache_is_warm(cache_dir, fingerprint), processes=distributed.world_size(),
+        fused_kernels=getattr(config, "fused_kernels", None), fused_applies=fused_applies,
+    )
+
     def choose(fused_warm: bool, prebuilt: str | None = None):
-        return speed_mode.choose(
-            compile=config.compile, cuda_graphs=config.cuda_graphs, fast=config.fast,
-            cuda=torch.cuda.is_available(), steps=micro_steps,
-            step_s=speed_mode.step_seconds(tokens_per_row * config.batch_size, params, trainable, speed_mode.peak_flops()),
-            layers=int(getattr(base.config, "num_hidden_layers", 0) or 0),
-            cache_warm=speed_mode.cache_is_warm(cache_dir, fingerprint), processes=distributed.world_size(),
-            fused_kernels=getattr(config, "fused_kernels", None), fused_applies=fused_applies, fused_warm=fused_warm,
-            prebuilt=prebuilt,
-        )
+        return speed_mode.choose(**facts, fused_warm=fused_warm, prebuilt=prebuilt)
 
     mode = choose(fused_warm)
     # the child marks the cache after its first kernel: while it runs, the rest may still be building
