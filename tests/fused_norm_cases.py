@@ -17,7 +17,8 @@ pytest.importorskip("triton")  # after TRITON_INTERPRET=1 (the runner's environm
 
 from embedtune import FastModel  # noqa: E402
 from embedtune.packing import enable_fast_path  # noqa: E402
-from embedtune.kernels import fused_norm  # noqa: E402
+from embedtune.kernels import fused_gelu, fused_norm  # noqa: E402
+from embedtune.kernels.fused_gelu import BiasGelu, bias_gelu, exact_gelu  # noqa: E402
 from embedtune.kernels.fused_norm import DropoutAddNorm, dropout_add_norm, dropout_seed, residual_norm  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
 
@@ -119,6 +120,100 @@ def test_dropout_mask_rate_scale_and_reuse_in_backward():
     assert (got[0][~keep] == 0).all()  # dropped entries get no gradient
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_branch_bias_is_added_before_dropout_and_its_gradient_summed(p):
+    """The dense layer's bias left to the fused op (`branch_bias`): norm(dropout(x + b) + r), with b's
+    gradient the column sums of the branch gradient, as the plain ops give it."""
+    torch.manual_seed(5)
+    rows, cols = 300, 96
+    norm = _norm(cols)
+    x = (torch.rand(rows, cols) + 0.5).requires_grad_()
+    r = torch.randn(rows, cols, requires_grad=True)
+    b = (torch.rand(cols) + 0.5).requires_grad_()  # positive, so x + b is never zero and drops show
+    seed = dropout_seed(x.device) if p else None
+    up = torch.randn(rows, cols)
+    fused = DropoutAddNorm.apply(x, r, norm.weight, norm.bias, p, norm.eps, seed, torch.float32, None, b)
+    (fused * up).sum().backward()
+    got = _grads(x, r, norm.weight, norm.bias, b)
+    _, _, pre_norm, _, _ = fused_norm._kernels().forward(x.detach(), r.detach(), norm.weight, norm.bias, seed, p,
+                                                         norm.eps, torch.float32, None, branch_bias=b.detach())
+    keep = (pre_norm - r.detach()) != 0
+    if p:
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.02
+    else:
+        assert keep.all()
+    plain = norm((x + b) * keep / (1 - p) + r)
+    (plain * up).sum().backward()
+    want = _grads(x, r, norm.weight, norm.bias, b)
+    assert (fused - plain).abs().max() < 1e-5
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() < 1e-4 * max(1.0, w.abs().max().item())
+    # a frozen bias (LoRA's base layer): still added, no gradient asked
+    b.requires_grad_(False)
+    again = DropoutAddNorm.apply(x, r, norm.weight, norm.bias, p, norm.eps, seed, torch.float32, None, b)
+    assert torch.equal(again, fused)
+    (again * up).sum().backward()
+    assert torch.allclose(x.grad, got[0]) and b.grad is None
+
+
+def test_residual_norm_adds_the_branch_bias_on_the_plain_path_too():
+    norm, dropout = _norm(32), torch.nn.Dropout(0.0)
+    x, r, b = torch.randn(10, 32), torch.randn(10, 32), torch.randn(32)
+    with torch.no_grad():  # inference takes the modules
+        plain, _ = residual_norm(norm, dropout, x, r, fused=True, branch_bias=b)
+    assert (plain - norm(x + b + r)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("rows,cols", [(37, 300), (5, 64), (70, 1000)])  # several column blocks, ragged edges
+def test_bias_gelu_matches_the_plain_ops(rows, cols):
+    torch.manual_seed(cols)
+    x = (torch.randn(rows, cols) * 2).requires_grad_()
+    b = torch.randn(cols, requires_grad=True)
+    up = torch.randn(rows, cols)
+    fused = bias_gelu(x, b)
+    (fused * up).sum().backward()
+    got = _grads(x, b)
+    plain = torch.nn.functional.gelu(x + b)
+    (plain * up).sum().backward()
+    want = _grads(x, b)
+    assert (fused - plain).abs().max() < 1e-5
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() < 1e-4 * max(1.0, w.abs().max().item())
+
+
+def test_bias_gelu_keeps_the_products_dtype_and_a_frozen_bias():
+    """Under autocast the product is bf16 and the bias an fp32 parameter: the activation and the product's
+    gradient stay bf16, the bias gradient fp32; a frozen bias (LoRA's base layer) gets none."""
+    torch.manual_seed(3)
+    x = torch.randn(40, 96, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(96, requires_grad=True)
+    up = torch.randn(40, 96, dtype=torch.bfloat16)
+    fused = bias_gelu(x, b)
+    assert fused.dtype == torch.bfloat16
+    (fused.float() * up.float()).sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and b.grad.dtype == torch.float32
+    z = x.detach().float() + b.detach()
+    plain = torch.nn.functional.gelu(z)
+    assert (fused.float() - plain).abs().max() <= 2 ** -7 * plain.abs().max()
+    slope = torch.func.grad(lambda t: torch.nn.functional.gelu(t).sum())
+    want_dx = up.float() * torch.vmap(lambda row: slope(row))(z)
+    assert (x.grad.float() - want_dx).abs().max() <= 2 ** -7 * want_dx.abs().max()
+    assert torch.allclose(b.grad, x.grad.float().sum(0), rtol=2e-2, atol=1e-2)
+    x.grad = None
+    b.grad = None
+    b.requires_grad_(False)
+    bias_gelu(x, b).float().sum().backward()
+    assert x.grad is not None and b.grad is None
+
+
+def test_exact_gelu_recognizes_only_the_erf_gelu():
+    from transformers.activations import ACT2FN
+
+    assert exact_gelu(ACT2FN["gelu"]) and exact_gelu(torch.nn.GELU())
+    assert not exact_gelu(torch.nn.GELU(approximate="tanh"))
+    assert not exact_gelu(ACT2FN["gelu_new"]) and not exact_gelu(ACT2FN["relu"]) and not exact_gelu(ACT2FN["gelu_python"])
+
+
 def test_each_call_draws_a_new_mask_from_torchs_generator():
     norm = _norm(32)
     x, r = torch.rand(64, 32) + 0.5, torch.randn(64, 32)
@@ -175,7 +270,11 @@ def test_packed_bert_layers_use_the_fused_op_and_train_like_the_modules(tmp_path
     mask = batch["attention_mask"].bool()
     calls = []
     real = DropoutAddNorm.apply
-    monkeypatch.setattr(DropoutAddNorm, "apply", lambda *a: calls.append(a[4]) or real(*a))
+    monkeypatch.setattr(DropoutAddNorm, "apply", lambda *a: calls.append(a[4]) or biases.append(a[9]) or real(*a))
+    biases = []
+    gelu_biases = []
+    real_gelu = BiasGelu.apply
+    monkeypatch.setattr(BiasGelu, "apply", lambda x, b: gelu_biases.append(b) or real_gelu(x, b))
     assert enable_fast_path(model, fused_kernels=False)
     model.eval()
     plain_out, plain_grads = _step(model, batch)
@@ -183,6 +282,9 @@ def test_packed_bert_layers_use_the_fused_op_and_train_like_the_modules(tmp_path
     enable_fast_path(model, fused_kernels=True)
     fused_out, fused_grads = _step(model, batch)
     assert calls == [0.0] * 4  # two sub-blocks in each of two layers, eval mode: no dropout
+    dense = [m for layer in model.encoder.layer for m in (layer.attention.output.dense, layer.output.dense)]
+    assert [b is d.bias for b, d in zip(biases, dense)] == [True] * 4  # their biases are left to the fused op
+    assert [b is layer.intermediate.dense.bias for b, layer in zip(gelu_biases, model.encoder.layer)] == [True] * 2
     assert (fused_out[mask] - plain_out[mask]).abs().max() < 1e-5
     assert _close(fused_grads, plain_grads, 1e-4)
 
@@ -249,19 +351,47 @@ def _record_variants(monkeypatch) -> set:
     seen = set()
     real_forward, real_backward = kernels.forward, kernels.backward
 
-    def forward(x, residual, weight, bias, seed, p, eps, out_dtype, half_dtype):
+    def forward(x, residual, weight, bias, seed, p, eps, out_dtype, half_dtype, branch_bias=None):
+        # the branch bias's pointer is the norm bias's where there is none: its dtype is what specializes
         seen.add(("forward", x.dtype, residual.dtype, weight.dtype, bias.dtype, out_dtype, half_dtype,
-                  kernels._block(x.shape[1])))
-        return real_forward(x, residual, weight, bias, seed, p, eps, out_dtype, half_dtype)
+                  kernels._block(x.shape[1]), (branch_bias if branch_bias is not None else bias).dtype))
+        return real_forward(x, residual, weight, bias, seed, p, eps, out_dtype, half_dtype, branch_bias=branch_bias)
 
-    def backward(dy, dy_half, s, mean, rstd, weight, seed, p, x_dtype, residual_dtype, want_dx, want_dw):
+    def backward(dy, dy_half, s, mean, rstd, weight, seed, p, x_dtype, residual_dtype, want_dx, want_dw,
+                 want_dxb=False):
         seen.add(("backward", dy.dtype, None if dy_half is None else dy_half.dtype, s.dtype, weight.dtype,
                   x_dtype, residual_dtype, kernels._block(s.shape[1])))
-        return real_backward(dy, dy_half, s, mean, rstd, weight, seed, p, x_dtype, residual_dtype, want_dx, want_dw)
+        return real_backward(dy, dy_half, s, mean, rstd, weight, seed, p, x_dtype, residual_dtype, want_dx, want_dw,
+                             want_dxb=want_dxb)
 
     monkeypatch.setattr(kernels, "forward", forward)
     monkeypatch.setattr(kernels, "backward", backward)
+
+    gelu = fused_gelu._kernels()
+    real_gelu_forward, real_gelu_backward = gelu.forward, gelu.backward
+
+    def gelu_forward(x, bias):
+        seen.add(("gelu_forward", x.dtype, bias.dtype))
+        return real_gelu_forward(x, bias)
+
+    def gelu_backward(dh, x, bias, want_db):
+        seen.add(("gelu_backward", dh.dtype, x.dtype, bias.dtype))
+        return real_gelu_backward(dh, x, bias, want_db)
+
+    monkeypatch.setattr(gelu, "forward", gelu_forward)
+    monkeypatch.setattr(gelu, "backward", gelu_backward)
     return seen
+
+
+def _as_bf16_weights(variant: tuple) -> tuple:
+    """A variant as a LoRA run calls it: the model's own weights (norms, biases) in bf16."""
+    bf16 = torch.bfloat16
+    kind = variant[0]
+    if kind == "forward":
+        return variant[:3] + (bf16, bf16) + variant[5:8] + (bf16,)
+    if kind == "backward":
+        return variant[:4] + (bf16,) + variant[5:]
+    return variant[:-1] + (bf16,)  # the GELU's bias
 
 
 def test_prebuild_calls_every_kernel_variant_a_training_step_calls(tmp_path, monkeypatch):
@@ -276,7 +406,7 @@ def test_prebuild_calls_every_kernel_variant_a_training_step_calls(tmp_path, mon
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _step(model, batch)
     trained = set(seen)
-    assert {v[0] for v in trained} == {"forward", "backward"}
+    assert {v[0] for v in trained} == {"forward", "backward", "gelu_forward", "gelu_backward"}
     seen.clear()
     width = prebuild.fused_width({"model_type": model.config.model_type, "hidden_size": model.config.hidden_size})
     assert width == model.config.hidden_size
@@ -285,6 +415,5 @@ def test_prebuild_calls_every_kernel_variant_a_training_step_calls(tmp_path, mon
     # LoRA runs keep the base (its LayerNorms) in bf16: the variants differ in the weights' dtype only
     seen.clear()
     prebuild.build(width, torch.bfloat16, torch.device("cpu"))
-    as_bf16 = {v[:3] + (torch.bfloat16, torch.bfloat16) + v[5:] if v[0] == "forward" else v[:4] + (torch.bfloat16,) + v[5:]
-               for v in trained}
+    as_bf16 = {_as_bf16_weights(v) for v in trained}
     assert as_bf16 <= seen, sorted(map(str, as_bf16 - seen))

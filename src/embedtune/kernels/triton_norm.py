@@ -3,13 +3,15 @@
 Imported only where they run: on a CUDA device, or on the CPU under Triton's interpreter
 (`TRITON_INTERPRET=1` set before this module is imported), which is how CI checks them.
 
-Forward, one pass over each row: load the branch `x` and the residual, drop `x` with a Philox mask
+Forward, one pass over each row: load the branch `x` (adding its linear layer's bias, where the caller
+left that to this kernel) and the residual, drop `x` with a Philox mask
 drawn from (seed, element index), add, normalize in fp32, write the normalized stream (and, when
 asked, its copy in the autocast dtype for the next matrix products), the pre-norm sum and the row
 statistics. The mask is never stored: the backward draws it again from the same seed.
 Backward, one pass: recompute the normalized row from the saved sum, form the LayerNorm input
 gradient (the residual's gradient), mask and scale it for the branch, and accumulate the weight and
-bias gradients per program; `fused_norm` adds up the per-program partials.
+bias gradients (and the branch bias's: the branch gradient's column sums) per program in one buffer;
+`fused_norm` adds up the per-program partials with one reduction.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import triton.language as tl
 
 # One compiled kernel each way: the switches are runtime arguments, and the row count is not
 # specialized on (Triton would compile again for counts that are or are not multiples of 16).
-@triton.jit(do_not_specialize=["rows", "dropout", "write_half"])
-def _forward(X, R, W, B, Y, Y_HALF, S, MEAN, RSTD, SEED, rows, cols, p, eps, dropout, write_half,
+@triton.jit(do_not_specialize=["rows", "dropout", "write_half", "has_xbias"])
+def _forward(X, XB, R, W, B, Y, Y_HALF, S, MEAN, RSTD, SEED, rows, cols, p, eps, dropout, write_half, has_xbias,
              BLOCK: tl.constexpr, ROWS: tl.constexpr):
     row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     col = tl.arange(0, BLOCK)
@@ -30,6 +32,8 @@ def _forward(X, R, W, B, Y, Y_HALF, S, MEAN, RSTD, SEED, rows, cols, p, eps, dro
     mask = in_rows[:, None] & (col < cols)[None, :]
     offs = row[:, None] * cols + col[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if has_xbias != 0:
+        x += tl.load(XB + col, mask=col < cols, other=0.0).to(tl.float32)[None, :]
     if dropout != 0:
         keep = tl.rand(tl.load(SEED), offs) >= p
         x = tl.where(keep, x / (1.0 - p), 0.0)
@@ -48,15 +52,17 @@ def _forward(X, R, W, B, Y, Y_HALF, S, MEAN, RSTD, SEED, rows, cols, p, eps, dro
     tl.store(RSTD + row, rstd, mask=in_rows)
 
 
-@triton.jit(do_not_specialize=["rows", "rows_per_program", "dropout", "has_half", "want_dx", "want_dw"])
-def _backward(DY, DY_HALF, S, MEAN, RSTD, W, SEED, DS, DX, DW, DB, rows, cols, rows_per_program, p,
-              dropout, has_half, want_dx, want_dw, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+@triton.jit(do_not_specialize=["rows", "rows_per_program", "dropout", "has_half", "want_dx", "want_dw", "want_dxb"])
+def _backward(DY, DY_HALF, S, MEAN, RSTD, W, SEED, DS, DX, PARTIAL, rows, cols, rows_per_program, p,
+              dropout, has_half, want_dx, want_dw, want_dxb, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """PARTIAL: [programs, 3, cols] fp32, this program's sums of the weight, bias and branch bias gradients."""
     program = tl.program_id(0)
     col = tl.arange(0, BLOCK)
     in_cols = col < cols
     w = tl.load(W + col, mask=in_cols, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
     db = tl.zeros((BLOCK,), dtype=tl.float32)
+    dxb = tl.zeros((BLOCK,), dtype=tl.float32)
     first = program * rows_per_program
     start = 0
     while start < rows_per_program:  # a multiple of ROWS; rows past the end are masked
@@ -75,19 +81,25 @@ def _backward(DY, DY_HALF, S, MEAN, RSTD, W, SEED, DS, DX, DW, DB, rows, cols, r
         c2 = tl.sum(g, axis=1) / cols
         ds = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
-        if want_dx != 0:
+        if want_dx + want_dxb != 0:
             dx = ds
             if dropout != 0:
                 keep = tl.rand(tl.load(SEED), offs) >= p
                 dx = tl.where(keep, ds / (1.0 - p), 0.0)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            if want_dx != 0:
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            if want_dxb != 0:
+                dxb += tl.sum(dx, axis=0)
         if want_dw != 0:
             dw += tl.sum(dy * xhat, axis=0)
             db += tl.sum(dy, axis=0)
         start += ROWS
+    out = PARTIAL + program * 3 * cols + col
     if want_dw != 0:
-        tl.store(DW + program * cols + col, dw, mask=in_cols)
-        tl.store(DB + program * cols + col, db, mask=in_cols)
+        tl.store(out, dw, mask=in_cols)
+        tl.store(out + cols, db, mask=in_cols)
+    if want_dxb != 0:
+        tl.store(out + 2 * cols, dxb, mask=in_cols)
 
 
 # Tiles timed on an H200 inside CUDA graphs for rows of 513-1,024 columns (BERT-base and -large), at
@@ -119,9 +131,11 @@ def _seed_or_zero(seed, device):
     return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
 
 
-def forward(x, residual, weight, bias, seed, p: float, eps: float, out_dtype, half_dtype, tile=None):
-    """Returns (y, y_half or None, pre-norm sum, mean, rstd); x and residual are [rows, cols], contiguous.
-    `tile`: (rows per program, warps) instead of `_block`'s (benchmarks/tune_fused_norm_gpu.py)."""
+def forward(x, residual, weight, bias, seed, p: float, eps: float, out_dtype, half_dtype, tile=None,
+            branch_bias=None):
+    """Returns (y, y_half or None, pre-norm sum, mean, rstd); x and residual are [rows, cols], contiguous;
+    `branch_bias` [cols] is added to x first. `tile`: (rows per program, warps) instead of `_block`'s
+    (benchmarks/tune_fused_norm_gpu.py)."""
     rows, cols = x.shape
     block = _block(cols)[0]
     tile_rows, warps = tile if tile is not None else _forward_tile(cols)
@@ -131,8 +145,10 @@ def forward(x, residual, weight, bias, seed, p: float, eps: float, out_dtype, ha
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(rows, tile_rows),)
-    _forward[grid](x, residual, weight, bias, y, y_half, s, mean, rstd, _seed_or_zero(seed, x.device),
-                   rows, cols, p, eps, int(seed is not None), int(half_dtype is not None),
+    # without a branch bias the norm's bias stands in for the pointer (same dtype: no other kernel variant)
+    _forward[grid](x, branch_bias if branch_bias is not None else bias, residual, weight, bias, y, y_half, s,
+                   mean, rstd, _seed_or_zero(seed, x.device), rows, cols, p, eps, int(seed is not None),
+                   int(half_dtype is not None), int(branch_bias is not None),
                    BLOCK=block, ROWS=tile_rows, num_warps=warps)
     return y, (y_half if half_dtype is not None else None), s, mean, rstd
 
@@ -146,9 +162,10 @@ def _programs(device: torch.device, rows: int, tile_rows: int, per_sm: int = 4) 
 
 
 def backward(dy, dy_half, s, mean, rstd, weight, seed, p: float, x_dtype, residual_dtype,
-             want_dx: bool, want_dw: bool, tile=None):
-    """Returns (d residual, d x or None, d weight or None, d bias or None). `tile`: (rows per step,
-    warps, programs per multiprocessor) instead of the defaults (benchmarks/tune_fused_norm_gpu.py)."""
+             want_dx: bool, want_dw: bool, tile=None, want_dxb: bool = False):
+    """Returns (d residual, d x or None, d weight or None, d bias or None, d branch bias (fp32) or None).
+    `tile`: (rows per step, warps, programs per multiprocessor) instead of the defaults
+    (benchmarks/tune_fused_norm_gpu.py)."""
     rows, cols = s.shape
     block = _block(cols)[0]
     tile_rows, warps, per_sm = tile if tile is not None else _backward_tile(cols)
@@ -157,12 +174,14 @@ def backward(dy, dy_half, s, mean, rstd, weight, seed, p: float, x_dtype, residu
     programs = triton.cdiv(rows, rows_per_program)
     ds = torch.empty((rows, cols), device=s.device, dtype=residual_dtype)
     dx = torch.empty((rows, cols), device=s.device, dtype=x_dtype) if want_dx else ds
-    partial_w = torch.empty((programs, cols), device=s.device, dtype=torch.float32) if want_dw else mean
-    partial_b = torch.empty((programs, cols), device=s.device, dtype=torch.float32) if want_dw else mean
+    partial = torch.empty((programs, 3, cols), device=s.device, dtype=torch.float32) if want_dw or want_dxb else mean
     _backward[(programs,)](dy, dy_half if dy_half is not None else dy, s, mean, rstd, weight,
-                           _seed_or_zero(seed, s.device), ds, dx, partial_w, partial_b,
-                           rows, cols, rows_per_program, p, int(seed is not None), int(dy_half is not None),
-                           int(want_dx), int(want_dw), BLOCK=block, ROWS=tile_rows, num_warps=warps)
-    dw = partial_w.sum(0).to(weight.dtype) if want_dw else None
-    db = partial_b.sum(0).to(weight.dtype) if want_dw else None
-    return ds, (dx if want_dx else None), dw, db
+                           _seed_or_zero(seed, s.device), ds, dx, partial, rows, cols, rows_per_program, p,
+                           int(seed is not None), int(dy_half is not None), int(want_dx), int(want_dw),
+                           int(want_dxb), BLOCK=block, ROWS=tile_rows, num_warps=warps)
+    # one reduction for all the partials a call has (each its own was a launch of about 18 us)
+    sums = partial.sum(0) if want_dw and want_dxb else partial[:, :2].sum(0) if want_dw else None
+    dw = sums[0].to(weight.dtype) if want_dw else None
+    db = sums[1].to(weight.dtype) if want_dw else None
+    dxb = (sums[2] if sums is not None else partial[:, 2].sum(0)) if want_dxb else None
+    return ds, (dx if want_dx else None), dw, db, dxb

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.fused_norm import residual_norm
+from ..kernels.fused_gelu import bias_gelu, will_fuse_gelu
+from ..kernels.fused_norm import residual_norm, will_fuse
 from .layers import PackedOptions, run_layers
-from .lora_linear import linear, linears
+from .lora_linear import linear, linear_bias, linears
 from .varlen import PackedBatch, varlen_attention
 
 # RoBERTa-style position ids start after the padding index.
@@ -38,19 +39,34 @@ def _layer(layer, hidden, plan: PackedBatch, attention_backend: str, fused: bool
     scale = getattr(self_attn, "scaling", dim ** -0.5)
     context = varlen_attention(q, k, v, plan, scale, dropout, backend=attention_backend).reshape(tokens, heads * dim)
     out = layer.attention.output
-    hidden, product_input = residual_norm(out.LayerNorm, out.dropout, linear(out.dense, context), hidden, fused)
+    hidden, product_input = dense_residual_norm(out, context, hidden, fused)
     return feed_forward(layer, hidden, product_input, fused)
+
+
+def dense_residual_norm(block, x, residual, fused: bool, product_input: bool = True):
+    """`block.LayerNorm(block.dropout(block.dense(x)) + residual)` (BERT's SelfOutput and Output) as
+    `residual_norm` returns it. Where the fused op runs, the dense layer's bias is left to it: its add
+    rides along the kernel's load and its gradient along the kernel's column sums, instead of a
+    reduction over [tokens, hidden] of its own."""
+    bias = linear_bias(block.dense) if will_fuse(block.LayerNorm, x, fused) else None
+    branch = linear(block.dense, x, bias=bias is None)
+    return residual_norm(block.LayerNorm, block.dropout, branch, residual, fused, product_input, branch_bias=bias)
 
 
 def feed_forward(layer, hidden, product_input=None, fused: bool = False):
     """The BERT-family block after attention: dense, activation, dense, dropout, residual, LayerNorm.
 
     `product_input`: `hidden` as the first product takes it (its autocast copy, from the fused norm).
-    `fused`: end with the fused dropout + residual + LayerNorm where it applies (`fused_norm`)."""
+    `fused`: the fused kernels where they apply: bias + GELU (`fused_gelu`), and at the end dropout +
+    residual + LayerNorm (`fused_norm`)."""
     first = hidden if product_input is None else product_input
-    inter = layer.intermediate.intermediate_act_fn(linear(layer.intermediate.dense, first))
-    out = layer.output
-    return residual_norm(out.LayerNorm, out.dropout, linear(out.dense, inter), hidden, fused, product_input=False)[0]
+    dense, act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
+    bias = linear_bias(dense) if will_fuse_gelu(act, first, fused) else None
+    if bias is not None:  # the bias add and its gradient ride along the GELU's kernels (`fused_gelu`)
+        inter = bias_gelu(linear(dense, first, bias=False), bias)
+    else:
+        inter = act(linear(dense, first))
+    return dense_residual_norm(layer.output, inter, hidden, fused, product_input=False)[0]
 
 
 def packed_bert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",

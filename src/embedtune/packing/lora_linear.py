@@ -34,13 +34,24 @@ def _vanilla_adapter(module) -> str | None:
     return active[0]
 
 
-def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` for an nn.Linear or a peft LoRA Linear, without peft's per-call dtype round-trips."""
+def linear_bias(module) -> torch.Tensor | None:
+    """The bias `linear(module, x, bias=False)` leaves out, for a kernel downstream to add (and sum its
+    gradient in the same pass); None where the module must run whole (hooks, other adapters) or has none."""
+    if type(module) is torch.nn.Linear:
+        return None if module._forward_hooks or module._forward_pre_hooks else module.bias
+    return module.base_layer.bias if _vanilla_adapter(module) is not None else None
+
+
+def linear(module, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    """`module(x)` for an nn.Linear or a peft LoRA Linear, without peft's per-call dtype round-trips.
+    `bias=False` (only where `linear_bias(module)` is not None): the same without the bias added."""
     adapter = _vanilla_adapter(module)
+    if not bias and type(module) is torch.nn.Linear:
+        return F.linear(x, module.weight)
     if adapter is None:
         return module(x)
     base = module.base_layer
-    out = F.linear(x, base.weight, base.bias)
+    out = F.linear(x, base.weight, base.bias if bias else None)
     dropout = module.lora_dropout[adapter]
     h = x if isinstance(dropout, torch.nn.Identity) else dropout(x)
     a = module.lora_A[adapter].weight
