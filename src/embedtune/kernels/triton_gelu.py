@@ -19,8 +19,8 @@ import triton.language as tl
 
 _COLS = 256  # columns per program
 _ROWS = 16  # rows per step
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit(do_not_specialize=["rows"])
