@@ -17,8 +17,7 @@ pytest.importorskip("triton")  # after TRITON_INTERPRET=1 (the runner's environm
 
 from embedtune import FastModel  # noqa: E402
 from embedtune.packing import enable_fast_path  # noqa: E402
-from embedtune.kernels import fused_gelu, fused_norm  # noqa: E402
-from embedtune.kernels.fused_gelu import BiasGelu, bias_gelu, exact_gelu  # noqa: E402
+from embedtune.kernels import fused_norm  # noqa: E402
 from embedtune.kernels.fused_norm import DropoutAddNorm, dropout_add_norm, dropout_seed, residual_norm  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
 
@@ -164,56 +163,6 @@ def test_residual_norm_adds_the_branch_bias_on_the_plain_path_too():
     assert (plain - norm(x + b + r)).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("rows,cols", [(37, 300), (5, 64), (70, 1000)])  # several column blocks, ragged edges
-def test_bias_gelu_matches_the_plain_ops(rows, cols):
-    torch.manual_seed(cols)
-    x = (torch.randn(rows, cols) * 2).requires_grad_()
-    b = torch.randn(cols, requires_grad=True)
-    up = torch.randn(rows, cols)
-    fused = bias_gelu(x, b)
-    (fused * up).sum().backward()
-    got = _grads(x, b)
-    plain = torch.nn.functional.gelu(x + b)
-    (plain * up).sum().backward()
-    want = _grads(x, b)
-    assert (fused - plain).abs().max() < 1e-5
-    for g, w in zip(got, want):
-        assert (g - w).abs().max() < 1e-4 * max(1.0, w.abs().max().item())
-
-
-def test_bias_gelu_keeps_the_products_dtype_and_a_frozen_bias():
-    """Under autocast the product is bf16 and the bias an fp32 parameter: the activation and the product's
-    gradient stay bf16, the bias gradient fp32; a frozen bias (LoRA's base layer) gets none."""
-    torch.manual_seed(3)
-    x = torch.randn(40, 96, dtype=torch.bfloat16, requires_grad=True)
-    b = torch.randn(96, requires_grad=True)
-    up = torch.randn(40, 96, dtype=torch.bfloat16)
-    fused = bias_gelu(x, b)
-    assert fused.dtype == torch.bfloat16
-    (fused.float() * up.float()).sum().backward()
-    assert x.grad.dtype == torch.bfloat16 and b.grad.dtype == torch.float32
-    z = x.detach().float() + b.detach()
-    plain = torch.nn.functional.gelu(z)
-    assert (fused.float() - plain).abs().max() <= 2 ** -7 * plain.abs().max()
-    slope = torch.func.grad(lambda t: torch.nn.functional.gelu(t).sum())
-    want_dx = up.float() * torch.vmap(lambda row: slope(row))(z)
-    assert (x.grad.float() - want_dx).abs().max() <= 2 ** -7 * want_dx.abs().max()
-    assert torch.allclose(b.grad, x.grad.float().sum(0), rtol=2e-2, atol=1e-2)
-    x.grad = None
-    b.grad = None
-    b.requires_grad_(False)
-    bias_gelu(x, b).float().sum().backward()
-    assert x.grad is not None and b.grad is None
-
-
-def test_exact_gelu_recognizes_only_the_erf_gelu():
-    from transformers.activations import ACT2FN
-
-    assert exact_gelu(ACT2FN["gelu"]) and exact_gelu(torch.nn.GELU())
-    assert not exact_gelu(torch.nn.GELU(approximate="tanh"))
-    assert not exact_gelu(ACT2FN["gelu_new"]) and not exact_gelu(ACT2FN["relu"]) and not exact_gelu(ACT2FN["gelu_python"])
-
-
 def test_each_call_draws_a_new_mask_from_torchs_generator():
     norm = _norm(32)
     x, r = torch.rand(64, 32) + 0.5, torch.randn(64, 32)
@@ -272,9 +221,6 @@ def test_packed_bert_layers_use_the_fused_op_and_train_like_the_modules(tmp_path
     real = DropoutAddNorm.apply
     monkeypatch.setattr(DropoutAddNorm, "apply", lambda *a: calls.append(a[4]) or biases.append(a[9]) or real(*a))
     biases = []
-    gelu_biases = []
-    real_gelu = BiasGelu.apply
-    monkeypatch.setattr(BiasGelu, "apply", lambda x, b: gelu_biases.append(b) or real_gelu(x, b))
     assert enable_fast_path(model, fused_kernels=False)
     model.eval()
     plain_out, plain_grads = _step(model, batch)
@@ -284,7 +230,6 @@ def test_packed_bert_layers_use_the_fused_op_and_train_like_the_modules(tmp_path
     assert calls == [0.0] * 4  # two sub-blocks in each of two layers, eval mode: no dropout
     dense = [m for layer in model.encoder.layer for m in (layer.attention.output.dense, layer.output.dense)]
     assert [b is d.bias for b, d in zip(biases, dense)] == [True] * 4  # their biases are left to the fused op
-    assert [b is layer.intermediate.dense.bias for b, layer in zip(gelu_biases, model.encoder.layer)] == [True] * 2
     assert (fused_out[mask] - plain_out[mask]).abs().max() < 1e-5
     assert _close(fused_grads, plain_grads, 1e-4)
 
@@ -367,19 +312,6 @@ def _record_variants(monkeypatch) -> set:
     monkeypatch.setattr(kernels, "forward", forward)
     monkeypatch.setattr(kernels, "backward", backward)
 
-    gelu = fused_gelu._kernels()
-    real_gelu_forward, real_gelu_backward = gelu.forward, gelu.backward
-
-    def gelu_forward(x, bias):
-        seen.add(("gelu_forward", x.dtype, bias.dtype))
-        return real_gelu_forward(x, bias)
-
-    def gelu_backward(dh, x, bias, want_db):
-        seen.add(("gelu_backward", dh.dtype, x.dtype, bias.dtype))
-        return real_gelu_backward(dh, x, bias, want_db)
-
-    monkeypatch.setattr(gelu, "forward", gelu_forward)
-    monkeypatch.setattr(gelu, "backward", gelu_backward)
     return seen
 
 
@@ -389,9 +321,7 @@ def _as_bf16_weights(variant: tuple) -> tuple:
     kind = variant[0]
     if kind == "forward":
         return variant[:3] + (bf16, bf16) + variant[5:8] + (bf16,)
-    if kind == "backward":
-        return variant[:4] + (bf16,) + variant[5:]
-    return variant[:-1] + (bf16,)  # the GELU's bias
+    return variant[:4] + (bf16,) + variant[5:]
 
 
 def test_prebuild_calls_every_kernel_variant_a_training_step_calls(tmp_path, monkeypatch):
@@ -406,7 +336,7 @@ def test_prebuild_calls_every_kernel_variant_a_training_step_calls(tmp_path, mon
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _step(model, batch)
     trained = set(seen)
-    assert {v[0] for v in trained} == {"forward", "backward", "gelu_forward", "gelu_backward"}
+    assert {v[0] for v in trained} == {"forward", "backward"}
     seen.clear()
     width = prebuild.fused_width({"model_type": model.config.model_type, "hidden_size": model.config.hidden_size})
     assert width == model.config.hidden_size

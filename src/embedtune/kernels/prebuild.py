@@ -1,4 +1,4 @@
-"""Build the fused kernels (`fused_norm`, `fused_gelu`) ahead of a run, in a process of its own.
+"""Build the fused norm kernels (`fused_norm`) ahead of a run, in a process of its own.
 
 Triton compiles a kernel at its first call: about 3 s for the fused norm's forward and backward,
 which a short run does not earn back, so the speed choice used to leave them off on a cold cache.
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from .fused_gelu import bias_gelu
 from .fused_norm import MAX_COLUMNS, can_build, residual_norm
 
 # the model types whose packed layers call the fused norm (`packing.bert`; a test keeps the two equal).
@@ -63,9 +62,9 @@ def read_config(model: str) -> dict | None:
 
 
 def build(width: int, weights_dtype: torch.dtype, device: torch.device) -> None:
-    """Call the fused ops forward and backward as a packed BERT layer does under bf16 autocast: the
+    """Call the fused op forward and backward as a packed BERT layer does under bf16 autocast: the
     attention sub-block's norm (fp32 stream plus its bf16 copy, both read downstream) feeding the
-    intermediate's bias + GELU and the feed-forward sub-block's norm (stream only), dropout on."""
+    feed-forward sub-block's norm (stream only), dropout on, each with its dense layer's bias."""
     torch.manual_seed(0)
     norms = [torch.nn.LayerNorm(width, eps=1e-12, device=device, dtype=weights_dtype) for _ in range(2)]
     dropout = torch.nn.Dropout(0.1)
@@ -73,12 +72,10 @@ def build(width: int, weights_dtype: torch.dtype, device: torch.device) -> None:
     branches = [torch.randn(_ROWS, width, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
     # the dense layers' biases, left to the fused op: trained with fp32 weights (full), frozen in bf16 (LoRA)
     biases = [torch.zeros(width, device=device, dtype=weights_dtype, requires_grad=weights_dtype == torch.float32)
-              for _ in range(3)]
+              for _ in range(2)]
     with torch.autocast(device.type, dtype=torch.bfloat16):
         hidden, product_input = residual_norm(norms[0], dropout, branches[0], stream, fused=True, branch_bias=biases[0])
-        # the copy feeds a product; its gradient comes back in bf16. Then the intermediate's bias + GELU
-        # (`fused_gelu`: its tiles do not depend on the width, so any width builds the run's kernels)
-        ffn = bias_gelu(branches[1] * product_input, biases[2])
+        ffn = branches[1] * product_input  # the copy feeds a product; its gradient comes back in bf16
         out, _ = residual_norm(norms[1], dropout, ffn, hidden, fused=True, product_input=False, branch_bias=biases[1])
     out.float().square().mean().backward()
     if device.type == "cuda":

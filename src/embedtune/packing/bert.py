@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.fused_gelu import bias_gelu, will_fuse_gelu
 from ..kernels.fused_norm import residual_norm, will_fuse
 from .layers import PackedOptions, run_layers
 from .lora_linear import linear, linear_bias, linears
@@ -57,15 +56,9 @@ def feed_forward(layer, hidden, product_input=None, fused: bool = False):
     """The BERT-family block after attention: dense, activation, dense, dropout, residual, LayerNorm.
 
     `product_input`: `hidden` as the first product takes it (its autocast copy, from the fused norm).
-    `fused`: the fused kernels where they apply: bias + GELU (`fused_gelu`), and at the end dropout +
-    residual + LayerNorm (`fused_norm`)."""
+    `fused`: end with the fused dropout + residual + LayerNorm where it applies (`fused_norm`)."""
     first = hidden if product_input is None else product_input
-    dense, act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
-    bias = linear_bias(dense) if will_fuse_gelu(act, first, fused) else None
-    if bias is not None:  # the bias add and its gradient ride along the GELU's kernels (`fused_gelu`)
-        inter = bias_gelu(linear(dense, first, bias=False), bias)
-    else:
-        inter = act(linear(dense, first))
+    inter = layer.intermediate.intermediate_act_fn(linear(layer.intermediate.dense, first))
     return dense_residual_norm(layer.output, inter, hidden, fused, product_input=False)[0]
 
 
