@@ -157,8 +157,8 @@ def test_waits_while_the_child_runs_even_once_its_first_kernel_marked_the_cache(
     assert len(build.waits) == 1
     done = FakeBuild(succeeds=True)
     done.waits.append(0.0)  # ended before the choice: nothing to wait for
-    choose_speed(_config(), bert_on_a_fake_gpu, 100.0, 10**4, prebuild=done)
-    assert done.waits == [0.0]
+    mode = choose_speed(_config(), bert_on_a_fake_gpu, 100.0, 10**4, prebuild=done)[0]
+    assert done.waits == [0.0] and "built ahead in a child process, no wait" in mode.why
 
 
 def test_a_failed_build_leaves_the_cold_choice(bert_on_a_fake_gpu):

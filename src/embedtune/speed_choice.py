@@ -84,6 +84,8 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
                       else "the build ahead is still running" if code is None
                       else "the build ahead built nothing (no GPU it may share, or another model family)" if code == 0
                       else f"the build ahead failed (exit code {code})")
+    elif fused_applies and prebuild is not None and fused_warm and prebuild.process.poll() == 0:
+        mode = choose(fused_warm, prebuilt="built ahead in a child process, no wait")  # it ended before the choice
     compile_cache = use_persistent_compile_cache() if mode.compile else None  # later runs reuse its code
     if config.fast:
         from .packing import set_compile, set_fused_kernels
