@@ -33,29 +33,31 @@ def main() -> None:
         r = torch.randn(args.tokens, cols, device="cuda")
         w = torch.randn(cols, device="cuda") * 0.3 + 1
         b = torch.randn(cols, device="cuda") * 0.3
+        xb = torch.randn(cols, device="cuda") * 0.3  # the dense layer's bias, folded in as in training
         seed = dropout_seed(x.device)
-        ref = triton_norm.forward(x, r, w, b, seed, 0.1, 1e-12, torch.float32, torch.bfloat16)
+        ref = triton_norm.forward(x, r, w, b, seed, 0.1, 1e-12, torch.float32, torch.bfloat16, branch_bias=xb)
         dy, dyh = torch.randn_like(r), torch.randn_like(x)
         ref_b = triton_norm.backward(dy, dyh, ref[2], ref[3], ref[4], w, seed, 0.1, torch.bfloat16, torch.float32,
-                                     True, True)
+                                     True, True, want_dxb=True)
         default_f = triton_norm._forward_tile(cols)
         default_b = triton_norm._backward_tile(cols)
         for tile in [None] + list(itertools.product([1, 2, 4, 8], [2, 4, 8])):
-            out = triton_norm.forward(x, r, w, b, seed, 0.1, 1e-12, torch.float32, torch.bfloat16, tile=tile)
+            out = triton_norm.forward(x, r, w, b, seed, 0.1, 1e-12, torch.float32, torch.bfloat16, tile=tile, branch_bias=xb)
             same = all(torch.allclose(a.float(), c.float(), rtol=1e-5, atol=1e-5 if a.dtype == torch.float32 else 2e-2)
                        for a, c in zip(out[:3], ref[:3]))
-            ms = graph_ms(lambda: triton_norm.forward(x, r, w, b, seed, 0.1, 1e-12, torch.float32, torch.bfloat16, tile=tile))
+            ms = graph_ms(lambda: triton_norm.forward(x, r, w, b, seed, 0.1, 1e-12, torch.float32, torch.bfloat16, tile=tile, branch_bias=xb))
             row = {"cols": cols, "kind": "forward", "tile": tile or default_f, "default": tile is None, "us": round(ms * 1000, 1), "same": same}
             rows_out.append(row)
             print(json.dumps(row), flush=True)
         for tile in [None] + list(itertools.product([2, 4, 8], [4, 8], [4, 8, 16, 32])):
             out = triton_norm.backward(dy, dyh, ref[2], ref[3], ref[4], w, seed, 0.1, torch.bfloat16, torch.float32,
-                                       True, True, tile=tile)
+                                       True, True, tile=tile, want_dxb=True)
             same = torch.allclose(out[0], ref_b[0], rtol=1e-5, atol=1e-5) and \
                 torch.allclose(out[1].float(), ref_b[1].float(), rtol=1e-2, atol=2e-2) and \
-                torch.allclose(out[2], ref_b[2], rtol=1e-4, atol=1e-3) and torch.allclose(out[3], ref_b[3], rtol=1e-4, atol=1e-3)
+                torch.allclose(out[2], ref_b[2], rtol=1e-4, atol=1e-3) and torch.allclose(out[3], ref_b[3], rtol=1e-4, atol=1e-3) and \
+                torch.allclose(out[4], ref_b[4], rtol=1e-4, atol=1e-3)
             ms = graph_ms(lambda: triton_norm.backward(dy, dyh, ref[2], ref[3], ref[4], w, seed, 0.1, torch.bfloat16,
-                                                       torch.float32, True, True, tile=tile))
+                                                       torch.float32, True, True, tile=tile, want_dxb=True))
             row = {"cols": cols, "kind": "backward", "tile": tile or default_b, "default": tile is None,
                    "us": round(ms * 1000, 1), "same": same}
             rows_out.append(row)
