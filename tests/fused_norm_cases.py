@@ -192,6 +192,10 @@ def _bert(tmp_path, dropout: float):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = dropout
+    with torch.no_grad():  # BERT starts its linear biases at zero, which would hide a bias added twice or never
+        for name, param in model.named_parameters():
+            if name.endswith("dense.bias"):
+                param.normal_(0.0, 0.2)
     model.config.attention_probs_dropout_prob = 0.0  # attention dropout is not this op's; keep it out of the way
     for layer in model.encoder.layer:
         layer.attention.self.dropout.p = 0.0
@@ -249,6 +253,35 @@ def test_packed_bert_layers_use_the_fused_op_and_train_like_the_modules(tmp_path
     ckpt_out, ckpt_grads = _step(model, batch, seed=1)
     assert torch.equal(ckpt_out, train_out)
     assert _close(ckpt_grads, train_grads, 1e-6)
+
+
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_packed_lora_bert_leaves_the_dense_biases_to_the_fused_op(tmp_path, monkeypatch, bias):
+    """LoRA on the dense layers (the default targets): the base product is made without its bias, which the
+    fused op adds (frozen, or trained with peft's bias="all"); outputs and every trained gradient are the
+    modules'."""
+    model, batch = _bert(tmp_path, dropout=0.0)
+    mask = batch["attention_mask"].bool()
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=0.0, bias=bias)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)  # peft starts B at zero, which would hide the low-rank path
+    biases = []
+    real = DropoutAddNorm.apply
+    monkeypatch.setattr(DropoutAddNorm, "apply", lambda *a: biases.append(a[9]) or real(*a))
+    model.train()
+    results = {}
+    for fused in (False, True):
+        assert enable_fast_path(model, fused_kernels=fused)
+        results[fused] = _step(model, batch)
+    assert len(biases) == 4 and all(b is not None and b.requires_grad == (bias == "all") for b in biases)
+    (plain_out, plain_grads), (fused_out, fused_grads) = results[False], results[True]
+    assert any("lora_A" in k for k in plain_grads) and (bias == "all") == any(k.endswith("dense.base_layer.bias")
+                                                                             for k in plain_grads)
+    assert (fused_out[mask] - plain_out[mask]).abs().max() < 1e-5
+    assert _close(fused_grads, plain_grads, 1e-4)
 
 
 def test_packed_bert_without_dropout_trains_as_the_modules(tmp_path):
