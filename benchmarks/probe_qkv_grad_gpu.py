@@ -1,0 +1,90 @@
+"""The QKV projection's backward joins flash attention's three gradients into one [tokens, 3 x hidden]
+tensor (a cat, 47 us a BERT-base layer in `profile_graphs_fused_h200_2026-12-03.log`) and then sums its
+columns for the stacked bias (`sum(0)`, 38 us at 2,304 columns, `probe_bias_grad_h200_2026-12-03.log`).
+This probe times one Triton kernel that does both in a pass (a few tile shapes) against `torch.cat` +
+`sum(0)`, inside a CUDA graph, checked against fp64. A probe: nothing in embedtune uses it yet; the
+kernel would sit in a custom split's backward, with the linear made on `bias.detach()`.
+
+    python3 benchmarks/probe_qkv_grad_gpu.py [--tokens 17900] [--hidden 768,1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+import triton.language as tl
+from gpu_timing import graph_ms
+
+
+@triton.jit
+def _join_and_sum(DQ, DK, DV, OUT, PARTIAL, rows, hidden, RB: tl.constexpr, CB: tl.constexpr):
+    """Tile (i, j, part): RB rows x CB columns of gradient `part` (q, k, v) copied into OUT's
+    [rows, 3 * hidden] at columns part * hidden + ..., its column sums written to PARTIAL[i]."""
+    i, j, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row = (i * RB + tl.arange(0, RB)).to(tl.int64)
+    col = j * CB + tl.arange(0, CB)
+    mask = (row < rows)[:, None] & (col < hidden)[None, :]
+    src = row[:, None] * hidden + col[None, :]
+    if part == 0:
+        g = tl.load(DQ + src, mask=mask, other=0.0)
+    elif part == 1:
+        g = tl.load(DK + src, mask=mask, other=0.0)
+    else:
+        g = tl.load(DV + src, mask=mask, other=0.0)
+    wide = 3 * hidden
+    out_col = part * hidden + col
+    tl.store(OUT + row[:, None] * wide + out_col[None, :], g, mask=mask)
+    tl.store(PARTIAL + i * wide + out_col, tl.sum(g.to(tl.float32), axis=0), mask=col < hidden)
+
+
+def fused(dq, dk, dv, tile):
+    rows, hidden = dq.shape
+    rb, cb, warps = tile
+    out = torch.empty((rows, 3 * hidden), device=dq.device, dtype=dq.dtype)
+    partial = torch.empty((triton.cdiv(rows, rb), 3 * hidden), device=dq.device, dtype=torch.float32)
+    _join_and_sum[(triton.cdiv(rows, rb), triton.cdiv(hidden, cb), 3)](dq, dk, dv, out, partial, rows, hidden,
+                                                                        RB=rb, CB=cb, num_warps=warps)
+    return out, partial.sum(0)
+
+
+def today(dq, dk, dv):
+    out = torch.cat([dq, dk, dv], dim=1)
+    return out, out.sum(0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=17900)
+    ap.add_argument("--hidden", default="768,1024")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows_out = []
+    for hidden in (int(h) for h in args.hidden.split(",")):
+        torch.manual_seed(hidden)
+        grads = [(torch.randn(args.tokens, hidden, device=device) * 1e-3).to(torch.bfloat16) for _ in range(3)]
+        joined = torch.cat([g.double() for g in grads], dim=1)
+        want_sum = joined.sum(0)
+        ways = {"torch.cat + sum(0)": lambda: today(*grads)}
+        for tile in ((32, 256, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8)):
+            ways[f"triton {tile}"] = lambda tile=tile: fused(*grads, tile)
+        for name, fn in ways.items():
+            out, total = fn()
+            exact = bool(torch.equal(out.double(), joined))
+            err = ((total.double() - want_sum).norm() / want_sum.norm()).item()
+            us = graph_ms(fn) * 1000 if device == "cuda" else 0.0
+            row = {"hidden": hidden, "way": name, "us": round(us, 1), "join_exact": exact, "sum_rel_err": f"{err:.1e}"}
+            rows_out.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        open(args.out, "w").write("\n".join(json.dumps(r) for r in rows_out) + "\n")
+    print(f"\n{'hidden':>6} {'way':>26} {'us':>7} {'join exact':>10} {'sum rel err':>11}")
+    for r in rows_out:
+        print(f"{r['hidden']:>6} {r['way']:>26} {r['us']:>7} {str(r['join_exact']):>10} {r['sum_rel_err']:>11}")
+
+
+if __name__ == "__main__":
+    main()
