@@ -214,6 +214,15 @@ def _step(model, batch, seed: int = 0):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _recorded_applies(monkeypatch) -> list:
+    """Every `DropoutAddNorm.apply` call's arguments from now on, in order (p is [4], the half dtype [8],
+    the branch bias [9])."""
+    applied = []
+    real = DropoutAddNorm.apply
+    monkeypatch.setattr(DropoutAddNorm, "apply", lambda *a: applied.append(a) or real(*a))
+    return applied
+
+
 def _close(a: dict, b: dict, tol: float) -> bool:
     return set(a) == set(b) and all((a[k] - b[k]).abs().max() <= tol * max(1.0, b[k].abs().max().item()) for k in a)
 
@@ -221,26 +230,23 @@ def _close(a: dict, b: dict, tol: float) -> bool:
 def test_packed_bert_layers_use_the_fused_op_and_train_like_the_modules(tmp_path, monkeypatch):
     model, batch = _bert(tmp_path, dropout=0.1)
     mask = batch["attention_mask"].bool()
-    calls = []
-    real = DropoutAddNorm.apply
-    monkeypatch.setattr(DropoutAddNorm, "apply", lambda *a: calls.append(a[4]) or biases.append(a[9]) or real(*a))
-    biases = []
+    applied = _recorded_applies(monkeypatch)
     assert enable_fast_path(model, fused_kernels=False)
     model.eval()
     plain_out, plain_grads = _step(model, batch)
-    assert not calls
+    assert not applied
     enable_fast_path(model, fused_kernels=True)
     fused_out, fused_grads = _step(model, batch)
-    assert calls == [0.0] * 4  # two sub-blocks in each of two layers, eval mode: no dropout
+    assert [a[4] for a in applied] == [0.0] * 4  # two sub-blocks in each of two layers, eval mode: no dropout
     dense = [m for layer in model.encoder.layer for m in (layer.attention.output.dense, layer.output.dense)]
-    assert [b is d.bias for b, d in zip(biases, dense)] == [True] * 4  # their biases are left to the fused op
+    assert [a[9] is d.bias for a, d in zip(applied, dense)] == [True] * 4  # their biases are left to the fused op
     assert (fused_out[mask] - plain_out[mask]).abs().max() < 1e-5
     assert _close(fused_grads, plain_grads, 1e-4)
 
     model.train()  # dropout on: masks differ from torch's own bits, so compare behaviour, not values
-    calls.clear()
+    applied.clear()
     train_out, train_grads = _step(model, batch, seed=1)
-    assert calls == [0.1] * 4
+    assert [a[4] for a in applied] == [0.1] * 4
     assert (train_out[mask] - fused_out[mask]).abs().max() > 1e-3  # dropout acted
     again_out, again_grads = _step(model, batch, seed=1)
     assert torch.equal(train_out, again_out) and _close(again_grads, train_grads, 0)  # seeded: same masks
@@ -268,14 +274,13 @@ def test_packed_lora_bert_leaves_the_dense_biases_to_the_fused_op(tmp_path, monk
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.2)  # peft starts B at zero, which would hide the low-rank path
-    biases = []
-    real = DropoutAddNorm.apply
-    monkeypatch.setattr(DropoutAddNorm, "apply", lambda *a: biases.append(a[9]) or real(*a))
+    applied = _recorded_applies(monkeypatch)
     model.train()
     results = {}
     for fused in (False, True):
         assert enable_fast_path(model, fused_kernels=fused)
         results[fused] = _step(model, batch)
+    biases = [a[9] for a in applied]
     assert len(biases) == 4 and all(b is not None and b.requires_grad == (bias == "all") for b in biases)
     (plain_out, plain_grads), (fused_out, fused_grads) = results[False], results[True]
     assert any("lora_A" in k for k in plain_grads) and (bias == "all") == any(k.endswith("dense.base_layer.bias")
@@ -301,16 +306,14 @@ def test_packed_bert_under_autocast_feeds_the_half_copy_to_the_products(tmp_path
     feed-forward's norm writes none (nothing reads it); outputs and gradients stay those of the modules."""
     model, batch = _bert(tmp_path, dropout=0.1)
     mask = batch["attention_mask"].bool()
-    halves = []
-    real = DropoutAddNorm.apply
-    monkeypatch.setattr(DropoutAddNorm, "apply", lambda *a: halves.append(a[8]) or real(*a))
+    applied = _recorded_applies(monkeypatch)
     model.eval()
     results = {}
     for fused in (False, True):
         enable_fast_path(model, fused_kernels=fused)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             results[fused] = _step(model, batch)
-    assert halves == [torch.bfloat16, None] * 2
+    assert [a[8] for a in applied] == [torch.bfloat16, None] * 2
     (plain_out, plain_grads), (fused_out, fused_grads) = results[False], results[True]
     assert fused_out.dtype == plain_out.dtype == torch.float32
     assert (fused_out[mask] - plain_out[mask]).abs().max() < 2e-2 * plain_out[mask].abs().max()
