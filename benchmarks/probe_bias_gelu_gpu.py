@@ -11,12 +11,11 @@ row loop, and the forward runs flat.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import triton
 import triton.language as tl
-from gpu_timing import graph_ms
+from gpu_timing import finish, graph_ms, record
 
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -91,14 +90,10 @@ def main() -> None:
             got = fn()
             err = [((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want)]
             us = graph_ms(fn) * 1000 if device == "cuda" else 0.0
-            row = {"features": cols, "way": name, "us": round(us, 1), "rel_err_h_dx_db": [f"{e:.1e}" for e in err]}
-            rows_out.append(row)
-            print(json.dumps(row), flush=True)
-    if args.out:
-        open(args.out, "w").write("\n".join(json.dumps(r) for r in rows_out) + "\n")
-    print(f"\n{'features':>8} {'way':>36} {'us':>7}  rel err h / dx / db")
-    for r in rows_out:
-        print(f"{r['features']:>8} {r['way']:>36} {r['us']:>7}  {' / '.join(r['rel_err_h_dx_db'])}")
+            record(rows_out, {"features": cols, "way": name, "us": round(us, 1),
+                              "rel_err_h_dx_db": [f"{e:.1e}" for e in err]})
+    finish(rows_out, args.out, [("features", "features", 8), ("way", "way", 36), ("us", "us", 7),
+                                ("rel err h / dx / db", "rel_err_h_dx_db", 27)])
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ A probe: nothing in embedtune uses the alternatives yet.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import triton
 import triton.language as tl
-from gpu_timing import graph_ms
+from gpu_timing import finish, graph_ms, record
 
 
 @triton.jit(do_not_specialize=["rows", "rows_per_program"])
@@ -65,15 +64,10 @@ def main() -> None:
             got = fn(g)
             err = ((got.double() - exact).norm() / exact.norm()).item()
             us = graph_ms(lambda: fn(g)) * 1000
-            row = {"features": cols, "way": name, "us": round(us, 1), "rel_err": err,
-                   "GB/s": round(g.numel() * 2 / (us / 1e6) / 1e9)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.out:
-        open(args.out, "w").write("\n".join(json.dumps(r) for r in rows) + "\n")
-    print(f"\n{'features':>8} {'way':>22} {'us':>7} {'GB/s':>6} {'rel err':>9}")
-    for r in rows:
-        print(f"{r['features']:>8} {r['way']:>22} {r['us']:>7} {r['GB/s']:>6} {r['rel_err']:>9.1e}")
+            record(rows, {"features": cols, "way": name, "us": round(us, 1), "rel_err": err,
+                          "GB/s": round(g.numel() * 2 / (us / 1e6) / 1e9)})
+    finish(rows, args.out, [("features", "features", 8), ("way", "way", 22), ("us", "us", 7), ("GB/s", "GB/s", 6),
+                            ("rel err", "rel_err", 9)])
 
 
 if __name__ == "__main__":

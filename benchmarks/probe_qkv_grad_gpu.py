@@ -11,12 +11,11 @@ kernel would sit in a custom split's backward, with the linear made on `bias.det
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import triton
 import triton.language as tl
-from gpu_timing import graph_ms
+from gpu_timing import finish, graph_ms, record
 
 
 @triton.jit
@@ -76,14 +75,10 @@ def main() -> None:
             exact = bool(torch.equal(out.double(), joined))
             err = ((total.double() - want_sum).norm() / want_sum.norm()).item()
             us = graph_ms(fn) * 1000 if device == "cuda" else 0.0
-            row = {"hidden": hidden, "way": name, "us": round(us, 1), "join_exact": exact, "sum_rel_err": f"{err:.1e}"}
-            rows_out.append(row)
-            print(json.dumps(row), flush=True)
-    if args.out:
-        open(args.out, "w").write("\n".join(json.dumps(r) for r in rows_out) + "\n")
-    print(f"\n{'hidden':>6} {'way':>26} {'us':>7} {'join exact':>10} {'sum rel err':>11}")
-    for r in rows_out:
-        print(f"{r['hidden']:>6} {r['way']:>26} {r['us']:>7} {str(r['join_exact']):>10} {r['sum_rel_err']:>11}")
+            record(rows_out, {"hidden": hidden, "way": name, "us": round(us, 1), "join_exact": exact,
+                              "sum_rel_err": f"{err:.1e}"})
+    finish(rows_out, args.out, [("hidden", "hidden", 6), ("way", "way", 26), ("us", "us", 7),
+                                ("join exact", "join_exact", 10), ("sum rel err", "sum_rel_err", 11)])
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
     mode = choose(fused_warm)
     # the child marks the cache after its first kernel: while it runs, the rest may still be building
     building = prebuild is not None and (not fused_warm or prebuild.running())
+    prebuilt = None  # how the build ahead went, for the reason
     if fused_applies and building and choose(True).fused_kernels:
         from .kernels.fused_norm import kernels_fingerprint
 
@@ -80,12 +81,14 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
         waited = time.monotonic() - waited
         fused_warm = ok and speed_mode.fused_kernels_cached(kernels_fingerprint())
         code = prebuild.process.poll()
-        mode = choose(fused_warm, prebuilt=f"built ahead in a child process (waited {waited:.1f} s)" if fused_warm
-                      else "the build ahead is still running" if code is None
-                      else "the build ahead built nothing (no GPU it may share, or another model family)" if code == 0
-                      else f"the build ahead failed (exit code {code})")
+        prebuilt = (f"built ahead in a child process (waited {waited:.1f} s)" if fused_warm
+                    else "the build ahead is still running" if code is None
+                    else "the build ahead built nothing (no GPU it may share, or another model family)" if code == 0
+                    else f"the build ahead failed (exit code {code})")
     elif fused_applies and prebuild is not None and fused_warm and prebuild.process.poll() == 0:
-        mode = choose(fused_warm, prebuilt="built ahead in a child process, no wait")  # it ended before the choice
+        prebuilt = "built ahead in a child process, no wait"  # it ended before the choice
+    if prebuilt is not None:
+        mode = choose(fused_warm, prebuilt=prebuilt)
     compile_cache = use_persistent_compile_cache() if mode.compile else None  # later runs reuse its code
     if config.fast:
         from .packing import set_compile, set_fused_kernels

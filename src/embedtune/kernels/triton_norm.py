@@ -179,9 +179,9 @@ def backward(dy, dy_half, s, mean, rstd, weight, seed, p: float, x_dtype, residu
                            _seed_or_zero(seed, s.device), ds, dx, partial, rows, cols, rows_per_program, p,
                            int(seed is not None), int(dy_half is not None), int(want_dx), int(want_dw),
                            int(want_dxb), BLOCK=block, ROWS=tile_rows, num_warps=warps)
-    # one reduction for all the partials a call has (each its own was a launch of about 18 us)
-    sums = partial.sum(0) if want_dw and want_dxb else partial[:, :2].sum(0) if want_dw else None
+    # one reduction for all the partials (each its own was a launch of about 18 us); rows a call did not
+    # ask for hold whatever the buffer held and are summed unread
+    sums = partial.sum(0) if want_dw or want_dxb else None
     dw = sums[0].to(weight.dtype) if want_dw else None
     db = sums[1].to(weight.dtype) if want_dw else None
-    dxb = (sums[2] if sums is not None else partial[:, 2].sum(0)) if want_dxb else None
-    return ds, (dx if want_dx else None), dw, db, dxb
+    return ds, (dx if want_dx else None), dw, db, (sums[2] if want_dxb else None)
