@@ -9,7 +9,9 @@ Per model, mode (full, LoRA r8) and layers (eager, compiled), dropout off, weigh
   sight's (relative error of the concatenated gradients, < 5e-3: flash attention's and the embedding's
   backward sum with atomics, so two eager runs differ too, by ~7e-4 here), which exercises capture;
 - "vs plain": the plain loss (no fixed stream, no padding to max_seq_length) in bf16: other kernels and
-  other sums, so bf16 rounding apart.
+  other sums, so bf16 rounding apart. In full fine-tuning the graphed step runs its linears through
+  `packing.main_grad` (weight gradients summed into the fp32 `.grad` by the GEMM): the row says how many
+  shadow buffers it made and which GEMM form this torch offers.
 With dropout on (0.1), three replays of one batch must give three different losses (new masks); a
 model without dropout (Qwen3's config has none) must give the same loss three times.
 Prints a table; exits non-zero if a check fails.
@@ -80,7 +82,12 @@ def check(path: str, lora: bool, compile_model: bool, batches, dropout: bool) ->
             # keeps the parameters' accumulation nodes on that stream, and the next capture would
             # then pull the default stream in (torch 2.11 has no override; see graphs._fresh_leaf_streams).
             del plain
-    row.update(counts=dict(step.counts), shapes=step.shapes, off=step.off_reason)
+    from embedtune.packing import main_grad
+
+    shadows = step._shadows
+    row.update(counts=dict(step.counts), shapes=step.shapes, off=step.off_reason,
+               main_grad_buffers=len(shadows._buffers) if shadows is not None else 0,
+               gemm_mode=main_grad._gemm_mode(torch.cuda.current_device()))
     return row
 
 
@@ -139,7 +146,8 @@ def main() -> None:
               f"{r['shapes']:6d} {r['counts']['replayed']:7d}  {r['ok']}"
               + (f"  losses {['%.5f' % x for x in r['dropout_losses']]}" if r["dropout"] else "")
               + ("  (the model has no dropout: replays must agree)" if r["dropout"] and not r["has_dropout"] else "")
-              + (f"  OFF: {r['off']}" if r["off"] else ""))
+              + (f"  OFF: {r['off']}" if r["off"] else "")
+              + f"  main-grad buffers {r['main_grad_buffers']} ({r['gemm_mode']})")
     sys.exit(1 if failed else 0)
 
 

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .errors import EmbedtuneError
-from .packing import PackedForward
+from .packing import PackedForward, main_grad
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,8 @@ class GraphedStep:
         self.params = [p for p in loss.parameters() if p.requires_grad]
         self._modules = list(loss.modules())  # their train/eval flags are part of each graph's key
         self._packed = _packed_forwards(loss.model)
+        # fp32 weights under half-precision autocast: their casts once a step, gradients into .grad by the GEMMs
+        self._shadows = main_grad.Shadows(dtype) if dtype in (torch.bfloat16, torch.float16) else None
         self._grads: list[Tensor] | None = None
         self._graphs: dict[tuple, _Graph | None] = {}  # None: seen once, ran eagerly
         self._pool = None
@@ -255,7 +257,7 @@ class GraphedStep:
     # -- running it
 
     def _forward_backward(self, inputs: dict[str, Any], rows: tuple[int, ...], stream: int, scale) -> Tensor:
-        with self._autocast(), _fixed_stream_on(self._packed, stream):
+        with self._autocast(), _fixed_stream_on(self._packed, stream), self._main_grads():
             embeddings = self.loss.model(dict(inputs))["sentence_embedding"]
             loss = self.loss.loss_from_embeddings(list(embeddings.split(list(rows))))
         (loss * scale).backward()
@@ -318,6 +320,14 @@ class GraphedStep:
             torch._foreach_zero_(zero)
         if copy_to:
             torch._foreach_copy_(copy_to, copy_from)
+
+    def _main_grads(self):
+        """The layers' weights in the compute dtype, copied from the fp32 weights as the step starts
+        (`packing.main_grad`: this step owns its gradients, in one process)."""
+        if self._shadows is None:
+            return contextlib.nullcontext()
+        self._shadows.refresh()
+        return main_grad.active(self._shadows)
 
     def _autocast(self):
         # no weight-cast cache: casts made outside a capture must not stand in for casts inside it

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import main_grad
+
 FUSE_LORA_ADD = False  # off: measured slower on an H200 (docs/BENCHMARKS.md); the benchmark can turn it on
 FUSE_PROJECTIONS = True  # `linears`: projections of one input as one matrix product (the benchmark can turn it off)
 
@@ -45,6 +47,9 @@ def linear_bias(module) -> torch.Tensor | None:
 def linear(module, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
     """`module(x)` for an nn.Linear or a peft LoRA Linear, without peft's per-call dtype round-trips.
     `bias=False` (only where `linear_bias(module)` is not None): the same without the bias added."""
+    shadows = main_grad.current()
+    if shadows is not None and main_grad.applies([module], x):  # inside a step that owns its gradients
+        return main_grad.linear(shadows, [module], x, bias)
     adapter = _vanilla_adapter(module)
     if not bias and type(module) is torch.nn.Linear:
         return F.linear(x, module.weight)
@@ -89,7 +94,12 @@ def linears(modules, x: torch.Tensor) -> list[torch.Tensor]:
     one matrix product over their concatenated weights: fewer, larger GEMMs and fewer launches
     (+6% tokens/s eager, +8% compiled, BERT-base full fine-tuning on an H200). Everything else runs
     one by one: LoRA layers (stacking their frozen weights copies them every step: 12% slower), and
-    weights already in the compute dtype (see `_stackable`). docs/BENCHMARKS.md has the runs."""
+    weights already in the compute dtype (see `_stackable`). docs/BENCHMARKS.md has the runs. Inside
+    `main_grad.active`, the plain linears run from one stacked shadow weight (`main_grad.linear`)."""
+    sizes = [m.out_features for m in modules]
+    shadows = main_grad.current()
+    if FUSE_PROJECTIONS and len(modules) > 1 and shadows is not None and main_grad.applies(modules, x):
+        return list(main_grad.linear(shadows, modules, x).split(sizes, dim=-1))
     if FUSE_PROJECTIONS and len(modules) > 1 and _stackable(modules, x):
-        return list(_stacked(modules, x).split([m.out_features for m in modules], dim=-1))
+        return list(_stacked(modules, x).split(sizes, dim=-1))
     return [linear(m, x) for m in modules]
