@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--fused-kernels", action="store_true",
                         help="embedtune: the fused dropout + residual + LayerNorm kernels (kernels.fused_norm), as the "
                              "default mode runs them with CUDA graphs")
+    parser.add_argument("--no-main-grads", action="store_true",
+                        help="with --cuda-graphs: autocast's per-weight casts instead of `packing.main_grad`")
     args = parser.parse_args()
 
     from sentence_transformers.losses import MultipleNegativesRankingLoss
@@ -77,7 +79,7 @@ def main() -> None:
         if args.cuda_graphs:
             from embedtune.graphs import GraphedStep
 
-            graphed = GraphedStep(loss_fn, 512, dtype=torch.bfloat16)
+            graphed = GraphedStep(loss_fn, 512, dtype=torch.bfloat16, main_grads=not args.no_main_grads)
             batches = [graphed.prepare(feats) for feats in batches]  # host work ahead, as a data loader would
 
         def step(feats):

@@ -153,10 +153,11 @@ class GraphedStep:
         loss: an embedtune `ContrastiveLoss` (uncached) whose model runs the packed fast path.
         max_seq_length: columns are padded to this width (wider batches get a graph of their width).
         dtype: autocast dtype (bf16 or fp16 without a grad scaler), or None for no autocast.
+        main_grads: run fp32 linears through `packing.main_grad` (off: autocast's own casts; a benchmark A/B).
     """
 
     def __init__(self, loss, max_seq_length: int, dtype: torch.dtype | None = torch.bfloat16,
-                 token_multiple: int = TOKEN_MULTIPLE):
+                 token_multiple: int = TOKEN_MULTIPLE, main_grads: bool = True):
         self.loss = loss
         self.width = int(max_seq_length)
         self.dtype = dtype
@@ -165,7 +166,7 @@ class GraphedStep:
         self._modules = list(loss.modules())  # their train/eval flags are part of each graph's key
         self._packed = _packed_forwards(loss.model)
         # fp32 weights under half-precision autocast: their casts once a step, gradients into .grad by the GEMMs
-        self._shadows = main_grad.Shadows(dtype) if dtype in (torch.bfloat16, torch.float16) else None
+        self._shadows = main_grad.Shadows(dtype) if main_grads and dtype in (torch.bfloat16, torch.float16) else None
         self._grads: list[Tensor] | None = None
         self._graphs: dict[tuple, _Graph | None] = {}  # None: seen once, ran eagerly
         self._pool = None
