@@ -1,6 +1,6 @@
 """`packing.main_grad` (fp32 master weights without per-weight casts) against the plain autocast path,
-on the CPU: a packed BERT training step with dropout, its outputs and every parameter's gradient, the
-shadows following the weights from step to step, and gradient accumulation. The GPU's GEMM
+on the CPU: a packed training step (BERT with dropout, Qwen2, ModernBERT), its outputs and every
+parameter's gradient, the shadows following the weights from step to step, and gradient accumulation. The GPU's GEMM
 accumulation (`addmm` into an fp32 `.grad`) is checked by benchmarks/check_graphs_gpu.py."""
 
 from __future__ import annotations
@@ -15,20 +15,24 @@ from embedtune.packing import enable_fast_path, main_grad
 from tiny_models import make_tiny_model
 
 
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
+def _packed(path):
     torch.manual_seed(0)
-    path = make_tiny_model("bert", tmp_path_factory.mktemp("main_grad"))
     model, tok = FastModel.from_pretrained(str(path), max_seq_length=64, fast=False)
     with torch.no_grad():  # BERT starts its biases at zero, which would hide a bias gradient lost or doubled
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, 0.2)
     assert enable_fast_path(model)
-    assert model.config.hidden_dropout_prob > 0 and model.config.attention_probs_dropout_prob > 0
     model.train()
     batch = tok(["short", "a longer sentence with more tokens in it", "def f(x):\n    return x + 1"],
                 padding=True, return_tensors="pt")
+    return model, batch
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    model, batch = _packed(make_tiny_model("bert", tmp_path_factory.mktemp("main_grad")))
+    assert model.config.hidden_dropout_prob > 0 and model.config.attention_probs_dropout_prob > 0
     return model, batch
 
 
@@ -52,7 +56,18 @@ def _linear_weights(model) -> set[str]:
 
 
 def test_a_training_step_matches_the_plain_autocast_path(bert):
-    model, batch = bert
+    shadows = _matches_the_plain_path(*bert)
+    # a layer's q, k and v share one stacked buffer; with their biases, 4 weight and 4 bias buffers a layer
+    assert len(shadows._buffers) == 8 * bert[0].config.num_hidden_layers
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "modernbert"])  # q, k, v with biases stacked; one fused Wqkv, no biases
+def test_other_packed_architectures_match_the_plain_path(arch, tmp_path):
+    model, batch = _packed(make_tiny_model(arch, tmp_path))
+    assert len(_matches_the_plain_path(model, batch)._buffers) > 0
+
+
+def _matches_the_plain_path(model, batch) -> main_grad.Shadows:
     plain_out, plain = _step(model, batch)
     shadows = main_grad.Shadows(torch.bfloat16)
     out, got = _step(model, batch, shadows)
@@ -65,8 +80,7 @@ def test_a_training_step_matches_the_plain_autocast_path(bert):
         # weight gradients are summed in fp32 here, rounded to bf16 first on the plain path: one bf16 step apart
         tol = 2 ** -7 if name in linear else 1e-6
         assert (got[name] - want).abs().max() <= tol * want.abs().max(), name
-    # a layer's q, k and v share one stacked buffer; with their biases, 4 weight and 4 bias buffers a layer
-    assert len(shadows._buffers) == 8 * model.config.num_hidden_layers
+    return shadows
 
 
 def test_the_shadows_follow_the_weights_and_gradients_accumulate(bert):
