@@ -87,7 +87,7 @@ def check(path: str, lora: bool, compile_model: bool, batches, dropout: bool) ->
     shadows = step._shadows
     row.update(counts=dict(step.counts), shapes=step.shapes, off=step.off_reason,
                main_grad_buffers=len(shadows._buffers) if shadows is not None else 0,
-               gemm_mode=main_grad._gemm_mode(torch.cuda.current_device()))
+               gemm_mode=main_grad._gemm_mode(torch.cuda.current_device(), torch.bfloat16))
     return row
 
 

@@ -49,7 +49,7 @@ class Shadows:
         buffer = self._buffers.get(key)
         if buffer is None:
             if params[0].is_cuda:
-                _gemm_mode(params[0].device.index or 0)  # checked here, at first use: never inside a capture
+                _gemm_mode(params[0].device.index or 0, self.dtype)  # checked at first use: never inside a capture
             buffer = torch.empty(sum(p.shape[0] for p in params), *params[0].shape[1:], dtype=self.dtype,
                                  device=params[0].device)
             offset = 0
@@ -105,12 +105,13 @@ def active(shadows: Shadows):
 
 
 @functools.cache
-def _gemm_mode(index: int) -> str:
+def _gemm_mode(index: int, dtype: torch.dtype) -> str:
     """How this torch's CUDA GEMM can sum half-precision products in fp32: "addmm" (into an fp32 `out`
     that is also its input: the gradient accumulates in the GEMM), "mm" (an fp32 product, then added)
-    or "cast" (neither: the product in half precision, cast and added, as autograd would)."""
+    or "cast" (neither: the product in half precision, cast and added, as autograd would), for inputs
+    of `dtype`."""
     device = torch.device("cuda", index)
-    a = torch.ones(8, 8, device=device, dtype=torch.bfloat16)
+    a = torch.ones(8, 8, device=device, dtype=dtype)
     try:
         c = torch.ones(8, 8, device=device)
         torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
@@ -128,7 +129,7 @@ def _gemm_mode(index: int) -> str:
 
 def _accumulate(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """param.grad += a @ b (half-precision a, b), summed in fp32 by the GEMM where it can."""
-    mode = _gemm_mode(a.device.index or 0) if a.is_cuda else "cpu"
+    mode = _gemm_mode(a.device.index or 0, a.dtype) if a.is_cuda else "cpu"
     if mode == "addmm" and param.grad is not None:
         torch.addmm(param.grad, a, b, out_dtype=torch.float32, out=param.grad)
         return
