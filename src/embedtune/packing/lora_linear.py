@@ -47,8 +47,8 @@ def linear_bias(module) -> torch.Tensor | None:
 def linear(module, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
     """`module(x)` for an nn.Linear or a peft LoRA Linear, without peft's per-call dtype round-trips.
     `bias=False` (only where `linear_bias(module)` is not None): the same without the bias added."""
-    shadows = main_grad.current()
-    if shadows is not None and main_grad.applies([module], x):  # inside a step that owns its gradients
+    shadows = main_grad.shadows_for([module], x)
+    if shadows is not None:  # inside a step that owns its gradients
         return main_grad.linear(shadows, [module], x, bias)
     adapter = _vanilla_adapter(module)
     if not bias and type(module) is torch.nn.Linear:
@@ -77,9 +77,7 @@ def _stackable(modules, x: torch.Tensor) -> bool:
     unsharded weights that FSDP would have freed. Modules with forward hooks run as themselves."""
     weights = [m.weight for m in modules]
     device = x.device.type
-    return (all(type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
-            and len({m.bias is not None for m in modules}) == 1
-            and len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1
+    return (main_grad.plain_linears(modules) and len({(w.dtype, w.device) for w in weights}) == 1
             and torch.is_autocast_enabled(device) and weights[0].dtype != torch.get_autocast_dtype(device))
 
 
@@ -96,10 +94,11 @@ def linears(modules, x: torch.Tensor) -> list[torch.Tensor]:
     one by one: LoRA layers (stacking their frozen weights copies them every step: 12% slower), and
     weights already in the compute dtype (see `_stackable`). docs/BENCHMARKS.md has the runs. Inside
     `main_grad.active`, the plain linears run from one stacked shadow weight (`main_grad.linear`)."""
-    sizes = [m.out_features for m in modules]
-    shadows = main_grad.current()
-    if FUSE_PROJECTIONS and len(modules) > 1 and shadows is not None and main_grad.applies(modules, x):
-        return list(main_grad.linear(shadows, modules, x).split(sizes, dim=-1))
-    if FUSE_PROJECTIONS and len(modules) > 1 and _stackable(modules, x):
-        return list(_stacked(modules, x).split(sizes, dim=-1))
+    if FUSE_PROJECTIONS and len(modules) > 1:
+        sizes = [m.out_features for m in modules]
+        shadows = main_grad.shadows_for(modules, x)
+        if shadows is not None:
+            return list(main_grad.linear(shadows, modules, x).split(sizes, dim=-1))
+        if _stackable(modules, x):
+            return list(_stacked(modules, x).split(sizes, dim=-1))
     return [linear(m, x) for m in modules]

@@ -70,20 +70,32 @@ class Shadows:
                 torch._foreach_copy_(self._targets, [w.detach() for w in self._sources])
 
 
+def plain_linears(modules) -> bool:
+    """Plain nn.Linear layers (no hooks, so nothing expects to see them called) of one input size, with
+    biases on all or none: what may run as one product over their stacked weights."""
+    return (all(type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+            and len({m.weight.shape[1] for m in modules}) == 1
+            and len({m.bias is not None for m in modules}) == 1)
+
+
 def applies(modules, x: torch.Tensor) -> bool:
-    """Whether `linear` takes these modules: plain nn.Linear layers (no hooks) with trained fp32 weights
-    of one input size, biases on all or none, under half-precision autocast, in a forward whose
-    backward will run (grad enabled, an input that requires grad)."""
+    """Whether `linear` takes these modules: `plain_linears` with trained fp32 weights (and biases),
+    under half-precision autocast, in a forward whose backward will run (grad enabled, an input that
+    requires grad)."""
     device = x.device.type
     if not (torch.is_grad_enabled() and x.requires_grad and torch.is_autocast_enabled(device)):
         return False  # no backward to run (eval, or an input without grad: the weights' gradients would be lost)
     if torch.get_autocast_dtype(device) not in (torch.bfloat16, torch.float16):
         return False
-    return (all(type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
-                and m.weight.dtype == torch.float32 and m.weight.requires_grad for m in modules)
-            and len({m.weight.shape[1] for m in modules}) == 1
-            and len({m.bias is not None for m in modules}) == 1
+    return (plain_linears(modules)
+            and all(m.weight.dtype == torch.float32 and m.weight.requires_grad for m in modules)
             and all(m.bias is None or m.bias.requires_grad for m in modules))
+
+
+def shadows_for(modules, x: torch.Tensor) -> Shadows | None:
+    """The running step's shadows where `linear` takes these modules (`applies`), else None."""
+    shadows = current()
+    return shadows if shadows is not None and applies(modules, x) else None
 
 
 def current() -> Shadows | None:
