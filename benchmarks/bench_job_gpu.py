@@ -179,6 +179,9 @@ class Bench:
                 row.update({k: m.get(k) for k in ("steps", "train_time_s", "total_time_s", "peak_gpu_gb", "speed",
                                                   "cuda_graphs", "compile", "tokens_per_s", "phases_s", "token_cache")})
                 row["in_job_pairs_s"] = in_job_rate(m, a.batch_size)
+                row.update(fixed_cost(m.get("phases_s"), row["wall_s"]))
+                row["windows"] = [(h["step"], round(h["tokens_per_s"])) for h in m.get("history", [])
+                                  if h.get("tokens_per_s") and h.get("step")]  # the logged rate along the job
             except (OSError, ValueError) as e:
                 row.setdefault("error", f"no metrics.json: {e}")
         shutil.rmtree(output, ignore_errors=True)
@@ -194,7 +197,8 @@ class Bench:
               f"(guessed {guess:.0f}), train {row.get('train_s', row.get('train_time_s'))} s, peak {peak} GB"
               + (f", in-job {row['in_job_pairs_s']} pairs/s" if row.get("in_job_pairs_s") else "")
               + (f", speed {speed_note(row.get('speed'), row.get('cuda_graphs'))}" if not impl.startswith("stock") else "")
-              + (f", phases {row['phases_s']}" if row.get("phases_s") else "")
+              + (f", phases {row['phases_s']}, fixed {row.get('fixed_s')} s (after phases {row.get('after_phases_s')} s)"
+                 if row.get("phases_s") else "")
               + (f", data wait {row['data_wait_s']} s" if row.get("data_wait_s") is not None else ""),
               flush=True)
 
@@ -330,6 +334,15 @@ def in_job_rate(metrics: dict, batch: int) -> float | None:
         return None
     tokens_per_pair = rate * train_s / (steps * batch)
     return round(len(late) / sum(1 / r for r in late) / tokens_per_pair, 1)  # windows of equal steps: harmonic mean
+
+
+def fixed_cost(phases: dict | None, wall: float) -> dict:
+    """The job's fixed cost: its wall time less its training steps (the first step, a one-time warm-up,
+    counts as training), and the part of the wall time after the last named phase (exit)."""
+    if not phases:
+        return {}
+    steps = phases.get("first_step", 0.0) + phases.get("train", 0.0)
+    return {"fixed_s": round(wall - steps, 2), "after_phases_s": round(wall - sum(phases.values()), 2)}
 
 
 def speed_note(speed, graphs) -> str:

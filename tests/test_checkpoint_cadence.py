@@ -67,7 +67,8 @@ def test_default_run_keeps_one_weights_only_checkpoint_that_a_killed_finish_resu
     done = CliRunner().invoke(app, ["train", str(data), "--output", str(reference), "--model", str(tiny), *FULL])
     assert done.exit_code == 0, done.output
     phases = json.loads((reference / "metrics.json").read_text())["phases_s"]  # where the job's time went
-    assert {"read_data", "load_model", "trainer", "token_cache", "trainer_setup", "train", "save_model"} <= set(phases)
+    assert {"read_data", "load_model", "trainer", "token_cache", "trainer_setup", "first_step", "train",
+            "final_checkpoint", "save_model"} <= set(phases)
     assert all(v >= 0 for v in phases.values())
 
     class Killed(BaseException):

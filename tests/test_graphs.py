@@ -48,7 +48,7 @@ class EagerGraphStep:
     """A CPU stand-in for the run's GraphedStep: the loss and its backward run eagerly; `record(step,
     features, scale)` sees each call first."""
 
-    counts, shapes, off_reason = {"eager": 0, "captured": 0, "replayed": 0}, 0, None
+    counts, shapes, warmup_s, off_reason = {"eager": 0, "captured": 0, "replayed": 0}, 0, 0.0, None
 
     def __init__(self, loss, record):
         self.loss, self.record = loss, record

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +175,7 @@ class GraphedStep:
         self._scale: Tensor | None = None
         self.off_reason: str | None = None
         self.counts = {"eager": 0, "captured": 0, "replayed": 0}  # steps run each way (a capture is replayed too)
+        self.warmup_s = 0.0  # wall seconds of the steps that ran eagerly or captured (device work included)
         self.last: str | None = None  # how the last step ran: "eager", "captured" or "replayed"
 
     @property
@@ -206,8 +208,12 @@ class GraphedStep:
             # First sight of a shape: run it eagerly, so that whatever it sets up the first time
             # (a compile for a new size, Triton autotuning, cuBLAS workspaces) happens outside capture.
             self._graphs[key] = None
-            return self._eager(inputs, (rows, stream), scale)
+            started = self._warmup_clock()
+            loss = self._eager(inputs, (rows, stream), scale)
+            self._warmup_clock(started)
+            return loss
         captured = entry is None
+        started = self._warmup_clock() if captured else None
         if captured:
             entry, error = self._capture(inputs, rows, stream)
             if entry is None:
@@ -226,6 +232,8 @@ class GraphedStep:
         self._scale.fill_(scale)
         self._attach_grads()
         entry.graph.replay()
+        if started is not None:
+            self._warmup_clock(started)
         self.counts["replayed"] += 1
         self.last = "captured" if captured else "replayed"
         return entry.loss.clone()
@@ -303,6 +311,16 @@ class GraphedStep:
             self._pool = graph.pool()
         self.counts["captured"] += 1
         return _Graph(graph, static, loss), None
+
+    def _warmup_clock(self, started: float | None = None) -> float:
+        """The device drained and the time now; with `started`, the seconds since added to warmup_s. Only
+        the few steps that see a new shape pay these syncs: what a shape costs the run, measured."""
+        if self._device().type == "cuda":
+            torch.cuda.synchronize(self._device())
+        now = time.perf_counter()
+        if started is not None:
+            self.warmup_s += now - started
+        return now
 
     def _attach_grads(self) -> None:
         """Point every parameter's `.grad` at its static buffer (what the graphs write into), keeping

@@ -180,18 +180,30 @@ class Phases:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 2)
         self._last = now
 
-    def first_step_callback(self):
-        """A trainer callback that closes the stage before the first step (the trainer's own set-up)."""
+    def step_callback(self):
+        """A trainer callback that cuts the train stage where a job's fixed costs sit: the trainer's own
+        set-up before the first step (trainer_setup), the first step (first_step: its one-time CUDA and
+        kernel set-up), the steps (train), and the last step's checkpoint (final_checkpoint)."""
         from transformers import TrainerCallback
 
         phases = self
 
-        class FirstStep(TrainerCallback):
-            seen = False
+        class StepMarks(TrainerCallback):
+            begun = False
 
             def on_step_begin(self, args, state, control, **kwargs):
-                if not self.seen:
-                    self.seen = True
+                if not self.begun:
+                    self.begun = True
                     phases.mark("trainer_setup")
 
-        return FirstStep()
+            def on_step_end(self, args, state, control, **kwargs):
+                if phases.seconds.get("first_step") is None:
+                    phases.mark("first_step")
+                elif 0 < state.max_steps <= state.global_step:
+                    phases.mark("train")
+
+            def on_save(self, args, state, control, **kwargs):
+                if 0 < state.max_steps <= state.global_step:
+                    phases.mark("final_checkpoint")
+
+        return StepMarks()

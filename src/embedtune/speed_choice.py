@@ -121,4 +121,4 @@ def graph_summary(step) -> dict:
     """metrics.json's `cuda_graphs`: steps run each way and graphs captured, or why graphs were off."""
     if isinstance(step, str):
         return {"off": step}
-    return {**step.counts, "shapes": step.shapes, "off": step.off_reason}
+    return {**step.counts, "shapes": step.shapes, "warmup_s": round(step.warmup_s, 2), "off": step.off_reason}

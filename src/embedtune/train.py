@@ -409,7 +409,7 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
     attach_tokens_per_second(trainer, plan.tokens_per_row * plan.rows_per_step)
     readable_logs(trainer)
     checks = RunChecks(st_model)  # no-silent-success: fingerprints the weights training starts from
-    trainer.add_callback(phases.first_step_callback())
+    trainer.add_callback(phases.step_callback())
     phases.mark("checks")
     return Setup(trainer, best, token_cache, graphs, checks, plan)
 
@@ -492,7 +492,7 @@ def train_model(config: TrainConfig, data: RunData, model: Model, objective: Obj
         if setup.token_cache is not None:
             setup.token_cache.stop()  # a background fill still running is of no use now
     train_time = time.time() - train_started
-    phases.mark("train")  # from the first step on (the trainer's set-up before it is trainer_setup)
+    phases.mark("train")  # what followed the last step's marks (`Phases.step_callback`): the trainer's end
     plan = setup.plan
     if plan.compile_cache is not None:  # later runs of this model find its compiled code (`speed.cache_is_warm`)
         mark_cache_warm(plan.compile_cache, plan.fingerprint)
