@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 
-IMPORTS = ("import embedtune.cli; from embedtune import train; train._import_trainer_libraries()")
+IMPORTS = ("import embedtune.cli, importlib; importlib.import_module(\"embedtune.train\")._import_trainer_libraries()")
 
 # The run's imports with CUDA started after them (as a run does today), or in a thread started right
 # after `import torch`. Each prints its wall seconds from interpreter start as JSON.

@@ -345,3 +345,66 @@ def test_curves_leave_pyplot_and_the_backend_alone(tmp_path):
     """)
     assert seen == {"pyplot": False, "backend": "svg"}
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------- the exit
+
+
+class _Exited(Exception):
+    pass
+
+
+@pytest.fixture
+def quick_exits(monkeypatch):
+    """console_main's os._exit recorded (and turned into an exception) instead of ending the tests."""
+    from embedtune import cli
+
+    codes = []
+
+    def exit_now(code):
+        codes.append(code)
+        raise _Exited()
+
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setattr(cli.atexit, "register", lambda fn, *a, **k: fn)
+    return codes
+
+
+def test_the_command_leaves_at_once_with_its_exit_code(quick_exits, monkeypatch, tmp_path, capsys):
+    """A finished command ends with os._exit and the code typer gave (0, or 2 for a bad argument), its
+    output flushed first; the interpreter's teardown is skipped."""
+    from embedtune.cli import console_main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["embedtune", "--help"])
+    with pytest.raises(_Exited):
+        console_main()
+    assert quick_exits == [0] and "train" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["embedtune", "train", str(tmp_path / "pairs.jsonl"), "--batch-size", "many"])
+    with pytest.raises(_Exited):
+        console_main()
+    assert quick_exits == [0, 2] and "batch-size" in capsys.readouterr().err  # typer's usage error, exit code 2
+
+
+@pytest.mark.parametrize("why", ["tracker", "torchrun"])
+def test_the_command_exits_the_usual_way_where_exit_handlers_matter(quick_exits, monkeypatch, why):
+    """A tracker's exit handler (it syncs the run) or a torchrun worker: SystemExit, never os._exit."""
+    import types
+
+    from embedtune.cli import console_main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    if why == "tracker":
+        monkeypatch.setitem(sys.modules, "wandb", types.ModuleType("wandb"))
+    else:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "argv", ["embedtune", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        console_main()
+    assert exited.value.code == 0 and quick_exits == []
+
+
+def test_python_m_embedtune_and_the_console_script_use_the_quick_exit():
+    root = Path(__file__).resolve().parents[1]
+    assert 'embedtune = "embedtune.cli:console_main"' in (root / "pyproject.toml").read_text()
+    assert "console_main()" in (root / "src" / "embedtune" / "__main__.py").read_text()

@@ -1,5 +1,5 @@
 """`python -m embedtune` (and `torchrun -m embedtune`) runs the CLI."""
 
-from .cli import main
+from .cli import console_main
 
-main()
+console_main()

@@ -530,5 +530,39 @@ def main() -> None:
     app()
 
 
+# Libraries whose exit handlers finish work of the user's (a run's upload or log sync): with one of them
+# loaded, the command exits the usual way.
+EXIT_HANDLERS_NEEDED = ("wandb", "mlflow", "comet_ml", "neptune", "clearml", "codecarbon")
+
+
+def console_main() -> None:
+    """The `embedtune` command (the console script and `python -m embedtune`): `main`, then out at once.
+
+    By the time a command returns, its results are written, sealed and moved into place, and its files
+    are closed; what is left is the interpreter's teardown: exit handlers, every module's objects freed
+    one by one, CUDA's context destroyed. That took 0.6-1.1 s after a GPU training job, and 0.5 s on a
+    CPU, for nothing the user keeps, so the process ends with `os._exit` after flushing its output.
+    Where that could lose something (a tracker's exit handler syncing a run, a torchrun worker whose
+    process group shuts down at exit) it exits the usual way. An exception other than SystemExit
+    propagates as usual (a traceback is an error, not a finish)."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if any(name in sys.modules for name in EXIT_HANDLERS_NEEDED) or os.environ.get("WORLD_SIZE", "1") != "1":
+        sys.exit(code)
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what sys.exit does with a message
+        code = 1
+    import logging
+
+    logging.shutdown()  # log handlers flushed and closed (a log file's last lines)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    console_main()
