@@ -408,3 +408,39 @@ def test_python_m_embedtune_and_the_console_script_use_the_quick_exit():
     root = Path(__file__).resolve().parents[1]
     assert 'embedtune = "embedtune.cli:console_main"' in (root / "pyproject.toml").read_text()
     assert "console_main()" in (root / "src" / "embedtune" / "__main__.py").read_text()
+
+
+# ------------------------------------------------------------------------------- the phases
+
+
+def test_phases_cut_the_train_stage_at_the_first_step_and_the_last_checkpoint(monkeypatch):
+    """The trainer's set-up, the first step, the steps (with the last step's log and evaluation) and the
+    last step's checkpoint land in their own phases; a checkpoint before the last step is training."""
+    import types
+
+    from embedtune import monitoring
+
+    clock = [100.0]
+    monkeypatch.setattr(monitoring.time, "time", lambda: clock[0])
+    monkeypatch.setattr(monitoring, "process_age_s", lambda: 5.0)
+    phases = monitoring.Phases()
+    marks = phases.step_callback()
+    state = types.SimpleNamespace(max_steps=3, global_step=0)
+
+    def after(seconds, hook, step=None):
+        clock[0] += seconds
+        if step is not None:
+            state.global_step = step
+        getattr(marks, hook)(None, state, None)
+
+    after(1.0, "on_step_begin")  # the trainer's set-up
+    after(2.0, "on_step_end", 1)  # the first step
+    after(0.5, "on_step_begin")
+    after(0.25, "on_save", 2)  # a checkpoint by the clock, mid-run: training
+    after(0.25, "on_step_end", 2)
+    after(0.5, "on_step_end", 3)
+    after(0.25, "on_log")
+    after(4.0, "on_evaluate")  # the last step's evaluation
+    after(0.75, "on_save")  # the last step's checkpoint
+    assert phases.seconds == {"process_start": 5.0, "trainer_setup": 1.0, "first_step": 2.0,
+                              "train": 5.75, "final_checkpoint": 0.75}

@@ -319,6 +319,33 @@ def test_graph_key_holds_the_modules_modes(root):
     assert len(seen) == 2 and len(step._graphs) == 2
 
 
+def test_steps_that_meet_a_new_shape_are_timed_and_replays_are_not(root, monkeypatch):
+    """`warmup_s` (metrics.json's cuda_graphs) sums the eager first sight and the capture of each shape,
+    and nothing of a plain replay (CPU: capture stubbed, the clock a counter)."""
+    import embedtune.graphs as graphs
+
+    st = _st("bert", root, lora=False)
+    step = GraphedStep(ContrastiveLoss(st), max_seq_length=48, dtype=None, token_multiple=64)
+    step._eager = lambda inputs, static, scale: torch.tensor(0.0)
+
+    def capture(inputs, rows, stream):
+        step._scale = torch.ones(())
+        static = {k: v.clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        return graphs._Graph(SimpleNamespace(replay=lambda: None), static, torch.tensor(2.0)), None
+
+    step._capture = capture
+    ticks = iter(range(1, 100))
+    monkeypatch.setattr(graphs.time, "perf_counter", lambda: float(next(ticks)))
+    prepared = step.prepare([st.tokenize(ANCHORS), st.tokenize(POSITIVES)])
+    step(prepared)  # eager: clock 1 -> 2
+    assert step.warmup_s == 1.0
+    step(prepared)  # captured and replayed: clock 3 -> 4
+    assert step.warmup_s == 2.0 and step.last == "captured"
+    step(prepared)
+    step(prepared)  # replays: the clock is not read
+    assert step.warmup_s == 2.0 and step.last == "replayed" and step.counts["replayed"] == 3
+
+
 def test_to_sentence_transformer_gives_one_mode_to_the_whole_tree(root):
     model, tok = FastModel.from_pretrained(str(make_tiny_model("bert", root)), max_seq_length=48)
     st = to_sentence_transformer(model, tok)

@@ -166,6 +166,10 @@ def process_age_s() -> float | None:
         return None
 
 
+def _last_step(state) -> bool:
+    return 0 < state.max_steps <= state.global_step
+
+
 class Phases:
     """Wall-clock seconds of a run's named stages, for metrics.json's `phases_s`: where a job's time
     goes outside its training steps (the fixed cost a user waits through on every run)."""
@@ -199,11 +203,17 @@ class Phases:
             def on_step_end(self, args, state, control, **kwargs):
                 if phases.seconds.get("first_step") is None:
                     phases.mark("first_step")
-                elif 0 < state.max_steps <= state.global_step:
+                elif _last_step(state):
                     phases.mark("train")
 
+            def on_log(self, args, state, control, **kwargs):
+                if _last_step(state):  # the last step's log and evaluation come before its checkpoint
+                    phases.mark("train")
+
+            on_evaluate = on_log
+
             def on_save(self, args, state, control, **kwargs):
-                if 0 < state.max_steps <= state.global_step:
+                if _last_step(state):
                     phases.mark("final_checkpoint")
 
         return StepMarks()
