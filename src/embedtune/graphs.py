@@ -298,8 +298,7 @@ class GraphedStep:
             self._scale = torch.ones((), device=device)
         self._attach_grads()
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(device)
-        try:
+        try:  # torch.cuda.graph drains the device before it begins (the step's clock has too)
             with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream()), _fresh_leaf_streams():
                 loss = self._forward_backward(static, rows, stream, self._scale)
         except Exception as exc:  # noqa: BLE001 - any failure to capture means: run eagerly

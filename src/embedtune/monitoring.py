@@ -193,15 +193,12 @@ class Phases:
         phases = self
 
         class StepMarks(TrainerCallback):
-            begun = False
-
             def on_step_begin(self, args, state, control, **kwargs):
-                if not self.begun:
-                    self.begun = True
+                if "trainer_setup" not in phases.seconds:
                     phases.mark("trainer_setup")
 
             def on_step_end(self, args, state, control, **kwargs):
-                if phases.seconds.get("first_step") is None:
+                if "first_step" not in phases.seconds:
                     phases.mark("first_step")
                 elif _last_step(state):
                     phases.mark("train")
