@@ -384,3 +384,54 @@ def test_graphed_recipe_trains_with_dropout_like_the_eager_recipe(root, tmp_path
     assert modes and all(m == {True} for m in modes), "the graph step ran with dropout off"
     assert len(eager) == len(graphed) == 6
     assert graphed == pytest.approx(eager, abs=1e-6)
+
+
+def _stub_capture(step, log, fail=lambda: False):
+    """Capture stubbed on CPU: records each call; a 'graph' whose replay does nothing."""
+    import embedtune.graphs as graphs
+
+    def capture(inputs, rows, stream):
+        log.append(("capture", stream))
+        if fail():
+            return None, "RuntimeError: capture broke"
+        step._scale = torch.ones(())
+        static = {k: v.clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        return graphs._Graph(SimpleNamespace(replay=lambda: None), static, torch.tensor(2.0)), None
+
+    step._capture = capture
+    step._eager = lambda inputs, static, scale: log.append(("eager", static[1])) or torch.tensor(0.0)
+
+
+def test_new_shapes_are_captured_at_first_sight_once_a_capture_worked(root):
+    """The first shape runs eagerly, then is captured; every later new shape is captured at once (one
+    eager step saved per shape). Compiled layers keep the eager first sight (a new size compiles), and
+    a first-sight capture that fails runs that step eagerly and restores the old order for the run,
+    with graphs kept on (CPU: capture and the eager step stubbed)."""
+    st = _st("bert", root, lora=False)
+    features = [st.tokenize(ANCHORS), st.tokenize(POSITIVES)]
+    short = [st.tokenize(ANCHORS[:2]), st.tokenize(POSITIVES[:2])]
+    longer = [st.tokenize(ANCHORS + ANCHORS), st.tokenize(POSITIVES + POSITIVES)]
+
+    def run(step, batches, compile=False):
+        for forward in step._packed:
+            forward.compile = compile  # (FastModel's "auto" may compile later: it counts as compiled)
+        log = []
+        _stub_capture(step, log, fail=lambda: fails.pop(0) if fails else False)
+        for batch in batches:
+            step(batch)
+        return [kind for kind, _ in log]
+
+    fails = []
+    step = GraphedStep(ContrastiveLoss(st), max_seq_length=48, dtype=None, token_multiple=16)
+    assert run(step, [features, features, short, short, longer]) == ["eager", "capture", "capture", "capture"]
+    assert step.shapes == 3 and step.counts["replayed"] == 4 and step.last == "captured"
+
+    for compile in ("default", "auto"):
+        compiled = GraphedStep(ContrastiveLoss(st), max_seq_length=48, dtype=None, token_multiple=16)
+        assert run(compiled, [features, features, short, short], compile) == ["eager", "capture", "eager", "capture"]
+
+    fails = [False, True]  # the first shape's capture works; the next shape's first-sight capture fails
+    falls_back = GraphedStep(ContrastiveLoss(st), max_seq_length=48, dtype=None, token_multiple=16)
+    assert run(falls_back, [features, features, short, short, longer, longer]) == [
+        "eager", "capture", "capture", "eager", "capture", "eager", "capture"]
+    assert falls_back.off_reason is None and not falls_back.first_sight_captures and falls_back.shapes == 3

@@ -13,9 +13,12 @@ captured graph launches them all with one call. Capture needs fixed shapes and n
 - gradients accumulate into buffers that outlive the graph, re-attached to the parameters before each
   replay (the trainer may have set them to None).
 
-A batch shape runs eagerly the first time it is seen (a compile for a new size, Triton autotuning and
-cuBLAS warm up outside capture: capturing new shapes at first sight failed on an H200 with compiled
-layers), is captured the second time and replayed from then on. All graphs share one
+The first batch shape runs eagerly the first time it is seen (CUDA's libraries, kernels, cuBLAS
+workspaces and Triton builds load outside capture), is captured the second time and replayed from then
+on. Once a capture has succeeded, a new shape is captured at its first sight, which saves an eager
+step per shape; with compiled layers a new shape still runs eagerly first (a compile for a new size
+cannot run inside a capture: capturing at first sight failed on an H200 with compiled layers), and a
+first-sight capture that fails falls back to that order for the rest of the run. All graphs share one
 memory pool: it holds one step's activations. Anything capture cannot take (a host sync somewhere in
 a model or loss) turns graphs off for the run with a one-line notice; the step then runs eagerly.
 (torch 2.11 does not always clean up after a failed capture: one that failed mid-compile left later
@@ -175,7 +178,8 @@ class GraphedStep:
         self._scale: Tensor | None = None
         self.off_reason: str | None = None
         self.counts = {"eager": 0, "captured": 0, "replayed": 0}  # steps run each way (a capture is replayed too)
-        self.warmup_s = 0.0  # wall seconds of the steps that ran eagerly or captured (device work included)
+        self.warmup_s = 0.0  # host seconds of the steps that met a new shape (eager first sights and captures)
+        self.first_sight_captures = True  # off after one fails: new shapes then run eagerly before their capture
         self.last: str | None = None  # how the last step ran: "eager", "captured" or "replayed"
 
     @property
@@ -204,27 +208,22 @@ class GraphedStep:
         key = (tuple((k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, repr(v))
                      for k, v in inputs.items()), rows, stream, tuple(m.training for m in self._modules))
         entry = self._graphs.get(key, _UNSEEN)
-        if entry is _UNSEEN:
+        if entry is _UNSEEN and not self._captures_at_first_sight():
             # First sight of a shape: run it eagerly, so that whatever it sets up the first time
-            # (a compile for a new size, Triton autotuning, cuBLAS workspaces) happens outside capture.
+            # (CUDA's libraries, a compile for a new size, Triton builds, cuBLAS workspaces) happens
+            # outside capture.
             self._graphs[key] = None
-            started = self._warmup_clock()
+            started = time.perf_counter()
             loss = self._eager(inputs, (rows, stream), scale)
-            self._warmup_clock(started)
+            self.warmup_s += time.perf_counter() - started
             return loss
-        captured = entry is None
-        started = self._warmup_clock() if captured else None
+        captured = entry is None or entry is _UNSEEN
+        started = time.perf_counter() if captured else None
         if captured:
+            first_sight = entry is _UNSEEN
             entry, error = self._capture(inputs, rows, stream)
             if entry is None:
-                self.off_reason = error
-                logger.warning("embedtune: CUDA graphs off for this run, capture failed (%s); steps run eagerly",
-                               error)
-                try:
-                    return self._eager(inputs, (rows, stream), scale)
-                except RuntimeError as exc:  # torch did not clean up after the failed capture
-                    raise EmbedtuneError(f"a CUDA graph capture failed ({error}) and left torch unable to run the "
-                                         f"step eagerly ({exc}); rerun (or --resume) without --cuda-graphs") from exc
+                return self._after_failed_capture(key, inputs, (rows, stream), scale, error, first_sight, started)
             self._graphs[key] = entry
         for name, value in inputs.items():
             if isinstance(value, Tensor):
@@ -233,10 +232,35 @@ class GraphedStep:
         self._attach_grads()
         entry.graph.replay()
         if started is not None:
-            self._warmup_clock(started)
+            self.warmup_s += time.perf_counter() - started
         self.counts["replayed"] += 1
         self.last = "captured" if captured else "replayed"
         return entry.loss.clone()
+
+    def _captures_at_first_sight(self) -> bool:
+        """Whether a new shape may be captured without an eager run first: once a capture has worked
+        (everything a step loads on first use is loaded), unless a layer compiles (a new size would
+        compile inside the capture) or such a capture failed before."""
+        return self.first_sight_captures and self.shapes > 0 and not any(f.compile for f in self._packed)
+
+    def _after_failed_capture(self, key, inputs, static, scale, error, first_sight, started) -> Tensor:
+        """A shape's capture failed. At its first sight: run it eagerly, as a warm-up, and let every new
+        shape from now on do so before its capture. At its second: CUDA graphs off for the run."""
+        if first_sight:
+            self.first_sight_captures = False
+            self._graphs[key] = None
+            logger.info("embedtune: a new batch shape's capture failed (%s); new shapes now run eagerly once "
+                        "before their capture", error)
+        else:
+            self.off_reason = error
+            logger.warning("embedtune: CUDA graphs off for this run, capture failed (%s); steps run eagerly", error)
+        try:
+            loss = self._eager(inputs, static, scale)
+        except RuntimeError as exc:  # torch did not clean up after the failed capture
+            raise EmbedtuneError(f"a CUDA graph capture failed ({error}) and left torch unable to run the "
+                                 f"step eagerly ({exc}); rerun (or --resume) without --cuda-graphs") from exc
+        self.warmup_s += time.perf_counter() - started
+        return loss
 
     # -- the batch, made static
 
@@ -298,9 +322,18 @@ class GraphedStep:
             self._scale = torch.ones((), device=device)
         self._attach_grads()
         graph = torch.cuda.CUDAGraph()
-        try:  # torch.cuda.graph drains the device before it begins (the step's clock has too)
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream()), _fresh_leaf_streams():
-                loss = self._forward_backward(static, rows, stream, self._scale)
+        capture = self._capture_stream()
+        # What torch.cuda.graph does, less its device-wide drain and the freeing of both memory caches
+        # (cached device blocks and pinned host buffers would only be allocated again): the capture
+        # stream waits for the work queued before it, and nothing in a capture runs until its replay.
+        capture.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(capture), _fresh_leaf_streams():
+                graph.capture_begin(pool=self._pool)
+                try:
+                    loss = self._forward_backward(static, rows, stream, self._scale)
+                finally:
+                    graph.capture_end()
         except Exception as exc:  # noqa: BLE001 - any failure to capture means: run eagerly
             while exc.__context__ is not None:  # the first error, not capture_end's complaint about it
                 exc = exc.__context__
@@ -310,16 +343,6 @@ class GraphedStep:
             self._pool = graph.pool()
         self.counts["captured"] += 1
         return _Graph(graph, static, loss), None
-
-    def _warmup_clock(self, started: float | None = None) -> float:
-        """The device drained and the time now; with `started`, the seconds since added to warmup_s. Only
-        the few steps that see a new shape pay these syncs: what a shape costs the run, measured."""
-        if self._device().type == "cuda":
-            torch.cuda.synchronize(self._device())
-        now = time.perf_counter()
-        if started is not None:
-            self.warmup_s += now - started
-        return now
 
     def _attach_grads(self) -> None:
         """Point every parameter's `.grad` at its static buffer (what the graphs write into), keeping

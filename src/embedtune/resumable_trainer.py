@@ -157,6 +157,84 @@ class ResumableTrainer(SentenceTransformerTrainer):
         return sampler or super().get_batch_sampler(dataset, batch_size, drop_last, valid_label_columns,
                                                     generator, seed)
 
+    # ---- a log step's loss read one step later
+
+    defer_logs: bool | None = None  # None: where the loss lives on a GPU and one process trains; True/False: forced
+    _pending_log = None  # a log step's values on their way to the host (`_take_log`)
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs):
+        """The trainer's log, evaluation and checkpoint after a step, with a plain log step's loss and
+        gradient norm read one step later. Reading them at once waits for the GPU to finish the step,
+        and the GPU then idles while the host prepares the next one (every `logging_steps` steps).
+        The entry keeps its own step and epoch. An evaluation, a checkpoint or the last step reads at
+        once, after any entry still pending, so the log history keeps its order."""
+        self._emit_pending_log(wait=False)
+        control, state = self.control, self.state
+        if (control.should_log and state.global_step > self._globalstep_last_logged and not control.should_evaluate
+                and not control.should_save and not 0 < state.max_steps <= state.global_step
+                and self._defers_logs(tr_loss)):
+            self._take_log(tr_loss, grad_norm, kwargs.get("learning_rate"))
+        else:
+            self._emit_pending_log(wait=True)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
+
+    def _defers_logs(self, tr_loss) -> bool:
+        if self.defer_logs is not None:
+            return self.defer_logs
+        from . import distributed
+
+        tokens_seen = getattr(self.args, "include_num_input_tokens_seen", False)  # its speed figures read "now"
+        return (isinstance(tr_loss, torch.Tensor) and tr_loss.is_cuda and distributed.world_size() == 1
+                and tokens_seen in (False, None, "no"))
+
+    def _take_log(self, tr_loss: torch.Tensor, grad_norm, learning_rate) -> None:
+        """What the trainer's log does before its host read (sum, reset, bookkeeping), with the values
+        copied to page-locked memory behind an event instead of read."""
+        norm_on_device = isinstance(grad_norm, torch.Tensor)
+        values = torch.stack([tr_loss.detach().float().reshape(())]
+                             + ([grad_norm.detach().float().reshape(())] if norm_on_device else []))
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
+        host.copy_(values, non_blocking=True)
+        event = None
+        if values.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        tr_loss -= tr_loss
+        state = self.state
+        self._pending_log = dict(
+            host=host, event=event, step=state.global_step, epoch=state.epoch,
+            steps=state.global_step - self._globalstep_last_logged,
+            grad_norm=None if norm_on_device else grad_norm,
+            learning_rate=learning_rate if learning_rate is not None else self._get_learning_rate())
+        self._globalstep_last_logged = state.global_step
+        self.store_flos()
+
+    def _emit_pending_log(self, wait: bool) -> None:
+        """Log the pending entry once its values are on the host (at once if `wait`), under its own step."""
+        pending = self._pending_log
+        if pending is None:
+            return
+        if pending["event"] is not None:
+            if not wait and not pending["event"].query():
+                return
+            pending["event"].synchronize()
+        self._pending_log = None
+        values = pending["host"].tolist()
+        logs = {"loss": values[0] / pending["steps"]}
+        grad_norm = values[1] if len(values) > 1 else pending["grad_norm"]
+        if grad_norm is not None:
+            logs["grad_norm"] = grad_norm
+        logs["learning_rate"] = pending["learning_rate"]
+        self._total_loss_scalar += values[0]
+        state, should_log = self.state, self.control.should_log
+        now = state.global_step, state.epoch
+        state.global_step, state.epoch = pending["step"], pending["epoch"]
+        try:
+            self.log(logs)
+        finally:
+            state.global_step, state.epoch = now
+            self.control.should_log = should_log  # (the callbacks' on_log clears it: it is this step's)
+
     graph_step = None  # an embedtune.graphs.GraphedStep when the run replays its steps as CUDA graphs
     _modules_of = None  # the graphed step's model and its modules, listed once
     _finite_gate = None  # a guards._NonFiniteGate, if the first step chose the deferred check
