@@ -5,8 +5,9 @@ its fastest correct mode itself; `--compile`/`--no-compile` and `--cuda-graphs`/
 overrule the choice. Both modes compute the same step as the eager packed path (tests/test_graphs.py,
 tests/test_compile.py, benchmarks/check_graphs_gpu.py); they differ in what they cost up front:
 
-- CUDA graphs: each batch shape runs eagerly once and is captured at its second sight (a few
-  shapes per run), so they pay after a few dozen steps. Where the step cannot be captured (another
+- CUDA graphs: the first batch shape runs eagerly once and is captured at its second sight, later
+  shapes are captured at their first (eagerly first with compiled layers); a run meets a few shapes,
+  so graphs pay after a few dozen steps. Where the step cannot be captured (another
   loss, several processes, gradient checkpointing, ...) the run stays eager (`graphs.unsupported_reason`).
 - Fused kernels (`kernels.fused_norm`, BERT-family layers not compiled): Triton builds them on their
   first use and keeps them in its on-disk cache; a cold build costs seconds (its launchers are
