@@ -2,7 +2,8 @@
 `embedtune.kernels.prebuild`): with an empty Triton cache, the child builds the kernels; then a packed
 BERT training step (bf16 autocast, dropout on) in a fresh process must find every kernel it calls in
 the cache (no new cache entries) and its first call must cost what a warm cache costs. Full fine-tuning
-(fp32 LayerNorms) and LoRA (bf16 base). Prints a table last.
+(fp32 weights, its linears through `packing.main_grad` as the CUDA-graph step runs them: q, k and v's
+gradients joined by `kernels.join_grads`' kernel) and LoRA (bf16 base). Prints a table last.
 
     python3 benchmarks/check_prebuild_gpu.py [--hidden 768]
 """
@@ -19,10 +20,10 @@ import time
 from pathlib import Path
 
 STEP = r"""
-import json, sys, time
+import contextlib, json, sys, time
 import torch
 from transformers import BertConfig, BertModel
-from embedtune.packing import enable_fast_path
+from embedtune.packing import enable_fast_path, main_grad
 hidden, weights = int(sys.argv[1]), sys.argv[2]
 config = BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=hidden // 64,
                     intermediate_size=4 * hidden, vocab_size=30522)
@@ -35,7 +36,8 @@ ids = torch.randint(1000, 30000, (64, 160), device="cuda")
 mask = (torch.arange(160, device="cuda")[None] < torch.randint(8, 160, (64, 1), device="cuda")).long()
 torch.cuda.synchronize()
 t = time.perf_counter()
-with torch.autocast("cuda", dtype=torch.bfloat16):
+shadows = main_grad.Shadows(torch.bfloat16)
+with torch.autocast("cuda", dtype=torch.bfloat16), (main_grad.active(shadows) if weights == "fp32" else contextlib.nullcontext()):
     out = model(input_ids=ids, attention_mask=mask).last_hidden_state
 out.float().square().mean().backward()
 torch.cuda.synchronize()

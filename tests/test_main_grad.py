@@ -76,9 +76,13 @@ def _matches_the_plain_path(model, batch) -> main_grad.Shadows:
     assert set(got) == set(plain)  # every parameter got its gradient, none was left out
     linear = _linear_weights(model)
     assert linear and linear <= set(got)
+    # the stacked projections' biases (q, k, v), whose gradients are summed in fp32 here
+    stacked = {id(p) for p in model.parameters()} & {i for key in shadows._buffers if len(key) > 1 for i in key}
+    fp32_sums = linear | {n for n, p in model.named_parameters() if id(p) in stacked and n.endswith(".bias")}
     for name, want in plain.items():
-        # weight gradients are summed in fp32 here, rounded to bf16 first on the plain path: one bf16 step apart
-        tol = 2 ** -7 if name in linear else 1e-6
+        # weight gradients (and stacked biases') are summed in fp32 here, rounded to bf16 first on the plain
+        # path: one bf16 step apart
+        tol = 2 ** -7 if name in fp32_sums else 1e-6
         assert (got[name] - want).abs().max() <= tol * want.abs().max(), name
     return shadows
 
@@ -131,3 +135,68 @@ def test_only_steps_with_a_backward_and_trained_fp32_weights_take_it():
         handle.remove()
         assert not main_grad.applies([layer, torch.nn.Linear(8, 4, bias=False)], x)  # biases on some only
     assert not main_grad.applies([layer], x)  # no autocast: no casts to save
+
+
+def _grads_of(params) -> list[torch.Tensor | None]:
+    out = [None if p.grad is None else p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return out
+
+
+@pytest.mark.parametrize("widths", [(24, 24, 24), (24, 8, 8)])  # q, k, v; grouped-query attention's narrower k, v
+@pytest.mark.parametrize("lead", [(37,), (3, 13)])  # the packed stream; a padded batch
+def test_split_projections_match_three_linears(widths, lead):
+    """`linear(..., split=True)` (`lora_linear.linears`' q, k, v): each output is its layer's, and the
+    backward, handed the three gradients apart, joins them itself: the input's, every weight's and every
+    bias's gradient are those of three nn.Linear under autocast, the weights' and biases' summed in fp32
+    (to the fp64 sums). The upstream gradients differ per output, so a block joined out of place shows."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(16, w) for w in widths]
+    with torch.no_grad():
+        for layer in layers:
+            layer.bias.normal_()
+    params = [x for layer in layers for x in (layer.weight, layer.bias)]
+    x = torch.randn(*lead, 16, requires_grad=True)
+    ups = [torch.randn(*lead, w).to(torch.bfloat16) * (i + 1) for i, w in enumerate(widths)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = [layer(x) for layer in layers]
+    torch.autograd.backward(plain, ups)
+    want = _grads_of([x] + params)
+    shadows = main_grad.Shadows(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), main_grad.active(shadows):
+        outs = main_grad.linear(shadows, layers, x, split=True)
+    assert len(outs) == 3 and all(torch.equal(o, p) for o, p in zip(outs, plain))
+    torch.autograd.backward(outs, ups)
+    got = _grads_of([x] + params)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32 and (g - w).abs().max() <= 2 ** -7 * w.abs().max()
+    x16 = x.detach().to(torch.bfloat16).double().reshape(-1, 16)
+    for i, up in enumerate(ups):
+        up = up.double().reshape(-1, widths[i])
+        weight, bias = got[1 + 2 * i], got[2 + 2 * i]
+        assert torch.allclose(weight.double(), up.t() @ x16, rtol=1e-5, atol=1e-5 * (up.abs().max() * x16.abs().max()).item())
+        assert torch.allclose(bias.double(), up.sum(0), rtol=1e-5, atol=1e-5 * up.abs().max().item())
+
+
+def test_an_unused_split_output_gets_zero_gradients():
+    """Only q and v feed the loss: k's block of the joined gradient is zeros (autograd hands the backward
+    none for it), so k's weight and bias gradients are zeros and q's and v's are the plain path's."""
+    torch.manual_seed(1)
+    layers = [torch.nn.Linear(16, 24) for _ in range(3)]
+    params = [x for layer in layers for x in (layer.weight, layer.bias)]
+    x = torch.randn(29, 16, requires_grad=True)
+    ups = [torch.randn(29, 24).to(torch.bfloat16) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = [layers[0](x), layers[2](x)]
+    torch.autograd.backward(plain, ups)
+    want = _grads_of([x] + params)
+    shadows = main_grad.Shadows(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), main_grad.active(shadows):
+        q, _, v = main_grad.linear(shadows, layers, x, split=True)
+    torch.autograd.backward([q, v], ups)
+    got = _grads_of([x] + params)
+    assert want[3] is None and want[4] is None  # the plain path: k's parameters took no gradient
+    assert not got[3].any() and not got[4].any()
+    for i in (0, 1, 2, 5, 6):
+        assert (got[i] - want[i]).abs().max() <= 2 ** -7 * want[i].abs().max(), i

@@ -241,7 +241,7 @@ def train(
     no_fast: bool = typer.Option(False, "--no-fast", help="Use the standard padded forward instead of the packed fast path."),
     compile_layers: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the packed layers (about 15 s on a GPU, 4 s once cached). Default: on a GPU when the planned steps earn the warm-up back."),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Replay each step's forward and backward as a CUDA graph (fast path, one GPU, bf16). Default: on a GPU for runs of 40 steps or more, where the step can be captured."),
-    fused_kernels: Optional[bool] = typer.Option(None, "--fused-kernels/--no-fused-kernels", help="Fused dropout + residual + LayerNorm kernels in BERT-family layers (Triton, GPU, layers not compiled). Default: with CUDA graphs, where the planned steps earn back their build (built ahead in a child process while the run starts)."),
+    fused_kernels: Optional[bool] = typer.Option(None, "--fused-kernels/--no-fused-kernels", help="Fused kernels in BERT-family layers (Triton, GPU, layers not compiled): dropout + residual + LayerNorm, and in full fine-tuning the q, k, v gradients joined with their bias gradient summed. Default: with CUDA graphs, where the planned steps earn back their build (built ahead in a child process while the run starts)."),
     query_prompt: Optional[str] = typer.Option(None, "--query-prompt", help='Prefix for queries, e.g. "query: " (saved in the model).'),
     document_prompt: Optional[str] = typer.Option(None, "--document-prompt", help='Prefix for documents, e.g. "passage: ".'),
     temperature: float = typer.Option(0.05, "--temperature", help="InfoNCE temperature (0.05 = MNRL's scale 20)."),

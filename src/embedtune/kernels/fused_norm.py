@@ -37,10 +37,12 @@ def _kernels():
 
 @lru_cache(maxsize=None)
 def kernels_fingerprint() -> str:
-    """Names this build of the kernels (their source, the card) for `speed`'s cache marker."""
+    """Names this build of the kernels (their source, the card) for `speed`'s cache marker: the fused
+    norm's and the gradient join's (`join_grads`), which the same runs build."""
     from ..speed import fused_kernels_fingerprint
 
-    return fused_kernels_fingerprint((Path(__file__).parent / "triton_norm.py").read_text())
+    sources = [(Path(__file__).parent / name).read_text() for name in ("triton_norm.py", "triton_join.py")]
+    return fused_kernels_fingerprint("".join(sources))
 
 
 @lru_cache(maxsize=None)

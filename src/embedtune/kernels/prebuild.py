@@ -1,4 +1,4 @@
-"""Build the fused norm kernels (`fused_norm`) ahead of a run, in a process of its own.
+"""Build the fused kernels (`fused_norm`, `join_grads`) ahead of a run, in a process of its own.
 
 Triton compiles a kernel at its first call: about 3 s for the fused norm's forward and backward,
 which a short run does not earn back, so the speed choice used to leave them off on a cold cache.
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .fused_norm import MAX_COLUMNS, can_build, residual_norm
+from .join_grads import join_and_sum
 
 # the model types whose packed layers call the fused norm (`packing.bert`; a test keeps the two equal).
 # Named here, not read from `packing`: importing that package brings transformers, which this process
@@ -64,7 +65,8 @@ def read_config(model: str) -> dict | None:
 def build(width: int, weights_dtype: torch.dtype, device: torch.device) -> None:
     """Call the fused op forward and backward as a packed BERT layer does under bf16 autocast: the
     attention sub-block's norm (fp32 stream plus its bf16 copy, both read downstream) feeding the
-    feed-forward sub-block's norm (stream only), dropout on, each with its dense layer's bias."""
+    feed-forward sub-block's norm (stream only), dropout on, each with its dense layer's bias. Full
+    fine-tuning (fp32 weights) also joins q, k and v's bf16 gradients (`packing.main_grad`)."""
     torch.manual_seed(0)
     norms = [torch.nn.LayerNorm(width, eps=1e-12, device=device, dtype=weights_dtype) for _ in range(2)]
     dropout = torch.nn.Dropout(0.1)
@@ -78,6 +80,8 @@ def build(width: int, weights_dtype: torch.dtype, device: torch.device) -> None:
         ffn = branches[1] * product_input  # the copy feeds a product; its gradient comes back in bf16
         out, _ = residual_norm(norms[1], dropout, ffn, hidden, fused=True, product_input=False, branch_bias=biases[1])
     out.float().square().mean().backward()
+    if weights_dtype == torch.float32:  # LoRA's frozen bf16 q, k, v weights take no gradient to join
+        join_and_sum([torch.randn(_ROWS, width, device=device, dtype=torch.bfloat16) for _ in range(3)])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -33,7 +33,8 @@ def _layer(layer, hidden, plan: PackedBatch, attention_backend: str, fused: bool
     self_attn = layer.attention.self
     tokens = hidden.shape[0]
     heads, dim = self_attn.num_attention_heads, self_attn.attention_head_size
-    q, k, v = (t.view(tokens, heads, dim) for t in linears([self_attn.query, self_attn.key, self_attn.value], hidden))
+    projections = linears([self_attn.query, self_attn.key, self_attn.value], hidden, fused)  # fused: their grads' join
+    q, k, v = (t.view(tokens, heads, dim) for t in projections)
     dropout = self_attn.dropout.p if self_attn.training else 0.0
     scale = getattr(self_attn, "scaling", dim ** -0.5)
     context = varlen_attention(q, k, v, plan, scale, dropout, backend=attention_backend).reshape(tokens, heads * dim)

@@ -56,7 +56,8 @@ class PackedOptions:
     whole_stack: compile the whole layer stack as one graph where it can be (`run_layers`);
     fused_kernels: end each BERT-family sub-block with the fused dropout + residual + LayerNorm
         kernels where they apply (`fused_norm.residual_norm`: CUDA, not compiled; the recipe turns
-        them on where they pay, `speed`).
+        them on where they pay, `speed`), and join their q, k, v gradients with one
+        (`kernels.join_grads`, in `main_grad`'s steps).
     """
 
     token_multiple: int | None = None

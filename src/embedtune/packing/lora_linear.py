@@ -86,19 +86,20 @@ def _stacked(modules, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, torch.cat([m.weight for m in modules]), bias)
 
 
-def linears(modules, x: torch.Tensor) -> list[torch.Tensor]:
+def linears(modules, x: torch.Tensor, fused: bool = False) -> list[torch.Tensor]:
     """`[linear(m, x) for m in modules]` for projections of one input (q, k, v; gate, up). Plain
     linears whose weights autocast casts (fp32 master weights, the usual full fine-tuning) run as
     one matrix product over their concatenated weights: fewer, larger GEMMs and fewer launches
     (+6% tokens/s eager, +8% compiled, BERT-base full fine-tuning on an H200). Everything else runs
     one by one: LoRA layers (stacking their frozen weights copies them every step: 12% slower), and
     weights already in the compute dtype (see `_stackable`). docs/BENCHMARKS.md has the runs. Inside
-    `main_grad.active`, the plain linears run from one stacked shadow weight (`main_grad.linear`)."""
+    `main_grad.active`, the plain linears run from one stacked shadow weight (`main_grad.linear`),
+    which joins their gradients itself (`fused`: with the Triton kernel, `kernels.join_grads`)."""
     if FUSE_PROJECTIONS and len(modules) > 1:
-        sizes = [m.out_features for m in modules]
         shadows = main_grad.shadows_for(modules, x)
         if shadows is not None:
-            return list(main_grad.linear(shadows, modules, x).split(sizes, dim=-1))
+            return list(main_grad.linear(shadows, modules, x, split=True, fused=fused))
         if _stackable(modules, x):
+            sizes = [m.out_features for m in modules]
             return list(_stacked(modules, x).split(sizes, dim=-1))
     return [linear(m, x) for m in modules]

@@ -12,8 +12,12 @@ inside `active(shadows)`:
   buffer, so their product needs no concatenation either;
 - the backward writes each weight's gradient straight into its fp32 `.grad` with the GEMM itself
   (`addmm` with an fp32 output and beta 1): no cast, no add, and the gradient is summed in fp32
-  without an intermediate bf16 rounding. The bias gradients are summed in the compute dtype, as
-  autograd does, and added.
+  without an intermediate bf16 rounding. A single layer's bias gradient is summed in the compute
+  dtype, as autograd does, and added;
+- stacked projections hand back their outputs split (views of the one product), so the backward
+  gets q, k and v's gradients apart and joins them itself, summing the stacked bias's gradient in
+  fp32 in the same pass (`kernels.join_grads`: one Triton kernel with the fused kernels on) where
+  autograd would join them with a cat and sum them in a second pass.
 
 The weights' own autograd accumulation (and any hook on it: DDP's, FSDP's) does not run for these
 weights, so only a step that owns its gradients turns this on: `graphs.GraphedStep` (one process, no
@@ -28,6 +32,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels.join_grads import join_and_sum
 
 _ACTIVE = contextvars.ContextVar("embedtune_main_grad_shadows", default=None)
 
@@ -162,23 +168,33 @@ def _add_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
 
 
 class _MainGradLinear(torch.autograd.Function):
-    """y = x W^T + b with W the shadow buffer; the backward writes the weights' and biases' gradients
-    into their `.grad` and returns none for them."""
+    """y = x W^T + b with W the shadow buffer, or with `sizes` y split into views of those widths; the
+    backward writes the weights' and biases' gradients into their `.grad` and returns none for them."""
 
     @staticmethod
-    def forward(ctx, x, weight16, bias16, params):
+    def forward(ctx, x, weight16, bias16, params, sizes, fused):
         ctx.params = params  # (weights, biases): long-lived parameters, not saved activations
         x16 = x.to(weight16.dtype)
-        ctx.input_dtype = x.dtype
+        ctx.input_dtype, ctx.fused = x.dtype, fused
         ctx.save_for_backward(x16, weight16)
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x16, weight16, bias16)
+            out = F.linear(x16, weight16, bias16)
+        return out if sizes is None else out.split(sizes, dim=-1)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grads):  # one per output; an unused output's come as zeros (materialized by autograd)
         x16, weight16 = ctx.saved_tensors
         weights, biases = ctx.params
-        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(weight16.dtype)
+        parts = [g.reshape(-1, g.shape[-1]).to(weight16.dtype) for g in grads]
+        db = None
+        if len(parts) == 1:
+            dy = parts[0]
+            if biases:
+                db = dy.sum(0)  # in the compute dtype, as autograd sums a biased product's gradient
+        elif biases:
+            dy, db = join_and_sum(parts, ctx.fused)  # db in fp32
+        else:
+            dy = torch.cat(parts, dim=1)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = (dy @ weight16).view(x16.shape).to(ctx.input_dtype)
@@ -187,20 +203,23 @@ class _MainGradLinear(torch.autograd.Function):
         for w in weights:
             _accumulate(w, dy[:, offset : offset + w.shape[0]].t(), x2)
             offset += w.shape[0]
-        if biases:
-            db = dy.sum(0)  # in the compute dtype, as autograd sums a biased product's gradient
+        if db is not None:
             for b, part in zip(biases, db.split([w.shape[0] for w in weights])):
                 _add_grad(b, part)
-        return dx, None, None, None
+        return dx, None, None, None, None, None
 
 
-def linear(shadows: Shadows, modules, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+def linear(shadows: Shadows, modules, x: torch.Tensor, bias: bool = True, split: bool = False,
+           fused: bool = False):
     """The modules' outputs concatenated (one module: its output), from the shadow weights, with
     gradients written into the fp32 parameters' `.grad` (see the module docstring). `bias=False`: the
-    product without the biases (a fused norm downstream adds them)."""
+    product without the biases (a fused norm downstream adds them). `split`: a tuple of the modules'
+    outputs instead, whose gradients the backward joins itself; `fused`: with the Triton kernel where
+    it applies (`kernels.join_grads`)."""
     weight16 = shadows.stacked([m.weight for m in modules])
     biases = [m.bias for m in modules] if bias and modules[0].bias is not None else []
     bias16 = shadows.stacked(biases) if biases else None
+    sizes = [m.out_features for m in modules] if split else None
     # The parameters go in only through ctx: autograd must see an input that requires grad for the
     # backward to run, which `x` does in training (activations of trained layers).
-    return _MainGradLinear.apply(x, weight16, bias16, ([m.weight for m in modules], biases))
+    return _MainGradLinear.apply(x, weight16, bias16, ([m.weight for m in modules], biases), sizes, fused)
