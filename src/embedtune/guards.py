@@ -45,7 +45,11 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def check_finite_weights(weights: dict[str, torch.Tensor], step: int, checkpoints: Path) -> None:
-    bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
+    """Raise NonFiniteLoss if any weight holds a NaN/inf. Checked where the weights live (on a GPU, one
+    pass per tensor and a single read of all the flags, before a checkpoint copies them out)."""
+    flags = [torch.isfinite(t).all() for t in weights.values()]
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else []
+    bad = [name for name, ok in zip(weights, finite) if not ok]
     if bad:
         raise NonFiniteLoss(f"weights became NaN/inf by step {step} (e.g. {bad[0]}): likely a learning rate too "
                             f"high or fp16 overflow; lower --lr, or train in bf16/fp32; {_last_good(checkpoints)}")

@@ -125,8 +125,9 @@ class ResumableTrainer(SentenceTransformerTrainer):
             return super()._save(output_dir, state_dict)
         folder = Path(output_dir or self.args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        weights = {n: p.detach().to("cpu", copy=True) for n, p in self.trainable_parameters().items()}
-        check_finite_weights(weights, self.state.global_step, Path(self.args.output_dir))
+        params = {n: p.detach() for n, p in self.trainable_parameters().items()}
+        check_finite_weights(params, self.state.global_step, Path(self.args.output_dir))
+        weights = {n: p.to("cpu", copy=True) for n, p in params.items()}
         save_file(weights, str(folder / TRAINABLE_WEIGHTS))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
