@@ -16,9 +16,9 @@ import torch
 
 pytest.importorskip("triton")  # after TRITON_INTERPRET=1 (the runner's environment)
 
-from embedtune import FastModel  # noqa: E402
 from embedtune.kernels import join_grads, prebuild  # noqa: E402
-from embedtune.packing import enable_fast_path, main_grad  # noqa: E402
+from embedtune.packing import main_grad  # noqa: E402
+from packed_steps import autocast_step, packed_model  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
 
 
@@ -74,39 +74,18 @@ def _recorded_joins(monkeypatch) -> list:
     return calls
 
 
-def _bert_step(model, batch, shadows: main_grad.Shadows):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(3)
-    with torch.autocast("cpu", dtype=torch.bfloat16), main_grad.active(shadows):
-        shadows.refresh()
-        out = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].bool()
-        loss = (out[mask].float() * torch.linspace(0.5, 1.5, out.shape[-1])).pow(2).mean()
-    loss.backward()
-    return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_a_packed_bert_step_joins_q_k_v_with_the_kernel_as_torch_does(tmp_path, monkeypatch):
     """Full fine-tuning under bf16 autocast inside `main_grad.active`, the fused kernels on: each layer's
     q, k, v gradients go through the kernel, and every gradient is the one torch's join gives (the same
     joined tensor: weights and inputs bit for bit; the stacked biases' fp32 sums in another order)."""
-    torch.manual_seed(0)
-    model, tok = FastModel.from_pretrained(str(make_tiny_model("bert", tmp_path)), max_seq_length=64, fast=False)
-    with torch.no_grad():  # BERT starts its biases at zero, which would hide a bias gradient lost
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.normal_(0.0, 0.2)
-    assert enable_fast_path(model, fused_kernels=True)
-    model.train()
-    batch = tok(["short", "a longer sentence with more tokens in it", "def f(x):\n    return x + 1"],
-                padding=True, return_tensors="pt")
+    model, batch = packed_model(make_tiny_model("bert", tmp_path), fused_kernels=True)
     shadows = main_grad.Shadows(torch.bfloat16)
     calls = _recorded_joins(monkeypatch)
-    out, got = _bert_step(model, batch, shadows)
+    out, got = autocast_step(model, batch, shadows)
     hidden = model.config.hidden_size
     assert calls == [(torch.bfloat16, hidden, 3)] * model.config.num_hidden_layers
     monkeypatch.setattr(join_grads, "can_join", lambda grads: False)
-    want_out, want = _bert_step(model, batch, shadows)
+    want_out, want = autocast_step(model, batch, shadows)
     assert len(calls) == model.config.num_hidden_layers  # torch's join this time
     assert torch.equal(out, want_out) and set(got) == set(want)
     qkv_biases = {n for n in want if n.endswith(("query.bias", "key.bias", "value.bias"))}

@@ -5,15 +5,11 @@ a Hopper GPU."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from embedtune.kernels import join_grads
+from interpreter_cases import run_cases
 
 
 def test_on_the_cpu_torch_joins_the_parts_and_sums_in_fp32():
@@ -28,13 +24,7 @@ def test_on_the_cpu_torch_joins_the_parts_and_sums_in_fp32():
 
 def test_join_grads_cases_pass_under_the_triton_interpreter():
     pytest.importorskip("triton")
-    here = Path(__file__).parent
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "join_grads_cases.py")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and "failed" not in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+    run_cases("join_grads_cases.py")
 
 
 def test_the_kernel_compiles_for_a_hopper_gpu_without_one():

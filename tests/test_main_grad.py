@@ -5,28 +5,13 @@ accumulation (`addmm` into an fp32 `.grad`) is checked by benchmarks/check_graph
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
-from embedtune import FastModel
-from embedtune.packing import enable_fast_path, main_grad
+from embedtune.packing import main_grad
+from packed_steps import autocast_step as _step
+from packed_steps import packed_model as _packed
 from tiny_models import make_tiny_model
-
-
-def _packed(path):
-    torch.manual_seed(0)
-    model, tok = FastModel.from_pretrained(str(path), max_seq_length=64, fast=False)
-    with torch.no_grad():  # BERT starts its biases at zero, which would hide a bias gradient lost or doubled
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.normal_(0.0, 0.2)
-    assert enable_fast_path(model)
-    model.train()
-    batch = tok(["short", "a longer sentence with more tokens in it", "def f(x):\n    return x + 1"],
-                padding=True, return_tensors="pt")
-    return model, batch
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +19,6 @@ def bert(tmp_path_factory):
     model, batch = _packed(make_tiny_model("bert", tmp_path_factory.mktemp("main_grad")))
     assert model.config.hidden_dropout_prob > 0 and model.config.attention_probs_dropout_prob > 0
     return model, batch
-
-
-def _step(model, batch, shadows=None, seed: int = 3, zero: bool = True):
-    if zero:
-        model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    inside = main_grad.active(shadows) if shadows is not None else contextlib.nullcontext()
-    with torch.autocast("cpu", dtype=torch.bfloat16), inside:
-        if shadows is not None:
-            shadows.refresh()
-        out = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].bool()
-        loss = (out[mask].float() * torch.linspace(0.5, 1.5, out.shape[-1])).pow(2).mean()
-    loss.backward()
-    return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _linear_weights(model) -> set[str]:
