@@ -2,10 +2,11 @@
 tensor (a cat, 47 us a BERT-base layer in `profile_graphs_fused_h200_2026-12-03.log`) and then sums its
 columns for the stacked bias (`sum(0)`, 38 us at 2,304 columns, `probe_bias_grad_h200_2026-12-03.log`).
 This probe times one Triton kernel that does both in a pass (a few tile shapes) against `torch.cat` +
-`sum(0)`, inside a CUDA graph, checked against fp64. A probe: nothing in embedtune uses it yet; the
-kernel would sit in a custom split's backward, with the linear made on `bias.detach()`.
+`sum(0)`, inside a CUDA graph, checked against fp64. The kernel is embedtune's own
+(`kernels.triton_join`, which full fine-tuning's graphed steps run with the tile this probe chose);
+the probe launches it with each tile shape.
 
-    python3 benchmarks/probe_qkv_grad_gpu.py [--tokens 17900] [--hidden 768,1024]
+    PYTHONPATH=src python3 benchmarks/probe_qkv_grad_gpu.py [--tokens 17900] [--hidden 768,1024]
 """
 
 from __future__ import annotations
@@ -14,29 +15,9 @@ import argparse
 
 import torch
 import triton
-import triton.language as tl
 from gpu_timing import finish, graph_ms, record
 
-
-@triton.jit
-def _join_and_sum(DQ, DK, DV, OUT, PARTIAL, rows, hidden, RB: tl.constexpr, CB: tl.constexpr):
-    """Tile (i, j, part): RB rows x CB columns of gradient `part` (q, k, v) copied into OUT's
-    [rows, 3 * hidden] at columns part * hidden + ..., its column sums written to PARTIAL[i]."""
-    i, j, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row = (i * RB + tl.arange(0, RB)).to(tl.int64)
-    col = j * CB + tl.arange(0, CB)
-    mask = (row < rows)[:, None] & (col < hidden)[None, :]
-    src = row[:, None] * hidden + col[None, :]
-    if part == 0:
-        g = tl.load(DQ + src, mask=mask, other=0.0)
-    elif part == 1:
-        g = tl.load(DK + src, mask=mask, other=0.0)
-    else:
-        g = tl.load(DV + src, mask=mask, other=0.0)
-    wide = 3 * hidden
-    out_col = part * hidden + col
-    tl.store(OUT + row[:, None] * wide + out_col[None, :], g, mask=mask)
-    tl.store(PARTIAL + i * wide + out_col, tl.sum(g.to(tl.float32), axis=0), mask=col < hidden)
+from embedtune.kernels import triton_join
 
 
 def fused(dq, dk, dv, tile):
@@ -44,8 +25,8 @@ def fused(dq, dk, dv, tile):
     rb, cb, warps = tile
     out = torch.empty((rows, 3 * hidden), device=dq.device, dtype=dq.dtype)
     partial = torch.empty((triton.cdiv(rows, rb), 3 * hidden), device=dq.device, dtype=torch.float32)
-    _join_and_sum[(triton.cdiv(rows, rb), triton.cdiv(hidden, cb), 3)](dq, dk, dv, out, partial, rows, hidden,
-                                                                        RB=rb, CB=cb, num_warps=warps)
+    triton_join._join_and_sum[(triton.cdiv(rows, rb), triton.cdiv(hidden, cb), 3)](
+        dq, dk, dv, out, partial, rows, hidden, RB=rb, CB=cb, num_warps=warps)
     return out, partial.sum(0)
 
 

@@ -93,6 +93,28 @@ def _deferrable_optimizer(trainer):
     return _fused_adam(trainer.optimizer)
 
 
+class HostCopy:
+    """A device tensor on its way to the host: copied into page-locked memory behind an event, so that
+    reading it waits for that point of the stream only, not for the work queued after it. (A CPU
+    tensor is simply kept.)"""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.value, self.event = tensor, None
+        if tensor.is_cuda:
+            self.value = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.value.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def read(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.value
+
+
 def finite_gate_for(trainer) -> _NonFiniteGate | None:
     """The deferred NaN/inf check for this run (chosen at its first step, once the optimizer exists),
     or None: then the trainer checks each loss at once."""
@@ -106,16 +128,15 @@ class _NonFiniteGate(TrainerCallback):
     on the device; the fused optimizer takes it as `found_inf` and skips its update when it is set, so
     the weights stay finite; the host reads the flag one step later, when the GPU is past it, and
     stops the run there, naming the step whose loss was not finite. Checkpoints wait for the flag.
-    The flag goes to page-locked host memory by an asynchronous copy behind an event, and the host
-    waits on that event only: a plain `.item()` would wait for everything queued on the stream (the
-    next step too), leaving the GPU idle while the host prepares the step after."""
+    The flag reaches the host as a `HostCopy`: a plain `.item()` would wait for everything queued on
+    the stream (the next step too), leaving the GPU idle while the host prepares the step after."""
 
     def __init__(self, trainer, optimizer):
         self.trainer = trainer
         self.optimizer = optimizer  # the fused Adam/AdamW that reads `found_inf`
         self.flag = None  # this optimizer step's flag: a 0-dim float32, 1.0 if a loss was not finite
         self.losses: list[torch.Tensor] = []  # its micro-steps' losses, for the message
-        self.pending: list[tuple[torch.Tensor, Any, list, int]] = []  # (host flag, event, losses, step) not yet read
+        self.pending: list[tuple[HostCopy, list, int]] = []  # (the flag on its way, losses, step) not yet read
 
     def note(self, loss: torch.Tensor) -> None:
         bad = (~torch.isfinite(loss.detach())).any().to(torch.float32)
@@ -123,14 +144,7 @@ class _NonFiniteGate(TrainerCallback):
         self.losses.append(loss.detach())
 
     def _close_step(self, step: int) -> None:
-        flag, event = self.flag, None
-        if flag.is_cuda:  # copied behind the step's work; `check` waits for this point of the stream only
-            host = torch.empty((), dtype=flag.dtype, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            flag = host
-        self.pending.append((flag, event, self.losses, step))
+        self.pending.append((HostCopy(self.flag), self.losses, step))  # copied behind the step's work
         self.flag, self.losses = None, []
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -152,10 +166,8 @@ class _NonFiniteGate(TrainerCallback):
     def check(self, keep_last: int = 0) -> None:
         """Raise NonFiniteLoss for the oldest unread step whose loss was not finite."""
         while len(self.pending) > keep_last:
-            flag, event, losses, step = self.pending.pop(0)
-            if event is not None:
-                event.synchronize()
-            if flag.item():
+            flag, losses, step = self.pending.pop(0)
+            if flag.read().item():
                 self.pending.clear()
                 loss = next(x for x in losses if not torch.isfinite(x).all())
                 raise self.trainer.nonfinite_loss(loss, step)

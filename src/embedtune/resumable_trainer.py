@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from .checkpoint_format import KEEP_CHECKPOINTS, TRAINABLE_WEIGHTS, latest_checkpoint, restore_best, seal_checkpoint
 from .errors import EmbedtuneError
 from .guards import (
-    OUT_OF_MEMORY, InterruptGuard, NonFiniteLoss, TrainingInterrupted, check_finite_weights, finite_gate_for,
+    OUT_OF_MEMORY, HostCopy, InterruptGuard, NonFiniteLoss, TrainingInterrupted, check_finite_weights, finite_gate_for,
     nonfinite_loss_message, oom_message,
 )
 
@@ -190,20 +190,15 @@ class ResumableTrainer(SentenceTransformerTrainer):
 
     def _take_log(self, tr_loss: torch.Tensor, grad_norm, learning_rate) -> None:
         """What the trainer's log does before its host read (sum, reset, bookkeeping), with the values
-        copied to page-locked memory behind an event instead of read."""
+        sent to the host (`guards.HostCopy`) instead of read."""
         norm_on_device = isinstance(grad_norm, torch.Tensor)
         values = torch.stack([tr_loss.detach().float().reshape(())]
                              + ([grad_norm.detach().float().reshape(())] if norm_on_device else []))
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
-        host.copy_(values, non_blocking=True)
-        event = None
-        if values.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
+        host = HostCopy(values)
         tr_loss -= tr_loss
         state = self.state
         self._pending_log = dict(
-            host=host, event=event, step=state.global_step, epoch=state.epoch,
+            host=host, step=state.global_step, epoch=state.epoch,
             steps=state.global_step - self._globalstep_last_logged,
             grad_norm=None if norm_on_device else grad_norm,
             learning_rate=learning_rate if learning_rate is not None else self._get_learning_rate())
@@ -215,12 +210,10 @@ class ResumableTrainer(SentenceTransformerTrainer):
         pending = self._pending_log
         if pending is None:
             return
-        if pending["event"] is not None:
-            if not wait and not pending["event"].query():
-                return
-            pending["event"].synchronize()
+        if not wait and not pending["host"].ready():
+            return
         self._pending_log = None
-        values = pending["host"].tolist()
+        values = pending["host"].read().tolist()
         logs = {"loss": values[0] / pending["steps"]}
         grad_norm = values[1] if len(values) > 1 else pending["grad_norm"]
         if grad_norm is not None:
