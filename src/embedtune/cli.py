@@ -545,7 +545,11 @@ def console_main() -> None:
     `os._exit` after flushing its output.
     Where that could lose something (a tracker's exit handler syncing a run, a torchrun worker whose
     process group shuts down at exit) it exits the usual way. An exception other than SystemExit
-    propagates as usual (a traceback is an error, not a finish)."""
+    propagates as usual (a traceback is an error, not a finish). Before `main`, the process is set to
+    skip an import a run never uses (`deferred_imports`)."""
+    from .deferred_imports import defer_sklearn_in_similarity
+
+    defer_sklearn_in_similarity()
     try:
         main()
         code = 0

@@ -1,0 +1,126 @@
+"""The CLI's deferred scikit-learn import (`embedtune.deferred_imports`), each case in a fresh interpreter:
+
+- with the hook, importing what a run imports (embedtune.train, sentence-transformers) loads no
+  scikit-learn, and sentence-transformers' `pairwise_distances` still gives scikit-learn's result;
+- afterwards `import sklearn.metrics` is the real package (no stand-in left, the hook gone);
+- the console script installs it; importing embedtune alone does not;
+- a module whose source imports anything else from scikit-learn runs untouched, and the hook is not
+  installed once scikit-learn or sentence-transformers is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from embedtune.deferred_imports import IMPORT_LINE, _imports_only_that
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _fresh(code: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_run_s_imports_load_no_sklearn_and_the_function_still_works():
+    seen = _fresh("""
+        import json, sys
+        import numpy as np
+        from embedtune.deferred_imports import defer_sklearn_in_similarity, _DeferSklearn
+        installed = defer_sklearn_in_similarity()
+        import embedtune.train, embedtune.resumable_trainer
+        from sentence_transformers.util import similarity
+        loaded_after_imports = "sklearn" in sys.modules or "sklearn.metrics" in sys.modules
+        hook_left = any(isinstance(f, _DeferSklearn) for f in sys.meta_path)
+        a, b = np.random.default_rng(0).normal(size=(3, 5)), np.random.default_rng(1).normal(size=(4, 5))
+        deferred = similarity.pairwise_distances(a, b, metric="manhattan")
+        import sklearn.metrics
+        real = sklearn.metrics.pairwise_distances(a, b, metric="manhattan")
+        print(json.dumps({"installed": installed, "loaded_after_imports": loaded_after_imports,
+                          "hook_left": hook_left, "same": bool(np.array_equal(deferred, real)),
+                          "real_package": hasattr(sklearn, "__version__") and hasattr(sklearn.metrics, "roc_auc_score"),
+                          "deferred_is_ours": similarity.pairwise_distances.__module__}))
+    """)
+    assert seen["installed"] is True
+    assert seen["loaded_after_imports"] is False
+    assert seen["hook_left"] is False
+    assert seen["same"] is True
+    assert seen["real_package"] is True
+    assert seen["deferred_is_ours"] == "embedtune.deferred_imports"
+
+
+def test_the_console_script_installs_it_and_importing_embedtune_does_not():
+    seen = _fresh("""
+        import json, sys
+        import embedtune, embedtune.cli
+        from embedtune.deferred_imports import _DeferSklearn
+        on_import = any(isinstance(f, _DeferSklearn) for f in sys.meta_path)
+        seen = {}
+        def main():
+            import sentence_transformers.util.similarity as similarity
+            seen["sklearn"] = "sklearn" in sys.modules
+            seen["ours"] = similarity.pairwise_distances.__module__
+            raise SystemExit(0)
+        embedtune.cli.main = main
+        embedtune.cli.EXIT_HANDLERS_NEEDED = ("json",)  # exit the usual way, after this print
+        try:
+            embedtune.cli.console_main()
+        except SystemExit:
+            pass
+        print(json.dumps({"on_import": on_import, **seen}))
+    """)
+    assert seen == {"on_import": False, "sklearn": False, "ours": "embedtune.deferred_imports"}
+
+
+def test_not_installed_once_sklearn_or_sentence_transformers_is_loaded():
+    seen = _fresh("""
+        import json, sys
+        import sklearn
+        from embedtune.deferred_imports import defer_sklearn_in_similarity
+        after_sklearn = defer_sklearn_in_similarity()
+        import sentence_transformers.util.similarity as similarity
+        print(json.dumps({"after_sklearn": after_sklearn, "again": defer_sklearn_in_similarity(),
+                          "module": similarity.pairwise_distances.__module__}))
+    """)
+    assert seen["after_sklearn"] is False and seen["again"] is False
+    assert seen["module"].startswith("sklearn.")
+
+
+def test_only_a_source_with_exactly_that_import_gets_the_stand_ins(tmp_path):
+    def source(text: str) -> str:
+        path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.py"
+        path.write_text(textwrap.dedent(text))
+        return str(path)
+
+    assert _imports_only_that(source(f"import numpy\n{IMPORT_LINE}\n"))
+    assert not _imports_only_that(source(f"{IMPORT_LINE}\nfrom sklearn.metrics import roc_auc_score\n"))
+    assert not _imports_only_that(source("from sklearn.metrics import pairwise_distances, roc_auc_score\n"))
+    assert not _imports_only_that(source(f"{IMPORT_LINE}\nimport sklearn.utils\n"))
+    assert not _imports_only_that(str(tmp_path / "missing.py"))
+    assert not _imports_only_that(None)
+
+
+def test_another_source_runs_untouched(tmp_path):
+    """A module at TARGET's name whose source imports more than that one name is executed as it is: it
+    gets the real scikit-learn."""
+    package = tmp_path / "sentence_transformers" / "util"
+    package.mkdir(parents=True)
+    (tmp_path / "sentence_transformers" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "similarity.py").write_text(f"{IMPORT_LINE}\nfrom sklearn.metrics import roc_auc_score\n")
+    seen = _fresh(f"""
+        import json, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from embedtune.deferred_imports import defer_sklearn_in_similarity
+        defer_sklearn_in_similarity()
+        import sentence_transformers.util.similarity as similarity
+        print(json.dumps({{"module": similarity.pairwise_distances.__module__,
+                          "sklearn_real": hasattr(sys.modules["sklearn"], "__version__")}}))
+    """)
+    assert seen["module"].startswith("sklearn.") and seen["sklearn_real"] is True
