@@ -203,6 +203,7 @@ def test_over_budget_evaluations_are_skipped_but_the_last_runs(tiny_st):
     evaluation.plan_and_score_base(tiny_st, total_steps=12, tokens_per_step=100.0, other_s=0.0)
     assert evaluation.plan.steps(12) == [4, 8, 12] and evaluation.clock.seconds["base"] > 0
     evaluation.share = 1e-9  # the budget as it would be if the measured training were nearly instant
+    evaluation.never_cut_s = 0.0  # these evaluations take milliseconds: let them count
     schedule = evaluation.schedule(12)
     args, state, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(), TrainerControl()
     schedule.on_train_begin(args, state, control)
@@ -214,6 +215,32 @@ def test_over_budget_evaluations_are_skipped_but_the_last_runs(tiny_st):
             evaluated.append(step)
     assert evaluated == [12] and evaluation.skipped == [4, 8]
     assert evaluation.summary()["skipped_steps"] == [4, 8]
+
+
+def test_evaluations_under_the_never_cut_time_are_not_skipped(tiny_st):
+    """The run-time check keeps the plan's rule: evaluation that comes to under NEVER_CUT_S in all is
+    never skipped, however small its share room (a small job's evaluations then do not depend on timing,
+    and a resumed run evaluates where the uninterrupted one did)."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from embedtune.eval_plan import NEVER_CUT_S
+    from embedtune.run_eval import EvalSource, RunEvaluation
+
+    evaluation = RunEvaluation(EvalSource(_task(), "held-out pairs"), requested=3, share=1.0)
+    evaluation.costs, evaluation.token_s = Costs(query_s=0.01, document_s=0.01, step_s=0.0), 1e-4
+    evaluation.plan_and_score_base(tiny_st, total_steps=12, tokens_per_step=100.0, other_s=0.0)
+    evaluation.share = 1e-9
+    assert evaluation.never_cut_s == NEVER_CUT_S
+    schedule = evaluation.schedule(12)
+    args, state, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(), TrainerControl()
+    schedule.on_train_begin(args, state, control)
+    evaluated = []
+    for step in range(1, 13):
+        state.global_step = step
+        schedule.on_step_end(args, state, control)
+        if control.should_evaluate:
+            evaluated.append(step)
+    assert evaluated == [4, 8, 12] and evaluation.skipped == []
 
 
 # ------------------------------------------------------------------------------------------ the CLI

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from . import distributed
 from .errors import EmbedtuneError
-from .eval_plan import EVAL_SHARE, Costs, EvalPlan, EvalSize, plan_evals, subsample_task
+from .eval_plan import EVAL_SHARE, NEVER_CUT_S, Costs, EvalPlan, EvalSize, plan_evals, subsample_task
 from .evaluate import evaluate_model, shared_ir_evaluator, summarize
 from .ir_task import IRTask
 
@@ -100,6 +100,7 @@ class RunEvaluation:
         self.best_during: dict = {}
         self.skipped: list[int] = []
         self.adaptive = distributed.world_size() == 1
+        self.never_cut_s = NEVER_CUT_S  # evaluation estimated under this in all is never skipped at run time
 
     @property
     def full(self) -> EvalSize:
@@ -196,7 +197,9 @@ class RunEvaluation:
 
     def _over_budget(self, schedule, step: int, total_steps: int, steps: set[int]) -> bool:
         """Would evaluating now (and at the later planned steps, and the final evaluation) take evaluation
-        past the share of the run's projected wall time? Measured times; never under torchrun."""
+        past the share of the run's projected wall time? Measured times; never under torchrun, and never
+        when all evaluation comes to under `never_cut_s` (the plan's rule: a resumed run of a small job
+        then evaluates where the uninterrupted one did, whatever the machine's load)."""
         if not self.adaptive or self.share >= 1 or schedule.started is None or self.costs is None:
             return False
         during_now = self.clock.seconds["during"] - schedule.during_at_start
@@ -210,6 +213,8 @@ class RunEvaluation:
         # the final evaluation's estimate, scaled as the measured evaluations came out against theirs
         final = 0.0 if self.plan.final_is_best else self.costs.eval_s(self.full) * (one / estimated if estimated else 1)
         evaluation = self.clock.total + left * one + final
+        if evaluation < self.never_cut_s:  # as the plan: cutting saves little, and would make runs differ by timing
+            return False
         return evaluation > self.share * (self.costs.other_s + train_total + evaluation)
 
     def final(self, st_model, best) -> dict:
