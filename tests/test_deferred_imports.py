@@ -1,7 +1,10 @@
 """The CLI's deferred scikit-learn import (`embedtune.deferred_imports`), each case in a fresh interpreter:
 
-- with the hook, importing what a run imports (embedtune.train, sentence-transformers) loads no
-  scikit-learn, and sentence-transformers' `pairwise_distances` still gives scikit-learn's result;
+- with the hook, importing what a run imports (embedtune.train, sentence-transformers, transformers'
+  generation) loads no scikit-learn, and sentence-transformers' `pairwise_distances` still gives
+  scikit-learn's result;
+- transformers' candidate generator in the form of 5.17 (its import under `if is_sklearn_available():`)
+  gets the deferred `roc_curve`, which gives scikit-learn's result;
 - afterwards `import sklearn.metrics` is the real package (no stand-in left, the hook gone);
 - the console script installs it; importing embedtune alone does not;
 - a module whose source imports anything else from scikit-learn runs untouched, and the hook is not
@@ -16,7 +19,10 @@ import subprocess
 import sys
 import textwrap
 
-from embedtune.deferred_imports import IMPORT_LINE, _imports_only_that
+from embedtune.deferred_imports import DEFERRED, _imports_only
+
+SIMILARITY_LINE = DEFERRED["sentence_transformers.util.similarity"][0]
+ROC_LINE = DEFERRED["transformers.generation.candidate_generator"][0]
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -32,9 +38,10 @@ def test_a_run_s_imports_load_no_sklearn_and_the_function_still_works():
     seen = _fresh("""
         import json, sys
         import numpy as np
-        from embedtune.deferred_imports import defer_sklearn_in_similarity, _DeferSklearn
-        installed = defer_sklearn_in_similarity()
+        from embedtune.deferred_imports import defer_sklearn, _DeferSklearn
+        installed = defer_sklearn()
         import embedtune.train, embedtune.resumable_trainer
+        import transformers.generation.candidate_generator
         from sentence_transformers.util import similarity
         loaded_after_imports = "sklearn" in sys.modules or "sklearn.metrics" in sys.modules
         hook_left = any(isinstance(f, _DeferSklearn) for f in sys.meta_path)
@@ -82,28 +89,64 @@ def test_not_installed_once_sklearn_or_sentence_transformers_is_loaded():
     seen = _fresh("""
         import json, sys
         import sklearn
-        from embedtune.deferred_imports import defer_sklearn_in_similarity
-        after_sklearn = defer_sklearn_in_similarity()
+        from embedtune.deferred_imports import defer_sklearn
+        after_sklearn = defer_sklearn()
         import sentence_transformers.util.similarity as similarity
-        print(json.dumps({"after_sklearn": after_sklearn, "again": defer_sklearn_in_similarity(),
+        print(json.dumps({"after_sklearn": after_sklearn, "again": defer_sklearn(),
                           "module": similarity.pairwise_distances.__module__}))
     """)
     assert seen["after_sklearn"] is False and seen["again"] is False
     assert seen["module"].startswith("sklearn.")
 
 
-def test_only_a_source_with_exactly_that_import_gets_the_stand_ins(tmp_path):
+def test_only_a_source_whose_every_sklearn_import_is_the_served_line_gets_the_stand_ins(tmp_path):
     def source(text: str) -> str:
         path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.py"
         path.write_text(textwrap.dedent(text))
         return str(path)
 
-    assert _imports_only_that(source(f"import numpy\n{IMPORT_LINE}\n"))
-    assert not _imports_only_that(source(f"{IMPORT_LINE}\nfrom sklearn.metrics import roc_auc_score\n"))
-    assert not _imports_only_that(source("from sklearn.metrics import pairwise_distances, roc_auc_score\n"))
-    assert not _imports_only_that(source(f"{IMPORT_LINE}\nimport sklearn.utils\n"))
-    assert not _imports_only_that(str(tmp_path / "missing.py"))
-    assert not _imports_only_that(None)
+    assert _imports_only(source(f"import numpy\n{SIMILARITY_LINE}\n"), SIMILARITY_LINE)
+    transformers_5_17 = f"""
+        from ..utils import ModelOutput, is_sklearn_available
+        if is_sklearn_available():
+            {ROC_LINE}
+        def f():
+            return is_sklearn_available()
+        """
+    assert _imports_only(source(transformers_5_17), ROC_LINE)
+    assert not _imports_only(source(f"{SIMILARITY_LINE}\nfrom sklearn.metrics import roc_auc_score\n"), SIMILARITY_LINE)
+    assert not _imports_only(source("from sklearn.metrics import pairwise_distances, roc_auc_score\n"), SIMILARITY_LINE)
+    assert not _imports_only(source(f"{SIMILARITY_LINE}\nimport sklearn.utils\n"), SIMILARITY_LINE)
+    assert not _imports_only(source("import numpy\n"), SIMILARITY_LINE)  # nothing to serve
+    assert not _imports_only(str(tmp_path / "missing.py"), SIMILARITY_LINE)
+    assert not _imports_only(None, SIMILARITY_LINE)
+
+
+def test_the_candidate_generator_of_transformers_5_17_gets_the_deferred_roc_curve(tmp_path):
+    """A stand-in `transformers` package laid out as 5.17's: its generation module imports roc_curve
+    at its top when scikit-learn is installed."""
+    root = tmp_path / "transformers"
+    (root / "generation").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "utils.py").write_text("class ModelOutput: pass\ndef is_sklearn_available():\n    return True\n")
+    (root / "generation" / "__init__.py").write_text("")
+    (root / "generation" / "candidate_generator.py").write_text(
+        f"from ..utils import ModelOutput, is_sklearn_available\nif is_sklearn_available():\n    {ROC_LINE}\n")
+    seen = _fresh(f"""
+        import json, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from embedtune.deferred_imports import defer_sklearn
+        defer_sklearn()
+        import transformers.generation.candidate_generator as generator
+        loaded = "sklearn" in sys.modules
+        ours = generator.roc_curve.__module__
+        fpr, tpr, _ = generator.roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+        from sklearn.metrics import roc_curve
+        real_fpr, real_tpr, _ = roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+        print(json.dumps({{"loaded": loaded, "ours": ours,
+                          "same": fpr.tolist() == real_fpr.tolist() and tpr.tolist() == real_tpr.tolist()}}))
+    """)
+    assert seen == {"loaded": False, "ours": "embedtune.deferred_imports", "same": True}
 
 
 def test_another_source_runs_untouched(tmp_path):
@@ -113,12 +156,12 @@ def test_another_source_runs_untouched(tmp_path):
     package.mkdir(parents=True)
     (tmp_path / "sentence_transformers" / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
-    (package / "similarity.py").write_text(f"{IMPORT_LINE}\nfrom sklearn.metrics import roc_auc_score\n")
+    (package / "similarity.py").write_text(f"{SIMILARITY_LINE}\nfrom sklearn.metrics import roc_auc_score\n")
     seen = _fresh(f"""
         import json, sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from embedtune.deferred_imports import defer_sklearn_in_similarity
-        defer_sklearn_in_similarity()
+        from embedtune.deferred_imports import defer_sklearn
+        defer_sklearn()
         import sentence_transformers.util.similarity as similarity
         print(json.dumps({{"module": similarity.pairwise_distances.__module__,
                           "sklearn_real": hasattr(sys.modules["sklearn"], "__version__")}}))
