@@ -21,7 +21,7 @@ export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}
 env | grep -E '^PYTHON(DONTWRITEBYTECODE|PYCACHEPREFIX)=' || true
 unset PYTHONDONTWRITEBYTECODE
 # what the CLI imports: the console script defers scikit-learn first (embedtune.deferred_imports)
-python3 -X importtime -c "from embedtune.deferred_imports import defer_sklearn as d; d(); import embedtune.cli, embedtune.train" 2> "$OUT/importtime_$NAME.txt"
+python3 -X importtime -c "from embedtune.deferred_imports import defer_imports as d; d(); import embedtune.cli, embedtune.train" 2> "$OUT/importtime_$NAME.txt"
 echo "slowest imports (cumulative us):"; sort -t'|' -k2 -n "$OUT/importtime_$NAME.txt" | tail -12
 {
   nvidia-smi -L

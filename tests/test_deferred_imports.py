@@ -3,9 +3,9 @@
 - with the hook, importing what a run imports (embedtune.train, sentence-transformers, transformers'
   generation) loads no scikit-learn, and sentence-transformers' `pairwise_distances` still gives
   scikit-learn's result;
-- transformers' candidate generator in the form of 5.17 (its import under `if is_sklearn_available():`)
-  gets the deferred `roc_curve`, which gives scikit-learn's result;
-- afterwards `import sklearn.metrics` is the real package (no stand-in left, the hook gone);
+- transformers' candidate generator and data.metrics in the form of 5.17 (imports under
+  `if is_sklearn_available():`) get the deferred functions, which give the real ones' results;
+- afterwards `import sklearn.metrics` is the real package (no stand-in left);
 - the console script installs it; importing embedtune alone does not;
 - a module whose source imports anything else from scikit-learn runs untouched, and the hook is not
   installed once scikit-learn or sentence-transformers is loaded.
@@ -21,8 +21,10 @@ import textwrap
 
 from embedtune.deferred_imports import DEFERRED, _imports_only
 
-SIMILARITY_LINE = DEFERRED["sentence_transformers.util.similarity"][0]
+SIMILARITY = DEFERRED["sentence_transformers.util.similarity"]
+SIMILARITY_LINE = SIMILARITY[0]
 ROC_LINE = DEFERRED["transformers.generation.candidate_generator"][0]
+SCIPY_LINE, F1_LINE = DEFERRED["transformers.data.metrics"]
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -38,25 +40,23 @@ def test_a_run_s_imports_load_no_sklearn_and_the_function_still_works():
     seen = _fresh("""
         import json, sys
         import numpy as np
-        from embedtune.deferred_imports import defer_sklearn, _DeferSklearn
-        installed = defer_sklearn()
+        from embedtune.deferred_imports import defer_imports
+        installed = defer_imports()
         import embedtune.train, embedtune.resumable_trainer
         import transformers.generation.candidate_generator
         from sentence_transformers.util import similarity
-        loaded_after_imports = "sklearn" in sys.modules or "sklearn.metrics" in sys.modules
-        hook_left = any(isinstance(f, _DeferSklearn) for f in sys.meta_path)
+        loaded_after_imports = any(name in sys.modules for name in ("sklearn", "sklearn.metrics", "scipy.stats"))
         a, b = np.random.default_rng(0).normal(size=(3, 5)), np.random.default_rng(1).normal(size=(4, 5))
         deferred = similarity.pairwise_distances(a, b, metric="manhattan")
         import sklearn.metrics
         real = sklearn.metrics.pairwise_distances(a, b, metric="manhattan")
         print(json.dumps({"installed": installed, "loaded_after_imports": loaded_after_imports,
-                          "hook_left": hook_left, "same": bool(np.array_equal(deferred, real)),
+                          "same": bool(np.array_equal(deferred, real)),
                           "real_package": hasattr(sklearn, "__version__") and hasattr(sklearn.metrics, "roc_auc_score"),
                           "deferred_is_ours": similarity.pairwise_distances.__module__}))
     """)
     assert seen["installed"] is True
     assert seen["loaded_after_imports"] is False
-    assert seen["hook_left"] is False
     assert seen["same"] is True
     assert seen["real_package"] is True
     assert seen["deferred_is_ours"] == "embedtune.deferred_imports"
@@ -66,8 +66,8 @@ def test_the_console_script_installs_it_and_importing_embedtune_does_not():
     seen = _fresh("""
         import json, sys
         import embedtune, embedtune.cli
-        from embedtune.deferred_imports import _DeferSklearn
-        on_import = any(isinstance(f, _DeferSklearn) for f in sys.meta_path)
+        from embedtune.deferred_imports import _DeferImports
+        on_import = any(isinstance(f, _DeferImports) for f in sys.meta_path)
         seen = {}
         def main():
             import sentence_transformers.util.similarity as similarity
@@ -89,10 +89,10 @@ def test_not_installed_once_sklearn_or_sentence_transformers_is_loaded():
     seen = _fresh("""
         import json, sys
         import sklearn
-        from embedtune.deferred_imports import defer_sklearn
-        after_sklearn = defer_sklearn()
+        from embedtune.deferred_imports import defer_imports
+        after_sklearn = defer_imports()
         import sentence_transformers.util.similarity as similarity
-        print(json.dumps({"after_sklearn": after_sklearn, "again": defer_sklearn(),
+        print(json.dumps({"after_sklearn": after_sklearn, "again": defer_imports(),
                           "module": similarity.pairwise_distances.__module__}))
     """)
     assert seen["after_sklearn"] is False and seen["again"] is False
@@ -105,7 +105,7 @@ def test_only_a_source_whose_every_sklearn_import_is_the_served_line_gets_the_st
         path.write_text(textwrap.dedent(text))
         return str(path)
 
-    assert _imports_only(source(f"import numpy\n{SIMILARITY_LINE}\n"), SIMILARITY_LINE)
+    assert _imports_only(source(f"import numpy\n{SIMILARITY_LINE}\n"), SIMILARITY)
     transformers_5_17 = f"""
         from ..utils import ModelOutput, is_sklearn_available
         if is_sklearn_available():
@@ -113,40 +113,58 @@ def test_only_a_source_whose_every_sklearn_import_is_the_served_line_gets_the_st
         def f():
             return is_sklearn_available()
         """
-    assert _imports_only(source(transformers_5_17), ROC_LINE)
-    assert not _imports_only(source(f"{SIMILARITY_LINE}\nfrom sklearn.metrics import roc_auc_score\n"), SIMILARITY_LINE)
-    assert not _imports_only(source("from sklearn.metrics import pairwise_distances, roc_auc_score\n"), SIMILARITY_LINE)
-    assert not _imports_only(source(f"{SIMILARITY_LINE}\nimport sklearn.utils\n"), SIMILARITY_LINE)
-    assert not _imports_only(source("import numpy\n"), SIMILARITY_LINE)  # nothing to serve
-    assert not _imports_only(str(tmp_path / "missing.py"), SIMILARITY_LINE)
-    assert not _imports_only(None, SIMILARITY_LINE)
+    assert _imports_only(source(transformers_5_17), (ROC_LINE,))
+    assert not _imports_only(source(f"{SIMILARITY_LINE}\nfrom sklearn.metrics import roc_auc_score\n"), SIMILARITY)
+    assert not _imports_only(source("from sklearn.metrics import pairwise_distances, roc_auc_score\n"), SIMILARITY)
+    assert not _imports_only(source(f"{SIMILARITY_LINE}\nimport sklearn.utils\n"), SIMILARITY)
+    assert not _imports_only(source("import numpy\n"), SIMILARITY)  # nothing to serve
+    both = (SCIPY_LINE, F1_LINE)
+    assert _imports_only(source(f"if True:\n    {SCIPY_LINE}\n    {F1_LINE}\n"), both)
+    assert not _imports_only(source(f"{SCIPY_LINE}\n"), both)
+    assert not _imports_only(source(f"{SCIPY_LINE}\n{F1_LINE}\nimport scipy.linalg\n"), both)
+    assert not _imports_only(str(tmp_path / "missing.py"), SIMILARITY)
+    assert not _imports_only(None, SIMILARITY)
 
 
-def test_the_candidate_generator_of_transformers_5_17_gets_the_deferred_roc_curve(tmp_path):
-    """A stand-in `transformers` package laid out as 5.17's: its generation module imports roc_curve
-    at its top when scikit-learn is installed."""
+def test_transformers_5_17_generation_and_metrics_get_the_deferred_functions(tmp_path):
+    """A stand-in `transformers` package laid out as 5.17's: its generation module imports roc_curve,
+    and its data.metrics scipy.stats' and scikit-learn's scores, at their top when scikit-learn is
+    installed."""
     root = tmp_path / "transformers"
     (root / "generation").mkdir(parents=True)
     (root / "__init__.py").write_text("")
-    (root / "utils.py").write_text("class ModelOutput: pass\ndef is_sklearn_available():\n    return True\n")
+    (root / "utils.py").write_text(  # 5.17's check: importlib's find_spec, which reads a loaded module's spec
+        "import importlib.util\nclass ModelOutput: pass\n"
+        "def is_sklearn_available():\n    return importlib.util.find_spec('sklearn') is not None\n")
     (root / "generation" / "__init__.py").write_text("")
     (root / "generation" / "candidate_generator.py").write_text(
         f"from ..utils import ModelOutput, is_sklearn_available\nif is_sklearn_available():\n    {ROC_LINE}\n")
+    (root / "data" / "metrics").mkdir(parents=True)
+    (root / "data" / "__init__.py").write_text("from .metrics import glue\n")
+    (root / "data" / "metrics" / "__init__.py").write_text(
+        f"from ...utils import is_sklearn_available\nif is_sklearn_available():\n    {SCIPY_LINE}\n    {F1_LINE}\n"
+        "def glue(a, b):\n    return pearsonr(a, b)[0], spearmanr(a, b)[0], f1_score(a, b), matthews_corrcoef(a, b)\n")
     seen = _fresh(f"""
         import json, sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from embedtune.deferred_imports import defer_sklearn
-        defer_sklearn()
+        from embedtune.deferred_imports import defer_imports
+        defer_imports()
         import transformers.generation.candidate_generator as generator
-        loaded = "sklearn" in sys.modules
+        import transformers.data
+        loaded = [name for name in ("sklearn", "scipy.stats") if name in sys.modules]
         ours = generator.roc_curve.__module__
+        glue = transformers.data.glue([0, 1, 1, 0], [0, 1, 0, 0])
+        from scipy.stats import pearsonr, spearmanr
+        from sklearn.metrics import f1_score, matthews_corrcoef
+        a, b = [0, 1, 1, 0], [0, 1, 0, 0]
+        real_glue = (pearsonr(a, b)[0], spearmanr(a, b)[0], f1_score(a, b), matthews_corrcoef(a, b))
         fpr, tpr, _ = generator.roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
         from sklearn.metrics import roc_curve
         real_fpr, real_tpr, _ = roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
-        print(json.dumps({{"loaded": loaded, "ours": ours,
+        print(json.dumps({{"loaded": loaded, "ours": ours, "glue": [float(x) for x in glue] == [float(x) for x in real_glue],
                           "same": fpr.tolist() == real_fpr.tolist() and tpr.tolist() == real_tpr.tolist()}}))
     """)
-    assert seen == {"loaded": False, "ours": "embedtune.deferred_imports", "same": True}
+    assert seen == {"loaded": [], "ours": "embedtune.deferred_imports", "same": True, "glue": True}
 
 
 def test_another_source_runs_untouched(tmp_path):
@@ -160,8 +178,8 @@ def test_another_source_runs_untouched(tmp_path):
     seen = _fresh(f"""
         import json, sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from embedtune.deferred_imports import defer_sklearn
-        defer_sklearn()
+        from embedtune.deferred_imports import defer_imports
+        defer_imports()
         import sentence_transformers.util.similarity as similarity
         print(json.dumps({{"module": similarity.pairwise_distances.__module__,
                           "sklearn_real": hasattr(sys.modules["sklearn"], "__version__")}}))

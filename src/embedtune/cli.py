@@ -547,9 +547,9 @@ def console_main() -> None:
     process group shuts down at exit) it exits the usual way. An exception other than SystemExit
     propagates as usual (a traceback is an error, not a finish). Before `main`, the process is set to
     skip an import a run never uses (`deferred_imports`)."""
-    from .deferred_imports import defer_sklearn
+    from .deferred_imports import defer_imports
 
-    defer_sklearn()
+    defer_imports()
     try:
         main()
         code = 0

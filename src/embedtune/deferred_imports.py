@@ -1,78 +1,107 @@
-"""The CLI's start-up: a third-party import that a run never uses, deferred to its first use.
+"""The CLI's start-up: third-party imports that a run never uses, deferred to their first use.
 
-Two modules a run imports load scikit-learn at their top for one function each that a run never
-calls: sentence-transformers' `util.similarity` (`pairwise_distances`, for the manhattan similarity of
-sparse embeddings) and, in transformers before 5.2x, `generation.candidate_generator` (`roc_curve`, for
-assisted generation). That import pulls in scikit-learn and scipy.stats: 0.5-1 s of a job's start.
+Modules a run imports load scikit-learn or scipy.stats at their top for functions a run never calls:
+sentence-transformers' `util.similarity` (`pairwise_distances`, for the manhattan similarity of sparse
+embeddings) and, in transformers 5.17, `generation.candidate_generator` (`roc_curve`, for assisted
+generation) and `data.metrics` (GLUE's scores). Those imports pull in scikit-learn, scipy.stats and
+pandas: 0.5-1 s of every job's start.
 
-`defer_sklearn` installs a one-shot import hook, in the CLI's own process only (importing embedtune
-changes nothing in other libraries). When one of those modules is executed, and only if every import
-of scikit-learn in its source is exactly the line served here and scikit-learn is not loaded yet, it
-sees stand-ins for `sklearn` and `sklearn.metrics` whose function imports the real one at its first
-call. The stand-ins leave `sys.modules` as soon as the module has run, so any later `import sklearn`
-gets the real package; a module whose source differs is executed untouched.
+`defer_imports` installs an import hook, in the CLI's own process only (importing embedtune changes
+nothing in other libraries). When one of those modules is executed, and only if every import of those
+packages in its source is exactly one of the lines served here and scikit-learn and scipy.stats are
+not loaded yet, it sees stand-in modules (carrying the real modules' specs) whose functions import the
+real ones at their first call. The stand-ins leave `sys.modules` as soon as the module has run, so any
+later import gets the real package; a module whose source differs is executed untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import importlib.abc
 import importlib.machinery
+import re
 import sys
 import types
 
-# module -> the one import of scikit-learn it makes at its top, and the name that import binds
+# module -> the imports it makes at its top of functions a run never calls
 DEFERRED = {
-    "sentence_transformers.util.similarity": ("from sklearn.metrics import pairwise_distances", "pairwise_distances"),
-    "transformers.generation.candidate_generator": ("from sklearn.metrics import roc_curve", "roc_curve"),
+    "sentence_transformers.util.similarity": ("from sklearn.metrics import pairwise_distances",),
+    "transformers.generation.candidate_generator": ("from sklearn.metrics import roc_curve",),
+    "transformers.data.metrics": ("from scipy.stats import pearsonr, spearmanr",
+                                  "from sklearn.metrics import f1_score, matthews_corrcoef"),
 }
-SKLEARN_IMPORT = re.compile(r"\s*(from\s+sklearn[\s.]|import\s+sklearn\b)")
+HEAVY = ("sklearn", "scipy.stats")  # loaded already: nothing left to save
+PACKAGE_IMPORT = re.compile(r"\s*(from\s+(sklearn|scipy)[\s.]|import\s+(sklearn|scipy)\b)")
+FROM_IMPORT = re.compile(r"from\s+([\w.]+)\s+import\s+([\w\s,]+)$")
 
 
-def _deferred(name: str):
+def _deferred(module: str, name: str):
     def function(*args, **kwargs):
-        from sklearn import metrics
-
-        return getattr(metrics, name)(*args, **kwargs)
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
     function.__name__ = function.__qualname__ = name
-    function.__doc__ = f"scikit-learn's `sklearn.metrics.{name}`, imported at the first call."
+    function.__doc__ = f"`{module}.{name}`, imported at the first call (embedtune.deferred_imports)."
     return function
 
 
-def _stand_ins(name: str, module: str) -> dict[str, types.ModuleType]:
-    why = f"stand-in while {module} loads (embedtune.deferred_imports)"
-    package, metrics = types.ModuleType("sklearn", why), types.ModuleType("sklearn.metrics", why)
-    package.__path__ = []
-    setattr(metrics, name, _deferred(name))
-    package.metrics = metrics
-    return {"sklearn": package, "sklearn.metrics": metrics}
+def _find_spec(name: str):
+    """The spec the path finder gives `name`, its parents looked up the same way (nothing is executed)."""
+    parent, _, _ = name.rpartition(".")
+    if not parent:
+        return importlib.machinery.PathFinder.find_spec(name)
+    loaded = sys.modules.get(parent)
+    parent_spec = loaded.__spec__ if loaded is not None else _find_spec(parent)
+    locations = getattr(parent_spec, "submodule_search_locations", None)
+    return importlib.machinery.PathFinder.find_spec(name, list(locations)) if locations else None
+
+
+def _stand_ins(lines: tuple[str, ...], importer: str) -> dict[str, types.ModuleType] | None:
+    """For each `from A.B import f, g` line: A.B (and A, unless loaded) as empty modules with the real
+    specs (what `importlib.util.find_spec`, and so transformers' `is_*_available`, reads), A.B holding
+    deferred f and g. None when one of them is not installed."""
+    made: dict[str, types.ModuleType] = {}
+    for line in lines:
+        module, names = FROM_IMPORT.fullmatch(line).groups()
+        parts = module.split(".")
+        for depth in range(1, len(parts) + 1):
+            name = ".".join(parts[:depth])
+            if name in made or (name in sys.modules and depth < len(parts)):
+                continue
+            spec = _find_spec(name)
+            if spec is None:
+                return None
+            stand_in = types.ModuleType(name, f"stand-in while {importer} loads (embedtune.deferred_imports)")
+            stand_in.__spec__ = spec
+            if spec.submodule_search_locations is not None:
+                stand_in.__path__ = list(spec.submodule_search_locations)
+            made[name] = stand_in
+        for name in (n.strip() for n in names.split(",")):
+            setattr(made[module], name, _deferred(module, name))
+    return made
 
 
 class _WithStandIns(importlib.abc.Loader):
     """The module's own loader, run with the stand-ins in `sys.modules` and without them afterwards."""
 
-    def __init__(self, loader, name: str):
-        self.loader, self.name = loader, name
+    def __init__(self, loader, stand_ins: dict[str, types.ModuleType]):
+        self.loader, self.stand_ins = loader, stand_ins
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        stand_ins = _stand_ins(self.name, module.__name__)
-        sys.modules.update(stand_ins)
+        sys.modules.update(self.stand_ins)
         try:
             self.loader.exec_module(module)
         finally:
-            for name, stand_in in stand_ins.items():
+            for name, stand_in in self.stand_ins.items():
                 if sys.modules.get(name) is stand_in:
                     del sys.modules[name]
 
 
-class _DeferSklearn(importlib.abc.MetaPathFinder):
+class _DeferImports(importlib.abc.MetaPathFinder):
     """Finds the DEFERRED modules as the path finder does, and runs each with the stand-ins where that
-    is safe; it leaves `sys.meta_path` once it has seen them all, or once scikit-learn is loaded."""
+    is safe; it leaves `sys.meta_path` once it has seen them all, or once a HEAVY module is loaded."""
 
     def __init__(self, waiting: set[str]):
         self.waiting = waiting
@@ -81,33 +110,37 @@ class _DeferSklearn(importlib.abc.MetaPathFinder):
         if fullname not in self.waiting:
             return None
         self.waiting.discard(fullname)
-        if not self.waiting or "sklearn" in sys.modules:
+        heavy_loaded = any(name in sys.modules for name in HEAVY)
+        if not self.waiting or heavy_loaded:
             with contextlib.suppress(ValueError):
                 sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        line, name = DEFERRED[fullname]
-        if spec is None or spec.loader is None or "sklearn" in sys.modules or not _imports_only(spec.origin, line):
+        lines = DEFERRED[fullname]
+        if spec is None or spec.loader is None or heavy_loaded or not _imports_only(spec.origin, lines):
             return spec
-        spec.loader = _WithStandIns(spec.loader, name)
+        stand_ins = _stand_ins(lines, fullname)
+        if stand_ins is not None:
+            spec.loader = _WithStandIns(spec.loader, stand_ins)
         return spec
 
 
-def _imports_only(origin: str | None, line: str) -> bool:
-    """Every import of scikit-learn in the module's source is `line` (the one the stand-ins serve)."""
+def _imports_only(origin: str | None, lines: tuple[str, ...]) -> bool:
+    """The module's source imports scikit-learn and scipy by exactly `lines` (the ones served here)."""
     try:
         with open(origin, encoding="utf-8") as f:
             source = f.read()
     except (OSError, TypeError, UnicodeDecodeError):
         return False
-    imports = [text.strip() for text in source.splitlines() if SKLEARN_IMPORT.match(text)]
-    return line in imports and all(text == line for text in imports)
+    imports = [text.strip() for text in source.splitlines() if PACKAGE_IMPORT.match(text)]
+    return set(imports) == set(lines)
 
 
-def defer_sklearn() -> bool:
-    """Install the hook unless scikit-learn is loaded already or no DEFERRED module is left to load
+def defer_imports() -> bool:
+    """Install the hook unless a HEAVY module is loaded already or no DEFERRED module is left to load
     (True when installed)."""
     waiting = {name for name in DEFERRED if name not in sys.modules}
-    if "sklearn" in sys.modules or not waiting or any(isinstance(f, _DeferSklearn) for f in sys.meta_path):
+    if any(name in sys.modules for name in HEAVY) or not waiting or \
+            any(isinstance(f, _DeferImports) for f in sys.meta_path):
         return False
-    sys.meta_path.insert(0, _DeferSklearn(waiting))
+    sys.meta_path.insert(0, _DeferImports(waiting))
     return True
