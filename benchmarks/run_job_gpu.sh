@@ -27,5 +27,7 @@ echo "slowest imports (cumulative us):"; sort -t'|' -k2 -n "$OUT/importtime_$NAM
   nvidia-smi -L
   python3 -c "import sys, torch, transformers, sentence_transformers, peft, datasets; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'sentence-transformers', sentence_transformers.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__)"
   git log -1 --format='embedtune %h %s' 2>/dev/null | cut -c1-120
+  # the code that ran (a copied work tree may carry stale git metadata): the same line run in a checkout names it
+  echo "embedtune src sha1 $(find src -type f -name '*.py' | LC_ALL=C sort | xargs cat | sha1sum | cut -c1-12)"
   python3 benchmarks/bench_job_gpu.py "$MODEL" --tokenizer .bench/tokenizer --out "$OUT/$NAME.jsonl" "$@"
 } 2>&1 | tee "$OUT/$NAME.log" | grep -v -i "warn"
