@@ -13,31 +13,18 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 from embedtune.deferred_imports import DEFERRED, _imports_only
+from fresh_interpreter import fresh
 
 SIMILARITY = DEFERRED["sentence_transformers.util.similarity"]
 SIMILARITY_LINE = SIMILARITY[0]
 ROC_LINE = DEFERRED["transformers.generation.candidate_generator"][0]
 SCIPY_LINE, F1_LINE = DEFERRED["transformers.data.metrics"]
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _fresh(code: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=ENV,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def test_a_run_s_imports_load_no_sklearn_and_the_function_still_works():
-    seen = _fresh("""
+    seen = fresh("""
         import json, sys
         import numpy as np
         from embedtune.deferred_imports import defer_imports
@@ -63,7 +50,7 @@ def test_a_run_s_imports_load_no_sklearn_and_the_function_still_works():
 
 
 def test_the_console_script_installs_it_and_importing_embedtune_does_not():
-    seen = _fresh("""
+    seen = fresh("""
         import json, sys
         import embedtune, embedtune.cli
         from embedtune.deferred_imports import _DeferImports
@@ -86,7 +73,7 @@ def test_the_console_script_installs_it_and_importing_embedtune_does_not():
 
 
 def test_not_installed_once_sklearn_or_sentence_transformers_is_loaded():
-    seen = _fresh("""
+    seen = fresh("""
         import json, sys
         import sklearn
         from embedtune.deferred_imports import defer_imports
@@ -144,7 +131,7 @@ def test_transformers_5_17_generation_and_metrics_get_the_deferred_functions(tmp
     (root / "data" / "metrics" / "__init__.py").write_text(
         f"from ...utils import is_sklearn_available\nif is_sklearn_available():\n    {SCIPY_LINE}\n    {F1_LINE}\n"
         "def glue(a, b):\n    return pearsonr(a, b)[0], spearmanr(a, b)[0], f1_score(a, b), matthews_corrcoef(a, b)\n")
-    seen = _fresh(f"""
+    seen = fresh(f"""
         import json, sys
         sys.path.insert(0, {str(tmp_path)!r})
         from embedtune.deferred_imports import defer_imports
@@ -175,7 +162,7 @@ def test_another_source_runs_untouched(tmp_path):
     (tmp_path / "sentence_transformers" / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
     (package / "similarity.py").write_text(f"{SIMILARITY_LINE}\nfrom sklearn.metrics import roc_auc_score\n")
-    seen = _fresh(f"""
+    seen = fresh(f"""
         import json, sys
         sys.path.insert(0, {str(tmp_path)!r})
         from embedtune.deferred_imports import defer_imports

@@ -192,10 +192,29 @@ def test_the_schedule_evaluates_at_the_planned_steps_only(tiny_st):
     assert evaluated == [4, 8, 12] == evaluation.plan.steps(12)
 
 
-def test_over_budget_evaluations_are_skipped_but_the_last_runs(tiny_st):
-    """With no room for evaluation at all, every planned evaluation but the last is skipped and recorded."""
+def _scheduled(evaluation, total_steps: int) -> list[int]:
+    """The steps at which the run's schedule evaluates over a run of `total_steps` steps."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
+    schedule = evaluation.schedule(total_steps)
+    args, state, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(), TrainerControl()
+    schedule.on_train_begin(args, state, control)
+    evaluated = []
+    for step in range(1, total_steps + 1):
+        state.global_step = step
+        schedule.on_step_end(args, state, control)
+        if control.should_evaluate:
+            evaluated.append(step)
+    return evaluated
+
+
+@pytest.mark.parametrize("never_cut", [False, True])
+def test_over_budget_evaluations_are_skipped_but_the_last_runs(tiny_st, never_cut):
+    """With no room for evaluation at all, every planned evaluation but the last is skipped and recorded,
+    unless all evaluation comes to under the never-cut time, as these milliseconds do: the plan's rule
+    holds at run time too (a small job's evaluations then do not depend on timing, and a resumed run
+    evaluates where the uninterrupted one did)."""
+    from embedtune.eval_plan import NEVER_CUT_S
     from embedtune.run_eval import EvalSource, RunEvaluation
 
     evaluation = RunEvaluation(EvalSource(_task(), "held-out pairs"), requested=3, share=1.0)
@@ -203,44 +222,13 @@ def test_over_budget_evaluations_are_skipped_but_the_last_runs(tiny_st):
     evaluation.plan_and_score_base(tiny_st, total_steps=12, tokens_per_step=100.0, other_s=0.0)
     assert evaluation.plan.steps(12) == [4, 8, 12] and evaluation.clock.seconds["base"] > 0
     evaluation.share = 1e-9  # the budget as it would be if the measured training were nearly instant
-    evaluation.never_cut_s = 0.0  # these evaluations take milliseconds: let them count
-    schedule = evaluation.schedule(12)
-    args, state, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(), TrainerControl()
-    schedule.on_train_begin(args, state, control)
-    evaluated = []
-    for step in range(1, 13):
-        state.global_step = step
-        schedule.on_step_end(args, state, control)
-        if control.should_evaluate:
-            evaluated.append(step)
-    assert evaluated == [12] and evaluation.skipped == [4, 8]
-    assert evaluation.summary()["skipped_steps"] == [4, 8]
-
-
-def test_evaluations_under_the_never_cut_time_are_not_skipped(tiny_st):
-    """The run-time check keeps the plan's rule: evaluation that comes to under NEVER_CUT_S in all is
-    never skipped, however small its share room (a small job's evaluations then do not depend on timing,
-    and a resumed run evaluates where the uninterrupted one did)."""
-    from transformers import TrainerControl, TrainerState, TrainingArguments
-
-    from embedtune.eval_plan import NEVER_CUT_S
-    from embedtune.run_eval import EvalSource, RunEvaluation
-
-    evaluation = RunEvaluation(EvalSource(_task(), "held-out pairs"), requested=3, share=1.0)
-    evaluation.costs, evaluation.token_s = Costs(query_s=0.01, document_s=0.01, step_s=0.0), 1e-4
-    evaluation.plan_and_score_base(tiny_st, total_steps=12, tokens_per_step=100.0, other_s=0.0)
-    evaluation.share = 1e-9
     assert evaluation.never_cut_s == NEVER_CUT_S
-    schedule = evaluation.schedule(12)
-    args, state, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(), TrainerControl()
-    schedule.on_train_begin(args, state, control)
-    evaluated = []
-    for step in range(1, 13):
-        state.global_step = step
-        schedule.on_step_end(args, state, control)
-        if control.should_evaluate:
-            evaluated.append(step)
-    assert evaluated == [4, 8, 12] and evaluation.skipped == []
+    if not never_cut:
+        evaluation.never_cut_s = 0.0
+    evaluated = _scheduled(evaluation, 12)
+    skipped = [] if never_cut else [4, 8]
+    assert evaluated == ([4, 8, 12] if never_cut else [12]) and evaluation.skipped == skipped
+    assert evaluation.summary()["skipped_steps"] == skipped
 
 
 # ------------------------------------------------------------------------------------------ the CLI

@@ -14,30 +14,18 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
 import sys
-import textwrap
 import threading
 from pathlib import Path
 
 import pytest
 
+from fresh_interpreter import fresh
+
 HEAVY = ("torch", "transformers", "peft", "sentence_transformers")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _fresh(code: str) -> dict:
-    """Run `code` in a fresh interpreter; it ends by printing one JSON line, returned parsed."""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=ENV,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def _cli(argv: list[str]) -> dict:
     """`embedtune ARGV` in a fresh interpreter (as the console script runs it): exit code and heavy modules loaded."""
-    return _fresh(f"""
+    return fresh(f"""
         import json, sys
         sys.argv = ["embedtune", *{argv!r}]
         from embedtune.cli import main
@@ -54,7 +42,7 @@ def _cli(argv: list[str]) -> dict:
 
 
 def test_importing_the_package_and_the_cli_loads_no_ml_library():
-    seen = _fresh(f"""
+    seen = fresh(f"""
         import json, sys
         import embedtune
         after_package = [m for m in {HEAVY!r} if m in sys.modules]
@@ -81,7 +69,7 @@ def test_argument_errors_are_reported_before_any_ml_library_loads(tmp_path):
 
 
 def test_lazy_names_resolve_as_the_eager_package_bound_them():
-    seen = _fresh("""
+    seen = fresh("""
         import json, sys, types
         import embedtune
         names = {n: getattr(embedtune, n).__module__ for n in
@@ -117,7 +105,7 @@ def test_unknown_attribute_is_still_an_attribute_error():
 def test_importing_embedtune_patches_nothing_and_its_first_model_installs_the_compat(st_first):
     """`import embedtune` leaves sentence-transformers stock, whichever is imported first; the guide's
     compatibility patches (`st.install_compat`) arrive with the first model embedtune builds."""
-    seen = _fresh(f"""
+    seen = fresh(f"""
         import json, sys
         if {st_first!r}:
             import sentence_transformers
@@ -148,7 +136,7 @@ def test_importing_embedtune_patches_nothing_and_its_first_model_installs_the_co
 
 
 def test_heavy_imports_pause_the_collector_and_freeze_once():
-    seen = _fresh("""
+    seen = fresh("""
         import gc, json, sys
         from embedtune.cli import heavy_imports
         with heavy_imports():
@@ -168,7 +156,7 @@ def test_heavy_imports_pause_the_collector_and_freeze_once():
 def test_the_cli_freezes_the_heap_at_exit():
     """main() registers gc.freeze first, so it runs last among the exit handlers, before the
     interpreter's final collections."""
-    seen = _fresh("""
+    seen = fresh("""
         import atexit, gc, json, sys
         registered = []
         atexit.register = lambda fn, *a, **k: registered.append(fn) or fn
@@ -335,7 +323,7 @@ def test_curves_are_the_same_png_without_pyplot(tmp_path):
 
 
 def test_curves_leave_pyplot_and_the_backend_alone(tmp_path):
-    seen = _fresh(f"""
+    seen = fresh(f"""
         import json, sys
         import matplotlib
         matplotlib.use("svg")
