@@ -172,3 +172,27 @@ def test_another_source_runs_untouched(tmp_path):
                           "sklearn_real": hasattr(sys.modules["sklearn"], "__version__")}}))
     """)
     assert seen["module"].startswith("sklearn.") and seen["sklearn_real"] is True
+
+
+def test_a_module_that_wants_more_of_the_package_meanwhile_runs_again_plainly(tmp_path):
+    """Its own source serves the stand-ins, but a module it imports wants another part of scikit-learn,
+    which the stand-ins do not have: the module is run again with the real package, and gets the real
+    function."""
+    package = tmp_path / "sentence_transformers" / "util"
+    package.mkdir(parents=True)
+    (tmp_path / "sentence_transformers" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "helper.py").write_text("import sklearn.utils\n")
+    (package / "similarity.py").write_text(f"from . import helper\n{SIMILARITY_LINE}\nruns = globals().get('runs', 0) + 1\n")
+    seen = fresh(f"""
+        import json, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from embedtune.deferred_imports import defer_imports
+        defer_imports()
+        import sentence_transformers.util.similarity as similarity
+        import sklearn
+        print(json.dumps({{"module": similarity.pairwise_distances.__module__, "runs": similarity.runs,
+                          "sklearn_real": hasattr(sklearn, "__version__")}}))
+    """)
+    assert seen["module"].startswith("sklearn.") and seen["sklearn_real"] is True and seen["runs"] == 1
+

@@ -11,7 +11,9 @@ nothing in other libraries). When one of those modules is executed, and only if 
 packages in its source is exactly one of the lines served here and scikit-learn and scipy.stats are
 not loaded yet, it sees stand-in modules (carrying the real modules' specs) whose functions import the
 real ones at their first call. The stand-ins leave `sys.modules` as soon as the module has run, so any
-later import gets the real package; a module whose source differs is executed untouched.
+later import gets the real package; a module whose source differs is executed untouched, and one
+that meanwhile imports anything else of those packages (which the stand-ins do not have) is executed
+again without them.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def _stand_ins(lines: tuple[str, ...], importer: str) -> dict[str, types.ModuleT
             stand_in = types.ModuleType(name, f"stand-in while {importer} loads (embedtune.deferred_imports)")
             stand_in.__spec__ = spec
             if spec.submodule_search_locations is not None:
-                stand_in.__path__ = list(spec.submodule_search_locations)
+                stand_in.__path__ = []  # a submodule imported meanwhile fails (and the module runs again, plainly)
             made[name] = stand_in
         for name in (n.strip() for n in names.split(",")):
             setattr(made[module], name, _deferred(module, name))
@@ -93,10 +95,14 @@ class _WithStandIns(importlib.abc.Loader):
         sys.modules.update(self.stand_ins)
         try:
             self.loader.exec_module(module)
+            return
+        except ImportError:  # something it imports wanted more of those packages: run it as it would have run
+            pass
         finally:
             for name, stand_in in self.stand_ins.items():
                 if sys.modules.get(name) is stand_in:
                     del sys.modules[name]
+        self.loader.exec_module(module)
 
 
 class _DeferImports(importlib.abc.MetaPathFinder):
