@@ -84,6 +84,23 @@ def resume_command(argv: list[str] | None = None) -> str:
     return shlex.join(["embedtune", *args])
 
 
+@contextlib.contextmanager
+def host_rng_kept():
+    """Within the block, draws from torch's CPU generator, Python's `random` and NumPy's global generator
+    leave no trace: their states are put back afterwards."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 # ----------------------------------------------------------------------------------- the trainer
 
 
@@ -103,6 +120,15 @@ class ResumableTrainer(SentenceTransformerTrainer):
                         seen.add(id(param))
                         params[".".join(filter(None, ("loss", key, name)))] = param
         return params
+
+    def evaluate(self, *args, **kwargs):
+        """The trainer's evaluation, leaving the host's random generators (torch's CPU generator, Python's,
+        NumPy's) as it found them. Setting up an evaluation draws from them (a data loader's seed), and
+        the next steps' dropout masks come from them on a CPU: else whether and where a run evaluates
+        would change what it trains (two runs evaluated at different steps, or a resumed run whose
+        evaluations fell elsewhere, would end with different weights)."""
+        with host_rng_kept():
+            return super().evaluate(*args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
         """Under embedtune's FSDP (`embedtune.sharding`, unknown to the trainer) every rank must run
