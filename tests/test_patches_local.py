@@ -222,6 +222,7 @@ OWN_OBJECTS = {
     "__init__.py:__getattr__": "embedtune's own package module",
     "__init__.py:<module>": "embedtune's own package module (its class)",
     "packing/biased.py:_grids": "a PackedBatch (embedtune's) caches its bias grids",
+    "deferred_imports.py:_deferred": "names the deferred function embedtune made",
 }
 
 
