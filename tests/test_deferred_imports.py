@@ -154,23 +154,33 @@ def test_transformers_5_17_generation_and_metrics_get_the_deferred_functions(tmp
     assert seen == {"loaded": [], "ours": "embedtune.deferred_imports", "same": True, "glue": True}
 
 
-def test_another_source_runs_untouched(tmp_path):
-    """A module at TARGET's name whose source imports more than that one name is executed as it is: it
-    gets the real scikit-learn."""
+def _stand_in_similarity(tmp_path, source: str, **helpers: str) -> dict:
+    """Import a stand-in `sentence_transformers.util.similarity` of `source` (beside it, a module per
+    `helpers` entry) with the hook installed, in a fresh interpreter: the module its
+    `pairwise_distances` comes from, its `runs` counter, and whether `sklearn` is the real package."""
     package = tmp_path / "sentence_transformers" / "util"
     package.mkdir(parents=True)
     (tmp_path / "sentence_transformers" / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
-    (package / "similarity.py").write_text(f"{SIMILARITY_LINE}\nfrom sklearn.metrics import roc_auc_score\n")
-    seen = fresh(f"""
+    for name, text in helpers.items():
+        (package / f"{name}.py").write_text(text)
+    (package / "similarity.py").write_text(source)
+    return fresh(f"""
         import json, sys
         sys.path.insert(0, {str(tmp_path)!r})
         from embedtune.deferred_imports import defer_imports
         defer_imports()
         import sentence_transformers.util.similarity as similarity
-        print(json.dumps({{"module": similarity.pairwise_distances.__module__,
-                          "sklearn_real": hasattr(sys.modules["sklearn"], "__version__")}}))
+        import sklearn
+        print(json.dumps({{"module": similarity.pairwise_distances.__module__, "runs": getattr(similarity, "runs", None),
+                          "sklearn_real": hasattr(sklearn, "__version__")}}))
     """)
+
+
+def test_another_source_runs_untouched(tmp_path):
+    """A module at TARGET's name whose source imports more than that one name is executed as it is: it
+    gets the real scikit-learn."""
+    seen = _stand_in_similarity(tmp_path, f"{SIMILARITY_LINE}\nfrom sklearn.metrics import roc_auc_score\n")
     assert seen["module"].startswith("sklearn.") and seen["sklearn_real"] is True
 
 
@@ -178,21 +188,6 @@ def test_a_module_that_wants_more_of_the_package_meanwhile_runs_again_plainly(tm
     """Its own source serves the stand-ins, but a module it imports wants another part of scikit-learn,
     which the stand-ins do not have: the module is run again with the real package, and gets the real
     function."""
-    package = tmp_path / "sentence_transformers" / "util"
-    package.mkdir(parents=True)
-    (tmp_path / "sentence_transformers" / "__init__.py").write_text("")
-    (package / "__init__.py").write_text("")
-    (package / "helper.py").write_text("import sklearn.utils\n")
-    (package / "similarity.py").write_text(f"from . import helper\n{SIMILARITY_LINE}\nruns = globals().get('runs', 0) + 1\n")
-    seen = fresh(f"""
-        import json, sys
-        sys.path.insert(0, {str(tmp_path)!r})
-        from embedtune.deferred_imports import defer_imports
-        defer_imports()
-        import sentence_transformers.util.similarity as similarity
-        import sklearn
-        print(json.dumps({{"module": similarity.pairwise_distances.__module__, "runs": similarity.runs,
-                          "sklearn_real": hasattr(sklearn, "__version__")}}))
-    """)
+    seen = _stand_in_similarity(tmp_path, f"from . import helper\n{SIMILARITY_LINE}\nruns = globals().get('runs', 0) + 1\n",
+                                helper="import sklearn.utils\n")
     assert seen["module"].startswith("sklearn.") and seen["sklearn_real"] is True and seen["runs"] == 1
-
