@@ -234,6 +234,26 @@ def test_constant_loss_zero_gradients_and_missing_steps_are_warnings():
     assert checks.warnings(resumed, steps=3, first_step=2, planned=3, batches=None) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_weights_fingerprint_sees_one_element_moved_by_its_smallest_step(dtype):
+    """`RunChecks` fingerprints the trainable weights without a copy of them: the smallest change
+    there is (one element of a 262k-element tensor, one ulp) counts, in every dtype; frozen
+    parameters are left out; equal weights fingerprint equal."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 4)).to(dtype)
+    model[1].requires_grad_(False)
+    checks = RunChecks(model)
+    assert checks.unchanged()  # computed twice from the same weights: equal
+    assert set(checks.before) == {"0.weight", "0.bias"}
+    with torch.no_grad():
+        model[1].weight.add_(1.0)  # frozen: not part of what training changes
+    assert checks.unchanged()
+    with torch.no_grad():
+        element = model[0].weight.view(-1)[12345:12346]
+        element.copy_(torch.nextafter(element, torch.full_like(element, math.inf)))
+    assert not checks.unchanged()
+
+
 # ------------------------------------------------------------------------ 2. silent choices, visible
 
 

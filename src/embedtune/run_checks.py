@@ -80,21 +80,27 @@ def check_batches(config, train_ds) -> dict | None:
     return info
 
 
-def _digests(model) -> dict[str, tuple[float, float]]:
-    """Per trainable parameter (this rank's shard under FSDP): its sum and sum of squares in float64,
-    enough to tell whether training changed it without keeping a copy of the weights."""
+# Signed integers of each element size: a parameter's elements read as the integers their bits spell.
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _digests(model) -> dict[str, int]:
+    """Per trainable parameter (this rank's shard under FSDP): the sum of its elements' bit patterns
+    read as integers. Exact, so any change to any element changes it (short of changes that cancel
+    to the bit, which training does not make), without keeping a copy of the weights. An integer
+    sum runs at memory speed everywhere: a float64 sum of BERT-base's weights took 4 s on two CPU
+    cores."""
     with torch.no_grad():
         names, sums = [], []
         for name, param in model.named_parameters():
             if param.requires_grad:
                 values = local_tensor(param).detach()
-                names.append(name)  # reduced where the weights live, upcast on the fly, read back once
-                sums.append(torch.stack([values.sum(dtype=torch.float64),
-                                         torch.linalg.vector_norm(values, dtype=torch.float64) ** 2]))
+                names.append(name)  # reduced where the weights live, read back once
+                sums.append(values.view(_BITS[values.element_size()]).sum(dtype=torch.int64))
         if not names:
             return {}
         table = torch.stack([s.to(sums[0].device) for s in sums]).cpu().tolist()
-        return {name: (row[0], row[1]) for name, row in zip(names, table)}
+        return dict(zip(names, table))
 
 
 def _lora_update_vanishes(model) -> bool | None:
