@@ -68,7 +68,7 @@ def test_default_run_keeps_one_weights_only_checkpoint_that_a_killed_finish_resu
     assert done.exit_code == 0, done.output
     phases = json.loads((reference / "metrics.json").read_text())["phases_s"]  # where the job's time went
     assert {"read_data", "load_model", "trainer", "token_cache", "trainer_setup", "first_step", "train",
-            "final_checkpoint", "save_model"} <= set(phases)
+            "final_checkpoint", "save_model", "plot"} <= set(phases)
     assert all(v >= 0 for v in phases.values())
 
     class Killed(BaseException):

@@ -280,7 +280,7 @@ def test_finish_output_fails_before_the_move_when_the_plot_fails(tmp_path, monke
     train_module, work, output, metrics, _ = _finish_setup(tmp_path, monkeypatch, plot=broken_plot)
     with pytest.raises(ValueError, match="no plot"):
         train_module._finish_output(None, metrics, work, output, overwrite=False)
-    assert not output.exists() and (work / "model").is_dir() and (work / "metrics.json").is_file()
+    assert not output.exists() and (work / "model").is_dir()  # and the checkpoints: --resume finishes it
 
 
 # ------------------------------------------------------------------------------- the curves
@@ -333,6 +333,35 @@ def test_curves_leave_pyplot_and_the_backend_alone(tmp_path):
     """)
     assert seen == {"pyplot": False, "backend": "svg"}
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_matplotlib_loads_in_a_thread_once_the_last_step_has_run_and_leaves_the_backend_alone():
+    """The finish's plot finds matplotlib loaded: the warm-up callback loads it in a thread at the end
+    of the last step (not before: an importing thread would hold up the training loop), on the main
+    process only, once, without pyplot or a backend switch."""
+    seen = fresh("""
+        import json, sys, threading, types
+        import matplotlib
+        matplotlib.use("svg")
+        from embedtune.plots import warm_up_callback
+
+        callback, loaded = warm_up_callback(), []
+        def step(global_step, zero=True):
+            state = types.SimpleNamespace(global_step=global_step, max_steps=3, is_world_process_zero=zero)
+            callback.on_step_end(None, state, None)
+            for thread in threading.enumerate():
+                if thread.name == "embedtune-plot-warm-up":
+                    thread.join()
+            loaded.append("matplotlib.figure" in sys.modules)
+        step(1); step(2); step(3, zero=False)
+        plain = [t for t in threading.enumerate() if t.name == "embedtune-plot-warm-up"]
+        step(3); step(3)
+        print(json.dumps({"loaded": loaded, "fonts": "matplotlib.font_manager" in sys.modules,
+                          "pyplot": "matplotlib.pyplot" in sys.modules, "backend": matplotlib.get_backend(),
+                          "started_early": bool(plain)}))
+    """)
+    assert seen == {"loaded": [False, False, False, True, True], "fonts": True, "pyplot": False, "backend": "svg",
+                    "started_early": False}
 
 
 # ------------------------------------------------------------------------------- the exit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 
@@ -34,3 +35,34 @@ def plot_curves(history: list[dict], path: str | Path, metric: str, base: float 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return Path(path)
+
+
+def _load_matplotlib() -> None:
+    """What `plot_curves` needs before it draws: the Agg canvas, the figure classes and the font list
+    (built and cached on first use, a second or more where no cache exists yet). A failure here is
+    left for the plot itself to report."""
+    try:
+        from matplotlib import font_manager
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+
+        font_manager.findfont("DejaVu Sans")
+    except Exception:
+        pass
+
+
+def warm_up_callback():
+    """A trainer callback that loads matplotlib in a thread once the last step has run, so the finish's
+    plot finds it loaded while the last step's checkpoint is written. Not earlier: a thread importing
+    holds the interpreter's lock in bursts the training loop would wait on."""
+    from transformers import TrainerCallback
+
+    class WarmUpPlotting(TrainerCallback):
+        started = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not self.started and state.is_world_process_zero and 0 < state.max_steps <= state.global_step:
+                self.started = True
+                threading.Thread(target=_load_matplotlib, name="embedtune-plot-warm-up", daemon=True).start()
+
+    return WarmUpPlotting()

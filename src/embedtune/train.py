@@ -37,6 +37,7 @@ from .evaluate import metric_key
 from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
 from .lora import get_peft_model
 from .model_card import pick_card_examples
+from .plots import warm_up_callback
 from .monitoring import (
     TENSORBOARD_DIR, Phases, attach_tokens_per_second, check_report_to, point_tensorboard,
     readable_logs, report_arguments,
@@ -410,6 +411,7 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
     readable_logs(trainer)
     checks = RunChecks(st_model)  # no-silent-success: fingerprints the weights training starts from
     trainer.add_callback(phases.step_callback())
+    trainer.add_callback(warm_up_callback())  # matplotlib loaded for the finish's plot during the last checkpoint
     phases.mark("checks")
     return Setup(trainer, best, token_cache, graphs, checks, plan)
 
@@ -674,6 +676,9 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
         complete_run_card(st_model, model_dir, metrics)
         if phases is not None:
             phases.mark("save_model")
+        plot.result()
+        if phases is not None:
+            phases.mark("plot")  # what the curves took beyond the save, drawn beside it
             metrics["phases_s"] = dict(phases.seconds)  # up to here; sealing and moving the folder follow
         # Named relative to the run folder: it is moved, copied and shared whole.
         metrics["artifacts"] = {"model": "model", "metrics": "metrics.json", "plot": "training_curves.png",
@@ -684,7 +689,6 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
             metrics["artifacts"]["tensorboard"] = TENSORBOARD_DIR
         write_config_yaml(metrics["config"], work / CONFIG_NAME)
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-        plot.result()
     assert model_dir.exists()
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise EmbedtuneError(f"{output}: appeared during the run; results left in {work}")
