@@ -17,6 +17,7 @@ from embedtune.cli import app
 from embedtune.resilience import CheckpointClock, save_arguments
 from tiny_models import write_pairs as _pairs
 
+from embedtune.checkpoint_format import is_complete
 from embedtune.run_folder import work_folder
 
 FULL = ["--max-steps", "3", "--batch-size", "4", "--max-seq-length", "16", "--no-eval", "--full", "--lr", "1e-3"]
@@ -57,10 +58,16 @@ def test_save_arguments_leave_the_default_cadence_to_the_clock():
     assert save_arguments(None, resumable=False) == {"save_strategy": "no"}
 
 
-def test_default_run_keeps_one_weights_only_checkpoint_that_a_killed_finish_resumes_from(tmp_path, tiny, monkeypatch):
+@pytest.mark.parametrize("earlier_best", [False, True], ids=["final-weights-of-the-last-step", "an-earlier-best"])
+def test_default_run_keeps_one_weights_only_checkpoint_that_a_killed_finish_resumes_from(tmp_path, tiny, monkeypatch,
+                                                                                         earlier_best):
     """Full fine-tuning, default cadence, killed just before its result is sealed: the last step's
-    checkpoint (weights, no optimizer) is there, and --resume completes the run without a step."""
+    checkpoint (no optimizer) is there, naming the model folder's weights, written once at that step
+    (or, where an earlier best would be put back, holding its own copy), and --resume completes the
+    run without a step, its card completed once."""
     recipe = importlib.import_module("embedtune.train")  # `embedtune.train` the attribute is the function
+    if earlier_best:  # (the best weights being those of the last step is what a run without evaluation has)
+        monkeypatch.setattr(recipe.BestWeights, "restores_other_than", lambda self, step: True)
 
     data = _pairs(tmp_path / "d")
     reference = tmp_path / "reference"
@@ -82,7 +89,21 @@ def test_default_run_keeps_one_weights_only_checkpoint_that_a_killed_finish_resu
                                catch_exceptions=False)
     checkpoints = sorted((work_folder(out) / "checkpoints").glob("checkpoint-*"))
     assert [c.name for c in checkpoints] == ["checkpoint-3"]  # no periodic one in a run this short
-    assert (checkpoints[0] / "trainable.safetensors").exists() and not (checkpoints[0] / "optimizer.pt").exists()
+    assert not (checkpoints[0] / "optimizer.pt").exists()
+    weights = work_folder(out) / "model" / "model.safetensors"  # written by the checkpoint, at the last step
+    assert (checkpoints[0] / "trainable.safetensors").exists() == earlier_best
+    if earlier_best:
+        assert not (checkpoints[0] / "weights_reference.json").exists()
+        written_once = None
+    else:
+        named = json.loads((checkpoints[0] / "weights_reference.json").read_text())
+        marker = json.loads((checkpoints[0] / "embedtune_checkpoint.json").read_text())
+        assert (checkpoints[0] / named["file"]).resolve() == weights.resolve()
+        assert marker["files"][named["file"]] == weights.stat().st_size and is_complete(checkpoints[0])
+        stored = load_file(str(weights))
+        assert named["keys"] and set(named["keys"].values()) <= set(stored)  # the trainable ones, by the trainer's names
+        assert all(name.endswith(key) for name, key in named["keys"].items())
+        written_once = weights.stat().st_ino
 
     trained = []
     original = resilience.ResumableTrainer.training_step
@@ -91,6 +112,10 @@ def test_default_run_keeps_one_weights_only_checkpoint_that_a_killed_finish_resu
     resumed = CliRunner().invoke(app, ["train", str(data), "--output", str(out), "--model", str(tiny), *FULL, "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert not trained  # completed from the checkpoint, not retrained
+    if written_once is not None:
+        assert (out / "model" / "model.safetensors").stat().st_ino == written_once  # kept, not written again
     new, ref = load_file(str(out / "model" / "model.safetensors")), load_file(str(reference / "model" / "model.safetensors"))
     assert new.keys() == ref.keys()
     assert max((new[k] - ref[k]).abs().max().item() for k in ref) <= 1e-6
+    card = (out / "model" / "README.md").read_text()
+    assert card.count("## Fine-tuned with embedtune") == 1 and "sentence-transformers" in card.split("\n---\n")[0]

@@ -237,11 +237,12 @@ def test_resume_keeps_the_best_weights_found_before_the_crash(tmp_path, tiny, ti
             run(_tiny_config(tiny_pairs, tiny, out))
     checkpoint = latest_checkpoint(checkpoints_dir(out))
     assert checkpoint.name == "checkpoint-4"
-    assert {p.name for p in checkpoint.iterdir()} == {  # no pickled Python objects (training_args.bin) among them
-        MARKER, "trainable.safetensors", "best_weights.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-        "trainer_state.json"}
     saved_best = json.loads((checkpoint / MARKER).read_text())["best"]
     assert saved_best["step"] in (2, 4), "evaluations at steps 2 and 4 came before the crash"
+    # no pickled Python objects (training_args.bin) among them; the best weights apart unless they are its own
+    assert {p.name for p in checkpoint.iterdir()} == {
+        MARKER, "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} | (
+        {"best_weights.safetensors"} if saved_best["step"] != 4 else set())
 
     loads = []
     original_load = torch.load
@@ -341,3 +342,70 @@ def test_ctrl_c_saves_and_stops_and_a_second_ctrl_c_aborts(tmp_path, tiny, tiny_
     assert type(aborted.value) is KeyboardInterrupt
     assert latest_checkpoint(checkpoints_dir(out)).name == "checkpoint-3"
     assert signals.getsignal(signals.SIGINT) is handler
+
+
+# ------------------------------------------------------------------------ weights kept once
+
+
+def _sealed(folder: Path, step: int, weights: dict, best_step: int | None, best_weights: dict | None = None):
+    """A checkpoint folder as the trainer leaves it, sealed with a best-so-far found at `best_step`."""
+    from safetensors.torch import save_file
+
+    from embedtune.best_weights import BestWeights
+    from embedtune.checkpoint_format import seal_checkpoint
+
+    folder.mkdir(parents=True)
+    save_file(weights, str(folder / "trainable.safetensors"))
+    best = BestWeights(torch.nn.Linear(2, 2), "eval_score")
+    if best_step is not None:
+        best.load_state({"value": 0.5, "metrics": {"eval_score": 0.5}, "step": best_step}, best_weights or weights)
+    seal_checkpoint(folder, step, best)
+    return folder
+
+
+def test_best_weights_at_the_checkpoints_own_step_are_not_written_twice_and_come_back(tmp_path):
+    from embedtune.best_weights import BestWeights
+    from embedtune.checkpoint_format import restore_best
+
+    own = {"w": torch.arange(4.0).reshape(2, 2), "b": torch.ones(2)}
+    here = _sealed(tmp_path / "checkpoint-4", 4, own, best_step=4)
+    assert not (here / "best_weights.safetensors").exists() and is_complete(here)
+    earlier = {k: v - 1 for k, v in own.items()}
+    apart = _sealed(tmp_path / "checkpoint-6", 6, own, best_step=2, best_weights=earlier)
+    assert (apart / "best_weights.safetensors").exists()
+    for checkpoint, expected, step in ((here, own, 4), (apart, earlier, 2)):
+        best = BestWeights(torch.nn.Linear(2, 2), "eval_score")
+        restore_best(best, checkpoint)
+        meta, weights = best.state()
+        assert meta["step"] == step and weights.keys() == expected.keys()
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_a_checkpoint_names_another_files_weights_only_where_all_match(tmp_path):
+    from safetensors.torch import save_file
+
+    from embedtune.checkpoint_format import checkpoint_weights, reference_weights, referenced_folder
+
+    model = torch.nn.Linear(3, 2)
+    params = {"0.auto_model.weight": model.weight, "0.auto_model.bias": model.bias}
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_file({"weight": model.weight.detach(), "bias": model.bias.detach(), "frozen": torch.zeros(1)},
+              str(model_dir / "model.safetensors"))
+    names = {id(model.weight): ["weight"], id(model.bias): ["tied.bias", "bias"]}  # the first name present counts
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    for wrong in ({id(model.weight): ["weight"]},  # a trainable tensor with no name in the file
+                  {id(model.weight): ["bias"], id(model.bias): ["weight"]}):  # shapes that differ
+        assert not reference_weights(checkpoint, model_dir / "model.safetensors", params, wrong)
+        assert not list(checkpoint.iterdir())
+    assert reference_weights(checkpoint, model_dir / "model.safetensors", params, names)
+    assert referenced_folder(checkpoint) == model_dir.resolve()
+    loaded = checkpoint_weights(checkpoint)
+    assert loaded.keys() == params.keys() and all(torch.equal(loaded[k], params[k].detach()) for k in params)
+    from embedtune.checkpoint_format import seal_checkpoint  # the named file counts toward completeness
+
+    seal_checkpoint(checkpoint, 3)
+    assert is_complete(checkpoint)
+    (model_dir / "model.safetensors").unlink()
+    assert not is_complete(checkpoint)

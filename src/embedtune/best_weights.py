@@ -52,6 +52,10 @@ class BestWeights:
         self.best_value, self.best_metrics, self.best_step = meta["value"], dict(meta["metrics"]), meta["step"]
         self._weights = dict(weights)
 
+    def restores_other_than(self, step: int) -> bool:
+        """Whether `restore` would put back weights other than those of `step` (a best found earlier)."""
+        return bool(self._weights) and self.best_step != step
+
     def restore(self) -> None:
         if not self._weights:
             return

@@ -8,7 +8,12 @@ in one rename, listing every file with its size (`seal_checkpoint`, `is_complete
 holds the trainable weights (safetensors; for LoRA a few MB), the optimizer, scheduler and RNG states
 (torch files that transformers loads with `weights_only=True`, numpy's RNG types allow-listed:
 nothing else is unpickled), `trainer_state.json` (step, log history) and `BestWeights`' best-so-far
-weights. The data order needs no state: the NO_DUPLICATES sampler reshuffles from seed + epoch and
+weights (left out when they are the checkpoint's own: the best evaluation was at its step).
+
+The last step's checkpoint of a full fine-tune may hold no weights of its own: where the run's final
+weights are that step's, the run's model folder is written then (the finish's own save) and the
+checkpoint names its weights file with a key map (`WEIGHTS_REFERENCE`; the file's size is in the
+marker like the checkpoint's own files), so the finish does not write the same fp32 weights again. The data order needs no state: the NO_DUPLICATES sampler reshuffles from seed + epoch and
 the trainer skips the batches already trained on, then restores the RNG (dropout) state.
 
 The run's resolved config (and a digest of the data) is kept in `OUTPUT.partial/checkpoints/run_config.json`.
@@ -39,6 +44,8 @@ from .run_folder import work_folder
 MARKER = "embedtune_checkpoint.json"
 TRAINABLE_WEIGHTS = "trainable.safetensors"
 BEST_WEIGHTS = "best_weights.safetensors"
+WEIGHTS_REFERENCE = "weights_reference.json"  # instead of TRAINABLE_WEIGHTS: another file's tensors, by name
+MODEL_CARD_COPY = "model_card.md"  # the card sentence-transformers wrote in a referenced model folder
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
 # The newest checkpoint is unmarked while the trainer writes it (and rotates old ones out), so the
@@ -123,11 +130,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def seal_checkpoint(folder: Path, step: int, best=None) -> None:
-    """Add the best-so-far weights to a checkpoint the trainer has just written, then mark it complete."""
+    """Add the best-so-far weights to a checkpoint the trainer has just written (unless they are its
+    own weights), then mark it complete."""
     meta = None
     if best is not None:
         meta, weights = best.state()
-        if weights:
+        if weights and meta.get("step") != step:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / BEST_WEIGHTS))
         if meta.get("step") is None:
             meta = None  # no evaluation yet
@@ -135,15 +143,73 @@ def seal_checkpoint(folder: Path, step: int, best=None) -> None:
     for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MARKER):
         fsync_path(path)
         files[path.name] = path.stat().st_size
+    reference = _reference(folder)
+    if reference is not None:  # the weights file it names counts like its own
+        path = folder / reference["file"]
+        fsync_path(path)
+        files[reference["file"]] = path.stat().st_size
     write_json_atomic(folder / MARKER, {"step": step, "files": files, "best": meta})
 
 
 def restore_best(best, checkpoint: Path) -> None:
-    """Give a resumed run's BestWeights the best-so-far weights and score saved with the checkpoint."""
+    """Give a resumed run's BestWeights the best-so-far weights and score saved with the checkpoint
+    (its own weights where the best evaluation was at its step)."""
     meta = json.loads((checkpoint / MARKER).read_text(encoding="utf-8")).get("best")
     if best is not None and meta:
         weights = checkpoint / BEST_WEIGHTS
-        best.load_state(meta, load_file(str(weights), device="cpu") if weights.exists() else {})
+        if weights.exists():
+            best.load_state(meta, load_file(str(weights), device="cpu"))
+        elif meta.get("step") == checkpoint_step(checkpoint):
+            best.load_state(meta, checkpoint_weights(checkpoint))
+        else:
+            best.load_state(meta, {})
+
+
+def _reference(checkpoint: Path) -> dict | None:
+    path = Path(checkpoint) / WEIGHTS_REFERENCE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def referenced_folder(checkpoint: Path) -> Path | None:
+    """The folder of the weights file a checkpoint names instead of holding its own (a run's model
+    folder, written at its last step), or None."""
+    reference = _reference(checkpoint)
+    return (Path(checkpoint) / reference["file"]).resolve().parent if reference is not None else None
+
+
+def checkpoint_weights(checkpoint: Path) -> dict:
+    """A checkpoint's trainable weights by the trainer's names: its own file, or the referenced one."""
+    reference = _reference(checkpoint)
+    if reference is None:
+        return load_file(str(Path(checkpoint) / TRAINABLE_WEIGHTS), device="cpu")
+    stored = load_file(str(Path(checkpoint) / reference["file"]), device="cpu")
+    return {name: stored[key] for name, key in reference["keys"].items()}
+
+
+def reference_weights(checkpoint: Path, weights_file: Path, params: dict, stored_names: dict[int, list[str]]) -> bool:
+    """Make `checkpoint` name `weights_file`'s tensors as its trainable weights instead of a copy of its
+    own. `params`: the trainer's trainable tensors by name; `stored_names`: each tensor's possible
+    names in the file, by `id`. Written only where every tensor is in the file under one of them, with
+    its shape and dtype (True); else nothing is written (False) and the caller saves the weights itself."""
+    from safetensors import safe_open
+
+    keys = {}
+    with safe_open(str(weights_file), framework="pt") as stored:
+        present = set(stored.keys())
+        for name, tensor in params.items():
+            key = next((k for k in stored_names.get(id(tensor), []) if k in present), None)
+            if key is None:
+                return False
+            found = stored.get_slice(key)
+            if list(found.get_shape()) != list(tensor.shape) or found.get_dtype() != _SAFETENSORS_DTYPE.get(str(tensor.dtype).removeprefix("torch.")):
+                return False
+            keys[name] = key
+    write_json_atomic(Path(checkpoint) / WEIGHTS_REFERENCE,
+                      {"file": os.path.relpath(weights_file, checkpoint), "keys": keys})
+    return True
+
+
+_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
 
 # ----------------------------------------------------------------------------------- same run?

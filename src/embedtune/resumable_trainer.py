@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from sentence_transformers import SentenceTransformerTrainer
 from transformers import TrainerCallback
 
-from .checkpoint_format import KEEP_CHECKPOINTS, TRAINABLE_WEIGHTS, latest_checkpoint, restore_best, seal_checkpoint
+from .checkpoint_format import (
+    KEEP_CHECKPOINTS, MODEL_CARD_COPY, TRAINABLE_WEIGHTS, WEIGHTS_REFERENCE, checkpoint_weights, latest_checkpoint,
+    reference_weights, referenced_folder, restore_best, seal_checkpoint,
+)
 from .errors import EmbedtuneError
 from .guards import (
     OUT_OF_MEMORY, HostCopy, InterruptGuard, NonFiniteLoss, TrainingInterrupted, check_finite_weights, finite_gate_for,
@@ -151,10 +155,38 @@ class ResumableTrainer(SentenceTransformerTrainer):
             return super()._save(output_dir, state_dict)
         folder = Path(output_dir or self.args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        params = {n: p.detach() for n, p in self.trainable_parameters().items()}
+        trainable = self.trainable_parameters()
+        params = {n: p.detach() for n, p in trainable.items()}
         check_finite_weights(params, self.state.global_step, Path(self.args.output_dir))
+        if self._final_weights_referenced(folder, trainable):
+            return
         weights = {n: p.to("cpu", copy=True) for n, p in params.items()}
         save_file(weights, str(folder / TRAINABLE_WEIGHTS))
+
+    # Set by the recipe where the final weights could be written once: called with the step at the last
+    # step's checkpoint, it writes the run's model folder when the final weights are that step's and
+    # returns (the folder, its weights file, each tensor's names there by `id`), else None.
+    final_save = None
+    saved_model: Path | None = None  # the model folder the last step's checkpoint references
+    saved_model_card: Path | None = None  # and the card sentence-transformers wrote there, as written
+
+    def _final_weights_referenced(self, folder: Path, trainable: dict) -> bool:
+        """The last step's checkpoint naming the model folder's weights (written now, once, by the
+        recipe's `final_save`) instead of holding a copy; False where it cannot, and no folder is left."""
+        if self.final_save is None or not 0 < self.state.max_steps <= self.state.global_step:
+            return False
+        written = self.final_save(self.state.global_step)
+        if written is None:
+            return False
+        model_dir, weights_file, stored_names = written
+        if not (weights_file.is_file() and reference_weights(folder, weights_file, trainable, stored_names)):
+            shutil.rmtree(model_dir, ignore_errors=True)  # the finish writes it again
+            return False
+        card = Path(model_dir) / "README.md"  # the card the finish completes: kept as written now
+        if card.is_file():
+            shutil.copyfile(card, folder / MODEL_CARD_COPY)
+        self.saved_model, self.saved_model_card = Path(model_dir), folder / MODEL_CARD_COPY
+        return True
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if 0 < self.state.max_steps <= self.state.global_step:
@@ -164,15 +196,19 @@ class ResumableTrainer(SentenceTransformerTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint)
-        path = Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS
-        saved = load_file(str(path), device="cpu")
+        checkpoint = Path(resume_from_checkpoint)
+        referenced = referenced_folder(checkpoint)
+        saved = checkpoint_weights(checkpoint)
         params = self.trainable_parameters()
         if set(saved) != set(params):
+            path = checkpoint / (WEIGHTS_REFERENCE if referenced is not None else TRAINABLE_WEIGHTS)
             raise EmbedtuneError(f"{path}: its weights don't match this model's trainable weights; "
                                  "resume with the model and LoRA settings of the interrupted run")
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(saved[name].to(param.device))
+        if referenced is not None:  # the last step's: the model folder it names is the finish's, written already
+            self.saved_model, self.saved_model_card = referenced, checkpoint / MODEL_CARD_COPY
 
     def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
         """The hashed NO_DUPLICATES sampler hashing in this process (`data.sampler`); the rest as the

@@ -398,6 +398,7 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
                    if objective.evaluator else None),
     )
     phases.mark("trainer")
+    trainer.final_save = _final_save(config, data, st_model, best)
     graphs = graph_step_for(trainer, config) if plan.speed.cuda_graphs else None
     if graphs is not None and not isinstance(graphs, str):
         trainer.graph_step = graphs
@@ -476,6 +477,7 @@ class Trained:
     model: Any
     final_metrics: dict
     train_time: float
+    saved_model: tuple[Path, Path] | None = None  # (model folder, its card as written) by the last checkpoint
 
 
 def train_model(config: TrainConfig, data: RunData, model: Model, objective: Objective, setup: Setup,
@@ -510,7 +512,9 @@ def train_model(config: TrainConfig, data: RunData, model: Model, objective: Obj
         st_model = unsharded_copy(st_model, config)  # rank 0: the full model; other ranks: None
     else:
         distributed.check_in_sync(st_model)
-    return Trained(st_model, final_metrics, train_time)
+    trainer = setup.trainer
+    saved = (trainer.saved_model, trainer.saved_model_card) if trainer.saved_model is not None else None
+    return Trained(st_model, final_metrics, train_time, saved)
 
 
 def run_metrics(config: TrainConfig, started: float, data: RunData, objective: Objective, setup: Setup,
@@ -576,7 +580,8 @@ def finish(config: TrainConfig, started: float, data: RunData, objective: Object
     if not distributed.is_main():
         pass  # rank 0 saves; under DDP the model in memory here is the same
     elif data.output is not None:
-        result_dir = _finish_output(trained.model, metrics, data.work, data.output, config.overwrite, phases)
+        result_dir = _finish_output(trained.model, metrics, data.work, data.output, config.overwrite, phases,
+                                    saved_model=trained.saved_model)
     else:
         shutil.rmtree(data.work, ignore_errors=True)
     distributed.barrier()
@@ -650,18 +655,21 @@ def _precision_flags(model_dtype: torch.dtype) -> dict:
 
 
 def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite: bool,
-                   phases: Phases | None = None) -> Path:
+                   phases: Phases | None = None, saved_model: tuple[Path, Path] | None = None) -> Path:
     """Assemble model/, adapter/, metrics.json, config.yaml and the curves in the work folder, beside
     its checkpoints; seal it; then move it into place (`run_folder`): a kill at any point leaves the
     previous result, or a run that `--resume` finishes (from its checkpoints, or sealed: moved only).
-    The curves are drawn in a thread while this one writes the tensors."""
+    The curves are drawn in a thread while this one writes the tensors. `saved_model`: the model
+    folder the last step's checkpoint wrote with these weights, and its card as written then: kept,
+    its card completed again from that copy."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .plots import plot_curves
 
     if phases is not None:
         phases.mark("wrap_up")  # the best weights restored, the run's checks and metrics
-    for leftover in ("adapter", "model"):  # written by a finish that was killed before its seal
+    kept = saved_model is not None and Path(saved_model[0]).resolve() == (work / "model").resolve()
+    for leftover in ("adapter",) if kept else ("adapter", "model"):  # by a finish killed before its seal
         shutil.rmtree(work / leftover, ignore_errors=True)
     with ThreadPoolExecutor(1, thread_name_prefix="embedtune-plot") as pool:
         plot = pool.submit(plot_curves, metrics["history"], work / "training_curves.png",
@@ -670,7 +678,12 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
         lora = bool(metrics["config"].get("lora_r"))
         if lora:  # before save_merged merges it away: `embedtune export --to adapter` needs it
             save_adapter(st_model, work / "adapter")
-        model_dir = save_merged(st_model, work / "model")
+        if kept:
+            model_dir = work / "model"
+            if Path(saved_model[1]).is_file():  # the card as sentence-transformers wrote it, before completion
+                shutil.copyfile(saved_model[1], model_dir / "README.md")
+        else:
+            model_dir = save_merged(st_model, work / "model")
         from .export import complete_run_card  # the card sentence-transformers wrote, with embedtune's facts
 
         complete_run_card(st_model, model_dir, metrics)
@@ -694,6 +707,29 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
         raise EmbedtuneError(f"{output}: appeared during the run; results left in {work}")
     seal_finished(work)
     return complete_finish(work, output)  # a crash here leaves the previous OUTPUT or the sealed new one
+
+
+def _final_save(config: TrainConfig, data: RunData, st_model, best: BestWeights):
+    """For `ResumableTrainer.final_save`: a full fine-tune in one process writes its model folder at
+    the last step's checkpoint, which then references those weights, where the final weights are that
+    step's (no earlier best evaluation to put back): the fp32 weights are written once, not twice.
+    None (the trainer writes its own copy, the finish saves) for LoRA (a few MB), FSDP and several
+    processes."""
+    if config.lora_r is not None or config.fsdp or distributed.world_size() > 1 or not data.resumable:
+        return None
+
+    def final_save(step: int):
+        if best.restores_other_than(step):
+            return None
+        folder = data.work / "model"
+        shutil.rmtree(folder, ignore_errors=True)  # a finish killed before its seal left it
+        model_dir = save_merged(st_model, folder)
+        names: dict[int, list[str]] = {}
+        for key, tensor in st_model[0].auto_model.state_dict(keep_vars=True).items():
+            names.setdefault(id(tensor), []).append(key)
+        return model_dir, model_dir / "model.safetensors", names
+
+    return final_save
 
 
 def _finished_result(output: Path) -> RunResult:
