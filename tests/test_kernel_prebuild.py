@@ -253,3 +253,65 @@ def test_the_child_builds_only_on_gpus_every_process_may_share():
         raise OSError("libnvidia-ml.so.1: cannot open shared object file")
 
     assert not gpus_shared(missing)
+
+
+def test_the_wait_can_be_left_to_the_first_step(bert_on_a_fake_gpu):
+    """The recipe leaves the wait for the build ahead to the first step (`defer_wait`): the plan runs
+    without the fused norm and waits for nothing; the first step's callback waits once, switches the
+    kernels on where the child left them, and hands the mode on; a run that needs no wait gets none."""
+    from embedtune.speed_choice import settle_before_first_step
+
+    model = bert_on_a_fake_gpu
+    forward = model.__dict__["forward"]
+    steps = int((speed.FUSED_NORM_WARM_S + speed.FUSED_NORM_COLD_S) / 2 / (speed.FUSED_NORM_GAIN * 0.05))
+    build = FakeBuild(succeeds=True)
+    mode, _, _, settle = choose_speed(_config(), model, 100.0, steps, prebuild=build, defer_wait=True)
+    assert settle is not None and not mode.fused_kernels and not forward.fused_kernels and build.waits == []
+    assert mode.cuda_graphs  # the rest of the mode is decided already
+    applied = []
+    callback = settle_before_first_step(settle, applied.append)
+    for _ in range(3):
+        callback.on_step_begin(None, None, None)
+    assert len(applied) == 1 and len(build.waits) == 1
+    assert applied[0].fused_kernels and forward.fused_kernels and "built ahead" in applied[0].why
+    failed = FakeBuild(succeeds=False)
+    mode, _, _, settle = choose_speed(_config(), model, 100.0, steps, prebuild=failed, defer_wait=True)
+    assert not settle().fused_kernels and not forward.fused_kernels and len(failed.waits) == 1
+    done = FakeBuild(succeeds=True)
+    done.waits.append(0.0)  # ended before the plan: decided there, nothing left for the first step
+    mode, _, _, settle = choose_speed(_config(), model, 100.0, steps, prebuild=done, defer_wait=True)
+    assert settle is None and mode.fused_kernels and forward.fused_kernels
+
+
+def test_the_recipe_settles_a_left_open_choice_before_its_first_step(tmp_path, monkeypatch):
+    """`train.run` asks for the wait to be left open, calls what `choose_speed` left once, before the
+    first training step, and reports the mode it returned."""
+    import dataclasses
+    import importlib
+    import json
+
+    from typer.testing import CliRunner
+
+    from embedtune.cli import app
+    from embedtune.resumable_trainer import ResumableTrainer
+    from tiny_models import write_pairs
+
+    recipe = importlib.import_module("embedtune.train")
+    real, events = recipe.choose_speed, []
+
+    def choose(*args, **kwargs):
+        mode, cache, fingerprint, settle = real(*args, **kwargs)
+        assert kwargs.get("defer_wait") is True and settle is None  # on a CPU: nothing to wait for
+        settled = dataclasses.replace(mode, why=mode.why + "; settled at the first step")
+        return mode, cache, fingerprint, lambda: events.append("settle") or settled
+
+    step = ResumableTrainer.training_step
+    monkeypatch.setattr(recipe, "choose_speed", choose)
+    monkeypatch.setattr(ResumableTrainer, "training_step", lambda self, *a, **k: events.append("step") or step(self, *a, **k))
+    out = tmp_path / "out"
+    done = CliRunner().invoke(app, ["train", str(write_pairs(tmp_path / "d")), "--output", str(out), "--model",
+                                    str(make_tiny_model("bert", tmp_path)), "--max-steps", "3", "--batch-size", "4",
+                                    "--max-seq-length", "16", "--no-eval", "--full"])
+    assert done.exit_code == 0, done.output
+    assert events == ["settle", "step", "step", "step"]
+    assert json.loads((out / "metrics.json").read_text())["speed"]["why"].endswith("; settled at the first step")

@@ -6,6 +6,7 @@ steps, its trainer) and applies the decision.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -26,15 +27,18 @@ def start_kernel_prebuild(config):
                  compile=config.compile, cuda_graphs=config.cuda_graphs, fused_kernels=getattr(config, "fused_kernels", None))
 
 
-def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuild=None):
+def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuild=None, defer_wait: bool = False):
     """The run's speed mode (`speed.choose`) from the planned steps and the model's size, with compiling
-    switched on where chosen; returns (mode, compile cache folder or None, the model's fingerprint).
+    switched on where chosen; returns (mode, compile cache folder or None, the model's fingerprint,
+    None or a function that settles the fused norm later).
 
     `prebuild` (`kernel_prebuild.Prebuild`): the fused norm kernels building in a child process. Where
     they would be chosen on a warm cache but the child has not ended, wait for it, at most what a cold
     build here would cost, and only where it is expected to end by then (a child started at the CLI's
     start usually has; one the run started itself a moment ago has not); then the choice sees the cache
-    it left."""
+    it left. With `defer_wait`, that wait is left to the returned function, for the recipe to call just
+    before the first step (the set-up in between gives the child more time): until then the mode runs
+    without the fused norm, and the function returns the mode that holds from there on."""
     from . import speed as speed_mode
     from .lora import unwrap_peft
 
@@ -67,35 +71,62 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
     def choose(fused_warm: bool, prebuilt: str | None = None):
         return speed_mode.choose(**facts, fused_warm=fused_warm, prebuilt=prebuilt)
 
-    mode = choose(fused_warm)
     # the child marks the cache after its first kernel: while it runs, the rest may still be building
     building = prebuild is not None and (not fused_warm or prebuild.running())
-    prebuilt = None  # how the build ahead went, for the reason
-    if fused_applies and building and choose(True).fused_kernels:
-        from .kernels.fused_norm import kernels_fingerprint
+    waits = fused_applies and building and choose(True).fused_kernels
 
-        bound = speed_mode.FUSED_NORM_COLD_S - speed_mode.FUSED_NORM_WARM_S
-        expected_left = speed_mode.FUSED_PREBUILD_S - (time.monotonic() - prebuild.started)
-        waited = time.monotonic()
-        ok = prebuild.wait(bound) if expected_left <= bound else False  # a child just started: no use waiting
-        waited = time.monotonic() - waited
-        fused_warm = ok and speed_mode.fused_kernels_cached(kernels_fingerprint())
-        code = prebuild.process.poll()
-        prebuilt = (f"built ahead in a child process (waited {waited:.1f} s)" if fused_warm
-                    else "the build ahead is still running" if code is None
-                    else "the build ahead built nothing (no GPU it may share, or another model family)" if code == 0
-                    else f"the build ahead failed (exit code {code})")
-    elif fused_applies and prebuild is not None and fused_warm and prebuild.process.poll() == 0:
-        prebuilt = "built ahead in a child process, no wait"  # it ended before the choice
-    if prebuilt is not None:
-        mode = choose(fused_warm, prebuilt=prebuilt)
+    def settle():
+        """The mode once the build ahead has been waited for where it is due (and the fused norm
+        switched on or off to match)."""
+        warm, prebuilt = fused_warm, None  # how the build ahead went, for the reason
+        if waits:
+            from .kernels.fused_norm import kernels_fingerprint
+
+            bound = speed_mode.FUSED_NORM_COLD_S - speed_mode.FUSED_NORM_WARM_S
+            expected_left = speed_mode.FUSED_PREBUILD_S - (time.monotonic() - prebuild.started)
+            waited = time.monotonic()
+            ok = prebuild.wait(bound) if expected_left <= bound else False  # a child just started: no use waiting
+            waited = time.monotonic() - waited
+            warm = ok and speed_mode.fused_kernels_cached(kernels_fingerprint())
+            code = prebuild.process.poll()
+            prebuilt = (f"built ahead in a child process (waited {waited:.1f} s)" if warm
+                        else "the build ahead is still running" if code is None
+                        else "the build ahead built nothing (no GPU it may share, or another model family)" if code == 0
+                        else f"the build ahead failed (exit code {code})")
+        elif fused_applies and prebuild is not None and fused_warm and prebuild.process.poll() == 0:
+            prebuilt = "built ahead in a child process, no wait"  # it ended before the choice
+        mode = choose(warm, prebuilt=prebuilt)
+        if config.fast:
+            from .packing import set_fused_kernels
+
+            set_fused_kernels(model, mode.fused_kernels)
+        return mode
+
+    later = defer_wait and waits
+    mode = dataclasses.replace(choose(fused_warm), fused_kernels=False) if later else settle()
     compile_cache = use_persistent_compile_cache() if mode.compile else None  # later runs reuse its code
     if config.fast:
         from .packing import set_compile, set_fused_kernels
 
         set_compile(model, mode.compile)  # decided here, for the whole run (not "auto", as loaded)
         set_fused_kernels(model, mode.fused_kernels)
-    return mode, compile_cache, fingerprint
+    return mode, compile_cache, fingerprint, settle if later else None
+
+
+def settle_before_first_step(settle, apply):
+    """A trainer callback that settles a choice `choose_speed` left open (`settle()`, the mode from
+    then on, handed to `apply`) at the start of the first step, once."""
+    from transformers import TrainerCallback
+
+    class SettleSpeed(TrainerCallback):
+        pending = True
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.pending:
+                self.pending = False
+                apply(settle())
+
+    return SettleSpeed()
 
 
 def graph_step_for(trainer, config):

@@ -56,7 +56,9 @@ from .st import to_sentence_transformer
 # from `embedtune.train`, and tests replace `graph_step_for` here, where the trainer stage reads it).
 from .best_weights import BestWeights
 from .run_checks import RunChecks, check_batches, check_settings, check_speed_options
-from .speed_choice import choose_speed, graph_step_for, graph_summary, start_kernel_prebuild
+from .speed_choice import (
+    choose_speed, graph_step_for, graph_summary, settle_before_first_step, start_kernel_prebuild,
+)
 from .unshard import unsharded_copy
 
 EVAL_NAME = "ir-eval"
@@ -321,6 +323,7 @@ class Plan:
     speed: Any
     compile_cache: Any
     fingerprint: Any
+    settle_speed: Any = None  # the fused norm's choice left to the first step (`speed_choice.choose_speed`)
 
 
 def plan_run(config: TrainConfig, data: RunData, model: Model, phases: Phases, prebuild=None) -> Plan:
@@ -336,11 +339,11 @@ def plan_run(config: TrainConfig, data: RunData, model: Model, phases: Phases, p
     rows = sum(len(p.train_ds) for p in data.parts)
     tokens_per_row = sum(len(p.train_ds) * _tokens_per_row(model.tokenizer, p.train_ds, list(p.choice.text_columns),
                                                             max_seq_length) for p in data.parts) / max(1, rows)
-    speed, compile_cache, fingerprint = choose_speed(config, model.encoder, tokens_per_row,
-                                                     micro_steps=total_steps * accumulation, prebuild=prebuild)
+    speed, compile_cache, fingerprint, settle = choose_speed(  # a wait for the kernels' build: at the first step
+        config, model.encoder, tokens_per_row, micro_steps=total_steps * accumulation, prebuild=prebuild, defer_wait=True)
     phases.mark("plan")
     return Plan(rows_per_step, total_steps, eval_steps, columns, max_seq_length, tokens_per_row, speed,
-                compile_cache, fingerprint)
+                compile_cache, fingerprint, settle)
 
 
 @dataclass
@@ -411,6 +414,8 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
     attach_tokens_per_second(trainer, plan.tokens_per_row * plan.rows_per_step)
     readable_logs(trainer)
     checks = RunChecks(st_model)  # no-silent-success: fingerprints the weights training starts from
+    if plan.settle_speed is not None:  # before the phases' marks: its wait counts as the trainer's set-up
+        trainer.add_callback(settle_before_first_step(plan.settle_speed, lambda mode: setattr(plan, "speed", mode)))
     trainer.add_callback(phases.step_callback())
     trainer.add_callback(warm_up_callback())  # matplotlib loaded for the finish's plot during the last checkpoint
     phases.mark("checks")
