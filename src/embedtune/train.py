@@ -415,7 +415,10 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
     readable_logs(trainer)
     checks = RunChecks(st_model)  # no-silent-success: fingerprints the weights training starts from
     if plan.settle_speed is not None:  # before the phases' marks: its wait counts as the trainer's set-up
-        trainer.add_callback(settle_before_first_step(plan.settle_speed, lambda mode: setattr(plan, "speed", mode)))
+        def adopt(mode):
+            plan.speed = mode
+
+        trainer.add_callback(settle_before_first_step(plan.settle_speed, adopt))
     trainer.add_callback(phases.step_callback())
     trainer.add_callback(warm_up_callback())  # matplotlib loaded for the finish's plot during the last checkpoint
     phases.mark("checks")
