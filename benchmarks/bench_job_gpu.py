@@ -185,7 +185,8 @@ class Bench:
                                   if h.get("tokens_per_s") and h.get("step")]  # the logged rate along the job
             except (OSError, ValueError) as e:
                 row.setdefault("error", f"no metrics.json: {e}")
-        shutil.rmtree(output, ignore_errors=True)
+        if not a.keep_outputs:
+            shutil.rmtree(output, ignore_errors=True)
         if row.get("rc") == 0 and row.get("steps") not in (None, steps):
             row["error"] = f"ran {row.get('steps')} steps, not {steps}"
         row = self.write(row)
@@ -407,6 +408,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=".bench/tokenizer")
     ap.add_argument("--out", default=None, help="JSONL, appended to row by row")
     ap.add_argument("--root", default=None, help="fixtures and job folders (default: a new temp folder)")
+    ap.add_argument("--keep-outputs", action="store_true",
+                    help="keep each job's output folder under --root (check_saved_job_model.py reads them)")
     ap.add_argument("--check-curves", action="store_true", help="loss curves of eager / compile / graphs instead")
     ap.add_argument("--curve-steps", type=int, default=100)
     ap.add_argument("--curve-log-steps", type=int, default=10)

@@ -1,8 +1,7 @@
-"""After `run_job_gpu.sh`: every embedtune job's saved model loads in plain sentence-transformers and
-encodes, and its weights are finite and moved from the fixture's init (the job benchmark's roots are
-found under /tmp, or under the folder given).
+"""After `run_job_gpu.sh ... --root ROOT --keep-outputs`: every embedtune job's saved model loads in
+plain sentence-transformers and encodes, and its weights are finite and moved from the fixture's init.
 
-    python3 benchmarks/check_saved_job_model.py [ROOT]
+    python3 benchmarks/check_saved_job_model.py ROOT
 """
 
 from __future__ import annotations
@@ -16,8 +15,8 @@ from sentence_transformers import SentenceTransformer
 
 
 def main() -> int:
-    pattern = (sys.argv[1] if len(sys.argv) > 1 else "/tmp/jobbench-*") + "/out-*-embedtune-*/model"
-    failed = 0
+    pattern = sys.argv[1] + "/out-*-embedtune-*/model"
+    failed = 0 if glob.glob(pattern) else 1  # nothing to check is a failure
     for folder in sorted(glob.glob(pattern)):
         root = folder.split("/out-")[0]
         init = load_file(glob.glob(root + "/bert-*/model.safetensors")[0])
