@@ -13,8 +13,10 @@ weights (left out when they are the checkpoint's own: the best evaluation was at
 The last step's checkpoint of a full fine-tune may hold no weights of its own: where the run's final
 weights are that step's, the run's model folder is written then (the finish's own save) and the
 checkpoint names its weights file with a key map (`WEIGHTS_REFERENCE`; the file's size is in the
-marker like the checkpoint's own files), so the finish does not write the same fp32 weights again. The data order needs no state: the NO_DUPLICATES sampler reshuffles from seed + epoch and
-the trainer skips the batches already trained on, then restores the RNG (dropout) state.
+marker like the checkpoint's own files), so the finish does not write the same fp32 weights again.
+
+The data order needs no state: the NO_DUPLICATES sampler reshuffles from seed + epoch and the trainer
+skips the batches already trained on, then restores the RNG (dropout) state.
 
 The run's resolved config (and a digest of the data) is kept in `OUTPUT.partial/checkpoints/run_config.json`.
 Resuming with other settings is refused, except those in `RESUMABLE_CHANGES`: a different learning
@@ -186,6 +188,9 @@ def checkpoint_weights(checkpoint: Path) -> dict:
     return {name: stored[key] for name, key in reference["keys"].items()}
 
 
+_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+
+
 def reference_weights(checkpoint: Path, weights_file: Path, params: dict, stored_names: dict[int, list[str]]) -> bool:
     """Make `checkpoint` name `weights_file`'s tensors as its trainable weights instead of a copy of its
     own. `params`: the trainer's trainable tensors by name; `stored_names`: each tensor's possible
@@ -201,15 +206,14 @@ def reference_weights(checkpoint: Path, weights_file: Path, params: dict, stored
             if key is None:
                 return False
             found = stored.get_slice(key)
-            if list(found.get_shape()) != list(tensor.shape) or found.get_dtype() != _SAFETENSORS_DTYPE.get(str(tensor.dtype).removeprefix("torch.")):
+            dtype = _SAFETENSORS_DTYPE.get(str(tensor.dtype).removeprefix("torch."))
+            if list(found.get_shape()) != list(tensor.shape) or found.get_dtype() != dtype:
                 return False
             keys[name] = key
     write_json_atomic(Path(checkpoint) / WEIGHTS_REFERENCE,
                       {"file": os.path.relpath(weights_file, checkpoint), "keys": keys})
     return True
 
-
-_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
 
 # ----------------------------------------------------------------------------------- same run?
