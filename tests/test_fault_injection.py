@@ -73,6 +73,18 @@ POINTS = [
     ("finish:between-renames", STEPS),
     ("finish:after-rename", STEPS),
 ]
+# A full fine-tune without evaluation: its last checkpoint writes the run's model folder (the finish's own
+# save, through save_merged's temp folder) and names its weights, so a kill in that write loses the last
+# two steps like a kill in any checkpoint's write, and the finish keeps the folder.
+FULL_FLAGS = ["--max-steps", str(STEPS), "--batch-size", "4", "--max-seq-length", "16", "--no-eval", "--save-every", "2",
+              "--lr", "1e-3", "--full", "--seed", "7"]
+FULL_POINTS = [
+    ("checkpoint:8", 6),
+    ("finish:model-temp", 6),  # in the last checkpoint: the model folder in its temp folder
+    ("seal:8", 6),
+    ("finish:before-seal", STEPS),
+    ("finish:after-seal", STEPS),
+]
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
 MODES = ("overwrite", "new")  # over a previous result with --overwrite, or into a folder that does not exist
 
@@ -211,13 +223,17 @@ class Setting:
     model: Path
     reference: Path
     previous: Path
+    flags: list[str] = field(default_factory=lambda: list(FLAGS))
+    kept: dict[str, int] = field(default_factory=lambda: dict(POINTS))  # kill point -> steps that must survive
+    artifacts: tuple[str, ...] = ("model/model.safetensors", "adapter/adapter_model.safetensors")
 
     def command(self, out: Path, overwrite: bool) -> list[str]:
-        return ["train", str(self.pairs), "--output", str(out), "--model", str(self.model), *FLAGS,
+        return ["train", str(self.pairs), "--output", str(out), "--model", str(self.model), *self.flags,
                 *(["--overwrite"] if overwrite else [])]
 
 
-def make_setting(root: Path) -> Setting:
+def make_setting(root: Path, flags: list[str] = FLAGS, points: list[tuple[str, int]] = POINTS,
+                 artifacts: tuple[str, ...] = Setting.artifacts) -> Setting:
     """Start the server, build the tiny model and data, and run the uninterrupted reference (it also
     tells the server what a run imports)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -231,7 +247,8 @@ def make_setting(root: Path) -> Setting:
         if built.code != 0:
             raise RuntimeError(f"the tiny model was not built ({built.code}):\n{built.stderr[-4000:]}")
         reference = root / "reference"
-        setting = Setting(server, root, pairs, root / "tiny" / "bert", reference, root / "previous")
+        setting = Setting(server, root, pairs, root / "tiny" / "bert", reference, root / "previous", list(flags),
+                          dict(points), artifacts)
         done = server.run(setting.command(reference, overwrite=False), root / "reference-log",
                           warm=root / "warm.txt")
         if done.code != 0:
@@ -322,7 +339,7 @@ def run_case(setting: Setting, point: str, sig: str, mode: str, folder: Path) ->
 def _run_case(setting: Setting, point: str, sig: str, mode: str, folder: Path, result: CaseResult) -> None:
     from embedtune.run_folder import work_folder
 
-    kept = dict(POINTS)[point]
+    kept = setting.kept[point]
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -404,7 +421,7 @@ def _run_case(setting: Setting, point: str, sig: str, mode: str, folder: Path, r
             result.problem("a sealed result was trained again instead of moved into place")
 
     # the end: the uninterrupted run's result, and nothing left behind
-    for name in ("model/model.safetensors", "adapter/adapter_model.safetensors"):
+    for name in setting.artifacts:
         mine, reference = out / name, setting.reference / name
         if not mine.is_file():
             result.problem(f"no {name} after the recovery", lost=True)
@@ -473,4 +490,20 @@ def test_the_children_take_ctrl_c_as_from_a_terminal():
 @pytest.mark.parametrize("point,sig,mode", _cases(), ids=lambda value: str(value).replace(":", "-"))
 def test_killed_run_recovers_to_the_uninterrupted_result(setting, point, sig, mode, tmp_path):
     result = run_case(setting, point, sig, mode, tmp_path / "case")
+    assert not result.problems, result.describe()
+
+
+@pytest.fixture(scope="module")
+def full_setting(tmp_path_factory):
+    made = make_setting(tmp_path_factory.mktemp("fault-full"), FULL_FLAGS, FULL_POINTS, ("model/model.safetensors",))
+    yield made
+    made.server.close()
+
+
+@pytest.mark.parametrize("point,mode", [(point, MODES[i % 2]) for i, (point, _) in enumerate(FULL_POINTS)],
+                         ids=lambda value: str(value).replace(":", "-"))
+def test_a_full_fine_tune_killed_around_its_last_checkpoint_recovers(full_setting, point, mode, tmp_path):
+    """SIGKILL around the last checkpoint that writes the model folder (a kill there in the finish proper
+    is the LoRA matrix's): the recovery ends with the uninterrupted run's weights, nothing left behind."""
+    result = run_case(full_setting, point, "SIGKILL", mode, tmp_path / "case")
     assert not result.problems, result.describe()
