@@ -226,15 +226,17 @@ def _crash_at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(transformers.Trainer, "training_step", training_step)
 
 
-def test_resume_keeps_the_best_weights_found_before_the_crash(tmp_path, tiny, tiny_pairs, monkeypatch, one_thread):
+@pytest.mark.parametrize("lora_r", [4, None], ids=["lora", "full"])
+def test_resume_keeps_the_best_weights_found_before_the_crash(tmp_path, tiny, tiny_pairs, monkeypatch, one_thread,
+                                                             lora_r):
     from embedtune.train import run
 
-    reference = run(_tiny_config(tiny_pairs, tiny, tmp_path / "reference"))
+    reference = run(_tiny_config(tiny_pairs, tiny, tmp_path / "reference", lora_r=lora_r))
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
         _crash_at_step(patch, 5)
         with pytest.raises(RuntimeError, match="simulated crash"):
-            run(_tiny_config(tiny_pairs, tiny, out))
+            run(_tiny_config(tiny_pairs, tiny, out, lora_r=lora_r))
     checkpoint = latest_checkpoint(checkpoints_dir(out))
     assert checkpoint.name == "checkpoint-4"
     saved_best = json.loads((checkpoint / MARKER).read_text())["best"]
@@ -253,7 +255,7 @@ def test_resume_keeps_the_best_weights_found_before_the_crash(tmp_path, tiny, ti
 
     with monkeypatch.context() as patch:
         patch.setattr(torch, "load", recording_load)
-        resumed = run(_tiny_config(tiny_pairs, tiny, out, resume=True))
+        resumed = run(_tiny_config(tiny_pairs, tiny, out, resume=True, lora_r=lora_r))
     assert loads and all(flag is True for flag in loads), "a resume unpickles nothing: weights_only loads only"
     assert resumed.metrics["best_step"] == reference.metrics["best_step"]
     assert resumed.metrics["final"] == reference.metrics["final"]
