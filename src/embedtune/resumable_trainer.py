@@ -167,8 +167,7 @@ class ResumableTrainer(SentenceTransformerTrainer):
     # step's checkpoint, it writes the run's model folder when the final weights are that step's and
     # returns (the folder, its weights file, each tensor's names there by `id`), else None.
     final_save = None
-    saved_model: Path | None = None  # the model folder the last step's checkpoint references
-    saved_model_card: Path | None = None  # and the card sentence-transformers wrote there, as written
+    saved_model_by: Path | None = None  # the last step's checkpoint that references the model folder
 
     def _final_weights_referenced(self, folder: Path, trainable: dict) -> bool:
         """The last step's checkpoint naming the model folder's weights (written now, once, by the
@@ -185,7 +184,7 @@ class ResumableTrainer(SentenceTransformerTrainer):
         card = Path(model_dir) / "README.md"  # the card the finish completes: kept as written now
         if card.is_file():
             shutil.copyfile(card, folder / MODEL_CARD_COPY)
-        self.saved_model, self.saved_model_card = Path(model_dir), folder / MODEL_CARD_COPY
+        self.saved_model_by = folder
         return True
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -208,7 +207,7 @@ class ResumableTrainer(SentenceTransformerTrainer):
             for name, param in params.items():
                 param.copy_(saved[name].to(param.device))
         if referenced is not None:  # the last step's: the model folder it names is the finish's, written already
-            self.saved_model, self.saved_model_card = referenced, checkpoint / MODEL_CARD_COPY
+            self.saved_model_by = checkpoint
 
     def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
         """The hashed NO_DUPLICATES sampler hashing in this process (`data.sampler`); the rest as the

@@ -76,8 +76,7 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
     waits = fused_applies and building and choose(True).fused_kernels
 
     def settle():
-        """The mode once the build ahead has been waited for where it is due (and the fused norm
-        switched on or off to match)."""
+        """The mode once the build ahead has been waited for where it is due."""
         warm, prebuilt = fused_warm, None  # how the build ahead went, for the reason
         if waits:
             from .kernels.fused_norm import kernels_fingerprint
@@ -95,7 +94,9 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
                         else f"the build ahead failed (exit code {code})")
         elif fused_applies and prebuild is not None and fused_warm and prebuild.process.poll() == 0:
             prebuilt = "built ahead in a child process, no wait"  # it ended before the choice
-        mode = choose(warm, prebuilt=prebuilt)
+        return choose(warm, prebuilt=prebuilt)
+
+    def apply_fused(mode):
         if config.fast:
             from .packing import set_fused_kernels
 
@@ -103,14 +104,13 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
         return mode
 
     later = defer_wait and waits
-    mode = dataclasses.replace(choose(fused_warm), fused_kernels=False) if later else settle()
+    mode = apply_fused(dataclasses.replace(choose(fused_warm), fused_kernels=False) if later else settle())
     compile_cache = use_persistent_compile_cache() if mode.compile else None  # later runs reuse its code
     if config.fast:
-        from .packing import set_compile, set_fused_kernels
+        from .packing import set_compile
 
         set_compile(model, mode.compile)  # decided here, for the whole run (not "auto", as loaded)
-        set_fused_kernels(model, mode.fused_kernels)
-    return mode, compile_cache, fingerprint, settle if later else None
+    return mode, compile_cache, fingerprint, (lambda: apply_fused(settle())) if later else None
 
 
 def settle_before_first_step(settle, apply):

@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint_format import checkpoint_step, discard_on_failure, prepare_work, resume_point
+from .checkpoint_format import (
+    MODEL_CARD_COPY, checkpoint_step, discard_on_failure, prepare_work, referenced_folder, resume_point,
+)
 from .compile_cache import compile_seconds
 from .config_file import CONFIG_NAME, resolved_config, write_config_yaml
 from .data import column
@@ -485,7 +487,7 @@ class Trained:
     model: Any
     final_metrics: dict
     train_time: float
-    saved_model: tuple[Path, Path] | None = None  # (model folder, its card as written) by the last checkpoint
+    saved_model_by: Path | None = None  # the last checkpoint, where it wrote the model folder and names it
 
 
 def train_model(config: TrainConfig, data: RunData, model: Model, objective: Objective, setup: Setup,
@@ -520,9 +522,7 @@ def train_model(config: TrainConfig, data: RunData, model: Model, objective: Obj
         st_model = unsharded_copy(st_model, config)  # rank 0: the full model; other ranks: None
     else:
         distributed.check_in_sync(st_model)
-    trainer = setup.trainer
-    saved = (trainer.saved_model, trainer.saved_model_card) if trainer.saved_model is not None else None
-    return Trained(st_model, final_metrics, train_time, saved)
+    return Trained(st_model, final_metrics, train_time, setup.trainer.saved_model_by)
 
 
 def run_metrics(config: TrainConfig, started: float, data: RunData, objective: Objective, setup: Setup,
@@ -589,7 +589,7 @@ def finish(config: TrainConfig, started: float, data: RunData, objective: Object
         pass  # rank 0 saves; under DDP the model in memory here is the same
     elif data.output is not None:
         result_dir = _finish_output(trained.model, metrics, data.work, data.output, config.overwrite, phases,
-                                    saved_model=trained.saved_model)
+                                    saved_model_by=trained.saved_model_by)
     else:
         shutil.rmtree(data.work, ignore_errors=True)
     distributed.barrier()
@@ -663,20 +663,20 @@ def _precision_flags(model_dtype: torch.dtype) -> dict:
 
 
 def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite: bool,
-                   phases: Phases | None = None, saved_model: tuple[Path, Path] | None = None) -> Path:
+                   phases: Phases | None = None, saved_model_by: Path | None = None) -> Path:
     """Assemble model/, adapter/, metrics.json, config.yaml and the curves in the work folder, beside
     its checkpoints; seal it; then move it into place (`run_folder`): a kill at any point leaves the
     previous result, or a run that `--resume` finishes (from its checkpoints, or sealed: moved only).
-    The curves are drawn in a thread while this one writes the tensors. `saved_model`: the model
-    folder the last step's checkpoint wrote with these weights, and its card as written then: kept,
-    its card completed again from that copy."""
+    The curves are drawn in a thread while this one writes the tensors. `saved_model_by`: the last
+    step's checkpoint that wrote the model folder with these weights and names it: the folder is kept,
+    its card completed again from the copy the checkpoint keeps of it."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .plots import plot_curves
 
     if phases is not None:
         phases.mark("wrap_up")  # the best weights restored, the run's checks and metrics
-    kept = saved_model is not None and Path(saved_model[0]).resolve() == (work / "model").resolve()
+    kept = saved_model_by is not None and referenced_folder(saved_model_by) == (work / "model").resolve()
     for leftover in ("adapter",) if kept else ("adapter", "model"):  # by a finish killed before its seal
         shutil.rmtree(work / leftover, ignore_errors=True)
     with ThreadPoolExecutor(1, thread_name_prefix="embedtune-plot") as pool:
@@ -688,8 +688,9 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
             save_adapter(st_model, work / "adapter")
         if kept:
             model_dir = work / "model"
-            if Path(saved_model[1]).is_file():  # the card as sentence-transformers wrote it, before completion
-                shutil.copyfile(saved_model[1], model_dir / "README.md")
+            card = Path(saved_model_by) / MODEL_CARD_COPY  # as sentence-transformers wrote it, before completion
+            if card.is_file():
+                shutil.copyfile(card, model_dir / "README.md")
         else:
             model_dir = save_merged(st_model, work / "model")
         from .export import complete_run_card  # the card sentence-transformers wrote, with embedtune's facts
