@@ -7,8 +7,10 @@
   `if is_sklearn_available():`) get the deferred functions, which give the real ones' results;
 - afterwards `import sklearn.metrics` is the real package (no stand-in left);
 - the console script installs it; importing embedtune alone does not;
-- a module whose source imports anything else from scikit-learn runs untouched, and the hook is not
-  installed once scikit-learn or sentence-transformers is loaded.
+- a module whose source imports anything else from scikit-learn runs untouched, and the hook serves
+  no scikit-learn stand-ins once scikit-learn is loaded;
+- where transformers finds timm, its TimmWrapper config (which sentence-transformers imports) gets
+  deferred ImageNet label helpers: a run loads no timm, and an image config still gets timm's labels.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ SIMILARITY = DEFERRED["sentence_transformers.util.similarity"]
 SIMILARITY_LINE = SIMILARITY[0]
 ROC_LINE = DEFERRED["transformers.generation.candidate_generator"][0]
 SCIPY_LINE, F1_LINE = DEFERRED["transformers.data.metrics"]
+TIMM_CONFIG = "transformers.models.timm_wrapper.configuration_timm_wrapper"
 
 def test_a_run_s_imports_load_no_sklearn_and_the_function_still_works():
     seen = fresh("""
@@ -72,18 +75,26 @@ def test_the_console_script_installs_it_and_importing_embedtune_does_not():
     assert seen == {"on_import": False, "sklearn": False, "ours": "embedtune.deferred_imports"}
 
 
-def test_not_installed_once_sklearn_or_sentence_transformers_is_loaded():
+def test_no_sklearn_stand_ins_once_sklearn_is_loaded_and_not_installed_once_nothing_is_left(tmp_path):
     seen = fresh("""
         import json, sys
         import sklearn
         from embedtune.deferred_imports import defer_imports
-        after_sklearn = defer_imports()
+        defer_imports()
         import sentence_transformers.util.similarity as similarity
-        print(json.dumps({"after_sklearn": after_sklearn, "again": defer_imports(),
-                          "module": similarity.pairwise_distances.__module__}))
+        import transformers.models.timm_wrapper.configuration_timm_wrapper
+        print(json.dumps({"again": defer_imports(), "module": similarity.pairwise_distances.__module__}))
     """)
-    assert seen["after_sklearn"] is False and seen["again"] is False
+    assert seen["again"] is False  # every module it served is loaded, or waits for a loaded package
     assert seen["module"].startswith("sklearn.")
+    seen = fresh(f"""
+        import json, sys
+        sys.path.insert(0, {_fake_timm_root(tmp_path)!r})
+        import sklearn, scipy.stats, timm
+        from embedtune.deferred_imports import defer_imports
+        print(json.dumps({{"installed": defer_imports()}}))
+    """)
+    assert seen == {"installed": False}
 
 
 def test_only_a_source_whose_every_sklearn_import_is_the_served_line_gets_the_stand_ins(tmp_path):
@@ -191,3 +202,58 @@ def test_a_module_that_wants_more_of_the_package_meanwhile_runs_again_plainly(tm
     seen = _stand_in_similarity(tmp_path, f"from . import helper\n{SIMILARITY_LINE}\nruns = globals().get('runs', 0) + 1\n",
                                 helper="import sklearn.utils\n")
     assert seen["module"].startswith("sklearn.") and seen["sklearn_real"] is True and seen["runs"] == 1
+
+
+def _fake_timm_root(tmp_path) -> str:
+    """A stand-in `timm` whose `timm.data` has the ImageNet label helpers transformers' config calls."""
+    data = tmp_path / "timm" / "data"
+    data.mkdir(parents=True)
+    (tmp_path / "timm" / "__init__.py").write_text("")
+    (data / "__init__.py").write_text(textwrap.dedent("""
+        def infer_imagenet_subset(config):
+            return "imagenet-1k" if config.get("num_classes") == 2 else None
+        class ImageNetInfo:
+            def __init__(self, subset):
+                self.subset = subset
+            def label_names(self):
+                return ["n01", "n02"]
+            def label_descriptions(self, as_dict=False):
+                return {"n01": "tench", "n02": "goldfish"}
+    """))
+    return str(tmp_path)
+
+
+def test_transformers_timm_config_source_is_served():
+    import importlib.util
+
+    assert _imports_only(importlib.util.find_spec(TIMM_CONFIG).origin, DEFERRED[TIMM_CONFIG])
+
+
+def test_where_transformers_finds_timm_a_run_loads_none_and_image_configs_still_get_its_labels(tmp_path):
+    """transformers imports timm's model zoo (0.4 s) for the TimmWrapper config, which
+    sentence-transformers' Transformer module imports; here transformers is told timm is installed
+    (it also wants torchvision) and finds a stand-in timm."""
+    seen = fresh(f"""
+        import json, sys
+        sys.path.insert(0, {_fake_timm_root(tmp_path)!r})
+        import transformers.utils, transformers.utils.import_utils as import_utils
+        available = lambda: True
+        transformers.utils.is_timm_available = import_utils.is_timm_available = available
+        import_utils.BACKENDS_MAPPING["timm"] = (available, import_utils.BACKENDS_MAPPING["timm"][1])
+        from embedtune.deferred_imports import defer_imports
+        installed = defer_imports()
+        import embedtune.train, embedtune.resumable_trainer
+        import sentence_transformers
+        config_module = sys.modules.get({TIMM_CONFIG!r})
+        loaded_after_imports = "timm" in sys.modules or "timm.data" in sys.modules
+        from transformers import TimmWrapperConfig
+        ours = sys.modules[{TIMM_CONFIG!r}].infer_imagenet_subset.__module__
+        config = TimmWrapperConfig.from_dict({{"architecture": "resnet18", "num_classes": 2}})
+        import timm.data
+        print(json.dumps({{"installed": installed, "imported_by_the_run": config_module is not None,
+                          "loaded_after_imports": loaded_after_imports, "ours": ours,
+                          "labels": config.id2label, "real_after": hasattr(timm.data, "ImageNetInfo")}}))
+    """)
+    assert seen == {"installed": True, "imported_by_the_run": True, "loaded_after_imports": False,
+                    "ours": "embedtune.deferred_imports", "labels": {"0": "tench", "1": "goldfish"},
+                    "real_after": True}

@@ -1,19 +1,21 @@
 """The CLI's start-up: third-party imports that a run never uses, deferred to their first use.
 
-Modules a run imports load scikit-learn or scipy.stats at their top for functions a run never calls:
-sentence-transformers' `util.similarity` (`pairwise_distances`, for the manhattan similarity of sparse
-embeddings) and, in transformers 5.17, `generation.candidate_generator` (`roc_curve`, for assisted
-generation) and `data.metrics` (GLUE's scores). Those imports pull in scikit-learn, scipy.stats and
-pandas: 0.5-1 s of every job's start.
+Modules a run imports load packages at their top for functions a run never calls:
+sentence-transformers' `util.similarity` (scikit-learn's `pairwise_distances`, for the manhattan
+similarity of sparse embeddings), and in transformers 5.17 `generation.candidate_generator`
+(`roc_curve`, for assisted generation), `data.metrics` (GLUE's scores) and, where timm is installed,
+the TimmWrapper config (timm's ImageNet labels, for image models), which sentence-transformers'
+Transformer module imports. Those imports pull in scikit-learn, scipy.stats, pandas and timm's
+model zoo: 0.5-1.5 s of every job's start.
 
 `defer_imports` installs an import hook, in the CLI's own process only (importing embedtune changes
-nothing in other libraries). When one of those modules is executed, and only if every import of those
-packages in its source is exactly one of the lines served here and scikit-learn and scipy.stats are
-not loaded yet, it sees stand-in modules (carrying the real modules' specs) whose functions import the
-real ones at their first call. The stand-ins leave `sys.modules` as soon as the module has run, so any
-later import gets the real package; a module whose source differs is executed untouched, and one
-that meanwhile imports anything else of those packages (which the stand-ins do not have) is executed
-again without them.
+nothing in other libraries). When one of those modules is executed, and only if every import of the
+packages it is served in its source is exactly one of the lines served here and the deferred
+packages (HEAVY) are not loaded yet, it sees stand-in modules (carrying the real modules' specs)
+whose functions import the real ones at their first call. The stand-ins leave `sys.modules` as soon
+as the module has run, so any later import gets the real package; a module whose source differs is
+executed untouched, and one that meanwhile imports anything else of those packages (which the
+stand-ins do not have) is executed again without them.
 """
 
 from __future__ import annotations
@@ -31,10 +33,31 @@ DEFERRED = {
     "transformers.generation.candidate_generator": ("from sklearn.metrics import roc_curve",),
     "transformers.data.metrics": ("from scipy.stats import pearsonr, spearmanr",
                                   "from sklearn.metrics import f1_score, matthews_corrcoef"),
+    "transformers.models.timm_wrapper.configuration_timm_wrapper": (
+        "from timm.data import ImageNetInfo, infer_imagenet_subset",),  # called only by from_dict of image configs
 }
-HEAVY = ("sklearn", "scipy.stats")  # loaded already: nothing left to save
-PACKAGE_IMPORT = re.compile(r"\s*(from\s+(sklearn|scipy)[\s.]|import\s+(sklearn|scipy)\b)")
+HEAVY = ("sklearn", "scipy.stats", "timm")  # one loaded already: nothing left to save by its modules' stand-ins
 FROM_IMPORT = re.compile(r"from\s+([\w.]+)\s+import\s+([\w\s,]+)$")
+
+
+def _served(lines: tuple[str, ...]) -> list[str]:
+    """The modules that `from M import ...` lines import."""
+    return [FROM_IMPORT.fullmatch(line).group(1) for line in lines]
+
+
+def _heavy(lines: tuple[str, ...]) -> list[str]:
+    """The HEAVY packages these lines would load."""
+    return [h for h in HEAVY if any(m == h or m.startswith(h + ".") for m in _served(lines))]
+
+
+def _heavy_loaded(module: str) -> bool:
+    return any(name in sys.modules for name in _heavy(DEFERRED[module]))
+
+
+def _package_import(lines: tuple[str, ...]) -> re.Pattern:
+    """Any import line of the top-level packages these lines import from."""
+    names = "|".join(sorted({re.escape(m.split(".")[0]) for m in _served(lines)}))
+    return re.compile(rf"\s*(from\s+({names})[\s.]|import\s+({names})\b)")
 
 
 def _deferred(module: str, name: str):
@@ -107,7 +130,8 @@ class _WithStandIns(importlib.abc.Loader):
 
 class _DeferImports(importlib.abc.MetaPathFinder):
     """Finds the DEFERRED modules as the path finder does, and runs each with the stand-ins where that
-    is safe; it leaves `sys.meta_path` once it has seen them all, or once a HEAVY module is loaded."""
+    is safe; it leaves `sys.meta_path` once it has seen them all, or once every one left waits for
+    a HEAVY package that is loaded."""
 
     def __init__(self, waiting: set[str]):
         self.waiting = waiting
@@ -116,8 +140,8 @@ class _DeferImports(importlib.abc.MetaPathFinder):
         if fullname not in self.waiting:
             return None
         self.waiting.discard(fullname)
-        heavy_loaded = any(name in sys.modules for name in HEAVY)
-        if not self.waiting or heavy_loaded:
+        heavy_loaded = _heavy_loaded(fullname)
+        if all(_heavy_loaded(name) for name in self.waiting):
             with contextlib.suppress(ValueError):
                 sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
@@ -131,21 +155,23 @@ class _DeferImports(importlib.abc.MetaPathFinder):
 
 
 def _imports_only(origin: str | None, lines: tuple[str, ...]) -> bool:
-    """The module's source imports scikit-learn and scipy by exactly `lines` (the ones served here)."""
+    """The module's source imports the packages `lines` import from by exactly `lines` (the ones
+    served here)."""
     try:
         with open(origin, encoding="utf-8") as f:
             source = f.read()
     except (OSError, TypeError, UnicodeDecodeError):
         return False
-    imports = [text.strip() for text in source.splitlines() if PACKAGE_IMPORT.match(text)]
+    package_import = _package_import(lines)
+    imports = [text.strip() for text in source.splitlines() if package_import.match(text)]
     return set(imports) == set(lines)
 
 
 def defer_imports() -> bool:
-    """Install the hook unless a HEAVY module is loaded already or no DEFERRED module is left to load
-    (True when installed)."""
-    waiting = {name for name in DEFERRED if name not in sys.modules}
-    if any(name in sys.modules for name in HEAVY) or not waiting or \
+    """Install the hook unless every DEFERRED module left to load would wait for a HEAVY package that
+    is loaded already, or none is left (True when installed)."""
+    waiting = {name for name in DEFERRED if name not in sys.modules and not _heavy_loaded(name)}
+    if not waiting or \
             any(isinstance(f, _DeferImports) for f in sys.meta_path):
         return False
     sys.meta_path.insert(0, _DeferImports(waiting))
