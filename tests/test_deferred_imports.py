@@ -9,6 +9,10 @@
 - the console script installs it; importing embedtune alone does not;
 - a module whose source imports anything else from scikit-learn runs untouched, and the hook serves
   no scikit-learn stand-ins once scikit-learn is loaded;
+- sentence-transformers' evaluation package (a run with evaluation imports it) loads no
+  scikit-learn or scipy.stats, and its similarity evaluator's deferred Spearman gives scipy's result;
+- transformers' object-detection losses get a deferred Hungarian matching: a run loads no
+  scipy.optimize, and the losses' `linear_sum_assignment` gives scipy's result;
 - where transformers finds timm, its TimmWrapper config (which sentence-transformers imports) gets
   deferred ImageNet label helpers: a run loads no timm, and an image config still gets timm's labels.
 """
@@ -35,7 +39,8 @@ def test_a_run_s_imports_load_no_sklearn_and_the_function_still_works():
         import embedtune.train, embedtune.resumable_trainer
         import transformers.generation.candidate_generator
         from sentence_transformers.util import similarity
-        loaded_after_imports = any(name in sys.modules for name in ("sklearn", "sklearn.metrics", "scipy.stats"))
+        loaded_after_imports = any(name in sys.modules for name in ("sklearn", "sklearn.metrics", "scipy.stats",
+                                                                    "scipy.optimize"))
         a, b = np.random.default_rng(0).normal(size=(3, 5)), np.random.default_rng(1).normal(size=(4, 5))
         deferred = similarity.pairwise_distances(a, b, metric="manhattan")
         import sklearn.metrics
@@ -257,3 +262,55 @@ def test_where_transformers_finds_timm_a_run_loads_none_and_image_configs_still_
     assert seen == {"installed": True, "imported_by_the_run": True, "loaded_after_imports": False,
                     "ours": "embedtune.deferred_imports", "labels": {"0": "tench", "1": "goldfish"},
                     "real_after": True}
+
+
+def test_detection_losses_get_a_deferred_hungarian_matching_that_gives_scipy_s_result():
+    losses = [name for name in DEFERRED if name.startswith("transformers.loss.")]
+    seen = fresh(f"""
+        import importlib, json, sys
+        import numpy as np
+        from embedtune.deferred_imports import defer_imports
+        defer_imports()
+        import embedtune.train, embedtune.resumable_trainer
+        import transformers.loss.loss_utils
+        losses = {losses!r}
+        imported = [name for name in losses if name in sys.modules]
+        loaded = "scipy.optimize" in sys.modules
+        ours = {{name: importlib.import_module(name).linear_sum_assignment.__module__ for name in losses}}
+        cost = np.random.default_rng(0).normal(size=(5, 7))
+        rows, cols = importlib.import_module(losses[0]).linear_sum_assignment(cost)
+        from scipy.optimize import linear_sum_assignment
+        real_rows, real_cols = linear_sum_assignment(cost)
+        print(json.dumps({{"imported": imported, "loaded": loaded, "ours": sorted(set(ours.values())),
+                          "same": rows.tolist() == real_rows.tolist() and cols.tolist() == real_cols.tolist()}}))
+    """)
+    assert seen["imported"] == losses  # all of them come with transformers' loss registry
+    assert seen == {"imported": losses, "loaded": False, "ours": ["embedtune.deferred_imports"], "same": True}
+    for name in losses:  # this transformers' sources are the ones served
+        import importlib.util
+
+        assert _imports_only(importlib.util.find_spec(name).origin, DEFERRED[name]), name
+
+
+def test_a_run_with_evaluation_loads_no_sklearn_and_the_evaluators_scores_are_scipy_s():
+    evaluators = [name for name in DEFERRED if name.startswith("sentence_transformers.sentence_transformer.evaluation.")]
+    seen = fresh(f"""
+        import importlib, json, sys
+        import numpy as np
+        from embedtune.deferred_imports import defer_imports
+        defer_imports()
+        import embedtune.train, embedtune.evaluate
+        from sentence_transformers.evaluation import InformationRetrievalEvaluator, EmbeddingSimilarityEvaluator
+        loaded = [name for name in ("sklearn", "scipy.stats") if name in sys.modules]
+        similarity = sys.modules["sentence_transformers.sentence_transformer.evaluation.embedding_similarity"]
+        a, b = np.random.default_rng(0).normal(size=20), np.random.default_rng(1).normal(size=20)
+        deferred = similarity.spearmanr(a, b)[0]
+        from scipy.stats import spearmanr
+        print(json.dumps({{"loaded": loaded, "ours": similarity.spearmanr.__module__,
+                          "same": float(deferred) == float(spearmanr(a, b)[0])}}))
+    """)
+    assert seen == {"loaded": [], "ours": "embedtune.deferred_imports", "same": True}
+    for name in evaluators:  # this sentence-transformers' sources are the ones served
+        import importlib.util
+
+        assert _imports_only(importlib.util.find_spec(name).origin, DEFERRED[name]), name

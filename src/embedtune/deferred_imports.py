@@ -2,11 +2,13 @@
 
 Modules a run imports load packages at their top for functions a run never calls:
 sentence-transformers' `util.similarity` (scikit-learn's `pairwise_distances`, for the manhattan
-similarity of sparse embeddings), and in transformers 5.17 `generation.candidate_generator`
-(`roc_curve`, for assisted generation), `data.metrics` (GLUE's scores) and, where timm is installed,
-the TimmWrapper config (timm's ImageNet labels, for image models), which sentence-transformers'
-Transformer module imports. Those imports pull in scikit-learn, scipy.stats, pandas and timm's
-model zoo: 0.5-1.5 s of every job's start.
+similarity of sparse embeddings) and its evaluators beside the retrieval one (their scores), and in
+transformers 5.17 `generation.candidate_generator`
+(`roc_curve`, for assisted generation), `data.metrics` (GLUE's scores), the object-detection losses
+(scipy.optimize's Hungarian matching) and, where timm is installed, the TimmWrapper config (timm's
+ImageNet labels, for image models), which sentence-transformers' Transformer module imports. Those
+imports pull in scikit-learn, scipy.stats, scipy.optimize, pandas and timm's model zoo: 0.7-2 s of
+every job's start.
 
 `defer_imports` installs an import hook, in the CLI's own process only (importing embedtune changes
 nothing in other libraries). When one of those modules is executed, and only if every import of the
@@ -27,16 +29,24 @@ import re
 import sys
 import types
 
+EVALUATION = "sentence_transformers.sentence_transformer.evaluation"  # its package imports every evaluator
+DETECTION_LOSSES = ("loss_for_object_detection", "loss_deformable_detr", "loss_rt_detr", "loss_rf_detr",
+                    "loss_grounding_dino", "loss_lw_detr")  # all imported by transformers' loss registry
+
 # module -> the imports it makes at its top of functions a run never calls
 DEFERRED = {
     "sentence_transformers.util.similarity": ("from sklearn.metrics import pairwise_distances",),
+    f"{EVALUATION}.binary_classification": ("from sklearn.metrics import average_precision_score, matthews_corrcoef",),
+    f"{EVALUATION}.reranking": ("from sklearn.metrics import average_precision_score, ndcg_score",),
+    f"{EVALUATION}.embedding_similarity": ("from scipy.stats import pearsonr, spearmanr",),
     "transformers.generation.candidate_generator": ("from sklearn.metrics import roc_curve",),
     "transformers.data.metrics": ("from scipy.stats import pearsonr, spearmanr",
                                   "from sklearn.metrics import f1_score, matthews_corrcoef"),
+    **{f"transformers.loss.{name}": ("from scipy.optimize import linear_sum_assignment",) for name in DETECTION_LOSSES},
     "transformers.models.timm_wrapper.configuration_timm_wrapper": (
         "from timm.data import ImageNetInfo, infer_imagenet_subset",),  # called only by from_dict of image configs
 }
-HEAVY = ("sklearn", "scipy.stats", "timm")  # one loaded already: nothing left to save by its modules' stand-ins
+HEAVY = ("sklearn", "scipy.stats", "scipy.optimize", "timm")  # one loaded already: its modules' stand-ins save nothing
 FROM_IMPORT = re.compile(r"from\s+([\w.]+)\s+import\s+([\w\s,]+)$")
 
 
