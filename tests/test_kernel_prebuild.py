@@ -315,3 +315,39 @@ def test_the_recipe_settles_a_left_open_choice_before_its_first_step(tmp_path, m
     assert done.exit_code == 0, done.output
     assert events == ["settle", "step", "step", "step"]
     assert json.loads((out / "metrics.json").read_text())["speed"]["why"].endswith("; settled at the first step")
+
+
+def test_tritons_compiler_key_is_computed_in_a_thread_and_kept_for_the_first_kernel():
+    """Triton hashes its compiler (libtriton.so) for the key of a process's first kernel; the thread
+    computes that key into Triton's own cache, importing nothing, and only where Triton is loaded."""
+    pytest.importorskip("triton")
+    from fresh_interpreter import fresh
+
+    seen = fresh("""
+        import json, sys
+        from embedtune.kernel_prebuild import warm_compiler_key
+        before_triton = warm_compiler_key()
+        triton_loaded = "triton" in sys.modules
+        import triton
+        from triton.runtime.cache import triton_key
+        modules = set(sys.modules)
+        thread = warm_compiler_key()
+        thread.join()
+        info = triton_key.cache_info()
+        imported = sorted(set(sys.modules) - modules)
+        kept = triton_key() == triton_key.__wrapped__()  # what the first kernel gets: Triton's own key
+        print(json.dumps({"before_triton": before_triton is None, "triton_loaded": triton_loaded,
+                          "computed": [info.misses, info.currsize], "hits_after": triton_key.cache_info().hits,
+                          "imported": imported, "kept": kept, "daemon": thread.daemon}))
+    """)
+    assert seen == {"before_triton": True, "triton_loaded": False, "computed": [1, 1], "hits_after": 1,
+                    "imported": [], "kept": True, "daemon": True}
+
+
+def test_the_speed_choice_warms_tritons_key_where_the_fused_kernels_apply(bert_on_a_fake_gpu, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernel_prebuild, "warm_compiler_key", lambda: calls.append(1))
+    choose_speed(_config(), bert_on_a_fake_gpu, 100.0, 10)
+    assert calls == [1]
+    choose_speed(_config(fast=False, compile=None, cuda_graphs=None), bert_on_a_fake_gpu, 100.0, 10)
+    assert calls == [1]  # no packed path: no kernels

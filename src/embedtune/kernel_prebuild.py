@@ -1,5 +1,6 @@
 """Start the fused norm kernels' build (`kernels.prebuild`) in a child process, early, and wait for it
-where the speed choice would use them.
+where the speed choice would use them; and compute Triton's compiler key, which this process needs for
+its first kernel, in a thread (`warm_compiler_key`).
 
 Light on purpose (no torch): the CLI calls `start` before its own heavy imports, so the child's build
 runs alongside them on another core. `start` is idempotent within a process: `train.run` calls it
@@ -12,6 +13,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,3 +93,38 @@ def start(model: str, weights: str | None, fast: bool = True, compile: bool | No
             return None
         _started[key] = Prebuild(process)
     return _started[key]
+
+
+def _triton_key():
+    """Triton's compiler key function where Triton is imported already and keeps the key it computes
+    (an lru_cache: `triton.runtime.cache` from Triton 3.3 on, `triton.compiler.compiler` before), else
+    None."""
+    for module in ("triton.runtime.cache", "triton.compiler.compiler"):
+        key = getattr(sys.modules.get(module), "triton_key", None)
+        if callable(key) and hasattr(key, "cache_info"):
+            return key
+    return None
+
+
+def _quietly(function) -> None:
+    try:
+        function()
+    except Exception:  # noqa: BLE001 - a warm-up that fails leaves the work to Triton, as before
+        pass
+
+
+def warm_compiler_key() -> threading.Thread | None:
+    """Compute Triton's compiler key in a thread, for a process about to launch Triton kernels.
+
+    Triton names every kernel by a key that includes a hash of its own compiler (libtriton.so, 415 MB in
+    Triton 3.6, read and sha256-hashed: 0.9 s on two CPU cores, more on a cold file cache), computed once
+    per process at its first kernel, even when every kernel comes from its cache; that is the first
+    step's time. Triton keeps the key it computed, whoever called it, so a thread started while the run
+    sets up leaves the step the lookup only (file reads and hashing release the GIL). Only where Triton is
+    imported already (the thread imports nothing) and a second CPU is there; None otherwise."""
+    key = _triton_key()
+    if key is None or not _spare_cpu():
+        return None
+    thread = threading.Thread(target=_quietly, args=(key,), name="embedtune-triton-key", daemon=True)
+    thread.start()
+    return thread

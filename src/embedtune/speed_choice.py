@@ -56,8 +56,10 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
 
         fused_applies = has_fused_kernels(model) and can_build()
         if fused_applies:
+            from .kernel_prebuild import warm_compiler_key
             from .kernels.fused_norm import kernels_fingerprint
 
+            warm_compiler_key()  # Triton's key for the first step's kernels, hashed during the set-up
             fused_warm = speed_mode.fused_kernels_cached(kernels_fingerprint())
     facts = dict(  # what the choice reads off the run, read once however often it is made below
         compile=config.compile, cuda_graphs=config.cuda_graphs, fast=config.fast,
