@@ -143,7 +143,8 @@ def test_waits_for_the_child_where_the_kernels_pay_on_a_warm_cache(bert_on_a_fak
     assert not choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps)[0].fused_kernels  # no child: cold
     build = FakeBuild(succeeds=True)
     mode = choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=build)[0]
-    assert build.waits == [speed.FUSED_NORM_COLD_S - speed.FUSED_NORM_WARM_S]  # at most a cold build's cost
+    # at most what the kernels save over the run less a warm load: going without them is the alternative
+    assert build.waits == [pytest.approx(speed.FUSED_NORM_GAIN * 0.05 * steps - speed.FUSED_NORM_WARM_S)]
     assert mode.fused_kernels and "built ahead" in mode.why and "warm cache" in mode.why
     assert choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=FakeBuild(True))[0].fused_kernels
 
@@ -159,6 +160,29 @@ def test_waits_while_the_child_runs_even_once_its_first_kernel_marked_the_cache(
     done.waits.append(0.0)  # ended before the choice: nothing to wait for
     mode = choose_speed(_config(), bert_on_a_fake_gpu, 100.0, 10**4, prebuild=done)[0]
     assert done.waits == [0.0] and "built ahead in a child process, no wait" in mode.why
+
+
+def test_the_wait_is_bounded_by_what_it_can_pay(bert_on_a_fake_gpu):
+    """A short run waits at most what the kernels would save it (less a warm load), so a child due
+    later than that is not waited for: the run goes without them; a run long enough to build them
+    itself on a cold cache, or one asked to use them, waits up to a cold build's cost."""
+    gain = speed.FUSED_NORM_GAIN * 0.05  # seconds saved a step (the fixture's step time)
+    short = int((speed.FUSED_NORM_WARM_S + 0.2) / gain)  # saves 0.2 s net on a warm cache
+    assert speed.prebuild_wait_s(fused_kernels=None, steps=short, step_s=0.05) == pytest.approx(short * gain - 0.3)
+    late = FakeBuild(succeeds=True, age_s=speed.FUSED_PREBUILD_S - 0.8)  # due in 0.8 s: more than it pays
+    mode = choose_speed(_config(), bert_on_a_fake_gpu, 100.0, short, prebuild=late)[0]
+    assert late.waits == [] and not mode.fused_kernels and "still running" in mode.why
+    due = FakeBuild(succeeds=True, age_s=speed.FUSED_PREBUILD_S - 0.1)
+    assert choose_speed(_config(), bert_on_a_fake_gpu, 100.0, short, prebuild=due)[0].fused_kernels
+    assert due.waits == [pytest.approx(short * gain - 0.3)]
+    long = int(2 * speed.FUSED_NORM_COLD_S / gain)  # the kernels pay even built here on a cold cache
+    cold_minus_warm = speed.FUSED_NORM_COLD_S - speed.FUSED_NORM_WARM_S
+    assert speed.prebuild_wait_s(fused_kernels=None, steps=long, step_s=0.05) == cold_minus_warm
+    assert speed.prebuild_wait_s(fused_kernels=True, steps=short, step_s=0.05) == cold_minus_warm
+    assert speed.prebuild_wait_s(fused_kernels=None, steps=1, step_s=0.05) == 0.0
+    waited = FakeBuild(succeeds=True)
+    assert choose_speed(_config(), bert_on_a_fake_gpu, 100.0, long, prebuild=waited)[0].fused_kernels
+    assert waited.waits == [cold_minus_warm]
 
 
 def test_a_failed_build_leaves_the_cold_choice(bert_on_a_fake_gpu):

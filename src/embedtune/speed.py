@@ -140,6 +140,17 @@ def choose(*, compile: bool | None, cuda_graphs: bool | None, fast: bool, cuda: 
     return SpeedMode(bool(compiled), bool(graphs), "; ".join(reasons), bool(fused))
 
 
+def prebuild_wait_s(*, fused_kernels: bool | None, steps: int, step_s: float) -> float:
+    """How long waiting for the kernels' build ahead (`kernel_prebuild`) can pay, for a run that would
+    use them on a warm cache. Its alternative: building them here on a cold cache where the run would
+    anyway (asked for with --fused-kernels, or saving more than a cold build costs), else going without
+    them, which gives up what they save over the run less a warm cache's load."""
+    saved = FUSED_NORM_GAIN * step_s * steps
+    if fused_kernels or saved > FUSED_NORM_COLD_S:
+        return FUSED_NORM_COLD_S - FUSED_NORM_WARM_S
+    return max(0.0, saved - FUSED_NORM_WARM_S)
+
+
 def triton_cache_dir() -> Path:
     """Where Triton keeps built kernels (its own default unless TRITON_CACHE_DIR says otherwise)."""
     import os

@@ -33,8 +33,9 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
     None or a function that settles the fused norm later).
 
     `prebuild` (`kernel_prebuild.Prebuild`): the fused norm kernels building in a child process. Where
-    they would be chosen on a warm cache but the child has not ended, wait for it, at most what a cold
-    build here would cost, and only where it is expected to end by then (a child started at the CLI's
+    they would be chosen on a warm cache but the child has not ended, wait for it, at most as long as
+    the wait can pay (`speed.prebuild_wait_s`: what a cold build here would cost, or what the kernels
+    save over the run), and only where it is expected to end by then (a child started at the CLI's
     start usually has; one the run started itself a moment ago has not); then the choice sees the cache
     it left. With `defer_wait`, that wait is left to the returned function, for the recipe to call just
     before the first step (the set-up in between gives the child more time): until then the mode runs
@@ -83,7 +84,8 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
         if waits:
             from .kernels.fused_norm import kernels_fingerprint
 
-            bound = speed_mode.FUSED_NORM_COLD_S - speed_mode.FUSED_NORM_WARM_S
+            bound = speed_mode.prebuild_wait_s(fused_kernels=facts["fused_kernels"], steps=facts["steps"],
+                                               step_s=facts["step_s"])
             expected_left = speed_mode.FUSED_PREBUILD_S - (time.monotonic() - prebuild.started)
             waited = time.monotonic()
             ok = prebuild.wait(bound) if expected_left <= bound else False  # a child just started: no use waiting
