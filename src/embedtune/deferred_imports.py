@@ -2,22 +2,21 @@
 
 Modules a run imports load packages at their top for functions a run never calls:
 sentence-transformers' `util.similarity` (scikit-learn's `pairwise_distances`, for the manhattan
-similarity of sparse embeddings) and its evaluators beside the retrieval one (their scores), and in
-transformers 5.17 `generation.candidate_generator`
-(`roc_curve`, for assisted generation), `data.metrics` (GLUE's scores), the object-detection losses
-(scipy.optimize's Hungarian matching) and, where timm is installed, the TimmWrapper config (timm's
-ImageNet labels, for image models), which sentence-transformers' Transformer module imports. Those
-imports pull in scikit-learn, scipy.stats, scipy.optimize, pandas and timm's model zoo: 0.7-2 s of
-every job's start.
+similarity of sparse embeddings) and its evaluators beside the retrieval one (their scores);
+transformers 5.17's `generation.candidate_generator` (`roc_curve`, for assisted generation),
+`data.metrics` (GLUE's scores), object-detection losses (scipy.optimize's Hungarian matching) and,
+where timm is installed, TimmWrapper config (timm's ImageNet labels, for image models), which
+sentence-transformers' Transformer module imports. Those imports pull in scikit-learn, scipy.stats,
+scipy.optimize, pandas and timm's model zoo: 0.7-2 s of every job's start.
 
 `defer_imports` installs an import hook, in the CLI's own process only (importing embedtune changes
-nothing in other libraries). When one of those modules is executed, and only if every import of the
-packages it is served in its source is exactly one of the lines served here and the deferred
-packages (HEAVY) are not loaded yet, it sees stand-in modules (carrying the real modules' specs)
-whose functions import the real ones at their first call. The stand-ins leave `sys.modules` as soon
-as the module has run, so any later import gets the real package; a module whose source differs is
-executed untouched, and one that meanwhile imports anything else of those packages (which the
-stand-ins do not have) is executed again without them.
+nothing in other libraries). When one of those modules is executed, and only if its source imports
+the packages served to it by exactly the lines served here and those packages (HEAVY) are not loaded
+yet, it sees stand-in modules (carrying the real modules' specs) whose functions import the real ones
+at their first call. The stand-ins leave `sys.modules` as soon as the module has run, so any later
+import gets the real package; a module whose source differs is executed untouched, and one that
+meanwhile imports anything else of those packages (which the stand-ins do not have) is executed again
+without them.
 """
 
 from __future__ import annotations
