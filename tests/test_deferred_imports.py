@@ -228,10 +228,16 @@ def _fake_timm_root(tmp_path) -> str:
     return str(tmp_path)
 
 
-def test_transformers_timm_config_source_is_served():
+def _assert_sources_served(names: list[str]) -> None:
+    """The installed sources of these modules import their packages by exactly the lines served."""
     import importlib.util
 
-    assert _imports_only(importlib.util.find_spec(TIMM_CONFIG).origin, DEFERRED[TIMM_CONFIG])
+    for name in names:
+        assert _imports_only(importlib.util.find_spec(name).origin, DEFERRED[name]), name
+
+
+def test_transformers_timm_config_source_is_served():
+    _assert_sources_served([TIMM_CONFIG])
 
 
 def test_where_transformers_finds_timm_a_run_loads_none_and_image_configs_still_get_its_labels(tmp_path):
@@ -286,10 +292,7 @@ def test_detection_losses_get_a_deferred_hungarian_matching_that_gives_scipy_s_r
     """)
     assert seen["imported"] == losses  # all of them come with transformers' loss registry
     assert seen == {"imported": losses, "loaded": False, "ours": ["embedtune.deferred_imports"], "same": True}
-    for name in losses:  # this transformers' sources are the ones served
-        import importlib.util
-
-        assert _imports_only(importlib.util.find_spec(name).origin, DEFERRED[name]), name
+    _assert_sources_served(losses)  # this transformers' sources are the ones served
 
 
 def test_a_run_with_evaluation_loads_no_sklearn_and_the_evaluators_scores_are_scipy_s():
@@ -310,7 +313,4 @@ def test_a_run_with_evaluation_loads_no_sklearn_and_the_evaluators_scores_are_sc
                           "same": float(deferred) == float(spearmanr(a, b)[0])}}))
     """)
     assert seen == {"loaded": [], "ours": "embedtune.deferred_imports", "same": True}
-    for name in evaluators:  # this sentence-transformers' sources are the ones served
-        import importlib.util
-
-        assert _imports_only(importlib.util.find_spec(name).origin, DEFERRED[name]), name
+    _assert_sources_served(evaluators)  # this sentence-transformers' sources are the ones served

@@ -215,7 +215,6 @@ def reference_weights(checkpoint: Path, weights_file: Path, params: dict, stored
     return True
 
 
-
 # ----------------------------------------------------------------------------------- same run?
 
 

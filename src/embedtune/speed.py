@@ -133,11 +133,16 @@ def choose(*, compile: bool | None, cuda_graphs: bool | None, fast: bool, cuda: 
         reasons.append("fused norm: without CUDA graphs its launches cost more host time than it saves")
     elif fused_applies and cuda and not compiled:
         cost = FUSED_NORM_WARM_S if fused_warm else FUSED_NORM_COLD_S
-        saved = FUSED_NORM_GAIN * step_s * steps
+        saved = fused_norm_saving_s(step_s, steps)
         fused = saved > cost
         reasons.append(f"fused norm: saves ~{saved:.1f} s over {steps} steps against ~{cost:.1f} s of kernel "
                        f"builds ({'warm' if fused_warm else 'cold'} cache" + (f"; {prebuilt}" if prebuilt else "") + ")")
     return SpeedMode(bool(compiled), bool(graphs), "; ".join(reasons), bool(fused))
+
+
+def fused_norm_saving_s(step_s: float, steps: int) -> float:
+    """Seconds the fused norm saves a run of `steps` steps of `step_s` seconds."""
+    return FUSED_NORM_GAIN * step_s * steps
 
 
 def prebuild_wait_s(*, fused_kernels: bool | None, steps: int, step_s: float) -> float:
@@ -145,7 +150,7 @@ def prebuild_wait_s(*, fused_kernels: bool | None, steps: int, step_s: float) ->
     use them on a warm cache. Its alternative: building them here on a cold cache where the run would
     anyway (asked for with --fused-kernels, or saving more than a cold build costs), else going without
     them, which gives up what they save over the run less a warm cache's load."""
-    saved = FUSED_NORM_GAIN * step_s * steps
+    saved = fused_norm_saving_s(step_s, steps)
     if fused_kernels or saved > FUSED_NORM_COLD_S:
         return FUSED_NORM_COLD_S - FUSED_NORM_WARM_S
     return max(0.0, saved - FUSED_NORM_WARM_S)
