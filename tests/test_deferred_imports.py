@@ -297,7 +297,7 @@ def test_detection_losses_get_a_deferred_hungarian_matching_that_gives_scipy_s_r
 
 def test_a_run_with_evaluation_loads_no_sklearn_and_the_evaluators_scores_are_scipy_s():
     evaluators = [name for name in DEFERRED if name.startswith("sentence_transformers.sentence_transformer.evaluation.")]
-    seen = fresh(f"""
+    seen = fresh("""
         import importlib, json, sys
         import numpy as np
         from embedtune.deferred_imports import defer_imports
@@ -309,8 +309,8 @@ def test_a_run_with_evaluation_loads_no_sklearn_and_the_evaluators_scores_are_sc
         a, b = np.random.default_rng(0).normal(size=20), np.random.default_rng(1).normal(size=20)
         deferred = similarity.spearmanr(a, b)[0]
         from scipy.stats import spearmanr
-        print(json.dumps({{"loaded": loaded, "ours": similarity.spearmanr.__module__,
-                          "same": float(deferred) == float(spearmanr(a, b)[0])}}))
+        print(json.dumps({"loaded": loaded, "ours": similarity.spearmanr.__module__,
+                          "same": float(deferred) == float(spearmanr(a, b)[0])}))
     """)
     assert seen == {"loaded": [], "ours": "embedtune.deferred_imports", "same": True}
     _assert_sources_served(evaluators)  # this sentence-transformers' sources are the ones served
