@@ -119,6 +119,36 @@ def test_dropout_mask_rate_scale_and_reuse_in_backward():
     assert (got[0][~keep] == 0).all()  # dropped entries get no gradient
 
 
+@pytest.mark.parametrize("cols", [96, 102])  # 102: each row's last draw serves two columns
+def test_dropout_mask_draws_shared_by_four_columns_are_independent_and_tile_free(cols):
+    """One Philox draw serves four neighbouring columns: each column keeps at the rate, the four kept
+    together as independent draws would, rows differ, and the mask is the same whatever the tiles
+    (forward and backward tile rows differently)."""
+    torch.manual_seed(3)
+    rows, p = 800, 0.5  # the rate's standard deviation about 0.0036 per column class, 0.0031 for pairs
+    kernels = fused_norm._kernels()
+    x = torch.rand(rows, cols) + 0.5
+    r = torch.randn(rows, cols)
+    w, b = torch.ones(cols), torch.zeros(cols)
+    seed = dropout_seed(x.device)
+    masks = [(kernels.forward(x, r, w, b, seed, p, 1e-5, torch.float32, None, tile=tile)[2] - r) != 0
+             for tile in [None, (4, 4)]]
+    assert all(torch.equal(masks[0], m) for m in masks[1:])
+    keep = masks[0].float()
+    for k in range(4):
+        assert abs(keep[:, k::4].mean().item() - (1 - p)) < 0.015, k
+    for a, c in [(0, 1), (0, 2), (0, 3), (1, 2), (2, 3)]:  # columns of one draw
+        both = (keep[:, a::4][:, :cols // 4] * keep[:, c::4][:, :cols // 4]).mean().item()
+        assert abs(both - (1 - p) ** 2) < 0.015, (a, c, both)
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 4])
+    dy = torch.randn(rows, cols)
+    for tile in [None, (4, 2, 8)]:
+        pre_norm = x * keep / (1 - p) + r
+        _, dx, _, _, _ = kernels.backward(dy, None, pre_norm, torch.zeros(rows), torch.ones(rows), w, seed, p,
+                                          torch.float32, torch.float32, True, False, tile=tile)
+        assert torch.equal(dx != 0, masks[0]), tile  # the backward drops what the forward dropped
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_branch_bias_is_added_before_dropout_and_its_gradient_summed(p):
     """The dense layer's bias left to the fused op (`branch_bias`): norm(dropout(x + b) + r), with b's

@@ -4,8 +4,8 @@ Imported only where they run: on a CUDA device, or on the CPU under Triton's int
 (`TRITON_INTERPRET=1` set before this module is imported), which is how CI checks them.
 
 Forward, one pass over each row: load the branch `x` (adding its linear layer's bias, where the caller
-left that to this kernel) and the residual, drop `x` with a Philox mask
-drawn from (seed, element index), add, normalize in fp32, write the normalized stream (and, when
+left that to this kernel) and the residual, drop `x` with a Philox mask drawn from (seed, row, column)
+(one draw serves four columns), add, normalize in fp32, write the normalized stream (and, when
 asked, its copy in the autocast dtype for the next matrix products), the pre-norm sum and the row
 statistics. The mask is never stored: the backward draws it again from the same seed.
 Backward, one pass: recompute the normalized row from the saved sum, form the LayerNorm input
@@ -19,6 +19,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _keep(seed, row, cols, p, BLOCK: tl.constexpr):
+    """The dropout keep mask of a [rows, BLOCK] tile, a function of (seed, row, column) alone, so the
+    backward draws the forward's mask again whatever its tiles. One Philox draw gives four numbers: it
+    serves four neighbouring columns (one draw per element made the kernels bound by the draws)."""
+    quad = tl.arange(0, BLOCK // 4)
+    u0, u1, u2, u3 = tl.rand4x(seed, row[:, None] * ((cols + 3) // 4) + quad[None, :])
+    u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))  # column 4j + k gets u_k of draw j
+    return u >= p
 
 
 # One compiled kernel each way: the switches are runtime arguments, and the row count is not
@@ -35,7 +46,7 @@ def _forward(X, XB, R, W, B, Y, Y_HALF, S, MEAN, RSTD, SEED, rows, cols, p, eps,
     if has_xbias != 0:
         x += tl.load(XB + col, mask=col < cols, other=0.0).to(tl.float32)[None, :]
     if dropout != 0:
-        keep = tl.rand(tl.load(SEED), offs) >= p
+        keep = _keep(tl.load(SEED), row, cols, p, BLOCK)
         x = tl.where(keep, x / (1.0 - p), 0.0)
     s = x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(S + offs, s, mask=mask)
@@ -84,7 +95,7 @@ def _backward(DY, DY_HALF, S, MEAN, RSTD, W, SEED, DS, DX, PARTIAL, rows, cols, 
         if want_dx + want_dxb != 0:
             dx = ds
             if dropout != 0:
-                keep = tl.rand(tl.load(SEED), offs) >= p
+                keep = _keep(tl.load(SEED), row, cols, p, BLOCK)
                 dx = tl.where(keep, ds / (1.0 - p), 0.0)
             if want_dx != 0:
                 tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
@@ -111,7 +122,7 @@ _TUNED = {1024: {"forward": (1, 2), "backward": (2, 4, 16)}}
 
 def _block(cols: int) -> tuple[int, int, int]:
     """Columns per row padded to a power of two, rows per tile (about 4k elements a tile), warps."""
-    block = triton.next_power_of_2(cols)
+    block = max(4, triton.next_power_of_2(cols))  # the dropout mask is drawn four columns at a time
     rows = max(1, min(16, 4096 // block))
     return block, rows, 8 if block >= 2048 else 4
 
