@@ -26,8 +26,11 @@ START=$SECONDS
 python3 -m compileall -q -j 0 "$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')" \
   /tmp/site src > /dev/null 2>&1 || true
 echo "bytecode compiled in $((SECONDS - START)) s"
-# what the CLI imports: the console script defers scikit-learn first (embedtune.deferred_imports)
-python3 -X importtime -c "from embedtune.deferred_imports import defer_imports as d; d(); import embedtune.cli, embedtune.train" 2> "$OUT/importtime_$NAME.txt"
+# what the CLI imports: the console script defers scikit-learn first (embedtune.deferred_imports) and
+# serves transformers' scans from the memo an earlier run wrote (embedtune.import_memo; one run writes it)
+PROFILE_IMPORTS="from embedtune.deferred_imports import defer_imports as d; d(); from embedtune.import_memo import remember_import_scans as r; r(); import embedtune.cli, embedtune.train"
+EMBEDTUNE_IMPORT_MEMO_DIR=/tmp/import-scans-profile python3 -c "$PROFILE_IMPORTS"
+EMBEDTUNE_IMPORT_MEMO_DIR=/tmp/import-scans-profile python3 -X importtime -c "$PROFILE_IMPORTS" 2> "$OUT/importtime_$NAME.txt"
 echo "slowest imports (cumulative us):"; sort -t'|' -k2 -n "$OUT/importtime_$NAME.txt" | tail -12
 {
   nvidia-smi -L

@@ -12,9 +12,10 @@ import textwrap
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def fresh(code: str) -> dict:
-    """Run `code` in a fresh interpreter; it ends by printing one JSON line, returned parsed."""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=ENV,
-                          timeout=600)
+def fresh(code: str, env: dict | None = None) -> dict:
+    """Run `code` in a fresh interpreter (`env` added to the environment); it ends by printing one
+    JSON line, returned parsed."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**ENV, **(env or {})}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -546,10 +546,13 @@ def console_main() -> None:
     Where that could lose something (a tracker's exit handler syncing a run, a torchrun worker whose
     process group shuts down at exit) it exits the usual way. An exception other than SystemExit
     propagates as usual (a traceback is an error, not a finish). Before `main`, the process is set to
-    skip an import a run never uses (`deferred_imports`)."""
+    skip imports a run never uses (`deferred_imports`) and to reuse transformers' scans of the
+    installed files from an earlier run (`import_memo`)."""
     from .deferred_imports import defer_imports
+    from .import_memo import remember_import_scans
 
     defer_imports()
+    remember_import_scans()
     try:
         main()
         code = 0

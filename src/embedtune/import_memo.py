@@ -1,0 +1,225 @@
+"""The CLI's start-up: transformers' scans of the installed files, remembered from one run to the next.
+
+Importing transformers 5.x reads the file list of every installed distribution
+(`importlib.metadata.packages_distributions()`, in `transformers.utils.import_utils`) and the source of
+every model file under `transformers/models`, once for the package and once for `transformers.models`
+(`define_import_structure`, which looks for each file's `__all__`), to build its lazy module tables.
+On a GPU image of 200 distributions that was 1-2 s of every job's start. Both results are functions of
+files on disk, so `remember_import_scans` installs an import hook, in the CLI's own process only, that
+serves them from JSON files in the user's cache when what they read has not changed since:
+
+- the distributions map, keyed by the name and modification time of every distribution's metadata
+  folder (`*.dist-info`, `*.egg-info`) in each `sys.path` folder (what that function reads), and the
+  Python version;
+- each import structure, keyed by the size and modification time of every file under the scanned folder.
+
+A memo that is missing, stale or unreadable is computed as transformers computes it and written
+(atomically); one that cannot be written is simply not kept. Only `transformers.utils.import_utils` is
+touched: `packages_distributions` is replaced while that module runs and restored after it, and the
+module's `define_import_structure` is wrapped. `EMBEDTUNE_IMPORT_MEMO_DIR` names another folder, or
+`off` turns the memo off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.metadata
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+TARGET = "transformers.utils.import_utils"
+DIR_ENV = "EMBEDTUNE_IMPORT_MEMO_DIR"
+
+
+def memo_dir() -> Path | None:
+    """$EMBEDTUNE_IMPORT_MEMO_DIR, or the user's cache ($XDG_CACHE_HOME/embedtune/import-scans); None when off."""
+    chosen = os.environ.get(DIR_ENV)
+    if chosen is not None and chosen.strip().lower() in ("", "0", "off", "false", "no"):
+        return None
+    if chosen:
+        return Path(chosen)
+    from .compile_cache import user_cache_dir
+
+    return user_cache_dir() / "import-scans"
+
+
+def _digest(parts) -> str:
+    return hashlib.sha1(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
+
+
+def _metadata_stats(entry: str):
+    """What `importlib.metadata` finds in one `sys.path` entry: its distributions' metadata folders
+    (name, modification time), or an archive's modification time."""
+    path = entry or "."
+    try:
+        if not os.path.isdir(path):
+            return os.stat(path).st_mtime_ns
+        with os.scandir(path) as entries:
+            return sorted((e.name, e.stat().st_mtime_ns) for e in entries if e.name.endswith((".dist-info", ".egg-info")))
+    except OSError:
+        return None
+
+
+def _tree_stats(folder: str) -> list:
+    """(relative path, size, modification time) of every file under `folder`, in a stable order,
+    skipping `__pycache__` as transformers' scan does."""
+    found = []
+
+    def walk(path: str, prefix: str) -> None:
+        with os.scandir(path) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if entry.name == "__pycache__":
+                    continue
+                if entry.is_dir():
+                    walk(entry.path, prefix + entry.name + "/")
+                else:
+                    stat = entry.stat()
+                    found.append((prefix + entry.name, stat.st_size, stat.st_mtime_ns))
+
+    walk(folder, "")
+    return found
+
+
+def _read(folder: Path, name: str, key: str):
+    """The memo's value if it was written for `key`, else None."""
+    try:
+        with open(folder / name, encoding="utf-8") as f:
+            stored = json.load(f)
+        return stored["value"] if stored.get("key") == key else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write(folder: Path, name: str, key: str, value) -> None:
+    """Write the memo through a temporary file and a rename (readers see the old file or the new one)."""
+    with contextlib.suppress(OSError, TypeError, ValueError):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"key": key, "value": value}, f)
+            os.replace(tmp, folder / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def remembered_packages_distributions(folder: Path, compute=None) -> dict[str, list[str]]:
+    """`importlib.metadata.packages_distributions()`, from the memo when the distributions on
+    `sys.path` are unchanged."""
+    compute = compute or importlib.metadata.packages_distributions
+    key = _digest([sys.version, [(entry, _metadata_stats(entry)) for entry in sys.path]])
+    value = _read(folder, "packages_distributions.json", key)
+    if isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
+        return value
+    value = compute()
+    _write(folder, "packages_distributions.json", key, {k: list(v) for k, v in value.items()})
+    return value
+
+
+def _encode_structure(structure) -> list | None:
+    """[[backends, [[module, names], ...]], ...]; None where the structure is not the shape this
+    reads back (frozensets of strings mapping module names to sets of strings)."""
+    encoded = []
+    for backends, modules in structure.items():
+        if not isinstance(backends, frozenset) or not all(isinstance(b, str) for b in backends) \
+                or not isinstance(modules, dict):
+            return None
+        rows = []
+        for module, names in modules.items():
+            if not isinstance(module, str) or type(names) is not set or not all(isinstance(n, str) for n in names):
+                return None
+            rows.append([module, sorted(names)])
+        encoded.append([sorted(backends), rows])
+    return encoded
+
+
+def _decode_structure(encoded) -> dict:
+    return {frozenset(backends): {module: set(names) for module, names in rows} for backends, rows in encoded}
+
+
+def remembering_define_import_structure(define, folder: Path):
+    """`define` (transformers' `define_import_structure(module_path, prefix=None)`), its results kept
+    in the memo under the scanned folder's file stats."""
+
+    @functools.wraps(define)
+    def define_import_structure(module_path, prefix=None):
+        try:
+            scanned = os.path.abspath(os.fspath(module_path))
+            if os.path.isfile(scanned):
+                scanned = os.path.dirname(scanned)
+            key = _digest([scanned, prefix, _tree_stats(scanned)])
+        except (OSError, TypeError):
+            return define(module_path, prefix)
+        name = f"import_structure-{_digest([scanned, prefix])[:16]}.json"
+        encoded = _read(folder, name, key)
+        if encoded is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                return _decode_structure(encoded)
+        structure = define(module_path, prefix)
+        encoded = _encode_structure(structure)
+        if encoded is not None:
+            _write(folder, name, key, encoded)
+        return structure
+
+    define_import_structure.__wrapped_by__ = __name__
+    return define_import_structure
+
+
+class _RememberingLoader(importlib.abc.Loader):
+    """Runs `transformers.utils.import_utils` with the memo'd distributions map, and wraps its scan."""
+
+    def __init__(self, loader, folder: Path):
+        self.loader, self.folder = loader, folder
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        compute = importlib.metadata.packages_distributions
+        importlib.metadata.packages_distributions = functools.partial(remembered_packages_distributions,
+                                                                      self.folder, compute)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            importlib.metadata.packages_distributions = compute
+        define = getattr(module, "define_import_structure", None)
+        if callable(define):
+            module.define_import_structure = remembering_define_import_structure(define, self.folder)
+
+
+class _RememberImportScans(importlib.abc.MetaPathFinder):
+    """Finds `transformers.utils.import_utils` as the path finder does and gives it the loader above;
+    leaves `sys.meta_path` once it has."""
+
+    def __init__(self, folder: Path, module: str):
+        self.folder, self.module = folder, module
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.module:
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RememberingLoader(spec.loader, self.folder)
+        return spec
+
+
+def remember_import_scans(module: str = TARGET) -> bool:
+    """Install the hook unless `module` is imported already or the memo is off (True when installed)."""
+    if module in sys.modules or any(isinstance(f, _RememberImportScans) for f in sys.meta_path):
+        return False
+    folder = memo_dir()
+    if folder is None:
+        return False
+    sys.meta_path.insert(0, _RememberImportScans(folder, module))
+    return True

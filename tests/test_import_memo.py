@@ -1,0 +1,202 @@
+"""transformers' start-up scans remembered between CLI runs (`embedtune.import_memo`):
+
+- the distributions map is served from the memo while the distributions on `sys.path` are unchanged,
+  and computed again when one is added, or when the memo file is corrupt;
+- an import structure is served while the scanned folder's files are unchanged, computed again when
+  one changes; a structure of another shape is not kept;
+- on the installed transformers, a process whose scans come from the memo builds the same lazy tables
+  (the `transformers` and `transformers.models` import structures, the distributions map) as a plain
+  process, without reading the model files; the console script installs the hook, importing
+  embedtune does not; `EMBEDTUNE_IMPORT_MEMO_DIR=off` turns it off.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+from embedtune import import_memo
+from fresh_interpreter import fresh
+
+
+def _counting(result):
+    calls = []
+
+    def compute(*args):
+        calls.append(args)
+        return result() if callable(result) else result
+
+    return compute, calls
+
+
+def test_distributions_map_is_served_until_a_distribution_is_added(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "alpha-1.0.dist-info").mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", [str(site), *sys.path])
+    memo = tmp_path / "memo"
+    compute, calls = _counting({"alpha": ["alpha"]})
+    assert import_memo.remembered_packages_distributions(memo, compute) == {"alpha": ["alpha"]}
+    assert import_memo.remembered_packages_distributions(memo, compute) == {"alpha": ["alpha"]}
+    assert len(calls) == 1
+    (site / "beta-2.0.dist-info").mkdir()  # a distribution installed
+    compute2, calls2 = _counting({"alpha": ["alpha"], "beta": ["beta"]})
+    assert import_memo.remembered_packages_distributions(memo, compute2) == {"alpha": ["alpha"], "beta": ["beta"]}
+    assert len(calls2) == 1
+    (memo / "packages_distributions.json").write_text("{not json")
+    assert import_memo.remembered_packages_distributions(memo, compute2)["beta"] == ["beta"]
+    assert len(calls2) == 2
+    assert not [p for p in memo.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_import_structure_is_served_until_a_scanned_file_changes(tmp_path):
+    package = tmp_path / "models"
+    (package / "bert").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "bert" / "modeling_bert.py").write_text("__all__ = ['BertModel']\n")
+    memo = tmp_path / "memo"
+    structure = {frozenset({"torch"}): {"bert.modeling_bert": {"BertModel"}}, frozenset(): {}}
+    define, calls = _counting(lambda: {k: {m: set(n) for m, n in v.items()} for k, v in structure.items()})
+    remembering = import_memo.remembering_define_import_structure(define, memo)
+    assert remembering(package / "__init__.py", "models") == structure  # a file: its folder is scanned
+    assert remembering(package / "__init__.py", "models") == structure
+    assert len(calls) == 1
+    assert remembering(package, None) == structure  # another prefix: its own memo
+    assert len(calls) == 2
+    (package / "bert" / "modeling_bert.py").write_text("__all__ = ['BertModel', 'BertLayer']\n")
+    remembering(package / "__init__.py", "models")
+    assert len(calls) == 3
+    odd = {frozenset({"torch"}): {"bert.modeling_bert": ["BertModel"]}}  # not the shape read back: not kept
+    define_odd, odd_calls = _counting(odd)
+    remembering_odd = import_memo.remembering_define_import_structure(define_odd, tmp_path / "memo2")
+    assert remembering_odd(package, None) is odd and remembering_odd(package, None) is odd
+    assert len(odd_calls) == 2
+
+
+SCAN = """
+    import json, os, sys, importlib.metadata
+    read = []
+    real_open = open
+    def counting_open(file, *args, **kwargs):
+        name = os.fspath(file) if isinstance(file, (str, os.PathLike)) else ""
+        if "/transformers/models/" in name and name.endswith(".py"):
+            read.append(name)
+        return real_open(file, *args, **kwargs)
+    import builtins
+    builtins.open = counting_open
+    if MEMO:
+        from embedtune.import_memo import remember_import_scans
+        installed = remember_import_scans()
+    else:
+        installed = None
+    import transformers
+    import transformers.models
+    from transformers import BertModel  # the lazy tables at work
+    builtins.open = real_open
+    from transformers.utils import import_utils
+    def tables(lazy):
+        return {"modules": sorted(lazy._modules), "class_to_module": sorted(lazy._class_to_module.items()),
+                "missing_backend": sorted((k, sorted(map(str, v))) for k, v in lazy._object_missing_backend.items()),
+                "all": sorted(lazy.__all__)}
+    print(json.dumps({
+        "installed": installed,
+        "models_read": len(read),
+        "wrapped": getattr(import_utils.define_import_structure, "__wrapped_by__", None),
+        "packages_distributions_restored": importlib.metadata.packages_distributions.__module__,
+        "mapping": getattr(import_utils, "PACKAGE_DISTRIBUTION_MAPPING", None),  # 5.17 builds it at import
+        "top": tables(transformers),
+        "models": tables(transformers.models),
+        "bert": BertModel.__name__,
+    }))
+"""
+
+
+def _scan(memo: bool, memo_dir) -> dict:
+    env = {"EMBEDTUNE_IMPORT_MEMO_DIR": str(memo_dir)}
+    return fresh(f"MEMO = {memo}\n" + textwrap.dedent(SCAN), env=env)
+
+
+def test_installed_transformers_builds_the_same_tables_from_the_memo_without_reading_model_files(tmp_path):
+    plain = _scan(False, tmp_path / "unused")
+    first = _scan(True, tmp_path / "memo")  # computes and writes the memo
+    served = _scan(True, tmp_path / "memo")
+    assert plain["installed"] is None and first["installed"] is True and served["installed"] is True
+    assert plain["models_read"] > 100 and first["models_read"] > 100  # the scan reads every model file
+    assert served["models_read"] < 5  # bert's own files at most
+    assert served["wrapped"] == "embedtune.import_memo"
+    assert served["packages_distributions_restored"] == "importlib.metadata"
+    for seen in (first, served):
+        for key in ("mapping", "top", "models", "bert"):
+            assert seen[key] == plain[key], key
+    names = sorted(p.name for p in (tmp_path / "memo").iterdir())
+    assert sum(n.startswith("import_structure-") for n in names) >= 2  # transformers' and transformers.models'
+    assert not [n for n in names if n.endswith(".tmp")]
+
+
+FORM_5_17 = """
+import importlib.metadata
+
+PACKAGE_DISTRIBUTION_MAPPING = importlib.metadata.packages_distributions()
+
+
+def define_import_structure(module_path, prefix=None):
+    return {frozenset(): {"a.b": {"C"}}}
+"""
+
+
+def test_a_module_in_transformers_5_17_form_gets_the_map_from_the_memo(tmp_path):
+    """transformers 5.17 builds the distributions map at import; the installed version may not."""
+    (tmp_path / "fake_tf" / "utils").mkdir(parents=True)
+    (tmp_path / "fake_tf" / "__init__.py").write_text("")
+    (tmp_path / "fake_tf" / "utils" / "__init__.py").write_text("")
+    (tmp_path / "fake_tf" / "utils" / "import_utils.py").write_text(FORM_5_17)
+    code = f"""
+        import json, sys, importlib.metadata
+        sys.path.insert(0, {str(tmp_path)!r})
+        real = importlib.metadata.packages_distributions
+        if SERVED:
+            def refuse():
+                raise AssertionError("computed, not served")
+            importlib.metadata.packages_distributions = refuse
+        from embedtune.import_memo import remember_import_scans
+        installed = remember_import_scans("fake_tf.utils.import_utils")
+        import fake_tf.utils.import_utils as iu
+        restored = importlib.metadata.packages_distributions is (refuse if SERVED else real)
+        print(json.dumps({{"installed": installed, "mapping": iu.PACKAGE_DISTRIBUTION_MAPPING, "restored": restored,
+                          "real": real(), "structure": sorted(iu.define_import_structure(sys.path[0])[frozenset()]),
+                          "wrapped": iu.define_import_structure.__wrapped_by__}}))
+    """
+    env = {"EMBEDTUNE_IMPORT_MEMO_DIR": str(tmp_path / "memo")}
+    first = fresh("SERVED = False\n" + textwrap.dedent(code), env=env)
+    served = fresh("SERVED = True\n" + textwrap.dedent(code), env=env)
+    for seen in (first, served):
+        assert seen["installed"] is True and seen["restored"] is True
+        assert seen["mapping"] == seen["real"] and seen["mapping"]
+        assert seen["structure"] == ["a.b"] and seen["wrapped"] == "embedtune.import_memo"
+
+
+def test_console_script_installs_the_hook_importing_embedtune_does_not_and_off_turns_it_off(tmp_path):
+    code = """
+        import json, sys
+        import embedtune, embedtune.cli
+        from embedtune.import_memo import _RememberImportScans
+        on_import = any(isinstance(f, _RememberImportScans) for f in sys.meta_path)
+        seen = {}
+        def main():
+            import transformers
+            from transformers.utils import import_utils
+            seen["wrapped"] = getattr(import_utils.define_import_structure, "__wrapped_by__", None)
+            raise SystemExit(0)
+        embedtune.cli.main = main
+        embedtune.cli.EXIT_HANDLERS_NEEDED = ("json",)  # exit the usual way, after this print
+        try:
+            embedtune.cli.console_main()
+        except SystemExit:
+            pass
+        print(json.dumps({"on_import": on_import, **seen}))
+    """
+    assert fresh(code, env={"EMBEDTUNE_IMPORT_MEMO_DIR": str(tmp_path / "memo")}) == \
+        {"on_import": False, "wrapped": "embedtune.import_memo"}
+    assert fresh(code, env={"EMBEDTUNE_IMPORT_MEMO_DIR": "off"}) == {"on_import": False, "wrapped": None}
+    assert not (tmp_path / "off").exists()
+    assert all(json.loads(p.read_text())["key"] for p in (tmp_path / "memo").iterdir())
