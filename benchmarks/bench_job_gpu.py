@@ -52,7 +52,8 @@ DEFAULT_OVER_STOCK = 4.0
 EMBEDTUNE_FLAGS = {"embedtune": [], "embedtune_eager": ["--no-compile", "--no-cuda-graphs"],
                    "embedtune_graphs": ["--no-compile", "--cuda-graphs"],
                    "embedtune_forced": ["--compile", "--cuda-graphs"],
-                   "embedtune_fused": ["--fused-kernels"]}  # the default mode with the fused norm forced on
+                   "embedtune_fused": ["--fused-kernels"],  # the default mode with the fused norm forced on
+                   "embedtune_unfused": ["--no-fused-kernels"]}  # ... and off: what the fused kernels gain
 STOCK_IMPLS = ["stock", "stock_plain", "stock_compile"]  # stock_plain: the trainer's default of no dataloader workers
 IMPLS = [*STOCK_IMPLS, *EMBEDTUNE_FLAGS]  # the table's order
 CURVE_FLAGS = {"eager": ["--no-compile", "--no-cuda-graphs"], "compile": ["--compile", "--no-cuda-graphs"],
@@ -231,6 +232,10 @@ class Bench:
         step_s = self.args.batch_size / rate
         if before and before.get("rc") == 0:
             return before["wall_s"] + max(0, steps - before["steps_asked"]) * step_s
+        default = self.find(mode, "embedtune") if impl.startswith("embedtune_") and not before else None
+        if default and default.get("rc") == 0 and default.get("in_job_pairs_s"):  # a variant of the default flags
+            extra = max(0, steps - default["steps_asked"]) * self.args.batch_size / default["in_job_pairs_s"]
+            return 1.25 * (default["wall_s"] + extra)
         if impl == "embedtune" and not before:  # default flags: see DEFAULT_OVER_STOCK
             return PRIOR_OVERHEAD_S["embedtune"] + steps * step_s / DEFAULT_OVER_STOCK
         return PRIOR_OVERHEAD_S.get(impl, 90.0) + steps * step_s

@@ -101,7 +101,7 @@ SCAN = """
     print(json.dumps({
         "installed": installed,
         "models_read": len(read),
-        "wrapped": getattr(import_utils.define_import_structure, "__wrapped_by__", None),
+        "wrapped": getattr(import_utils.define_import_structure, "remembered_by", None),
         "packages_distributions_restored": importlib.metadata.packages_distributions.__module__,
         "mapping": getattr(import_utils, "PACKAGE_DISTRIBUTION_MAPPING", None),  # 5.17 builds it at import
         "top": tables(transformers),
@@ -164,7 +164,7 @@ def test_a_module_in_transformers_5_17_form_gets_the_map_from_the_memo(tmp_path)
         restored = importlib.metadata.packages_distributions is (refuse if SERVED else real)
         print(json.dumps({{"installed": installed, "mapping": iu.PACKAGE_DISTRIBUTION_MAPPING, "restored": restored,
                           "real": real(), "structure": sorted(iu.define_import_structure(sys.path[0])[frozenset()]),
-                          "wrapped": iu.define_import_structure.__wrapped_by__}}))
+                          "wrapped": iu.define_import_structure.remembered_by}}))
     """
     env = {"EMBEDTUNE_IMPORT_MEMO_DIR": str(tmp_path / "memo")}
     first = fresh("SERVED = False\n" + textwrap.dedent(code), env=env)
@@ -185,7 +185,7 @@ def test_console_script_installs_the_hook_importing_embedtune_does_not_and_off_t
         def main():
             import transformers
             from transformers.utils import import_utils
-            seen["wrapped"] = getattr(import_utils.define_import_structure, "__wrapped_by__", None)
+            seen["wrapped"] = getattr(import_utils.define_import_structure, "remembered_by", None)
             raise SystemExit(0)
         embedtune.cli.main = main
         embedtune.cli.EXIT_HANDLERS_NEEDED = ("json",)  # exit the usual way, after this print

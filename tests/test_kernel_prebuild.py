@@ -213,6 +213,23 @@ def test_no_wait_for_a_child_that_cannot_have_ended_yet(bert_on_a_fake_gpu):
     assert choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=due)[0].fused_kernels and due.waits
 
 
+def test_a_child_that_ended_while_not_waited_for_is_used(bert_on_a_fake_gpu):
+    """Not expected in time (so not waited for), the child may still have ended by the time the run
+    settles its mode: its kernels are used. (They were left out, the child said to have built nothing.)"""
+    from embedtune.kernels.fused_norm import kernels_fingerprint
+
+    steps = int((speed.FUSED_NORM_WARM_S + speed.FUSED_NORM_COLD_S) / 2 / (speed.FUSED_NORM_GAIN * 0.05))
+
+    def poll():  # the cache was cold when the choice began; by its first look at the child, it had ended
+        speed.mark_fused_kernels_built(kernels_fingerprint())
+        return 0
+
+    ended = FakeBuild(succeeds=True, age_s=0.0)  # due in FUSED_PREBUILD_S: more than the wait could pay
+    ended.process = SimpleNamespace(poll=poll)
+    mode = choose_speed(_config(), bert_on_a_fake_gpu, 100.0, steps, prebuild=ended)[0]
+    assert ended.waits == [] and mode.fused_kernels and "built ahead in a child process (waited 0.0 s)" in mode.why
+
+
 def test_no_wait_where_the_kernels_would_not_be_used(bert_on_a_fake_gpu):
     short = int(speed.FUSED_NORM_WARM_S / (speed.FUSED_NORM_GAIN * 0.05) * 0.5)  # too short even when warm
     for config, steps in [(_config(), short), (_config(fused_kernels=False), 10**6),

@@ -228,7 +228,7 @@ OWN_OBJECTS = {
 
 def scan_patches(src: Path = SRC) -> dict[str, list[str]]:
     """file:function -> the writes to third-party attributes found there: assignments to private or dunder
-    attributes, to `forward`, to an imported module's attributes or to `x.__dict__[...]` of anything but
+    attributes, to `forward`, to an imported module's attributes (its submodules' too) or to `x.__dict__[...]` of anything but
     `self`, and `setattr` on anything but `self`."""
     found: dict[str, list[str]] = {}
     for path in sorted(src.rglob("*.py")):
@@ -240,12 +240,18 @@ def scan_patches(src: Path = SRC) -> dict[str, list[str]]:
         def name_of(node):
             return node.id if isinstance(node, ast.Name) else None
 
+        def root_of(node):
+            """The name an attribute chain starts from (`importlib` of `importlib.metadata.f`)."""
+            while isinstance(node, ast.Attribute):
+                node = node.value
+            return name_of(node)
+
         def hit(node) -> str | None:
             if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
                 for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
                     if isinstance(target, ast.Attribute) and name_of(target.value) != "self" and (
                             target.attr.startswith("_") or target.attr == "forward"
-                            or name_of(target.value) in modules):
+                            or root_of(target.value) in modules):
                         return ast.unparse(target)
                     if (isinstance(target, ast.Subscript) and isinstance(target.value, ast.Attribute)
                             and target.value.attr == "__dict__" and name_of(target.value.value) != "self"):

@@ -170,7 +170,7 @@ def remembering_define_import_structure(define, folder: Path):
             _write(folder, name, key, encoded)
         return structure
 
-    define_import_structure.__wrapped_by__ = __name__
+    define_import_structure.remembered_by = __name__
     return define_import_structure
 
 

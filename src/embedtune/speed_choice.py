@@ -90,8 +90,8 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
             waited = time.monotonic()
             ok = prebuild.wait(bound) if expected_left <= bound else False  # a child just started: no use waiting
             waited = time.monotonic() - waited
-            warm = ok and speed_mode.fused_kernels_cached(kernels_fingerprint())
-            code = prebuild.process.poll()
+            code = prebuild.process.poll()  # a child not waited for may have ended meanwhile all the same
+            warm = (ok or code == 0) and speed_mode.fused_kernels_cached(kernels_fingerprint())
             prebuilt = (f"built ahead in a child process (waited {waited:.1f} s)" if warm
                         else "the build ahead is still running" if code is None
                         else "the build ahead built nothing (no GPU it may share, or another model family)" if code == 0
