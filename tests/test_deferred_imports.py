@@ -22,7 +22,7 @@ from __future__ import annotations
 import textwrap
 
 from embedtune.deferred_imports import DEFERRED, _imports_only
-from fresh_interpreter import fresh
+from fresh_interpreter import console_main_code, fresh
 
 SIMILARITY = DEFERRED["sentence_transformers.util.similarity"]
 SIMILARITY_LINE = SIMILARITY[0]
@@ -58,25 +58,11 @@ def test_a_run_s_imports_load_no_sklearn_and_the_function_still_works():
 
 
 def test_the_console_script_installs_it_and_importing_embedtune_does_not():
-    seen = fresh("""
-        import json, sys
-        import embedtune, embedtune.cli
-        from embedtune.deferred_imports import _DeferImports
-        on_import = any(isinstance(f, _DeferImports) for f in sys.meta_path)
-        seen = {}
-        def main():
-            import sentence_transformers.util.similarity as similarity
-            seen["sklearn"] = "sklearn" in sys.modules
-            seen["ours"] = similarity.pairwise_distances.__module__
-            raise SystemExit(0)
-        embedtune.cli.main = main
-        embedtune.cli.EXIT_HANDLERS_NEEDED = ("json",)  # exit the usual way, after this print
-        try:
-            embedtune.cli.console_main()
-        except SystemExit:
-            pass
-        print(json.dumps({"on_import": on_import, **seen}))
-    """)
+    seen = fresh(console_main_code("embedtune.deferred_imports:_DeferImports", """
+        import sentence_transformers.util.similarity as similarity
+        seen["sklearn"] = "sklearn" in sys.modules
+        seen["ours"] = similarity.pairwise_distances.__module__
+    """))
     assert seen == {"on_import": False, "sklearn": False, "ours": "embedtune.deferred_imports"}
 
 

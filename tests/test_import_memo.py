@@ -17,7 +17,7 @@ import sys
 import textwrap
 
 from embedtune import import_memo
-from fresh_interpreter import fresh
+from fresh_interpreter import console_main_code, fresh
 
 
 def _counting(result):
@@ -176,25 +176,11 @@ def test_a_module_in_transformers_5_17_form_gets_the_map_from_the_memo(tmp_path)
 
 
 def test_console_script_installs_the_hook_importing_embedtune_does_not_and_off_turns_it_off(tmp_path):
-    code = """
-        import json, sys
-        import embedtune, embedtune.cli
-        from embedtune.import_memo import _RememberImportScans
-        on_import = any(isinstance(f, _RememberImportScans) for f in sys.meta_path)
-        seen = {}
-        def main():
-            import transformers
-            from transformers.utils import import_utils
-            seen["wrapped"] = getattr(import_utils.define_import_structure, "remembered_by", None)
-            raise SystemExit(0)
-        embedtune.cli.main = main
-        embedtune.cli.EXIT_HANDLERS_NEEDED = ("json",)  # exit the usual way, after this print
-        try:
-            embedtune.cli.console_main()
-        except SystemExit:
-            pass
-        print(json.dumps({"on_import": on_import, **seen}))
-    """
+    code = console_main_code("embedtune.import_memo:_RememberImportScans", """
+        import transformers
+        from transformers.utils import import_utils
+        seen["wrapped"] = getattr(import_utils.define_import_structure, "remembered_by", None)
+    """)
     assert fresh(code, env={"EMBEDTUNE_IMPORT_MEMO_DIR": str(tmp_path / "memo")}) == \
         {"on_import": False, "wrapped": "embedtune.import_memo"}
     assert fresh(code, env={"EMBEDTUNE_IMPORT_MEMO_DIR": "off"}) == {"on_import": False, "wrapped": None}
