@@ -1,7 +1,8 @@
 """transformers' start-up scans remembered between CLI runs (`embedtune.import_memo`):
 
 - the distributions map is served from the memo while the distributions on `sys.path` are unchanged,
-  and computed again when one is added, or when the memo file is corrupt;
+  and computed again when one is added, or when the memo file is corrupt; each environment (`sys.path`)
+  keeps its own;
 - an import structure is served while the scanned folder's files are unchanged, computed again when
   one changes; a structure of another shape is not kept;
 - on the installed transformers, a process whose scans come from the memo builds the same lazy tables
@@ -43,10 +44,19 @@ def test_distributions_map_is_served_until_a_distribution_is_added(tmp_path, mon
     compute2, calls2 = _counting({"alpha": ["alpha"], "beta": ["beta"]})
     assert import_memo.remembered_packages_distributions(memo, compute2) == {"alpha": ["alpha"], "beta": ["beta"]}
     assert len(calls2) == 1
-    (memo / "packages_distributions.json").write_text("{not json")
+    (written,) = memo.iterdir()
+    written.write_text("{not json")
     assert import_memo.remembered_packages_distributions(memo, compute2)["beta"] == ["beta"]
     assert len(calls2) == 2
-    assert not [p for p in memo.iterdir() if p.name.endswith(".tmp")]
+    assert [p.name for p in memo.iterdir()] == [written.name]  # rewritten in place, no temporary left
+    other = tmp_path / "other-env"
+    other.mkdir()
+    monkeypatch.setattr(sys, "path", [str(other), *sys.path[1:]])  # another environment: a memo of its own
+    compute3, calls3 = _counting({"gamma": ["gamma"]})
+    assert import_memo.remembered_packages_distributions(memo, compute3) == {"gamma": ["gamma"]}
+    monkeypatch.setattr(sys, "path", [str(site), *sys.path[1:]])
+    assert import_memo.remembered_packages_distributions(memo, compute2)["beta"] == ["beta"]
+    assert len(calls2) == 2 and len(calls3) == 1 and len(list(memo.iterdir())) == 2
 
 
 def test_import_structure_is_served_until_a_scanned_file_changes(tmp_path):

@@ -116,12 +116,13 @@ def remembered_packages_distributions(folder: Path, compute=None) -> dict[str, l
     """`importlib.metadata.packages_distributions()`, from the memo when the distributions on
     `sys.path` are unchanged."""
     compute = compute or importlib.metadata.packages_distributions
+    name = f"packages_distributions-{_digest([sys.version, sys.path])[:16]}.json"  # one per environment
     key = _digest([sys.version, [(entry, _metadata_stats(entry)) for entry in sys.path]])
-    value = _read(folder, "packages_distributions.json", key)
+    value = _read(folder, name, key)
     if isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
         return value
     value = compute()
-    _write(folder, "packages_distributions.json", key, {k: list(v) for k, v in value.items()})
+    _write(folder, name, key, {k: list(v) for k, v in value.items()})
     return value
 
 
