@@ -46,7 +46,7 @@ COMPILE_COLD_S, COMPILE_COLD_PER_LAYER_S, COMPILE_WARM_S = 12.0, 0.15, 4.0
 COMPILE_GAIN = 0.12
 # Fused kernels (dropout + residual + LayerNorm with the dense bias folded in, the q, k, v gradients'
 # join): share of a BERT-family step they save (H200, BERT-base full, CUDA graphs, jobs of one machine:
-# median 5-step windows of 490k real tokens/s with them against 428k without), and their build
+# median 5-step windows of 492k real tokens/s with them against 426-429k without), and their build
 # cost in seconds with Triton's cache cold and warm (H200: the first call in a fresh process 7.9 and 9.5 s
 # cold against 5.6 and 6.2 s warm, imports included; docs/BENCHMARKS.md).
 FUSED_NORM_GAIN = 0.12
