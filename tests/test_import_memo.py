@@ -2,7 +2,7 @@
 
 - the distributions map is served from the memo while the distributions on `sys.path` are unchanged,
   and computed again when one is added, or when the memo file is corrupt; each environment (`sys.path`)
-  keeps its own;
+  keeps its own; a memo folder that cannot be written or read is no error;
 - an import structure is served while the scanned folder's files are unchanged, computed again when
   one changes; a structure of another shape is not kept;
 - on the installed transformers, a process whose scans come from the memo builds the same lazy tables
@@ -57,6 +57,20 @@ def test_distributions_map_is_served_until_a_distribution_is_added(tmp_path, mon
     monkeypatch.setattr(sys, "path", [str(site), *sys.path[1:]])
     assert import_memo.remembered_packages_distributions(memo, compute2)["beta"] == ["beta"]
     assert len(calls2) == 2 and len(calls3) == 1 and len(list(memo.iterdir())) == 2
+
+
+def test_a_memo_folder_that_cannot_be_written_or_read_is_no_error(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the memo folder would be")
+    compute, calls = _counting({"alpha": ["alpha"]})
+    assert import_memo.remembered_packages_distributions(blocked, compute) == {"alpha": ["alpha"]}
+    assert import_memo.remembered_packages_distributions(blocked, compute) == {"alpha": ["alpha"]}
+    assert len(calls) == 2  # computed each time, as without the memo
+    define, define_calls = _counting({frozenset(): {"a.b": {"C"}}})
+    remembering = import_memo.remembering_define_import_structure(define, blocked)
+    assert remembering(tmp_path, None) == {frozenset(): {"a.b": {"C"}}}
+    assert remembering(tmp_path / "missing", None) == {frozenset(): {"a.b": {"C"}}}  # a folder it cannot scan
+    assert len(define_calls) == 2 and blocked.read_text().startswith("a file")
 
 
 def test_import_structure_is_served_until_a_scanned_file_changes(tmp_path):
