@@ -90,6 +90,9 @@ def test_import_structure_is_served_until_a_scanned_file_changes(tmp_path):
     (package / "bert" / "modeling_bert.py").write_text("__all__ = ['BertModel', 'BertLayer']\n")
     remembering(package / "__init__.py", "models")
     assert len(calls) == 3
+    one_argument = import_memo.remembering_define_import_structure(lambda module_path: structure, tmp_path / "m4")
+    assert one_argument(package / "__init__.py") == structure  # transformers 4.x's form takes no prefix
+    assert one_argument(package / "__init__.py") == structure
     odd = {frozenset({"torch"}): {"bert.modeling_bert": ["BertModel"]}}  # not the shape read back: not kept
     define_odd, odd_calls = _counting(odd)
     remembering_odd = import_memo.remembering_define_import_structure(define_odd, tmp_path / "memo2")

@@ -147,6 +147,11 @@ def _decode_structure(encoded) -> dict:
     return {frozenset(backends): {module: set(names) for module, names in rows} for backends, rows in encoded}
 
 
+def _call(define, module_path, prefix):
+    """transformers 4.x's `define_import_structure` takes no prefix: pass one only where given."""
+    return define(module_path) if prefix is None else define(module_path, prefix)
+
+
 def remembering_define_import_structure(define, folder: Path):
     """`define` (transformers' `define_import_structure(module_path, prefix=None)`), its results kept
     in the memo under the scanned folder's file stats."""
@@ -159,13 +164,13 @@ def remembering_define_import_structure(define, folder: Path):
                 scanned = os.path.dirname(scanned)
             key = _digest([scanned, prefix, _tree_stats(scanned)])
         except (OSError, TypeError):
-            return define(module_path, prefix)
+            return _call(define, module_path, prefix)
         name = f"import_structure-{_digest([scanned, prefix])[:16]}.json"
         encoded = _read(folder, name, key)
         if encoded is not None:
             with contextlib.suppress(TypeError, ValueError):
                 return _decode_structure(encoded)
-        structure = define(module_path, prefix)
+        structure = _call(define, module_path, prefix)
         encoded = _encode_structure(structure)
         if encoded is not None:
             _write(folder, name, key, encoded)
