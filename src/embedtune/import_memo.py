@@ -31,8 +31,9 @@ import importlib.metadata
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
+
+from .files import write_text_atomic
 
 TARGET = "transformers.utils.import_utils"
 DIR_ENV = "EMBEDTUNE_IMPORT_MEMO_DIR"
@@ -98,18 +99,11 @@ def _read(folder: Path, name: str, key: str):
 
 
 def _write(folder: Path, name: str, key: str, value) -> None:
-    """Write the memo through a temporary file and a rename (readers see the old file or the new one)."""
+    """Write the memo in one rename (`files.write_text_atomic`: readers see the old file or the new
+    one); a memo that cannot be written is not kept."""
     with contextlib.suppress(OSError, TypeError, ValueError):
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"key": key, "value": value}, f)
-            os.replace(tmp, folder / name)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_text_atomic(folder / name, json.dumps({"key": key, "value": value}))
 
 
 def remembered_packages_distributions(folder: Path, compute=None) -> dict[str, list[str]]:
