@@ -1,7 +1,9 @@
 """GPU check of the fused norm kernels built ahead of a run (`embedtune.kernel_prebuild`,
 `embedtune.kernels.prebuild`): with an empty Triton cache, the child builds the kernels; then a packed
 BERT training step (bf16 autocast, dropout on) in a fresh process must find every kernel it calls in
-the cache (no new cache entries) and its first call must cost what a warm cache costs. Full fine-tuning
+the cache (no new cache entries) and its first call must cost what a warm cache costs. The child's
+time is set beside the same calls made in turn in a plain process on another empty cache (how the
+child built before its calls ran in threads and Triton's set-up beside torch's import). Full fine-tuning
 (fp32 weights, its linears through `packing.main_grad` as the CUDA-graph step runs them: q, k and v's
 gradients joined by `kernels.join_grads`' kernel) and LoRA (bf16 base). Prints a table last.
 
@@ -45,6 +47,13 @@ print(json.dumps({"first_step_s": time.perf_counter() - t}))
 """
 
 
+SERIAL = r"""
+import sys, torch
+from embedtune.kernels.variant_calls import build
+build(int(sys.argv[1]), torch.float32 if sys.argv[2] == "fp32" else torch.bfloat16, torch.device("cuda"), threads=1)
+"""
+
+
 def entries(cache: Path) -> int:
     return sum(1 for _ in cache.rglob("*.json")) if cache.exists() else 0
 
@@ -62,6 +71,11 @@ def check(hidden: int, weights: str, root: Path) -> dict:
                           capture_output=True, text=True)
     row["cold_step_process_s"] = round(time.perf_counter() - t, 2)
     row["cold_first_step_s"] = round(json.loads(cold.stdout.strip().splitlines()[-1])["first_step_s"], 3) if cold.returncode == 0 else cold.stderr[-500:]
+    t = time.perf_counter()
+    serial = subprocess.run([sys.executable, "-c", SERIAL, str(hidden), weights],
+                            env=dict(env, TRITON_CACHE_DIR=str(cache) + "_serial"), capture_output=True, text=True)
+    row["serial_build_s"] = round(time.perf_counter() - t, 2) if serial.returncode == 0 else serial.stderr[-500:]
+    row["entries_after_serial"] = entries(Path(str(cache) + "_serial"))
     t = time.perf_counter()
     child = subprocess.run([sys.executable, "-m", "embedtune.kernels.prebuild", str(model_dir), "--weights", weights],
                            env=env, capture_output=True, text=True)
@@ -92,13 +106,14 @@ def main() -> None:
                 rows.append(row)
     if args.out:
         Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    print(f"\n{'hidden':>6} {'weights':>7} {'prebuild s':>10} {'cache entries':>13} {'after step':>10} "
+    print(f"\n{'hidden':>6} {'weights':>7} {'in turn s':>9} {'prebuild s':>10} {'cache entries':>13} {'after step':>10} "
           f"{'no new kernels':>14} {'first step cold s':>17} {'first step warm s':>17}")
     for r in rows:
-        print(f"{r['hidden']:>6} {r['weights']:>7} {r['prebuild_s']:>10} {r['entries_after_prebuild']:>13} "
+        print(f"{r['hidden']:>6} {r['weights']:>7} {str(r['serial_build_s'])[:9]:>9} {r['prebuild_s']:>10} "
+              f"{r['entries_after_prebuild']:>13} "
               f"{r.get('entries_after_step', '-'):>10} {str(r.get('no_new_kernels', r.get('error', '')[:40])):>14} "
               f"{r['cold_first_step_s']!s:>17} {r.get('warm_first_step_s', '-')!s:>17}")
-    ok = all(r.get("no_new_kernels") for r in rows)
+    ok = all(r.get("no_new_kernels") and r["entries_after_serial"] == r["entries_after_prebuild"] for r in rows)
     print("prebuild check:", "PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 

@@ -391,9 +391,10 @@ def _as_bf16_weights(variant: tuple) -> tuple:
 
 
 def test_prebuild_calls_every_kernel_variant_a_training_step_calls(tmp_path, monkeypatch):
-    """`kernels.prebuild` builds Triton's kernels ahead of a run: it must call the variants (dtypes, block
-    width) that a packed BERT training step under bf16 autocast calls, or the run builds them again."""
-    from embedtune.kernels import prebuild
+    """`kernels.prebuild` builds Triton's kernels ahead of a run through `variant_calls.build`: it must
+    call the variants (dtypes, block width) that a packed BERT training step under bf16 autocast calls,
+    or the run builds them again."""
+    from embedtune.kernels import prebuild, variant_calls
 
     seen = _record_variants(monkeypatch)
     model, batch = _bert(tmp_path, dropout=0.1)
@@ -406,10 +407,10 @@ def test_prebuild_calls_every_kernel_variant_a_training_step_calls(tmp_path, mon
     seen.clear()
     width = prebuild.fused_width({"model_type": model.config.model_type, "hidden_size": model.config.hidden_size})
     assert width == model.config.hidden_size
-    prebuild.build(width, torch.float32, torch.device("cpu"))
+    variant_calls.build(width, torch.float32, torch.device("cpu"))
     assert trained <= seen, sorted(map(str, trained - seen))
     # LoRA runs keep the base (its LayerNorms) in bf16: the variants differ in the weights' dtype only
     seen.clear()
-    prebuild.build(width, torch.bfloat16, torch.device("cpu"))
+    variant_calls.build(width, torch.bfloat16, torch.device("cpu"))
     as_bf16 = {_as_bf16_weights(v) for v in trained}
     assert as_bf16 <= seen, sorted(map(str, as_bf16 - seen))

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton")  # after TRITON_INTERPRET=1 (the runner's environment)
 
-from embedtune.kernels import join_grads, prebuild  # noqa: E402
+from embedtune.kernels import join_grads, variant_calls  # noqa: E402
 from embedtune.packing import main_grad  # noqa: E402
 from packed_steps import autocast_step, packed_model  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
@@ -98,11 +98,11 @@ def test_a_packed_bert_step_joins_q_k_v_with_the_kernel_as_torch_does(tmp_path, 
 
 
 def test_prebuild_calls_the_variant_a_full_fine_tuning_step_calls(monkeypatch):
-    """The step above calls the kernel on bf16 parts, 3 of the model's width: `prebuild.build` must call
+    """The step above calls the kernel on bf16 parts, 3 of the model's width: `variant_calls.build` must call
     that variant for full fine-tuning (fp32 weights), or the run's first step builds it; LoRA runs, whose
     frozen q, k, v weights take no gradient, need none."""
     calls = _recorded_joins(monkeypatch)
-    prebuild.build(32, torch.float32, torch.device("cpu"))
+    variant_calls.build(32, torch.float32, torch.device("cpu"))
     assert calls == [(torch.bfloat16, 32, 3)]
-    prebuild.build(32, torch.bfloat16, torch.device("cpu"))
+    variant_calls.build(32, torch.bfloat16, torch.device("cpu"))
     assert len(calls) == 1

@@ -392,3 +392,61 @@ def test_the_speed_choice_warms_tritons_key_where_the_fused_kernels_apply(bert_o
     assert calls == [1]
     choose_speed(_config(fast=False, compile=None, cuda_graphs=None), bert_on_a_fake_gpu, 100.0, 10)
     assert calls == [1]  # no packed path: no kernels
+
+
+def test_the_childs_triton_set_up_runs_without_torch_beside_its_import(tmp_path):
+    """The child starts Triton's one-time set-up (its compiler key; the NVIDIA driver utilities, which
+    cannot build on this machine and are left to the first kernel) in a thread before importing torch:
+    the thread must not import torch itself, or it would wait on the import it is meant to overlap."""
+    pytest.importorskip("triton")
+    from fresh_interpreter import fresh
+
+    seen = fresh("""
+        import json, sys
+        from embedtune.kernels.prebuild import warm_triton
+        thread = warm_triton()
+        thread.join()
+        from triton.runtime.cache import triton_key
+        print(json.dumps({"torch": "torch" in sys.modules, "key": triton_key.cache_info().currsize,
+                          "daemon": thread.daemon}))
+    """, env={"TRITON_CACHE_DIR": str(tmp_path / "triton")})
+    assert seen == {"torch": False, "key": 1, "daemon": True}
+
+
+def test_the_variant_calls_run_in_threads_of_their_own_and_fail_as_one(monkeypatch):
+    """On a CUDA device the calls, which share no kernel, build in threads of their own (their builds
+    run mostly outside the GIL); a call that fails fails the build, so the child exits non-zero and the
+    run does not take the cache for warm."""
+    import threading
+
+    import torch
+
+    from embedtune.kernels import variant_calls
+
+    ran, together = [], threading.Barrier(3, timeout=30)  # broken unless all three run at once
+
+    def record(name):
+        def call(width, dtype, device):
+            ran.append((name, width, dtype, threading.current_thread().name))
+            if threading.current_thread().name != "MainThread":
+                together.wait()
+        return call
+
+    for name in ("_attention_norm", "_ffn_norm", "_qkv_join"):
+        monkeypatch.setattr(variant_calls, name, record(name))
+    variant_calls.build(64, torch.float32, torch.device("cpu"), threads=3)
+    assert sorted(r[0] for r in ran) == ["_attention_norm", "_ffn_norm", "_qkv_join"]
+    assert len({r[3] for r in ran}) == 3 and all(r[3].startswith("embedtune-build") for r in ran)  # and at once
+    assert {r[1:3] for r in ran} == {(64, torch.float32)}
+    ran.clear()
+    variant_calls.build(64, torch.bfloat16, torch.device("cpu"))  # LoRA: no join; the CPU's interpreter: in turn
+    assert [(r[0], r[3]) for r in ran] == [("_attention_norm", "MainThread"), ("_ffn_norm", "MainThread")]
+
+    def fail(width, dtype, device):
+        raise RuntimeError("no kernel")
+
+    for name in ("_attention_norm", "_qkv_join"):
+        monkeypatch.setattr(variant_calls, name, lambda width, dtype, device: None)
+    monkeypatch.setattr(variant_calls, "_ffn_norm", fail)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        variant_calls.build(64, torch.float32, torch.device("cpu"), threads=3)

@@ -3,11 +3,14 @@
 Triton compiles a kernel at its first call: about 3 s for the fused norm's forward and backward,
 which a short run does not earn back, so the speed choice used to leave them off on a cold cache.
 `embedtune.kernel_prebuild` starts this module as a child process before the run's own imports; it
-builds the same kernel variants a training step calls (bf16 autocast, fp32 stream, weights in the
-run's dtype) on the run's card, and marks Triton's cache, in parallel with the parent's imports and
-model load. By the time the parent plans its speed mode the cache is warm.
+calls the kernel variants a training step calls (`variant_calls`) on the run's card, and so fills
+Triton's cache, in parallel with the parent's imports and model load. By the time the parent plans
+its speed mode the cache is warm.
 
     python -m embedtune.kernels.prebuild MODEL --weights fp32|bf16
+
+No torch at this module's top: Triton's own one-time set-up, which needs no torch, starts in a thread
+(`warm_triton`) before torch's import, the longest part of this process's start.
 
 Exits 0, quietly, where there is nothing to build: no CUDA device, no Triton, a GPU that one process
 holds alone (exclusive compute mode: this process would lock the run out), a model outside the BERT
@@ -17,23 +20,23 @@ family, a config it cannot read without the network.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import threading
 from pathlib import Path
 
-import torch
-
-from .fused_norm import MAX_COLUMNS, can_build, residual_norm
-from .join_grads import join_and_sum
+from ..kernel_prebuild import _quietly, _triton_key
 
 # the model types whose packed layers call the fused norm (`packing.bert`; a test keeps the two equal).
 # Named here, not read from `packing`: importing that package brings transformers, which this process
 # has no time for.
 FUSED_NORM_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra"})
-_ROWS = 256
 
 
 def fused_width(config: dict) -> int | None:
     """The hidden width whose kernels a model's packed layers call, or None if they call none."""
+    from .fused_norm import MAX_COLUMNS
+
     width = config.get("hidden_size")
     if config.get("model_type") not in FUSED_NORM_TYPES or not isinstance(width, int) or not 0 < width <= MAX_COLUMNS:
         return None
@@ -60,30 +63,6 @@ def read_config(model: str) -> dict | None:
         return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except Exception:  # the run itself reports a bad model; here it only means nothing to build
         return None
-
-
-def build(width: int, weights_dtype: torch.dtype, device: torch.device) -> None:
-    """Call the fused op forward and backward as a packed BERT layer does under bf16 autocast: the
-    attention sub-block's norm (fp32 stream plus its bf16 copy, both read downstream) feeding the
-    feed-forward sub-block's norm (stream only), dropout on, each with its dense layer's bias. Full
-    fine-tuning (fp32 weights) also joins q, k and v's bf16 gradients (`packing.main_grad`)."""
-    torch.manual_seed(0)
-    norms = [torch.nn.LayerNorm(width, eps=1e-12, device=device, dtype=weights_dtype) for _ in range(2)]
-    dropout = torch.nn.Dropout(0.1)
-    stream = torch.randn(_ROWS, width, device=device, requires_grad=True)  # fp32: autocast's LayerNorm output
-    branches = [torch.randn(_ROWS, width, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
-    # the dense layers' biases, left to the fused op: trained with fp32 weights (full), frozen in bf16 (LoRA)
-    biases = [torch.zeros(width, device=device, dtype=weights_dtype, requires_grad=weights_dtype == torch.float32)
-              for _ in range(2)]
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        hidden, product_input = residual_norm(norms[0], dropout, branches[0], stream, fused=True, branch_bias=biases[0])
-        ffn = branches[1] * product_input  # the copy feeds a product; its gradient comes back in bf16
-        out, _ = residual_norm(norms[1], dropout, ffn, hidden, fused=True, product_input=False, branch_bias=biases[1])
-    out.float().square().mean().backward()
-    if weights_dtype == torch.float32:  # LoRA's frozen bf16 q, k, v weights take no gradient to join
-        join_and_sum([torch.randn(_ROWS, width, device=device, dtype=torch.bfloat16) for _ in range(3)])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def gpus_shared(load=None) -> bool:
@@ -113,19 +92,57 @@ def gpus_shared(load=None) -> bool:
         nvml.nvmlShutdown()
 
 
+def warm_triton() -> threading.Thread | None:
+    """Start Triton's one-time set-up of a process's first kernel in a thread: its compiler key (a
+    sha256 of libtriton.so, 0.3-0.9 s) and its CUDA driver utilities (a C module that the system
+    compiler builds on a cold cache). Neither needs torch, so both run beside torch's import; reading,
+    hashing and the compiler's subprocess leave the GIL to it. None where Triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+
+    def work() -> None:
+        importlib.import_module("triton")  # the compiler key's module is found among Triton's, by version
+        key = _triton_key()
+        if key is not None:
+            key()
+        from triton.backends.nvidia.driver import CudaUtils  # Triton 3.x: one instance a process, built once
+
+        CudaUtils()
+
+    thread = threading.Thread(target=_quietly, args=(work,), name="embedtune-triton-setup", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help="the run's LayerNorm weights")
     args = parser.parse_args(argv)
-    if not (can_build() and gpus_shared() and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+    if not gpus_shared():
         return 0
-    config = read_config(args.model)
-    width = fused_width(config) if config is not None else None
-    if width is None:
+    setup = warm_triton()
+    try:
+        import torch
+
+        from .fused_norm import can_build
+        from .variant_calls import build
+
+        if not (can_build() and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            return 0
+        config = read_config(args.model)
+        width = fused_width(config) if config is not None else None
+        if width is None:
+            return 0
+        device = torch.device("cuda")
+        torch.zeros(1, device=device)  # CUDA's context, while the set-up may still run
+        if setup is not None:
+            setup.join()  # before the calls, whose threads would each start the same set-up
+        build(width, torch.float32 if args.weights == "fp32" else torch.bfloat16, device)
         return 0
-    build(width, torch.float32 if args.weights == "fp32" else torch.bfloat16, torch.device("cuda"))
-    return 0
+    finally:
+        if setup is not None:
+            setup.join()  # its compiler's subprocess and temporary folder end with it, not killed
 
 
 if __name__ == "__main__":
