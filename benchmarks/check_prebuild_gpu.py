@@ -71,6 +71,9 @@ def check(hidden: int, weights: str, root: Path) -> dict:
                           capture_output=True, text=True)
     row["cold_step_process_s"] = round(time.perf_counter() - t, 2)
     row["cold_first_step_s"] = round(json.loads(cold.stdout.strip().splitlines()[-1])["first_step_s"], 3) if cold.returncode == 0 else cold.stderr[-500:]
+    t = time.perf_counter()  # the floor of any child: torch's import and a CUDA context
+    floor = subprocess.run([sys.executable, "-c", "import torch; torch.zeros(1, device='cuda')"], env=env)
+    row["torch_and_cuda_s"] = round(time.perf_counter() - t, 2) if floor.returncode == 0 else None
     t = time.perf_counter()
     serial = subprocess.run([sys.executable, "-c", SERIAL, str(hidden), weights],
                             env=dict(env, TRITON_CACHE_DIR=str(cache) + "_serial"), capture_output=True, text=True)
@@ -106,10 +109,10 @@ def main() -> None:
                 rows.append(row)
     if args.out:
         Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    print(f"\n{'hidden':>6} {'weights':>7} {'in turn s':>9} {'prebuild s':>10} {'cache entries':>13} {'after step':>10} "
+    print(f"\n{'hidden':>6} {'weights':>7} {'torch+CUDA s':>12} {'in turn s':>9} {'prebuild s':>10} {'cache entries':>13} {'after step':>10} "
           f"{'no new kernels':>14} {'first step cold s':>17} {'first step warm s':>17}")
     for r in rows:
-        print(f"{r['hidden']:>6} {r['weights']:>7} {str(r['serial_build_s'])[:9]:>9} {r['prebuild_s']:>10} "
+        print(f"{r['hidden']:>6} {r['weights']:>7} {r['torch_and_cuda_s']!s:>12} {str(r['serial_build_s'])[:9]:>9} {r['prebuild_s']:>10} "
               f"{r['entries_after_prebuild']:>13} "
               f"{r.get('entries_after_step', '-'):>10} {str(r.get('no_new_kernels', r.get('error', '')[:40])):>14} "
               f"{r['cold_first_step_s']!s:>17} {r.get('warm_first_step_s', '-')!s:>17}")
