@@ -54,10 +54,11 @@ def build(width: int, weights_dtype: torch.dtype, device: torch.device, threads:
     on: each sub-block's norm, and for full fine-tuning (fp32 weights; LoRA's frozen q, k, v weights take
     no gradient to join) the q, k, v gradients' join.
 
-    Each kernel's first call builds it: Triton's compiler and a C launcher built by the system compiler,
-    both mostly outside the GIL (MLIR passes, ptxas and cc). The three calls share no kernel, so on a CUDA
-    device they run in threads of their own (`threads`: how many; 1 calls them in turn, as under
-    Triton's interpreter)."""
+    Each variant's first call builds it: Triton's compiler, ptxas and a C launcher that the system
+    compiler builds, the last two in subprocesses, outside the GIL. The calls share no variant, so on a
+    CUDA device they run in threads of their own (`threads`: how many; 1 calls them in turn, as under
+    Triton's interpreter): full fine-tuning's three took 5.4 s in the child against 6.6-7.4 s in turn
+    on an H200 (benchmarks/check_prebuild_gpu.py)."""
     torch.manual_seed(0)
     calls = [_attention_norm, _ffn_norm] + ([_qkv_join] if weights_dtype == torch.float32 else [])
     threads = threads if threads is not None else (len(calls) if device.type == "cuda" else 1)
