@@ -2,7 +2,7 @@
 
 - the distributions map is served from the memo while the distributions on `sys.path` are unchanged,
   and computed again when one is added, or when the memo file is corrupt; each environment (`sys.path`)
-  keeps its own; a memo folder that cannot be written or read is no error;
+  keeps its own, whatever the working folder; a memo folder that cannot be written or read is no error;
 - an import structure is served while the scanned folder's files are unchanged, computed again when
   one changes; a structure of another shape is not kept;
 - on the installed transformers, a process whose scans come from the memo builds the same lazy tables
@@ -57,6 +57,29 @@ def test_distributions_map_is_served_until_a_distribution_is_added(tmp_path, mon
     monkeypatch.setattr(sys, "path", [str(site), *sys.path[1:]])
     assert import_memo.remembered_packages_distributions(memo, compute2)["beta"] == ["beta"]
     assert len(calls2) == 2 and len(calls3) == 1 and len(list(memo.iterdir())) == 2
+
+
+def test_runs_from_other_folders_share_the_distributions_map(tmp_path, monkeypatch):
+    """`sys.path[0]` is the working folder (`python -m`, `python -c`: "") or the script's: runs of one
+    environment from other folders find the map one of them wrote, unless that folder holds
+    distributions of its own (a source checkout's egg-info), which then count."""
+    site = tmp_path / "site"
+    (site / "alpha-1.0.dist-info").mkdir(parents=True)
+    here, there = tmp_path / "project-a", tmp_path / "project-b"
+    here.mkdir(), there.mkdir()
+    memo = tmp_path / "memo"
+    compute, calls = _counting({"alpha": ["alpha"]})
+    rest = sys.path[1:]
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(sys, "path", ["", str(site), *rest])  # python -c in project-a
+    assert import_memo.remembered_packages_distributions(memo, compute) == {"alpha": ["alpha"]}
+    monkeypatch.setattr(sys, "path", [str(there), str(site), *rest])  # python -m from project-b
+    assert import_memo.remembered_packages_distributions(memo, compute) == {"alpha": ["alpha"]}
+    assert len(calls) == 1 and len(list(memo.iterdir())) == 1
+    (there / "project_b.egg-info").mkdir()  # a distribution in the working folder: part of the key
+    compute2, calls2 = _counting({"alpha": ["alpha"], "project_b": ["project_b"]})
+    assert import_memo.remembered_packages_distributions(memo, compute2)["project_b"] == ["project_b"]
+    assert len(calls2) == 1
 
 
 def test_a_memo_folder_that_cannot_be_written_or_read_is_no_error(tmp_path):

@@ -9,8 +9,8 @@ files on disk, so `remember_import_scans` installs an import hook, in the CLI's 
 serves them from JSON files in the user's cache when what they read has not changed since:
 
 - the distributions map, keyed by the name and modification time of every distribution's metadata
-  folder (`*.dist-info`, `*.egg-info`) in each `sys.path` folder (what that function reads), and the
-  Python version;
+  folder (`*.dist-info`, `*.egg-info`) in each `sys.path` folder that has any (what that function
+  reads; so runs from any working folder share it), and the Python version;
 - each import structure, keyed by the size and modification time of every file under the scanned folder.
 
 A memo that is missing, stale or unreadable is computed as transformers computes it and written
@@ -110,8 +110,11 @@ def remembered_packages_distributions(folder: Path, compute=None) -> dict[str, l
     """`importlib.metadata.packages_distributions()`, from the memo when the distributions on
     `sys.path` are unchanged."""
     compute = compute or importlib.metadata.packages_distributions
-    name = f"packages_distributions-{_digest([sys.version, sys.path])[:16]}.json"  # one per environment
-    key = _digest([sys.version, [(entry, _metadata_stats(entry)) for entry in sys.path]])
+    # Only the entries that hold distributions: the first entry is the working folder or the script's,
+    # which a run from another folder changes and which holds none as a rule.
+    found = [(os.path.abspath(entry or "."), stats) for entry in sys.path if (stats := _metadata_stats(entry))]
+    name = f"packages_distributions-{_digest([sys.version, [entry for entry, _ in found]])[:16]}.json"  # one per environment
+    key = _digest([sys.version, found])
     value = _read(folder, name, key)
     if isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
         return value
