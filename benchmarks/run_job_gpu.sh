@@ -22,9 +22,11 @@ env | grep -E '^PYTHON(DONTWRITEBYTECODE|PYCACHEPREFIX)=' || true
 unset PYTHONDONTWRITEBYTECODE
 # Bytecode for everything a job may import, as pip writes it at install (a few seconds on 16 cores): no
 # job then compiles what the import below does not load (the trainer's, matplotlib's, triton's modules).
+# Every folder on sys.path, the standard library's too: under the prefix its own __pycache__ is not read,
+# so without this a call's first job would compile the standard library modules the warm-up did not load.
 START=$SECONDS
-python3 -m compileall -q -j 0 "$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')" \
-  /tmp/site src > /dev/null 2>&1 || true
+python3 -c 'import os, sys; print("\n".join(p for p in sys.path if p and os.path.isdir(p)))' | grep -v "^$PWD$" \
+  | xargs python3 -m compileall -q -j 0 > /dev/null 2>&1 || true
 echo "bytecode compiled in $((SECONDS - START)) s"
 # what the CLI imports: the console script defers scikit-learn first (embedtune.deferred_imports) and
 # serves transformers' scans from the memo an earlier run wrote (embedtune.import_memo; one run writes it)

@@ -95,7 +95,7 @@ def start(model: str, weights: str | None, fast: bool = True, compile: bool | No
     return _started[key]
 
 
-def _triton_key():
+def triton_key_function():
     """Triton's compiler key function where Triton is imported already and keeps the key it computes
     (an lru_cache: `triton.runtime.cache` from Triton 3.3 on, `triton.compiler.compiler` before), else
     None."""
@@ -106,7 +106,8 @@ def _triton_key():
     return None
 
 
-def _quietly(function) -> None:
+def quietly(function) -> None:
+    """Call `function` for its side effects; a warm-up that fails is no error."""
     try:
         function()
     except Exception:  # noqa: BLE001 - a warm-up that fails leaves the work to Triton, as before
@@ -122,9 +123,9 @@ def warm_compiler_key() -> threading.Thread | None:
     step's time. Triton keeps the key it computed, whoever called it, so a thread started while the run
     sets up leaves the step the lookup only (file reads and hashing release the GIL). Only where Triton is
     imported already (the thread imports nothing) and a second CPU is there; None otherwise."""
-    key = _triton_key()
+    key = triton_key_function()
     if key is None or not _spare_cpu():
         return None
-    thread = threading.Thread(target=_quietly, args=(key,), name="embedtune-triton-key", daemon=True)
+    thread = threading.Thread(target=quietly, args=(key,), name="embedtune-triton-key", daemon=True)
     thread.start()
     return thread

@@ -25,7 +25,7 @@ import json
 import threading
 from pathlib import Path
 
-from ..kernel_prebuild import _quietly, _triton_key
+from ..kernel_prebuild import quietly, triton_key_function
 
 # the model types whose packed layers call the fused norm (`packing.bert`; a test keeps the two equal).
 # Named here, not read from `packing`: importing that package brings transformers, which this process
@@ -102,14 +102,14 @@ def warm_triton() -> threading.Thread | None:
 
     def work() -> None:
         importlib.import_module("triton")  # the compiler key's module is found among Triton's, by version
-        key = _triton_key()
+        key = triton_key_function()
         if key is not None:
             key()
         from triton.backends.nvidia.driver import CudaUtils  # Triton 3.x: one instance a process, built once
 
         CudaUtils()
 
-    thread = threading.Thread(target=_quietly, args=(work,), name="embedtune-triton-setup", daemon=True)
+    thread = threading.Thread(target=quietly, args=(work,), name="embedtune-triton-setup", daemon=True)
     thread.start()
     return thread
 
