@@ -51,8 +51,9 @@ COMPILE_GAIN = 0.12
 # cold against 5.6 and 6.2 s warm, imports included; docs/BENCHMARKS.md).
 FUSED_NORM_GAIN = 0.12
 FUSED_NORM_COLD_S, FUSED_NORM_WARM_S = 3.0, 0.3
-# the build ahead's whole child process on an H200: 8.1-9.3 s alone (check_prebuild_gpu.py); in jobs,
-# beside the run's own start, it had ended 6.2-6.5 s after the start and was running at 4.6 s
+# the build ahead's whole child process on an H200: 5.4-6.0 s alone, its calls in threads (check_prebuild_gpu.py;
+# 6.0-7.4 s with the calls in turn); in jobs, beside the run's own start, it had ended 6.2-6.5 s after the
+# start and was running at 4.6 s
 FUSED_PREBUILD_S = 6.0
 # Eager packed step's model FLOPs utilisation (BERT-base full on an H200: ~20%).
 EAGER_MFU = 0.20
