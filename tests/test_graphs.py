@@ -435,3 +435,34 @@ def test_new_shapes_are_captured_at_first_sight_once_a_capture_worked(root):
     assert run(falls_back, [features, features, short, short, longer, longer]) == [
         "eager", "capture", "capture", "eager", "capture", "eager", "capture"]
     assert falls_back.off_reason is None and not falls_back.first_sight_captures and falls_back.shapes == 3
+
+
+def test_graphs_follow_a_switch_of_the_layers_kernels(root):
+    """The recipe switches the fused norm on mid-run (`speed_choice.FusedSwitch`): the graphs captured
+    with the plain kernels would replay them, so they are dropped, each shape runs eagerly once with the
+    new kernels (their first use in the process) and is captured again; a switch back does the same
+    (CPU: capture and the eager step stubbed)."""
+    from embedtune.packing import set_fused_kernels
+
+    st = _st("bert", root, lora=False)
+    features = [st.tokenize(ANCHORS), st.tokenize(POSITIVES)]
+    short = [st.tokenize(ANCHORS[:2]), st.tokenize(POSITIVES[:2])]
+    step = GraphedStep(ContrastiveLoss(st), max_seq_length=48, dtype=None, token_multiple=16)
+    for forward in step._packed:
+        forward.compile = False  # as the recipe sets it where it chose graphs without compiled layers
+    log = []
+    _stub_capture(step, log)
+    for batch in (features, features, short, features):
+        step(batch)
+    assert [kind for kind, _ in log] == ["eager", "capture", "capture"] and step.shapes == 2
+    set_fused_kernels(st[0].auto_model, True)
+    log.clear()
+    for batch in (features, features, short, features, short):
+        step(batch)
+    assert [kind for kind, _ in log] == ["eager", "capture", "capture"], "the new kernels' first use runs eagerly"
+    assert step.shapes == 2 and all(key[-1] == (True,) * len(step._packed) for key in step._graphs)
+    set_fused_kernels(st[0].auto_model, False)
+    log.clear()
+    step(short)
+    step(short)
+    assert [kind for kind, _ in log] == ["eager", "capture"] and step.shapes == 1

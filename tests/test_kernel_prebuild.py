@@ -296,37 +296,78 @@ def test_the_child_builds_only_on_gpus_every_process_may_share():
     assert not gpus_shared(missing)
 
 
-def test_the_wait_can_be_left_to_the_first_step(bert_on_a_fake_gpu):
-    """The recipe leaves the wait for the build ahead to the first step (`defer_wait`): the plan runs
-    without the fused norm and waits for nothing; the first step's callback waits once, switches the
-    kernels on where the child left them, and hands the mode on; a run that needs no wait gets none."""
-    from embedtune.speed_choice import settle_before_first_step
+class LateBuild(FakeBuild):
+    """A child that runs until `finish()`; nothing waits for it."""
+
+    def __init__(self, succeeds: bool):
+        super().__init__(succeeds)
+        self.done = False
+        self.process = SimpleNamespace(poll=lambda: None if not self.done else 0 if succeeds else 1)
+
+    def finish(self):
+        from embedtune.kernels.fused_norm import kernels_fingerprint
+
+        self.done = True
+        if self.succeeds:
+            speed.mark_fused_kernels_built(kernels_fingerprint())
+
+
+def test_the_recipe_switches_the_kernels_on_once_the_build_ahead_ends(bert_on_a_fake_gpu):
+    """The recipe leaves the choice open (`defer_wait`): the run starts without the fused norm and
+    waits for nothing; the steps' callback polls the child at each step's start and switches the
+    kernels on, with the mode handed on, once it ended and left them; a child that fails, or ends
+    when the steps left no longer pay for the kernels' load, leaves them off; with --fused-kernels the
+    first step waits instead; a run whose child ended before the plan needs nothing later."""
+    from embedtune.speed_choice import settle_during_steps
 
     model = bert_on_a_fake_gpu
     forward = model.__dict__["forward"]
     steps = int((speed.FUSED_NORM_WARM_S + speed.FUSED_NORM_COLD_S) / 2 / (speed.FUSED_NORM_GAIN * 0.05))
-    build = FakeBuild(succeeds=True)
+    build = LateBuild(succeeds=True)
     mode, _, _, settle = choose_speed(_config(), model, 100.0, steps, prebuild=build, defer_wait=True)
-    assert settle is not None and not mode.fused_kernels and not forward.fused_kernels and build.waits == []
+    assert settle is not None and not mode.fused_kernels and not forward.fused_kernels
     assert mode.cuda_graphs  # the rest of the mode is decided already
     applied = []
-    callback = settle_before_first_step(settle, applied.append)
-    for _ in range(3):
-        callback.on_step_begin(None, None, None)
-    assert len(applied) == 1 and len(build.waits) == 1
-    assert applied[0].fused_kernels and forward.fused_kernels and "built ahead" in applied[0].why
-    failed = FakeBuild(succeeds=False)
+    callback = settle_during_steps(settle, applied.append)
+    args = SimpleNamespace(gradient_accumulation_steps=2)
+    for step in range(3):
+        callback.on_step_begin(args, SimpleNamespace(global_step=step), None)
+    assert applied == [] and not forward.fused_kernels and build.waits == []  # running: no wait, no switch
+    build.finish()
+    for step in range(3, 6):
+        callback.on_step_begin(args, SimpleNamespace(global_step=step), None)
+    assert len(applied) == 1 and build.waits == []
+    assert applied[0].fused_kernels and forward.fused_kernels and "in use from micro-step 7" in applied[0].why
+
+    failed = LateBuild(succeeds=False)
     mode, _, _, settle = choose_speed(_config(), model, 100.0, steps, prebuild=failed, defer_wait=True)
-    assert not settle().fused_kernels and not forward.fused_kernels and len(failed.waits) == 1
+    assert settle(0) is None
+    failed.finish()
+    assert not settle(1).fused_kernels and not forward.fused_kernels and "failed" in mode.why + settle(1).why
+
+    late = LateBuild(succeeds=True)
+    mode, _, _, settle = choose_speed(_config(), model, 100.0, steps, prebuild=late, defer_wait=True)
+    late.finish()
+    last = settle(steps - 1)  # one step left saves less than the kernels' load
+    assert not last.fused_kernels and not forward.fused_kernels and f"ended with 1 of {steps} micro-steps left" in last.why
+    stuck = LateBuild(succeeds=True)
+    mode, _, _, settle = choose_speed(_config(), model, 100.0, steps, prebuild=stuck, defer_wait=True)
+    assert settle(steps - 1) is not None and not forward.fused_kernels  # still running: given up, not polled on
+
+    forced = FakeBuild(succeeds=True, age_s=60.0)
+    mode, _, _, settle = choose_speed(_config(fused_kernels=True), model, 100.0, steps, prebuild=forced, defer_wait=True)
+    assert not forward.fused_kernels and forced.waits == []
+    assert settle(0).fused_kernels and forward.fused_kernels and len(forced.waits) == 1
+
     done = FakeBuild(succeeds=True)
-    done.waits.append(0.0)  # ended before the plan: decided there, nothing left for the first step
+    done.waits.append(0.0)  # ended before the plan: decided there, nothing left for the steps
     mode, _, _, settle = choose_speed(_config(), model, 100.0, steps, prebuild=done, defer_wait=True)
     assert settle is None and mode.fused_kernels and forward.fused_kernels
 
 
-def test_the_recipe_settles_a_left_open_choice_before_its_first_step(tmp_path, monkeypatch):
-    """`train.run` asks for the wait to be left open, calls what `choose_speed` left once, before the
-    first training step, and reports the mode it returned."""
+def test_the_recipe_settles_a_left_open_choice_during_its_steps(tmp_path, monkeypatch):
+    """`train.run` asks for the choice to be left open, calls what `choose_speed` left at each step's
+    start until it gives a mode, and reports the mode it returned."""
     import dataclasses
     import importlib
     import json
@@ -343,8 +384,8 @@ def test_the_recipe_settles_a_left_open_choice_before_its_first_step(tmp_path, m
     def choose(*args, **kwargs):
         mode, cache, fingerprint, settle = real(*args, **kwargs)
         assert kwargs.get("defer_wait") is True and settle is None  # on a CPU: nothing to wait for
-        settled = dataclasses.replace(mode, why=mode.why + "; settled at the first step")
-        return mode, cache, fingerprint, lambda: events.append("settle") or settled
+        settled = dataclasses.replace(mode, why=mode.why + "; settled at the second step")
+        return mode, cache, fingerprint, lambda done: events.append(("settle", done)) or (settled if done else None)
 
     step = ResumableTrainer.training_step
     monkeypatch.setattr(recipe, "choose_speed", choose)
@@ -354,8 +395,8 @@ def test_the_recipe_settles_a_left_open_choice_before_its_first_step(tmp_path, m
                                     str(make_tiny_model("bert", tmp_path)), "--max-steps", "3", "--batch-size", "4",
                                     "--max-seq-length", "16", "--no-eval", "--full"])
     assert done.exit_code == 0, done.output
-    assert events == ["settle", "step", "step", "step"]
-    assert json.loads((out / "metrics.json").read_text())["speed"]["why"].endswith("; settled at the first step")
+    assert events == [("settle", 0), "step", ("settle", 1), "step", "step"]
+    assert json.loads((out / "metrics.json").read_text())["speed"]["why"].endswith("; settled at the second step")
 
 
 def test_tritons_compiler_key_is_computed_in_a_thread_and_kept_for_the_first_kernel():

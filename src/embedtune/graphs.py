@@ -173,6 +173,7 @@ class GraphedStep:
         self._shadows = main_grad.Shadows(dtype) if main_grads and dtype in (torch.bfloat16, torch.float16) else None
         self._grads: list[Tensor] | None = None
         self._graphs: dict[tuple, _Graph | None] = {}  # None: seen once, ran eagerly
+        self._kernels = tuple(bool(f.fused_kernels) for f in self._packed)  # which the graphs were captured with
         self._pool = None
         self._stream: torch.cuda.Stream | None = None
         self._scale: Tensor | None = None
@@ -203,10 +204,12 @@ class GraphedStep:
         inputs, rows, stream = batch.inputs, batch.rows, batch.stream
         if self.off_reason:  # a batch prepared before graphs went off runs eagerly as it is
             return self._eager(inputs, (rows, stream), scale)
-        # A graph replays the modes it was captured in (dropout on or off in every module), so the modes
-        # belong in its key like the shapes do.
+        # A graph replays the modes it was captured in (dropout on or off in every module) and the kernels
+        # it was captured with, so both belong in its key like the shapes do.
+        self._drop_other_kernels()
         key = (tuple((k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, repr(v))
-                     for k, v in inputs.items()), rows, stream, tuple(m.training for m in self._modules))
+                     for k, v in inputs.items()), rows, stream, tuple(m.training for m in self._modules),
+               self._kernels)
         entry = self._graphs.get(key, _UNSEEN)
         if entry is _UNSEEN and not self._captures_at_first_sight():
             # First sight of a shape: run it eagerly, so that whatever it sets up the first time
@@ -238,10 +241,20 @@ class GraphedStep:
         return entry.loss.clone()
 
     def _captures_at_first_sight(self) -> bool:
-        """Whether a new shape may be captured without an eager run first: once a capture has worked
-        (everything a step loads on first use is loaded), unless a layer compiles (a new size would
-        compile inside the capture) or such a capture failed before."""
+        """Whether a new shape may be captured without an eager run first: once a capture with the
+        layers' current kernels has worked (everything a step loads on first use is loaded), unless a
+        layer compiles (a new size would compile inside the capture) or such a capture failed before."""
         return self.first_sight_captures and self.shapes > 0 and not any(f.compile for f in self._packed)
+
+    def _drop_other_kernels(self) -> None:
+        """Forget the graphs captured with other kernels than the layers use now (the recipe switches
+        the fused norm on once its build ahead is done, `speed_choice.FusedSwitch`): they would replay
+        the old ones, and they hold their buffers. The shapes then run eagerly once with the new kernels
+        (their first use in this process loads them) and are captured again."""
+        kernels = tuple(bool(f.fused_kernels) for f in self._packed)
+        if kernels != self._kernels:
+            self._graphs = {key: graph for key, graph in self._graphs.items() if key[-1] == kernels}
+            self._kernels = kernels
 
     def _after_failed_capture(self, key, inputs, static, scale, error, first_sight, started) -> Tensor:
         """A shape's capture failed. At its first sight: run it eagerly, as a warm-up, and let every new

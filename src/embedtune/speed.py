@@ -14,7 +14,8 @@ tests/test_compile.py, benchmarks/check_graphs_gpu.py); they differ in what they
   compiled C), a cached one almost nothing. They save a small share of a replayed step, so with CUDA
   graphs they are on where that pays, or where the cache holds them (a marker written after a build,
   as for compiling). A run builds them ahead in a child process (`kernel_prebuild`), alongside its
-  own imports and model load, and waits for it where they would pay on a warm cache. Without graphs
+  own imports and model load, and switches them on once it has ended, where they pay on a warm cache
+  over the steps left (`speed_choice.choose_speed`). Without graphs
   the step is bound by host launches, to which the fused op's Python adds, so they stay off.
 - Compiling the packed layers: one compile per run, 12-15 s cold on an H200 and about 3 s when torch's
   on-disk cache already holds this model's code (docs/BENCHMARKS.md). It saves a share of each step,

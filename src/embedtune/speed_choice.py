@@ -33,13 +33,15 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
     None or a function that settles the fused norm later).
 
     `prebuild` (`kernel_prebuild.Prebuild`): the fused norm kernels building in a child process. Where
-    they would be chosen on a warm cache but the child has not ended, wait for it, at most as long as
-    the wait can pay (`speed.prebuild_wait_s`: what a cold build here would cost, or what the kernels
-    save over the run), and only where it is expected to end by then (a child started at the CLI's
-    start usually has; one the run started itself a moment ago has not); then the choice sees the cache
-    it left. With `defer_wait`, that wait is left to the returned function, for the recipe to call just
-    before the first step (the set-up in between gives the child more time): until then the mode runs
-    without the fused norm, and the function returns the mode that holds from there on."""
+    they would be chosen on a warm cache but the child has not ended, the choice waits for it, at most
+    as long as the wait can pay (`speed.prebuild_wait_s`: what a cold build here would cost, or what the
+    kernels save over the run), and only where it is expected to end by then; then the choice sees the
+    cache it left. With `defer_wait` (the recipe), nothing waits where the choice is automatic: the run
+    starts without the fused norm and the returned function, called at each step's start with the
+    micro-steps done, switches it on once the child has ended, while the steps left still pay for the
+    kernels' load (it returns the mode from then on, None while the child runs). The graph step keeps
+    its graphs apart by kernels (`graphs.GraphedStep`). Asked for with --fused-kernels, the function
+    waits at the first step instead, so that every step has them."""
     from . import speed as speed_mode
     from .lora import unwrap_peft
 
@@ -78,30 +80,47 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
     building = prebuild is not None and (not fused_warm or prebuild.running())
     waits = fused_applies and building and choose(True).fused_kernels
 
+    def ended(waited: float | None = None) -> tuple[bool, str]:
+        """Whether the ended (or waited for) child left the kernels in the cache, and how it went."""
+        from .kernels.fused_norm import kernels_fingerprint
+
+        code = prebuild.process.poll()
+        warm = code == 0 and speed_mode.fused_kernels_cached(kernels_fingerprint())
+        return warm, (("built ahead in a child process" + (f" (waited {waited:.1f} s)" if waited is not None else ""))
+                      if warm else "the build ahead is still running" if code is None
+                      else "the build ahead built nothing (no GPU it may share, or another model family)" if code == 0
+                      else f"the build ahead failed (exit code {code})")
+
     def settle():
         """The mode once the build ahead has been waited for where it is due."""
-        warm, prebuilt = fused_warm, None  # how the build ahead went, for the reason
-        if waits:
-            from .kernels.fused_norm import kernels_fingerprint
+        if not waits:
+            done = fused_applies and prebuild is not None and fused_warm and prebuild.process.poll() == 0
+            return choose(fused_warm, prebuilt="built ahead in a child process, no wait" if done else None)
+        bound = speed_mode.prebuild_wait_s(fused_kernels=facts["fused_kernels"], steps=facts["steps"],
+                                           step_s=facts["step_s"])
+        expected_left = speed_mode.FUSED_PREBUILD_S - (time.monotonic() - prebuild.started)
+        waited = time.monotonic()
+        if expected_left <= bound:  # a child just started: no use waiting
+            prebuild.wait(bound)
+        return choose(*ended(time.monotonic() - waited))
 
-            bound = speed_mode.prebuild_wait_s(fused_kernels=facts["fused_kernels"], steps=facts["steps"],
-                                               step_s=facts["step_s"])
-            expected_left = speed_mode.FUSED_PREBUILD_S - (time.monotonic() - prebuild.started)
-            waited = time.monotonic()
-            ok = prebuild.wait(bound) if expected_left <= bound else False  # a child just started: no use waiting
-            waited = time.monotonic() - waited
-            code = prebuild.process.poll()  # a child not waited for may have ended meanwhile all the same
-            warm = (ok or code == 0) and speed_mode.fused_kernels_cached(kernels_fingerprint())
-            prebuilt = (f"built ahead in a child process (waited {waited:.1f} s)" if warm
-                        else "the build ahead is still running" if code is None
-                        else "the build ahead built nothing (no GPU it may share, or another model family)" if code == 0
-                        else f"the build ahead failed (exit code {code})")
-        elif fused_applies and prebuild is not None and fused_warm and prebuild.process.poll() == 0:
-            prebuilt = "built ahead in a child process, no wait"  # it ended before the choice
-        return choose(warm, prebuilt=prebuilt)
+    def switch(steps_done: int):
+        """At a step's start: the mode from now on once the child has ended (or the steps left no longer
+        pay for the kernels), None while it runs."""
+        left = max(0, facts["steps"] - steps_done)
+        pays = speed_mode.fused_norm_saving_s(facts["step_s"], left) > speed_mode.FUSED_NORM_WARM_S
+        if prebuild.running() and pays:
+            return None
+        warm, prebuilt = ended()
+        mode = choose(warm, prebuilt=f"{prebuilt}, in use from micro-step {steps_done + 1}" if warm and pays else prebuilt)
+        if mode.fused_kernels and not pays:
+            when = "ended" if not prebuild.running() else "still ran"
+            mode = dataclasses.replace(mode, fused_kernels=False, why=mode.why + (
+                f"; not used: the build ahead {when} with {left} of {facts['steps']} micro-steps left"))
+        return mode
 
     def apply_fused(mode):
-        if config.fast:
+        if mode is not None and config.fast:
             from .packing import set_fused_kernels
 
             set_fused_kernels(model, mode.fused_kernels)
@@ -114,12 +133,17 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
         from .packing import set_compile
 
         set_compile(model, mode.compile)  # decided here, for the whole run (not "auto", as loaded)
-    return mode, compile_cache, fingerprint, (lambda: apply_fused(settle())) if later else None
+    if not later:
+        return mode, compile_cache, fingerprint, None
+    if facts["fused_kernels"]:  # asked for: waited for at the first step, so that every step has them
+        return mode, compile_cache, fingerprint, lambda steps_done: apply_fused(settle())
+    return mode, compile_cache, fingerprint, lambda steps_done: apply_fused(switch(steps_done))
 
 
-def settle_before_first_step(settle, apply):
-    """A trainer callback that settles a choice `choose_speed` left open (`settle()`, the mode from
-    then on, handed to `apply`) at the start of the first step, once."""
+def settle_during_steps(settle, apply):
+    """A trainer callback that settles a choice `choose_speed` left open: at each step's start until it
+    is settled, `settle(micro-steps done)` gives the mode from then on (None: not yet), handed to
+    `apply`."""
     from transformers import TrainerCallback
 
     class SettleSpeed(TrainerCallback):
@@ -127,8 +151,11 @@ def settle_before_first_step(settle, apply):
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.pending:
-                self.pending = False
-                apply(settle())
+                done = state.global_step * max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
+                mode = settle(done)
+                if mode is not None:
+                    self.pending = False
+                    apply(mode)
 
     return SettleSpeed()
 

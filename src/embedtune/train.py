@@ -59,7 +59,7 @@ from .st import to_sentence_transformer
 from .best_weights import BestWeights
 from .run_checks import RunChecks, check_batches, check_settings, check_speed_options
 from .speed_choice import (
-    choose_speed, graph_step_for, graph_summary, settle_before_first_step, start_kernel_prebuild,
+    choose_speed, graph_step_for, graph_summary, settle_during_steps, start_kernel_prebuild,
 )
 from .unshard import unsharded_copy
 
@@ -325,7 +325,7 @@ class Plan:
     speed: Any
     compile_cache: Any
     fingerprint: Any
-    settle_speed: Any = None  # the fused norm's choice left to the first step (`speed_choice.choose_speed`)
+    settle_speed: Any = None  # the fused norm's choice left to the steps (`speed_choice.choose_speed`)
 
 
 def plan_run(config: TrainConfig, data: RunData, model: Model, phases: Phases, prebuild=None) -> Plan:
@@ -341,7 +341,7 @@ def plan_run(config: TrainConfig, data: RunData, model: Model, phases: Phases, p
     rows = sum(len(p.train_ds) for p in data.parts)
     tokens_per_row = sum(len(p.train_ds) * _tokens_per_row(model.tokenizer, p.train_ds, list(p.choice.text_columns),
                                                             max_seq_length) for p in data.parts) / max(1, rows)
-    speed, compile_cache, fingerprint, settle = choose_speed(  # a wait for the kernels' build: at the first step
+    speed, compile_cache, fingerprint, settle = choose_speed(  # the kernels' build ahead: settled during the steps
         config, model.encoder, tokens_per_row, micro_steps=total_steps * accumulation, prebuild=prebuild, defer_wait=True)
     phases.mark("plan")
     return Plan(rows_per_step, total_steps, eval_steps, columns, max_seq_length, tokens_per_row, speed,
@@ -416,11 +416,11 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
     attach_tokens_per_second(trainer, plan.tokens_per_row * plan.rows_per_step)
     readable_logs(trainer)
     checks = RunChecks(st_model)  # no-silent-success: fingerprints the weights training starts from
-    if plan.settle_speed is not None:  # before the phases' marks: its wait counts as the trainer's set-up
+    if plan.settle_speed is not None:  # before the phases' marks: a wait (--fused-kernels) counts as the set-up
         def adopt(mode):
             plan.speed = mode
 
-        trainer.add_callback(settle_before_first_step(plan.settle_speed, adopt))
+        trainer.add_callback(settle_during_steps(plan.settle_speed, adopt))
     trainer.add_callback(phases.step_callback())
     trainer.add_callback(warm_up_callback())  # matplotlib loaded for the finish's plot during the last checkpoint
     phases.mark("checks")
