@@ -19,6 +19,10 @@ Per model, mode (full, LoRA r8) and layers (eager, compiled), dropout off, weigh
 With dropout on (0.1), three replays of one batch must give gradients at least 1% apart (new masks; two
 runs with the same masks differ by ~1e-3, and bf16-rounded losses may repeat by chance); a model without dropout (Qwen3's config has none) must give
 the same loss three times (its gradients may differ: flash attention's backward sums with atomics).
+With --switch (dropout off), the batches run first without the fused norm, then again with it switched
+on, as the recipe does once the kernels' build ahead has ended: the graphs of the old kernels must go,
+the first batch must run eagerly once (the new kernels' first use), and every later call must match
+its eager reference with the new kernels.
 Prints a table; exits non-zero if a check fails.
 """
 
@@ -41,11 +45,48 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def check(path: str, lora: bool, compile_model: bool, batches, dropout: bool, fused_kernels: bool) -> dict:
+def _replay_vs_eager(step, st, loss_fn, batches, row: dict) -> str:
+    """Each batch: its eager run in static form (the reference), then three calls through the step;
+    the worst relative errors (and against the plain loss) go into `row`. Returns how the first call ran."""
+    params = step.params
+    row.setdefault("first_sight_captures", 0)
+    first = None
+    for feats in batches:
+        prepared = step.prepare(feats)
+        st.zero_grad(set_to_none=True)
+        reference = step._eager(prepared.inputs, (prepared.rows, prepared.stream), 1.0).float()
+        reference = (reference, _grads(params).clone())
+        seen = []
+        for call in range(3):  # first sight (eager, or a capture once one worked), capture or replay, replay
+            st.zero_grad(set_to_none=True)
+            loss = step(prepared)
+            first = first or step.last
+            row["first_sight_captures"] += call == 0 and step.last == "captured"
+            seen.append((loss.float(), _grads(params).clone()))
+        for loss, grads in seen:
+            row["replay_loss_rel"] = max(row["replay_loss_rel"], _rel(loss, reference[0]))
+            row["replay_grad_rel"] = max(row["replay_grad_rel"], _rel(grads, reference[1]))
+        st.zero_grad(set_to_none=True)
+        moved = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in f.items()} for f in feats]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            plain = loss_fn(moved)
+        plain.backward()
+        row["plain_loss_rel"] = max(row["plain_loss_rel"], _rel(seen[-1][0], plain.detach()))
+        row["plain_grad_rel"] = max(row["plain_grad_rel"], _rel(seen[-1][1], _grads(params)))
+        # Its autograd graph (made on the default stream) must not outlive it: a graph kept alive
+        # keeps the parameters' accumulation nodes on that stream, and the next capture would
+        # then pull the default stream in (torch 2.11 has no override; see graphs._fresh_leaf_streams).
+        del plain
+    return first
+
+
+def check(path: str, lora: bool, compile_model: bool, batches, dropout: bool, fused_kernels: bool,
+          switch: bool = False) -> dict:
     from embedtune.graphs import GraphedStep
     from embedtune.losses import ContrastiveLoss
+    from embedtune.packing import set_fused_kernels
 
-    st = embedtune_model(path, lora, 512, compile_model=compile_model, fused_kernels=fused_kernels)
+    st = embedtune_model(path, lora, 512, compile_model=compile_model, fused_kernels=fused_kernels and not switch)
     if not dropout:
         for m in st.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -71,33 +112,14 @@ def check(path: str, lora: bool, compile_model: bool, batches, dropout: bool, fu
         row["has_dropout"] = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in st.modules()) or any(
             getattr(getattr(m, "config", None), "attention_dropout", 0) for m in st.modules())
         row["dropout_ok"] = distinct == 3 if row["has_dropout"] else len(set(losses[1:])) == 1
+    elif switch:  # the recipe's switch once the build ahead ended: the old kernels' graphs go
+        _replay_vs_eager(step, st, loss_fn, batches, row)
+        row["shapes_before_switch"] = step.shapes
+        set_fused_kernels(st[0].auto_model, True)
+        row["first_sight_captures"] = 0  # counted after the switch
+        row["after_switch"] = _replay_vs_eager(step, st, loss_fn, batches, row)
     else:
-        row["first_sight_captures"] = 0
-        for feats in batches:
-            prepared = step.prepare(feats)
-            st.zero_grad(set_to_none=True)
-            reference = step._eager(prepared.inputs, (prepared.rows, prepared.stream), 1.0).float()
-            reference = (reference, _grads(params).clone())
-            seen = []
-            for call in range(3):  # first sight (eager, or a capture once one worked), capture or replay, replay
-                st.zero_grad(set_to_none=True)
-                loss = step(prepared)
-                row["first_sight_captures"] += call == 0 and step.last == "captured"
-                seen.append((loss.float(), _grads(params).clone()))
-            for loss, grads in seen:
-                row["replay_loss_rel"] = max(row["replay_loss_rel"], _rel(loss, reference[0]))
-                row["replay_grad_rel"] = max(row["replay_grad_rel"], _rel(grads, reference[1]))
-            st.zero_grad(set_to_none=True)
-            moved = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in f.items()} for f in feats]
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                plain = loss_fn(moved)
-            plain.backward()
-            row["plain_loss_rel"] = max(row["plain_loss_rel"], _rel(seen[-1][0], plain.detach()))
-            row["plain_grad_rel"] = max(row["plain_grad_rel"], _rel(seen[-1][1], _grads(params)))
-            # Its autograd graph (made on the default stream) must not outlive it: a graph kept alive
-            # keeps the parameters' accumulation nodes on that stream, and the next capture would
-            # then pull the default stream in (torch 2.11 has no override; see graphs._fresh_leaf_streams).
-            del plain
+        _replay_vs_eager(step, st, loss_fn, batches, row)
     from embedtune.packing import main_grad
 
     shadows = step._shadows
@@ -117,6 +139,9 @@ def main() -> None:
     parser.add_argument("--dropout", default="off,on")
     parser.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=True,
                         help="the fused norm kernels where they apply, as the defaults run (default: on)")
+    parser.add_argument("--switch", action="store_true",
+                        help="dropout off: the batches without the fused norm, then again with it switched on "
+                             "(the recipe's switch once their build ahead ended), the first sight counted after it")
     args = parser.parse_args()
 
     from embedtune.data.stdlib import build_stdlib_pairs
@@ -142,7 +167,8 @@ def main() -> None:
             for mode in args.modes.split(","):
                 for compile_model in [layers == "compiled" for layers in args.layers.split(",")]:
                     for dropout in [d == "on" for d in args.dropout.split(",")]:
-                        row = check(path, mode == "lora", compile_model, batches, dropout, args.fused_kernels)
+                        row = check(path, mode == "lora", compile_model, batches, dropout, args.fused_kernels,
+                                    switch=args.switch and not dropout)
                         row.update(model=name, mode=mode, layers="compiled" if compile_model else "eager",
                                    dropout=dropout)
                         ok = row["off"] is None and row["counts"]["replayed"] > 0
@@ -152,6 +178,8 @@ def main() -> None:
                             ok = ok and row["replay_loss_rel"] < 1e-3 and row["replay_grad_rel"] < 5e-3 \
                                 and row["plain_loss_rel"] < 2e-2 and row["plain_grad_rel"] < 5e-2 \
                                 and (compile_model or row["first_sight_captures"] >= 1)
+                            if "after_switch" in row:  # the new kernels' first use eager; the old graphs gone
+                                ok = ok and row["after_switch"] == "eager" and row["shapes"] == row["shapes_before_switch"]
                         row["ok"] = ok
                         failed |= not ok
                         print(row, flush=True)
@@ -168,6 +196,7 @@ def main() -> None:
                  f"{r['replay_grad_spread']:.2e} apart" if r["dropout"] else "")
               + ("  (the model has no dropout: replays must agree)" if r["dropout"] and not r["has_dropout"] else "")
               + (f"  OFF: {r['off']}" if r["off"] else "")
+              + (f"  switched to the fused norm: its first step {r['after_switch']}" if "after_switch" in r else "")
               + f"  main-grad buffers {r['main_grad_buffers']} ({r['gemm_mode']})")
     sys.exit(1 if failed else 0)
 
