@@ -461,8 +461,25 @@ def test_graphs_follow_a_switch_of_the_layers_kernels(root):
         step(batch)
     assert [kind for kind, _ in log] == ["eager", "capture", "capture"], "the new kernels' first use runs eagerly"
     assert step.shapes == 2 and all(key[-1] == (True,) * len(step._packed) for key in step._graphs)
+    step._pool = "a pool of the dropped graphs"
     set_fused_kernels(st[0].auto_model, False)
     log.clear()
     step(short)
+    assert step._pool is None, "the dropped graphs' pool is not captured into again"
     step(short)
     assert [kind for kind, _ in log] == ["eager", "capture"] and step.shapes == 1
+
+    held = GraphedStep(ContrastiveLoss(st), max_seq_length=48, dtype=None, token_multiple=16)
+    for forward in held._packed:
+        forward.compile = False
+    log.clear()
+    _stub_capture(held, log)
+    held.hold_captures = True  # the kernels may still change: nothing is captured, nothing marked as seen
+    for batch in (features, features, short, short):
+        held(batch)
+    assert [kind for kind, _ in log] == ["eager"] * 4 and held.shapes == 0 and not held._graphs
+    held.hold_captures = False
+    log.clear()
+    for batch in (features, features, short):
+        held(batch)
+    assert [kind for kind, _ in log] == ["eager", "capture", "capture"]

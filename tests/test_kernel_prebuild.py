@@ -312,12 +312,13 @@ class LateBuild(FakeBuild):
             speed.mark_fused_kernels_built(kernels_fingerprint())
 
 
-def test_the_recipe_switches_the_kernels_on_once_the_build_ahead_ends(bert_on_a_fake_gpu):
+def test_the_recipe_switches_the_kernels_on_once_the_build_ahead_ends(bert_on_a_fake_gpu, monkeypatch):
     """The recipe leaves the choice open (`defer_wait`): the run starts without the fused norm and
     waits for nothing; the steps' callback polls the child at each step's start and switches the
     kernels on, with the mode handed on, once it ended and left them; a child that fails, or ends
     when the steps left no longer pay for the kernels' load, leaves them off; with --fused-kernels the
     first step waits instead; a run whose child ended before the plan needs nothing later."""
+    from embedtune import speed_choice
     from embedtune.speed_choice import settle_during_steps
 
     model = bert_on_a_fake_gpu
@@ -353,6 +354,14 @@ def test_the_recipe_switches_the_kernels_on_once_the_build_ahead_ends(bert_on_a_
     stuck = LateBuild(succeeds=True)
     mode, _, _, settle = choose_speed(_config(), model, 100.0, steps, prebuild=stuck, defer_wait=True)
     assert settle(steps - 1) is not None and not forward.fused_kernels  # still running: given up, not polled on
+    slow = LateBuild(succeeds=True)
+    mode, _, _, settle = choose_speed(_config(), model, 100.0, steps, prebuild=slow, defer_wait=True)
+    assert settle(0) is None
+    bound = speed.prebuild_wait_s(fused_kernels=None, steps=steps, step_s=0.05)
+    with monkeypatch.context() as later:
+        later.setattr(speed_choice.time, "monotonic", lambda now=time.monotonic(): now + bound + 1)
+        given_up = settle(1)  # held (steps run eagerly) longer than a wait could pay
+    assert not given_up.fused_kernels and "not waited for beyond" in given_up.why and not forward.fused_kernels
 
     forced = FakeBuild(succeeds=True, age_s=60.0)
     mode, _, _, settle = choose_speed(_config(fused_kernels=True), model, 100.0, steps, prebuild=forced, defer_wait=True)
@@ -367,7 +376,8 @@ def test_the_recipe_switches_the_kernels_on_once_the_build_ahead_ends(bert_on_a_
 
 def test_the_recipe_settles_a_left_open_choice_during_its_steps(tmp_path, monkeypatch):
     """`train.run` asks for the choice to be left open, calls what `choose_speed` left at each step's
-    start until it gives a mode, and reports the mode it returned."""
+    start until it gives a mode, and reports the mode it returned; its graph step holds its captures
+    until then (CPU: a stand-in step that runs the loss eagerly and records the hold)."""
     import dataclasses
     import importlib
     import json
@@ -385,17 +395,32 @@ def test_the_recipe_settles_a_left_open_choice_during_its_steps(tmp_path, monkey
         mode, cache, fingerprint, settle = real(*args, **kwargs)
         assert kwargs.get("defer_wait") is True and settle is None  # on a CPU: nothing to wait for
         settled = dataclasses.replace(mode, why=mode.why + "; settled at the second step")
+        mode = dataclasses.replace(mode, cuda_graphs=True)  # as on a GPU, where the choice is left open
         return mode, cache, fingerprint, lambda done: events.append(("settle", done)) or (settled if done else None)
+
+    class HoldingStep:
+        counts, shapes, warmup_s, off_reason, hold_captures = {}, 0, 0.0, None, False
+
+        def __init__(self, loss):
+            self.loss = loss
+
+        def __call__(self, features, scale=1.0):
+            events.append(("held", self.hold_captures))
+            loss = self.loss([{k: v for k, v in f.items()} for f in features])
+            (loss * scale).backward()
+            return loss.detach()
 
     step = ResumableTrainer.training_step
     monkeypatch.setattr(recipe, "choose_speed", choose)
+    monkeypatch.setattr(recipe, "graph_step_for", lambda trainer, config: HoldingStep(trainer.loss))
     monkeypatch.setattr(ResumableTrainer, "training_step", lambda self, *a, **k: events.append("step") or step(self, *a, **k))
     out = tmp_path / "out"
     done = CliRunner().invoke(app, ["train", str(write_pairs(tmp_path / "d")), "--output", str(out), "--model",
                                     str(make_tiny_model("bert", tmp_path)), "--max-steps", "3", "--batch-size", "4",
                                     "--max-seq-length", "16", "--no-eval", "--full"])
     assert done.exit_code == 0, done.output
-    assert events == [("settle", 0), "step", ("settle", 1), "step", "step"]
+    assert events == [("settle", 0), "step", ("held", True), ("settle", 1), "step", ("held", False),
+                      "step", ("held", False)]
     assert json.loads((out / "metrics.json").read_text())["speed"]["why"].endswith("; settled at the second step")
 
 

@@ -181,6 +181,9 @@ class GraphedStep:
         self.counts = {"eager": 0, "captured": 0, "replayed": 0}  # steps run each way (a capture is replayed too)
         self.warmup_s = 0.0  # host seconds of the steps that met a new shape (eager first sights and captures)
         self.first_sight_captures = True  # off after one fails: new shapes then run eagerly before their capture
+        # set while the layers' kernels may still change (the recipe's fused norm, built ahead): steps run
+        # eagerly in their static form, and capture starts once the kernels are settled
+        self.hold_captures = False
         self.last: str | None = None  # how the last step ran: "eager", "captured" or "replayed"
 
     @property
@@ -207,6 +210,8 @@ class GraphedStep:
         # A graph replays the modes it was captured in (dropout on or off in every module) and the kernels
         # it was captured with, so both belong in its key like the shapes do.
         self._drop_other_kernels()
+        if self.hold_captures:  # kernels about to change: their graphs would be captured twice
+            return self._eager(inputs, (rows, stream), scale)
         key = (tuple((k, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (k, repr(v))
                      for k, v in inputs.items()), rows, stream, tuple(m.training for m in self._modules),
                self._kernels)
@@ -248,13 +253,13 @@ class GraphedStep:
 
     def _drop_other_kernels(self) -> None:
         """Forget the graphs captured with other kernels than the layers use now (the recipe switches
-        the fused norm on once its build ahead is done, `speed_choice.FusedSwitch`): they would replay
-        the old ones, and they hold their buffers. The shapes then run eagerly once with the new kernels
-        (their first use in this process loads them) and are captured again."""
+        the fused norm on once its build ahead is done, `speed_choice.choose_speed`): they would replay
+        the old ones, and they hold their buffers. Their memory pool goes with them (torch frees a pool
+        no graph uses, and a capture into a freed pool fails), and the shapes run eagerly once with the
+        new kernels (their first use in this process loads them) before they are captured again."""
         kernels = tuple(bool(f.fused_kernels) for f in self._packed)
         if kernels != self._kernels:
-            self._graphs = {key: graph for key, graph in self._graphs.items() if key[-1] == kernels}
-            self._kernels = kernels
+            self._graphs, self._pool, self._kernels = {}, None, kernels
 
     def _after_failed_capture(self, key, inputs, static, scale, error, first_sight, started) -> Tensor:
         """A shape's capture failed. At its first sight: run it eagerly, as a warm-up, and let every new

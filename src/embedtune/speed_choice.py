@@ -39,9 +39,10 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
     cache it left. With `defer_wait` (the recipe), nothing waits where the choice is automatic: the run
     starts without the fused norm and the returned function, called at each step's start with the
     micro-steps done, switches it on once the child has ended, while the steps left still pay for the
-    kernels' load (it returns the mode from then on, None while the child runs). The graph step keeps
-    its graphs apart by kernels (`graphs.GraphedStep`). Asked for with --fused-kernels, the function
-    waits at the first step instead, so that every step has them."""
+    kernels' load (it returns the mode from then on, None while the child runs). Until then the recipe
+    holds the graph step's captures (`graphs.GraphedStep.hold_captures`: steps run eagerly), so that no
+    shape is captured twice, and gives up on the kernels after as long as a wait could pay. Asked for
+    with --fused-kernels, the function waits at the first step instead, so that every step has them."""
     from . import speed as speed_mode
     from .lora import unwrap_peft
 
@@ -104,12 +105,18 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
             prebuild.wait(bound)
         return choose(*ended(time.monotonic() - waited))
 
+    first_poll: list[float] = []
+
     def switch(steps_done: int):
-        """At a step's start: the mode from now on once the child has ended (or the steps left no longer
-        pay for the kernels), None while it runs."""
+        """At a step's start: the mode from now on once the child has ended, None while it runs. The
+        steps until then run eagerly (the graph step holds its captures), so the run gives up on the
+        kernels once it has held them as long as a wait could pay (`speed.prebuild_wait_s`), or when the
+        steps left no longer pay for the kernels' load."""
         left = max(0, facts["steps"] - steps_done)
         pays = speed_mode.fused_norm_saving_s(facts["step_s"], left) > speed_mode.FUSED_NORM_WARM_S
-        if prebuild.running() and pays:
+        first_poll.append(first_poll[0] if first_poll else time.monotonic())
+        held = time.monotonic() - first_poll[0]
+        if prebuild.running() and pays and held <= hold_bound:
             return None
         warm, prebuilt = ended()
         mode = choose(warm, prebuilt=f"{prebuilt}, in use from micro-step {steps_done + 1}" if warm and pays else prebuilt)
@@ -117,6 +124,8 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
             when = "ended" if not prebuild.running() else "still ran"
             mode = dataclasses.replace(mode, fused_kernels=False, why=mode.why + (
                 f"; not used: the build ahead {when} with {left} of {facts['steps']} micro-steps left"))
+        elif mode.fused_kernels is False and prebuild.running():
+            mode = dataclasses.replace(mode, why=mode.why + f"; not waited for beyond {held:.1f} s of steps")
         return mode
 
     def apply_fused(mode):
@@ -126,6 +135,7 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
             set_fused_kernels(model, mode.fused_kernels)
         return mode
 
+    hold_bound = speed_mode.prebuild_wait_s(fused_kernels=facts["fused_kernels"], steps=facts["steps"], step_s=facts["step_s"])
     later = defer_wait and waits
     mode = apply_fused(dataclasses.replace(choose(fused_warm), fused_kernels=False) if later else settle())
     compile_cache = use_persistent_compile_cache() if mode.compile else None  # later runs reuse its code

@@ -417,8 +417,14 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
     readable_logs(trainer)
     checks = RunChecks(st_model)  # no-silent-success: fingerprints the weights training starts from
     if plan.settle_speed is not None:  # before the phases' marks: a wait (--fused-kernels) counts as the set-up
+        held = graphs if graphs is not None and not isinstance(graphs, str) else None
+        if held is not None:  # no graphs of kernels about to change: steps run eagerly until it is settled
+            held.hold_captures = True
+
         def adopt(mode):
             plan.speed = mode
+            if held is not None:
+                held.hold_captures = False
 
         trainer.add_callback(settle_during_steps(plan.settle_speed, adopt))
     trainer.add_callback(phases.step_callback())
