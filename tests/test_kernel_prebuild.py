@@ -356,11 +356,14 @@ def test_the_recipe_switches_the_kernels_on_once_the_build_ahead_ends(bert_on_a_
     assert settle(steps - 1) is not None and not forward.fused_kernels  # still running: given up, not polled on
     slow = LateBuild(succeeds=True)
     mode, _, _, settle = choose_speed(_config(), model, 100.0, steps, prebuild=slow, defer_wait=True)
-    assert settle(0) is None
     bound = speed.prebuild_wait_s(fused_kernels=None, steps=steps, step_s=0.05)
     with monkeypatch.context() as later:
+        later.setattr(speed_choice.time, "monotonic", lambda now=time.monotonic(): now - bound - 1)
+        assert settle(0) is None  # the first step is an eager first sight anyway: the hold starts after it
+    assert settle(1) is None
+    with monkeypatch.context() as later:
         later.setattr(speed_choice.time, "monotonic", lambda now=time.monotonic(): now + bound + 1)
-        given_up = settle(1)  # held (steps run eagerly) longer than a wait could pay
+        given_up = settle(2)  # held (steps run eagerly) longer than a wait could pay
     assert not given_up.fused_kernels and "not waited for beyond" in given_up.why and not forward.fused_kernels
 
     forced = FakeBuild(succeeds=True, age_s=60.0)

@@ -110,12 +110,14 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
     def switch(steps_done: int):
         """At a step's start: the mode from now on once the child has ended, None while it runs. The
         steps until then run eagerly (the graph step holds its captures), so the run gives up on the
-        kernels once it has held them as long as a wait could pay (`speed.prebuild_wait_s`), or when the
+        kernels once it has held them as long as a wait could pay (`speed.prebuild_wait_s`), counted
+        from the end of the first step (which runs eagerly anyway, a shape's first sight), or when the
         steps left no longer pay for the kernels' load."""
         left = max(0, facts["steps"] - steps_done)
         pays = speed_mode.fused_norm_saving_s(facts["step_s"], left) > speed_mode.FUSED_NORM_WARM_S
-        first_poll.append(first_poll[0] if first_poll else time.monotonic())
-        held = time.monotonic() - first_poll[0]
+        if steps_done > 0 and not first_poll:
+            first_poll.append(time.monotonic())
+        held = time.monotonic() - first_poll[0] if first_poll else 0.0
         if prebuild.running() and pays and held <= hold_bound:
             return None
         warm, prebuilt = ended()
