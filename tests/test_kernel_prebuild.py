@@ -519,3 +519,35 @@ def test_the_variant_calls_run_in_threads_of_their_own_and_fail_as_one(monkeypat
     monkeypatch.setattr(variant_calls, "_ffn_norm", fail)
     with pytest.raises(RuntimeError, match="no kernel"):
         variant_calls.build(64, torch.float32, torch.device("cpu"), threads=3)
+
+
+def test_a_left_open_choice_is_dropped_where_the_run_cannot_have_graphs(tmp_path, monkeypatch):
+    """The fused norm is chosen for graph replays: where the run's graph step turns out impossible (a
+    loss it cannot capture, fp16, ...), the choice left open is not settled, and the kernels stay off."""
+    import dataclasses
+    import importlib
+    import json
+
+    from typer.testing import CliRunner
+
+    from embedtune.cli import app
+    from tiny_models import write_pairs
+
+    recipe = importlib.import_module("embedtune.train")
+    real, settles = recipe.choose_speed, []
+
+    def choose(*args, **kwargs):
+        mode, cache, fingerprint, _ = real(*args, **kwargs)
+        settled = dataclasses.replace(mode, fused_kernels=True, why=mode.why + "; switched on")
+        return dataclasses.replace(mode, cuda_graphs=True), cache, fingerprint, lambda done: settles.append(done) or settled
+
+    monkeypatch.setattr(recipe, "choose_speed", choose)
+    monkeypatch.setattr(recipe, "graph_step_for", lambda trainer, config: "fp16 training scales its loss on the host")
+    out = tmp_path / "out"
+    done = CliRunner().invoke(app, ["train", str(write_pairs(tmp_path / "d")), "--output", str(out), "--model",
+                                    str(make_tiny_model("bert", tmp_path)), "--max-steps", "2", "--batch-size", "4",
+                                    "--max-seq-length", "16", "--no-eval", "--full"])
+    assert done.exit_code == 0, done.output
+    speed_record = json.loads((out / "metrics.json").read_text())["speed"]
+    assert settles == [] and not speed_record["fused_kernels"]
+    assert speed_record["why"].endswith("; fused norm not used: CUDA graphs off")

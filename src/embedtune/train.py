@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -416,8 +416,11 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
     attach_tokens_per_second(trainer, plan.tokens_per_row * plan.rows_per_step)
     readable_logs(trainer)
     checks = RunChecks(st_model)  # no-silent-success: fingerprints the weights training starts from
-    if plan.settle_speed is not None:  # before the phases' marks: a wait (--fused-kernels) counts as the set-up
-        held = graphs if graphs is not None and not isinstance(graphs, str) else None
+    if plan.settle_speed is not None and isinstance(graphs, str) and not config.fused_kernels:
+        # chosen for graphs, which the run cannot have: its launches would cost more than they save
+        plan.speed = replace(plan.speed, why=plan.speed.why + "; fused norm not used: CUDA graphs off")
+    elif plan.settle_speed is not None:  # before the phases' marks: a wait (--fused-kernels) counts as the set-up
+        held = None if graphs is None or isinstance(graphs, str) else graphs
         if held is not None:  # no graphs of kernels about to change: steps run eagerly until it is settled
             held.hold_captures = True
 
