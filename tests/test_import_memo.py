@@ -227,12 +227,76 @@ def test_a_module_in_transformers_5_17_form_gets_the_map_from_the_memo(tmp_path)
 
 def test_console_script_installs_the_hook_importing_embedtune_does_not_and_off_turns_it_off(tmp_path):
     code = console_main_code("embedtune.import_memo:_RememberImportScans", """
+        hook = next((f for f in sys.meta_path if isinstance(f, _RememberImportScans)), None)
+        seen["warming"] = getattr(hook, "child", None) is not None
         import transformers
         from transformers.utils import import_utils
         seen["wrapped"] = getattr(import_utils.define_import_structure, "remembered_by", None)
+        if seen["warming"]:
+            hook.child.wait()  # its files, before the test reads the folder
     """)
-    assert fresh(code, env={"EMBEDTUNE_IMPORT_MEMO_DIR": str(tmp_path / "memo")}) == \
-        {"on_import": False, "wrapped": "embedtune.import_memo"}
-    assert fresh(code, env={"EMBEDTUNE_IMPORT_MEMO_DIR": "off"}) == {"on_import": False, "wrapped": None}
+    memo = {"EMBEDTUNE_IMPORT_MEMO_DIR": str(tmp_path / "memo")}
+    # an empty memo: the console script starts the child that writes it; a full one: no child
+    assert fresh(code, env=memo) == {"on_import": False, "warming": True, "wrapped": "embedtune.import_memo"}
+    assert fresh(code, env=memo) == {"on_import": False, "warming": False, "wrapped": "embedtune.import_memo"}
+    assert fresh(code, env={"EMBEDTUNE_IMPORT_MEMO_DIR": "off"}) == {"on_import": False, "warming": False, "wrapped": None}
     assert not (tmp_path / "off").exists()
     assert all(json.loads(p.read_text())["key"] for p in (tmp_path / "memo").iterdir())
+
+
+def test_a_miss_waits_for_the_warming_childs_file_and_no_longer(tmp_path):
+    """On a miss, the map (and an import structure) is read from the file the warming child writes, as
+    soon as it is there; a child that ends without writing it, or takes longer than `WAIT_S`, leaves
+    the computing to the run."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    memo = tmp_path / "memo"
+    compute, calls = _counting({"alpha": ["alpha"]})
+    running = import_memo.Warming(SimpleNamespace(poll=lambda: None))
+    name, key = import_memo._distributions_memo()
+    writer = threading.Timer(0.2, lambda: import_memo._write(memo, name, key, {"beta": ["beta"]}))
+    writer.start()
+    started = time.monotonic()
+    assert import_memo.remembered_packages_distributions(memo, compute, running) == {"beta": ["beta"]}
+    assert calls == [] and time.monotonic() - started < import_memo.WAIT_S
+    writer.join()
+
+    ended = import_memo.Warming(SimpleNamespace(poll=lambda: 0))  # ended without writing it: no wait at all
+    assert import_memo.remembered_packages_distributions(tmp_path / "other", compute, ended) == {"alpha": ["alpha"]}
+    assert len(calls) == 1
+    slow = import_memo.Warming(SimpleNamespace(poll=lambda: None), seconds=0.3)  # the misses share the wait
+    started = time.monotonic()
+    assert import_memo._await(slow, lambda: import_memo._read(tmp_path / "slow", name, key)) is None
+    assert import_memo._await(slow, lambda: import_memo._read(tmp_path / "slower", name, key)) is None
+    assert 0.3 <= time.monotonic() - started < 1.0 and slow.left_s == 0.0
+
+    structure = {frozenset({"torch"}): {"modeling_x": {"XModel"}}}
+    scanned = tmp_path / "pkg"
+    scanned.mkdir()
+    (scanned / "modeling_x.py").write_text("__all__ = ['XModel']\n")
+    define, defined = _counting(structure)
+    warmed = import_memo.remembering_define_import_structure(define, tmp_path / "warmed")
+    assert warmed(str(scanned)) == structure and len(defined) == 1  # as the child writes it
+    reading = import_memo.remembering_define_import_structure(define, tmp_path / "warmed", running)
+    assert reading(str(scanned)) == structure and len(defined) == 1
+
+
+def test_the_warming_child_writes_the_memos_the_run_reads(tmp_path):
+    """`start_warming` starts a child only where the map is not in the memo; the child writes the
+    installed environment's map (equal to `packages_distributions()`) and transformers' two import
+    structures."""
+    import importlib.metadata
+    import os
+
+    memo = tmp_path / "memo"
+    child = import_memo.start_warming(memo)
+    if not import_memo._spare_cpu():
+        assert child is None
+        return
+    assert child is not None and child.wait(timeout=120) == 0
+    name, key = import_memo._distributions_memo()
+    assert import_memo._read(memo, name, key) == {k: list(v) for k, v in importlib.metadata.packages_distributions().items()}
+    assert len([f for f in os.listdir(memo) if f.startswith("import_structure-")]) == 2
+    assert import_memo.start_warming(memo) is None  # the map is there: no child

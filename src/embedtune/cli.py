@@ -552,7 +552,7 @@ def console_main() -> None:
     from .import_memo import remember_import_scans
 
     defer_imports()
-    remember_import_scans()
+    remember_import_scans(warm_ahead=True)  # a first run writes the memo in a child beside its imports
     try:
         main()
         code = 0

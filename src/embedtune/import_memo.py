@@ -14,7 +14,10 @@ serves them from JSON files in the user's cache when what they read has not chan
 - each import structure, keyed by the size and modification time of every file under the scanned folder.
 
 A memo that is missing, stale or unreadable is computed as transformers computes it and written
-(atomically); one that cannot be written is simply not kept. Only `transformers.utils.import_utils` is
+(atomically); one that cannot be written is simply not kept. Where the distributions map is missing
+(a first run, or one after an install), the CLI starts a child process that writes both memos
+(`warm_ahead`, `python -m embedtune.import_memo`) while it imports torch, which it does before
+transformers; a miss then waits for the child's file, at most as long as computing it would take. Only `transformers.utils.import_utils` is
 touched: `packages_distributions` is replaced while that module runs and restored after it, and the
 module's `define_import_structure` is wrapped. `EMBEDTUNE_IMPORT_MEMO_DIR` names another folder, or
 `off` turns the memo off.
@@ -25,12 +28,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.metadata
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .files import write_text_atomic
@@ -106,17 +112,65 @@ def _write(folder: Path, name: str, key: str, value) -> None:
         write_text_atomic(folder / name, json.dumps({"key": key, "value": value}))
 
 
-def remembered_packages_distributions(folder: Path, compute=None) -> dict[str, list[str]]:
-    """`importlib.metadata.packages_distributions()`, from the memo when the distributions on
-    `sys.path` are unchanged."""
-    compute = compute or importlib.metadata.packages_distributions
-    # Only the entries that hold distributions: the first entry is the working folder or the script's,
-    # which a run from another folder changes and which holds none as a rule.
+# How long the misses of a run wait for the warming child's files, all together: about what computing
+# the map takes on a large environment (2.1 s for 202 distributions on a GPU image), so that a slow
+# child costs little more than no child.
+WAIT_S = 2.5
+
+
+def _distributions_memo() -> tuple[str, str]:
+    """The distributions map's memo file name and key for this environment. Only the `sys.path`
+    entries that hold distributions count: the first entry is the working folder or the script's,
+    which a run from another folder changes and which holds none as a rule."""
     found = [(os.path.abspath(entry or "."), stats) for entry in sys.path if (stats := _metadata_stats(entry))]
     name = f"packages_distributions-{_digest([sys.version, [entry for entry, _ in found]])[:16]}.json"  # one per environment
-    key = _digest([sys.version, found])
-    value = _read(folder, name, key)
-    if isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
+    return name, _digest([sys.version, found])
+
+
+def _valid_map(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, list) for v in value.values())
+
+
+class Warming:
+    """The warming child (`start_warming`) and how long the run may still wait for its files, all misses
+    together (`WAIT_S`)."""
+
+    def __init__(self, process, seconds: float | None = None):
+        self.process = process
+        self.left_s = WAIT_S if seconds is None else seconds
+
+    def poll(self):
+        return self.process.poll()
+
+    def wait(self, timeout=None):
+        return self.process.wait(timeout)
+
+
+def _await(child: Warming | None, read):
+    """`read()`'s value once it is not None, polled while the warming child runs and its wait lasts;
+    None if the child ended or the wait ran out without it."""
+    value = read()
+    if child is None or value is not None:
+        return value
+    started = time.monotonic()
+    try:
+        while child.poll() is None and time.monotonic() - started < child.left_s:
+            time.sleep(0.02)
+            value = read()
+            if value is not None:
+                return value
+        return read()
+    finally:
+        child.left_s = max(0.0, child.left_s - (time.monotonic() - started))
+
+
+def remembered_packages_distributions(folder: Path, compute=None, child=None) -> dict[str, list[str]]:
+    """`importlib.metadata.packages_distributions()`, from the memo when the distributions on
+    `sys.path` are unchanged; on a miss, from the warming child's file where one is writing it."""
+    compute = compute or importlib.metadata.packages_distributions
+    name, key = _distributions_memo()
+    value = _await(child, lambda: (found if _valid_map(found := _read(folder, name, key)) else None))
+    if value is not None:
         return value
     value = compute()
     _write(folder, name, key, {k: list(v) for k, v in value.items()})
@@ -149,9 +203,10 @@ def _call(define, module_path, prefix):
     return define(module_path) if prefix is None else define(module_path, prefix)
 
 
-def remembering_define_import_structure(define, folder: Path):
+def remembering_define_import_structure(define, folder: Path, child=None):
     """`define` (transformers' `define_import_structure(module_path, prefix=None)`), its results kept
-    in the memo under the scanned folder's file stats."""
+    in the memo under the scanned folder's file stats; on a miss, read from the warming child's file
+    where one is writing it."""
 
     @functools.wraps(define)
     def define_import_structure(module_path, prefix=None):
@@ -163,7 +218,7 @@ def remembering_define_import_structure(define, folder: Path):
         except (OSError, TypeError):
             return _call(define, module_path, prefix)
         name = f"import_structure-{_digest([scanned, prefix])[:16]}.json"
-        encoded = _read(folder, name, key)
+        encoded = _await(child, lambda: _read(folder, name, key))
         if encoded is not None:
             with contextlib.suppress(TypeError, ValueError):
                 return _decode_structure(encoded)
@@ -180,8 +235,8 @@ def remembering_define_import_structure(define, folder: Path):
 class _RememberingLoader(importlib.abc.Loader):
     """Runs `transformers.utils.import_utils` with the memo'd distributions map, and wraps its scan."""
 
-    def __init__(self, loader, folder: Path):
-        self.loader, self.folder = loader, folder
+    def __init__(self, loader, folder: Path, child=None):
+        self.loader, self.folder, self.child = loader, folder, child
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
@@ -189,22 +244,22 @@ class _RememberingLoader(importlib.abc.Loader):
     def exec_module(self, module) -> None:
         compute = importlib.metadata.packages_distributions
         importlib.metadata.packages_distributions = functools.partial(remembered_packages_distributions,
-                                                                      self.folder, compute)
+                                                                      self.folder, compute, self.child)
         try:
             self.loader.exec_module(module)
         finally:
             importlib.metadata.packages_distributions = compute
         define = getattr(module, "define_import_structure", None)
         if callable(define):
-            module.define_import_structure = remembering_define_import_structure(define, self.folder)
+            module.define_import_structure = remembering_define_import_structure(define, self.folder, self.child)
 
 
 class _RememberImportScans(importlib.abc.MetaPathFinder):
     """Finds `transformers.utils.import_utils` as the path finder does and gives it the loader above;
     leaves `sys.meta_path` once it has."""
 
-    def __init__(self, folder: Path, module: str):
-        self.folder, self.module = folder, module
+    def __init__(self, folder: Path, module: str, child=None):
+        self.folder, self.module, self.child = folder, module, child
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.module:
@@ -213,16 +268,64 @@ class _RememberImportScans(importlib.abc.MetaPathFinder):
             sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
-            spec.loader = _RememberingLoader(spec.loader, self.folder)
+            spec.loader = _RememberingLoader(spec.loader, self.folder, self.child)
         return spec
 
 
-def remember_import_scans(module: str = TARGET) -> bool:
-    """Install the hook unless `module` is imported already or the memo is off (True when installed)."""
+def remember_import_scans(module: str = TARGET, warm_ahead: bool = False) -> bool:
+    """Install the hook unless `module` is imported already or the memo is off (True when installed).
+    With `warm_ahead`, where the distributions map is not in the memo, first start the child that
+    writes it (`warm_ahead`)."""
     if module in sys.modules or any(isinstance(f, _RememberImportScans) for f in sys.meta_path):
         return False
     folder = memo_dir()
     if folder is None:
         return False
-    sys.meta_path.insert(0, _RememberImportScans(folder, module))
+    child = start_warming(folder) if warm_ahead else None
+    sys.meta_path.insert(0, _RememberImportScans(folder, module, child))
     return True
+
+
+def _spare_cpu() -> bool:
+    try:
+        return len(os.sched_getaffinity(0)) >= 2
+    except AttributeError:  # not Linux
+        return (os.cpu_count() or 1) >= 2
+
+
+def start_warming(folder: Path) -> Warming | None:
+    """Where the distributions map of this environment is not in the memo (a first run, or one after
+    an install), start `python -m embedtune.import_memo`, which writes it and transformers' import
+    structures while this process imports torch; None where the memo holds it, or with no CPU to spare
+    (the child would slow this process by what it saves), or where it cannot start. The child is
+    silent and ends by itself."""
+    name, key = _distributions_memo()
+    if _valid_map(_read(folder, name, key)) or not _spare_cpu() or os.environ.get("LOCAL_RANK", "0") != "0":
+        return None  # (under torchrun, one child per machine: the other ranks compute as before)
+    try:
+        # this process's sys.path, which the memo's names and keys read (the child's own would start
+        # with its working folder rather than this process's script folder)
+        return Warming(subprocess.Popen([sys.executable, "-m", __name__, json.dumps(sys.path)],
+                                        env={**os.environ, DIR_ENV: str(folder)}, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    except OSError:
+        return None
+
+
+def warm(folder: Path) -> None:
+    """The child's work: the distributions map first (what the CLI's import of transformers needs
+    first), then transformers' import structures through the hook, with transformers imported as the
+    CLI imports it."""
+    remembered_packages_distributions(folder)
+    sys.meta_path.insert(0, _RememberImportScans(folder, TARGET))
+    with contextlib.suppress(Exception):  # a failed warm-up leaves the work to the run, as before
+        importlib.import_module("transformers")
+        importlib.import_module("transformers.models")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        sys.path[:] = json.loads(sys.argv[1])  # the parent's, for its names and keys
+    chosen = memo_dir()
+    if chosen is not None:
+        warm(chosen)
