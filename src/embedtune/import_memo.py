@@ -275,7 +275,7 @@ class _RememberImportScans(importlib.abc.MetaPathFinder):
 def remember_import_scans(module: str = TARGET, warm_ahead: bool = False) -> bool:
     """Install the hook unless `module` is imported already or the memo is off (True when installed).
     With `warm_ahead`, where the distributions map is not in the memo, first start the child that
-    writes it (`warm_ahead`)."""
+    writes the memos (`start_warming`), whose files the hook then waits for."""
     if module in sys.modules or any(isinstance(f, _RememberImportScans) for f in sys.meta_path):
         return False
     folder = memo_dir()
