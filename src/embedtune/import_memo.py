@@ -39,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cpus import spare_cpu as _spare_cpu
 from .files import write_text_atomic
 
 TARGET = "transformers.utils.import_utils"
@@ -284,13 +285,6 @@ def remember_import_scans(module: str = TARGET, warm_ahead: bool = False) -> boo
     child = start_warming(folder) if warm_ahead else None
     sys.meta_path.insert(0, _RememberImportScans(folder, module, child))
     return True
-
-
-def _spare_cpu() -> bool:
-    try:
-        return len(os.sched_getaffinity(0)) >= 2
-    except AttributeError:  # not Linux
-        return (os.cpu_count() or 1) >= 2
 
 
 def start_warming(folder: Path) -> Warming | None:

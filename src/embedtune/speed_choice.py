@@ -80,6 +80,9 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
     # the child marks the cache after its first kernel: while it runs, the rest may still be building
     building = prebuild is not None and (not fused_warm or prebuild.running())
     waits = fused_applies and building and choose(True).fused_kernels
+    # how long waiting for it can pay: the bound of a wait (--fused-kernels), and of the steps held for it
+    wait_bound = speed_mode.prebuild_wait_s(fused_kernels=facts["fused_kernels"], steps=facts["steps"],
+                                            step_s=facts["step_s"])
 
     def ended(waited: float | None = None) -> tuple[bool, str]:
         """Whether the ended (or waited for) child left the kernels in the cache, and how it went."""
@@ -97,12 +100,10 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
         if not waits:
             done = fused_applies and prebuild is not None and fused_warm and prebuild.process.poll() == 0
             return choose(fused_warm, prebuilt="built ahead in a child process, no wait" if done else None)
-        bound = speed_mode.prebuild_wait_s(fused_kernels=facts["fused_kernels"], steps=facts["steps"],
-                                           step_s=facts["step_s"])
         expected_left = speed_mode.FUSED_PREBUILD_S - (time.monotonic() - prebuild.started)
         waited = time.monotonic()
-        if expected_left <= bound:  # a child just started: no use waiting
-            prebuild.wait(bound)
+        if expected_left <= wait_bound:  # a child just started: no use waiting
+            prebuild.wait(wait_bound)
         return choose(*ended(time.monotonic() - waited))
 
     first_poll: list[float] = []
@@ -118,7 +119,7 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
         if steps_done > 0 and not first_poll:
             first_poll.append(time.monotonic())
         held = time.monotonic() - first_poll[0] if first_poll else 0.0
-        if prebuild.running() and pays and held <= hold_bound:
+        if prebuild.running() and pays and held <= wait_bound:
             return None
         warm, prebuilt = ended()
         mode = choose(warm, prebuilt=f"{prebuilt}, in use from micro-step {steps_done + 1}" if warm and pays else prebuilt)
@@ -137,7 +138,6 @@ def choose_speed(config, model, tokens_per_row: float, micro_steps: int, prebuil
             set_fused_kernels(model, mode.fused_kernels)
         return mode
 
-    hold_bound = speed_mode.prebuild_wait_s(fused_kernels=facts["fused_kernels"], steps=facts["steps"], step_s=facts["step_s"])
     later = defer_wait and waits
     mode = apply_fused(dataclasses.replace(choose(fused_warm), fused_kernels=False) if later else settle())
     compile_cache = use_persistent_compile_cache() if mode.compile else None  # later runs reuse its code
