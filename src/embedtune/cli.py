@@ -220,6 +220,7 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, HF folder or ST folder (default: bundled all-MiniLM-L6-v2)."),
     output: str = typer.Option("embedtune-output", "--output", help="Output folder (model/, metrics.json, training_curves.png)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="mnrl, triplet, cosent, angle, marginmse or kl (default: from the data's columns; see README, Data shapes and losses)."),
+    columns: Optional[str] = typer.Option(None, "--columns", help="The data's column names by role where they are not the usual ones: anchor=query,positive=document (negative= may repeat; score=)."),
     multi_dataset: str = typer.Option("proportional", "--multi-dataset", help="Several data files: proportional (each file's batches in proportion to its size) or round-robin."),
     epochs: float = typer.Option(1.0, "--epochs"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (overrides --epochs)."),
@@ -273,7 +274,8 @@ def train(
 
     with user_errors():
         config = TrainConfig(
-            data=(data[0] if len(data) == 1 else list(data)) if data else None, loss=loss, multi_dataset=multi_dataset,
+            data=(data[0] if len(data) == 1 else list(data)) if data else None, loss=loss, columns=columns,
+            multi_dataset=multi_dataset,
             model=model or DEFAULT_MODEL_ID, output_dir=output, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, lr=lr, max_seq_length=max_seq_length, lora_r=None if full else lora_r,
             eval_size=eval_size, eval=not no_eval, evals_per_run=evals, eval_data=eval_data, pooling=pooling, seed=seed,
@@ -303,6 +305,7 @@ def evaluate(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda when available)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="A base model to evaluate too, shown side by side."),
     output_json: Optional[str] = typer.Option(None, "--output-json", help="Also write the metrics to this .json file."),
+    columns: Optional[str] = typer.Option(None, "--columns", help="A pairs file's column names by role where they are not the usual ones: anchor=query,positive=document."),
     keep_identical_ids: bool = typer.Option(False, "--keep-identical-ids", help="BEIR folders: count a document whose id equals the query's id as retrieved (BEIR drops such pairs; a note says how many)."),
 ):
     """nDCG@10, MRR@10, Recall@1/10/100 and MAP@100 of a model (exact search; graded relevance for BEIR)."""
@@ -318,7 +321,7 @@ def evaluate(
         model, compare = run_model_folder(model), run_model_folder(compare)
         if output_json:
             check_report_path(output_json)
-        data_info = load_eval_task(data, split, keep_identical_ids=keep_identical_ids)
+        data_info = load_eval_task(data, split, keep_identical_ids=keep_identical_ids, columns=columns)
         task = data_info.task
         where = f"{data} (split {data_info.split})" if data_info.split else data
         console.print(f"{where}: {len(task.queries)} queries, {len(task.corpus)} documents", soft_wrap=True,
@@ -393,6 +396,7 @@ def mine(
     data: str = typer.Argument(..., help="Pairs file whose anchors get hard negatives."),
     output: str = typer.Option(..., "--output", help="JSONL to write (anchor, positive, negative_1..N)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model that ranks the corpus (default: bundled all-MiniLM-L6-v2)."),
+    columns: Optional[str] = typer.Option(None, "--columns", help="The pairs file's column names by role where they are not the usual ones: anchor=query,positive=document."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Corpus file (JSONL with 'text', or .txt); default: all positives."),
     num_negatives: int = typer.Option(3, "--num-negatives"),
     rank_range: str = typer.Option("3:50", "--range", help="Ranks a:b (0-based, b exclusive) to draw negatives from; skips the top ones."),
@@ -404,6 +408,7 @@ def mine(
     """Mine hard negatives with a model; `embedtune train` reads the result directly."""
     with heavy_imports():  # torch, transformers, sentence-transformers: only once the command runs
         from .loading import DEFAULT_MODEL_ID, FastModel
+        from .data.readers import column_roles
         from .mine import check_mine_options, mine_hard_negatives
         from .st import to_sentence_transformer
 
@@ -411,6 +416,7 @@ def mine(
         low, high = _parse_range(rank_range)
         check_length(max_seq_length)
         check_mine_options(num_negatives, (low, high), margin, batch_size, output, overwrite)  # before the model loads
+        column_roles(columns)
         model = run_model_folder(model)
         backbone, tokenizer = FastModel.from_pretrained(model or DEFAULT_MODEL_ID, max_seq_length=max_seq_length)
         st_model = to_sentence_transformer(backbone, tokenizer)
@@ -418,7 +424,7 @@ def mine(
         result = mine_hard_negatives(
             st_model, data, output, corpus=corpus, num_negatives=num_negatives, rank_range=(low, high),
             margin=margin, batch_size=batch_size, overwrite=overwrite,
-            query_prompt=prompts.get("query"), document_prompt=prompts.get("document"),
+            query_prompt=prompts.get("query"), document_prompt=prompts.get("document"), columns=columns,
         )
         stats = result.stats
         console.print(

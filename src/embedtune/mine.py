@@ -79,21 +79,23 @@ def mine_hard_negatives(
     show_progress: bool = True,
     query_prompt: str | None = None,
     document_prompt: str | None = None,
+    columns: str | dict | None = None,
 ) -> MineResult:
     """Mine ``num_negatives`` hard negatives per pair of ``data`` with ``model``; write JSON lines to ``output``.
 
     ``model`` is a loaded SentenceTransformer. ``rank_range=(lo, hi)`` keeps candidates whose 0-based
     rank, after removing the anchor's own positives, is in ``[lo, hi)``. ``use_faiss=None`` uses FAISS
     when it is importable, ``True`` requires it, ``False`` always uses the chunked torch search.
-    ``query_prompt``/``document_prompt`` are prepended to anchors / documents, for models trained with
-    prompts. The output file is written atomically; an existing one is refused unless ``overwrite``.
+    ``columns`` names the pairs file's columns by role where they are not the usual names
+    (`data.readers.column_roles`). ``query_prompt``/``document_prompt`` are prepended to anchors /
+    documents, for models trained with prompts. The output file is written atomically; an existing one is refused unless ``overwrite``.
     """
     start = time.perf_counter()
     lo, hi = _check_settings(num_negatives, rank_range, margin, batch_size, chunk_size)
     out = _check_output(output, overwrite)
     backend = _pick_backend(use_faiss)
 
-    loaded = load_pairs(data)
+    loaded = load_pairs(data, columns)
     anchors_col = column(loaded.dataset, "anchor")
     positives_col = column(loaded.dataset, "positive")
     # Documents: deduplicated, first-seen order; corpus ids are positions in `docs`.

@@ -1,5 +1,5 @@
 """Several data sets in one run: `embedtune train a.jsonl b.parquet ...`, or `data:` in the YAML config
-as a list of files or a name -> file mapping (a file, or {path: FILE, loss: NAME}).
+as a list of files or a name -> file mapping (a file, or {path: FILE, loss: NAME, columns: ROLES}).
 
 Each data set keeps its own columns and loss (`loss_choice`), and the trainer draws every batch from
 one data set at a time (sentence-transformers' multi-dataset batch sampler over a `DatasetDict`, one
@@ -20,27 +20,29 @@ from typing import Any
 from .errors import EmbedtuneError
 
 SAMPLERS = ("proportional", "round-robin")
-_SOURCE_KEYS = ("path", "loss")
+_SOURCE_KEYS = ("path", "loss", "columns")
 
 
 @dataclass(frozen=True)
 class DataSource:
-    """One data set of the run: its name (the `DatasetDict` key and the summary's label), its file, and
-    the loss it asked for (None: chosen from its columns)."""
+    """One data set of the run: its name (the `DatasetDict` key and the summary's label), its file, the
+    loss it asked for (None: chosen from its columns) and its column names by role (None: the usual
+    names; `data.readers.column_roles`)."""
 
     name: str
     path: str
     loss: str | None = None
+    columns: str | dict | None = None
 
 
-def data_sources(data: Any, loss: str | None = None) -> list[DataSource]:
+def data_sources(data: Any, loss: str | None = None, columns: str | dict | None = None) -> list[DataSource]:
     """The run's data sets from `TrainConfig.data`: one path, a list of paths, or a mapping of name ->
-    path or {path, loss}. `loss` (--loss) applies to those that name none. Names come from the mapping,
-    else from the file names (made unique: a, a_2)."""
+    path or {path, loss, columns}. `loss` (--loss) and `columns` (--columns) apply to those that name
+    none. Names come from the mapping, else from the file names (made unique: a, a_2)."""
     if data is None or data == [] or data == {}:
         raise EmbedtuneError("no training data: give one or more data files (or `data:` in --config)")
     if isinstance(data, (str, os.PathLike)):
-        return [DataSource(_name(data, set()), os.fspath(data), loss)]
+        return [DataSource(_name(data, set()), os.fspath(data), loss, columns)]
     if isinstance(data, (list, tuple)):
         taken: set[str] = set()
         sources = []
@@ -49,7 +51,7 @@ def data_sources(data: Any, loss: str | None = None) -> list[DataSource]:
                 raise EmbedtuneError(f"data: expected file paths, got {item!r}")
             name = _name(item, taken)
             taken.add(name)
-            sources.append(DataSource(name, os.fspath(item), loss))
+            sources.append(DataSource(name, os.fspath(item), loss, columns))
         return sources
     if isinstance(data, dict):
         sources = []
@@ -57,17 +59,18 @@ def data_sources(data: Any, loss: str | None = None) -> list[DataSource]:
             if not isinstance(name, str) or not name.strip():
                 raise EmbedtuneError(f"data: data set names must be text, got {name!r}")
             if isinstance(value, (str, os.PathLike)):
-                sources.append(DataSource(name, os.fspath(value), loss))
+                sources.append(DataSource(name, os.fspath(value), loss, columns))
                 continue
             if not isinstance(value, dict) or not isinstance(value.get("path"), str):
                 raise EmbedtuneError(f"data: {name}: expected a file path or {{path: FILE, loss: NAME}}, got {value!r}")
             unknown = sorted(set(value) - set(_SOURCE_KEYS))
             if unknown:
-                raise EmbedtuneError(f"data: {name}: unknown key {unknown[0]!r}; a data set takes path and loss")
+                raise EmbedtuneError(f"data: {name}: unknown key {unknown[0]!r}; a data set takes path, loss and columns")
             given = value.get("loss")
             if given is not None and not isinstance(given, str):
                 raise EmbedtuneError(f"data: {name}: loss must be a name, got {given!r}")
-            sources.append(DataSource(name, value["path"], given or loss))
+            own = value.get("columns")
+            sources.append(DataSource(name, value["path"], given or loss, columns if own is None else own))
         return sources
     raise EmbedtuneError(f"data: expected a file, a list of files or a mapping of name: file, got {data!r}")
 

@@ -245,18 +245,22 @@ class EvalData:
     notes: list[str] = field(default_factory=list)
 
 
-def load_eval_task(data: str | os.PathLike, split: str | None = None, keep_identical_ids: bool = False) -> EvalData:
+def load_eval_task(data: str | os.PathLike, split: str | None = None, keep_identical_ids: bool = False,
+                   columns: str | dict | None = None) -> EvalData:
     """A BEIR folder (holding corpus.jsonl, queries.jsonl or qrels/) or a pairs file, as an IR task.
 
-    For pairs every anchor must find its positives among all distinct positives (as in training).
+    For pairs every anchor must find its positives among all distinct positives (as in training);
+    ``columns`` names a pairs file's columns by role (`data.readers.column_roles`).
     """
     if is_beir_folder(data):
+        if columns:
+            raise DataError(f"{os.fspath(data)}: --columns applies to pairs files; this is a BEIR folder")
         loaded = read_beir(data, split, keep_identical_ids=keep_identical_ids)
         return EvalData(task=loaded.task, kind="beir", split=loaded.split, notes=loaded.notes())
     if split is not None:
         raise DataError(f"{os.fspath(data)}: --split applies to BEIR folders (corpus.jsonl, queries.jsonl, "
                         "qrels/<split>.tsv); this is a pairs file")
-    loaded = load_pairs(data)
+    loaded = load_pairs(data, columns)
     notes = [loaded.skipped_summary()] if loaded.skipped or loaded.skipped_few_negatives else []
     task = pairs_to_ir_task(loaded.dataset, corpus_texts=column(loaded.dataset, "positive"))
     return EvalData(task=task, kind="pairs", notes=notes)

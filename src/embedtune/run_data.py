@@ -59,11 +59,11 @@ def load_parts(config) -> list[Part]:
     loads. A column a loss leaves out is logged as a one-line warning."""
     from .data import load_pairs
 
-    sources = data_sources(config.data, config.loss)
+    sources = data_sources(config.data, config.loss, config.columns)
     sampler_name(config.multi_dataset)  # a wrong --multi-dataset is refused before any file is read
     parts = []
     for source in sources:
-        loaded = load_pairs(source.path)
+        loaded = load_pairs(source.path, source.columns)
         choice = choose_loss(source.path, loaded.dataset.column_names, source.loss)
         check_options(config, choice.loss, source.path)
         if choice.warning and distributed.is_main():

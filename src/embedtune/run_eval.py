@@ -72,7 +72,7 @@ def read_eval_data(config) -> EvalSource | None:
         raise EmbedtuneError(f"--eval-data {config.eval_data} with --no-eval: keep one of them")
     from .retrieval import load_eval_task  # heavy: torch
 
-    loaded = load_eval_task(config.eval_data)
+    loaded = load_eval_task(config.eval_data, columns=config.columns)
     return EvalSource(loaded.task, loaded.kind, str(config.eval_data), loaded.split, loaded.notes)
 
 

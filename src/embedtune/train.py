@@ -106,6 +106,7 @@ class TrainConfig:
     symmetric: bool = False  # also train positive -> anchor
     matryoshka_dims: list[int] | None = None  # e.g. [768, 512, 256, 128, 64]
     loss: str | None = None  # mnrl, triplet, cosent, angle, marginmse, kl; None: from the columns (loss_choice)
+    columns: str | dict[str, Any] | None = None  # the data's column names by role, e.g. "anchor=query,positive=doc"
     multi_dataset: str = "proportional"  # or "round-robin": how batches of several data sets take turns
     cached_loss: bool = False  # GradCache: memory flat in --batch-size
     token_budget: int | None = None  # real tokens per cached chunk (default: see losses.gpu_token_budget)

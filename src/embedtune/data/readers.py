@@ -18,6 +18,10 @@ first ones and are counted too. Nothing is chosen silently: a JSON object naming
 the last value) is an error naming the line and key, and so is a row where two aliases of one column
 (e.g. "anchor" and "query") both hold text; where only one of them does, that one is used.
 
+Other column names are given by role (``columns``, the CLI's ``--columns``): e.g.
+``{"anchor": "query", "positive": "document"}`` or ``"anchor=query,positive=document"``; a role so named
+reads only that column (its aliases are then ordinary columns), ``negative`` may name several.
+
 Every format is turned into a stream of row dicts and fed through one normaliser (:class:`_Collector`),
 so aliases, list-valued columns, skipping and negative handling behave the same everywhere. Any problem
 with the user's file surfaces as a one-line :class:`DataError` naming the file (and line, where known).
@@ -53,6 +57,7 @@ SCORE_ALIASES: tuple[str, ...] = ("score", "label")  # one number per row
 TEACHER_SCORES = "scores"  # a list of numbers per row: one per candidate, the positive's first
 
 _NUMBERED_NEGATIVE = re.compile(r"negative_(\d+)")
+ROLES = ("anchor", "positive", "negative", "score")  # what --columns names
 _JSON_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SUPPORTED = ".jsonl, .ndjson, .json, .csv, .parquet, or a folder written by datasets' save_to_disk"
 # Keys that, in a .json object, hold the list of records (in order of preference).
@@ -117,8 +122,44 @@ def _rows(n: int) -> str:
     return f"{n} row{'s' if n != 1 else ''}"
 
 
-def load_pairs(path: str | os.PathLike) -> LoadedPairs:
-    """Load and validate a pair file; see the module docstring for the accepted shapes."""
+def column_roles(columns: str | dict | None) -> dict[str, tuple[str, ...]]:
+    """Role -> the file's column names, from ``"anchor=query,positive=document"`` or a mapping (a
+    ``negative`` may name a list, or repeat in the text); empty for None. Wrong roles are an error."""
+    if columns is None or columns == "" or columns == {}:
+        return {}
+    if isinstance(columns, str):
+        pairs = []
+        for item in columns.split(","):
+            role, sep, key = item.partition("=")
+            if not sep or not role.strip() or not key.strip():
+                raise DataError(f"columns {columns!r}: expected ROLE=COLUMN pairs separated by commas, "
+                                f"e.g. anchor=query,positive=document; got {item!r}")
+            pairs.append((role.strip(), key.strip()))
+    elif isinstance(columns, dict):
+        pairs = [(role, key) for role, value in columns.items()
+                 for key in (value if isinstance(value, (list, tuple)) else [value])]
+    else:
+        raise DataError(f"columns: expected a mapping of role -> column name, got {columns!r}")
+    roles: dict[str, tuple[str, ...]] = {}
+    for role, key in pairs:
+        if role not in ROLES:
+            raise DataError(f"columns: unknown role {role!r}; the roles are {', '.join(ROLES)}")
+        if not isinstance(key, str) or not key:
+            raise DataError(f"columns: {role}: expected a column name, got {key!r}")
+        if role in roles and role != "negative":
+            raise DataError(f"columns: {role} named twice ({roles[role][0]!r} and {key!r}); only negative takes several")
+        roles[role] = roles.get(role, ()) + (key,)
+    named = [key for keys in roles.values() for key in keys]
+    twice = next((key for key in named if named.count(key) > 1), None)
+    if twice is not None:
+        raise DataError(f"columns: column {twice!r} is given two roles")
+    return roles
+
+
+def load_pairs(path: str | os.PathLike, columns: str | dict | None = None) -> LoadedPairs:
+    """Load and validate a pair file; see the module docstring for the accepted shapes. ``columns``
+    names the file's columns by role where they are not the usual names (`column_roles`)."""
+    roles = column_roles(columns)
     name = os.fspath(path)
     p = Path(name)
     if not p.exists():
@@ -127,7 +168,7 @@ def load_pairs(path: str | os.PathLike) -> LoadedPairs:
     if not p.is_dir() and not p.is_file():  # a FIFO would be drained by the first of several reads
         raise DataError(f"{name}: not a regular file (a pipe or a device); embedtune reads its data more than "
                         "once (to check it, to hash it for --resume): write it to a file first")
-    collector = _Collector(name)
+    collector = _Collector(name, roles)
     try:
         if p.is_dir():
             _read_saved_dataset(p, name, collector)
@@ -194,8 +235,10 @@ class _Collector:
     per ``unit``; ``line_of`` turns a CSV row number into its line, only when a message needs it.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, roles: dict[str, tuple[str, ...]] | None = None) -> None:
         self.name = name
+        self.roles = roles or {}  # role -> the file's column names, given by the user (`column_roles`)
+        self._named = {key for keys in self.roles.values() for key in keys}
         self.unit = "line"  # what ``at`` counts: "line", "item" (JSON list) or "row" (tables)
         self.line_of: Callable[[int], int | None] | None = None  # row -> line, for CSV
         self.anchors: list[str] = []
@@ -226,7 +269,7 @@ class _Collector:
         names = list(names)
         seen: set[str] = set()
         for key in names:
-            if key in seen and _is_pair_column(key):
+            if key in seen and self.uses(key):
                 raise DataError(f"{where or self.name}: duplicate column '{_printable(key)}'")
             seen.add(key)
             self._plan((key,))
@@ -234,8 +277,8 @@ class _Collector:
     def check_types(self, schema) -> None:
         """Reject a typed (Parquet, saved dataset) text column that isn't text, before reading any row."""
         anchor, positive, negatives, clash = self._plan(tuple(schema.names))
-        anchors = clash[0] if clash and clash[0][0] in _ANCHOR_KEYS else (anchor,)
-        positives = clash[-1] if clash and clash[-1][0] in _POSITIVE_KEYS else (positive,)
+        groups = dict(clash)
+        anchors, positives = groups.get("anchor", (anchor,)), groups.get("positive", (positive,))
         for key, lists_allowed in (*((k, False) for k in anchors), *((k, True) for k in positives),
                                    *((k, True) for k in negatives)):
             if key is None:
@@ -252,11 +295,30 @@ class _Collector:
                 expected = "a list of numbers" if lists else "a number"
                 raise DataError(f"{self.name}: column '{key}' has type {schema.field(key).type}, expected {expected}")
 
+    def uses(self, key: str) -> bool:
+        """Whether column ``key`` may be read: named by the user, or one of the usual names."""
+        return key in self._named or _is_pair_column(key)
+
+    def role_keys(self, keys) -> tuple[tuple, tuple, tuple]:
+        """The keys among ``keys`` that may hold the anchor, the positive (each in order of preference)
+        and the negatives: the user's names for a role named in ``roles``, else its usual names that
+        the user did not name for another role."""
+        def present(role: str, usual: tuple) -> tuple:
+            if role in self.roles:
+                return tuple(k for k in self.roles[role] if k in keys)
+            return tuple(k for k in usual if k in keys and k not in self._named)
+
+        numbered = sorted((int(m.group(1)), k) for k in keys
+                          if isinstance(k, str) and (m := _NUMBERED_NEGATIVE.fullmatch(k)))
+        return (present("anchor", _ANCHOR_KEYS), present("positive", _POSITIVE_KEYS),
+                present("negative", NEGATIVE_ALIASES + tuple(k for _, k in numbered)))
+
     def _score_plan(self, keys: tuple) -> tuple[str | None, str | None]:
         """The keys holding a row's score and teacher scores (None: absent); cached per key tuple."""
         plan = self._score_plans.get(keys)
         if plan is None:
-            named = [k for k in SCORE_ALIASES if k in keys]
+            candidates = self.roles.get("score", tuple(k for k in SCORE_ALIASES if k not in self._named))
+            named = [k for k in candidates if k in keys]
             if len(named) > 1:
                 raise DataError(f"{self.name}: both '{named[0]}' and '{named[1]}' given; they name the same "
                                 "column (the score), so one would be ignored: keep one")
@@ -272,24 +334,21 @@ class _Collector:
         """Resolve which keys hold anchor/positive/negatives; cached per distinct key tuple.
 
         Resolution is per row shape, so in JSON lines a row lacking "anchor" may still use "query". The
-        last item lists the roles named by two or more aliases in this shape (e.g. ("anchor", "query")),
-        which `add` resolves per row: one alias holding text is used, two are an error.
+        last item lists the roles named by two or more aliases in this shape, with the aliases (e.g.
+        ("anchor", ("anchor", "query"))), which `add` resolves per row: one alias holding text is used,
+        two are an error.
         """
         plan = self._plans.get(keys)
         if plan is None:
             for key in keys:
                 self.found.setdefault(str(key))
-            anchors = tuple(a for a in _ANCHOR_KEYS if a in keys)
-            positives = tuple(a for a in _POSITIVE_KEYS if a in keys)
+            anchors, positives, negatives = self.role_keys(keys)
             anchor = anchors[0] if anchors else None
             positive = positives[0] if positives else None
-            numbered = sorted(
-                (int(m.group(1)), k) for k in keys if isinstance(k, str) and (m := _NUMBERED_NEGATIVE.fullmatch(k))
-            )
-            negatives = tuple(a for a in NEGATIVE_ALIASES if a in keys) + tuple(k for _, k in numbered)
             self.has_anchor_column |= anchor is not None
             self.has_positive_column |= positive is not None
-            plan = (anchor, positive, negatives, tuple(group for group in (anchors, positives) if len(group) > 1))
+            clash = tuple((role, group) for role, group in (("anchor", anchors), ("positive", positives)) if len(group) > 1)
+            plan = (anchor, positive, negatives, clash)
             if len(self._plans) < _MAX_PLANS:  # rows with ever-new keys must not grow this forever
                 self._plans[keys] = plan
         return plan
@@ -410,16 +469,15 @@ class _Collector:
         """The anchor and positive keys of a row that names a column twice (e.g. both "anchor" and
         "query"): the alias holding something is used; two holding something are an error, since one
         would be ignored."""
-        for group in clash:
+        for role, group in clash:
             filled = [key for key in group if _has_content(record[key])]
             if len(filled) > 1:
-                role = "anchor" if group[0] in _ANCHOR_KEYS else "positive"
                 raise DataError(
                     f"{self.located(at)}: both '{filled[0]}' and '{filled[1]}' given; they name the same column "
                     f"(the {role}), so one would be ignored: keep one"
                 )
             chosen = filled[0] if filled else group[0]
-            if group[0] in _ANCHOR_KEYS:
+            if role == "anchor":
                 anchor_key = chosen
             else:
                 positive_key = chosen
@@ -488,10 +546,15 @@ class _Collector:
         name = self.name
         if self.records == 0:
             raise DataError(f"{name}: file is empty")
+        absent = [(role, key) for role, keys in self.roles.items() for key in keys if key not in self.found]
+        if absent:
+            role, key = absent[0]
+            raise DataError(f"{name}: no column '{_printable(key)}' (named for the {role}); found: {_show_names(self.found)}")
         if not (self.has_anchor_column and self.has_positive_column):
             raise DataError(
                 f"{name}: missing columns: need one of anchor/query/question and one of "
-                f"positive/pos/answer; found: {_show_names(self.found)}"
+                f"positive/pos/answer, or name yours with --columns (e.g. anchor=query,positive=document); "
+                f"found: {_show_names(self.found)}"
             )
         self._flush()
         if not self.chunks:
@@ -794,7 +857,7 @@ def _read_json(p: Path, name: str, collector: _Collector) -> None:
         _check_encodable(document, name)
     del text
     collector.unit = "item"
-    for index, record in enumerate(_json_document_records(document, name), 1):
+    for index, record in enumerate(_json_document_records(document, name, collector), 1):
         if not isinstance(record, dict):
             raise DataError(f"{name}: item {index}: expected a JSON object, got {_json_type(record)}")
         collector.add(record, index)
@@ -837,13 +900,14 @@ def _parses_as_object(text: str) -> bool:
         return False
 
 
-def _json_document_records(document: Any, name: str) -> list:
+def _json_document_records(document: Any, name: str, collector: _Collector) -> list:
     """A list of records, an object holding one (e.g. under "data"), or a single record object."""
     if isinstance(document, list):
         return document
     if not isinstance(document, dict):
         raise DataError(f"{name}: expected a JSON list of objects, got {_json_type(document)}")
-    if any(k in document for k in _ANCHOR_KEYS) and any(k in document for k in _POSITIVE_KEYS):
+    anchors, positives, _ = collector.role_keys(document)
+    if anchors and positives:
         return [document]  # one record, e.g. a one-line FlagEmbedding file named .json
     for key in _JSON_LIST_KEYS:
         if isinstance(document.get(key), list):
