@@ -357,7 +357,8 @@ def test_missing_columns_lists_found_columns(tmp_path, suffix):
     with pytest.raises(DataError) as e:
         load_pairs(path)
     assert _message(e) == (
-        f"{path}: missing columns: need one of anchor/query/question and one of positive/pos/answer; "
+        f"{path}: missing columns: need one of anchor/query/question and one of positive/pos/answer, "
+        "or name yours with --columns (e.g. anchor=query,positive=document); "
         "found: text, label"
     )
 
