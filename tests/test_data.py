@@ -101,6 +101,15 @@ def _make_csv(tmp: Path) -> Path:
     return path
 
 
+def _make_tsv(tmp: Path) -> Path:
+    path = tmp / "pairs.tsv"
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ROWS[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(ROWS)
+    return path
+
+
 def _make_parquet(tmp: Path) -> Path:
     path = tmp / "pairs.parquet"
     pq.write_table(pa.Table.from_pylist(ROWS), path)
@@ -138,6 +147,7 @@ def _make_saved_dataset_dict_no_train(tmp: Path) -> Path:
         _make_json_data_key,
         _make_json_lines_named_json,
         _make_csv,
+        _make_tsv,
         _make_parquet,
         _make_saved_dataset,
         _make_saved_dataset_dict,

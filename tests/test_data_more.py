@@ -313,3 +313,27 @@ def test_no_negatives_anywhere_reports_nothing_extra(tmp_path):
     loaded = load_pairs(_write_jsonl(tmp_path / "plain.jsonl", _pairs(3)))
     assert loaded.num_negatives == 0 and loaded.skipped_few_negatives == 0 and loaded.first_few_negatives is None
     assert loaded.skipped_summary() == "0 rows skipped for empty text"
+
+
+# ------------------------------------------------------------------------------------------ TSV
+
+
+def test_tsv_reads_commas_and_quotes_inside_values(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text('query\tdocument\tscore\nsplit a, b\tx.split(",")\t0.5\n'
+                    'a 12" pizza\t"def f():\n    return 1"\t1\n', encoding="utf-8")
+    table = load_pairs(path, "positive=document").dataset.to_dict()
+    assert table == {"anchor": ["split a, b", 'a 12" pizza'], "positive": ['x.split(",")', "def f():\n    return 1"],
+                     "score": [0.5, 1.0]}
+
+
+def test_ragged_tsv_row_names_its_line(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("anchor\tpositive\na1\tp1\na2\tp2\textra\n", encoding="utf-8")
+    assert _error(path) == f"{path}:3: invalid TSV: expected 2 columns, got 3: a2\tp2\textra".replace("\t", " ")
+
+
+def test_a_tsv_row_after_a_multiline_value_is_named_by_its_line(tmp_path):
+    path = tmp_path / "scores.tsv"
+    path.write_text('anchor\tpositive\tscore\na1\t"two\nlines"\t0.1\na2\tp2\tmuch\n', encoding="utf-8")
+    assert _error(path).startswith(f"{path}:4: column 'score' holds text (\"much\")")

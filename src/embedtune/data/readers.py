@@ -1,7 +1,8 @@
 """Read (anchor, positive[, negatives]) training pairs from the file formats people actually have.
 
 Accepted: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects, an object holding one list such as
-``{"data": [...]}``, or JSON lines), ``.csv`` (every cell read as text), ``.parquet``, and folders written
+``{"data": [...]}``, or JSON lines), ``.csv`` and ``.tsv`` (a header row, every cell read as text),
+``.parquet``, and folders written
 by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk`` (the "train" split, else the first).
 Columns: anchor/query/question (or sentence1/text1), positive/pos/answer (or sentence2/text2),
 negative/neg/negative_<n>, and the scores some losses train on: ``score`` (or ``label``), one number
@@ -58,8 +59,9 @@ TEACHER_SCORES = "scores"  # a list of numbers per row: one per candidate, the p
 
 _NUMBERED_NEGATIVE = re.compile(r"negative_(\d+)")
 ROLES = ("anchor", "positive", "negative", "score")  # what --columns names
-_JSON_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_SUPPORTED = ".jsonl, .ndjson, .json, .csv, .parquet, or a folder written by datasets' save_to_disk"
+_JSON_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+                  ".parquet": "parquet"}
+_SUPPORTED = ".jsonl, .ndjson, .json, .csv, .tsv, .parquet, or a folder written by datasets' save_to_disk"
 # Keys that, in a .json object, hold the list of records (in order of preference).
 _JSON_LIST_KEYS = ("data", "train", "rows", "examples", "records", "items")
 # A "\uD800"-style escape: the only way json.loads can produce text pyarrow can't encode as UTF-8.
@@ -178,9 +180,10 @@ def load_pairs(path: str | os.PathLike, columns: str | dict | None = None) -> Lo
                 raise DataError(f"{name}: unsupported file format '{p.suffix or '(no extension)'}'; use {_SUPPORTED}")
             if _is_blank_file(p):
                 raise DataError(f"{name}: file is empty")
-            {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind](
-                p, name, collector
-            )
+            if kind in ("csv", "tsv"):
+                _read_csv(p, name, collector, "\t" if kind == "tsv" else ",")
+            else:
+                {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}[kind](p, name, collector)
     except OSError as e:  # unreadable file, a folder where a file was expected, ...
         raise DataError(f"{name}: cannot read: {one_line(e.strerror or str(e))}") from e
     return collector.finish()
@@ -936,18 +939,20 @@ def _feed_batches(collector: _Collector, batches: Iterable[dict[str, list]]) -> 
             collector.add(dict(zip(keys, values)), at)
 
 
-def _read_csv(p: Path, name: str, collector: _Collector) -> None:
+def _read_csv(p: Path, name: str, collector: _Collector, delimiter: str = ",") -> None:
+    """A CSV file, or a TSV (``delimiter`` tab) with the same quoting (as pandas and datasets write it)."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
+    kind = _table_kind(delimiter)
     # pyarrow reads a quote that never closes as one value running to the end of the file, silently
     # swallowing every later row; an odd number of quote characters is the cheap sign of one.
-    if _odd_quote_count(p) and (problem := _csv_problem(p, name)):
+    if _odd_quote_count(p) and (problem := _csv_problem(p, name, delimiter)):
         raise DataError(problem)
-    collector.line_of = lambda row: _csv_row_line(p, row)
+    collector.line_of = lambda row: _csv_row_line(p, row, delimiter)
     # Quoted values may span lines (code snippets do); every column is read as text, because type
     # inference would turn an anchor such as "42" into a number.
-    parse = pa_csv.ParseOptions(newlines_in_values=True)
+    parse = pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     try:
         with pa_csv.open_csv(p, parse_options=parse) as probe:
             names = probe.schema.names
@@ -961,9 +966,9 @@ def _read_csv(p: Path, name: str, collector: _Collector) -> None:
                 head = f.read(1 << 20).rstrip()
             if b"\n" not in head and b"\r" not in head:  # a lone header line: no rows
                 raise DataError(f"{name}: file is empty") from None
-            raise DataError(f"{name}:1: invalid CSV: the header row never ends (unbalanced quote?)") from None
+            raise DataError(f"{name}:1: invalid {kind}: the header row never ends (unbalanced quote?)") from None
         # pyarrow's messages name no line and quote whole rows; find the line ourselves.
-        problem = _csv_problem(p, name) or f"{name}: invalid CSV: {_quoted(str(e), 120)}"
+        problem = _csv_problem(p, name, delimiter) or f"{name}: invalid {kind}: {_quoted(str(e), 120)}"
         raise DataError(problem) from None
 
 
@@ -984,33 +989,37 @@ def _odd_quote_count(p: Path) -> bool:
     return count % 2 == 1
 
 
-def _csv_problem(p: Path, name: str) -> str | None:
-    """The first malformed record of a CSV file, as a message naming its line; None if there is none.
+def _table_kind(delimiter: str) -> str:
+    return "TSV" if delimiter == "\t" else "CSV"
 
-    Python's csv module (strict) does the scan: pyarrow's errors carry no line number.
+
+def _csv_problem(p: Path, name: str, delimiter: str = ",") -> str | None:
+    """The first malformed record of a CSV (or TSV) file, as a message naming its line; None if there is
+    none. Python's csv module (strict) does the scan: pyarrow's errors carry no line number.
     """
+    kind = _table_kind(delimiter)
     width = None
     try:
-        for start, end, first, row in _csv_records(p, strict=True):
+        for start, end, first, row in _csv_records(p, strict=True, delimiter=delimiter):
             if not row:  # a blank line; pyarrow skips them too
                 continue
             if width is None:
                 width = len(row)
             elif len(row) != width:
                 return (
-                    f"{name}:{start}: invalid CSV: expected {width} columns, got {len(row)}"
+                    f"{name}:{start}: invalid {kind}: expected {width} columns, got {len(row)}"
                     f"{_span(start, end)}: {_quoted(first)}"
                 )
     except _BadCsv as e:
-        return f"{name}:{e.line}: invalid CSV: {e.problem}"
+        return f"{name}:{e.line}: invalid {kind}: {e.problem}"
     return None
 
 
-def _csv_row_line(p: Path, row: int) -> int | None:
+def _csv_row_line(p: Path, row: int, delimiter: str = ",") -> int | None:
     """The line on which data row ``row`` (1-based, after the header) starts; None if not found."""
     seen = -1  # the header is row 0
     try:
-        for start, _, _, values in _csv_records(p, strict=False):
+        for start, _, _, values in _csv_records(p, strict=False, delimiter=delimiter):
             if values:
                 seen += 1
                 if seen == row:
@@ -1025,10 +1034,10 @@ def _span(start: int, end: int) -> str:
     return f" (the record runs from line {start} to {end}: unbalanced quote?)" if end > start else ""
 
 
-def _csv_records(p: Path, strict: bool) -> Iterator[tuple[int, int, str, list[str]]]:
+def _csv_records(p: Path, strict: bool, delimiter: str = ",") -> Iterator[tuple[int, int, str, list[str]]]:
     """(first line, last line, first line's text, values) for each record, blank lines as empty records."""
     lines = _FirstLine(_csv_lines(p))
-    reader = csv.reader(lines, strict=strict)
+    reader = csv.reader(lines, strict=strict, delimiter=delimiter)
     start = 1
     limit = csv.field_size_limit(2**31 - 1)  # code snippets can exceed csv's default 128 KiB per field
     try:
