@@ -472,8 +472,15 @@ def test_garbage_parquet(tmp_path):
     assert _message(e).startswith(f"{path}: invalid Parquet file: ")
 
 
-def test_folder_that_is_not_a_saved_dataset(tmp_path):
+def test_folder_without_data_files_or_a_saved_dataset(tmp_path):
     (tmp_path / "junk.txt").write_text("x", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_pairs(tmp_path)
+    assert _message(e).startswith(f"{tmp_path}: a folder with no data files, not written by datasets' save_to_disk")
+
+
+def test_broken_saved_dataset_says_so(tmp_path):
+    (tmp_path / "state.json").write_text("{}", encoding="utf-8")
     with pytest.raises(DataError) as e:
         load_pairs(tmp_path)
     assert _message(e).startswith(f"{tmp_path}: not a dataset folder written by datasets' save_to_disk")

@@ -2,7 +2,8 @@
 
 Accepted: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects, an object holding one list such as
 ``{"data": [...]}``, or JSON lines), ``.csv`` and ``.tsv`` (a header row, every cell read as text),
-``.parquet``, and folders written
+``.parquet``, a folder of such files (a dataset repository as the hub keeps it, or an export's shards:
+the train split's files where their paths name splits, read in name order as one data set), and folders written
 by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk`` (the "train" split, else the first).
 Columns: anchor/query/question (or sentence1/text1), positive/pos/answer (or sentence2/text2),
 negative/neg/negative_<n>, and the scores some losses train on: ``score`` (or ``label``), one number
@@ -61,7 +62,11 @@ _NUMBERED_NEGATIVE = re.compile(r"negative_(\d+)")
 ROLES = ("anchor", "positive", "negative", "score")  # what --columns names
 _JSON_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
                   ".parquet": "parquet"}
-_SUPPORTED = ".jsonl, .ndjson, .json, .csv, .tsv, .parquet, or a folder written by datasets' save_to_disk"
+_SUPPORTED = (".jsonl, .ndjson, .json, .csv, .tsv, .parquet, a folder written by datasets' save_to_disk, or a folder "
+              "of such files")
+# Words in a data file's path that name a split, as the hub's dataset repositories and most exports do
+_SPLIT_WORDS = frozenset({"train", "training", "validation", "valid", "val", "dev", "test", "eval", "evaluation"})
+_METADATA_FILES = frozenset({"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"})
 # Keys that, in a .json object, hold the list of records (in order of preference).
 _JSON_LIST_KEYS = ("data", "train", "rows", "examples", "records", "items")
 # A "\uD800"-style escape: the only way json.loads can produce text pyarrow can't encode as UTF-8.
@@ -171,22 +176,74 @@ def load_pairs(path: str | os.PathLike, columns: str | dict | None = None) -> Lo
         raise DataError(f"{name}: not a regular file (a pipe or a device); embedtune reads its data more than "
                         "once (to check it, to hash it for --resume): write it to a file first")
     collector = _Collector(name, roles)
-    try:
-        if p.is_dir():
+    if p.is_dir() and not _is_saved_dataset(p):
+        for file in _folder_files(p, name):
+            collector.begin_file(os.fspath(file))
+            if not _is_blank_file(file):  # an export's empty shard
+                _read_file(file, os.fspath(file), collector)
+        collector.name = name
+        if collector.records == 0:
+            raise DataError(f"{name}: its data files hold no rows")
+        return collector.finish()
+    if p.is_dir():
+        try:
             _read_saved_dataset(p, name, collector)
+        except OSError as e:
+            raise DataError(f"{name}: cannot read: {one_line(e.strerror or str(e))}") from e
+    else:
+        if _JSON_SUFFIXES.get(p.suffix.lower()) is not None and _is_blank_file(p):
+            raise DataError(f"{name}: file is empty")
+        _read_file(p, name, collector)
+    return collector.finish()
+
+
+def _read_file(p: Path, name: str, collector: _Collector) -> None:
+    """Feed one data file's rows to ``collector``, by the file's format."""
+    kind = _JSON_SUFFIXES.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(f"{name}: unsupported file format '{p.suffix or '(no extension)'}'; use {_SUPPORTED}")
+    try:
+        if kind in ("csv", "tsv"):
+            _read_csv(p, name, collector, "\t" if kind == "tsv" else ",")
         else:
-            kind = _JSON_SUFFIXES.get(p.suffix.lower())
-            if kind is None:
-                raise DataError(f"{name}: unsupported file format '{p.suffix or '(no extension)'}'; use {_SUPPORTED}")
-            if _is_blank_file(p):
-                raise DataError(f"{name}: file is empty")
-            if kind in ("csv", "tsv"):
-                _read_csv(p, name, collector, "\t" if kind == "tsv" else ",")
-            else:
-                {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}[kind](p, name, collector)
+            {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}[kind](p, name, collector)
     except OSError as e:  # unreadable file, a folder where a file was expected, ...
         raise DataError(f"{name}: cannot read: {one_line(e.strerror or str(e))}") from e
-    return collector.finish()
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` (state.json) or `DatasetDict.save_to_disk`."""
+    return (p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
+
+
+def _folder_files(p: Path, name: str) -> list[Path]:
+    """The training files of a folder of data files (a dataset repository as the hub keeps it, a job's
+    shards): those whose path names the train split where paths name splits, else all of them; of
+    one format and one subset. Hidden files and folders, and those starting with "_", are not data."""
+    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in _JSON_SUFFIXES and f.name not in _METADATA_FILES
+                   and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts) and f.is_file())
+    if not files:
+        raise DataError(f"{name}: a folder with no data files, not written by datasets' save_to_disk either; "
+                        f"use {_SUPPORTED}")
+
+    def words(f: Path) -> set[str]:
+        return {w for part in f.relative_to(p).parts for w in re.split(r"[^a-z]+", part.lower())}
+
+    train = [f for f in files if words(f) & {"train", "training"}]
+    if not train:
+        others = sorted({w for f in files for w in words(f) & _SPLIT_WORDS})
+        if others:
+            raise DataError(f"{name}: no training files: its files' names give the splits {', '.join(others)}, "
+                            "not train")
+        train = files
+    subsets = {tuple(part for part in f.relative_to(p).parent.parts if part.lower() not in _SPLIT_WORDS) for f in train}
+    if len(subsets) > 1:
+        shown = ", ".join("/".join(s) or "." for s in sorted(subsets))
+        raise DataError(f"{name}: training files of several subsets ({shown}): give the folder of one")
+    kinds = sorted({_JSON_SUFFIXES[f.suffix.lower()] for f in train})
+    if len(kinds) > 1:
+        raise DataError(f"{name}: training files of several formats ({', '.join(kinds)}): keep one")
+    return train
 
 
 def column(dataset, name: str) -> list[str]:
@@ -251,6 +308,7 @@ class _Collector:
         self.chunks: list[list] = []  # flushed [anchor, positive, negatives] pyarrow arrays
         # negatives per row -> [rows with that count, (record number, position) of the first]
         self.negative_counts: dict[int, list] = {}
+        self.files: list[tuple[str, Callable | None]] = []  # a folder's files read so far: (name, line_of)
         self.skipped = 0
         self.records = 0
         self.found: dict[str, None] = {}  # every column name seen, in first-seen order
@@ -414,7 +472,7 @@ class _Collector:
             return
         tally = self.negative_counts.get(len(negatives))
         if tally is None:
-            self.negative_counts[len(negatives)] = [len(positives), (self.records, at)]
+            self.negative_counts[len(negatives)] = [len(positives), (self.records, at, len(self.files), self.unit)]
         else:
             tally[0] += len(positives)
         for pos in positives:
@@ -511,13 +569,23 @@ class _Collector:
                 return f"{self.name}:{line}"
         return self.where(at)
 
-    def place(self, at: int) -> str:
-        """Record ``at``'s position in words, e.g. "line 17" (CSV rows looked up as lines)."""
-        if self.line_of is not None:
-            line = self.line_of(at)
-            if line is not None:
-                return f"line {line}"
-        return f"{self.unit} {at}"
+    def begin_file(self, name: str) -> None:
+        """The next file of a folder: messages name it, and its positions count from its start."""
+        if self.files:
+            self.files[-1] = (self.files[-1][0], self.line_of)
+        self.files.append((name, None))
+        self.name, self.unit, self.line_of = name, "line", None
+
+    def place(self, first: tuple) -> str:
+        """A record's position in words, e.g. "line 17" (CSV rows looked up as lines), and its file when
+        a folder's files were read; ``first`` is (record number, position, file number, unit)."""
+        _, at, file, unit = first
+        name, line_of = None, self.line_of
+        if file:  # the last file's line lookup is still the collector's own
+            name, line_of = self.files[file - 1] if file < len(self.files) else (self.files[-1][0], self.line_of)
+        line = line_of(at) if line_of is not None else None
+        where = f"line {line}" if line is not None else f"{unit} {at}"
+        return f"{where} of {name}" if name else where
 
     def _flush(self) -> None:
         import pyarrow as pa
@@ -605,9 +673,9 @@ class _Collector:
             source=name,
             num_negatives=k,
             skipped_few_negatives=sum(rows for rows, _ in few),
-            first_few_negatives=self.place(min(first for _, first in few)[1]) if few else None,
+            first_few_negatives=self.place(min(first for _, first in few)) if few else None,
             cut_negatives=sum(rows for rows, _ in more),
-            first_cut_negatives=self.place(min(first for _, first in more)[1]) if more else None,
+            first_cut_negatives=self.place(min(first for _, first in more)) if more else None,
             skipped_no_score=no_score,
         )
 
@@ -1049,7 +1117,7 @@ def _csv_records(p: Path, strict: bool, delimiter: str = ",") -> Iterator[tuple[
             except csv.Error as e:
                 if "unexpected end of data" in str(e):
                     raise _BadCsv(start, "unbalanced quote: a quoted value that starts here never closes") from None
-                raise _BadCsv(start, f"{e}{_span(start, reader.line_num)}") from None
+                raise _BadCsv(start, f"{_printable(str(e))}{_span(start, reader.line_num)}") from None
             yield start, reader.line_num, lines.first or "", row
             start, lines.first = reader.line_num + 1, None
     finally:

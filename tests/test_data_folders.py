@@ -1,0 +1,118 @@
+"""A folder of data files as one data set: a dataset repository as the hub keeps it, an export's shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedtune.data import load_pairs
+from embedtune.errors import DataError
+
+
+def _rows(prefix: str, n: int, negatives: int = 0) -> list[dict]:
+    return [{"anchor": f"{prefix}a{i}", "positive": f"{prefix}p{i}",
+             **{f"negative_{j}": f"{prefix}n{i}.{j}" for j in range(1, negatives + 1)}} for i in range(n)]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _parquet(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _anchors(loaded) -> list[str]:
+    return loaded.dataset.with_format("arrow")["anchor"].to_pylist()
+
+
+def _error(path, match: str) -> str:
+    with pytest.raises(DataError, match=match) as e:
+        load_pairs(path)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_hub_repository_reads_its_train_shards_in_order(tmp_path):
+    repo = tmp_path / "repo"
+    _parquet(repo / "data" / "train-00001-of-00002.parquet", _rows("b", 3))
+    _parquet(repo / "data" / "train-00000-of-00002.parquet", _rows("a", 2))
+    _parquet(repo / "data" / "test-00000-of-00001.parquet", _rows("t", 4))
+    (repo / "README.md").write_text("---\nconfigs: []\n---\n", encoding="utf-8")
+    (repo / ".gitattributes").write_text("*.parquet filter=lfs\n", encoding="utf-8")
+    (repo / ".cache" / "huggingface").mkdir(parents=True)
+    _jsonl(repo / ".cache" / "huggingface" / "train.jsonl", _rows("hidden", 1))
+    (repo / "dataset_infos.json").write_text("{}", encoding="utf-8")
+    loaded = load_pairs(repo)
+    assert _anchors(loaded) == ["aa0", "aa1", "ba0", "ba1", "ba2"]
+    assert loaded.source == str(repo)
+
+
+def test_an_exports_shards_are_all_read_and_an_empty_one_is_skipped(tmp_path):
+    out = tmp_path / "export"
+    _jsonl(out / "part-00000.json", _rows("x", 2))  # JSON lines named .json, as Spark writes them
+    _jsonl(out / "part-00001.json", _rows("y", 2))
+    (out / "part-00002.json").write_text("", encoding="utf-8")
+    (out / "_SUCCESS").write_text("", encoding="utf-8")
+    assert _anchors(load_pairs(out)) == ["xa0", "xa1", "ya0", "ya1"]
+
+
+def test_split_folders_keep_the_training_one(tmp_path):
+    _jsonl(tmp_path / "d" / "train" / "a.jsonl", _rows("tr", 2))
+    _jsonl(tmp_path / "d" / "validation" / "a.jsonl", _rows("va", 2))
+    _jsonl(tmp_path / "d" / "mnli_dev.jsonl", _rows("dv", 2))
+    assert _anchors(load_pairs(tmp_path / "d")) == ["tra0", "tra1"]
+
+
+def test_several_subsets_are_refused_and_one_subsets_folder_reads(tmp_path):
+    _parquet(tmp_path / "nli" / "pair" / "train-00000-of-00001.parquet", _rows("p", 2))
+    _parquet(tmp_path / "nli" / "triplet" / "train-00000-of-00001.parquet", _rows("t", 2, negatives=1))
+    _error(tmp_path / "nli", r"nli: training files of several subsets \(pair, triplet\): give the folder of one")
+    assert load_pairs(tmp_path / "nli" / "triplet").num_negatives == 1
+
+
+def test_a_folder_without_training_files_or_of_two_formats_is_refused(tmp_path):
+    _jsonl(tmp_path / "eval_only" / "test.jsonl", _rows("t", 2))
+    _jsonl(tmp_path / "eval_only" / "dev.jsonl", _rows("d", 2))
+    _error(tmp_path / "eval_only", r"eval_only: no training files: its files' names give the splits dev, test, not train")
+    _jsonl(tmp_path / "mixed" / "train-0.jsonl", _rows("a", 2))
+    _parquet(tmp_path / "mixed" / "train-1.parquet", _rows("b", 2))
+    _error(tmp_path / "mixed", r"mixed: training files of several formats \(jsonl, parquet\): keep one")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "part-0.jsonl").write_text("", encoding="utf-8")
+    _error(tmp_path / "empty", r"empty: its data files hold no rows")
+
+
+def test_a_bad_row_names_its_own_file_and_line(tmp_path):
+    _jsonl(tmp_path / "s" / "part-0.jsonl", _rows("a", 3))
+    bad = _jsonl(tmp_path / "s" / "part-1.jsonl", _rows("b", 2))
+    bad.write_text(bad.read_text(encoding="utf-8") + '{"anchor": 3, "positive": "p"}\n', encoding="utf-8")
+    _error(tmp_path / "s", rf"^{bad}:3: column 'anchor' holds a number \(3\), expected text$")
+
+
+def test_rows_with_fewer_negatives_are_placed_in_their_file(tmp_path):
+    _jsonl(tmp_path / "n" / "part-0.jsonl", _rows("a", 4, negatives=2))
+    few = _jsonl(tmp_path / "n" / "part-1.jsonl", _rows("b", 1, negatives=2) + _rows("c", 1, negatives=1))
+    loaded = load_pairs(tmp_path / "n")
+    assert loaded.num_negatives == 2 and loaded.skipped_few_negatives == 1
+    assert loaded.first_few_negatives == f"line 2 of {few}"
+    single = load_pairs(few)  # one file: no file in the place, as before (a tie keeps the larger count)
+    assert single.num_negatives == 2 and single.first_few_negatives == "line 2"
+
+
+def test_an_earlier_csv_files_rows_are_placed_by_their_own_lines(tmp_path):
+    first = tmp_path / "c" / "part-0.csv"
+    first.parent.mkdir()
+    first.write_text('anchor,positive,negative_1,negative_2\na0,"two\nlines",n0,m0\na1,p1,n1,\n', encoding="utf-8")
+    (tmp_path / "c" / "part-1.csv").write_text(
+        "anchor,positive,negative_1,negative_2\n" + "".join(f"b{i},q{i},x{i},y{i}\n" for i in range(3)), encoding="utf-8")
+    loaded = load_pairs(tmp_path / "c")
+    assert loaded.skipped_few_negatives == 1 and loaded.first_few_negatives == f"line 4 of {first}"
