@@ -116,3 +116,36 @@ def test_an_earlier_csv_files_rows_are_placed_by_their_own_lines(tmp_path):
         "anchor,positive,negative_1,negative_2\n" + "".join(f"b{i},q{i},x{i},y{i}\n" for i in range(3)), encoding="utf-8")
     loaded = load_pairs(tmp_path / "c")
     assert loaded.skipped_few_negatives == 1 and loaded.first_few_negatives == f"line 4 of {first}"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A hub cache holding dataset acme/nli at one commit (pair/ and triplet/ subsets), offline."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "datasets--acme--nli" / "snapshots" / "0123abcd"
+    _parquet(snapshot / "pair" / "train-00000-of-00001.parquet", _rows("p", 3))
+    _parquet(snapshot / "pair" / "test-00000-of-00001.parquet", _rows("pt", 2))
+    _parquet(snapshot / "triplet" / "train-00000-of-00001.parquet", _rows("t", 2, negatives=1))
+    (snapshot / "nli.py").write_text("raise SystemExit('a loading script must never run')\n", encoding="utf-8")
+    (cache / "datasets--acme--nli" / "refs").mkdir()
+    (cache / "datasets--acme--nli" / "refs" / "main").write_text("0123abcd", encoding="utf-8")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no local folder named acme/...
+    return cache
+
+
+def test_a_hub_dataset_id_reads_its_data_files(hub_cache):
+    assert _anchors(load_pairs("acme/nli/pair")) == ["pa0", "pa1", "pa2"]
+    triplets = load_pairs("acme/nli/triplet")
+    assert triplets.num_negatives == 1 and triplets.source == "acme/nli/triplet"
+    _error("acme/nli", r"^acme/nli: training files of several subsets \(pair, triplet\): give the folder of one$")
+    _error("acme/nli/pairs", r"^acme/nli/pairs: the hub dataset acme/nli has no data files under pairs$")
+    _error("acme/other", r"^acme/other: no such file or directory, nor a dataset on the Hugging Face hub")
+
+
+def test_a_mistyped_local_file_is_not_looked_up_on_the_hub(hub_cache):
+    _error("data/pairs.jsonl", r"^data/pairs.jsonl: no such file or directory$")
+    _error("./acme/nli", r"^./acme/nli: no such file or directory$")

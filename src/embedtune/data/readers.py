@@ -3,7 +3,8 @@
 Accepted: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects, an object holding one list such as
 ``{"data": [...]}``, or JSON lines), ``.csv`` and ``.tsv`` (a header row, every cell read as text),
 ``.parquet``, a folder of such files (a dataset repository as the hub keeps it, or an export's shards:
-the train split's files where their paths name splits, read in name order as one data set), and folders written
+the train split's files where their paths name splits, read in name order as one data set), a dataset's
+id on the Hugging Face hub (``owner/name[/subset folder]``, its data files fetched: `data.hub`), and folders written
 by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk`` (the "train" split, else the first).
 Columns: anchor/query/question (or sentence1/text1), positive/pos/answer (or sentence2/text2),
 negative/neg/negative_<n>, and the scores some losses train on: ``score`` (or ``label``), one number
@@ -170,21 +171,18 @@ def load_pairs(path: str | os.PathLike, columns: str | dict | None = None) -> Lo
     name = os.fspath(path)
     p = Path(name)
     if not p.exists():
-        raise DataError(f"{name}: no such file or directory")
+        from embedtune.data.hub import dataset_folder, is_hub_id
+
+        if not is_hub_id(name):
+            raise DataError(f"{name}: no such file or directory")
+        return _read_folder(dataset_folder(name), name, _Collector(name, roles))
 
     if not p.is_dir() and not p.is_file():  # a FIFO would be drained by the first of several reads
         raise DataError(f"{name}: not a regular file (a pipe or a device); embedtune reads its data more than "
                         "once (to check it, to hash it for --resume): write it to a file first")
     collector = _Collector(name, roles)
     if p.is_dir() and not _is_saved_dataset(p):
-        for file in _folder_files(p, name):
-            collector.begin_file(os.fspath(file))
-            if not _is_blank_file(file):  # an export's empty shard
-                _read_file(file, os.fspath(file), collector)
-        collector.name = name
-        if collector.records == 0:
-            raise DataError(f"{name}: its data files hold no rows")
-        return collector.finish()
+        return _read_folder(p, name, collector)
     if p.is_dir():
         try:
             _read_saved_dataset(p, name, collector)
@@ -194,6 +192,18 @@ def load_pairs(path: str | os.PathLike, columns: str | dict | None = None) -> Lo
         if _JSON_SUFFIXES.get(p.suffix.lower()) is not None and _is_blank_file(p):
             raise DataError(f"{name}: file is empty")
         _read_file(p, name, collector)
+    return collector.finish()
+
+
+def _read_folder(p: Path, name: str, collector: _Collector) -> LoadedPairs:
+    """A folder of data files as one data set (`_folder_files`), each file's problems named by the file."""
+    for file in _folder_files(p, name):
+        collector.begin_file(os.fspath(file))
+        if not _is_blank_file(file):  # an export's empty shard
+            _read_file(file, os.fspath(file), collector)
+    collector.name = name
+    if collector.records == 0:
+        raise DataError(f"{name}: its data files hold no rows")
     return collector.finish()
 
 
