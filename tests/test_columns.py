@@ -188,3 +188,18 @@ def test_cli_train_eval_and_mine_read_named_columns(tmp_path, monkeypatch):
     missing = runner.invoke(app, ["train", str(data), "--output", str(tmp_path / "bad"), *common])
     assert missing.exit_code != 0 and "--columns" in " ".join(missing.output.split())
     assert not (tmp_path / "bad").exists()
+
+
+def test_each_data_set_of_a_run_reads_its_own_column_names(tmp_path):
+    from embedtune.run_data import load_parts
+    from embedtune.train import TrainConfig
+
+    a = _write(tmp_path / "a.jsonl", RENAMED)
+    b = _write(tmp_path / "b.jsonl", [{"question": r["anchor"], "doc": r["positive"]} for r in USUAL])
+    config = TrainConfig(data={"a": str(a), "b": {"path": str(b), "columns": {"positive": "doc"}}},
+                         columns="anchor=q,positive=document")
+    parts = load_parts(config)
+    assert [p.name for p in parts] == ["a", "b"]
+    for part in parts:
+        assert _table(part.loaded)["anchor"] == [r["anchor"] for r in USUAL]
+        assert _table(part.loaded)["positive"] == [r["positive"] for r in USUAL]

@@ -316,7 +316,7 @@ class _Collector:
         self.negatives: list[str] = []  # every kept row's negatives, flat
         self.negative_ends: list[int] = []  # per row: where its negatives end in ``negatives``
         self.chunks: list[list] = []  # flushed [anchor, positive, negatives] pyarrow arrays
-        # negatives per row -> [rows with that count, (record number, position) of the first]
+        # negatives per row -> [rows with that count, the first: (record number, position, file number, unit)]
         self.negative_counts: dict[int, list] = {}
         self.files: list[tuple[str, Callable | None]] = []  # a folder's files read so far: (name, line_of)
         self.skipped = 0
