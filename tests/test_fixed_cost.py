@@ -53,7 +53,7 @@ def test_importing_the_package_and_the_cli_loads_no_ml_library():
     assert seen == {"package": [], "cli": [], "version": "0.1.0", "error": "EmbedtuneError"}
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["export", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["mine", "--help"], ["export", "--help"]])
 def test_help_loads_no_ml_library(argv):
     seen = _cli(argv)
     assert seen == {"code": 0, "loaded": []}

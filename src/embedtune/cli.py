@@ -216,7 +216,7 @@ def _config_file_callback(ctx: typer.Context, param: typer.CallbackParam, value:
 @app.command()
 def train(
     ctx: typer.Context,
-    data: Optional[List[str]] = typer.Argument(None, help="Data file(s): JSONL, JSON, CSV, TSV, Parquet, a saved HF dataset folder, a folder of data files (its train split) or a hub dataset id (owner/name[/subset]); several train together, each batch from one of them (or `data:` in --config)."),
+    data: Optional[List[str]] = typer.Argument(None, help="Data file(s): JSONL, JSON, CSV, TSV, Parquet, a saved HF dataset folder, a folder of data files (its train split) or a hub dataset id (owner/name, or owner/name/subset for one subset); several train together, each batch from one of them (or `data:` in --config)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, HF folder or ST folder (default: bundled all-MiniLM-L6-v2)."),
     output: str = typer.Option("embedtune-output", "--output", help="Output folder (model/, metrics.json, training_curves.png)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="mnrl, triplet, cosent, angle, marginmse or kl (default: from the data's columns; see README, Data shapes and losses)."),
