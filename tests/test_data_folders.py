@@ -149,3 +149,71 @@ def test_a_hub_dataset_id_reads_its_data_files(hub_cache):
 def test_a_mistyped_local_file_is_not_looked_up_on_the_hub(hub_cache):
     _error("data/pairs.jsonl", r"^data/pairs.jsonl: no such file or directory$")
     _error("./acme/nli", r"^./acme/nli: no such file or directory$")
+
+
+# ------------------------------------------------------------------------------ compressed files
+
+
+def _compress(path: Path, suffix: str) -> Path:
+    import bz2
+    import gzip
+    import lzma
+
+    packed = path.with_name(path.name + suffix)
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[suffix]
+    with opener(packed, "wb") as f:
+        f.write(path.read_bytes())
+    path.unlink()
+    return packed
+
+
+def _temp_copies() -> set[str]:
+    import tempfile
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("embedtune-*")}
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "tsv"])
+def test_compressed_files_read_as_the_plain_ones(tmp_path, fmt, suffix):
+    import csv as csv_module
+
+    rows = _rows("z", 3, negatives=1)
+    plain = tmp_path / f"pairs.{fmt}"
+    if fmt in ("csv", "tsv"):
+        with plain.open("w", encoding="utf-8", newline="") as f:
+            writer = csv_module.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    elif fmt == "json":
+        plain.write_text(json.dumps(rows), encoding="utf-8")
+    else:
+        _jsonl(plain, rows)
+    expected = load_pairs(plain).dataset.to_dict()
+    before = _temp_copies()
+    assert load_pairs(_compress(plain, suffix)).dataset.to_dict() == expected
+    assert _temp_copies() == before, "the decompressed copy is removed"
+
+
+def test_a_compressed_files_errors_name_it_and_its_line(tmp_path):
+    path = _jsonl(tmp_path / "pairs.jsonl", _rows("a", 2))
+    path.write_text(path.read_text(encoding="utf-8") + '{"anchor": "x", "positive": \n', encoding="utf-8")
+    packed = _compress(path, ".gz")
+    before = _temp_copies()
+    _error(packed, rf"^{packed}:3: invalid JSON")
+    assert _temp_copies() == before
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(b"not gzip at all")
+    _error(broken, rf"^{broken}: cannot decompress \(gzip\): ")
+    empty = _compress(_jsonl(tmp_path / "empty.jsonl", []), ".gz")
+    _error(empty, rf"^{empty}: file is empty$")
+    _error(tmp_path / "x.parquet.gz", r"no such file")
+    (tmp_path / "pairs.parquet.gz").write_bytes(b"")
+    _error(tmp_path / "pairs.parquet.gz", r"unsupported file format '.parquet.gz'")
+
+
+def test_a_folder_of_compressed_shards(tmp_path):
+    _compress(_jsonl(tmp_path / "s" / "train-0.jsonl", _rows("a", 2)), ".gz")
+    _jsonl(tmp_path / "s" / "train-1.jsonl", _rows("b", 1))  # plain and compressed JSON lines: one format
+    _compress(_jsonl(tmp_path / "s" / "train-2.jsonl", []), ".gz")
+    assert _anchors(load_pairs(tmp_path / "s")) == ["aa0", "aa1", "ba0"]

@@ -1,7 +1,8 @@
 """Read (anchor, positive[, negatives]) training pairs from the file formats people actually have.
 
 Accepted: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects, an object holding one list such as
-``{"data": [...]}``, or JSON lines), ``.csv`` and ``.tsv`` (a header row, every cell read as text),
+``{"data": [...]}``, or JSON lines), ``.csv`` and ``.tsv`` (a header row, every cell read as text), each
+of these also compressed (``.gz``, ``.bz2``, ``.xz``: read through a decompressed temporary copy),
 ``.parquet``, a folder of such files (a dataset repository as the hub keeps it, or an export's shards:
 the train split's files where their paths name splits, read in name order as one data set), a dataset's
 id on the Hugging Face hub (``owner/name[/subset folder]``, its data files fetched: `data.hub`), and folders written
@@ -32,11 +33,14 @@ with the user's file surfaces as a one-line :class:`DataError` naming the file (
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -63,8 +67,10 @@ _NUMBERED_NEGATIVE = re.compile(r"negative_(\d+)")
 ROLES = ("anchor", "positive", "negative", "score")  # what --columns names
 _JSON_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
                   ".parquet": "parquet"}
-_SUPPORTED = (".jsonl, .ndjson, .json, .csv, .tsv, .parquet, a folder written by datasets' save_to_disk, or a folder "
-              "of such files")
+# Text formats may come compressed (pairs.jsonl.gz): read through a decompressed temporary copy
+_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+_SUPPORTED = (".jsonl, .ndjson, .json, .csv, .tsv (each also as .gz, .bz2 or .xz), .parquet, a folder written by "
+              "datasets' save_to_disk, or a folder of such files")
 # Words in a data file's path that name a split, as the hub's dataset repositories and most exports do
 _SPLIT_WORDS = frozenset({"train", "training", "validation", "valid", "val", "dev", "test", "eval", "evaluation"})
 _METADATA_FILES = frozenset({"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"})
@@ -189,8 +195,6 @@ def load_pairs(path: str | os.PathLike, columns: str | dict | None = None) -> Lo
         except OSError as e:
             raise DataError(f"{name}: cannot read: {one_line(e.strerror or str(e))}") from e
     else:
-        if _JSON_SUFFIXES.get(p.suffix.lower()) is not None and _is_blank_file(p):
-            raise DataError(f"{name}: file is empty")
         _read_file(p, name, collector)
     return collector.finish()
 
@@ -199,19 +203,65 @@ def _read_folder(p: Path, name: str, collector: _Collector) -> LoadedPairs:
     """A folder of data files as one data set (`_folder_files`), each file's problems named by the file."""
     for file in _folder_files(p, name):
         collector.begin_file(os.fspath(file))
-        if not _is_blank_file(file):  # an export's empty shard
-            _read_file(file, os.fspath(file), collector)
+        _read_file(file, os.fspath(file), collector, empty_ok=True)  # an export's shards may be empty
     collector.name = name
     if collector.records == 0:
         raise DataError(f"{name}: its data files hold no rows")
     return collector.finish()
 
 
-def _read_file(p: Path, name: str, collector: _Collector) -> None:
-    """Feed one data file's rows to ``collector``, by the file's format."""
-    kind = _JSON_SUFFIXES.get(p.suffix.lower())
+def file_format(p: Path) -> tuple[str | None, str | None]:
+    """A data file's format and compression from its name: pairs.jsonl -> ("jsonl", None), pairs.csv.gz ->
+    ("csv", ".gz"); (None, ...) for a name embedtune does not read (Parquet compresses itself)."""
+    suffixes = [s.lower() for s in p.suffixes]
+    compression = suffixes[-1] if suffixes and suffixes[-1] in _COMPRESSIONS else None
+    inner = suffixes[-2:-1] if compression else suffixes[-1:]
+    kind = _JSON_SUFFIXES.get(inner[0]) if inner else None
+    return (None if kind == "parquet" and compression else kind), compression
+
+
+def _read_file(p: Path, name: str, collector: _Collector, empty_ok: bool = False) -> None:
+    """Feed one data file's rows to ``collector``, by the file's format (decompressed first where it is
+    compressed); an empty file is an error unless ``empty_ok``."""
+    kind, compression = file_format(p)
     if kind is None:
-        raise DataError(f"{name}: unsupported file format '{p.suffix or '(no extension)'}'; use {_SUPPORTED}")
+        shown = "".join(p.suffixes[-2:]) if compression else p.suffix
+        raise DataError(f"{name}: unsupported file format '{shown or '(no extension)'}'; use {_SUPPORTED}")
+    with _decompressed(p, name, compression) as plain:
+        if _is_blank_file(plain):
+            if empty_ok:
+                return
+            raise DataError(f"{name}: file is empty")
+        _read_plain(plain, kind, name, collector)
+
+
+@contextlib.contextmanager
+def _decompressed(p: Path, name: str, compression: str | None) -> Iterator[Path]:
+    """``p`` itself, or a decompressed temporary copy of it (removed after reading), for the readers
+    that read a file more than once (CSV's line lookups) or whole (a JSON document)."""
+    if compression is None:
+        yield p
+        return
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {"gzip": gzip.open, "bz2": bz2.open, "lzma": lzma.open}[_COMPRESSIONS[compression]]
+    fd, temp = tempfile.mkstemp(prefix="embedtune-", suffix=p.suffixes[-2])
+    try:
+        try:
+            with opener(p, "rb") as source, os.fdopen(fd, "wb") as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+        except (OSError, EOFError, lzma.LZMAError) as e:  # gzip.BadGzipFile is an OSError
+            raise DataError(f"{name}: cannot decompress ({_COMPRESSIONS[compression]}): {one_line(str(e))}") from None
+        yield Path(temp)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+
+
+def _read_plain(p: Path, kind: str, name: str, collector: _Collector) -> None:
+    """Feed an uncompressed data file's rows to ``collector``; messages name the file as ``name``."""
     try:
         if kind in ("csv", "tsv"):
             _read_csv(p, name, collector, "\t" if kind == "tsv" else ",")
@@ -230,7 +280,7 @@ def _folder_files(p: Path, name: str) -> list[Path]:
     """The training files of a folder of data files (a dataset repository as the hub keeps it, a job's
     shards): those whose path names the train split where paths name splits, else all of them; of
     one format and one subset. Hidden files and folders, and those starting with "_", are not data."""
-    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in _JSON_SUFFIXES and f.name not in _METADATA_FILES
+    files = sorted(f for f in p.rglob("*") if file_format(f)[0] is not None and f.name not in _METADATA_FILES
                    and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts) and f.is_file())
     if not files:
         raise DataError(f"{name}: a folder with no data files, not written by datasets' save_to_disk either; "
@@ -250,7 +300,7 @@ def _folder_files(p: Path, name: str) -> list[Path]:
     if len(subsets) > 1:
         shown = ", ".join("/".join(s) or "." for s in sorted(subsets))
         raise DataError(f"{name}: training files of several subsets ({shown}): give the folder of one")
-    kinds = sorted({_JSON_SUFFIXES[f.suffix.lower()] for f in train})
+    kinds = sorted({file_format(f)[0] for f in train})
     if len(kinds) > 1:
         raise DataError(f"{name}: training files of several formats ({', '.join(kinds)}): keep one")
     return train
