@@ -203,3 +203,31 @@ def test_each_data_set_of_a_run_reads_its_own_column_names(tmp_path):
     for part in parts:
         assert _table(part.loaded)["anchor"] == [r["anchor"] for r in USUAL]
         assert _table(part.loaded)["positive"] == [r["positive"] for r in USUAL]
+
+
+@pytest.mark.parametrize("delimiter, suffix", [("\t", ".tsv"), (",", ".csv")])
+def test_roles_by_position_read_a_file_without_a_header_row(tmp_path, delimiter, suffix):
+    # MS MARCO's triples: query, positive, negative, and no header; the first row is data
+    path = tmp_path / f"triples{suffix}"
+    path.write_text(delimiter.join(["how to sort", "sorted(xs)", "len(xs)"]) + "\n"
+                    + delimiter.join(['split "words"', '"two\nlines"', "pass"]) + "\n", encoding="utf-8")
+    table = _table(load_pairs(path, "anchor=1,positive=2,negative=3"))
+    assert table == {"anchor": ["how to sort", 'split "words"'], "positive": ["sorted(xs)", "two\nlines"],
+                     "negative_1": ["len(xs)", "pass"]}
+
+
+def test_roles_by_position_name_lines_as_the_file_has_them(tmp_path):
+    path = tmp_path / "scored.tsv"
+    path.write_text('a1\t"p\n1"\t0.5\na2\tp2\tnot a number\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"scored.tsv:3: column '3' holds text"):
+        load_pairs(path, "anchor=1,positive=2,score=3")
+
+
+def test_roles_by_position_are_for_header_less_tables_only(tmp_path):
+    with pytest.raises(DataError, match="name every role by position .* or every role by name"):
+        column_roles("anchor=1,positive=document")
+    with pytest.raises(DataError, match=r"renamed.jsonl: columns named by position \(anchor=1\) are for CSV/TSV"):
+        load_pairs(_write(tmp_path / "renamed.jsonl", RENAMED), "anchor=1,positive=2")
+    with pytest.raises(DataError, match=r"no column '4' \(named for the positive\); found: 1, 2, 3"):
+        load_pairs(_write(tmp_path / "renamed.csv", [{k: r[k] for k in ("q", "document", "hard")} for r in RENAMED]),
+                   "anchor=1,positive=4")

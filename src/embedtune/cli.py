@@ -220,7 +220,7 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, HF folder or ST folder (default: bundled all-MiniLM-L6-v2)."),
     output: str = typer.Option("embedtune-output", "--output", help="Output folder (model/, metrics.json, training_curves.png)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="mnrl, triplet, cosent, angle, marginmse or kl (default: from the data's columns; see README, Data shapes and losses)."),
-    columns: Optional[str] = typer.Option(None, "--columns", help="The data's column names by role where they are not the usual ones: anchor=query,positive=document (negative= may repeat; score=)."),
+    columns: Optional[str] = typer.Option(None, "--columns", help="The data's column names by role where they are not the usual ones: anchor=query,positive=document (negative= may repeat; score=); by position for a CSV/TSV file without a header row: anchor=1,positive=2."),
     multi_dataset: str = typer.Option("proportional", "--multi-dataset", help="Several data files: proportional (each file's batches in proportion to its size) or round-robin."),
     epochs: float = typer.Option(1.0, "--epochs"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (overrides --epochs)."),

@@ -24,7 +24,8 @@ the last value) is an error naming the line and key, and so is a row where two a
 
 Other column names are given by role (``columns``, the CLI's ``--columns``): e.g.
 ``{"anchor": "query", "positive": "document"}`` or ``"anchor=query,positive=document"``; a role so named
-reads only that column (its aliases are then ordinary columns), ``negative`` may name several.
+reads only that column (its aliases are then ordinary columns), ``negative`` may name several. Roles
+given by position (``anchor=1,positive=2``) read a CSV/TSV file without a header row.
 
 Every format is turned into a stream of row dicts and fed through one normaliser (:class:`_Collector`),
 so aliases, list-valued columns, skipping and negative handling behave the same everywhere. Any problem
@@ -167,6 +168,10 @@ def column_roles(columns: str | dict | None) -> dict[str, tuple[str, ...]]:
     twice = next((key for key in named if named.count(key) > 1), None)
     if twice is not None:
         raise DataError(f"columns: column {twice!r} is given two roles")
+    by_position = [key.isdigit() and int(key) > 0 for key in named]
+    if any(by_position) and not all(by_position):
+        raise DataError("columns: name every role by position (anchor=1,positive=2: a CSV/TSV file without a header "
+                        "row) or every role by name")
     return roles
 
 
@@ -262,6 +267,9 @@ def _decompressed(p: Path, name: str, compression: str | None) -> Iterator[Path]
 
 def _read_plain(p: Path, kind: str, name: str, collector: _Collector) -> None:
     """Feed an uncompressed data file's rows to ``collector``; messages name the file as ``name``."""
+    if collector.headerless and kind not in ("csv", "tsv"):
+        raise DataError(f"{name}: columns named by position (anchor=1) are for CSV/TSV files without a header row; "
+                        "name this file's columns by their names")
     try:
         if kind in ("csv", "tsv"):
             _read_csv(p, name, collector, "\t" if kind == "tsv" else ",")
@@ -359,6 +367,8 @@ class _Collector:
         self.name = name
         self.roles = roles or {}  # role -> the file's column names, given by the user (`column_roles`)
         self._named = {key for keys in self.roles.values() for key in keys}
+        # roles given by position (anchor=1): a CSV/TSV file without a header row, its columns named 1, 2, ...
+        self.headerless = bool(self._named) and all(key.isdigit() for key in self._named)
         self.unit = "line"  # what ``at`` counts: "line", "item" (JSON list) or "row" (tables)
         self.line_of: Callable[[int], int | None] | None = None  # row -> line, for CSV
         self.anchors: list[str] = []
@@ -1077,16 +1087,19 @@ def _read_csv(p: Path, name: str, collector: _Collector, delimiter: str = ",") -
     # swallowing every later row; an odd number of quote characters is the cheap sign of one.
     if _odd_quote_count(p) and (problem := _csv_problem(p, name, delimiter)):
         raise DataError(problem)
-    collector.line_of = lambda row: _csv_row_line(p, row, delimiter)
+    header = not collector.headerless  # without one, the columns are named 1, 2, ... (roles by position)
+    collector.line_of = lambda row: _csv_row_line(p, row, delimiter, header)
     # Quoted values may span lines (code snippets do); every column is read as text, because type
     # inference would turn an anchor such as "42" into a number.
     parse = pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     try:
-        with pa_csv.open_csv(p, parse_options=parse) as probe:
-            names = probe.schema.names
+        with pa_csv.open_csv(p, parse_options=parse,
+                             read_options=pa_csv.ReadOptions(autogenerate_column_names=not header)) as probe:
+            names = probe.schema.names if header else [str(i) for i in range(1, len(probe.schema.names) + 1)]
+        read = pa_csv.ReadOptions(column_names=None if header else names)
         convert = pa_csv.ConvertOptions(column_types={n: pa.string() for n in names})
         collector.declare_columns(names, where=f"{name}:1")
-        with pa_csv.open_csv(p, parse_options=parse, convert_options=convert) as reader:
+        with pa_csv.open_csv(p, parse_options=parse, read_options=read, convert_options=convert) as reader:
             _feed_batches(collector, (batch.to_pydict() for batch in reader))
     except (pa.ArrowException, ValueError) as e:  # ValueError covers UnicodeDecodeError too
         if "Empty CSV file" in str(e):  # pyarrow found no complete row
@@ -1143,9 +1156,9 @@ def _csv_problem(p: Path, name: str, delimiter: str = ",") -> str | None:
     return None
 
 
-def _csv_row_line(p: Path, row: int, delimiter: str = ",") -> int | None:
-    """The line on which data row ``row`` (1-based, after the header) starts; None if not found."""
-    seen = -1  # the header is row 0
+def _csv_row_line(p: Path, row: int, delimiter: str = ",", header: bool = True) -> int | None:
+    """The line on which data row ``row`` (1-based, after the header if any) starts; None if not found."""
+    seen = -1 if header else 0  # the header is row 0
     try:
         for start, _, _, values in _csv_records(p, strict=False, delimiter=delimiter):
             if values:
