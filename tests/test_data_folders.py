@@ -217,3 +217,17 @@ def test_a_folder_of_compressed_shards(tmp_path):
     _jsonl(tmp_path / "s" / "train-1.jsonl", _rows("b", 1))  # plain and compressed JSON lines: one format
     _compress(_jsonl(tmp_path / "s" / "train-2.jsonl", []), ".gz")
     assert _anchors(load_pairs(tmp_path / "s")) == ["aa0", "aa1", "ba0"]
+
+
+def test_a_hub_datasets_digest_follows_its_snapshot(hub_cache):
+    """--resume compares the data's digest: for a hub id, that of the data files the id names now."""
+    from embedtune.checkpoint_format import data_digest
+
+    before = data_digest("acme/nli/pair")
+    snapshot = hub_cache / "datasets--acme--nli" / "snapshots" / "0123abcd"
+    (snapshot / "pair" / "README.md").write_text("a card another tool fetched\n", encoding="utf-8")
+    assert before is not None and data_digest("acme/nli/pair") == before
+    newer = hub_cache / "datasets--acme--nli" / "snapshots" / "4567ef01"
+    _parquet(newer / "pair" / "train-00000-of-00001.parquet", _rows("new", 3))
+    (hub_cache / "datasets--acme--nli" / "refs" / "main").write_text("4567ef01", encoding="utf-8")
+    assert data_digest("acme/nli/pair") != before

@@ -220,11 +220,21 @@ def reference_weights(checkpoint: Path, weights_file: Path, params: dict, stored
 
 def data_digest(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = ()) -> str | None:
     """sha256 of a data file (or of every file of a dataset folder, but those under `exclude`: a run's
-    own folders inside it); None for anything else."""
+    own folders inside it; of a hub dataset id, every data file of the snapshot it names now); None for
+    anything else."""
     root = Path(path)
     skip = [Path(os.path.realpath(folder)) for folder in exclude]
+    hub = False
+    if not root.exists():
+        from .data.hub import dataset_folder, is_hub_id
+        from .data.readers import file_format
+
+        if is_hub_id(os.fspath(path)):
+            root, hub = dataset_folder(os.fspath(path)), True
 
     def kept(file: Path) -> bool:
+        if hub:  # the hub's cache may also hold a card or a script fetched by other tools
+            return file_format(file)[0] is not None
         real = Path(os.path.realpath(file))
         return not any(folder == real or folder in real.parents for folder in skip)
 
