@@ -88,7 +88,8 @@ def mine_hard_negatives(
     when it is importable, ``True`` requires it, ``False`` always uses the chunked torch search.
     ``columns`` names the pairs file's columns by role where they are not the usual names
     (`data.readers.column_roles`). ``query_prompt``/``document_prompt`` are prepended to anchors /
-    documents, for models trained with prompts. The output file is written atomically; an existing one is refused unless ``overwrite``.
+    documents, for models trained with prompts. The output file is written atomically; an existing
+    one is refused unless ``overwrite``.
     """
     start = time.perf_counter()
     lo, hi = _check_settings(num_negatives, rank_range, margin, batch_size, chunk_size)
