@@ -223,11 +223,31 @@ def test_roles_by_position_name_lines_as_the_file_has_them(tmp_path):
         load_pairs(path, "anchor=1,positive=2,score=3")
 
 
-def test_roles_by_position_are_for_header_less_tables_only(tmp_path):
+def test_roles_by_position_are_all_by_position_and_name_what_is_missing(tmp_path):
     with pytest.raises(DataError, match="name every role by position .* or every role by name"):
         column_roles("anchor=1,positive=document")
-    with pytest.raises(DataError, match=r"renamed.jsonl: columns named by position \(anchor=1\) are for CSV/TSV"):
+    with pytest.raises(DataError, match=r"renamed.jsonl: no column '1' \(named for the anchor\); found: q, document"):
         load_pairs(_write(tmp_path / "renamed.jsonl", RENAMED), "anchor=1,positive=2")
     with pytest.raises(DataError, match=r"no column '4' \(named for the positive\); found: 1, 2, 3"):
         load_pairs(_write(tmp_path / "renamed.csv", [{k: r[k] for k in ("q", "document", "hard")} for r in RENAMED]),
                    "anchor=1,positive=4")
+
+
+def test_json_arrays_read_by_position(tmp_path):
+    """sentence-transformers' training data collection stores pairs as JSON arrays, gzipped."""
+    import gzip
+
+    path = tmp_path / "gooaq_pairs.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write('["what is a list", "a sequence"]\n["sort?", "sorted(xs)", "len(xs)"]\n["q3", "p3", "n3"]\n')
+    loaded = load_pairs(path)
+    assert _table(loaded) == {"anchor": ["sort?", "q3"], "positive": ["sorted(xs)", "p3"], "negative_1": ["len(xs)", "n3"]}
+    assert loaded.skipped_few_negatives == 1 and loaded.first_few_negatives == "line 1"
+    as_document = tmp_path / "pairs.json"
+    as_document.write_text(json.dumps([["a1", "p1"], ["a2", "p2"]]), encoding="utf-8")
+    assert _table(load_pairs(as_document)) == {"anchor": ["a1", "a2"], "positive": ["p1", "p2"]}
+    swapped = _table(load_pairs(as_document, "anchor=2,positive=1"))
+    assert swapped == {"anchor": ["p1", "p2"], "positive": ["a1", "a2"]}
+    lines_named_json = tmp_path / "lines.json"
+    lines_named_json.write_text('["a1", "p1"]\n["a2", "p2"]\n', encoding="utf-8")
+    assert _table(load_pairs(lines_named_json)) == {"anchor": ["a1", "a2"], "positive": ["p1", "p2"]}

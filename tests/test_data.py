@@ -389,13 +389,21 @@ def test_invalid_json_line_names_file_and_line(tmp_path):
     assert _message(e).startswith(f"{path}:3: invalid JSON: Expecting value")
 
 
-@pytest.mark.parametrize("line, kind", [("[1, 2]", "array"), ('"text"', "string"), ("3", "number"), ("null", "null")])
+@pytest.mark.parametrize("line, kind", [('"text"', "string"), ("3", "number"), ("null", "null")])
 def test_non_object_json_line(tmp_path, line, kind):
     path = tmp_path / "list.jsonl"
     path.write_text('{"anchor": "a", "positive": "p"}\n' + line + "\n", encoding="utf-8")
     with pytest.raises(DataError) as e:
         load_pairs(path)
-    assert _message(e) == f"{path}:2: expected a JSON object, got {kind}"
+    assert _message(e) == f"{path}:2: expected a JSON object or array, got {kind}"
+
+
+def test_an_array_line_of_numbers_is_refused_by_position(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"anchor": "a", "positive": "p"}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_pairs(path)
+    assert _message(e) == f"{path}:2: column '1' holds a number (1), expected text"
 
 
 def test_binary_garbage_in_jsonl(tmp_path):

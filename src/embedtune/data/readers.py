@@ -25,7 +25,9 @@ the last value) is an error naming the line and key, and so is a row where two a
 Other column names are given by role (``columns``, the CLI's ``--columns``): e.g.
 ``{"anchor": "query", "positive": "document"}`` or ``"anchor=query,positive=document"``; a role so named
 reads only that column (its aliases are then ordinary columns), ``negative`` may name several. Roles
-given by position (``anchor=1,positive=2``) read a CSV/TSV file without a header row.
+given by position (``anchor=1,positive=2``) read a CSV/TSV file without a header row. JSON arrays
+(``["query", "positive", "negative"]`` per line, or a list of them) have their columns named by
+position: anchor, positive, then negatives, unless ``columns`` says otherwise.
 
 Every format is turned into a stream of row dicts and fed through one normaliser (:class:`_Collector`),
 so aliases, list-valued columns, skipping and negative handling behave the same everywhere. Any problem
@@ -267,9 +269,6 @@ def _decompressed(p: Path, name: str, compression: str | None) -> Iterator[Path]
 
 def _read_plain(p: Path, kind: str, name: str, collector: _Collector) -> None:
     """Feed an uncompressed data file's rows to ``collector``; messages name the file as ``name``."""
-    if collector.headerless and kind not in ("csv", "tsv"):
-        raise DataError(f"{name}: columns named by position (anchor=1) are for CSV/TSV files without a header row; "
-                        "name this file's columns by their names")
     try:
         if kind in ("csv", "tsv"):
             _read_csv(p, name, collector, "\t" if kind == "tsv" else ",")
@@ -439,6 +438,9 @@ class _Collector:
                 return tuple(k for k in self.roles[role] if k in keys)
             return tuple(k for k in usual if k in keys and k not in self._named)
 
+        if not self.roles and keys and all(isinstance(k, str) and k.isdigit() for k in keys):
+            by_position = sorted(keys, key=int)  # a JSON array: anchor, positive, then negatives
+            return tuple(by_position[:1]), tuple(by_position[1:2]), tuple(by_position[2:])
         numbered = sorted((int(m.group(1)), k) for k in keys
                           if isinstance(k, str) and (m := _NUMBERED_NEGATIVE.fullmatch(k)))
         return (present("anchor", _ANCHOR_KEYS), present("positive", _POSITIVE_KEYS),
@@ -933,8 +935,10 @@ def decode_json_line(name: str, lineno: int, text: str) -> Any:
 
 def _parse_line(name: str, lineno: int, text: str) -> dict:
     value = decode_json_line(name, lineno, text)
+    if isinstance(value, list):
+        return _positional(value)
     if not isinstance(value, dict):
-        raise DataError(f"{name}:{lineno}: expected a JSON object, got {_json_type(value)}")
+        raise DataError(f"{name}:{lineno}: expected a JSON object or array, got {_json_type(value)}")
     if "\\u" in text and _SURROGATE_ESCAPE.search(text):
         _check_encodable(value, f"{name}:{lineno}")
     return value
@@ -999,9 +1003,17 @@ def _read_json(p: Path, name: str, collector: _Collector) -> None:
     del text
     collector.unit = "item"
     for index, record in enumerate(_json_document_records(document, name, collector), 1):
-        if not isinstance(record, dict):
-            raise DataError(f"{name}: item {index}: expected a JSON object, got {_json_type(record)}")
+        if isinstance(record, list):
+            record = _positional(record)
+        elif not isinstance(record, dict):
+            raise DataError(f"{name}: item {index}: expected a JSON object or array, got {_json_type(record)}")
         collector.add(record, index)
+
+
+def _positional(values: list) -> dict:
+    """A JSON array record (["query", "positive", "negative"], as sentence-transformers' training data
+    collection stores pairs) as columns named by position: 1, 2, 3, ..."""
+    return {str(i): value for i, value in enumerate(values, 1)}
 
 
 def _duplicate_key_line(text: str, key: str) -> int:
@@ -1035,8 +1047,10 @@ def _duplicate_key_line(text: str, key: str) -> int:
 
 
 def _parses_as_object(text: str) -> bool:
+    """Whether ``text`` is one JSON record: an object, or an array of texts."""
     try:
-        return isinstance(json.loads(text), dict)
+        value = json.loads(text)
+        return isinstance(value, dict) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
     except (ValueError, RecursionError):
         return False
 
