@@ -227,7 +227,7 @@ def data_digest(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] 
     hub = False
     if not root.exists():
         from .data.hub import dataset_folder, is_hub_id
-        from .data.readers import file_format
+        from .data.formats import file_format
 
         if is_hub_id(os.fspath(path)):
             root, hub = dataset_folder(os.fspath(path)), True

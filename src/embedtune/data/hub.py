@@ -11,10 +11,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from embedtune.data.formats import DATA_SUFFIXES
 from embedtune.errors import DataError
 
-DATA_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json", ".csv", ".tsv") + tuple(
-    text + packed for text in (".jsonl", ".ndjson", ".json", ".csv", ".tsv") for packed in (".gz", ".bz2", ".xz"))
 # owner/name[/folder...], as the hub spells ids: no leading dot or slash, so no relative or absolute path
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(/[\w.-]+)*")
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from embedtune.data.formats import COMPRESSIONS, file_format
 from embedtune.errors import DataError
 from embedtune.files import BOM, decode_line, decode_text
 
@@ -68,10 +69,6 @@ TEACHER_SCORES = "scores"  # a list of numbers per row: one per candidate, the p
 
 _NUMBERED_NEGATIVE = re.compile(r"negative_(\d+)")
 ROLES = ("anchor", "positive", "negative", "score")  # what --columns names
-_JSON_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-                  ".parquet": "parquet"}
-# Text formats may come compressed (pairs.jsonl.gz): read through a decompressed temporary copy
-_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
 _SUPPORTED = (".jsonl, .ndjson, .json, .csv, .tsv (each also as .gz, .bz2 or .xz), .parquet, a folder written by "
               "datasets' save_to_disk, or a folder of such files")
 # Words in a data file's path that name a split, as the hub's dataset repositories and most exports do
@@ -217,16 +214,6 @@ def _read_folder(p: Path, name: str, collector: _Collector) -> LoadedPairs:
     return collector.finish()
 
 
-def file_format(p: Path) -> tuple[str | None, str | None]:
-    """A data file's format and compression from its name: pairs.jsonl -> ("jsonl", None), pairs.csv.gz ->
-    ("csv", ".gz"); (None, ...) for a name embedtune does not read (Parquet compresses itself)."""
-    suffixes = [s.lower() for s in p.suffixes]
-    compression = suffixes[-1] if suffixes and suffixes[-1] in _COMPRESSIONS else None
-    inner = suffixes[-2:-1] if compression else suffixes[-1:]
-    kind = _JSON_SUFFIXES.get(inner[0]) if inner else None
-    return (None if kind == "parquet" and compression else kind), compression
-
-
 def _read_file(p: Path, name: str, collector: _Collector, empty_ok: bool = False) -> None:
     """Feed one data file's rows to ``collector``, by the file's format (decompressed first where it is
     compressed); an empty file is an error unless ``empty_ok``."""
@@ -253,14 +240,14 @@ def _decompressed(p: Path, name: str, compression: str | None) -> Iterator[Path]
     import gzip
     import lzma
 
-    opener = {"gzip": gzip.open, "bz2": bz2.open, "lzma": lzma.open}[_COMPRESSIONS[compression]]
+    opener = {"gzip": gzip.open, "bz2": bz2.open, "lzma": lzma.open}[COMPRESSIONS[compression]]
     fd, temp = tempfile.mkstemp(prefix="embedtune-", suffix=p.suffixes[-2])
     try:
         try:
             with opener(p, "rb") as source, os.fdopen(fd, "wb") as target:
                 shutil.copyfileobj(source, target, 1 << 20)
         except (OSError, EOFError, lzma.LZMAError) as e:  # gzip.BadGzipFile is an OSError
-            raise DataError(f"{name}: cannot decompress ({_COMPRESSIONS[compression]}): {one_line(str(e))}") from None
+            raise DataError(f"{name}: cannot decompress ({COMPRESSIONS[compression]}): {one_line(str(e))}") from None
         yield Path(temp)
     finally:
         with contextlib.suppress(OSError):
@@ -992,7 +979,7 @@ def _read_json(p: Path, name: str, collector: _Collector) -> None:
         # own; otherwise it's a broken JSON document, and that error is the useful one.
         lines = list(enumerate(text.split("\n"), 1))
         first = next(((n, t) for n, t in lines if t.strip()), None)
-        if first is not None and _parses_as_object(first[1]):
+        if first is not None and _parses_as_record(first[1]):
             for lineno, record in _jsonl_records(name, lines):
                 collector.add(record, lineno)
             return
@@ -1046,7 +1033,7 @@ def _duplicate_key_line(text: str, key: str) -> int:
     return text.count("\n", 0, found[0]) + 1 if found else 1
 
 
-def _parses_as_object(text: str) -> bool:
+def _parses_as_record(text: str) -> bool:
     """Whether ``text`` is one JSON record: an object, or an array of texts."""
     try:
         value = json.loads(text)
