@@ -113,9 +113,9 @@ class Bench:
               + ("" if warm.returncode == 0 else f"; import warm-up failed: {warm.stderr[-300:]}"), flush=True)
         self.write({"kind": "fixtures", "model_dir": self.model_dir, "dropout": dropout, "args": vars(self.args)})
 
-    def run(self, name: str, cmd: list[str], first: bool = False) -> dict:
-        """Run one job in a fresh cache (unless --warm-cache) with what is left of the budget; its output
-        goes to a log file in the root. Returns rc, wall_s and the last lines of the log."""
+    def run(self, name: str, cmd: list[str], first: bool = False, cwd: str | None = None) -> dict:
+        """Run one job (in `cwd`, if given) in a fresh cache (unless --warm-cache) with what is left of the
+        budget; its output goes to a log file in the root. Returns rc, wall_s and the last lines of the log."""
         cache = self.shared_cache if self.args.warm_cache else tempfile.mkdtemp(prefix="cache-", dir=self.root)
         memo = os.path.join(cache, "import-scans") if first else self.import_memo
         env = {**os.environ, "EMBEDTUNE_IMPORT_MEMO_DIR": memo, "XDG_CACHE_HOME": os.path.join(cache, "xdg"),
@@ -125,7 +125,7 @@ class Bench:
         timeout = self.remaining() - RESERVE_S
         with open(log, "w") as f:
             t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
             try:
                 rc = proc.wait(timeout=max(1.0, timeout))
             except subprocess.TimeoutExpired:

@@ -1,0 +1,61 @@
+"""benchmarks/bench_guide_gpu.py builds its three programs from tests/guide_program.py by replacing
+marked lines; this keeps the two in step: each variant must still be built, parse, and differ from the
+guide only where the bench means it to."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_guide_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_guide_gpu", BENCH)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH.parent))
+
+
+@pytest.mark.parametrize("impl", ["embedtune", "stock", "stock_compile"])
+@pytest.mark.parametrize("precision", ["guide", "cpu"])
+def test_every_variant_builds_and_parses(bench, impl, precision):
+    text = bench.program(impl, precision)
+    compile(text, f"guide_{impl}.py", "exec")
+    assert ("from embedtune import FastModel" in text) == (impl == "embedtune")
+    assert ("torch_compile=True" in text) == (impl == "stock_compile")
+    assert ("bf16=torch.cuda.is_bf16_supported()" in text) == (precision == "guide")
+    assert text.count("trainer.train()") == 1 and "_bench_train_s" in text
+    assert text.rstrip().endswith(")")  # the report line comes last, after the guide's saves
+
+
+def test_stock_variant_saves_the_merged_encoder(bench):
+    text = bench.program("stock", "guide")
+    # the peft wrapper's save after merge_and_unload writes an empty adapter: the stock side saves the merged model
+    assert "merged.save_pretrained(\"embeddings_merged_hf\")" in text
+    assert "model.save_pretrained(\"embeddings_merged_hf\")" not in text
+    assert text.index("merged = model.merge_and_unload()") < text.index("sbert_model.save_pretrained(\"embeddings_merged\")")
+
+
+def test_a_guide_program_without_a_marked_line_is_refused(bench, monkeypatch, tmp_path):
+    moved = tmp_path / "guide_program.py"
+    moved.write_text(Path(bench.GUIDE_PROGRAM).read_text().replace("trainer.train()\n", "trainer.train(  )\n"))
+    monkeypatch.setattr(bench, "GUIDE_PROGRAM", str(moved))
+    with pytest.raises(SystemExit, match="trainer.train"):
+        bench.program("embedtune", "cpu")
+
+
+def test_report_reads_the_last_marked_line(bench):
+    lines = ["noise", bench.MARK + '{"steps": 1}', bench.MARK + '{"steps": 2}', "after"]
+    assert bench.report(lines) == {"steps": 2}
+    assert bench.report(["no report"]) is None
+    assert bench.late_loss([[10, 4.0], [20, 3.0], [30, 2.0], [40, 1.0]]) == 1.0
+    assert bench.late_loss([]) is None
