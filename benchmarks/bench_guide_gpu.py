@@ -15,8 +15,9 @@ start to exit:
 
 Same random-init model folder (bench_train_gpu.SHAPES), the stdlib pairs (GUIDE_TEST_SIZE held out),
 a cold compile cache for each job. Each program prints one line last (appended by this bench, after the
-guide's saves): the time `trainer.train()` took (timed around that call), the pairs it trained on, its
-logged losses, the peak GPU memory. The table gives whole-job wall time, the time outside
+guide's saves): the time `trainer.train()` took (timed around that call; it includes the evaluation
+the trainer runs at the end of the epoch), the pairs it trained on, its logged losses, the peak GPU
+memory. The table gives whole-job wall time, the time outside
 `trainer.train()` (imports, loading, the merge and saves), the train rate, and the mean logged loss over the epoch's last
 quarter: both sides train the same model on the same batches, so their losses should agree within
 dropout's noise. Rows go to --out (JSONL) as they finish.
