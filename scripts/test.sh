@@ -5,7 +5,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m pytest -q -p no:cacheprovider --durations=12 "$@"  # the slowest tests, to keep CI under 30 minutes
+# two workers, one per core, each with one thread for torch; a test file stays on one worker (its module
+# fixtures are built once); the slowest tests listed, to keep CI under 30 minutes
+OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=12 "$@"
 
 # The same compat, save and round-trip tests against sentence-transformers 5.x, which
 # embedtune also supports (installed beside the venv, not into it).
