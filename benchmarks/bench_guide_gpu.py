@@ -142,9 +142,9 @@ def run_job(bench: Bench, impl: str, args) -> dict:
     path = os.path.join(folder, "guide_program.py")
     with open(path, "w") as f:
         f.write(program(impl, args.precision))
-    os.environ.update(GUIDE_BASE_MODEL_ID=bench.model_dir, GUIDE_MAX_SEQ_LENGTH=str(args.max_seq_length),
-                      GUIDE_DATASET=bench.pairs, GUIDE_TEST_SIZE=str(args.test_size))
-    result = bench.run(f"guide_{impl}", [sys.executable, path], cwd=folder)
+    env = {"GUIDE_BASE_MODEL_ID": bench.model_dir, "GUIDE_MAX_SEQ_LENGTH": str(args.max_seq_length),
+           "GUIDE_DATASET": bench.pairs, "GUIDE_TEST_SIZE": str(args.test_size)}
+    result = bench.run(f"guide_{impl}", [sys.executable, path], cwd=folder, env=env)
     found = report(result.pop("lines"))
     row = {"kind": "guide", "impl": impl, **result}
     if found:

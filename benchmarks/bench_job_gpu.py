@@ -113,12 +113,14 @@ class Bench:
               + ("" if warm.returncode == 0 else f"; import warm-up failed: {warm.stderr[-300:]}"), flush=True)
         self.write({"kind": "fixtures", "model_dir": self.model_dir, "dropout": dropout, "args": vars(self.args)})
 
-    def run(self, name: str, cmd: list[str], first: bool = False, cwd: str | None = None) -> dict:
-        """Run one job (in `cwd`, if given) in a fresh cache (unless --warm-cache) with what is left of the
-        budget; its output goes to a log file in the root. Returns rc, wall_s and the last lines of the log."""
+    def run(self, name: str, cmd: list[str], first: bool = False, cwd: str | None = None,
+            env: dict[str, str] | None = None) -> dict:
+        """Run one job (in `cwd`, if given, with `env` added to the environment) in a fresh cache (unless
+        --warm-cache) with what is left of the budget; its output goes to a log file in the root. Returns
+        rc, wall_s and the last lines of the log."""
         cache = self.shared_cache if self.args.warm_cache else tempfile.mkdtemp(prefix="cache-", dir=self.root)
         memo = os.path.join(cache, "import-scans") if first else self.import_memo
-        env = {**os.environ, "EMBEDTUNE_IMPORT_MEMO_DIR": memo, "XDG_CACHE_HOME": os.path.join(cache, "xdg"),
+        env = {**os.environ, **(env or {}), "EMBEDTUNE_IMPORT_MEMO_DIR": memo, "XDG_CACHE_HOME": os.path.join(cache, "xdg"),
                "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor"),
                "TRITON_CACHE_DIR": os.path.join(cache, "inductor", "triton")}
         log = os.path.join(self.root, name + ".log")

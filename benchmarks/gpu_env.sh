@@ -1,6 +1,9 @@
 # Sourced by the GPU run scripts (run_job_gpu.sh, run_guide_gpu.sh): the device image's Python set up as
 # an installed environment is. From the repository root, with .whl carried:
 #   . benchmarks/gpu_env.sh
+# Results go to $OUT (the device's folder that comes back; /tmp/out elsewhere).
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
 # datasets (not in the image) from the carried wheels into /tmp/site; the image's pyarrow where it is
 # recent enough, else the carried one
 python3 -c "import datasets" 2>/dev/null || { python3 -c "import pyarrow,sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" && ls .whl/*.whl | grep -v pyarrow | xargs python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; }
@@ -28,4 +31,10 @@ machine_facts() {
   python3 -c "import sys, torch, transformers, sentence_transformers, peft, datasets; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'sentence-transformers', sentence_transformers.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__)"
   git log -1 --format='embedtune %h %s' 2>/dev/null | cut -c1-120
   echo "embedtune src sha1 $(find src -type f -name '*.py' | LC_ALL=C sort | xargs cat | sha1sum | cut -c1-12)"
+}
+# `logged_run NAME CMD...`: the machine's facts, then CMD, all into $OUT/NAME.log (warnings left off the screen)
+logged_run() {
+  local name=$1
+  shift
+  { machine_facts; "$@"; } 2>&1 | tee "$OUT/$name.log" | grep -v -i "warn"
 }

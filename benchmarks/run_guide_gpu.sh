@@ -4,14 +4,9 @@
 #   TAG=xy bash benchmarks/run_guide_gpu.sh bert-large      (extra args go to bench_guide_gpu.py)
 # Writes $OUT/guide_MODEL[_TAG].jsonl (rows as they finish) and $OUT/guide_MODEL[_TAG].log (table last).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
 MODEL=${1:-bert-large}
 shift || true
-NAME="guide_${MODEL}${TAG:+_$TAG}"
-mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 . benchmarks/gpu_env.sh
-{
-  machine_facts
-  python3 benchmarks/bench_guide_gpu.py "$MODEL" --tokenizer .bench/tokenizer --out "$OUT/$NAME.jsonl" "$@"
-} 2>&1 | tee "$OUT/$NAME.log" | grep -v -i "warn"
+NAME="guide_${MODEL}${TAG:+_$TAG}"
+logged_run "$NAME" python3 benchmarks/bench_guide_gpu.py "$MODEL" --tokenizer .bench/tokenizer --out "$OUT/$NAME.jsonl" "$@"

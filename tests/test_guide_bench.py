@@ -15,14 +15,14 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_guide_gpu
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH.parent))
+    saved_path = list(sys.path)  # the bench puts its own folder first, to import bench_job_gpu
     try:
         spec = importlib.util.spec_from_file_location("bench_guide_gpu", BENCH)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         yield module
     finally:
-        sys.path.remove(str(BENCH.parent))
+        sys.path[:] = saved_path
 
 
 @pytest.mark.parametrize("impl", ["embedtune", "stock", "stock_compile"])
