@@ -32,7 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pstats
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 
@@ -144,7 +147,15 @@ def run_job(bench: Bench, impl: str, args) -> dict:
         f.write(program(impl, args.precision))
     env = {"GUIDE_BASE_MODEL_ID": bench.model_dir, "GUIDE_MAX_SEQ_LENGTH": str(args.max_seq_length),
            "GUIDE_DATASET": bench.pairs, "GUIDE_TEST_SIZE": str(args.test_size)}
-    result = bench.run(f"guide_{impl}", [sys.executable, path], cwd=folder, env=env)
+    cmd = [sys.executable, path]
+    if args.profile_s:  # stopped by SIGINT after profile_s: cProfile still writes its file
+        profile = os.path.join(folder, "profile.out")
+        cmd = ["timeout", "-s", "INT", str(args.profile_s), sys.executable, "-m", "cProfile", "-o", profile, path]
+        monitor = GpuMonitor(os.path.join(folder, "gpu_util.csv"))
+    result = bench.run(f"guide_{impl}", cmd, cwd=folder, env=env)
+    if args.profile_s:
+        monitor.stop()
+        print_profile(impl, profile, result["lines"], monitor)
     found = report(result.pop("lines"))
     row = {"kind": "guide", "impl": impl, **result}
     if found:
@@ -158,6 +169,46 @@ def run_job(bench: Bench, impl: str, args) -> dict:
     print(f"[{elapsed():5.0f}s] {impl}: rc {row['rc']}, wall {row['wall_s']} s, train {row.get('train_s')} s, "
           f"{row.get('samples_per_s')} pairs/s, late loss {row.get('late_loss')}, peak {row.get('peak_gb')} GB", flush=True)
     return bench.write(row)
+
+
+class GpuMonitor:
+    """nvidia-smi's GPU utilization every 200 ms while a profiled job runs: a step bound by the host
+    leaves the card idle, one bound by its kernels keeps it busy."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            with open(path, "w") as f:
+                self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                              "-lms", "200"], stdout=f, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+
+    def busy(self) -> str:
+        if not self.proc:
+            return "no nvidia-smi"
+        with open(self.path) as f:
+            samples = [int(v) for v in f.read().split() if v.isdigit()]
+        busy = [v for v in samples if v > 0]
+        return (f"{len(samples)} samples, {len(busy)} non-zero, mean of those {statistics.mean(busy):.0f}%"
+                if busy else f"{len(samples)} samples, all zero")
+
+
+def print_profile(impl: str, path: str, lines: list[str], monitor: GpuMonitor) -> None:
+    """The profiled job's last progress line, the card's utilization, and its host time by function."""
+    bars = [line for line in lines if "it/s]" in line or "s/it]" in line]
+    print(f"--- profile of {impl}: {bars[-1] if bars else 'no progress line'}; GPU utilization: {monitor.busy()}")
+    try:
+        stats = pstats.Stats(path, stream=sys.stdout).strip_dirs()
+    except (OSError, EOFError, ValueError) as e:  # the job ended just as the signal came
+        print(f"no profile: {e}")
+        return
+    for key in ("tottime", "cumulative"):
+        stats.sort_stats(key).print_stats(28)
 
 
 def table(rows: list[dict], model: str) -> None:
@@ -189,6 +240,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=".bench/tokenizer")
     ap.add_argument("--out", default=None, help="JSONL, appended to row by row")
     ap.add_argument("--root", default=None)
+    ap.add_argument("--profile-s", type=int, default=0,
+                    help="run each job under cProfile for this many seconds, then print where its host time went")
     args = ap.parse_args()
     unknown = set(args.impls) - set(IMPLS)
     if unknown:
