@@ -85,6 +85,8 @@ STOCK_MERGE = "merged = model.merge_and_unload()\ntorch.nn.Module.__setattr__(tr
 HF_SAVE = 'model.save_pretrained("embeddings_merged_hf")\n'
 STOCK_HF_SAVE = 'merged.save_pretrained("embeddings_merged_hf")\n'
 ARGS_LAST = "    max_grad_norm=1.0,\n"
+GUIDE_CHECKPOINTING = '    use_gradient_checkpointing="unsloth",\n'
+STOCK_CHECKPOINTING = 'backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})\n'
 TRAIN = "trainer.train()\n"
 TIMED_TRAIN = ("import time as _bench_time\n_bench_t0 = _bench_time.perf_counter()\n" + TRAIN
                + "_bench_train_s = _bench_time.perf_counter() - _bench_t0\n")
@@ -109,17 +111,20 @@ def replace_once(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
-def program(impl: str, precision: str) -> str:
-    """The guide program's text for one side of the bench."""
+def program(impl: str, precision: str, checkpointing: bool = True) -> str:
+    """The guide program's text for one side of the bench (`checkpointing=False`: the guide's
+    gradient checkpointing left off on both sides, to see what it costs)."""
     with open(GUIDE_PROGRAM) as f:
         text = f.read()
+    if not checkpointing:
+        text = replace_once(text, GUIDE_CHECKPOINTING, "    use_gradient_checkpointing=False,\n")
     text = replace_once(text, TRAIN, TIMED_TRAIN)
     if precision == "guide":
         text = replace_once(text, CPU_PRECISION, GUIDE_PRECISION)
     if impl != "embedtune":
         text = replace_once(text, EMBEDTUNE_IMPORT, "")
         start, end = text.index(LOAD_FIRST), text.index(LOAD_LAST) + len(LOAD_LAST)
-        text = text[:start] + STOCK_LOAD + text[end:]
+        text = text[:start] + (STOCK_LOAD if checkpointing else replace_once(STOCK_LOAD, STOCK_CHECKPOINTING, "")) + text[end:]
         text = replace_once(text, MERGE_FIRST, STOCK_MERGE)
         text = replace_once(text, HF_SAVE, STOCK_HF_SAVE)
     if impl == "stock_compile":
@@ -144,7 +149,7 @@ def run_job(bench: Bench, impl: str, args) -> dict:
     folder = tempfile.mkdtemp(prefix=f"guide-{impl}-", dir=bench.root)
     path = os.path.join(folder, "guide_program.py")
     with open(path, "w") as f:
-        f.write(program(impl, args.precision))
+        f.write(program(impl, args.precision, checkpointing=not args.no_checkpointing))
     env = {"GUIDE_BASE_MODEL_ID": bench.model_dir, "GUIDE_MAX_SEQ_LENGTH": str(args.max_seq_length),
            "GUIDE_DATASET": bench.pairs, "GUIDE_TEST_SIZE": str(args.test_size)}
     cmd = [sys.executable, path]
@@ -240,6 +245,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=".bench/tokenizer")
     ap.add_argument("--out", default=None, help="JSONL, appended to row by row")
     ap.add_argument("--root", default=None)
+    ap.add_argument("--no-checkpointing", action="store_true",
+                    help="leave the guide's gradient checkpointing off on every side (what it costs)")
     ap.add_argument("--profile-s", type=int, default=0,
                     help="run each job under cProfile for this many seconds, then print where its host time went")
     args = ap.parse_args()

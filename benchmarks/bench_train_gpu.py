@@ -33,6 +33,8 @@ SHAPES = {
     "qwen3-4b": dict(kind="qwen3", hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, intermediate_size=9728),
     "tiny-bert": dict(kind="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    # BERT-large's depth at tiny width: a step's host work (each op's dispatch) with almost no arithmetic
+    "deep-tiny": dict(kind="bert", hidden_size=64, num_hidden_layers=24, num_attention_heads=4, intermediate_size=128),
 }
 # --NAME-row: one more embedtune+compile row with one setting changed: (label suffix, help, settings)
 COMPILED_VARIANTS = {

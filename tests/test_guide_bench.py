@@ -59,3 +59,16 @@ def test_report_reads_the_last_marked_line(bench):
     assert bench.report(["no report"]) is None
     assert bench.late_loss([[10, 4.0], [20, 3.0], [30, 2.0], [40, 1.0]]) == 1.0
     assert bench.late_loss([]) is None
+
+
+@pytest.mark.parametrize("impl", ["embedtune", "stock", "stock_compile"])
+def test_no_checkpointing_variant_turns_it_off_on_every_side(bench, impl):
+    on, off = bench.program(impl, "cpu"), bench.program(impl, "cpu", checkpointing=False)
+    compile(off, f"guide_{impl}.py", "exec")
+    if impl == "embedtune":
+        assert 'use_gradient_checkpointing="unsloth"' in on
+        assert "use_gradient_checkpointing=False" in off and "unsloth\"" not in off
+    else:
+        assert "gradient_checkpointing_enable" in on and "gradient_checkpointing_enable" not in off
+    # nothing else differs
+    assert len(set(off.splitlines()) ^ set(on.splitlines())) == 2 - (impl != "embedtune")
