@@ -216,10 +216,11 @@ def print_profile(impl: str, path: str, lines: list[str], monitor: GpuMonitor) -
         stats.sort_stats(key).print_stats(28)
 
 
-def table(rows: list[dict], model: str) -> None:
+def table(rows: list[dict], model: str, checkpointing: bool = True) -> None:
     done = {r["impl"]: r for r in rows if r["rc"] == 0 and r.get("samples_per_s")}
     peers = [p for p in ("stock", "stock_compile") if p in done]
-    print(f"\n=== the guide's program, {model}: LoRA r8, 'unsloth' checkpointing, batch 8, one epoch; whole jobs")
+    how = "'unsloth' checkpointing" if checkpointing else "no checkpointing"
+    print(f"\n=== the guide's program, {model}: LoRA r8, {how}, batch 8, one epoch; whole jobs")
     print(f"{'impl':<15}{'wall s':>9}{'train s':>9}{'other s':>9}{'pairs/s':>9}"
           + "".join(f"{'x ' + p:>16}{'wall/' + p:>19}" for p in peers) + f"{'late loss':>11}{'peak GB':>9}  saved")
     for r in rows:
@@ -263,7 +264,7 @@ def main() -> None:
         with open(bench.pairs, "w") as f:
             f.writelines(lines)
     rows = [run_job(bench, impl, args) for impl in args.impls]
-    table(rows, args.model)
+    table(rows, args.model, checkpointing=not args.no_checkpointing)
 
 
 if __name__ == "__main__":

@@ -68,8 +68,22 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         FastModel.from_pretrained(str(tmp_path / "nope"))
 
 
-@pytest.mark.parametrize("mode", [True, "unsloth"])
-def test_gradient_checkpointing_is_enabled_and_exact(mode):
+def _gates(model):
+    from embedtune.checkpointing import WhenMemoryNeeds
+
+    return {id(m._gradient_checkpointing_func): m._gradient_checkpointing_func for m in model.modules()
+            if isinstance(getattr(m, "_gradient_checkpointing_func", None), WhenMemoryNeeds)}
+
+
+@pytest.mark.parametrize("mode, short_of_memory", [(True, False), ("unsloth", False), (True, True), ("unsloth", True),
+                                                   ("always", False)])
+def test_gradient_checkpointing_is_enabled_and_exact(mode, short_of_memory, monkeypatch):
+    """Checkpointed or not (True / "unsloth" checkpoint a batch only when its activations would not fit:
+    here plenty of memory, or almost none), the gradients are those of the plain model, dropout on."""
+    from embedtune import checkpointing
+
+    if short_of_memory:
+        monkeypatch.setattr(checkpointing, "free_memory_bytes", lambda device: 1 << 20)
     torch.manual_seed(0)
     model, tok = FastModel.from_pretrained(MINILM, max_seq_length=32)
     plain = FastModel.get_peft_model(model, r=4)
@@ -91,6 +105,13 @@ def test_gradient_checkpointing_is_enabled_and_exact(mode):
         if p.requires_grad:
             assert q.grad is not None, n
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
+    gates = list(_gates(ckpt).values())
+    if mode == "always":
+        assert not gates  # every batch checkpointed, no choice made
+    else:
+        assert len(gates) == 1 and gates[0].layers == 6  # one gate serves MiniLM's six layers
+        ran = (gates[0].checkpointed, gates[0].skipped)
+        assert ran == ((6, 0) if short_of_memory else (0, 6)), ran
 
 
 def test_offloaded_checkpoint_function_matches_plain_backward():
@@ -138,5 +159,50 @@ def test_checkpointing_refusals_are_user_errors():
     with pytest.raises(EmbedtuneError, match="does not support gradient checkpointing") as caught:
         enable_checkpointing(torch.nn.Linear(2, 2), True)
     assert isinstance(caught.value, ValueError)
-    with pytest.raises(EmbedtuneError, match="must be True, False or 'unsloth'"):
+    with pytest.raises(EmbedtuneError, match="must be True, False, 'unsloth' or 'always'"):
         enable_checkpointing(torch.nn.Linear(2, 2), "sometimes")
+
+
+def _train_losses(mode, steps: int = 3) -> list[float]:
+    torch.manual_seed(0)
+    model, tok = FastModel.from_pretrained(MINILM, max_seq_length=32)
+    model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=mode, random_state=0)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    anchors = ["sort a list", "open a file", "parse json", "join paths"]
+    positives = ["def sort(xs): return sorted(xs)", "def open_file(p): return open(p)",
+                 "def parse(s): return json.loads(s)", "def join(a, b): return os.path.join(a, b)"]
+    losses = []
+    torch.manual_seed(1)
+    for _ in range(steps):
+        embed = [model(**tok(texts, padding=True, return_tensors="pt")).last_hidden_state[:, 0] for texts in (anchors, positives)]
+        scores = torch.nn.functional.normalize(embed[0], dim=-1) @ torch.nn.functional.normalize(embed[1], dim=-1).T
+        loss = torch.nn.functional.cross_entropy(20 * scores, torch.arange(len(anchors)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_training_with_checkpointing_skipped_follows_every_batch_checkpointed():
+    """The guide's "unsloth" with memory to spare runs the layers as is: three steps with dropout on
+    (MiniLM's 0.1) give the losses of checkpointing every batch, so the RNG stays in step."""
+    always, chosen, plain = _train_losses("always"), _train_losses("unsloth"), _train_losses(False)
+    assert len(set(always)) == 3  # training moves
+    assert chosen == pytest.approx(always, rel=1e-5, abs=1e-6)
+    assert plain == pytest.approx(always, rel=1e-5, abs=1e-6)
+
+
+def test_several_processes_checkpoint_every_batch(monkeypatch):
+    """Under DDP each process would choose alone; there every batch is checkpointed, as asked."""
+    from embedtune import checkpointing
+
+    gate = checkpointing.WhenMemoryNeeds(lambda fn, h: fn(h), layers=2, heads=2)
+    hidden = torch.zeros(4, 8, 16)
+    assert gate.fits(hidden) and (gate.skipped, gate.checkpointed) == (1, 0)
+    monkeypatch.setattr(checkpointing, "_several_processes", lambda: True)
+    assert not gate.fits(hidden) and (gate.skipped, gate.checkpointed) == (1, 1)
+    # the estimate: tokens x width x 96 bytes plus, padded, batch x heads x seq^2 x 10, for every layer
+    assert gate.activation_bytes(hidden) == 2 * (32 * 16 * 96 + 4 * 2 * 64 * 10)
+    assert gate.activation_bytes(torch.zeros(32, 16)) == 2 * 32 * 16 * 96

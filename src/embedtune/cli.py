@@ -235,7 +235,7 @@ def train(
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Pairs file or BEIR folder to evaluate on, during training and (exactly) at the end; every training pair then trains unless --eval-size is given."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="cls, mean, lasttoken, max, weightedmean (default: the checkpoint's)."),
     seed: int = typer.Option(42, "--seed"),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Checkpoint activations (offloaded to CPU on GPU)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Checkpoint activations (offloaded to CPU on GPU) for the batches whose activations would not fit in half the free memory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder (and an interrupted run's checkpoints)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint in OUTPUT.partial (same flags)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", min=0, help="Checkpoint every N steps, for --resume (default: every 10 minutes of training and at the last step; 0: off)."),
