@@ -14,15 +14,17 @@ checkpointing, which gives the same numbers, dropout included. `"always"` checkp
 
 from __future__ import annotations
 
-import types
 import logging
 import time
+import types
 from typing import Any, Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from .errors import SettingError
+
+logger = logging.getLogger(__name__)
 
 
 def current_autocast(device: torch.device) -> Callable[[], Any]:
@@ -78,8 +80,6 @@ def offloaded_checkpoint(fn, hidden, *args, **kwargs):
     # Layers return a tuple or a tensor; the custom Function carries only the first output.
     return _OffloadedCheckpoint.apply(fn, hidden, *args)
 
-
-logger = logging.getLogger(__name__)
 
 # Activation memory a layer keeps for backward, per token and hidden unit: about 34 bytes in 16-bit
 # training (Korthikanti et al., 2022); counted here at fp32 width, with room for LoRA's inputs.
