@@ -13,9 +13,10 @@ OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -
 # embedtune also supports (installed beside the venv, not into it).
 if [ -z "${EMBEDTUNE_SKIP_ST5:-}" ]; then
   python -m pip install -q --no-deps --upgrade --target .st5 "sentence-transformers>=5.7,<6"
-  PYTHONPATH=.st5 python -m pytest -q -p no:cacheprovider tests/test_compat_and_loading.py tests/test_save.py \
-    tests/test_architectures.py tests/test_st_pipeline.py -k "roundtrip or compat or save or assigning or wrapper"
-  PYTHONPATH=.st5 python -m pytest -q -p no:cacheprovider tests/test_trainer_resume.py
+  PYTHONPATH=.st5 OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile \
+    tests/test_compat_and_loading.py tests/test_save.py tests/test_architectures.py tests/test_st_pipeline.py \
+    -k "roundtrip or compat or save or assigning or wrapper"
+  PYTHONPATH=.st5 OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests/test_trainer_resume.py
 fi
 
 # sentence-transformers' ONNX backend (optimum-onnx pins transformers < 4.58, so not in the venv): its

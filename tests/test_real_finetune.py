@@ -8,13 +8,13 @@ import pytest
 import embedtune
 from embedtune.data import build_stdlib_pairs, write_jsonl
 
-SETTINGS = dict(max_steps=12, batch_size=32, max_seq_length=64, lora_r=16, lr=3e-4, eval_size=200,
+SETTINGS = dict(max_steps=12, batch_size=32, max_seq_length=32, lora_r=16, lr=3e-4, eval_size=200,
                 evals_per_run=1, seed=7, eval_share=1.0)  # every evaluation exact: base and final on one set
 
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
-    return write_jsonl(build_stdlib_pairs(max_pairs=800, seed=1), tmp_path_factory.mktemp("real") / "pairs.jsonl")
+    return write_jsonl(build_stdlib_pairs(max_pairs=500, seed=1), tmp_path_factory.mktemp("real") / "pairs.jsonl")
 
 
 @pytest.fixture(scope="module")
