@@ -82,14 +82,26 @@ def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, tiny_bert):
-    start = load_file(str(next(Path(tiny_bert).glob("*.safetensors"))))
-    variants = {"plain": [], "cached": ["cached", "negatives"],
+DDP_VARIANTS = {"plain": [], "cached": ["cached", "negatives"],
                 "symmetric-matryoshka": ["symmetric", "matryoshka", "negatives"]}
+FSDP_VARIANTS = {"plain": ["fsdp", "negatives"], "cached": ["fsdp", "cached"]}
+
+
+@pytest.fixture(scope="module")
+def bert_steps(tmp_path_factory, tiny_bert):
+    """BERT's DDP and FSDP variants, one process against two ranks, in one launch of each (a launch's
+    imports cost more than its steps). Control: without the cross-rank gather each rank sees only its
+    own negatives; that must show."""
+    variants = {**DDP_VARIANTS, **{f"fsdp-{name}": flags for name, flags in FSDP_VARIANTS.items()}}
+    tmp_path = tmp_path_factory.mktemp("bert_steps")
     singles = _steps(tmp_path, tiny_bert, variants, distributed=False)
-    # Control: without the cross-rank gather each rank sees only its own negatives; that must show.
-    ddps = _steps(tmp_path, tiny_bert, {**variants, "no-gather": ["no-gather"]}, distributed=True)
-    for name in variants:
+    return singles, _steps(tmp_path, tiny_bert, {**variants, "no-gather": ["no-gather"]}, distributed=True)
+
+
+def test_two_ranks_equal_one_process_with_the_whole_batch(tiny_bert, bert_steps):
+    start = load_file(str(next(Path(tiny_bert).glob("*.safetensors"))))
+    singles, ddps = bert_steps
+    for name in DDP_VARIANTS:
         single, ddp = singles[name], ddps[name]
         assert _max_diff(single, ddp) <= 1e-5, name
         plain = {k.split(".", 2)[2]: v for k, v in single.items()}  # "0.model.x" (ST 6) / "0.auto_model.x" (ST 5)
@@ -132,16 +144,20 @@ def tiny_qwen3(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ["bert", "qwen3"])
-def test_fsdp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, arch, tiny_bert, tiny_qwen3):
+def test_fsdp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, request, arch, tiny_bert, tiny_qwen3):
     """FSDP (weights sharded over 2 ranks, packed forward through the layers' FSDP step method) takes
     the same step as one process with the whole batch, plain and cached."""
     model = tiny_bert if arch == "bert" else tiny_qwen3
     start = load_file(str(next(Path(model).glob("*.safetensors"))))
-    variants = {"plain": ["fsdp", "negatives"], "cached": ["fsdp", "cached"]}
-    singles = _steps(tmp_path, model, variants, distributed=False)
-    shardeds = _steps(tmp_path, model, variants, distributed=True)
-    for name in variants:
-        single, sharded = singles[name], shardeds[name]
+    if arch == "bert":
+        singles, shardeds = request.getfixturevalue("bert_steps")
+        prefix = "fsdp-"
+    else:
+        singles = _steps(tmp_path, model, FSDP_VARIANTS, distributed=False)
+        shardeds = _steps(tmp_path, model, FSDP_VARIANTS, distributed=True)
+        prefix = ""
+    for name in FSDP_VARIANTS:
+        single, sharded = singles[prefix + name], shardeds[prefix + name]
         assert set(single) == set(sharded) and set(single) >= set(start) - {"pooler.dense.weight", "pooler.dense.bias"}
         assert _max_diff(single, sharded) <= 1e-5, name
         moved = max((single[k] - start[k]).abs().max().item() for k in single)
