@@ -4,6 +4,7 @@ they pay, the user's flags over the choice, and the choice recorded in metrics.j
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -108,10 +109,11 @@ def test_warm_marker_is_per_model(tmp_path):
     assert speed.cache_is_warm(tmp_path, a) and not speed.cache_is_warm(tmp_path, b)
 
 
-def test_auto_compile_starts_once_training_has_paid_for_it(tmp_path, monkeypatch):
+def test_auto_compile_starts_once_training_has_paid_for_it(tmp_path, monkeypatch, caplog):
     """Outside the recipe the run's length is unknown: eager until the training time spent would have
     paid for the compile (gaps such as evaluations do not count), then compiled for good; never on
-    the CPU or in inference; at once when this model's code is cached."""
+    the CPU or in inference; at once when this model's code is cached. Each switch is announced once,
+    with the warm-up it costs and why."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     clock = [0.0]
     monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
@@ -122,6 +124,7 @@ def test_auto_compile_starts_once_training_has_paid_for_it(tmp_path, monkeypatch
     needed = cost / speed.COMPILE_GAIN  # training seconds that pay for the compile
     assert not auto(cuda=False, training=True) and not auto(cuda=True, training=False)
     decisions = []
+    caplog.set_level(logging.WARNING, logger="embedtune.speed")
     for i in range(int(needed / step) + 3):
         clock[0] += step if i != 5 else 600.0  # one long pause (an evaluation): counted as at most MAX_GAP_S
         decisions.append(auto(cuda=True, training=True))
@@ -129,9 +132,12 @@ def test_auto_compile_starts_once_training_has_paid_for_it(tmp_path, monkeypatch
     assert not any(decisions[:first_on]) and all(decisions[first_on:])
     assert needed <= auto.spent < needed + speed.CompileWhenItPays.MAX_GAP_S + step
     assert auto(cuda=True, training=False), "once on, stays on"
+    (notice,) = [r.getMessage() for r in caplog.records]
+    assert f"a warm-up of about {cost:.0f} s" in notice and "of training would have paid for it" in notice
     auto.compiled()
     warm = speed.CompileWhenItPays(model)
     assert warm(cuda=True, training=True), "cached: compiled from the first training forward"
+    assert "compiled code is cached" in caplog.records[-1].getMessage() and len(caplog.records) == 2
 
 
 def test_loaded_models_compile_automatically_and_the_recipe_decides_for_itself(tmp_path):

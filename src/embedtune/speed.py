@@ -234,7 +234,9 @@ class CompileWhenItPays:
     `FastModel`, say; the recipe decides up front with `choose`). The layers run eagerly until the
     training time spent so far would have paid for the compile, then compiled: the ski-rental rule,
     which costs at most about twice the better choice whatever the run's length. Compiled at once
-    where this model's code is already in the compile cache. Only training forwards on a GPU count."""
+    where this model's code is already in the compile cache. Only training forwards on a GPU count.
+    The switch is announced as a warning: no run summary of embedtune's reports this path's mode, and
+    the warm-up pauses the trainer's progress bar for a while."""
 
     MAX_GAP_S = 5.0  # a longer pause between training forwards (evaluation, saving) is not step time
 
@@ -264,14 +266,15 @@ class CompileWhenItPays:
             self.spent += min(now - self._last, self.MAX_GAP_S)
         self._last = now
         if COMPILE_GAIN * self.spent >= self._cost:
-            return self._switch_on(f"{self.spent:.0f} s of training would have paid for its ~{self._cost:.0f} s warm-up")
+            return self._switch_on(f"{self.spent:.0f} s of training would have paid for it")
         return False
 
     def _switch_on(self, why: str) -> bool:
         from .compile_cache import use_persistent_compile_cache
 
         use_persistent_compile_cache()
-        logger.info("embedtune: compiling the packed layers from now on: %s", why)
+        logger.warning("embedtune: compiling the packed layers now, a warm-up of about %.0f s (%s); "
+                       "FastModel.from_pretrained(..., compile=False) keeps them eager", self._cost, why)
         self.on = True
         return True
 
