@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .distributed import world_size
 from .errors import SettingError
 
 logger = logging.getLogger(__name__)
@@ -103,8 +104,7 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def _several_processes() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return world_size() > 1
 
 
 class WhenMemoryNeeds:
