@@ -6,7 +6,10 @@ then merge and save. This bench runs that program (tests/guide_program.py, with 
 precision lines: bf16 where supported, tf32, fp16 evaluation) as three processes, each timed from
 start to exit:
 
-- embedtune: the program as the guide has it, its import line changed to embedtune;
+- embedtune: the program as the guide has it, its import line changed to embedtune (the trainer's
+  steps replay as CUDA graphs where they pay, `embedtune.trainer_graphs`);
+- embedtune_eager: the same with `cuda_graphs = False` added to `FastModel.from_pretrained` (its
+  steps eager); the two runs' logged losses are compared (dropout draws differ, so within noise);
 - stock: the same program written against transformers + peft + sentence-transformers (SDPA
   attention, non-reentrant gradient checkpointing, LoRA through peft directly; the merged encoder put
   back into the Transformer module before the save, as sentence-transformers 6 needs);
@@ -85,6 +88,7 @@ STOCK_MERGE = "merged = model.merge_and_unload()\ntorch.nn.Module.__setattr__(tr
 HF_SAVE = 'model.save_pretrained("embeddings_merged_hf")\n'
 STOCK_HF_SAVE = 'merged.save_pretrained("embeddings_merged_hf")\n'
 ARGS_LAST = "    max_grad_norm=1.0,\n"
+LOAD_ARG_LAST = "    add_pooling_layer = False,\n"
 GUIDE_CHECKPOINTING = '    use_gradient_checkpointing="unsloth",\n'
 STOCK_CHECKPOINTING = 'backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})\n'
 TRAIN = "trainer.train()\n"
@@ -102,7 +106,7 @@ print({MARK!r} + _bench_json.dumps({{
     "peak_gb": round(_bench_torch.cuda.max_memory_allocated() / 1e9, 2) if _bench_torch.cuda.is_available() else None,
 }}), flush=True)
 '''
-IMPLS = ["embedtune", "stock", "stock_compile"]
+IMPLS = ["embedtune", "embedtune_eager", "stock", "stock_compile"]
 
 
 def replace_once(text: str, old: str, new: str) -> str:
@@ -121,7 +125,9 @@ def program(impl: str, precision: str, checkpointing: bool = True) -> str:
     text = replace_once(text, TRAIN, TIMED_TRAIN)
     if precision == "guide":
         text = replace_once(text, CPU_PRECISION, GUIDE_PRECISION)
-    if impl != "embedtune":
+    if impl == "embedtune_eager":
+        text = replace_once(text, LOAD_ARG_LAST, LOAD_ARG_LAST + "    cuda_graphs = False,\n")
+    elif impl != "embedtune":
         text = replace_once(text, EMBEDTUNE_IMPORT, "")
         start, end = text.index(LOAD_FIRST), text.index(LOAD_LAST) + len(LOAD_LAST)
         text = text[:start] + (STOCK_LOAD if checkpointing else replace_once(STOCK_LOAD, STOCK_CHECKPOINTING, "")) + text[end:]
@@ -216,6 +222,21 @@ def print_profile(impl: str, path: str, lines: list[str], monitor: GpuMonitor) -
         stats.sort_stats(key).print_stats(28)
 
 
+def curve_gap(rows: list[dict], impl: str = "embedtune", peer: str = "embedtune_eager") -> str | None:
+    """The largest gap between two runs' logged losses over the epoch's second half, and each run's mean there."""
+    found = {r["impl"]: dict((step, loss) for step, loss in r.get("losses") or []) for r in rows if r.get("losses")}
+    if impl not in found or peer not in found:
+        return None
+    steps = sorted(set(found[impl]) & set(found[peer]))
+    half = steps[len(steps) // 2:]
+    if not half:
+        return None
+    gap = max(abs(found[impl][s] - found[peer][s]) for s in half)
+    means = [statistics.mean(found[name][s] for s in half) for name in (impl, peer)]
+    return (f"logged losses, {impl} against {peer}, steps {half[0]}-{half[-1]} ({len(half)} logs): largest gap "
+            f"{gap:.4f}; means {means[0]:.4f} / {means[1]:.4f}")
+
+
 def table(rows: list[dict], model: str, checkpointing: bool = True) -> None:
     done = {r["impl"]: r for r in rows if r["rc"] == 0 and r.get("samples_per_s")}
     peers = [p for p in ("stock", "stock_compile") if p in done]
@@ -230,6 +251,9 @@ def table(rows: list[dict], model: str, checkpointing: bool = True) -> None:
         print(f"{r['impl']:<15}{fmt(r['wall_s'], 1):>9}{fmt(r.get('train_s'), 1):>9}{fmt(r.get('fixed_s'), 1):>9}"
               f"{fmt(speed, 1):>9}{ratios}{fmt(r.get('late_loss'), 3):>11}{fmt(r.get('peak_gb'), 2):>9}  "
               f"{r.get('saved', '-') if r['rc'] == 0 else r.get('error', '')[:60]}")
+    gap = curve_gap(rows)
+    if gap:
+        print(gap)
 
 
 def main() -> None:

@@ -25,12 +25,13 @@ def bench():
         sys.path[:] = saved_path
 
 
-@pytest.mark.parametrize("impl", ["embedtune", "stock", "stock_compile"])
+@pytest.mark.parametrize("impl", ["embedtune", "embedtune_eager", "stock", "stock_compile"])
 @pytest.mark.parametrize("precision", ["guide", "cpu"])
 def test_every_variant_builds_and_parses(bench, impl, precision):
     text = bench.program(impl, precision)
     compile(text, f"guide_{impl}.py", "exec")
-    assert ("from embedtune import FastModel" in text) == (impl == "embedtune")
+    assert ("from embedtune import FastModel" in text) == impl.startswith("embedtune")
+    assert ("cuda_graphs = False" in text) == (impl == "embedtune_eager")
     assert ("torch_compile=True" in text) == (impl == "stock_compile")
     assert ("bf16=torch.cuda.is_bf16_supported()" in text) == (precision == "guide")
     assert text.count("trainer.train()") == 1 and "_bench_train_s" in text
@@ -61,14 +62,22 @@ def test_report_reads_the_last_marked_line(bench):
     assert bench.late_loss([]) is None
 
 
-@pytest.mark.parametrize("impl", ["embedtune", "stock", "stock_compile"])
+@pytest.mark.parametrize("impl", ["embedtune", "embedtune_eager", "stock", "stock_compile"])
 def test_no_checkpointing_variant_turns_it_off_on_every_side(bench, impl):
     on, off = bench.program(impl, "cpu"), bench.program(impl, "cpu", checkpointing=False)
     compile(off, f"guide_{impl}.py", "exec")
-    if impl == "embedtune":
+    if impl.startswith("embedtune"):
         assert 'use_gradient_checkpointing="unsloth"' in on
         assert "use_gradient_checkpointing=False" in off and "unsloth\"" not in off
     else:
         assert "gradient_checkpointing_enable" in on and "gradient_checkpointing_enable" not in off
     # nothing else differs
-    assert len(set(off.splitlines()) ^ set(on.splitlines())) == 2 - (impl != "embedtune")
+    assert len(set(off.splitlines()) ^ set(on.splitlines())) == 2 - (not impl.startswith("embedtune"))
+
+
+def test_curve_gap_compares_the_second_half(bench):
+    rows = [{"impl": "embedtune", "losses": [[10, 3.0], [20, 2.0], [30, 1.5], [40, 1.0]]},
+            {"impl": "embedtune_eager", "losses": [[10, 2.0], [20, 2.1], [30, 1.4], [40, 1.2]]}]
+    line = bench.curve_gap(rows)
+    assert "steps 30-40" in line and "largest gap 0.2000" in line
+    assert bench.curve_gap(rows[:1]) is None

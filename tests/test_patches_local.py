@@ -35,6 +35,7 @@ PATCHED = [
     ("sentence_transformers.base.modules.transformer:Transformer", "__setattr__"),
     ("sentence_transformers.base.modules.transformer:Transformer", "_load_model"),
     ("sentence_transformers.base.trainer:BaseTrainer", "_load_from_checkpoint"),
+    ("sentence_transformers.sentence_transformer.trainer:SentenceTransformerTrainer", "training_step"),
 ]
 
 CHILD = r'''
@@ -58,7 +59,7 @@ def resolve(spec, attr):
     except (ImportError, AttributeError):  # ST 5.x layout
         cls = {"Transformer": sentence_transformers.models.Transformer if hasattr(sentence_transformers, "models")
                else importlib.import_module("sentence_transformers.models").Transformer,
-               "BaseTrainer": SentenceTransformerTrainer}[name]
+               "BaseTrainer": SentenceTransformerTrainer, "SentenceTransformerTrainer": SentenceTransformerTrainer}[name]
     return cls, inspect.getattr_static(cls, attr)
 
 originals = {f"{s}.{a}": resolve(s, a)[1] for s, a in PATCHED}
@@ -160,9 +161,10 @@ def test_stock_classes_keep_their_functions_after_import_in_either_order():
         import sentence_transformers
         from sentence_transformers.base.trainer import BaseTrainer
         from sentence_transformers.base.modules.transformer import Transformer
+        from sentence_transformers import SentenceTransformerTrainer
         out = {}
         for cls, attr in ((Transformer, "__init__"), (Transformer, "__setattr__"), (Transformer, "_load_model"),
-                          (BaseTrainer, "_load_from_checkpoint")):
+                          (BaseTrainer, "_load_from_checkpoint"), (SentenceTransformerTrainer, "training_step")):
             fn = inspect.getattr_static(cls, attr)
             out[f"{cls.__name__}.{attr}"] = "embedtune" not in fn.__code__.co_filename  # not a wrapper of ours
         print(json.dumps(out))
@@ -202,7 +204,7 @@ def test_backbone_assignment_is_stock_for_other_models(tmp_path):
 
 def test_the_guide_compat_leaves_other_trainers_models_to_the_stock_reload():
     """`_load_from_checkpoint` hands a model embedtune did not build to the stock method, unchanged."""
-    from embedtune.st import _first_backbone, embedtune_built, install_compat
+    from embedtune.st import first_backbone, embedtune_built, install_compat
 
     install_compat()
     try:
@@ -212,7 +214,7 @@ def test_the_guide_compat_leaves_other_trainers_models_to_the_stock_reload():
 
     patched = BaseTrainer._load_from_checkpoint
     assert patched.__wrapped__.__module__.startswith("sentence_transformers")
-    assert not embedtune_built(_first_backbone(torch.nn.Sequential(torch.nn.Linear(1, 1))))
+    assert not embedtune_built(first_backbone(torch.nn.Sequential(torch.nn.Linear(1, 1))))
 
 
 # ------------------------------------------------------------------ the Patches table against the code

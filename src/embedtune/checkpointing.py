@@ -121,6 +121,9 @@ class WhenMemoryNeeds:
         self.checkpointed = 0
         self._told = False
         self._free: tuple | None = None  # (device, bytes, when read)
+        # set by `skip_for_run`: every batch of the run fits (a step replayed as a CUDA graph must not
+        # read the free memory inside its capture, nor change course between replays)
+        self.skips_every_batch = False
 
     def activation_bytes(self, hidden: torch.Tensor) -> int:
         """An upper estimate of what all layers keep for this batch without checkpointing."""
@@ -143,6 +146,9 @@ class WhenMemoryNeeds:
         """Whether this batch's layers may keep their activations (and counts the choice). Across
         several processes every batch is checkpointed, as before: each process would choose alone, and
         DDP's static graph is learnt from the first step."""
+        if self.skips_every_batch:
+            self.skipped += 1
+            return True
         if torch.is_tensor(hidden) and not _several_processes():
             need = self.activation_bytes(hidden)
             free = self.free_bytes(hidden.device)
@@ -161,6 +167,41 @@ class WhenMemoryNeeds:
         if self.fits(hidden):
             return fn(hidden, *args, **kwargs)
         return self.inner(fn, hidden, *args, **kwargs)
+
+
+def gates(model) -> list:
+    """Each module's `_gradient_checkpointing_func` where its checkpointing is on (`gradient_checkpointing`)."""
+    return [m._gradient_checkpointing_func for m in model.modules()
+            if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")]
+
+
+def blocks_graphs(model) -> bool:
+    """Whether some layer of `model` may checkpoint a batch: a step captured as a CUDA graph cannot
+    (the offload copies to the host, the recompute runs at backward). Layers behind a `WhenMemoryNeeds`
+    gate that `skip_for_run` settled do not."""
+    return any(not (isinstance(g, WhenMemoryNeeds) and g.skips_every_batch) for g in gates(model))
+
+
+def skip_for_run(model, tokens: int, width: int, device: torch.device) -> str | None:
+    """For a run whose steps replay as CUDA graphs: settle, once, that no batch of up to `tokens` packed
+    tokens of `width` hidden units is checkpointed, where every checkpointing layer sits behind a
+    `WhenMemoryNeeds` gate (True / "unsloth") and such a batch's activations fit in `FREE_SHARE` of the
+    memory free now; returns None then (or where nothing checkpoints), else why checkpointing stays."""
+    found = gates(model)
+    if not found:
+        return None
+    if not all(isinstance(g, WhenMemoryNeeds) for g in found):
+        return "gradient checkpointing is on for every batch"
+    if _several_processes():
+        return "gradient checkpointing across several processes checkpoints every batch"
+    free = free_memory_bytes(device)
+    for gate in {id(g): g for g in found}.values():
+        need = gate.activation_bytes(torch.empty(tokens, width, device="meta"))
+        if need > FREE_SHARE * free:
+            return f"gradient checkpointing: a full batch's activations (~{need / 1e9:.1f} GB) need it"
+    for gate in found:
+        gate.skips_every_batch = True
+    return None
 
 
 def parse_mode(mode):

@@ -41,6 +41,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .checkpointing import blocks_graphs
+from .distributed import world_size
 from .errors import EmbedtuneError
 from .packing import PackedForward, main_grad
 
@@ -53,8 +55,9 @@ GRAPH_ARCHS = {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "moder
 TOKEN_MULTIPLE = 1024  # packed streams are padded to a multiple of this many tokens
 
 
-def unsupported_reason(loss, device: torch.device) -> str | None:
-    """Why this loss's steps cannot run as CUDA graphs, or None if they can."""
+def unsupported_reason(loss, device: torch.device, checkpointing: bool = True) -> str | None:
+    """Why this loss's steps cannot run as CUDA graphs, or None if they can. `checkpointing=False`
+    leaves gradient checkpointing to the caller (`checkpointing.skip_for_run` may settle it)."""
     from .losses import ContrastiveLoss
 
     if device.type != "cuda":
@@ -63,8 +66,7 @@ def unsupported_reason(loss, device: torch.device) -> str | None:
         return f"the loss is {type(loss).__name__}, not embedtune's ContrastiveLoss"
     if loss.cached:
         return "the cached loss runs its own backward in chunks"
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         return "training spans several processes (their gradient exchange is not captured)"
     packed = [m for m in loss.model.modules() if isinstance(m.__dict__.get("forward"), PackedForward)]
     if not packed:
@@ -72,7 +74,7 @@ def unsupported_reason(loss, device: torch.device) -> str | None:
     model_type = packed[0].config.model_type
     if model_type not in GRAPH_ARCHS:
         return f"the packed forward of {model_type} builds its plans on the host"
-    if any(getattr(m, "gradient_checkpointing", False) for m in loss.model.modules()):
+    if checkpointing and blocks_graphs(loss.model):
         return "gradient checkpointing is on"
     if loss.runs_sharded:
         return "the model is sharded (FSDP)"

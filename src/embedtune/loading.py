@@ -23,6 +23,7 @@ from .checkpointing import enable_checkpointing, parse_mode
 from .errors import EmbedtuneError
 from .hf_quiet import quiet_transformers
 from .st import install_compat
+from .trainer_graphs import install as install_trainer_graphs
 # re-exported: st.py, save.py, train.py, the CLI and users import these from here
 from .model_facts import DTYPE_ALIASES, DEFAULT_MODEL_ID, LoadInfo, load_info, pooling_for  # noqa: F401
 
@@ -410,6 +411,7 @@ class FastModel:
         device: str | torch.device | None = None,
         fast: bool = True,
         compile: bool | str = "auto",
+        cuda_graphs: bool | None = None,
         full_finetuning: bool = False,
         token: Any = None,
         **kwargs: Any,
@@ -419,7 +421,10 @@ class FastModel:
         `fast=True` switches supported architectures to the padding-free packed forward
         (`embedtune.packing`); outputs are the same, the dense layers just skip padding. `compile`:
         "auto" compiles the packed layers on a GPU once a training run has gone on long enough to
-        earn the warm-up back (`speed.CompileWhenItPays`); True / False decide it now.
+        earn the warm-up back (`speed.CompileWhenItPays`); True / False decide it now. `cuda_graphs`:
+        a SentenceTransformerTrainer replays this model's steps as CUDA graphs where they pay (None:
+        on a GPU, for runs long enough, with a loss the graph step covers; `trainer_graphs`); False
+        keeps them eager, True asks for them whatever the run's length.
         Unsloth's own keywords are accepted (`unsloth_keywords`); `full_finetuning=True` is recorded
         and makes `get_peft_model` leave every weight trainable instead of adding LoRA.
         """
@@ -464,6 +469,7 @@ class FastModel:
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
             token=token,
+            cuda_graphs=cuda_graphs,
         )
         if fast:
             from .packing import enable_fast_path  # packing imports transformers: kept off `import loading`
@@ -472,6 +478,7 @@ class FastModel:
         if full_finetuning and checkpointing not in (None, False):
             enable_checkpointing(model, parse_mode(checkpointing))
         install_compat()  # what the guide's own wrapper code needs, for the models embedtune builds
+        install_trainer_graphs()  # a SentenceTransformerTrainer replays the steps of embedtune's models
         return model, tokenizer
 
     @staticmethod

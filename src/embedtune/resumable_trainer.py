@@ -30,6 +30,7 @@ from .guards import (
     OUT_OF_MEMORY, HostCopy, InterruptGuard, NonFiniteLoss, TrainingInterrupted, check_finite_weights, finite_gate_for,
     nonfinite_loss_message, oom_message,
 )
+from .trainer_graphs import graphed_training_step
 
 # The default cadence is by the clock: a checkpoint of a full model with its optimizer takes seconds,
 # so a step count would tax fast runs and leave slow ones unprotected. A preemption loses at most this.
@@ -290,6 +291,7 @@ class ResumableTrainer(SentenceTransformerTrainer):
             state.global_step, state.epoch = now
             self.control.should_log = should_log  # (the callbacks' on_log clears it: it is this step's)
 
+    chooses_own_steps = True  # its speed mode is the recipe's (`speed_choice`): `trainer_graphs` passes it through
     graph_step = None  # an embedtune.graphs.GraphedStep when the run replays its steps as CUDA graphs
     _modules_of = None  # the graphed step's model and its modules, listed once
     _finite_gate = None  # a guards._NonFiniteGate, if the first step chose the deferred check
@@ -326,28 +328,11 @@ class ResumableTrainer(SentenceTransformerTrainer):
                                                     precision, Path(self.args.output_dir)))
 
     def _graphed_training_step(self, model, inputs):
-        """The trainer's step (loss scaled for gradient accumulation, as `Trainer.training_step` does)
-        with forward and backward replayed as a CUDA graph."""
-        # What the trainer's own step does before its forward: every module in train mode (a replayed
-        # graph keeps the modes it was captured in), and the optimizer's train mode where it has one.
-        from .graphs import train_mode
-
+        """The trainer's step with forward and backward replayed as a CUDA graph
+        (`trainer_graphs.graphed_training_step`)."""
         if self._modules_of is None or self._modules_of[0] is not model:
             self._modules_of = list(model.modules())  # listed once: reading their flags is cheap
-        train_mode(model, self._modules_of)
-        if callable(getattr(self.optimizer, "train", None)):
-            self.optimizer.train()
-        # the batch stays on the host, where the graph step reads its shape and pads it, then copies
-        # it into the graph's buffers (moving it to the device first would cost a round trip and a sync)
-        inputs = dict(inputs)
-        inputs.pop("dataset_name", None)
-        features, _labels = self.collect_features(inputs)
-        scale = 1.0 / self.current_gradient_accumulation_steps
-        loss = self.graph_step(features, scale=scale) * scale
-        every = self.args.torch_empty_cache_steps
-        if every is not None and self.state.global_step % every == 0:
-            torch.cuda.empty_cache()
-        return loss
+        return graphed_training_step(self, self.graph_step, model, inputs, self._modules_of)
 
 
 # ----------------------------------------------------------------------------------- the run

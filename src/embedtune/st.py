@@ -447,7 +447,7 @@ def _install_peft_checkpoint_loading() -> None:
     def _load_from_checkpoint(self, checkpoint_path, *args, **kwargs):
         model = getattr(self.model, "_orig_mod", self.model)
         if (args or kwargs or getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
-                or not embedtune_built(_first_backbone(model))):
+                or not embedtune_built(first_backbone(model))):
             return original(self, checkpoint_path, *args, **kwargs)
         if unmerged_peft_backbone(model) is None:
             with _ignore_fresh_backbone_keys(model, checkpoint_path):
@@ -458,7 +458,7 @@ def _install_peft_checkpoint_loading() -> None:
     setattr(cls, _RESUME_FLAG, True)
 
 
-def _first_backbone(st_model):
+def first_backbone(st_model):
     """The backbone the SentenceTransformer's first module runs, if that module is a ST Transformer."""
     modules = getattr(st_model, "_modules", None)
     first = next(iter(modules.values()), None) if modules else None

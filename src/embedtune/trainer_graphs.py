@@ -1,0 +1,202 @@
+"""CUDA graphs for a stock SentenceTransformerTrainer that trains a model `FastModel` built.
+
+Why: the guide's own program trains with `SentenceTransformerTrainer` and
+`MultipleNegativesRankingLoss` at small batches (8 pairs), where an eager step is bound by the host
+(each layer's LoRA linears, dropout and attention calls launched one by one), not by the GPU. embedtune's
+recipe replays its steps as CUDA graphs (`graphs.GraphedStep`, `ResumableTrainer`); this module gives
+the same to the stock trainer, through one narrow patch of `SentenceTransformerTrainer.training_step`
+(`install`, run by `FastModel.from_pretrained`):
+
+- at a trainer's first step, `decide` chooses: graphs where the model's backbone is embedtune's, on a
+  GPU, in one process, with a loss the graph step computes exactly (`contrastive_equivalent`: MNRL at
+  its defaults, any scale, is embedtune's `ContrastiveLoss`), no checkpointing needed
+  (`checkpointing.skip_for_run`) and enough planned steps to pay for the captures (`speed.choose`,
+  which also settles `compile="auto"` for the run); `FastModel.from_pretrained(cuda_graphs=False)`
+  keeps the steps eager, `True` asks for graphs whatever the length. One line says what was chosen
+  and why;
+- every step of such a trainer then runs `graphed_training_step`: what the trainer's own step does
+  around its forward and backward (train mode, gradient accumulation's scale), with those two replayed.
+
+Every other trainer, model or loss runs the stock step untouched; so do trainers that choose their
+own step (`chooses_own_steps`, embedtune's `ResumableTrainer`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+
+logger = logging.getLogger(__name__)
+
+_FLAG = "_embedtune_trainer_graphs"
+_UNDECIDED = object()
+# trainer -> its choice: None (stock step) or [GraphedStep, the model's modules or None]
+_CHOICES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def contrastive_equivalent(loss):
+    """embedtune's `ContrastiveLoss` computing exactly what `loss` does, over the same model, or a str
+    saying why there is none. MultipleNegativesRankingLoss at its defaults (cosine similarity, the
+    anchor-to-documents direction only, no hardness penalty, no gathering across devices) is InfoNCE
+    at temperature 1 / scale; embedtune's own uncached ContrastiveLoss is itself."""
+    from sentence_transformers import losses as st_losses
+    from sentence_transformers.util import cos_sim
+
+    from .losses import ContrastiveLoss
+
+    if isinstance(loss, ContrastiveLoss):
+        return "the cached loss runs its own backward in chunks" if loss.cached else loss
+    if type(loss) is not st_losses.MultipleNegativesRankingLoss:
+        return f"the loss is {type(loss).__name__} (the graph step covers MultipleNegativesRankingLoss)"
+    settings = {"similarity_fct": (getattr(loss, "similarity_fct", cos_sim), cos_sim),
+                "directions": (tuple(getattr(loss, "directions", ("query_to_doc",))), ("query_to_doc",)),
+                "hardness_strength": (float(getattr(loss, "hardness_strength", 0.0) or 0.0), 0.0),
+                "gather_across_devices": (bool(getattr(loss, "gather_across_devices", False)), False)}
+    other = [name for name, (value, default) in settings.items() if value != default]
+    if other:
+        return f"MultipleNegativesRankingLoss with {', '.join(other)} not at the default"
+    if not float(loss.scale) > 0:
+        return f"MultipleNegativesRankingLoss with scale {loss.scale}"
+    return ContrastiveLoss(loss.model, temperature=1.0 / float(loss.scale), symmetric=False,
+                           gather_across_devices=False)
+
+
+def graphed_training_step(trainer, graph_step, model, inputs, modules: list):
+    """The trainer's step (`Trainer.training_step`: train mode, the loss scaled for gradient
+    accumulation) with forward and backward replayed by `graph_step`. `modules`: `model`'s modules,
+    listed once by the caller (reading their flags is cheap, walking the tree is not)."""
+    import torch
+
+    from .graphs import train_mode
+
+    # a replayed graph keeps the modes it was captured in: every module in train mode, as the
+    # trainer's own step does, and the optimizer's train mode where it has one
+    train_mode(model, modules)
+    if callable(getattr(trainer.optimizer, "train", None)):
+        trainer.optimizer.train()
+    inputs = dict(inputs)
+    inputs.pop("dataset_name", None)
+    features, _labels = trainer.collect_features(inputs)
+    scale = 1.0 / trainer.current_gradient_accumulation_steps
+    loss = graph_step(features, scale=scale) * scale
+    every = trainer.args.torch_empty_cache_steps
+    if every is not None and trainer.state.global_step % every == 0:
+        torch.cuda.empty_cache()
+    return loss
+
+
+def _embedtune_backbone(st_model):
+    from .model_facts import load_info
+    from .st import first_backbone
+
+    backbone = first_backbone(st_model)
+    return backbone if backbone is not None and load_info(backbone) is not None else None
+
+
+def decide(trainer, inputs):
+    """A `graphs.GraphedStep` for this trainer's steps, or None for the stock step (see the module's
+    docstring); `inputs` is its first batch. Says what it chose in one line where the model is embedtune's."""
+    st_model = getattr(trainer.model, "_orig_mod", trainer.model)
+    backbone = _embedtune_backbone(st_model)
+    if backbone is None:
+        return None
+    from .model_facts import load_info
+
+    asked = load_info(backbone).cuda_graphs
+    if asked is False:
+        logger.info("embedtune: the trainer's steps run eagerly (FastModel.from_pretrained(cuda_graphs=False))")
+        return None
+    choice = _graph_step(trainer, st_model, backbone, inputs, asked)
+    if isinstance(choice, str):
+        if asked:
+            logger.warning("embedtune: cuda_graphs=True, but the trainer's steps run eagerly: %s", choice)
+        else:
+            logger.info("embedtune: the trainer's steps run eagerly: %s", choice)
+        return None
+    step, why = choice
+    logger.warning("embedtune: the trainer's steps replay as CUDA graphs (%s); FastModel.from_pretrained(..., "
+                   "cuda_graphs=False) keeps them eager", why)
+    return step
+
+
+def _graph_step(trainer, st_model, backbone, inputs, asked):
+    """(GraphedStep, why) or the reason the steps stay eager."""
+    import torch
+
+    from . import speed
+    from .checkpointing import skip_for_run
+    from .compile_cache import compile_cache_dir
+    from .graphs import TOKEN_MULTIPLE, GraphedStep, unsupported_reason
+    from .model_facts import unwrap_peft
+    from .packing import PackedForward, set_compile
+
+    args = trainer.args
+    if isinstance(trainer.loss, dict):
+        return "the trainer has one loss per data set"
+    loss = contrastive_equivalent(trainer.loss)
+    if isinstance(loss, str):
+        return loss
+    if args.fp16:
+        return "fp16 training scales its loss on the host (bf16 does not)"
+    device = next(st_model.parameters()).device
+    reason = unsupported_reason(loss, device, checkpointing=False)
+    if reason:
+        return reason
+    steps = int(trainer.state.max_steps or 0) * int(args.gradient_accumulation_steps or 1)
+    if asked is None and steps < speed.GRAPH_MIN_STEPS:
+        return f"{steps} steps, fewer than the {speed.GRAPH_MIN_STEPS} that pay for the captures"
+    features, _labels = trainer.collect_features({k: v for k, v in inputs.items() if k != "dataset_name"})
+    rows = sum(int(f["attention_mask"].shape[0]) for f in features if "attention_mask" in f)
+    width = int(getattr(st_model, "max_seq_length", 0) or max(f["attention_mask"].shape[1] for f in features))
+    base = unwrap_peft(backbone)
+    hidden = int(getattr(base.config, "hidden_size", 0) or 0)
+    worst = -(-rows * width // TOKEN_MULTIPLE) * TOKEN_MULTIPLE  # a full batch, every row max_seq_length long
+    reason = skip_for_run(base, worst, hidden, device) if hidden else "the model's width is unknown"
+    if reason:
+        return reason
+    forward = base.__dict__.get("forward")
+    compiled = ""
+    if isinstance(forward, PackedForward) and forward.compile == "auto":
+        params = trainable = 0
+        for p in base.parameters():
+            params += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        tokens = sum(int(f["attention_mask"].sum()) for f in features if "attention_mask" in f)
+        layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
+        mode = speed.choose(compile=None, cuda_graphs=True, fast=True, cuda=True, steps=steps,
+                            step_s=speed.step_seconds(tokens, params, trainable, speed.peak_flops()), layers=layers,
+                            cache_warm=speed.cache_is_warm(compile_cache_dir(), speed.model_fingerprint(base)))
+        set_compile(base, mode.compile)
+        compiled = "; " + mode.why.split("; ")[-1]
+    step = GraphedStep(loss, width, dtype=torch.bfloat16 if args.bf16 else None)
+    why = f"{steps} steps planned" + (", cuda_graphs=True" if asked else
+                                     f", at least {speed.GRAPH_MIN_STEPS} pay for the captures") + compiled
+    return step, why
+
+
+def install() -> None:
+    """Route `SentenceTransformerTrainer.training_step` through `decide` / `graphed_training_step`,
+    once. Trainers whose class sets `chooses_own_steps` (embedtune's recipe) are passed through."""
+    from sentence_transformers import SentenceTransformerTrainer as cls
+
+    if getattr(cls, _FLAG, False):
+        return
+    original = cls.training_step
+
+    @functools.wraps(original)
+    def training_step(self, model, inputs, *args, **kwargs):
+        if getattr(type(self), "chooses_own_steps", False):
+            return original(self, model, inputs, *args, **kwargs)
+        choice = _CHOICES.get(self, _UNDECIDED)
+        if choice is _UNDECIDED:
+            step = decide(self, inputs)
+            choice = _CHOICES[self] = None if step is None else [step, None]
+        if choice is None:
+            return original(self, model, inputs, *args, **kwargs)
+        if choice[1] is None or choice[1][0] is not model:
+            choice[1] = list(model.modules())
+        return graphed_training_step(self, choice[0], model, inputs, choice[1])
+
+    cls.training_step = training_step
+    setattr(cls, _FLAG, True)

@@ -1,0 +1,218 @@
+"""A stock SentenceTransformerTrainer over a FastModel replays its steps as CUDA graphs
+(`embedtune.trainer_graphs`): the loss the graph step computes is the trainer's own, the choice is
+made for the right reasons, and a run whose steps go through it trains as the eager run does, dropout
+on. On CPU the capture cannot run: the graph step is a stand-in that runs its loss eagerly, so what
+these tests see is everything around the capture (benchmarks/bench_guide_gpu.py runs the real one)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from datasets import Dataset
+from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+from sentence_transformers.util import dot_score
+
+import embedtune.graphs as graphs
+from embedtune import FastModel
+from embedtune.checkpointing import gates
+from embedtune.losses import ContrastiveLoss
+from embedtune.packing import PackedForward
+from embedtune.st import to_sentence_transformer
+from embedtune.trainer_graphs import contrastive_equivalent
+from tiny_models import make_tiny_model
+
+ANCHORS = ["how to sort a list", "open a file", "x", "parse json text into a dict"]
+POSITIVES = ["def sort(items): return sorted(items)", "with open(path) as f: return f.read()", "y",
+             "import json\ndef parse(text):\n    return json.loads(text) and a longer tail of tokens here"]
+NEGATIVES = ["def add(a, b): return a + b", "print(1)", "z z z", "class A: pass"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return str(make_tiny_model("bert", tmp_path_factory.mktemp("trainer_graphs")))
+
+
+def _st(folder, lora=True, **load):
+    torch.manual_seed(0)
+    model, tok = FastModel.from_pretrained(folder, max_seq_length=48, **load)
+    if lora:
+        model = FastModel.get_peft_model(model, r=4, target_modules=["query", "key", "value", "dense"],
+                                         use_gradient_checkpointing="unsloth", random_state=0)
+    return model, to_sentence_transformer(model, tok)
+
+
+def _grads(st):
+    return {n: p.grad.detach().clone() for n, p in st.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("scale", [20.0, 7.5])
+@pytest.mark.parametrize("columns", [2, 3])
+def test_mnrl_at_its_defaults_is_the_contrastive_loss(folder, scale, columns):
+    """Same loss and gradients (fp32, eval mode: the math, not the dropout draws) as
+    MultipleNegativesRankingLoss itself, with and without a hard-negative column."""
+    _, st = _st(folder, lora=False)
+    st.eval()
+    texts = [ANCHORS, POSITIVES, NEGATIVES][:columns]
+    features = [st.tokenize(t) for t in texts]
+    mnrl = MultipleNegativesRankingLoss(st, scale=scale)
+    st.zero_grad(set_to_none=True)
+    want = mnrl(features, None)
+    want.backward()
+    ref = _grads(st)
+    ours = contrastive_equivalent(mnrl)
+    assert isinstance(ours, ContrastiveLoss) and ours.model is st and ours.temperature == pytest.approx(1 / scale)
+    st.zero_grad(set_to_none=True)
+    got = ours(features)
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    mine = _grads(st)
+    assert mine.keys() == ref.keys() and ref
+    for name in ref:
+        assert torch.allclose(mine[name], ref[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_other_losses_and_settings_have_no_equivalent(folder):
+    _, st = _st(folder, lora=False)
+    assert "similarity_fct" in contrastive_equivalent(MultipleNegativesRankingLoss(st, similarity_fct=dot_score))
+    assert "Cached" in contrastive_equivalent(CachedMultipleNegativesRankingLoss(st))
+    assert "cached" in contrastive_equivalent(ContrastiveLoss(st, cached=True))
+    own = ContrastiveLoss(st, temperature=0.1)
+    assert contrastive_equivalent(own) is own
+    try:
+        both = MultipleNegativesRankingLoss(st, directions=("query_to_doc", "doc_to_query"))
+    except TypeError:  # sentence-transformers 5: one direction only
+        return
+    assert "directions" in contrastive_equivalent(both)
+
+
+class StandIn:
+    """A CPU stand-in for `graphs.GraphedStep` (same constructor): runs its loss eagerly and records
+    each call's scale and the dropout modules' modes."""
+
+    made: list = []
+
+    def __init__(self, loss, max_seq_length, dtype=None):
+        self.loss, self.width, self.dtype, self.calls = loss, max_seq_length, dtype, []
+        StandIn.made.append(self)
+
+    def __call__(self, features, scale=1.0):
+        modes = {m.training for m in self.loss.model.modules() if isinstance(m, torch.nn.Dropout)}
+        self.calls.append((scale, modes, [v.device.type for f in features for v in f.values() if torch.is_tensor(v)]))
+        loss = self.loss(features)
+        (loss * scale).backward()
+        return loss.detach()
+
+
+def _pairs(n=48):
+    return Dataset.from_dict({"anchor": [f"how to do thing {i} with {i % 7}" for i in range(n)],
+                              "positive": [f"def thing_{i}(x):\n    return x * {i} + {i % 5}" for i in range(n)]})
+
+
+def _evaluator():
+    """A small retrieval evaluation: run mid-training, it leaves the model in eval mode."""
+    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+
+    pairs = _pairs(8)
+    ids = [str(i) for i in range(8)]
+    return InformationRetrievalEvaluator(queries=dict(zip(ids, pairs["anchor"])), corpus=dict(zip(ids, pairs["positive"])),
+                                         relevant_docs={i: [i] for i in ids}, name="tiny", show_progress_bar=False)
+
+
+def _train(st, loss, out, steps=6, accumulate=2, evaluate_every=None):
+    evaluation = {"eval_strategy": "steps", "eval_steps": evaluate_every} if evaluate_every else {}
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, gradient_accumulation_steps=accumulate,
+        learning_rate=1e-3, warmup_steps=0, report_to="none", save_strategy="no", logging_steps=1, seed=0,
+        data_seed=0, dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, **evaluation)
+    trainer = SentenceTransformerTrainer(model=st, args=args, train_dataset=_pairs(), loss=loss,
+                                         evaluator=_evaluator() if evaluate_every else None)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.fixture
+def as_on_a_gpu(monkeypatch):
+    """The decision as on one GPU (the CUDA check passes), with the stand-in for the graph step."""
+    StandIn.made = []
+    reasons = []
+    original = graphs.unsupported_reason
+
+    def unsupported(loss, device, checkpointing=True):
+        reason = original(loss, device, checkpointing)
+        reasons.append(reason)
+        return None if reason == "the model is not on a CUDA device" else reason
+
+    monkeypatch.setattr(graphs, "unsupported_reason", unsupported)
+    monkeypatch.setattr(graphs, "GraphedStep", StandIn)
+    return reasons
+
+
+def test_guide_trainer_with_graphs_trains_like_eager_with_dropout(folder, tmp_path, as_on_a_gpu, caplog):
+    """The guide's setup (LoRA, "unsloth" checkpointing, MNRL, dropout 0.1, an evaluation every 2
+    steps), gradient accumulation 2: the trainer's steps go through the graph step with every dropout
+    in train mode (an evaluation leaves them in eval mode) and the
+    accumulation's scale, checkpointing settled off for the run (a captured step cannot offload), and
+    the losses equal, step for step, those of the eager run with the same loss math (embedtune's
+    contrastive loss at MNRL's temperature, one merged forward as the graph step runs it)."""
+    model, st = _st(folder, cuda_graphs=False)
+    assert any(m.p > 0 for m in st.modules() if isinstance(m, torch.nn.Dropout))
+    eager = _train(st, ContrastiveLoss(st, temperature=0.05), tmp_path / "eager", evaluate_every=2)
+    assert not StandIn.made
+
+    model, st = _st(folder, cuda_graphs=True)
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_graphs"):
+        graphed = _train(st, MultipleNegativesRankingLoss(st), tmp_path / "graphed", evaluate_every=2)
+    assert len(StandIn.made) == 1, "one graph step for the run, made at its first step"
+    step = StandIn.made[0]
+    assert step.width == 48 and step.dtype is None and len(step.calls) == 12
+    assert all(scale == 0.5 and modes == {True} for scale, modes, _ in step.calls)
+    assert gates(model) and all(g.skips_every_batch and g.checkpointed == 0 for g in gates(model))
+    assert "replay as CUDA graphs" in caplog.text and "cuda_graphs=True" in caplog.text
+    assert len(eager) == len(graphed) == 6
+    assert graphed == pytest.approx(eager, abs=1e-6)
+
+
+def test_the_choice_says_why_steps_stay_eager(folder, tmp_path, as_on_a_gpu, caplog):
+    """Too few planned steps (automatic choice), another loss, fp16, or cuda_graphs=False: the stock
+    step, with the reason in the log; a model embedtune did not build is not looked at."""
+    _, st = _st(folder)
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_graphs"):
+        _train(st, MultipleNegativesRankingLoss(st), tmp_path / "short", steps=3, accumulate=1)
+    assert not StandIn.made and "3 steps, fewer than the 40" in caplog.text
+    caplog.clear()
+    _, st = _st(folder, cuda_graphs=True)
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_graphs"):
+        _train(st, MultipleNegativesRankingLoss(st, similarity_fct=dot_score), tmp_path / "dot", steps=2, accumulate=1)
+    assert not StandIn.made and "cuda_graphs=True, but" in caplog.text and "similarity_fct" in caplog.text
+    caplog.clear()
+    _, st = _st(folder, cuda_graphs=False)
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_graphs"):
+        _train(st, MultipleNegativesRankingLoss(st), tmp_path / "off", steps=2, accumulate=1)
+    assert not StandIn.made and "cuda_graphs=False" in caplog.text
+
+
+def test_a_long_run_chooses_graphs_and_settles_compile(folder, tmp_path, as_on_a_gpu, caplog):
+    """Enough planned steps: graphs chosen without being asked for, and the layers' `compile="auto"`
+    settled for the run (a tiny model's steps never earn a compile back)."""
+    model, st = _st(folder)
+    forward = model.get_base_model().__dict__["forward"]
+    assert isinstance(forward, PackedForward) and forward.compile == "auto"
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_graphs"):
+        _train(st, MultipleNegativesRankingLoss(st), tmp_path / "long", steps=40, accumulate=1)
+    assert len(StandIn.made) == 1 and len(StandIn.made[0].calls) == 40
+    assert forward.compile is False
+    assert "40 steps planned, at least 40 pay for the captures" in caplog.text and "compile:" in caplog.text
+
+
+def test_off_a_gpu_the_trainer_runs_its_own_step(folder, tmp_path, monkeypatch):
+    """On the CPU the decision finds no CUDA device: the stock step runs, the checkpointing gates stay
+    as they were (choosing per batch)."""
+    made = []
+    monkeypatch.setattr(graphs, "GraphedStep", lambda *a, **k: made.append(1))
+    model, st = _st(folder, cuda_graphs=True)
+    losses = _train(st, MultipleNegativesRankingLoss(st), tmp_path / "cpu", steps=2, accumulate=1)
+    assert len(losses) == 2 and not made
+    assert gates(model) and not any(g.skips_every_batch for g in gates(model))
