@@ -1,0 +1,149 @@
+"""The stock SentenceTransformerTrainer's graphed step (`embedtune.trainer_graphs`) against its own eager
+step, on a GPU: the guide's setup (FastModel, LoRA r8, MultipleNegativesRankingLoss, bf16) on a
+random-init BERT with dropout off, three batches (the last of fewer rows: a new shape), each run
+three times through the trainer's `training_step` (eager first sight, capture, replay; later shapes
+captured at first sight). Each call's loss and LoRA gradients are compared with the trainer's eager
+step on the same batch (the stock `compute_loss` under the trainer's autocast: MNRL embedding the
+anchors apart). Then dropout 0.1: the replays' gradients must differ (new masks each replay).
+
+    python benchmarks/check_trainer_graphs_gpu.py --tokenizer .bench/tokenizer [--model bert-base]
+Prints one line per call and PASS/FAIL last; exit 1 on a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+LOSS_TOL, GRAD_TOL = 2e-2, 5e-2  # bf16: the graph step merges the columns into one forward, MNRL does not
+
+
+def build(model_dir: str, dropout: float, cuda_graphs):
+    from embedtune import FastModel
+    from embedtune.st import to_sentence_transformer
+
+    torch.manual_seed(0)
+    model, tok = FastModel.from_pretrained(model_dir, max_seq_length=256, cuda_graphs=cuda_graphs)
+    model = FastModel.get_peft_model(model, r=8, lora_alpha=8, target_modules=["query", "key", "value", "dense"],
+                                     use_gradient_checkpointing="unsloth", random_state=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)  # gradients reach lora_A too
+    st = to_sentence_transformer(model, tok)
+    for m in st.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = dropout
+    return st
+
+
+def trainer_for(st, pairs_path: str, out: str):
+    from datasets import load_dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    data = load_dataset("json", data_files=pairs_path, split="train").select(range(40))
+    args = SentenceTransformerTrainingArguments(output_dir=out, max_steps=100, per_device_train_batch_size=16,
+                                                bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+                                                report_to="none", save_strategy="no",
+                                                dataloader_drop_last=False, seed=0)
+    trainer = SentenceTransformerTrainer(model=st, args=args, train_dataset=data.select_columns(["anchor", "positive"]),
+                                         loss=MultipleNegativesRankingLoss(st))
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    trainer.state.max_steps = 100
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def grads(st) -> dict:
+    return {n: p.grad.detach().float().clone() for n, p in st.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def eager_reference(trainer, st, batch):
+    st.zero_grad(set_to_none=True)
+    st.train()
+    with trainer.autocast_smart_context_manager():
+        loss = trainer.compute_loss(st, dict(batch))
+    loss.backward()
+    return loss.detach().float().item(), grads(st)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="bert-base")
+    ap.add_argument("--tokenizer", default=".bench/tokenizer")
+    args = ap.parse_args()
+    from bench_train_gpu import build_model_dir
+    from embedtune.data.stdlib import build_stdlib_pairs
+    import json
+
+    root = tempfile.mkdtemp(prefix="trainer-graphs-")
+    pairs = os.path.join(root, "pairs.jsonl")
+    with open(pairs, "w") as f:
+        for row in build_stdlib_pairs(seed=0):
+            f.write(json.dumps(row) + "\n")
+    model_dir = build_model_dir(args.model, args.tokenizer, root)
+    failures = []
+
+    # dropout off: every call of the graphed step against the trainer's eager step on its batch
+    st_ref = build(model_dir, 0.0, cuda_graphs=False)
+    ref_trainer = trainer_for(st_ref, pairs, os.path.join(root, "ref"))
+    batches = []
+    for batch in ref_trainer.get_train_dataloader():
+        batches.append({k: v for k, v in batch.items()})
+        if len(batches) == 3:
+            break
+    references = [eager_reference(ref_trainer, st_ref, b) for b in batches]
+
+    st = build(model_dir, 0.0, cuda_graphs=True)
+    trainer = trainer_for(st, pairs, os.path.join(root, "graphed"))
+    from embedtune import trainer_graphs
+
+    for i, (batch, (want_loss, want)) in enumerate(zip(batches, references)):
+        rows = batch["anchor_input_ids"].shape[0] if "anchor_input_ids" in batch else "?"
+        for call in range(3):
+            st.zero_grad(set_to_none=True)
+            loss = trainer.training_step(st, dict(batch)).float().item()
+            got = grads(st)
+            step = trainer_graphs._CHOICES.get(trainer)
+            how = step[0].last if step else "stock step"
+            worst = max(rel(got[n], want[n]) for n in want) if got.keys() == want.keys() else float("inf")
+            ok = abs(loss - want_loss) <= LOSS_TOL * max(1.0, abs(want_loss)) and worst <= GRAD_TOL
+            print(f"batch {i} ({rows} rows) call {call}: {how}; loss {loss:.5f} vs eager {want_loss:.5f}; "
+                  f"gradients {worst:.2e} relative (worst of {len(want)}) {'ok' if ok else 'FAIL'}", flush=True)
+            if not ok or step is None:
+                failures.append(f"batch {i} call {call}")
+    step = trainer_graphs._CHOICES.get(trainer)
+    if step:
+        print(f"graph step: {step[0].counts}, shapes {step[0].shapes}, off: {step[0].off_reason}")
+
+    # dropout 0.1: replays of one batch draw new masks
+    st = build(model_dir, 0.1, cuda_graphs=True)
+    trainer = trainer_for(st, pairs, os.path.join(root, "dropout"))
+    seen = []
+    for call in range(4):
+        st.zero_grad(set_to_none=True)
+        trainer.training_step(st, dict(batches[0]))
+        seen.append(grads(st))
+    apart = min(rel(seen[a][n], seen[b][n]) for a, b in ((1, 2), (2, 3)) for n in list(seen[0])[:4])
+    how = trainer_graphs._CHOICES.get(trainer)[0].counts if trainer_graphs._CHOICES.get(trainer) else "stock"
+    print(f"dropout 0.1: replays' gradients at least {apart:.2e} relative apart ({how})")
+    if apart < 1e-3:
+        failures.append("dropout: replays drew the same masks")
+    print("PASS" if not failures else f"FAIL: {failures}")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
