@@ -216,3 +216,22 @@ def test_off_a_gpu_the_trainer_runs_its_own_step(folder, tmp_path, monkeypatch):
     losses = _train(st, MultipleNegativesRankingLoss(st), tmp_path / "cpu", steps=2, accumulate=1)
     assert len(losses) == 2 and not made
     assert gates(model) and not any(g.skips_every_batch for g in gates(model))
+
+
+def test_checkpointing_stays_where_a_full_batch_would_not_fit(folder, tmp_path, as_on_a_gpu, monkeypatch, caplog):
+    """Too little free memory for a full batch's activations: the steps stay eager and the layers keep
+    choosing per batch (a captured step could not checkpoint); "always" checkpointing keeps graphs off."""
+    import embedtune.checkpointing as checkpointing
+
+    monkeypatch.setattr(checkpointing, "free_memory_bytes", lambda device: 1000)
+    model, st = _st(folder, cuda_graphs=True)
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_graphs"):
+        _train(st, MultipleNegativesRankingLoss(st), tmp_path / "tight", steps=2, accumulate=1)
+    assert not StandIn.made and "a full batch's activations" in caplog.text
+    assert not any(g.skips_every_batch for g in gates(model)) and any(g.checkpointed for g in gates(model))
+    assert checkpointing.blocks_graphs(model)
+    torch.manual_seed(0)
+    base, tok = FastModel.from_pretrained(folder, max_seq_length=48, cuda_graphs=True)
+    model = FastModel.get_peft_model(base, r=4, use_gradient_checkpointing="always", random_state=0)
+    assert checkpointing.skip_for_run(model, 64, 32, torch.device("cpu")) == "gradient checkpointing is on for every batch"
+    assert checkpointing.blocks_graphs(model)
