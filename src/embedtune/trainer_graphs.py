@@ -10,8 +10,9 @@ the same to the stock trainer, through one narrow patch of `SentenceTransformerT
 - at a trainer's first step, `decide` chooses: graphs where the model's backbone is embedtune's, on a
   GPU, in one process, with a loss the graph step computes exactly (`contrastive_equivalent`: MNRL at
   its defaults, any scale, is embedtune's `ContrastiveLoss`), no checkpointing needed
-  (`checkpointing.skip_for_run`) and enough planned steps to pay for the captures (`speed.choose`,
-  which also settles `compile="auto"` for the run); `FastModel.from_pretrained(cuda_graphs=False)`
+  (`checkpointing.skip_for_run`) and enough planned steps to pay for the captures; `speed.choose`
+  then settles `compile="auto"` and the fused norm kernels for the run, as the recipe's choice
+  does; `FastModel.from_pretrained(cuda_graphs=False)`
   keeps the steps eager, `True` asks for graphs whatever the length. One line says what was chosen
   and why;
 - every step of such a trainer then runs `graphed_training_step`: what the trainer's own step does
@@ -126,10 +127,9 @@ def _graph_step(trainer, st_model, backbone, inputs, asked):
 
     from . import speed
     from .checkpointing import skip_for_run
-    from .compile_cache import compile_cache_dir
     from .graphs import TOKEN_MULTIPLE, GraphedStep, unsupported_reason
     from .model_facts import unwrap_peft
-    from .packing import PackedForward, set_compile
+    from .packing import PackedForward, set_compile, set_fused_kernels
 
     args = trainer.args
     if isinstance(trainer.loss, dict):
@@ -156,23 +156,46 @@ def _graph_step(trainer, st_model, backbone, inputs, asked):
     if reason:
         return reason
     forward = base.__dict__.get("forward")
-    compiled = ""
-    if isinstance(forward, PackedForward) and forward.compile == "auto":
-        params = trainable = 0
-        for p in base.parameters():
-            params += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-        tokens = sum(int(f["attention_mask"].sum()) for f in features if "attention_mask" in f)
-        layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
-        mode = speed.choose(compile=None, cuda_graphs=True, fast=True, cuda=True, steps=steps,
-                            step_s=speed.step_seconds(tokens, params, trainable, speed.peak_flops()), layers=layers,
-                            cache_warm=speed.cache_is_warm(compile_cache_dir(), speed.model_fingerprint(base)))
-        set_compile(base, mode.compile)
-        compiled = "; " + mode.why.split("; ")[-1]
+    mode = None
+    if isinstance(forward, PackedForward):
+        mode = _speed_mode(base, forward, features, steps)
+        if forward.compile == "auto":
+            set_compile(base, mode.compile)
+        set_fused_kernels(base, mode.fused_kernels)
     step = GraphedStep(loss, width, dtype=torch.bfloat16 if args.bf16 else None)
     why = f"{steps} steps planned" + (", cuda_graphs=True" if asked else
-                                     f", at least {speed.GRAPH_MIN_STEPS} pay for the captures") + compiled
+                                     f", at least {speed.GRAPH_MIN_STEPS} pay for the captures")
+    if mode is not None:  # compile's and the fused norm's reasons, as `speed.choose` gives them
+        why += "; " + "; ".join(mode.why.split("; ")[1:])
     return step, why
+
+
+def _speed_mode(base, forward, features, steps: int):
+    """`speed.choose` for a graphed run of `steps` micro-steps, as the recipe makes it: compiled layers
+    where `compile="auto"` and the steps earn the warm-up back (else as the model was loaded), the
+    fused norm kernels where the layers have them and they pay. The step's time is estimated from
+    the first batch's real tokens."""
+    from . import speed
+    from .compile_cache import compile_cache_dir
+    from .packing import has_fused_kernels
+
+    params = trainable = 0
+    for p in base.parameters():
+        params += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    tokens = sum(int(f["attention_mask"].sum()) for f in features if "attention_mask" in f)
+    fused_applies = fused_warm = False
+    if has_fused_kernels(base):
+        from .kernels.fused_norm import can_build, kernels_fingerprint
+
+        fused_applies = can_build()
+        fused_warm = fused_applies and speed.fused_kernels_cached(kernels_fingerprint())
+    return speed.choose(
+        compile=None if forward.compile == "auto" else bool(forward.compile), cuda_graphs=True, fast=True, cuda=True,
+        steps=steps, step_s=speed.step_seconds(tokens, params, trainable, speed.peak_flops()),
+        layers=int(getattr(base.config, "num_hidden_layers", 0) or 0),
+        cache_warm=speed.cache_is_warm(compile_cache_dir(), speed.model_fingerprint(base)),
+        fused_applies=fused_applies, fused_warm=fused_warm)
 
 
 def install() -> None:
