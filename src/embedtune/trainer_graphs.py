@@ -205,18 +205,22 @@ def install() -> None:
 
     if getattr(cls, _FLAG, False):
         return
-    original = cls.training_step
+    own = vars(cls).get("training_step")  # None: inherited, looked up at each call (as without the patch)
 
-    @functools.wraps(original)
+    def stock(self, model, inputs, *args, **kwargs):
+        step = own.__get__(self, type(self)) if own is not None else super(cls, self).training_step
+        return step(model, inputs, *args, **kwargs)
+
+    @functools.wraps(cls.training_step)
     def training_step(self, model, inputs, *args, **kwargs):
         if getattr(type(self), "chooses_own_steps", False):
-            return original(self, model, inputs, *args, **kwargs)
+            return stock(self, model, inputs, *args, **kwargs)
         choice = _CHOICES.get(self, _UNDECIDED)
         if choice is _UNDECIDED:
             step = decide(self, inputs)
             choice = _CHOICES[self] = None if step is None else [step, None]
         if choice is None:
-            return original(self, model, inputs, *args, **kwargs)
+            return stock(self, model, inputs, *args, **kwargs)
         if choice[1] is None or choice[1][0] is not model:
             choice[1] = list(model.modules())
         return graphed_training_step(self, choice[0], model, inputs, choice[1])
