@@ -3,8 +3,11 @@ step, on a GPU: the guide's setup (FastModel, LoRA r8, MultipleNegativesRankingL
 random-init BERT with dropout off, three batches (the last of fewer rows: a new shape), each run
 three times through the trainer's `training_step` (eager first sight, capture, replay; later shapes
 captured at first sight). Each call's loss and LoRA gradients are compared with the trainer's eager
-step on the same batch (the stock `compute_loss` under the trainer's autocast: MNRL embedding the
-anchors apart). Then dropout 0.1: the replays' gradients must differ (new masks each replay).
+step on the same batch in fp32 (the stock `compute_loss`, MNRL embedding the anchors apart), and so is
+the trainer's eager step in bf16 (its autocast): in bf16 MNRL's cosine scores are rounded before
+they are scaled by 20, which on a random-init model (scores near one another) moves its loss by
+about 1% and its gradients by 10-20%; the graphed step, which scores in fp32, must come at least as
+close to the fp32 step as that. Then dropout 0.1: the replays' gradients must differ (new masks each replay).
 
     python benchmarks/check_trainer_graphs_gpu.py --tokenizer .bench/tokenizer [--model bert-base]
 Prints one line per call and PASS/FAIL last; exit 1 on a failure.
@@ -22,7 +25,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-LOSS_TOL, GRAD_TOL = 2e-2, 5e-2  # bf16: the graph step merges the columns into one forward, MNRL does not
+LOSS_TOL, GRAD_TOL = 1e-2, 5e-2  # floors of the bounds below (bf16 against fp32)
 
 
 def build(model_dir: str, dropout: float, cuda_graphs):
@@ -70,10 +73,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def eager_reference(trainer, st, batch):
+def eager_reference(trainer, st, batch, autocast: bool = True):
+    import contextlib
+
     st.zero_grad(set_to_none=True)
     st.train()
-    with trainer.autocast_smart_context_manager():
+    with trainer.autocast_smart_context_manager() if autocast else contextlib.nullcontext():
         loss = trainer.compute_loss(st, dict(batch))
     loss.backward()
     return loss.detach().float().item(), grads(st)
@@ -104,14 +109,20 @@ def main() -> None:
         batches.append({k: v for k, v in batch.items()})
         if len(batches) == 3:
             break
-    references = [eager_reference(ref_trainer, st_ref, b) for b in batches]
+    references = [eager_reference(ref_trainer, st_ref, b, autocast=False) for b in batches]  # fp32
+    stock_bf16 = [eager_reference(ref_trainer, st_ref, b) for b in batches]
 
     st = build(model_dir, 0.0, cuda_graphs=True)
     trainer = trainer_for(st, pairs, os.path.join(root, "graphed"))
     from embedtune import trainer_graphs
 
-    for i, (batch, (want_loss, want)) in enumerate(zip(batches, references)):
+    for i, (batch, (want_loss, want), (stock_loss, stock)) in enumerate(zip(batches, references, stock_bf16)):
         rows = batch["anchor_input_ids"].shape[0] if "anchor_input_ids" in batch else "?"
+        stock_worst = max(rel(stock[n], want[n]) for n in want)
+        loss_bound = max(LOSS_TOL * max(1.0, abs(want_loss)), 1.5 * abs(stock_loss - want_loss))
+        grad_bound = max(GRAD_TOL, 1.5 * stock_worst)
+        print(f"batch {i}: the trainer's own bf16 step against fp32: loss {stock_loss:.5f} vs {want_loss:.5f}, "
+              f"gradients {stock_worst:.2e} relative", flush=True)
         for call in range(3):
             st.zero_grad(set_to_none=True)
             loss = trainer.training_step(st, dict(batch)).float().item()
@@ -119,9 +130,10 @@ def main() -> None:
             step = trainer_graphs._CHOICES.get(trainer)
             how = step[0].last if step else "stock step"
             worst = max(rel(got[n], want[n]) for n in want) if got.keys() == want.keys() else float("inf")
-            ok = abs(loss - want_loss) <= LOSS_TOL * max(1.0, abs(want_loss)) and worst <= GRAD_TOL
-            print(f"batch {i} ({rows} rows) call {call}: {how}; loss {loss:.5f} vs eager {want_loss:.5f}; "
-                  f"gradients {worst:.2e} relative (worst of {len(want)}) {'ok' if ok else 'FAIL'}", flush=True)
+            ok = abs(loss - want_loss) <= loss_bound and worst <= grad_bound
+            print(f"batch {i} ({rows} rows) call {call}: {how}; loss {loss:.5f} vs fp32 {want_loss:.5f}; "
+                  f"gradients {worst:.2e} relative (worst of {len(want)}; bounds {loss_bound:.4f}, {grad_bound:.2e}) "
+                  f"{'ok' if ok else 'FAIL'}", flush=True)
             if not ok or step is None:
                 failures.append(f"batch {i} call {call}")
     step = trainer_graphs._CHOICES.get(trainer)
