@@ -1,4 +1,4 @@
-"""The stock SentenceTransformerTrainer's graphed step (`embedtune.trainer_graphs`) against its own eager
+"""The stock SentenceTransformerTrainer's graphed step (`embedtune.trainer_steps`) against its own eager
 step, on a GPU: the guide's setup (FastModel, LoRA r8, MultipleNegativesRankingLoss, bf16) on a
 random-init BERT with dropout off, three batches (the last of fewer rows: a new shape), each run
 three times through the trainer's `training_step` (eager first sight, capture, replay; later shapes
@@ -114,7 +114,11 @@ def main() -> None:
 
     st = build(model_dir, 0.0, cuda_graphs=True)
     trainer = trainer_for(st, pairs, os.path.join(root, "graphed"))
-    from embedtune import trainer_graphs
+    from embedtune import trainer_steps
+
+    def graph_step(trainer):
+        choice = trainer_steps._CHOICES.get(trainer)
+        return choice.step if isinstance(choice, trainer_steps.Graphed) else None
 
     for i, (batch, (want_loss, want), (stock_loss, stock)) in enumerate(zip(batches, references, stock_bf16)):
         rows = batch["anchor_input_ids"].shape[0] if "anchor_input_ids" in batch else "?"
@@ -127,8 +131,8 @@ def main() -> None:
             st.zero_grad(set_to_none=True)
             loss = trainer.training_step(st, dict(batch)).float().item()
             got = grads(st)
-            step = trainer_graphs._CHOICES.get(trainer)
-            how = step[0].last if step else "stock step"
+            step = graph_step(trainer)
+            how = step.last if step else "not graphed"
             worst = max(rel(got[n], want[n]) for n in want) if got.keys() == want.keys() else float("inf")
             ok = abs(loss - want_loss) <= loss_bound and worst <= grad_bound
             print(f"batch {i} ({rows} rows) call {call}: {how}; loss {loss:.5f} vs fp32 {want_loss:.5f}; "
@@ -136,9 +140,9 @@ def main() -> None:
                   f"{'ok' if ok else 'FAIL'}", flush=True)
             if not ok or step is None:
                 failures.append(f"batch {i} call {call}")
-    step = trainer_graphs._CHOICES.get(trainer)
+    step = graph_step(trainer)
     if step:
-        print(f"graph step: {step[0].counts}, shapes {step[0].shapes}, off: {step[0].off_reason}")
+        print(f"graph step: {step.counts}, shapes {step.shapes}, off: {step.off_reason}")
 
     # dropout 0.1: replays of one batch draw new masks
     st = build(model_dir, 0.1, cuda_graphs=True)
@@ -149,7 +153,7 @@ def main() -> None:
         trainer.training_step(st, dict(batches[0]))
         seen.append(grads(st))
     apart = min(rel(seen[a][n], seen[b][n]) for a, b in ((1, 2), (2, 3)) for n in list(seen[0])[:4])
-    how = trainer_graphs._CHOICES.get(trainer)[0].counts if trainer_graphs._CHOICES.get(trainer) else "stock"
+    how = graph_step(trainer).counts if graph_step(trainer) else "not graphed"
     print(f"dropout 0.1: replays' gradients at least {apart:.2e} relative apart ({how})")
     if apart < 1e-3:
         failures.append("dropout: replays drew the same masks")

@@ -17,7 +17,7 @@ if [ -z "${EMBEDTUNE_SKIP_ST5:-}" ]; then
     tests/test_compat_and_loading.py tests/test_save.py tests/test_architectures.py tests/test_st_pipeline.py \
     -k "roundtrip or compat or save or assigning or wrapper"
   PYTHONPATH=.st5 OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests/test_trainer_resume.py \
-    tests/test_trainer_graphs.py
+    tests/test_trainer_steps.py
 fi
 
 # sentence-transformers' ONNX backend (optimum-onnx pins transformers < 4.58, so not in the venv): its

@@ -23,7 +23,7 @@ from .checkpointing import enable_checkpointing, parse_mode
 from .errors import EmbedtuneError
 from .hf_quiet import quiet_transformers
 from .st import install_compat
-from .trainer_graphs import install as install_trainer_graphs
+from .trainer_steps import install as install_trainer_steps
 # re-exported: st.py, save.py, train.py, the CLI and users import these from here
 from .model_facts import DTYPE_ALIASES, DEFAULT_MODEL_ID, LoadInfo, load_info, pooling_for  # noqa: F401
 
@@ -423,7 +423,7 @@ class FastModel:
         "auto" compiles the packed layers on a GPU once a training run has gone on long enough to
         earn the warm-up back (`speed.CompileWhenItPays`); True / False decide it now. `cuda_graphs`:
         a SentenceTransformerTrainer replays this model's steps as CUDA graphs where they pay (None:
-        on a GPU, for runs long enough, with a loss the graph step covers; `trainer_graphs`); False
+        on a GPU, for runs long enough, with a loss the graph step covers; `trainer_steps`); False
         keeps them eager, True asks for them whatever the run's length.
         Unsloth's own keywords are accepted (`unsloth_keywords`); `full_finetuning=True` is recorded
         and makes `get_peft_model` leave every weight trainable instead of adding LoRA.
@@ -478,7 +478,7 @@ class FastModel:
         if full_finetuning and checkpointing not in (None, False):
             enable_checkpointing(model, parse_mode(checkpointing))
         install_compat()  # what the guide's own wrapper code needs, for the models embedtune builds
-        install_trainer_graphs()  # a SentenceTransformerTrainer replays the steps of embedtune's models
+        install_trainer_steps()  # a SentenceTransformerTrainer runs the steps embedtune chooses for its models
         return model, tokenizer
 
     @staticmethod

@@ -43,7 +43,7 @@ class LoadInfo:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # whether the ST modules may load pickled weights (`pytorch_model.bin`)
     token: Any = field(default=None, repr=False)  # the HF token given to from_pretrained (for the ST modules)
-    # a SentenceTransformerTrainer's steps as CUDA graphs (`trainer_graphs`): None where they pay, or True / False
+    # a SentenceTransformerTrainer's steps as CUDA graphs (`trainer_steps`): None where they pay, or True / False
     cuda_graphs: bool | None = None
 
 

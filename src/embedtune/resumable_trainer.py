@@ -30,7 +30,7 @@ from .guards import (
     OUT_OF_MEMORY, HostCopy, InterruptGuard, NonFiniteLoss, TrainingInterrupted, check_finite_weights, finite_gate_for,
     nonfinite_loss_message, oom_message,
 )
-from .trainer_graphs import graphed_training_step
+from .trainer_steps import graphed_training_step
 
 # The default cadence is by the clock: a checkpoint of a full model with its optimizer takes seconds,
 # so a step count would tax fast runs and leave slow ones unprotected. A preemption loses at most this.
@@ -291,7 +291,7 @@ class ResumableTrainer(SentenceTransformerTrainer):
             state.global_step, state.epoch = now
             self.control.should_log = should_log  # (the callbacks' on_log clears it: it is this step's)
 
-    chooses_own_steps = True  # its speed mode is the recipe's (`speed_choice`): `trainer_graphs` passes it through
+    chooses_own_steps = True  # its speed mode is the recipe's (`speed_choice`): `trainer_steps` passes it through
     graph_step = None  # an embedtune.graphs.GraphedStep when the run replays its steps as CUDA graphs
     _modules_of = None  # the graphed step's model and its modules, listed once
     _finite_gate = None  # a guards._NonFiniteGate, if the first step chose the deferred check
@@ -329,7 +329,7 @@ class ResumableTrainer(SentenceTransformerTrainer):
 
     def _graphed_training_step(self, model, inputs):
         """The trainer's step with forward and backward replayed as a CUDA graph
-        (`trainer_graphs.graphed_training_step`)."""
+        (`trainer_steps.graphed_training_step`)."""
         if self._modules_of is None or self._modules_of[0] is not model:
             self._modules_of = list(model.modules())  # listed once: reading their flags is cheap
         return graphed_training_step(self, self.graph_step, model, inputs, self._modules_of)

@@ -1,39 +1,61 @@
-"""CUDA graphs for a stock SentenceTransformerTrainer that trains a model `FastModel` built.
+"""The steps of a stock SentenceTransformerTrainer that trains a model `FastModel` built.
 
 Why: the guide's own program trains with `SentenceTransformerTrainer` and
 `MultipleNegativesRankingLoss` at small batches (8 pairs), where an eager step is bound by the host
-(each layer's LoRA linears, dropout and attention calls launched one by one), not by the GPU. embedtune's
-recipe replays its steps as CUDA graphs (`graphs.GraphedStep`, `ResumableTrainer`); this module gives
-the same to the stock trainer, through one narrow patch of `SentenceTransformerTrainer.training_step`
-(`install`, run by `FastModel.from_pretrained`):
+(each layer's LoRA linears, dropout and attention calls launched one by one), not by the GPU; and
+sentence-transformers embeds MNRL's anchor column in a forward of its own, since a merged batch is
+padded to its widest column, which the packed path never pays. One narrow patch of
+`SentenceTransformerTrainer.training_step` (`install`, run by `FastModel.from_pretrained`) gives such
+a trainer what embedtune's recipe runs. At a trainer's first step, `decide` chooses one of:
 
-- at a trainer's first step, `decide` chooses: graphs where the model's backbone is embedtune's, on a
-  GPU, in one process, with a loss the graph step computes exactly (`contrastive_equivalent`: MNRL at
-  its defaults, any scale, is embedtune's `ContrastiveLoss`), no checkpointing needed
+- CUDA graphs (`graphed_training_step`): where the model's backbone is embedtune's, on a GPU, in one
+  process, with a loss the graph step computes exactly (`contrastive_equivalent`: MNRL at its
+  defaults, any scale, is embedtune's `ContrastiveLoss`), no checkpointing needed
   (`checkpointing.skip_for_run`) and enough planned steps to pay for the captures; `speed.choose`
   then settles `compile="auto"` and the fused norm kernels for the run, as the recipe's choice
-  does; `FastModel.from_pretrained(cuda_graphs=False)`
-  keeps the steps eager, `True` asks for graphs whatever the length. One line says what was chosen
-  and why;
-- every step of such a trainer then runs `graphed_training_step`: what the trainer's own step does
-  around its forward and backward (train mode, gradient accumulation's scale), with those two replayed.
+  does. `FastModel.from_pretrained(cuda_graphs=False)` keeps the steps eager, `True` asks for graphs
+  whatever the length;
+- the trainer's own eager step with that same loss (`one_forward_training_step`): where graphs are
+  not chosen (a CPU, fp16, several processes, a short run, checkpointing needed) but the loss has
+  the equivalent and the backbone runs packed: all columns go through one forward instead of one
+  per column, the same math (MNRL's loss and gradients, tested), half the host's per-layer work;
+- the stock step untouched: every other trainer, model or loss, and trainers that choose their own
+  step (`chooses_own_steps`, embedtune's `ResumableTrainer`).
 
-Every other trainer, model or loss runs the stock step untouched; so do trainers that choose their
-own step (`chooses_own_steps`, embedtune's `ResumableTrainer`).
+One line says what was chosen and why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import weakref
 
 logger = logging.getLogger(__name__)
 
-_FLAG = "_embedtune_trainer_graphs"
+_FLAG = "_embedtune_trainer_steps"
 _UNDECIDED = object()
-# trainer -> its choice: None (stock step) or [GraphedStep, the model's modules or None]
+# trainer -> its choice: None (the stock step), a `Graphed` or a `OneForward`
 _CHOICES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass
+class Graphed:
+    """A trainer's steps replayed by `step` (a `graphs.GraphedStep`); `modules`: the model's modules,
+    listed at the first step (reading their flags is cheap, walking the tree is not)."""
+
+    step: object
+    modules: list | None = None
+    model: object = None
+
+
+@dataclasses.dataclass
+class OneForward:
+    """A trainer's own eager steps with `loss` (the `ContrastiveLoss` equal to the trainer's MNRL)
+    computing each step's loss: all columns in one forward."""
+
+    loss: object
 
 
 def contrastive_equivalent(loss):
@@ -95,34 +117,55 @@ def _embedtune_backbone(st_model):
     return backbone if backbone is not None and load_info(backbone) is not None else None
 
 
+def one_forward_training_step(trainer, loss, stock, model, inputs, *args, **kwargs):
+    """The trainer's own step (`stock`: autocast, the backward through accelerate, gradient
+    accumulation's scale) with `loss` in place of the trainer's loss for that step only: its
+    `compute_loss` then embeds all columns in one forward. Evaluation keeps the trainer's loss."""
+    own = trainer.loss
+    trainer.loss = loss
+    try:
+        return stock(trainer, model, inputs, *args, **kwargs)
+    finally:
+        trainer.loss = own
+
+
 def decide(trainer, inputs):
-    """A `graphs.GraphedStep` for this trainer's steps, or None for the stock step (see the module's
-    docstring); `inputs` is its first batch. Says what it chose in one line where the model is embedtune's."""
+    """A `Graphed` or `OneForward` for this trainer's steps, or None for the stock step (see the
+    module's docstring); `inputs` is its first batch. Says what it chose in one line where the model
+    is embedtune's."""
     st_model = getattr(trainer.model, "_orig_mod", trainer.model)
     backbone = _embedtune_backbone(st_model)
     if backbone is None:
         return None
     from .model_facts import load_info
 
+    features, _labels = trainer.collect_features({k: v for k, v in inputs.items() if k != "dataset_name"})
+    loss = ("the trainer has one loss per data set" if isinstance(trainer.loss, dict)
+            else contrastive_equivalent(trainer.loss))
     asked = load_info(backbone).cuda_graphs
     if asked is False:
-        logger.info("embedtune: the trainer's steps run eagerly (FastModel.from_pretrained(cuda_graphs=False))")
+        why = "FastModel.from_pretrained(cuda_graphs=False)"
+    else:
+        choice = loss if isinstance(loss, str) else _graph_step(trainer, st_model, backbone, features, loss, asked)
+        if not isinstance(choice, str):
+            step, why = choice
+            logger.warning("embedtune: the trainer's steps replay as CUDA graphs (%s); "
+                           "FastModel.from_pretrained(..., cuda_graphs=False) keeps them eager", why)
+            return Graphed(step)
+        why = choice
+    say = logger.warning if asked else logger.info
+    prefix = "cuda_graphs=True, but the trainer's steps run eagerly" if asked else "the trainer's steps run eagerly"
+    if isinstance(loss, str) or loss.merged_columns(features) is None:
+        say("embedtune: %s: %s", prefix, why)
         return None
-    choice = _graph_step(trainer, st_model, backbone, inputs, asked)
-    if isinstance(choice, str):
-        if asked:
-            logger.warning("embedtune: cuda_graphs=True, but the trainer's steps run eagerly: %s", choice)
-        else:
-            logger.info("embedtune: the trainer's steps run eagerly: %s", choice)
-        return None
-    step, why = choice
-    logger.warning("embedtune: the trainer's steps replay as CUDA graphs (%s); FastModel.from_pretrained(..., "
-                   "cuda_graphs=False) keeps them eager", why)
-    return step
+    say("embedtune: %s: %s; each step embeds all %d columns in one forward (the loss's math unchanged)",
+        prefix, why, len(features))
+    return OneForward(loss)
 
 
-def _graph_step(trainer, st_model, backbone, inputs, asked):
-    """(GraphedStep, why) or the reason the steps stay eager."""
+def _graph_step(trainer, st_model, backbone, features, loss, asked):
+    """(GraphedStep, why) or the reason the steps stay eager; `loss` is the trainer's loss as the
+    equivalent `ContrastiveLoss`, `features` the first batch's columns."""
     import torch
 
     from . import speed
@@ -132,11 +175,6 @@ def _graph_step(trainer, st_model, backbone, inputs, asked):
     from .packing import PackedForward, set_compile, set_fused_kernels
 
     args = trainer.args
-    if isinstance(trainer.loss, dict):
-        return "the trainer has one loss per data set"
-    loss = contrastive_equivalent(trainer.loss)
-    if isinstance(loss, str):
-        return loss
     if args.fp16:
         return "fp16 training scales its loss on the host (bf16 does not)"
     device = next(st_model.parameters()).device
@@ -146,7 +184,6 @@ def _graph_step(trainer, st_model, backbone, inputs, asked):
     steps = int(trainer.state.max_steps or 0) * int(args.gradient_accumulation_steps or 1)
     if asked is None and steps < speed.GRAPH_MIN_STEPS:
         return f"{steps} steps, fewer than the {speed.GRAPH_MIN_STEPS} that pay for the captures"
-    features, _labels = trainer.collect_features({k: v for k, v in inputs.items() if k != "dataset_name"})
     rows = sum(int(f["attention_mask"].shape[0]) for f in features if "attention_mask" in f)
     width = int(getattr(st_model, "max_seq_length", 0) or max(f["attention_mask"].shape[1] for f in features))
     base = unwrap_peft(backbone)
@@ -199,7 +236,7 @@ def _speed_mode(base, forward, features, steps: int):
 
 
 def install() -> None:
-    """Route `SentenceTransformerTrainer.training_step` through `decide` / `graphed_training_step`,
+    """Route `SentenceTransformerTrainer.training_step` through `decide` and the step it chose,
     once. Trainers whose class sets `chooses_own_steps` (embedtune's recipe) are passed through."""
     from sentence_transformers import SentenceTransformerTrainer as cls
 
@@ -217,13 +254,14 @@ def install() -> None:
             return stock(self, model, inputs, *args, **kwargs)
         choice = _CHOICES.get(self, _UNDECIDED)
         if choice is _UNDECIDED:
-            step = decide(self, inputs)
-            choice = _CHOICES[self] = None if step is None else [step, None]
+            choice = _CHOICES[self] = decide(self, inputs)
         if choice is None:
             return stock(self, model, inputs, *args, **kwargs)
-        if choice[1] is None or choice[1][0] is not model:
-            choice[1] = list(model.modules())
-        return graphed_training_step(self, choice[0], model, inputs, choice[1])
+        if isinstance(choice, OneForward):
+            return one_forward_training_step(self, choice.loss, stock, model, inputs, *args, **kwargs)
+        if choice.model is not model:
+            choice.model, choice.modules = model, list(model.modules())
+        return graphed_training_step(self, choice.step, model, inputs, choice.modules)
 
     cls.training_step = training_step
     setattr(cls, _FLAG, True)

@@ -1,8 +1,10 @@
-"""A stock SentenceTransformerTrainer over a FastModel replays its steps as CUDA graphs
-(`embedtune.trainer_graphs`): the loss the graph step computes is the trainer's own, the choice is
-made for the right reasons, and a run whose steps go through it trains as the eager run does, dropout
-on. On CPU the capture cannot run: the graph step is a stand-in that runs its loss eagerly, so what
-these tests see is everything around the capture (benchmarks/bench_guide_gpu.py runs the real one)."""
+"""A stock SentenceTransformerTrainer over a FastModel runs the steps embedtune chooses
+(`embedtune.trainer_steps`): CUDA graphs where they pay, else its own eager step with all columns in
+one forward. The loss both compute is the trainer's own, the choice is made for the right reasons, and
+a run whose steps go through either trains as the eager run does, dropout on. On CPU the capture
+cannot run: the graph step is a stand-in that runs its loss eagerly, so what these tests see is
+everything around the capture (benchmarks/bench_guide_gpu.py and check_trainer_graphs_gpu.py run the
+real one)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from embedtune.checkpointing import gates
 from embedtune.losses import ContrastiveLoss
 from embedtune.packing import PackedForward
 from embedtune.st import to_sentence_transformer
-from embedtune.trainer_graphs import contrastive_equivalent
+from embedtune import trainer_steps
+from embedtune.trainer_steps import contrastive_equivalent
 from tiny_models import make_tiny_model
 
 ANCHORS = ["how to sort a list", "open a file", "x", "parse json text into a dict"]
@@ -32,7 +35,7 @@ NEGATIVES = ["def add(a, b): return a + b", "print(1)", "z z z", "class A: pass"
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return str(make_tiny_model("bert", tmp_path_factory.mktemp("trainer_graphs")))
+    return str(make_tiny_model("bert", tmp_path_factory.mktemp("trainer_steps")))
 
 
 def _st(folder, lora=True, **load):
@@ -163,7 +166,7 @@ def test_guide_trainer_with_graphs_trains_like_eager_with_dropout(folder, tmp_pa
     assert not StandIn.made
 
     model, st = _st(folder, cuda_graphs=True)
-    with caplog.at_level(logging.INFO, logger="embedtune.trainer_graphs"):
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_steps"):
         graphed = _train(st, MultipleNegativesRankingLoss(st), tmp_path / "graphed", evaluate_every=2)
     assert len(StandIn.made) == 1, "one graph step for the run, made at its first step"
     step = StandIn.made[0]
@@ -179,17 +182,17 @@ def test_the_choice_says_why_steps_stay_eager(folder, tmp_path, as_on_a_gpu, cap
     """Too few planned steps (automatic choice), another loss, fp16, or cuda_graphs=False: the stock
     step, with the reason in the log; a model embedtune did not build is not looked at."""
     _, st = _st(folder)
-    with caplog.at_level(logging.INFO, logger="embedtune.trainer_graphs"):
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_steps"):
         _train(st, MultipleNegativesRankingLoss(st), tmp_path / "short", steps=3, accumulate=1)
     assert not StandIn.made and "3 steps, fewer than the 40" in caplog.text
     caplog.clear()
     _, st = _st(folder, cuda_graphs=True)
-    with caplog.at_level(logging.INFO, logger="embedtune.trainer_graphs"):
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_steps"):
         _train(st, MultipleNegativesRankingLoss(st, similarity_fct=dot_score), tmp_path / "dot", steps=2, accumulate=1)
     assert not StandIn.made and "cuda_graphs=True, but" in caplog.text and "similarity_fct" in caplog.text
     caplog.clear()
     _, st = _st(folder, cuda_graphs=False)
-    with caplog.at_level(logging.INFO, logger="embedtune.trainer_graphs"):
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_steps"):
         _train(st, MultipleNegativesRankingLoss(st), tmp_path / "off", steps=2, accumulate=1)
     assert not StandIn.made and "cuda_graphs=False" in caplog.text
 
@@ -207,7 +210,7 @@ def test_a_long_run_chooses_graphs_and_settles_compile(folder, tmp_path, as_on_a
     model, st = _st(folder)
     forward = model.get_base_model().__dict__["forward"]
     assert isinstance(forward, PackedForward) and forward.compile == "auto" and not forward.fused_kernels
-    with caplog.at_level(logging.INFO, logger="embedtune.trainer_graphs"):
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_steps"):
         _train(st, MultipleNegativesRankingLoss(st), tmp_path / "long", steps=40, accumulate=1)
     assert len(StandIn.made) == 1 and len(StandIn.made[0].calls) == 40
     assert forward.compile is False and forward.fused_kernels is True
@@ -215,15 +218,85 @@ def test_a_long_run_chooses_graphs_and_settles_compile(folder, tmp_path, as_on_a
     assert "compile: saves ~5 s over 40 steps" in caplog.text and "fused norm: saves ~4.8 s" in caplog.text
 
 
-def test_off_a_gpu_the_trainer_runs_its_own_step(folder, tmp_path, monkeypatch):
-    """On the CPU the decision finds no CUDA device: the stock step runs, the checkpointing gates stay
-    as they were (choosing per batch)."""
+def _count_forwards(st) -> list:
+    """One entry per forward of the SentenceTransformer's first module (its encoder)."""
+    calls = []
+    st[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+def _dropout(st, p: float) -> None:
+    for m in st.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
+def test_off_a_gpu_the_trainer_runs_its_own_step_with_one_forward(folder, tmp_path, monkeypatch, caplog):
+    """On the CPU the decision finds no CUDA device: the trainer's own step runs, with all columns
+    embedded in one forward (the stock MNRL runs two: the anchors apart), the checkpointing gates as
+    they were (choosing per batch), and the trainer's loss (MNRL) back in place after the run, as
+    evaluation uses it."""
     made = []
     monkeypatch.setattr(graphs, "GraphedStep", lambda *a, **k: made.append(1))
     model, st = _st(folder, cuda_graphs=True)
-    losses = _train(st, MultipleNegativesRankingLoss(st), tmp_path / "cpu", steps=2, accumulate=1)
+    forwards = _count_forwards(st)
+    mnrl = MultipleNegativesRankingLoss(st)
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_steps"):
+        losses = _train(st, mnrl, tmp_path / "cpu", steps=2, accumulate=2)
     assert len(losses) == 2 and not made
+    assert len(forwards) == 4, "one forward per micro-step"
+    assert "not on a CUDA device" in caplog.text and "all 2 columns in one forward" in caplog.text
     assert gates(model) and not any(g.skips_every_batch for g in gates(model))
+
+    _, st = _st(folder, cuda_graphs=True)
+    forwards = _count_forwards(st)
+    monkeypatch.setattr(trainer_steps, "decide", lambda trainer, inputs: None)  # the stock step
+    _train(st, MultipleNegativesRankingLoss(st), tmp_path / "stock", steps=2, accumulate=2)
+    assert len(forwards) == 8, "the stock MNRL step embeds the anchors apart"
+
+
+def test_one_forward_trains_like_the_stock_step(folder, tmp_path, monkeypatch):
+    """The eager step with one forward against the trainer's stock step (MNRL, a forward per column):
+    with dropout off the same losses step for step, the trainer's loss untouched after the run; with
+    dropout 0.1 the same losses as embedtune's own loss at MNRL's temperature in the same trainer
+    (one forward each, the same draws), and different from the run with dropout off (dropout is live)."""
+    def run(name, loss_of, p, stock=False):
+        _, st = _st(folder)
+        _dropout(st, p)
+        if stock:
+            monkeypatch.setattr(trainer_steps, "decide", lambda trainer, inputs: None)
+        loss = loss_of(st)
+        losses = _train(st, loss, tmp_path / name, steps=4, accumulate=1)
+        monkeypatch.undo()
+        return losses, loss
+
+    ours, mnrl = run("ours", MultipleNegativesRankingLoss, 0.0)
+    stock, _ = run("stock", MultipleNegativesRankingLoss, 0.0, stock=True)
+    assert isinstance(mnrl, MultipleNegativesRankingLoss)
+    assert ours == pytest.approx(stock, rel=1e-4, abs=1e-5)
+
+    ours_dropout, _ = run("ours_dropout", MultipleNegativesRankingLoss, 0.1)
+    own_dropout, _ = run("own_dropout", lambda st: ContrastiveLoss(st, temperature=0.05), 0.1)
+    assert ours_dropout == pytest.approx(own_dropout, abs=1e-6)
+    assert abs(ours_dropout[0] - ours[0]) > 1e-4, "dropout 0.1 changes the first step's loss"
+
+
+def test_the_trainer_loss_is_kept_where_no_one_forward_applies(folder, tmp_path, caplog):
+    """A loss without an equivalent (MNRL over dot products) or a model off the packed path: the stock
+    step, one forward per column, and the reason in the log."""
+    _, st = _st(folder)
+    forwards = _count_forwards(st)
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_steps"):
+        _train(st, MultipleNegativesRankingLoss(st, similarity_fct=dot_score), tmp_path / "dot", steps=2, accumulate=1)
+    assert len(forwards) == 4 and "similarity_fct" in caplog.text and "one forward" not in caplog.text
+    caplog.clear()
+    torch.manual_seed(0)
+    plain, tok = FastModel.from_pretrained(folder, max_seq_length=48, fast=False)
+    st = to_sentence_transformer(plain, tok)
+    forwards = _count_forwards(st)
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_steps"):
+        _train(st, MultipleNegativesRankingLoss(st), tmp_path / "plain", steps=2, accumulate=1)
+    assert len(forwards) == 4 and "one forward" not in caplog.text
 
 
 def test_checkpointing_stays_where_a_full_batch_would_not_fit(folder, tmp_path, as_on_a_gpu, monkeypatch, caplog):
@@ -233,7 +306,7 @@ def test_checkpointing_stays_where_a_full_batch_would_not_fit(folder, tmp_path, 
 
     monkeypatch.setattr(checkpointing, "free_memory_bytes", lambda device: 1000)
     model, st = _st(folder, cuda_graphs=True)
-    with caplog.at_level(logging.INFO, logger="embedtune.trainer_graphs"):
+    with caplog.at_level(logging.INFO, logger="embedtune.trainer_steps"):
         _train(st, MultipleNegativesRankingLoss(st), tmp_path / "tight", steps=2, accumulate=1)
     assert not StandIn.made and "a full batch's activations" in caplog.text
     assert not any(g.skips_every_batch for g in gates(model)) and any(g.checkpointed for g in gates(model))
