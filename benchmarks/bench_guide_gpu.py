@@ -7,9 +7,12 @@ precision lines: bf16 where supported, tf32, fp16 evaluation) as three processes
 start to exit:
 
 - embedtune: the program as the guide has it, its import line changed to embedtune (the trainer's
-  steps replay as CUDA graphs where they pay, `embedtune.trainer_graphs`);
+  steps replay as CUDA graphs where they pay, else run eagerly with all columns in one forward,
+  `embedtune.trainer_steps`);
 - embedtune_eager: the same with `cuda_graphs = False` added to `FastModel.from_pretrained` (its
-  steps eager); the two runs' logged losses are compared (dropout draws differ, so within noise);
+  steps eager, one forward); the two runs' logged losses are compared (dropout draws differ, so within noise);
+- embedtune_stock_step: the embedtune program with the trainer's stock step (no graphs, MNRL's
+  anchors in a forward apart from the other columns): what `trainer_steps` adds;
 - stock: the same program written against transformers + peft + sentence-transformers (SDPA
   attention, non-reentrant gradient checkpointing, LoRA through peft directly; the merged encoder put
   back into the Transformer module before the save, as sentence-transformers 6 needs);
@@ -106,7 +109,10 @@ print({MARK!r} + _bench_json.dumps({{
     "peak_gb": round(_bench_torch.cuda.max_memory_allocated() / 1e9, 2) if _bench_torch.cuda.is_available() else None,
 }}), flush=True)
 '''
-IMPLS = ["embedtune", "embedtune_eager", "stock", "stock_compile"]
+IMPLS = ["embedtune", "embedtune_eager", "embedtune_stock_step", "stock", "stock_compile"]
+# embedtune_stock_step: the trainer's own `training_step` for every step, as before `trainer_steps`
+STOCK_STEP = ("import embedtune.trainer_steps\n"
+              "embedtune.trainer_steps.decide = lambda trainer, inputs: None  # the bench: the stock step\n")
 
 
 def replace_once(text: str, old: str, new: str) -> str:
@@ -127,6 +133,8 @@ def program(impl: str, precision: str, checkpointing: bool = True) -> str:
         text = replace_once(text, CPU_PRECISION, GUIDE_PRECISION)
     if impl == "embedtune_eager":
         text = replace_once(text, LOAD_ARG_LAST, LOAD_ARG_LAST + "    cuda_graphs = False,\n")
+    elif impl == "embedtune_stock_step":
+        text = replace_once(text, EMBEDTUNE_IMPORT, EMBEDTUNE_IMPORT + STOCK_STEP)
     elif impl != "embedtune":
         text = replace_once(text, EMBEDTUNE_IMPORT, "")
         start, end = text.index(LOAD_FIRST), text.index(LOAD_LAST) + len(LOAD_LAST)

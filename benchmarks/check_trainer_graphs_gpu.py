@@ -7,7 +7,9 @@ step on the same batch in fp32 (the stock `compute_loss`, MNRL embedding the anc
 the trainer's eager step in bf16 (its autocast): in bf16 MNRL's cosine scores are rounded before
 they are scaled by 20, which on a random-init model (scores near one another) moves its loss by
 about 1% and its gradients by 10-20%; the graphed step, which scores in fp32, must come at least as
-close to the fp32 step as that. Then dropout 0.1: the replays' gradients must differ (new masks each replay).
+close to the fp32 step as that. The eager step that `cuda_graphs=False` leaves (the trainer's own step, all
+columns in one forward) is held to the same bounds. Then dropout 0.1: the replays' gradients must differ
+(new masks each replay).
 
     python benchmarks/check_trainer_graphs_gpu.py --tokenizer .bench/tokenizer [--model bert-base]
 Prints one line per call and PASS/FAIL last; exit 1 on a failure.
@@ -69,6 +71,10 @@ def grads(st) -> dict:
     return {n: p.grad.detach().float().clone() for n, p in st.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+def rows_of(batch) -> object:
+    return batch["anchor_input_ids"].shape[0] if "anchor_input_ids" in batch else "?"
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
@@ -120,29 +126,41 @@ def main() -> None:
         choice = trainer_steps._CHOICES.get(trainer)
         return choice.step if isinstance(choice, trainer_steps.Graphed) else None
 
-    for i, (batch, (want_loss, want), (stock_loss, stock)) in enumerate(zip(batches, references, stock_bf16)):
-        rows = batch["anchor_input_ids"].shape[0] if "anchor_input_ids" in batch else "?"
-        stock_worst = max(rel(stock[n], want[n]) for n in want)
+    def judge(label: str, i: int, loss: float, got: dict) -> bool:
+        """This call against the fp32 step on batch i, within the bf16 step's own distance x1.5."""
+        (want_loss, want), (stock_loss, stock) = references[i], stock_bf16[i]
         loss_bound = max(LOSS_TOL * max(1.0, abs(want_loss)), 1.5 * abs(stock_loss - want_loss))
-        grad_bound = max(GRAD_TOL, 1.5 * stock_worst)
+        grad_bound = max(GRAD_TOL, 1.5 * max(rel(stock[n], want[n]) for n in want))
+        worst = max(rel(got[n], want[n]) for n in want) if got.keys() == want.keys() else float("inf")
+        ok = abs(loss - want_loss) <= loss_bound and worst <= grad_bound
+        print(f"batch {i} ({rows_of(batches[i])} rows) {label}; loss {loss:.5f} vs fp32 {want_loss:.5f}; "
+              f"gradients {worst:.2e} relative (worst of {len(want)}; bounds {loss_bound:.4f}, {grad_bound:.2e}) "
+              f"{'ok' if ok else 'FAIL'}", flush=True)
+        return ok
+
+    for i, ((want_loss, want), (stock_loss, stock)) in enumerate(zip(references, stock_bf16)):
+        stock_worst = max(rel(stock[n], want[n]) for n in want)
         print(f"batch {i}: the trainer's own bf16 step against fp32: loss {stock_loss:.5f} vs {want_loss:.5f}, "
               f"gradients {stock_worst:.2e} relative", flush=True)
         for call in range(3):
             st.zero_grad(set_to_none=True)
-            loss = trainer.training_step(st, dict(batch)).float().item()
-            got = grads(st)
+            loss = trainer.training_step(st, dict(batches[i])).float().item()
             step = graph_step(trainer)
-            how = step.last if step else "not graphed"
-            worst = max(rel(got[n], want[n]) for n in want) if got.keys() == want.keys() else float("inf")
-            ok = abs(loss - want_loss) <= loss_bound and worst <= grad_bound
-            print(f"batch {i} ({rows} rows) call {call}: {how}; loss {loss:.5f} vs fp32 {want_loss:.5f}; "
-                  f"gradients {worst:.2e} relative (worst of {len(want)}; bounds {loss_bound:.4f}, {grad_bound:.2e}) "
-                  f"{'ok' if ok else 'FAIL'}", flush=True)
-            if not ok or step is None:
+            if not judge(f"call {call}: {step.last if step else 'not graphed'}", i, loss, grads(st)) or step is None:
                 failures.append(f"batch {i} call {call}")
     step = graph_step(trainer)
     if step:
         print(f"graph step: {step.counts}, shapes {step.shapes}, off: {step.off_reason}")
+
+    # cuda_graphs=False: the trainer's own eager step, all columns in one forward (`OneForward`)
+    st = build(model_dir, 0.0, cuda_graphs=False)
+    trainer = trainer_for(st, pairs, os.path.join(root, "one_forward"))
+    for i in range(len(batches)):
+        st.zero_grad(set_to_none=True)
+        loss = trainer.training_step(st, dict(batches[i])).float().item()
+        one = isinstance(trainer_steps._CHOICES.get(trainer), trainer_steps.OneForward)
+        if not judge("eager, " + ("one forward" if one else "NOT one forward"), i, loss, grads(st)) or not one:
+            failures.append(f"batch {i} one forward")
 
     # dropout 0.1: replays of one batch draw new masks
     st = build(model_dir, 0.1, cuda_graphs=True)

@@ -25,13 +25,14 @@ def bench():
         sys.path[:] = saved_path
 
 
-@pytest.mark.parametrize("impl", ["embedtune", "embedtune_eager", "stock", "stock_compile"])
+@pytest.mark.parametrize("impl", ["embedtune", "embedtune_eager", "embedtune_stock_step", "stock", "stock_compile"])
 @pytest.mark.parametrize("precision", ["guide", "cpu"])
 def test_every_variant_builds_and_parses(bench, impl, precision):
     text = bench.program(impl, precision)
     compile(text, f"guide_{impl}.py", "exec")
     assert ("from embedtune import FastModel" in text) == impl.startswith("embedtune")
     assert ("cuda_graphs = False" in text) == (impl == "embedtune_eager")
+    assert ("trainer_steps.decide = " in text) == (impl == "embedtune_stock_step")
     assert ("torch_compile=True" in text) == (impl == "stock_compile")
     assert ("bf16=torch.cuda.is_bf16_supported()" in text) == (precision == "guide")
     assert text.count("trainer.train()") == 1 and "_bench_train_s" in text
@@ -62,7 +63,7 @@ def test_report_reads_the_last_marked_line(bench):
     assert bench.late_loss([]) is None
 
 
-@pytest.mark.parametrize("impl", ["embedtune", "embedtune_eager", "stock", "stock_compile"])
+@pytest.mark.parametrize("impl", ["embedtune", "embedtune_eager", "embedtune_stock_step", "stock", "stock_compile"])
 def test_no_checkpointing_variant_turns_it_off_on_every_side(bench, impl):
     on, off = bench.program(impl, "cpu"), bench.program(impl, "cpu", checkpointing=False)
     compile(off, f"guide_{impl}.py", "exec")
