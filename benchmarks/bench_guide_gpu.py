@@ -99,10 +99,14 @@ TIMED_TRAIN = ("import time as _bench_time\n_bench_t0 = _bench_time.perf_counter
                + "_bench_train_s = _bench_time.perf_counter() - _bench_t0\n")
 REPORT = f'''
 import json as _bench_json
+import sys as _bench_sys
 import torch as _bench_torch
 _history = trainer.state.log_history
+_steps = _bench_sys.modules.get("embedtune.trainer_steps")  # which step embedtune chose, where it was imported
+_choice = _steps._CHOICES.get(trainer) if _steps is not None else None
 print({MARK!r} + _bench_json.dumps({{
     "steps": trainer.state.global_step,
+    "trainer_step": type(_choice).__name__ if _choice is not None else "stock",
     "train_s": round(_bench_train_s, 3),
     "train": [row for row in _history if "train_runtime" in row][-1],
     "losses": [[row["step"], row["loss"]] for row in _history if "loss" in row],
@@ -183,7 +187,7 @@ def run_job(bench: Bench, impl: str, args) -> dict:
         row.update(steps=found["steps"], pairs=pairs, train_s=found["train_s"],
                    fixed_s=round(row["wall_s"] - found["train_s"], 2),
                    samples_per_s=round(pairs / found["train_s"], 2), peak_gb=found["peak_gb"],
-                   late_loss=late_loss(found["losses"]), losses=found["losses"],
+                   late_loss=late_loss(found["losses"]), losses=found["losses"], trainer_step=found.get("trainer_step"),
                    saved=all(os.path.isdir(os.path.join(folder, d)) for d in ("embeddings_merged", "embeddings_merged_hf")))
     print(f"[{elapsed():5.0f}s] {impl}: rc {row['rc']}, wall {row['wall_s']} s, train {row.get('train_s')} s, "
           f"{row.get('samples_per_s')} pairs/s, late loss {row.get('late_loss')}, peak {row.get('peak_gb')} GB", flush=True)
@@ -250,13 +254,13 @@ def table(rows: list[dict], model: str, checkpointing: bool = True) -> None:
     peers = [p for p in ("stock", "stock_compile") if p in done]
     how = "'unsloth' checkpointing" if checkpointing else "no checkpointing"
     print(f"\n=== the guide's program, {model}: LoRA r8, {how}, batch 8, one epoch; whole jobs")
-    print(f"{'impl':<15}{'wall s':>9}{'train s':>9}{'other s':>9}{'pairs/s':>9}"
+    print(f"{'impl':<21}{'step':<12}{'wall s':>9}{'train s':>9}{'other s':>9}{'pairs/s':>9}"
           + "".join(f"{'x ' + p:>16}{'wall/' + p:>19}" for p in peers) + f"{'late loss':>11}{'peak GB':>9}  saved")
     for r in rows:
         speed = r.get("samples_per_s")
         ratios = "".join(f"{fmt(speed / done[p]['samples_per_s'] if speed else None, 2):>16}"
                          f"{fmt(r['wall_s'] / done[p]['wall_s'] if r['rc'] == 0 else None, 2):>19}" for p in peers)
-        print(f"{r['impl']:<15}{fmt(r['wall_s'], 1):>9}{fmt(r.get('train_s'), 1):>9}{fmt(r.get('fixed_s'), 1):>9}"
+        print(f"{r['impl']:<21}{str(r.get('trainer_step', '-')):<12}{fmt(r['wall_s'], 1):>9}{fmt(r.get('train_s'), 1):>9}{fmt(r.get('fixed_s'), 1):>9}"
               f"{fmt(speed, 1):>9}{ratios}{fmt(r.get('late_loss'), 3):>11}{fmt(r.get('peak_gb'), 2):>9}  "
               f"{r.get('saved', '-') if r['rc'] == 0 else r.get('error', '')[:60]}")
     gap = curve_gap(rows)

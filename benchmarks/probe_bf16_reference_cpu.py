@@ -5,7 +5,7 @@ A random-init BERT (--model, a bench_train_gpu shape), LoRA r8 with its B matric
 every adapter gets a gradient, dropout off, the first 16 stdlib pairs, max_seq_length 256: the loss and
 LoRA gradients of MultipleNegativesRankingLoss in fp32 (the reference), of MNRL under CPU bf16 autocast,
 and of the graphed step's loss (embedtune's ContrastiveLoss over one forward of both columns,
-`trainer_graphs.contrastive_equivalent`) in bf16 and in fp32.
+`trainer_steps.contrastive_equivalent`) in bf16 and in fp32.
 
     python benchmarks/probe_bf16_reference_cpu.py --tokenizer .bench/tokenizer [--model bert-base]
 """
@@ -33,7 +33,7 @@ def main() -> None:
     from embedtune import FastModel
     from embedtune.data.stdlib import build_stdlib_pairs
     from embedtune.st import to_sentence_transformer
-    from embedtune.trainer_graphs import contrastive_equivalent
+    from embedtune.trainer_steps import contrastive_equivalent
 
     torch.manual_seed(0)
     model_dir = build_model_dir(args.model, args.tokenizer, tempfile.mkdtemp())

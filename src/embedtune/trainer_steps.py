@@ -71,7 +71,7 @@ def contrastive_equivalent(loss):
     if isinstance(loss, ContrastiveLoss):
         return "the cached loss runs its own backward in chunks" if loss.cached else loss
     if type(loss) is not st_losses.MultipleNegativesRankingLoss:
-        return f"the loss is {type(loss).__name__} (the graph step covers MultipleNegativesRankingLoss)"
+        return f"the loss is {type(loss).__name__} (embedtune's trainer steps cover MultipleNegativesRankingLoss)"
     settings = {"similarity_fct": (getattr(loss, "similarity_fct", cos_sim), cos_sim),
                 "directions": (tuple(getattr(loss, "directions", ("query_to_doc",))), ("query_to_doc",)),
                 "hardness_strength": (float(getattr(loss, "hardness_strength", 0.0) or 0.0), 0.0),
