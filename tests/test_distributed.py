@@ -9,7 +9,6 @@ averages). The controls show the comparison is sharp enough to catch a missing g
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,45 +17,9 @@ import pytest
 from safetensors.torch import load_file
 
 from tiny_models import make_tiny_model
+from torchrun_launch import HERE, torchrun, worker_env
 
-HERE = Path(__file__).parent
 PER_RANK = 4
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(*args, nproc: int = 2, cwd=None, timeout: int = 300, attempts: int = 2):
-    """Run a torchrun launch to its end. A launch that hangs (once in a CI run, gloo ranks waited on
-    each other for 10 minutes; the same launch takes seconds and passed on every rerun) is killed with
-    its workers and started again on a fresh port, once; a second hang fails the test."""
-    import signal
-
-    for attempt in range(attempts):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-               *map(str, args)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=cwd,
-                                start_new_session=True)  # its own process group: a hang is killed whole
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-            return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            if attempt == attempts - 1:
-                raise
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +33,9 @@ def _steps(tmp_path, model, variants: dict[str, list[str]], distributed: bool) -
     out.mkdir(exist_ok=True)
     args = [HERE / "ddp_step.py", model, out, PER_RANK, *(f"{name}:{','.join(flags)}" for name, flags in variants.items())]
     if distributed:
-        proc = _torchrun(*args)
+        proc = torchrun(*args)
     else:
-        proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=_env(), timeout=600)
+        proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=worker_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {name: load_file(out / f"{name}.safetensors") for name in variants}
 
@@ -125,7 +88,7 @@ def test_torchrun_train_end_to_end_writes_once(tmp_path, tiny_bert, flags):
     0 alone writes; also with the cached loss (its own gradient all-reduce) and with checkpointing."""
     data = _pairs_file(tmp_path / "pairs.jsonl", 96)
     output = tmp_path / "run"
-    proc = _torchrun("-m", "embedtune", "train", data, "--model", tiny_bert, "--output", output,
+    proc = torchrun("-m", "embedtune", "train", data, "--model", tiny_bert, "--output", output,
                      "--max-steps", "3", "--batch-size", "8", "--eval-size", "16", "--max-seq-length", "32",
                      "--evals", "1", *flags, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -170,7 +133,7 @@ def test_torchrun_train_fsdp_end_to_end(tmp_path, tiny_qwen3):
 
     data = _pairs_file(tmp_path / "pairs.jsonl", 96)
     output = tmp_path / "run"
-    proc = _torchrun("-m", "embedtune", "train", data, "--model", tiny_qwen3, "--output", output, "--full", "--fsdp",
+    proc = torchrun("-m", "embedtune", "train", data, "--model", tiny_qwen3, "--output", output, "--full", "--fsdp",
                      "--max-steps", "3", "--batch-size", "8", "--eval-size", "16", "--max-seq-length", "32",
                      "--evals", "2", "--lr", "1e-3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -189,7 +152,7 @@ def test_fsdp_refuses_what_it_does_not_cover(tmp_path, tiny_qwen3):
     data = _pairs_file(tmp_path / "pairs.jsonl", 96)
     alone = subprocess.run([sys.executable, "-m", "embedtune", "train", str(data), "--model", str(tiny_qwen3),
                             "--output", str(tmp_path / "a"), "--full", "--fsdp"],
-                           capture_output=True, text=True, env=_env(), timeout=300)
+                           capture_output=True, text=True, env=worker_env(), timeout=300)
     assert alone.returncode != 0 and "torchrun" in alone.stderr and not (tmp_path / "a").exists()
-    lora = _torchrun("-m", "embedtune", "train", data, "--model", tiny_qwen3, "--output", tmp_path / "b", "--fsdp")
+    lora = torchrun("-m", "embedtune", "train", data, "--model", tiny_qwen3, "--output", tmp_path / "b", "--fsdp")
     assert lora.returncode != 0 and "--full" in lora.stderr and not (tmp_path / "b").exists()

@@ -316,3 +316,24 @@ def test_checkpointing_stays_where_a_full_batch_would_not_fit(folder, tmp_path, 
     model = FastModel.get_peft_model(base, r=4, use_gradient_checkpointing="always", random_state=0)
     assert checkpointing.skip_for_run(model, 64, 32, torch.device("cpu")) == "gradient checkpointing is on for every batch"
     assert checkpointing.blocks_graphs(model)
+
+
+def test_under_ddp_one_forward_trains_like_the_stock_step(folder, tmp_path):
+    """Two ranks (torchrun, gloo): the trainer wraps the model in DistributedDataParallel and puts the
+    wrapped model into the loss; the one-forward step (one forward per rank and step, against the stock
+    step's two) gives the stock step's losses and LoRA weights, dropout off."""
+    import json
+
+    from safetensors.torch import load_file
+    from torchrun_launch import HERE, torchrun
+
+    proc = torchrun(HERE / "st_trainer_ddp.py", folder, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    ours, stock = results["ours"], results["stock"]
+    assert ours["world"] == 2 and ours["is_ddp"] == "DistributedDataParallel"
+    assert (ours["step"], ours["forwards"]) == ("OneForward", 3) and (stock["step"], stock["forwards"]) == ("stock", 6)
+    assert len(ours["losses"]) == 3 and ours["losses"] == pytest.approx(stock["losses"], rel=1e-5, abs=1e-6)
+    a, b = load_file(tmp_path / "ours.safetensors"), load_file(tmp_path / "stock.safetensors")
+    assert a.keys() == b.keys() and a
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
