@@ -424,7 +424,8 @@ class FastModel:
         earn the warm-up back (`speed.CompileWhenItPays`); True / False decide it now. `cuda_graphs`:
         a SentenceTransformerTrainer replays this model's steps as CUDA graphs where they pay (None:
         on a GPU, for runs long enough, with a loss the graph step covers; `trainer_steps`); False
-        keeps them eager, True asks for them whatever the run's length.
+        keeps them eager, True asks for them whatever the run's length. Eager steps with such a loss
+        embed all columns in one forward either way.
         Unsloth's own keywords are accepted (`unsloth_keywords`); `full_finetuning=True` is recorded
         and makes `get_peft_model` leave every weight trainable instead of adding LoRA.
         """
