@@ -124,7 +124,7 @@ def _evaluator():
                                          relevant_docs={i: [i] for i in ids}, name="tiny", show_progress_bar=False)
 
 
-def _train(st, loss, out, steps=6, accumulate=2, evaluate_every=None):
+def _train(st, loss, out, steps=6, accumulate=2, evaluate_every=None, trainers=None):
     evaluation = {"eval_strategy": "steps", "eval_steps": evaluate_every} if evaluate_every else {}
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, gradient_accumulation_steps=accumulate,
@@ -133,6 +133,8 @@ def _train(st, loss, out, steps=6, accumulate=2, evaluate_every=None):
     trainer = SentenceTransformerTrainer(model=st, args=args, train_dataset=_pairs(), loss=loss,
                                          evaluator=_evaluator() if evaluate_every else None)
     trainer.train()
+    if trainers is not None:
+        trainers.append(trainer)
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
@@ -265,14 +267,15 @@ def test_one_forward_trains_like_the_stock_step(folder, tmp_path, monkeypatch):
         _dropout(st, p)
         if stock:
             monkeypatch.setattr(trainer_steps, "decide", lambda trainer, inputs: None)
-        loss = loss_of(st)
-        losses = _train(st, loss, tmp_path / name, steps=4, accumulate=1)
+        loss, trainers = loss_of(st), []
+        losses = _train(st, loss, tmp_path / name, steps=4, accumulate=1, trainers=trainers)
         monkeypatch.undo()
-        return losses, loss
+        return losses, (loss, trainers[0])
 
-    ours, mnrl = run("ours", MultipleNegativesRankingLoss, 0.0)
+    ours, (mnrl, trainer) = run("ours", MultipleNegativesRankingLoss, 0.0)
     stock, _ = run("stock", MultipleNegativesRankingLoss, 0.0, stock=True)
-    assert isinstance(mnrl, MultipleNegativesRankingLoss)
+    assert isinstance(trainer_steps._CHOICES.get(trainer), trainer_steps.OneForward)
+    assert trainer.loss is mnrl, "the trainer's own loss is back after each step"
     assert ours == pytest.approx(stock, rel=1e-4, abs=1e-5)
 
     ours_dropout, _ = run("ours_dropout", MultipleNegativesRankingLoss, 0.1)
