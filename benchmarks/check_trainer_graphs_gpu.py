@@ -96,14 +96,10 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=".bench/tokenizer")
     args = ap.parse_args()
     from bench_train_gpu import build_model_dir
-    from embedtune.data.stdlib import build_stdlib_pairs
-    import json
+    from embedtune.data.stdlib import build_stdlib_pairs, write_jsonl
 
     root = tempfile.mkdtemp(prefix="trainer-graphs-")
-    pairs = os.path.join(root, "pairs.jsonl")
-    with open(pairs, "w") as f:
-        for row in build_stdlib_pairs(seed=0):
-            f.write(json.dumps(row) + "\n")
+    pairs = str(write_jsonl(build_stdlib_pairs(seed=0), os.path.join(root, "pairs.jsonl")))
     model_dir = build_model_dir(args.model, args.tokenizer, root)
     failures = []
 

@@ -52,7 +52,6 @@ def run(model_dir: str, out: Path, name: str) -> dict:
 
 def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
-    results = {}
     ours, ours_lora = run(model_dir, out, "ours")
     decide = trainer_steps.decide
     trainer_steps.decide = lambda trainer, inputs: None  # the trainer's stock step

@@ -30,7 +30,7 @@ from .guards import (
     OUT_OF_MEMORY, HostCopy, InterruptGuard, NonFiniteLoss, TrainingInterrupted, check_finite_weights, finite_gate_for,
     nonfinite_loss_message, oom_message,
 )
-from .trainer_steps import graphed_training_step
+from .trainer_steps import graphed_training_step, listed_modules
 
 # The default cadence is by the clock: a checkpoint of a full model with its optimizer takes seconds,
 # so a step count would tax fast runs and leave slow ones unprotected. A preemption loses at most this.
@@ -330,8 +330,7 @@ class ResumableTrainer(SentenceTransformerTrainer):
     def _graphed_training_step(self, model, inputs):
         """The trainer's step with forward and backward replayed as a CUDA graph
         (`trainer_steps.graphed_training_step`)."""
-        if self._modules_of is None or self._modules_of[0] is not model:
-            self._modules_of = list(model.modules())  # listed once: reading their flags is cheap
+        self._modules_of = listed_modules(model, self._modules_of)
         return graphed_training_step(self, self.graph_step, model, inputs, self._modules_of)
 
 

@@ -43,11 +43,10 @@ _CHOICES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 @dataclasses.dataclass
 class Graphed:
     """A trainer's steps replayed by `step` (a `graphs.GraphedStep`); `modules`: the model's modules,
-    listed at the first step (reading their flags is cheap, walking the tree is not)."""
+    listed at the first step (`listed_modules`)."""
 
     step: object
     modules: list | None = None
-    model: object = None
 
 
 @dataclasses.dataclass
@@ -85,10 +84,17 @@ def contrastive_equivalent(loss):
                            gather_across_devices=False)
 
 
+def listed_modules(model, listed: list | None) -> list:
+    """`model`'s modules, listed once: `listed` (an earlier listing, whose first entry is its model)
+    where it lists `model`, else a new listing. Reading the modules' flags each step is cheap,
+    walking the tree is not."""
+    return listed if listed is not None and listed[0] is model else list(model.modules())
+
+
 def graphed_training_step(trainer, graph_step, model, inputs, modules: list):
     """The trainer's step (`Trainer.training_step`: train mode, the loss scaled for gradient
     accumulation) with forward and backward replayed by `graph_step`. `modules`: `model`'s modules,
-    listed once by the caller (reading their flags is cheap, walking the tree is not)."""
+    listed once by the caller (`listed_modules`)."""
     import torch
 
     from .graphs import train_mode
@@ -259,8 +265,7 @@ def install() -> None:
             return stock(self, model, inputs, *args, **kwargs)
         if isinstance(choice, OneForward):
             return one_forward_training_step(self, choice.loss, stock, model, inputs, *args, **kwargs)
-        if choice.model is not model:
-            choice.model, choice.modules = model, list(model.modules())
+        choice.modules = listed_modules(model, choice.modules)
         return graphed_training_step(self, choice.step, model, inputs, choice.modules)
 
     cls.training_step = training_step
