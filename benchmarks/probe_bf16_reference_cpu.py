@@ -1,10 +1,10 @@
 """How far bf16 autocast alone moves the guide's loss and gradients from fp32, on the CPU: the scale of
 the tolerance that a bf16 GPU check of the trainer's graphed step (check_trainer_graphs_gpu.py) can ask.
 
-A random-init BERT (--model, a bench_train_gpu shape), LoRA r8 with its B matrices drawn (0.02) so that
-every adapter gets a gradient, dropout off, the first 16 stdlib pairs, max_seq_length 256: the loss and
-LoRA gradients of MultipleNegativesRankingLoss in fp32 (the reference), of MNRL under CPU bf16 autocast,
-and of the graphed step's loss (embedtune's ContrastiveLoss over one forward of both columns,
+The check's model (`check_trainer_graphs_gpu.build`: a random-init BERT of a bench_train_gpu shape, LoRA
+r8 with its B matrices drawn (0.02) so that every adapter gets a gradient, dropout off, max_seq_length
+256) and the first 16 stdlib pairs: the loss and LoRA gradients of MultipleNegativesRankingLoss in fp32
+(the reference), of MNRL under CPU bf16 autocast, and of the graphed step's loss (embedtune's ContrastiveLoss over one forward of both columns,
 `trainer_steps.contrastive_equivalent`) in bf16 and in fp32.
 
     python benchmarks/probe_bf16_reference_cpu.py --tokenizer .bench/tokenizer [--model bert-base]
@@ -28,26 +28,13 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=".bench/tokenizer")
     args = ap.parse_args()
     from bench_train_gpu import build_model_dir
+    from check_trainer_graphs_gpu import build
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
-    from embedtune import FastModel
     from embedtune.data.stdlib import build_stdlib_pairs
-    from embedtune.st import to_sentence_transformer
     from embedtune.trainer_steps import contrastive_equivalent
 
-    torch.manual_seed(0)
-    model_dir = build_model_dir(args.model, args.tokenizer, tempfile.mkdtemp())
-    model, tok = FastModel.from_pretrained(model_dir, max_seq_length=256, cuda_graphs=False)
-    model = FastModel.get_peft_model(model, r=8, lora_alpha=8, target_modules=["query", "key", "value", "dense"],
-                                     random_state=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    st = to_sentence_transformer(model, tok)
-    for m in st.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    st = build(build_model_dir(args.model, args.tokenizer, tempfile.mkdtemp()), 0.0, cuda_graphs=False)  # the check's model
     st.train()
     pairs = build_stdlib_pairs(seed=0)[:16]
     features = [st.tokenize([p["anchor"] for p in pairs]), st.tokenize([p["positive"] for p in pairs])]
