@@ -105,11 +105,6 @@ def main() -> None:
 if __name__ == "__main__":
     main()
     if "LOCAL_RANK" in os.environ:
-        # The step is done and written. About one FSDP launch in twelve aborted in the interpreter's
-        # teardown ("terminate called without an active exception", SIGABRT in torch's C++ threads),
-        # failing the launch after its work; leave without that teardown.
-        import sys
+        from torchrun_launch import exit_without_teardown
 
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_without_teardown()

@@ -62,7 +62,12 @@ def main() -> None:
         save_file(ours_lora, str(out / "ours.safetensors"))
         save_file(stock_lora, str(out / "stock.safetensors"))
         (out / "results.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    from torchrun_launch import exit_without_teardown
+
+    exit_without_teardown()
