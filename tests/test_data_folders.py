@@ -168,9 +168,11 @@ def _compress(path: Path, suffix: str) -> Path:
 
 
 def _temp_copies() -> set[str]:
+    """The readers' decompressed copies in the temp folder (only theirs: tests running beside this one
+    make temp folders of their own there)."""
     import tempfile
 
-    return {p.name for p in Path(tempfile.gettempdir()).glob("embedtune-*")}
+    return {p.name for p in Path(tempfile.gettempdir()).glob("embedtune-decompressed-*")}
 
 
 @pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])

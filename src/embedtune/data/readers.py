@@ -241,7 +241,7 @@ def _decompressed(p: Path, name: str, compression: str | None) -> Iterator[Path]
     import lzma
 
     opener = {"gzip": gzip.open, "bz2": bz2.open, "lzma": lzma.open}[COMPRESSIONS[compression]]
-    fd, temp = tempfile.mkstemp(prefix="embedtune-", suffix=p.suffixes[-2])
+    fd, temp = tempfile.mkstemp(prefix="embedtune-decompressed-", suffix=p.suffixes[-2])
     try:
         try:
             with opener(p, "rb") as source, os.fdopen(fd, "wb") as target:
