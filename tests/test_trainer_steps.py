@@ -124,12 +124,12 @@ def _evaluator():
                                          relevant_docs={i: [i] for i in ids}, name="tiny", show_progress_bar=False)
 
 
-def _train(st, loss, out, steps=6, accumulate=2, evaluate_every=None, trainers=None):
+def _train(st, loss, out, steps=6, accumulate=2, evaluate_every=None, trainers=None, bf16=False):
     evaluation = {"eval_strategy": "steps", "eval_steps": evaluate_every} if evaluate_every else {}
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, gradient_accumulation_steps=accumulate,
         learning_rate=1e-3, warmup_steps=0, report_to="none", save_strategy="no", logging_steps=1, seed=0,
-        data_seed=0, dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, **evaluation)
+        data_seed=0, dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, bf16=bf16, **evaluation)
     trainer = SentenceTransformerTrainer(model=st, args=args, train_dataset=_pairs(), loss=loss,
                                          evaluator=_evaluator() if evaluate_every else None)
     trainer.train()
@@ -282,6 +282,31 @@ def test_one_forward_trains_like_the_stock_step(folder, tmp_path, monkeypatch):
     own_dropout, _ = run("own_dropout", lambda st: ContrastiveLoss(st, temperature=0.05), 0.1)
     assert ours_dropout == pytest.approx(own_dropout, abs=1e-6)
     assert abs(ours_dropout[0] - ours[0]) > 1e-4, "dropout 0.1 changes the first step's loss"
+
+
+def test_one_forward_runs_in_the_trainers_bf16(folder, tmp_path, monkeypatch):
+    """The trainer's bf16 is accelerate's autocast around the model's forward (transformers 5 leaves
+    `autocast_smart_context_manager` empty): the swapped loss calls that same forward, so the one-forward
+    step runs in bf16 as the stock step does, not in fp32 beside it."""
+    def run(name, bf16, stock=False):
+        _, st = _st(folder)
+        _dropout(st, 0.0)  # the same arithmetic on both sides, so only the precision tells them apart
+        if stock:
+            monkeypatch.setattr(trainer_steps, "decide", lambda trainer, inputs: None)
+        trainers = []
+        losses = _train(st, MultipleNegativesRankingLoss(st), tmp_path / name, steps=3, accumulate=1,
+                        trainers=trainers, bf16=bf16)
+        monkeypatch.undo()
+        return losses, trainers[0]
+
+    fp32, _ = run("fp32", False)
+    ours, trainer = run("ours", True)
+    stock, _ = run("stock", True, stock=True)
+    assert isinstance(trainer_steps._CHOICES.get(trainer), trainer_steps.OneForward)
+    # the first step, before bf16's rounding of different GEMM shapes has moved the weights apart
+    apart = abs(stock[0] - fp32[0])
+    assert apart > 1e-3, "bf16 moves the stock step's loss"
+    assert abs(ours[0] - stock[0]) < apart / 4, "the one-forward step runs in the stock step's bf16"
 
 
 def test_the_trainer_loss_is_kept_where_no_one_forward_applies(folder, tmp_path, caplog):
