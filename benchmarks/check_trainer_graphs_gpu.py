@@ -143,9 +143,12 @@ def main() -> None:
         grad_bound = max(GRAD_TOL, 1.5 * max(rel(stock[n], want[n]) for n in want))
         worst = max(rel(got[n], want[n]) for n in want) if got.keys() == want.keys() else float("inf")
         ok = abs(loss - want_loss) <= loss_bound and worst <= grad_bound
+        # shown, not judged: the distance from the trainer's own bf16 step, the step this one replaces
+        to_bf16 = max(rel(got[n], stock[n]) for n in stock) if got.keys() == stock.keys() else float("inf")
         print(f"batch {i} ({rows_of(batches[i])} rows) {label}; loss {loss:.5f} vs fp32 {want_loss:.5f}; "
               f"gradients {worst:.2e} relative (worst of {len(want)}; bounds {loss_bound:.4f}, {grad_bound:.2e}) "
-              f"{'ok' if ok else 'FAIL'}", flush=True)
+              f"{'ok' if ok else 'FAIL'}; vs the trainer's bf16 step: loss {stock_loss:.5f}, gradients {to_bf16:.2e}",
+              flush=True)
         return ok
 
     gpu = torch.cuda.is_available()
