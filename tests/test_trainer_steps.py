@@ -257,29 +257,33 @@ def test_off_a_gpu_the_trainer_runs_its_own_step_with_one_forward(folder, tmp_pa
     assert len(forwards) == 8, "the stock MNRL step embeds the anchors apart"
 
 
+def _run(folder, out, monkeypatch, dropout=0.0, stock=False, loss_of=MultipleNegativesRankingLoss, **train):
+    """The guide's trainer on a fresh model with its dropout at `dropout`, through the steps embedtune
+    chooses or (`stock`) the trainer's stock step: (logged losses, the loss, the trainer)."""
+    _, st = _st(folder)
+    _dropout(st, dropout)
+    loss, trainers = loss_of(st), []
+    with monkeypatch.context() as patch:
+        if stock:
+            patch.setattr(trainer_steps, "decide", lambda trainer, inputs: None)
+        losses = _train(st, loss, out, accumulate=1, trainers=trainers, **train)
+    return losses, loss, trainers[0]
+
+
 def test_one_forward_trains_like_the_stock_step(folder, tmp_path, monkeypatch):
     """The eager step with one forward against the trainer's stock step (MNRL, a forward per column):
     with dropout off the same losses step for step, the trainer's loss untouched after the run; with
     dropout 0.1 the same losses as embedtune's own loss at MNRL's temperature in the same trainer
     (one forward each, the same draws), and different from the run with dropout off (dropout is live)."""
-    def run(name, loss_of, p, stock=False):
-        _, st = _st(folder)
-        _dropout(st, p)
-        if stock:
-            monkeypatch.setattr(trainer_steps, "decide", lambda trainer, inputs: None)
-        loss, trainers = loss_of(st), []
-        losses = _train(st, loss, tmp_path / name, steps=4, accumulate=1, trainers=trainers)
-        monkeypatch.undo()
-        return losses, (loss, trainers[0])
-
-    ours, (mnrl, trainer) = run("ours", MultipleNegativesRankingLoss, 0.0)
-    stock, _ = run("stock", MultipleNegativesRankingLoss, 0.0, stock=True)
+    ours, mnrl, trainer = _run(folder, tmp_path / "ours", monkeypatch, steps=4)
+    stock, _, _ = _run(folder, tmp_path / "stock", monkeypatch, stock=True, steps=4)
     assert isinstance(trainer_steps._CHOICES.get(trainer), trainer_steps.OneForward)
     assert trainer.loss is mnrl, "the trainer's own loss is back after each step"
     assert ours == pytest.approx(stock, rel=1e-4, abs=1e-5)
 
-    ours_dropout, _ = run("ours_dropout", MultipleNegativesRankingLoss, 0.1)
-    own_dropout, _ = run("own_dropout", lambda st: ContrastiveLoss(st, temperature=0.05), 0.1)
+    ours_dropout, _, _ = _run(folder, tmp_path / "ours_dropout", monkeypatch, dropout=0.1, steps=4)
+    own_dropout, _, _ = _run(folder, tmp_path / "own_dropout", monkeypatch, dropout=0.1, steps=4,
+                             loss_of=lambda st: ContrastiveLoss(st, temperature=0.05))
     assert ours_dropout == pytest.approx(own_dropout, abs=1e-6)
     assert abs(ours_dropout[0] - ours[0]) > 1e-4, "dropout 0.1 changes the first step's loss"
 
@@ -287,21 +291,11 @@ def test_one_forward_trains_like_the_stock_step(folder, tmp_path, monkeypatch):
 def test_one_forward_runs_in_the_trainers_bf16(folder, tmp_path, monkeypatch):
     """The trainer's bf16 is accelerate's autocast around the model's forward (transformers 5 leaves
     `autocast_smart_context_manager` empty): the swapped loss calls that same forward, so the one-forward
-    step runs in bf16 as the stock step does, not in fp32 beside it."""
-    def run(name, bf16, stock=False):
-        _, st = _st(folder)
-        _dropout(st, 0.0)  # the same arithmetic on both sides, so only the precision tells them apart
-        if stock:
-            monkeypatch.setattr(trainer_steps, "decide", lambda trainer, inputs: None)
-        trainers = []
-        losses = _train(st, MultipleNegativesRankingLoss(st), tmp_path / name, steps=3, accumulate=1,
-                        trainers=trainers, bf16=bf16)
-        monkeypatch.undo()
-        return losses, trainers[0]
-
-    fp32, _ = run("fp32", False)
-    ours, trainer = run("ours", True)
-    stock, _ = run("stock", True, stock=True)
+    step runs in bf16 as the stock step does, not in fp32 beside it. Dropout off: the same arithmetic on
+    both sides, so only the precision tells them apart."""
+    fp32, _, _ = _run(folder, tmp_path / "fp32", monkeypatch, steps=3)
+    ours, _, trainer = _run(folder, tmp_path / "ours", monkeypatch, steps=3, bf16=True)
+    stock, _, _ = _run(folder, tmp_path / "stock", monkeypatch, stock=True, steps=3, bf16=True)
     assert isinstance(trainer_steps._CHOICES.get(trainer), trainer_steps.OneForward)
     # the first step, before bf16's rounding of different GEMM shapes has moved the weights apart
     apart = abs(stock[0] - fp32[0])
