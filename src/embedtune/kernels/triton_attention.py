@@ -7,8 +7,8 @@ its first token's sequence to the end of its last token's, and a key counts for 
 query's own sequence (`START`/`END`, each token's sequence bounds). Short sequences then share tiles,
 long ones take the tiles they need.
 
-Dropout keeps a (query, key) weight by a Philox draw from (seed, query, key // 8, head) (one draw serves
-eight neighbouring keys, 16 bits each): a function of absolute positions alone, so the backward kernels draw the
+Dropout keeps a (query, key) weight with a Philox draw from (seed, query, key // 4, head) (one draw serves
+four neighbouring keys): a function of absolute positions alone, so the backward kernels draw the
 forward's mask again whatever their tiling. Scores work in base 2 (`exp2`); the saved row
 log-sum-exp is in base 2 as well.
 
@@ -32,18 +32,16 @@ HEAD_DIMS = (16, 32, 64, 128)  # head widths the kernels take (a power of two: w
 
 
 @triton.jit
-def _keep(seed, head, rows, key0, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keep mask of the [BLOCK_M, BLOCK_N] tile of queries `rows` and keys key0.. (key0 a multiple of 8):
-    one Philox draw gives four 32-bit numbers, eight 16-bit ones, for eight neighbouring keys; a key is
-    kept where its number is at least `threshold` (round(p * 65536): the rate within 1e-5 of p)."""
-    draws = key0 // 8 + tl.arange(0, BLOCK_N // 8)
-    c0 = rows[:, None] + tl.zeros([BLOCK_M, BLOCK_N // 8], dtype=tl.int32)
-    c1 = draws[None, :] + tl.zeros([BLOCK_M, BLOCK_N // 8], dtype=tl.int32)
-    c2 = tl.zeros([BLOCK_M, BLOCK_N // 8], dtype=tl.int32) + head
+def _keep(seed, head, rows, key0, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep mask of the [BLOCK_M, BLOCK_N] tile of queries `rows` and keys key0.. (key0 a multiple of 4)."""
+    quads = key0 // 4 + tl.arange(0, BLOCK_N // 4)
+    c0 = rows[:, None] + tl.zeros([BLOCK_M, BLOCK_N // 4], dtype=tl.int32)
+    c1 = quads[None, :] + tl.zeros([BLOCK_M, BLOCK_N // 4], dtype=tl.int32)
+    c2 = tl.zeros([BLOCK_M, BLOCK_N // 4], dtype=tl.int32) + head
     u0, u1, u2, u3 = tl.philox(seed, c0, c1, c2, c2 * 0, 7)
-    low = tl.interleave(tl.interleave(u0 & 0xFFFF, u2 & 0xFFFF), tl.interleave(u1 & 0xFFFF, u3 & 0xFFFF))
-    high = tl.interleave(tl.interleave(u0 >> 16, u2 >> 16), tl.interleave(u1 >> 16, u3 >> 16))
-    return tl.interleave(low, high).to(tl.int32) >= threshold  # key 8j + 2i + h: half h of u_i
+    u = tl.interleave(tl.interleave(tl.uint_to_uniform_float(u0), tl.uint_to_uniform_float(u2)),
+                      tl.interleave(tl.uint_to_uniform_float(u1), tl.uint_to_uniform_float(u3)))
+    return u >= p  # key 4j + i takes u_i of draw j
 
 
 @triton.jit
@@ -82,8 +80,8 @@ def _put(X, value, rows, inside, stride, head, HEAD_DIM: tl.constexpr):
              value.to(X.dtype.element_ty), mask=inside[:, None])
 
 
-@triton.jit(do_not_specialize=["tokens", "heads", "dropout", "threshold", "sq", "sk", "sv", "so"])
-def _forward(Q, K, V, O, LSE, START, END, SEED, tokens, heads, sq, sk, sv, so, scale2, p, threshold, dropout,
+@triton.jit(do_not_specialize=["tokens", "heads", "dropout", "sq", "sk", "sv", "so"])
+def _forward(Q, K, V, O, LSE, START, END, SEED, tokens, heads, sq, sk, sv, so, scale2, p, dropout,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     head = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,7 +95,8 @@ def _forward(Q, K, V, O, LSE, START, END, SEED, tokens, heads, sq, sk, sv, so, s
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for key0 in range(lo, hi, BLOCK_N):
+    key0 = lo
+    while key0 < hi:  # (a `for` over a runtime range trips Triton's interpreter on NumPy 2)
         keys = key0 + tl.arange(0, BLOCK_N)
         k = _tile(K, keys, keys < hi, sk, head, HEAD_DIM)
         v = _tile(V, keys, keys < hi, sv, head, HEAD_DIM)
@@ -110,9 +109,10 @@ def _forward(Q, K, V, O, LSE, START, END, SEED, tokens, heads, sq, sk, sv, so, s
         alpha = tl.exp2(m - m_use)
         total = total * alpha + tl.sum(prob, 1)
         if dropout != 0:
-            prob = tl.where(_keep(seed, head, rows, key0, threshold, BLOCK_M, BLOCK_N), prob, 0.0)
+            prob = tl.where(_keep(seed, head, rows, key0, p, BLOCK_M, BLOCK_N), prob, 0.0)
         acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
         m = m_new
+        key0 += BLOCK_N
     total = tl.where(inside, total, 1.0)
     keep_scale = 1.0
     if dropout != 0:
@@ -122,7 +122,7 @@ def _forward(Q, K, V, O, LSE, START, END, SEED, tokens, heads, sq, sk, sv, so, s
 
 
 @triton.jit
-def _grad_scores(q, k, v, do, lse, delta, rows, keys, first, last, seed, head, key0, scale2, p, threshold, dropout,
+def _grad_scores(q, k, v, do, lse, delta, rows, keys, first, last, seed, head, key0, scale2, p, dropout,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The tile's probabilities (as the output saw them, after dropout) and score gradients."""
     s = tl.dot(q, tl.trans(k)) * scale2
@@ -131,15 +131,15 @@ def _grad_scores(q, k, v, do, lse, delta, rows, keys, first, last, seed, head, k
     dprob = tl.dot(do, tl.trans(v))
     seen = prob
     if dropout != 0:
-        keep = _keep(seed, head, rows, key0, threshold, BLOCK_M, BLOCK_N)
+        keep = _keep(seed, head, rows, key0, p, BLOCK_M, BLOCK_N)
         seen = tl.where(keep, prob / (1.0 - p), 0.0)
         dprob = tl.where(keep, dprob / (1.0 - p), 0.0)
     return seen, prob * (dprob - delta[:, None])
 
 
-@triton.jit(do_not_specialize=["tokens", "heads", "dropout", "threshold", "sq", "sk", "sv", "sdo"])
+@triton.jit(do_not_specialize=["tokens", "heads", "dropout", "sq", "sk", "sv", "sdo"])
 def _backward_kv(Q, K, V, DO, LSE, DELTA, START, END, SEED, DK, DV, tokens, heads, sq, sk, sv, sdo, scale2, scale,
-                 p, threshold, dropout, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 p, dropout, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     head = tl.program_id(1)
     key0 = tl.program_id(0) * BLOCK_N
     keys = key0 + tl.arange(0, BLOCK_N)
@@ -150,7 +150,8 @@ def _backward_kv(Q, K, V, DO, LSE, DELTA, START, END, SEED, DK, DV, tokens, head
     seed = tl.load(SEED)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for row0 in range(lo, hi, BLOCK_M):
+    row0 = lo
+    while row0 < hi:  # (a `for` over a runtime range trips Triton's interpreter on NumPy 2)
         rows = row0 + tl.arange(0, BLOCK_M)
         live = rows < hi
         first = tl.load(START + rows, mask=live, other=tokens)
@@ -160,16 +161,17 @@ def _backward_kv(Q, K, V, DO, LSE, DELTA, START, END, SEED, DK, DV, tokens, head
         lse = tl.load(LSE + rows.to(tl.int64) * heads + head, mask=live, other=0.0)
         delta = tl.load(DELTA + rows.to(tl.int64) * heads + head, mask=live, other=0.0)
         seen, ds = _grad_scores(q, k, v, do, lse, delta, rows, keys, first, last, seed, head, key0, scale2, p,
-                                threshold, dropout, BLOCK_M, BLOCK_N)
+                                dropout, BLOCK_M, BLOCK_N)
         dv += tl.dot(tl.trans(seen.to(do.dtype)), do)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        row0 += BLOCK_M
     _put(DK, dk * scale, keys, inside, heads * HEAD_DIM, head, HEAD_DIM)  # gradients: contiguous
     _put(DV, dv, keys, inside, heads * HEAD_DIM, head, HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=["tokens", "heads", "dropout", "threshold", "sq", "sk", "sv", "sdo"])
+@triton.jit(do_not_specialize=["tokens", "heads", "dropout", "sq", "sk", "sv", "sdo"])
 def _backward_q(Q, K, V, DO, LSE, DELTA, START, END, SEED, DQ, tokens, heads, sq, sk, sv, sdo, scale2, scale, p,
-                threshold, dropout, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                dropout, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     head = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     inside = rows < tokens
@@ -183,13 +185,15 @@ def _backward_q(Q, K, V, DO, LSE, DELTA, START, END, SEED, DQ, tokens, heads, sq
     delta = tl.load(DELTA + rows.to(tl.int64) * heads + head, mask=inside, other=0.0)
     seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for key0 in range(lo, hi, BLOCK_N):
+    key0 = lo
+    while key0 < hi:  # (a `for` over a runtime range trips Triton's interpreter on NumPy 2)
         keys = key0 + tl.arange(0, BLOCK_N)
         k = _tile(K, keys, keys < hi, sk, head, HEAD_DIM)
         v = _tile(V, keys, keys < hi, sv, head, HEAD_DIM)
-        _, ds = _grad_scores(q, k, v, do, lse, delta, rows, keys, first, last, seed, head, key0, scale2, p, threshold,
-                             dropout, BLOCK_M, BLOCK_N)
+        _, ds = _grad_scores(q, k, v, do, lse, delta, rows, keys, first, last, seed, head, key0, scale2, p, dropout,
+                             BLOCK_M, BLOCK_N)
         dq += tl.dot(ds.to(k.dtype), k)
+        key0 += BLOCK_N
     _put(DQ, dq * scale, rows, inside, heads * HEAD_DIM, head, HEAD_DIM)
 
 
@@ -200,11 +204,6 @@ BOUNDS_BLOCK = 256
 
 def _warps(head_dim: int) -> int:
     return 8 if head_dim > 64 else 4
-
-
-def _threshold(p: float) -> int:
-    """The 16-bit draw below which a weight is dropped (`_keep`)."""
-    return round(p * 65536)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -234,7 +233,7 @@ def forward(q, k, v, cu_seqlens, scale: float, dropout_p: float, seed: torch.Ten
     if tokens:
         _forward[(triton.cdiv(tokens, BLOCK_M), heads)](
             q, k, v, out, lse, bounds[0], bounds[1], seed, tokens, heads, q.stride(0), k.stride(0), v.stride(0),
-            out.stride(0), scale * LOG2E, dropout_p, _threshold(dropout_p), int(dropout_p > 0), HEAD_DIM=dim, BLOCK_M=BLOCK_M,
+            out.stride(0), scale * LOG2E, dropout_p, int(dropout_p > 0), HEAD_DIM=dim, BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N, num_warps=_warps(dim), num_stages=2)
     return out, lse, bounds
 
@@ -247,7 +246,7 @@ def backward(grad_out, q, k, v, out, lse, bounds, scale: float, dropout_p: float
     dq, dk, dv = (torch.empty(tokens, heads, dim, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if tokens:
         common = (tokens, heads, q.stride(0), k.stride(0), v.stride(0), grad_out.stride(0), scale * LOG2E, scale,
-                  dropout_p, _threshold(dropout_p), int(dropout_p > 0))
+                  dropout_p, int(dropout_p > 0))
         meta = dict(HEAD_DIM=dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=_warps(dim), num_stages=2)
         _backward_kv[(triton.cdiv(tokens, BLOCK_N), heads)](q, k, v, grad_out, lse, delta, bounds[0], bounds[1], seed,
                                                            dk, dv, *common, **meta)
