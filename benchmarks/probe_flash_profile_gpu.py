@@ -15,15 +15,13 @@ import argparse
 
 import torch
 from gpu_timing import finish, graph_ms, record
-from probe_attention_gpu import flash, flash_bwd, real_lengths
+from probe_attention_gpu import flash, flash_bwd, inputs, real_lengths
 
 
-def call(lengths, heads, p, dev="cuda"):
+def call(lengths, heads, p):
     """A forward + backward closure over a stream of these sequence lengths, and its score count."""
-    total = sum(lengths)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=dev)
-    top = max(lengths)
-    q, k, v, g = (torch.randn(total, heads, 64, device=dev, dtype=torch.bfloat16) for _ in range(4))
+    q, k, v, cu, top = inputs(lengths, heads, 64)
+    g = torch.randn_like(q)
 
     def run():
         out, saved = flash(q, k, v, cu, top, p, 64 ** -0.5)
