@@ -40,6 +40,7 @@ from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
 from .lora import get_peft_model
 from .model_card import pick_card_examples
 from .plots import warm_up_callback
+from .packing import set_short_groups
 from .monitoring import (
     TENSORBOARD_DIR, Phases, attach_tokens_per_second, check_report_to, point_tensorboard,
     readable_logs, report_arguments,
@@ -100,6 +101,7 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile the packed layers (see packing.layers); None: where it pays (speed)
     cuda_graphs: bool | None = None  # replay each step as a CUDA graph (see graphs); None: where it pays (speed)
     fused_kernels: bool | None = None  # fused dropout + residual + LayerNorm (kernels.fused_norm); None: where it pays
+    short_groups: bool | None = None  # short sequences share attention tiles (packing.tile_groups); None: on CUDA
     query_prompt: str | None = None  # e.g. "query: " (E5) or a Qwen3-Embedding instruction
     document_prompt: str | None = None  # e.g. "passage: "
     temperature: float = 0.05  # InfoNCE temperature (0.05 = MNRL's scale 20)
@@ -249,6 +251,7 @@ def load_model(config: TrainConfig, phases: Phases) -> Model:
         dtype = torch.float32  # full fine-tuning keeps fp32 master weights; autocast does the rest
     model, tokenizer = FastModel.from_pretrained(config.model, max_seq_length=config.max_seq_length, dtype=dtype,
                                                  fast=config.fast)
+    set_short_groups(model, config.short_groups)
     if config.lora_r:
         model = get_peft_model(
             model, r=config.lora_r, lora_alpha=config.lora_alpha or config.lora_r,
