@@ -185,6 +185,9 @@ def print_summary(metrics: dict, folder: Optional[Path] = None) -> None:
 
         console.print(f"speed mode: {speed_fact(metrics['speed'], metrics.get('cuda_graphs'))}", soft_wrap=True,
                       highlight=False)
+    if metrics.get("short_groups"):
+        console.print(f"short texts sharing attention tiles: {metrics['short_groups']}", soft_wrap=True,
+                      highlight=False)
     if metrics.get("cuda_graphs"):
         from .report import graphs_fact  # after a run only: kept off the CLI's start
 

@@ -40,7 +40,7 @@ from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
 from .lora import get_peft_model
 from .model_card import pick_card_examples
 from .plots import warm_up_callback
-from .packing import set_short_groups
+from .packing import set_short_groups, short_groups_fact
 from .monitoring import (
     TENSORBOARD_DIR, Phases, attach_tokens_per_second, check_report_to, point_tensorboard,
     readable_logs, report_arguments,
@@ -538,6 +538,13 @@ def train_model(config: TrainConfig, data: RunData, model: Model, objective: Obj
     return Trained(st_model, final_metrics, train_time, setup.trainer.saved_model_by)
 
 
+def _short_groups(st_model) -> str | None:
+    """`packing.short_groups_fact` of the trained encoder (None for a pipeline without one)."""
+    first = next(iter(st_model), None)
+    encoder = getattr(first, "auto_model", None)
+    return short_groups_fact(encoder, st_model.device.type == "cuda") if encoder is not None else None
+
+
 def run_metrics(config: TrainConfig, started: float, data: RunData, objective: Objective, setup: Setup,
                 trained: Trained) -> dict:
     """metrics.json: scores before and after, times, steps and data counts, throughput, the speed mode,
@@ -573,6 +580,7 @@ def run_metrics(config: TrainConfig, started: float, data: RunData, objective: O
         "compile": {"time_s": round(compile_seconds(), 2), "cache": compile_cache} if compile_cache else None,
         "cuda_graphs": graph_summary(setup.graphs) if setup.graphs is not None else None,
         "speed": plan.speed.as_dict(),
+        "short_groups": _short_groups(setup.trainer.model),
         "best_step": setup.best.best_step,
         "token_cache": token_cache.summary() if token_cache else None,
         "world_size": distributed.world_size(),

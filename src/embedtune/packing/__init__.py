@@ -163,6 +163,17 @@ def set_short_groups(model, on: bool | None) -> None:
         forward.short_groups = on
 
 
+def short_groups_fact(model, cuda: bool) -> str | None:
+    """Whether short sequences shared attention tiles in a run and why ('on (default on CUDA)'); None
+    where the architecture's attention has no tile groups."""
+    forward = unwrap_peft(model).__dict__.get("forward")
+    if not isinstance(forward, PackedForward) or forward.packed_fn is not packed_bert_forward:
+        return None
+    if forward.short_groups is None:
+        return "on (default on CUDA)" if cuda else "off (default off the GPU)"
+    return "on (--short-groups)" if forward.short_groups else "off (--no-short-groups)"
+
+
 def has_fused_kernels(model) -> bool:
     """Whether the model's packed forward has layers with the fused norm (the BERT family)."""
     forward = unwrap_peft(model).__dict__.get("forward")
