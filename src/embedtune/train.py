@@ -101,7 +101,7 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile the packed layers (see packing.layers); None: where it pays (speed)
     cuda_graphs: bool | None = None  # replay each step as a CUDA graph (see graphs); None: where it pays (speed)
     fused_kernels: bool | None = None  # fused dropout + residual + LayerNorm (kernels.fused_norm); None: where it pays
-    short_groups: bool | None = None  # short sequences share attention tiles (packing.tile_groups); None: on CUDA
+    short_groups: bool = False  # short sequences share attention tiles (packing.tile_groups); opt-in
     query_prompt: str | None = None  # e.g. "query: " (E5) or a Qwen3-Embedding instruction
     document_prompt: str | None = None  # e.g. "passage: "
     temperature: float = 0.05  # InfoNCE temperature (0.05 = MNRL's scale 20)
@@ -542,7 +542,7 @@ def _short_groups(st_model) -> str | None:
     """`packing.short_groups_fact` of the trained encoder (None for a pipeline without one)."""
     first = next(iter(st_model), None)
     encoder = getattr(first, "auto_model", None)
-    return short_groups_fact(encoder, st_model.device.type == "cuda") if encoder is not None else None
+    return short_groups_fact(encoder) if encoder is not None else None
 
 
 def run_metrics(config: TrainConfig, started: float, data: RunData, objective: Objective, setup: Setup,

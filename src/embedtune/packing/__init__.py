@@ -71,7 +71,7 @@ class PackedForward:
         self.fused_kernels = fused_kernels  # fused dropout + residual + LayerNorm where it applies (`fused_norm`)
         self.auto = None  # with compile="auto": when compiling starts to pay
         self.fixed_stream: int | None = None  # streams of exactly this many tokens (set by `graphs` per step)
-        self.short_groups: bool | None = None  # short sequences share attention tiles (None: on CUDA; `tile_groups`)
+        self.short_groups = False  # short sequences share attention tiles (`tile_groups`)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=True, **kwargs):
@@ -155,23 +155,21 @@ def set_fused_kernels(model, on: bool) -> None:
         forward.fused_kernels = on
 
 
-def set_short_groups(model, on: bool | None) -> None:
-    """Whether a packed model's short sequences share attention tiles (`tile_groups`; None: on CUDA);
-    nothing for a model without the packed forward."""
+def set_short_groups(model, on: bool) -> None:
+    """Whether a packed model's short sequences share attention tiles (`tile_groups`); nothing for a
+    model without the packed forward."""
     forward = unwrap_peft(model).__dict__.get("forward")
     if isinstance(forward, PackedForward):
         forward.short_groups = on
 
 
-def short_groups_fact(model, cuda: bool) -> str | None:
-    """Whether short sequences shared attention tiles in a run and why ('on (default on CUDA)'); None
-    where the architecture's attention has no tile groups."""
+def short_groups_fact(model) -> str | None:
+    """'on (--short-groups)' where a run's short sequences shared attention tiles; None where they did
+    not (the default) or the architecture's attention has no tile groups."""
     forward = unwrap_peft(model).__dict__.get("forward")
-    if not isinstance(forward, PackedForward) or forward.packed_fn is not packed_bert_forward:
-        return None
-    if forward.short_groups is None:
-        return "on (default on CUDA)" if cuda else "off (default off the GPU)"
-    return "on (--short-groups)" if forward.short_groups else "off (--no-short-groups)"
+    if isinstance(forward, PackedForward) and forward.packed_fn is packed_bert_forward and forward.short_groups:
+        return "on (--short-groups)"
+    return None
 
 
 def has_fused_kernels(model) -> bool:

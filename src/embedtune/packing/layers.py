@@ -59,7 +59,7 @@ class PackedOptions:
         them on where they pay, `speed`), and join their q, k, v gradients with one
         (`kernels.join_grads`, in `main_grad`'s steps).
     short_groups: short sequences share attention tiles (`tile_groups`) in the architectures whose
-        attention can (BERT family); None: on CUDA.
+        attention can (BERT family); off by default (measured slower, docs/BENCHMARKS.md).
     """
 
     token_multiple: int | None = None
@@ -67,7 +67,7 @@ class PackedOptions:
     compile_layers: bool | str = False
     whole_stack: bool = False
     fused_kernels: bool = False
-    short_groups: bool | None = None
+    short_groups: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "compile_layers", compile_mode(self.compile_layers))

@@ -57,17 +57,19 @@ def grouped_rows(stream: int) -> int:
 class TileGroups:
     """The grouped call's plan, beside the per-sequence `cu_seqlens` of the stream.
 
-    cu_groups: [n+1] int32 group starts over the stream's first tokens, ending at `end`, then
-        repeated (empty groups);
+    cu_groups: [g+1] int32 group starts over the stream's first tokens, ending at `end`, then
+        repeated (empty groups; g bounds the groups a batch can have: `group_slots`);
     cu_rest: [n+1] int32 the stream's sequences with those before `end` emptied: the other call's plan;
-    codes: [rows, 2, CODE_DIMS] float32, the query and key code of each of the first `rows` tokens
-        (zeros past `end`);
+    codes: [rows, 3, CODE_DIMS] float32, the query, key and value code of each of the first `rows`
+        tokens (values' zero; all zero past `end`);
+    inside: [rows, 1, 1] bool, the rows before `end`: those the grouped call answers for;
     end = cu_rest[0]: tokens of the grouped call (a device scalar, <= rows).
     """
 
     cu_groups: torch.Tensor
     cu_rest: torch.Tensor
     codes: torch.Tensor
+    inside: torch.Tensor
 
     @property
     def rows(self) -> int:
@@ -75,9 +77,16 @@ class TileGroups:
 
 
 def code_rows(segment: torch.Tensor) -> torch.Tensor:
-    """[tokens, 2, CODE_DIMS] query and key codes of these segment indices (see the module docstring)."""
+    """[tokens, 3, CODE_DIMS] query, key and value codes of these segment indices (see the module
+    docstring; the value's are zero)."""
     one_hot = (segment[:, None] == torch.arange(CODE_DIMS, device=segment.device)).float()
-    return torch.stack([one_hot, one_hot - 1], 1) * CODE_SCALE
+    return torch.stack([one_hot, one_hot - 1, torch.zeros_like(one_hot)], 1) * CODE_SCALE
+
+
+def group_slots(rows: int) -> int:
+    """The most groups `rows` batch rows can make: every group but the last of its class (`TILE //
+    length`, CODE_DIMS - 1 classes of two or more) has two or more members."""
+    return min(rows, rows // 2 + CODE_DIMS)
 
 
 def tile_groups(seq_lens: torch.Tensor, cu_seqlens: torch.Tensor, real: int, stream: int) -> TileGroups:
@@ -95,7 +104,7 @@ def tile_groups(seq_lens: torch.Tensor, cu_seqlens: torch.Tensor, real: int, str
     segment = torch.where(short, rank % per_tile, 0)
     starts = cu_seqlens[:-1].long()
     shorts_end = torch.where(short, cu_seqlens[1:].long(), 0).amax()  # shorts lead the stream
-    bounds = torch.where(short & (segment == 0), starts, shorts_end).sort().values
+    bounds = torch.where(short & (segment == 0), starts, shorts_end).sort().values[:group_slots(real)]
     bounds = torch.cat([bounds, shorts_end[None]])
     rows = grouped_rows(stream)
     end = torch.where(bounds <= rows, bounds, 0).amax()  # whole groups that fit the coded copies
@@ -104,5 +113,5 @@ def tile_groups(seq_lens: torch.Tensor, cu_seqlens: torch.Tensor, real: int, str
     token = torch.arange(rows, device=device)
     seq_of_token = (torch.searchsorted(cu_seqlens.long(), token, right=True) - 1).clamp(0, n - 1)
     token_segment = torch.where(token < end, segment[seq_of_token], 0)
-    codes = code_rows(token_segment) * (token < end)[:, None, None]
-    return TileGroups(cu_groups, cu_rest, codes)
+    inside = (token < end)[:, None, None]
+    return TileGroups(cu_groups, cu_rest, code_rows(token_segment) * inside, inside)

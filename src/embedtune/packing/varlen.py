@@ -154,11 +154,10 @@ class PackedBatch:
         """The plan a packed forward runs on: a stream of `options.fixed_stream` tokens if set, else the
         stream padded to the `options.token_multiple` multiple, if any (None: `PackedOptions.current()`).
         `groups_apply`: the caller's attention can run tile groups (non-causal, no window, no score
-        bias); they are made where `options.short_groups` says (None: on CUDA)."""
+        bias); they are made where `options.short_groups` says."""
         if options is None:
             options = PackedOptions.current()
-        group = options.short_groups if options.short_groups is not None else attention_mask.is_cuda
-        group = bool(group and groups_apply)
+        group = options.short_groups and groups_apply
         if options.fixed_stream is not None:
             return cls.fixed(attention_mask, options.fixed_stream, group)
         return cls.from_mask(attention_mask, options.token_multiple, group)
@@ -412,78 +411,87 @@ def _call_backward(grad_out, q, k, v, out, lse, rng, cu_seqlens, max_seqlen: int
                                     scale, -1, buckets)
 
 
-def _coded(t: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """The first `codes.shape[0]` rows of [T, H, D] with the codes' CODE_DIMS leading each head."""
-    rows, heads = codes.shape[0], t.shape[1]
-    return torch.cat([codes.to(t.dtype)[:, None, :].expand(rows, heads, CODE_DIMS), t[:rows]], -1)
+def _coded(q, k, v, codes: torch.Tensor) -> torch.Tensor:
+    """[3, rows, H, CODE_DIMS + D]: the first `codes.shape[0]` rows of q, k and v, each head led by its
+    code dimensions (`tile_groups`); written in four copies."""
+    rows, (heads, dim) = codes.shape[0], q.shape[1:]
+    coded = q.new_empty(3, rows, heads, CODE_DIMS + dim)
+    coded[..., :CODE_DIMS].copy_(codes.transpose(0, 1)[:, :, None, :])
+    for part, t in zip(coded, (q, k, v)):
+        part[..., CODE_DIMS:].copy_(t[:rows])
+    return coded
 
 
-def _merge_grouped(full: torch.Tensor, grouped: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """`full` with its rows before `end` taken from the grouped call's result (code dimensions dropped)."""
-    rows = grouped.shape[0]
-    inside = (torch.arange(rows, device=full.device) < end)[:, None, None]
-    full[:rows] = torch.where(inside, grouped[..., CODE_DIMS:], full[:rows])
+def _merge_grouped(full: torch.Tensor, grouped: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """`full` with its rows `inside` taken from the grouped call's result (code dimensions dropped), in
+    place (one pass)."""
+    head = full[: grouped.shape[0]]
+    torch.where(inside, grouped[..., CODE_DIMS:], head, out=head)
     return full
 
 
 @torch.library.custom_op("embedtune::grouped_attn", mutates_args=())
 def _grouped_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_rest: torch.Tensor, max_seqlen: int,
-                     cu_groups: torch.Tensor, codes: torch.Tensor, dropout_p: float, scale: float, buckets: bool
+                     cu_groups: torch.Tensor, codes: torch.Tensor, inside: torch.Tensor, dropout_p: float,
+                     scale: float, buckets: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor, torch.Tensor, torch.Tensor]:
+                                torch.Tensor]:
     """Attention with tile groups (`tile_groups`): the grouped short sequences in one call with their
     codes, the others in a second call in place, merged. Returns the output and what the backward needs
-    (the coded inputs and output, each call's logsumexp and rng)."""
-    qa, ka, va = _coded(q, codes[:, 0]), _coded(k, codes[:, 1]), _coded(v, torch.zeros_like(codes[:, 0]))
+    (the coded inputs [3, rows, H, CODE_DIMS + D] and output, each call's logsumexp and rng)."""
+    coded = _coded(q, k, v, codes.to(q.dtype))
+    qa, ka, va = coded
     out_a, lse_a, rng_a = _call(qa, ka, va, cu_groups, TILE, dropout_p, scale, buckets)
     out, lse_b, rng_b = _call(q, k, v, cu_rest, max_seqlen, dropout_p, scale, buckets)
-    out = _merge_grouped(out, out_a, cu_rest[0])  # fresh from the call: ours to write
-    return out, qa, ka, va, out_a, lse_a, rng_a, lse_b, rng_b
+    out = _merge_grouped(out, out_a, inside)  # fresh from the call: ours to write
+    return out, coded, out_a, lse_a, rng_a, lse_b, rng_b
 
 
 @_grouped_attn_op.register_fake
-def _(q, k, v, cu_rest, max_seqlen, cu_groups, codes, dropout_p, scale, buckets):
+def _(q, k, v, cu_rest, max_seqlen, cu_groups, codes, inside, dropout_p, scale, buckets):
     rows, heads = codes.shape[0], q.shape[1]
-    coded = q.new_empty(rows, heads, q.shape[2] + CODE_DIMS)
-    out_a = _varlen_attn_op(coded, coded, coded, cu_groups, TILE, dropout_p, False, scale, -1, buckets)
+    part = q.new_empty(rows, heads, q.shape[2] + CODE_DIMS)
+    out_a = _varlen_attn_op(part, part, part, cu_groups, TILE, dropout_p, False, scale, -1, buckets)
     out_b = _varlen_attn_op(q, k, v, cu_rest, max_seqlen, dropout_p, False, scale, -1, buckets)
-    return (torch.empty_like(q), coded, torch.empty_like(coded), torch.empty_like(coded), torch.empty_like(coded),
+    return (torch.empty_like(q), q.new_empty(3, *part.shape), torch.empty_like(part),
             *(torch.empty_like(t) for t in (out_a[1], out_a[2], out_b[1], out_b[2])))
 
 
 @torch.library.custom_op("embedtune::grouped_attn_backward", mutates_args=())
 def _grouped_attn_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              out: torch.Tensor, qa: torch.Tensor, ka: torch.Tensor, va: torch.Tensor,
-                              out_a: torch.Tensor, lse_a: torch.Tensor, rng_a: torch.Tensor, lse_b: torch.Tensor,
+                              out: torch.Tensor, coded: torch.Tensor, out_a: torch.Tensor, lse_a: torch.Tensor, rng_a: torch.Tensor, lse_b: torch.Tensor,
                               rng_b: torch.Tensor, cu_rest: torch.Tensor, max_seqlen: int, cu_groups: torch.Tensor,
-                              dropout_p: float, scale: float, buckets: bool
+                              inside: torch.Tensor, dropout_p: float, scale: float, buckets: bool
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = qa.shape[0]
-    grad_a = torch.cat([grad_out.new_zeros(rows, grad_out.shape[1], CODE_DIMS), grad_out[:rows]], -1)
+    qa, ka, va = coded
+    grad_a = torch.empty_like(out_a)
+    grad_a[..., :CODE_DIMS].zero_()
+    grad_a[..., CODE_DIMS:].copy_(grad_out[: grad_a.shape[0]])
     grads_a = _call_backward(grad_a, qa, ka, va, out_a, lse_a, rng_a, cu_groups, TILE, dropout_p, scale, buckets)
     grads = _call_backward(grad_out, q, k, v, out, lse_b, rng_b, cu_rest, max_seqlen, dropout_p, scale, buckets)
-    return tuple(_merge_grouped(g, ga, cu_rest[0]) for g, ga in zip(grads, grads_a))
+    return tuple(_merge_grouped(g, ga, inside) for g, ga in zip(grads, grads_a))
 
 
 @_grouped_attn_backward_op.register_fake
-def _(grad_out, q, k, v, out, qa, ka, va, out_a, lse_a, rng_a, lse_b, rng_b, cu_rest, max_seqlen, cu_groups,
-      dropout_p, scale, buckets):
+def _(grad_out, q, k, v, out, coded, out_a, lse_a, rng_a, lse_b, rng_b, cu_rest, max_seqlen, cu_groups,
+      inside, dropout_p, scale, buckets):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _grouped_setup_context(ctx, inputs, output):
-    q, k, v, cu_rest, max_seqlen, cu_groups, codes, dropout_p, scale, buckets = inputs
-    out, qa, ka, va, out_a, lse_a, rng_a, lse_b, rng_b = output
-    ctx.save_for_backward(q, k, v, out, qa, ka, va, out_a, lse_a, rng_a, lse_b, rng_b, cu_rest, cu_groups)
+    q, k, v, cu_rest, max_seqlen, cu_groups, codes, inside, dropout_p, scale, buckets = inputs
+    out, coded, out_a, lse_a, rng_a, lse_b, rng_b = output
+    ctx.save_for_backward(q, k, v, out, coded, out_a, lse_a, rng_a, lse_b, rng_b, cu_rest, cu_groups, inside)
     ctx.options = (max_seqlen, dropout_p, scale, buckets)
 
 
 def _grouped_backward(ctx, grad_out, *_unused):
-    q, k, v, out, qa, ka, va, out_a, lse_a, rng_a, lse_b, rng_b, cu_rest, cu_groups = ctx.saved_tensors
+    q, k, v, out, coded, out_a, lse_a, rng_a, lse_b, rng_b, cu_rest, cu_groups, inside = ctx.saved_tensors
     max_seqlen, dropout_p, scale, buckets = ctx.options
-    dq, dk, dv = _grouped_attn_backward_op(grad_out.contiguous(), q, k, v, out, qa, ka, va, out_a, lse_a, rng_a,
-                                           lse_b, rng_b, cu_rest, max_seqlen, cu_groups, dropout_p, scale, buckets)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = _grouped_attn_backward_op(grad_out.contiguous(), q, k, v, out, coded, out_a, lse_a, rng_a,
+                                           lse_b, rng_b, cu_rest, max_seqlen, cu_groups, inside, dropout_p, scale,
+                                           buckets)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _grouped_attn_op.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
@@ -492,7 +500,7 @@ _grouped_attn_op.register_autograd(_grouped_backward, setup_context=_grouped_set
 def grouped_op(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, buckets: bool = False) -> torch.Tensor:
     """Packed non-causal attention with the plan's tile groups through `embedtune::grouped_attn`."""
     tiles = plan.tiles
-    return _grouped_attn_op(q, k, v, tiles.cu_rest, plan.max_seqlen, tiles.cu_groups, tiles.codes,
+    return _grouped_attn_op(q, k, v, tiles.cu_rest, plan.max_seqlen, tiles.cu_groups, tiles.codes, tiles.inside,
                             float(dropout_p), float(scale), buckets)[0]
 
 
