@@ -53,14 +53,12 @@ EMBEDTUNE_FLAGS = {"embedtune": [], "embedtune_eager": ["--no-compile", "--no-cu
                    "embedtune_graphs": ["--no-compile", "--cuda-graphs"],
                    "embedtune_forced": ["--compile", "--cuda-graphs"],
                    "embedtune_fused": ["--fused-kernels"],  # the default mode with the fused norm forced on
-                   "embedtune_unfused": ["--no-fused-kernels"],  # ... and off: what the fused kernels gain
-                   "embedtune_grouped": ["--short-groups"]}  # the default mode with tile groups (packing.tile_groups)
+                   "embedtune_unfused": ["--no-fused-kernels"]}  # ... and off: what the fused kernels gain
 STOCK_IMPLS = ["stock", "stock_plain", "stock_compile"]  # stock_plain: the trainer's default of no dataloader workers
 IMPLS = [*STOCK_IMPLS, *EMBEDTUNE_FLAGS]  # the table's order
 CURVE_FLAGS = {"eager": ["--no-compile", "--no-cuda-graphs"], "compile": ["--compile", "--no-cuda-graphs"],
                "graphs": ["--compile", "--cuda-graphs"], "default": [],
-               "fused": ["--no-compile", "--cuda-graphs", "--fused-kernels"],
-               "eager_grouped": ["--no-compile", "--no-cuda-graphs", "--short-groups"], "grouped": ["--short-groups"]}
+               "fused": ["--no-compile", "--cuda-graphs", "--fused-kernels"]}
 RESERVE_S = 10.0  # kept for the table
 START = time.perf_counter()
 

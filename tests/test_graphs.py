@@ -77,7 +77,7 @@ def test_static_form_equals_plain_loss(arch, lora, root, monkeypatch):
 
     plans = []
     fixed = PackedBatch.fixed.__func__
-    monkeypatch.setattr(PackedBatch, "fixed", classmethod(lambda cls, m, s, *a: plans.append(s) or fixed(cls, m, s, *a)))
+    monkeypatch.setattr(PackedBatch, "fixed", classmethod(lambda cls, m, s: plans.append(s) or fixed(cls, m, s)))
     step = GraphedStep(loss_fn, max_seq_length=48, dtype=None, token_multiple=64)
     prepared = step.prepare(features)
     batch, rows, stream = prepared.inputs, prepared.rows, prepared.stream

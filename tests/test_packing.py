@@ -71,8 +71,8 @@ def test_packed_stream_padded_to_a_token_multiple_equals_padded(arch, tiny_root,
     streams = []
     original = PackedBatch.from_mask.__func__
 
-    def spy(cls, mask, token_multiple=None, *args):
-        plan = original(cls, mask, token_multiple, *args)
+    def spy(cls, mask, token_multiple=None):
+        plan = original(cls, mask, token_multiple)
         streams.append((plan.tokens, plan.stream))
         return plan
 
@@ -94,8 +94,8 @@ def test_fixed_length_stream_equals_padded(arch, lora, tiny_root, monkeypatch):
     plans = []
     original = PackedBatch.fixed.__func__
 
-    def spy(cls, mask, stream, *args):
-        plan = original(cls, mask, stream, *args)
+    def spy(cls, mask, stream):
+        plan = original(cls, mask, stream)
         plans.append(plan)
         return plan
 
@@ -105,20 +105,17 @@ def test_fixed_length_stream_equals_padded(arch, lora, tiny_root, monkeypatch):
     assert plans and all(p.stream == 200 and p.fixed_length and p.tokens == 200 for p in plans)
 
 
-def _check_packed_equals_padded(arch, lora, padding_side, tiny_root, token_multiple=None, stream=None,
-                                short_groups=None, texts=TEXTS):
+def _check_packed_equals_padded(arch, lora, padding_side, tiny_root, token_multiple=None, stream=None):
     model, tok = _load(arch, tiny_root, lora)
     tok.padding_side = "right"
-    ref_batch = tok(texts, padding=True, return_tensors="pt")
+    ref_batch = tok(TEXTS, padding=True, return_tensors="pt")
     ref_mask = ref_batch["attention_mask"].bool()
     model.train()
     ref_out, ref_grads = _outputs_and_grads(model, ref_batch)
     tok.padding_side = padding_side
-    batch = tok(texts, padding=True, return_tensors="pt")
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
     mask = batch["attention_mask"].bool()
     assert enable_fast_path(model, token_multiple=token_multiple)
-    for forward in _packed_forwards(model):
-        forward.short_groups = short_groups
     with _fixed_stream_on(_packed_forwards(model), stream):
         fast_out, fast_grads = _outputs_and_grads(model, batch)
     disable_fast_path(model)

@@ -185,9 +185,6 @@ def print_summary(metrics: dict, folder: Optional[Path] = None) -> None:
 
         console.print(f"speed mode: {speed_fact(metrics['speed'], metrics.get('cuda_graphs'))}", soft_wrap=True,
                       highlight=False)
-    if metrics.get("short_groups"):
-        console.print(f"short texts sharing attention tiles: {metrics['short_groups']}", soft_wrap=True,
-                      highlight=False)
     if metrics.get("cuda_graphs"):
         from .report import graphs_fact  # after a run only: kept off the CLI's start
 
@@ -246,7 +243,6 @@ def train(
     compile_layers: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the packed layers (about 15 s on a GPU, 4 s once cached). Default: on a GPU when the planned steps earn the warm-up back."),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Replay each step's forward and backward as a CUDA graph (fast path, one GPU, bf16). Default: on a GPU for runs of 40 steps or more, where the step can be captured."),
     fused_kernels: Optional[bool] = typer.Option(None, "--fused-kernels/--no-fused-kernels", help="Fused kernels in BERT-family layers (Triton, GPU, layers not compiled): dropout + residual + LayerNorm, and in full fine-tuning the q, k, v gradients joined with their bias gradient summed. Default: with CUDA graphs, where the planned steps earn back their build (built ahead in a child process while the run starts)."),
-    short_groups: bool = typer.Option(False, "--short-groups/--no-short-groups", help="Short texts (64 tokens or fewer) share the attention kernel's tiles, several to a tile, kept apart exactly by extra head dimensions (BERT family, CUDA flash attention). Off by default: on the stdlib batches the copies it needs cost more than the tiles it saves (docs/BENCHMARKS.md)."),
     query_prompt: Optional[str] = typer.Option(None, "--query-prompt", help='Prefix for queries, e.g. "query: " (saved in the model).'),
     document_prompt: Optional[str] = typer.Option(None, "--document-prompt", help='Prefix for documents, e.g. "passage: ".'),
     temperature: float = typer.Option(0.05, "--temperature", help="InfoNCE temperature (0.05 = MNRL's scale 20)."),
@@ -285,7 +281,7 @@ def train(
             eval_size=eval_size, eval=not no_eval, evals_per_run=evals, eval_data=eval_data, pooling=pooling, seed=seed,
             gradient_checkpointing="unsloth" if gradient_checkpointing else False, overwrite=overwrite,
             resume=resume, save_every=save_every,
-            fast=not no_fast, compile=compile_layers, cuda_graphs=cuda_graphs, fused_kernels=fused_kernels, short_groups=short_groups, query_prompt=query_prompt, document_prompt=document_prompt, report_to=report_to,
+            fast=not no_fast, compile=compile_layers, cuda_graphs=cuda_graphs, fused_kernels=fused_kernels, query_prompt=query_prompt, document_prompt=document_prompt, report_to=report_to,
             temperature=temperature, symmetric=symmetric, matryoshka_dims=_parse_dims(matryoshka_dims),
             cached_loss=cached_loss, token_budget=token_budget, fsdp=fsdp,
         )

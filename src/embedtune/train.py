@@ -40,7 +40,6 @@ from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
 from .lora import get_peft_model
 from .model_card import pick_card_examples
 from .plots import warm_up_callback
-from .packing import set_short_groups, short_groups_fact
 from .monitoring import (
     TENSORBOARD_DIR, Phases, attach_tokens_per_second, check_report_to, point_tensorboard,
     readable_logs, report_arguments,
@@ -101,7 +100,6 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile the packed layers (see packing.layers); None: where it pays (speed)
     cuda_graphs: bool | None = None  # replay each step as a CUDA graph (see graphs); None: where it pays (speed)
     fused_kernels: bool | None = None  # fused dropout + residual + LayerNorm (kernels.fused_norm); None: where it pays
-    short_groups: bool = False  # short sequences share attention tiles (packing.tile_groups); opt-in
     query_prompt: str | None = None  # e.g. "query: " (E5) or a Qwen3-Embedding instruction
     document_prompt: str | None = None  # e.g. "passage: "
     temperature: float = 0.05  # InfoNCE temperature (0.05 = MNRL's scale 20)
@@ -251,7 +249,6 @@ def load_model(config: TrainConfig, phases: Phases) -> Model:
         dtype = torch.float32  # full fine-tuning keeps fp32 master weights; autocast does the rest
     model, tokenizer = FastModel.from_pretrained(config.model, max_seq_length=config.max_seq_length, dtype=dtype,
                                                  fast=config.fast)
-    set_short_groups(model, config.short_groups)
     if config.lora_r:
         model = get_peft_model(
             model, r=config.lora_r, lora_alpha=config.lora_alpha or config.lora_r,
@@ -538,13 +535,6 @@ def train_model(config: TrainConfig, data: RunData, model: Model, objective: Obj
     return Trained(st_model, final_metrics, train_time, setup.trainer.saved_model_by)
 
 
-def _short_groups(st_model) -> str | None:
-    """`packing.short_groups_fact` of the trained encoder (None for a pipeline without one)."""
-    first = next(iter(st_model), None)
-    encoder = getattr(first, "auto_model", None)
-    return short_groups_fact(encoder) if encoder is not None else None
-
-
 def run_metrics(config: TrainConfig, started: float, data: RunData, objective: Objective, setup: Setup,
                 trained: Trained) -> dict:
     """metrics.json: scores before and after, times, steps and data counts, throughput, the speed mode,
@@ -580,7 +570,6 @@ def run_metrics(config: TrainConfig, started: float, data: RunData, objective: O
         "compile": {"time_s": round(compile_seconds(), 2), "cache": compile_cache} if compile_cache else None,
         "cuda_graphs": graph_summary(setup.graphs) if setup.graphs is not None else None,
         "speed": plan.speed.as_dict(),
-        "short_groups": _short_groups(setup.trainer.model),
         "best_step": setup.best.best_step,
         "token_cache": token_cache.summary() if token_cache else None,
         "world_size": distributed.world_size(),

@@ -71,7 +71,6 @@ class PackedForward:
         self.fused_kernels = fused_kernels  # fused dropout + residual + LayerNorm where it applies (`fused_norm`)
         self.auto = None  # with compile="auto": when compiling starts to pay
         self.fixed_stream: int | None = None  # streams of exactly this many tokens (set by `graphs` per step)
-        self.short_groups = False  # short sequences share attention tiles (`tile_groups`)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=True, **kwargs):
@@ -88,7 +87,7 @@ class PackedForward:
             compile = self.auto(input_ids.is_cuda, self.model.training and torch.is_grad_enabled())
         options = PackedOptions(token_multiple=self.token_multiple, fixed_stream=self.fixed_stream,
                                 compile_layers=compile, whole_stack=self.whole_stack,
-                                fused_kernels=self.fused_kernels, short_groups=self.short_groups)
+                                fused_kernels=self.fused_kernels)
         hidden = self.packed_fn(self.model, input_ids, attention_mask, token_type_ids, self.attention_backend,
                                 options=options)
         if compile and self.compile == "auto":
@@ -153,23 +152,6 @@ def set_fused_kernels(model, on: bool) -> None:
     forward = unwrap_peft(model).__dict__.get("forward")
     if isinstance(forward, PackedForward):
         forward.fused_kernels = on
-
-
-def set_short_groups(model, on: bool) -> None:
-    """Whether a packed model's short sequences share attention tiles (`tile_groups`); nothing for a
-    model without the packed forward."""
-    forward = unwrap_peft(model).__dict__.get("forward")
-    if isinstance(forward, PackedForward):
-        forward.short_groups = on
-
-
-def short_groups_fact(model) -> str | None:
-    """'on (--short-groups)' where a run's short sequences shared attention tiles; None where they did
-    not (the default) or the architecture's attention has no tile groups."""
-    forward = unwrap_peft(model).__dict__.get("forward")
-    if isinstance(forward, PackedForward) and forward.packed_fn is packed_bert_forward and forward.short_groups:
-        return "on (--short-groups)"
-    return None
 
 
 def has_fused_kernels(model) -> bool:

@@ -66,7 +66,7 @@ def feed_forward(layer, hidden, product_input=None, fused: bool = False):
 def packed_bert_forward(model, input_ids, attention_mask, token_type_ids=None, attention_backend: str = "auto",
                         options: PackedOptions | None = None):
     """Token embeddings [B, L, H] (zeros at padding) computed without running dense layers on padding."""
-    plan = PackedBatch.for_forward(attention_mask, options, groups_apply=True)
+    plan = PackedBatch.for_forward(attention_mask, options)
     hidden = _embed(model, input_ids, token_type_ids, plan)
     fused = (options or PackedOptions.current()).fused_kernels
     hidden = run_layers(model.encoder.layer, hidden,

@@ -58,8 +58,6 @@ class PackedOptions:
         kernels where they apply (`fused_norm.residual_norm`: CUDA, not compiled; the recipe turns
         them on where they pay, `speed`), and join their q, k, v gradients with one
         (`kernels.join_grads`, in `main_grad`'s steps).
-    short_groups: short sequences share attention tiles (`tile_groups`) in the architectures whose
-        attention can (BERT family); off by default (measured slower, docs/BENCHMARKS.md).
     """
 
     token_multiple: int | None = None
@@ -67,7 +65,6 @@ class PackedOptions:
     compile_layers: bool | str = False
     whole_stack: bool = False
     fused_kernels: bool = False
-    short_groups: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "compile_layers", compile_mode(self.compile_layers))

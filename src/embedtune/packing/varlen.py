@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from .layers import _FIXED_STREAM, PackedOptions, mark_token_dim
-from .tile_groups import CODE_DIMS, CODE_SCALE, TILE, TileGroups, row_order, tile_groups
 
 
 def size_class_step(tokens: int, multiple: int) -> int:
@@ -53,23 +52,6 @@ def fixed_stream(tokens: int | None):
         _FIXED_STREAM.reset(token)
 
 
-def _stream_rows(mask: torch.Tensor, group_short: bool):
-    """(rows, to_batch): the batch's mask rows in stream order (`tile_groups.row_order` with
-    `group_short`, else as they are) and the map from flat positions in those rows to flat positions in
-    the batch (positions past the rows, the fillers' `B*L`, stay past them)."""
-    if not group_short:
-        return mask, lambda flat: flat
-    order = row_order(mask.sum(dim=1))
-    width = mask.shape[1]
-    dump = mask.numel()
-
-    def to_batch(flat: torch.Tensor) -> torch.Tensor:
-        row = (flat // width).clamp(max=order.numel() - 1)
-        return torch.where(flat < dump, order[row] * width + flat % width, flat)
-
-    return mask[order], to_batch
-
-
 @dataclass
 class PackedBatch:
     """Where each real token of a padded batch lives in the packed stream.
@@ -98,8 +80,6 @@ class PackedBatch:
     # A fixed-length stream (`fixed`): flat_index is stream-long, its filler entries point at row B*L
     # (one past the batch), which `pack` reads as zeros and `unpack` drops.
     fixed_length: bool = False
-    # With `group_short`: the short rows lead the stream, grouped to share attention tiles (`tile_groups`).
-    tiles: TileGroups | None = None
 
     @property
     def max_seqlen(self) -> int:
@@ -116,19 +96,15 @@ class PackedBatch:
         return self.position_ids.numel()
 
     @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor, token_multiple: int | None = None,
-                  group_short: bool = False) -> "PackedBatch":
-        """Build the packing plan from a padded batch's attention mask (left or right padded).
-        `group_short`: short rows first, with their tile groups (`tile_groups`)."""
+    def from_mask(cls, attention_mask: torch.Tensor, token_multiple: int | None = None) -> "PackedBatch":
+        """Build the packing plan from a padded batch's attention mask (left or right padded)."""
         mask = attention_mask.bool()
         batch, max_len = mask.shape
-        rows, flat_index = _stream_rows(mask, group_short)
-        seq_lens = rows.sum(dim=1)
-        in_rows = rows.reshape(-1).nonzero(as_tuple=False).squeeze(1)
-        flat_index = flat_index(in_rows)
+        seq_lens = mask.sum(dim=1)
+        flat_index = mask.reshape(-1).nonzero(as_tuple=False).squeeze(1)
         cu = torch.zeros(batch + 1, dtype=torch.int32, device=mask.device)
         cu[1:] = torch.cumsum(seq_lens, dim=0).to(torch.int32)
-        positions = (torch.cumsum(rows.long(), dim=1) - 1).reshape(-1)[in_rows]
+        positions = (torch.cumsum(mask.long(), dim=1) - 1).reshape(-1)[flat_index]
         tokens = flat_index.numel()
         max_seqlen = max_len
         if token_multiple:
@@ -145,43 +121,35 @@ class PackedBatch:
             positions = torch.cat([positions] + [torch.arange(n, device=mask.device) % max_len for n in fill if n])
         width = torch.empty(max_seqlen, 0, device=mask.device)
         mark_token_dim(cu, positions, width)
-        tiles = tile_groups(seq_lens, cu, batch, positions.numel()) if group_short else None
-        return cls(flat_index, cu, positions, seq_lens, batch, max_len, width, mask, tiles=tiles)
+        return cls(flat_index, cu, positions, seq_lens, batch, max_len, width, mask)
 
     @classmethod
-    def for_forward(cls, attention_mask: torch.Tensor, options: PackedOptions | None = None,
-                    groups_apply: bool = False) -> "PackedBatch":
+    def for_forward(cls, attention_mask: torch.Tensor, options: PackedOptions | None = None) -> "PackedBatch":
         """The plan a packed forward runs on: a stream of `options.fixed_stream` tokens if set, else the
-        stream padded to the `options.token_multiple` multiple, if any (None: `PackedOptions.current()`).
-        `groups_apply`: the caller's attention can run tile groups (non-causal, no window, no score
-        bias); they are made where `options.short_groups` says."""
+        stream padded to the `options.token_multiple` multiple, if any (None: `PackedOptions.current()`)."""
         if options is None:
             options = PackedOptions.current()
-        group = options.short_groups and groups_apply
         if options.fixed_stream is not None:
-            return cls.fixed(attention_mask, options.fixed_stream, group)
-        return cls.from_mask(attention_mask, options.token_multiple, group)
+            return cls.fixed(attention_mask, options.fixed_stream)
+        return cls.from_mask(attention_mask, options.token_multiple)
 
     @classmethod
-    def fixed(cls, mask: torch.Tensor, stream: int, group_short: bool = False) -> "PackedBatch":
+    def fixed(cls, mask: torch.Tensor, stream: int) -> "PackedBatch":
         """The plan for a stream of exactly `stream` tokens (>= the real ones; not checked, as that
         would sync), made on the mask's device with every shape fixed by (batch, width, stream): no
         host sync, no data-dependent shape, so the step that uses it can be captured as a CUDA graph.
-        Real tokens come first (in row order, or with `group_short` short rows first: `tile_groups`);
-        the rest are fillers in sequences of at most FILLER_LEN tokens that attend only among
-        themselves (a fixed number of slots, some empty)."""
+        Real tokens come first, in order; the rest are fillers in sequences of at most FILLER_LEN
+        tokens that attend only among themselves (a fixed number of slots, some empty)."""
         mask = mask.bool()
         batch, width = mask.shape
         device = mask.device
-        rows, flat_index = _stream_rows(mask, group_short)
-        seq_lens = rows.sum(dim=1)
+        seq_lens = mask.sum(dim=1)
         real = seq_lens.sum()
         dump = batch * width  # the row past the batch
-        in_rows = torch.nonzero_static(rows.reshape(-1), size=stream, fill_value=dump).squeeze(1)
-        flat_index = flat_index(in_rows)
+        flat_index = torch.nonzero_static(mask.reshape(-1), size=stream, fill_value=dump).squeeze(1)
         slot = torch.arange(stream, device=device)
-        in_row = (torch.cumsum(rows, dim=1) - 1).reshape(-1)  # position of each slot inside its row
-        positions = torch.cat([in_row, in_row.new_zeros(1)])[in_rows]
+        in_row = (torch.cumsum(mask, dim=1) - 1).reshape(-1)  # position of each slot inside its row
+        positions = torch.cat([in_row, in_row.new_zeros(1)])[flat_index]
         filler_len = min(FILLER_LEN, width)
         filler = slot - real  # >= 0 at filler tokens
         positions = torch.where(filler >= 0, filler % filler_len, positions)
@@ -191,9 +159,7 @@ class PackedBatch:
                         real + bounds]).to(torch.int32)
         plan_width = torch.empty(width, 0, device=device)
         mark_token_dim(cu, positions, plan_width)
-        seq_lens = cu[1:] - cu[:-1]
-        tiles = tile_groups(seq_lens, cu, batch, stream) if group_short else None
-        return cls(flat_index, cu, positions, seq_lens, batch, width, plan_width, mask, fixed_length=True, tiles=tiles)
+        return cls(flat_index, cu, positions, cu[1:] - cu[:-1], batch, width, plan_width, mask, fixed_length=True)
 
     def buckets(self, slack: float = 1.25) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Length buckets for attention: per bucket, a [n, len] index into the packed stream
@@ -292,21 +258,21 @@ def _flash_window(causal: bool, window: int | None) -> tuple[int, int]:
     return (window - 1, 0) if causal else (window, window)
 
 
-_RECENT_PLANS: list = []  # [(weakref to a cu_seqlens tensor, its plan)], newest last
+_LAST_PLAN: list = [None, None]  # [weakref to the cu_seqlens tensor, its plan]
 
 
 def _plan_from_cu(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedBatch:
     """A bucketing plan from sequence starts alone (what the attention op receives). Every layer's
-    forward and backward gets the same `cu_seqlens` tensors (two with tile groups): the plan (and its
-    buckets, host syncs included) is made once per batch, not once per call."""
-    for ref, plan in _RECENT_PLANS:
-        if ref() is cu_seqlens:
-            return plan
+    forward and backward gets the same `cu_seqlens` tensor: the plan (and its buckets, host syncs
+    included) is made once per batch, not once per call."""
+    ref, plan = _LAST_PLAN
+    if ref is not None and ref() is cu_seqlens:
+        return plan
     seq_lens = cu_seqlens[1:] - cu_seqlens[:-1]
     empty = cu_seqlens.new_zeros(0)
     plan = PackedBatch(empty, cu_seqlens, empty, seq_lens, int(seq_lens.numel()), max_seqlen,
                        cu_seqlens.new_empty(max_seqlen, 0), empty)
-    _RECENT_PLANS[:] = _RECENT_PLANS[-1:] + [(weakref.ref(cu_seqlens), plan)]
+    _LAST_PLAN[:] = [weakref.ref(cu_seqlens), plan]
     return plan
 
 
@@ -399,111 +365,6 @@ def _backward(ctx, grad_out, _grad_lse, _grad_rng):
 _varlen_attn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _call(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float, scale: float, buckets: bool):
-    """One non-causal call over the sequences of `cu_seqlens` (which need not start at token 0 nor
-    cover every token: rows outside them are left unwritten): (out, logsumexp, rng)."""
-    return _varlen_attn_op(q, k, v, cu_seqlens, max_seqlen, dropout_p, False, scale, -1, buckets)
-
-
-def _call_backward(grad_out, q, k, v, out, lse, rng, cu_seqlens, max_seqlen: int, dropout_p: float, scale: float,
-                   buckets: bool):
-    return _varlen_attn_backward_op(grad_out, q, k, v, out, lse, rng, cu_seqlens, max_seqlen, dropout_p, False,
-                                    scale, -1, buckets)
-
-
-def _coded(q, k, v, codes: torch.Tensor) -> torch.Tensor:
-    """[3, rows, H, CODE_DIMS + D]: the first `codes.shape[0]` rows of q, k and v, each head led by its
-    code dimensions (`tile_groups`); written in four copies."""
-    rows, (heads, dim) = codes.shape[0], q.shape[1:]
-    coded = q.new_empty(3, rows, heads, CODE_DIMS + dim)
-    coded[..., :CODE_DIMS].copy_(codes.transpose(0, 1)[:, :, None, :])
-    for part, t in zip(coded, (q, k, v)):
-        part[..., CODE_DIMS:].copy_(t[:rows])
-    return coded
-
-
-def _merge_grouped(full: torch.Tensor, grouped: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """`full` with its rows `inside` taken from the grouped call's result (code dimensions dropped), in
-    place (one pass)."""
-    head = full[: grouped.shape[0]]
-    torch.where(inside, grouped[..., CODE_DIMS:], head, out=head)
-    return full
-
-
-@torch.library.custom_op("embedtune::grouped_attn", mutates_args=())
-def _grouped_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_rest: torch.Tensor, max_seqlen: int,
-                     cu_groups: torch.Tensor, codes: torch.Tensor, inside: torch.Tensor, dropout_p: float,
-                     scale: float, buckets: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor]:
-    """Attention with tile groups (`tile_groups`): the grouped short sequences in one call with their
-    codes, the others in a second call in place, merged. Returns the output and what the backward needs
-    (the coded inputs [3, rows, H, CODE_DIMS + D] and output, each call's logsumexp and rng)."""
-    coded = _coded(q, k, v, codes.to(q.dtype))
-    qa, ka, va = coded
-    out_a, lse_a, rng_a = _call(qa, ka, va, cu_groups, TILE, dropout_p, scale, buckets)
-    out, lse_b, rng_b = _call(q, k, v, cu_rest, max_seqlen, dropout_p, scale, buckets)
-    out = _merge_grouped(out, out_a, inside)  # fresh from the call: ours to write
-    return out, coded, out_a, lse_a, rng_a, lse_b, rng_b
-
-
-@_grouped_attn_op.register_fake
-def _(q, k, v, cu_rest, max_seqlen, cu_groups, codes, inside, dropout_p, scale, buckets):
-    rows, heads = codes.shape[0], q.shape[1]
-    part = q.new_empty(rows, heads, q.shape[2] + CODE_DIMS)
-    out_a = _varlen_attn_op(part, part, part, cu_groups, TILE, dropout_p, False, scale, -1, buckets)
-    out_b = _varlen_attn_op(q, k, v, cu_rest, max_seqlen, dropout_p, False, scale, -1, buckets)
-    return (torch.empty_like(q), q.new_empty(3, *part.shape), torch.empty_like(part),
-            *(torch.empty_like(t) for t in (out_a[1], out_a[2], out_b[1], out_b[2])))
-
-
-@torch.library.custom_op("embedtune::grouped_attn_backward", mutates_args=())
-def _grouped_attn_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              out: torch.Tensor, coded: torch.Tensor, out_a: torch.Tensor, lse_a: torch.Tensor, rng_a: torch.Tensor, lse_b: torch.Tensor,
-                              rng_b: torch.Tensor, cu_rest: torch.Tensor, max_seqlen: int, cu_groups: torch.Tensor,
-                              inside: torch.Tensor, dropout_p: float, scale: float, buckets: bool
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    qa, ka, va = coded
-    grad_a = torch.empty_like(out_a)
-    grad_a[..., :CODE_DIMS].zero_()
-    grad_a[..., CODE_DIMS:].copy_(grad_out[: grad_a.shape[0]])
-    grads_a = _call_backward(grad_a, qa, ka, va, out_a, lse_a, rng_a, cu_groups, TILE, dropout_p, scale, buckets)
-    grads = _call_backward(grad_out, q, k, v, out, lse_b, rng_b, cu_rest, max_seqlen, dropout_p, scale, buckets)
-    return tuple(_merge_grouped(g, ga, inside) for g, ga in zip(grads, grads_a))
-
-
-@_grouped_attn_backward_op.register_fake
-def _(grad_out, q, k, v, out, coded, out_a, lse_a, rng_a, lse_b, rng_b, cu_rest, max_seqlen, cu_groups,
-      inside, dropout_p, scale, buckets):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _grouped_setup_context(ctx, inputs, output):
-    q, k, v, cu_rest, max_seqlen, cu_groups, codes, inside, dropout_p, scale, buckets = inputs
-    out, coded, out_a, lse_a, rng_a, lse_b, rng_b = output
-    ctx.save_for_backward(q, k, v, out, coded, out_a, lse_a, rng_a, lse_b, rng_b, cu_rest, cu_groups, inside)
-    ctx.options = (max_seqlen, dropout_p, scale, buckets)
-
-
-def _grouped_backward(ctx, grad_out, *_unused):
-    q, k, v, out, coded, out_a, lse_a, rng_a, lse_b, rng_b, cu_rest, cu_groups, inside = ctx.saved_tensors
-    max_seqlen, dropout_p, scale, buckets = ctx.options
-    dq, dk, dv = _grouped_attn_backward_op(grad_out.contiguous(), q, k, v, out, coded, out_a, lse_a, rng_a,
-                                           lse_b, rng_b, cu_rest, max_seqlen, cu_groups, inside, dropout_p, scale,
-                                           buckets)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
-
-
-_grouped_attn_op.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
-
-
-def grouped_op(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, buckets: bool = False) -> torch.Tensor:
-    """Packed non-causal attention with the plan's tile groups through `embedtune::grouped_attn`."""
-    tiles = plan.tiles
-    return _grouped_attn_op(q, k, v, tiles.cu_rest, plan.max_seqlen, tiles.cu_groups, tiles.codes, tiles.inside,
-                            float(dropout_p), float(scale), buckets)[0]
-
-
 def varlen_op(q, k, v, plan: PackedBatch, scale: float, dropout_p: float = 0.0, causal: bool = False,
               window: int | None = None, buckets: bool = False) -> torch.Tensor:
     """Packed attention through `embedtune::varlen_attn` (the flash kernel on CUDA in half precision,
@@ -587,10 +448,7 @@ def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float 
     package where torch has no flash kernel); fp32 has no flash kernel and runs padded (one SDPA call). On
     CPU, length buckets (the op without dropout; eager SDPA, whose masks an op cannot replay, with).
     bucketed / padded: those exact SDPA paths on any device.
-    A plan with tile groups (`PackedBatch.tiles`) runs them where the op runs (`grouped_op`), for
-    attention without a causal mask or a window.
     """
-    grouped = plan.tiles is not None and not causal and window is None and _codes_separate(scale)
     if torch.is_autocast_enabled(q.device.type):
         # Autocast casts SDPA's inputs; this op is ours, so cast as it would. Without this, fp32 master
         # weights in q/k norms (Qwen3) hand us fp32 queries and attention leaves the flash kernel.
@@ -598,8 +456,6 @@ def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float 
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if q.is_cuda and backend != "bucketed":
         if backend != "padded" and flash_supported(q):
-            if grouped and q.shape[-1] + CODE_DIMS <= 256:
-                return grouped_op(q, k, v, plan, scale, dropout_p)
             return varlen_op(q, k, v, plan, scale, dropout_p, causal, window)
         if backend != "padded" and q.dtype != torch.float32 and _has_flash_attn():
             return _eager_attention(q, k, v, plan, scale, dropout_p, causal, "flash", window)
@@ -607,12 +463,4 @@ def varlen_attention(q, k, v, plan: PackedBatch, scale: float, dropout_p: float 
     if backend == "padded" or dropout_p > 0:
         return _eager_attention(q, k, v, plan, scale, dropout_p, causal, backend if backend == "padded" else "bucketed",
                                 window)
-    if grouped:
-        return grouped_op(q, k, v, plan, scale, 0.0, buckets=True)
     return varlen_op(q, k, v, plan, scale, 0.0, causal, window, buckets=True)
-
-
-def _codes_separate(scale: float) -> bool:
-    """Whether the segment codes push a cross-segment score far enough below to weigh nothing in fp32
-    (exp(-104) underflows) at this softmax scale (a 64-wide head's: 512 down; see `tile_groups`)."""
-    return CODE_SCALE ** 2 * scale >= 104
