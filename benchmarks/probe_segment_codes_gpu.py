@@ -34,7 +34,8 @@ import torch
 from gpu_timing import finish, graph_ms, record
 from probe_attention_gpu import flash, flash_bwd, real_lengths, rel
 
-CODE_BITS = 7  # up to 128 segments a group; 7 bits + the constant dimension = 8 extra head dims
+CODE_BITS = 7  # up to 128 segments a group
+CODE_DIMS = CODE_BITS + 1  # the bits and the constant dimension: the extra head dims
 CODE_SCALE = 16.0
 
 
@@ -55,12 +56,17 @@ def groups_of(lengths: list[int], short: int, cap: int = 128) -> tuple[list[int]
 
 
 def codes(groups: list[list[int]], lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[tokens, 8] q and k code rows for the grouped tokens, in stream order."""
+    """[tokens, CODE_DIMS] q and k code rows for the grouped tokens, in stream order."""
     seg = torch.cat([torch.full((lengths[i],), s, dtype=torch.int64) for g in groups for s, i in enumerate(g)])
     bits = ((seg[:, None] >> torch.arange(CODE_BITS)) & 1) * 2 - 1
     q = torch.cat([bits, torch.ones(len(seg), 1, dtype=torch.int64)], 1) * CODE_SCALE
     k = torch.cat([bits, torch.full((len(seg), 1), -CODE_BITS, dtype=torch.int64)], 1) * CODE_SCALE
     return q.to(device, torch.bfloat16), k.to(device, torch.bfloat16)
+
+
+def zero_coded(t: torch.Tensor) -> torch.Tensor:
+    """[T, H, D] -> [T, H, CODE_DIMS + D] with zero codes (v, and the output gradient of a coded call)."""
+    return torch.cat([t.new_zeros(*t.shape[:2], CODE_DIMS), t], -1)
 
 
 def cu_of(lengths: list[int], start: int = 0) -> torch.Tensor:
@@ -90,14 +96,17 @@ class Setup:
         self.cu_mixed = cu_of(self.group_lens + self.rest_lens)  # coded one call: groups, then the rest alone
         self.cu_rest = cu_of(self.rest_lens, self.n_short)  # starts past the groups' tokens: they are not read
         self.scale = 64 ** -0.5
+        n = self.n_short  # the coded inputs, built once, for the variants timed without their copies
+        self.coded_all = self.coded(self.q, self.k, self.v, n)
+        self.short_coded = tuple(t[:n].contiguous() for t in self.coded_all)
+        self.go_coded = zero_coded(self.go[:n])
 
     def coded(self, q, k, v, rows: int):
         """q, k, v with their code dimensions first: the groups' codes on the first `rows` tokens, zeros on
         the rest (sequences alone, so a zero code changes no score)."""
-        zeros = q.new_zeros(q.shape[0] - rows, q.shape[1], 8)
+        zeros = q.new_zeros(q.shape[0] - rows, q.shape[1], CODE_DIMS)
         qc, kc = torch.cat([self.qc, zeros]), torch.cat([self.kc, zeros])
-        vc = q.new_zeros(q.shape[0], q.shape[1], 8)
-        return torch.cat([qc, q], -1), torch.cat([kc, k], -1), torch.cat([vc, v], -1)
+        return torch.cat([qc, q], -1), torch.cat([kc, k], -1), zero_coded(v)
 
 
 def run_flash(s: Setup, p: float):
@@ -109,37 +118,29 @@ def run_coded_one(s: Setup, p: float):
     """Every sequence in one hd-72 call: the groups coded, the rest with zero codes (alone anyway)."""
     qa, ka, va = s.coded_all
     out, saved = flash(qa, ka, va, s.cu_mixed, s.width, p, s.scale)
-    ga = torch.cat([s.go.new_zeros(*s.go.shape[:2], 8), s.go], -1)
-    dq, dk, dv = flash_bwd(ga, qa, ka, va, out, saved, s.cu_mixed, s.width, p, s.scale)
-    return out[..., 8:], dq[..., 8:], dk[..., 8:], dv[..., 8:]
+    dq, dk, dv = flash_bwd(zero_coded(s.go), qa, ka, va, out, saved, s.cu_mixed, s.width, p, s.scale)
+    return tuple(t[..., CODE_DIMS:] for t in (out, dq, dk, dv))
 
 
 def run_two(s: Setup, p: float, copies: bool):
     """The groups in an hd-72 call over the stream's first tokens, the rest in an hd-64 call in place."""
     n = s.n_short
     if copies:  # what a layer would pay: the coded inputs built, the outputs and gradients merged
-        qa, ka, va = (torch.cat([c, t[:n]], -1) for c, t in ((s.qc, s.q), (s.kc, s.k), (s.qc.new_zeros(n, s.q.shape[1], 8), s.v)))
+        qa, ka, va = torch.cat([s.qc, s.q[:n]], -1), torch.cat([s.kc, s.k[:n]], -1), zero_coded(s.v[:n])
     else:
         qa, ka, va = s.short_coded
     out_a, saved_a = flash(qa, ka, va, s.cu_groups, 128, p, s.scale)
     out_b, saved_b = flash(s.q, s.k, s.v, s.cu_rest, s.width, p, s.scale)
-    go_a = torch.cat([s.go.new_zeros(n, s.go.shape[1], 8), s.go[:n]], -1) if copies else s.go_coded
+    go_a = zero_coded(s.go[:n]) if copies else s.go_coded
     grads_a = flash_bwd(go_a, qa, ka, va, out_a, saved_a, s.cu_groups, 128, p, s.scale)
     grads_b = flash_bwd(s.go, s.q, s.k, s.v, out_b, saved_b, s.cu_rest, s.width, p, s.scale)
     if not copies:
         return out_a, out_b, grads_a, grads_b
     merged = []
     for a, b in zip((out_a, *grads_a), (out_b, *grads_b)):
-        b[:n] = a[..., 8:]  # call B left the groups' rows unwritten
+        b[:n] = a[..., CODE_DIMS:]  # call B left the groups' rows unwritten
         merged.append(b)
     return tuple(merged)
-
-
-def prepare(s: Setup) -> None:
-    n = s.n_short
-    s.coded_all = s.coded(s.q, s.k, s.v, n)
-    s.short_coded = tuple(t[:n].contiguous() for t in s.coded_all)
-    s.go_coded = torch.cat([s.go.new_zeros(n, s.go.shape[1], 8), s.go[:n]], -1)
 
 
 def check(s: Setup) -> dict:
@@ -161,7 +162,6 @@ def main() -> None:
         for b, lens in enumerate(batches):
             for short in (64, 128):
                 s = Setup(lens, heads, short)
-                prepare(s)
                 errs = check(s)
                 for p in (0.1, 0.0):
                     times = {"flash": graph_ms(lambda: run_flash(s, p)),
