@@ -1,4 +1,4 @@
-"""The packed forwards of MPNet, DeBERTa-v2/v3 and Gemma3 equal transformers' padded forward (CPU, fp32).
+"""The packed forwards of MPNet, DeBERTa-v2/v3, Gemma3 and a flagged Qwen3 equal transformers' padded forward (CPU, fp32).
 
 Each variant is a tiny random checkpoint (`tiny_models.make_tiny_model`, config overrides for the
 variants). The reference is transformers' own forward on a right-padded batch; the packed forward
@@ -44,6 +44,8 @@ VARIANTS = {
     "deberta-c2p-only": ("deberta-v2", dict(share_att_key=False, pos_att_type=["c2p"])),
     "gemma3-causal": ("gemma3_text", {}),  # sliding window 16 on layer 0, full attention on layer 1
     "gemma3-bidirectional": ("gemma3_text", dict(use_bidirectional_attention=True)),  # EmbeddingGemma
+    # transformers runs Qwen3 (like Llama, Qwen2, Mistral) causal whatever this flag says: so must the packed path
+    "qwen3-flagged": ("qwen3", dict(use_bidirectional_attention=True)),
 }
 # Parameters whose gradient flows only through the relative-position terms: they must receive one.
 RELATIVE_PARAMS = {"mpnet": "relative_attention_bias", "deberta-v3": "rel_embeddings",

@@ -1,7 +1,8 @@
 """Packed forward for decoder embedders: Qwen2, Qwen3, Llama, Mistral (Qwen3-Embedding, E5-Mistral, ...).
 
-Llama-style layers (pre-norm, RoPE, grouped-query attention, gated MLP), causal unless the config
-asks for bidirectional attention, sliding windows where the layer has one. RoPE and the norms are
+Llama-style layers (pre-norm, RoPE, grouped-query attention, gated MLP), always causal as transformers
+runs these families (their code ignores a config's `use_bidirectional_attention`, which only the Gemma
+family honours: `packing/gemma3`), sliding windows where the layer has one. RoPE and the norms are
 the model's own modules and functions, so checkpoint-specific variants (q/k norms in Qwen3, rope
 scaling) are honoured.
 """
@@ -24,14 +25,14 @@ def _window(model, attn) -> int | None:
     return window
 
 
-def _layer(model, layer, hidden, cos, sin, plan: PackedBatch, backend: str, causal: bool):
+def _layer(model, layer, hidden, cos, sin, plan: PackedBatch, backend: str):
     attn = layer.self_attn
     tokens, dim = hidden.shape[0], attn.head_dim
     h = layer.input_layernorm(hidden)
     q, k, v = (t.view(tokens, -1, dim) for t in linears([attn.q_proj, attn.k_proj, attn.v_proj], h))
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
-    context = rotary_attention(attn, q, k, v, cos, sin, plan, backend, causal, _window(model, attn))
+    context = rotary_attention(attn, q, k, v, cos, sin, plan, backend, True, _window(model, attn))
     hidden = hidden + linear(attn.o_proj, context)
     return hidden + gated_mlp(layer.mlp, layer.post_attention_layernorm(hidden))
 
@@ -63,8 +64,7 @@ def packed_decoder_forward(model, input_ids, attention_mask, token_type_ids=None
     positions = plan.position_ids[None]
     cos, sin = model.rotary_emb(hidden[None], positions)
     cos, sin = cos[0], sin[0]
-    causal = not getattr(model.config, "use_bidirectional_attention", False)
     hidden = run_layers(model.layers, hidden,
-                        lambda layer, h: _layer(model, layer, h, cos, sin, plan, attention_backend, causal),
+                        lambda layer, h: _layer(model, layer, h, cos, sin, plan, attention_backend),
                         per_token=(cos, sin), options=options)
     return plan.unpack(model.norm(hidden))
