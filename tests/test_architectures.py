@@ -332,3 +332,40 @@ def test_add_pooling_layer_only_when_accepted(tiny):
     qwen3, _ = _load(tiny("qwen3"), add_pooling_layer=False)
     assert type(qwen3).__name__ == "Qwen3Model"
     assert not hasattr(qwen3, "pooler")
+
+
+def _tiny_t5(root: Path, layout: str) -> Path:
+    """A tiny T5 checkpoint as the hub holds them: the whole encoder-decoder (t5-base, mT5), or the
+    encoder alone (a GTR / sentence-T5 Transformer folder), with the MiniLM tokenizer."""
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel, T5Model
+
+    from embedtune.loading import bundled_model_path
+
+    target = root / f"t5-{layout}"
+    if (target / "model.safetensors").exists():
+        return target
+    config = T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      pad_token_id=0, eos_token_id=102, decoder_start_token_id=0, initializer_factor=2.0)
+    torch.manual_seed(0)
+    model = (T5Model if layout == "encoder-decoder" else T5EncoderModel)(config).eval()
+    model.save_pretrained(target, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(bundled_model_path())).save_pretrained(target)
+    return target
+
+
+@pytest.mark.parametrize("layout", ["encoder-decoder", "encoder-only"])
+def test_t5_checkpoints_train_their_encoder(layout, tiny_root, pairs_file, tmp_path):
+    """T5-family checkpoints load as transformers' T5EncoderModel (as sentence-transformers loads them), with
+    every encoder weight from the file, pool by mean, and go through the whole train-save-reload round trip."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = _tiny_t5(tiny_root, layout)
+    model, _ = _load(path)
+    assert type(model).__name__ == "T5EncoderModel"
+    base = load_file(str(path / "model.safetensors"))
+    loaded = {k: v for k, v in model.state_dict().items() if k in base}
+    assert any(k.startswith("encoder.block.") for k in loaded)
+    assert all(k in loaded for k in base if k.startswith("encoder."))
+    assert all(torch.equal(v, base[k]) for k, v in loaded.items())
+    st_model, _ = _run_roundtrip("t5", path, pairs_file, tmp_path / "out", lora_r=4)
+    assert st_model[1].pooling_mode == "mean"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 BERT_TARGETS = ("query", "key", "value", "dense")
 DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+T5_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")  # wi_0/wi_1: the gated (T5 v1.1, mT5) MLP
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": ArchSpec("decoder", DECODER_TARGETS, pooling="lasttoken", is_decoder=True),
     # EmbeddingGemma is a bidirectional Gemma3 text model that ships mean pooling in its ST config.
     "gemma3_text": ArchSpec("decoder", DECODER_TARGETS, pooling="lasttoken", is_decoder=True),
+    # The encoder of T5-family checkpoints (GTR, sentence-T5): no CLS token, mean pooling as they ship.
+    "t5": ArchSpec("t5", T5_TARGETS, pooling="mean"),
+    "mt5": ArchSpec("t5", T5_TARGETS, pooling="mean"),
+    "umt5": ArchSpec("t5", T5_TARGETS, pooling="mean"),
 }
 
 
@@ -53,7 +58,7 @@ def default_lora_targets(model_type: str) -> list[str] | str:
 
 
 def default_pooling(model_type: str) -> str:
-    """cls for encoders, lasttoken for decoders, when the checkpoint does not say otherwise."""
+    """cls for encoders (mean for T5's), lasttoken for decoders, when the checkpoint does not say otherwise."""
     spec = arch_spec(model_type)
     if spec:
         return spec.pooling

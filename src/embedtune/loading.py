@@ -150,11 +150,24 @@ def _model_class(config, auto_model):
     from transformers import AutoModel
 
     try:
-        return AutoModel._model_mapping[type(config)]
+        cls = AutoModel._model_mapping[type(config)]
     except KeyError:
         raise EmbedtuneError(
             f"no transformers model class for model_type {config.model_type!r}; pass auto_model=..."
         ) from None
+    return _encoder_only_class(cls)
+
+
+def _encoder_only_class(cls):
+    """An embedder uses only the encoder of an encoder-decoder family (T5 -> GTR, sentence-T5), as
+    sentence-transformers loads it: transformers' `<Name>EncoderModel` where the family has one (T5,
+    MT5, UMT5; a saved T5 encoder's config says `is_encoder_decoder: false` but maps to `T5Model`)."""
+    import transformers
+
+    try:
+        return getattr(transformers, cls.__name__.removesuffix("Model") + "EncoderModel")
+    except (AttributeError, ImportError, ValueError):
+        return cls
 
 
 def _load_weights(cls, weights: str, config, load_kwargs: dict, name: str, allow_pickle: bool):
