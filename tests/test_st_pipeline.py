@@ -7,6 +7,7 @@ Names containing "roundtrip", "compat", "save" or "wrapper" also run against sen
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -256,6 +257,10 @@ def test_full_finetuning_trains_every_weight():
     with pytest.warns(UserWarning, match="full_finetuning"):
         same = FastModel.get_peft_model(model, r=8)
     assert same is model and all(p.requires_grad for p in model.parameters())
+    # the guide's step 6 runs unchanged: merging a model without adapters gives the model back
+    assert same.merge_and_unload() is model
+    copied = copy.deepcopy(same)
+    assert copied.merge_and_unload() is copied
 
 
 def test_unsloth_peft_keywords():

@@ -12,6 +12,7 @@ public home of these names, re-exports them beside the saved-adapter readers.
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Any
 
@@ -96,6 +97,11 @@ def _loftq(config: Any) -> None:
                              "not support; leave it None")
 
 
+def _nothing_to_merge(model, *args, **kwargs):
+    """`merge_and_unload` of a fully fine-tuned model: no adapters, so the model as it is."""
+    return model
+
+
 def get_peft_model(
     model,
     r: int = 16,
@@ -120,7 +126,8 @@ def get_peft_model(
     `use_gradient_checkpointing` takes True, False or "unsloth" (checkpointing with the saved
     layer inputs offloaded to CPU on GPU machines), also as strings. `random_state` seeds the LoRA
     init; `use_rslora` and peft's other LoraConfig fields pass through. A model loaded with
-    `full_finetuning=True` gets no adapters (as in Unsloth): it is returned, fully trainable.
+    `full_finetuning=True` gets no adapters (as in Unsloth): it is returned, fully trainable, and its
+    `merge_and_unload()` returns it unchanged.
     """
     try:
         use_gradient_checkpointing = parse_mode(use_gradient_checkpointing)
@@ -130,6 +137,8 @@ def get_peft_model(
     if info is not None and info.full_finetuning:
         warnings.warn("full_finetuning=True: get_peft_model adds no adapters; every weight trains", stacklevel=2)
         model.embedtune_checkpointing = enable_checkpointing(model, use_gradient_checkpointing)
+        # the guide's step 6 merges before saving: with nothing to merge, that is the model itself
+        model.merge_and_unload = types.MethodType(_nothing_to_merge, model)
         return model
     if random_state is not None:
         torch.manual_seed(random_state)
