@@ -197,3 +197,21 @@ def test_eval_and_mine_refuse_unusable_settings_in_one_line(tmp_path, command, m
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_demo_keeps_a_folder_of_the_users_own_files(tmp_path, monkeypatch):
+    """The demo replaces an earlier run's result without asking, but a folder holding anything else is refused
+    (one line, nothing written) unless --overwrite says so."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    flags = ["--pairs", "16", "--eval-size", "0", "--max-steps", "1", "--batch-size", "4", "--max-seq-length", "32"]
+    result = runner.invoke(app, ["demo", "--output", str(out), *flags])
+    assert result.exit_code == 1 and "Traceback" not in result.output and "--overwrite" in result.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and not (tmp_path / "mine.partial").exists()
+    result = runner.invoke(app, ["demo", "--output", str(out), "--overwrite", *flags])
+    assert result.exit_code == 0, result.output
+    assert not (out / "notes.txt").exists() and (out / "metrics.json").is_file()
+    result = runner.invoke(app, ["demo", "--output", str(out), *flags])  # an earlier run's result: replaced
+    assert result.exit_code == 0, result.output

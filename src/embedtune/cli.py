@@ -451,7 +451,9 @@ def demo_eval_size(pairs: int, eval_size: int | None) -> int:
 
 @app.command()
 def demo(
-    output: str = typer.Option("embedtune-demo", "--output", help="Where the demo's model and curves go (replaced)."),
+    output: str = typer.Option("embedtune-demo", "--output",
+                               help="Where the demo's model and curves go (an earlier run's result there is replaced)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder that is not a run's result."),
     pairs: int = typer.Option(DEMO_PAIRS, "--pairs", min=8, help="Stdlib (docstring -> code) pairs to use."),
     eval_size: Optional[int] = typer.Option(None, "--eval-size", min=0,
                                             help=f"Held-out pairs (default: a quarter of --pairs, at most {DEMO_EVAL}; 0: no evaluation)."),
@@ -464,6 +466,7 @@ def demo(
     with heavy_imports():  # torch, transformers, datasets: only once the command runs
         from .data import build_stdlib_pairs, write_jsonl
         from .loading import DEFAULT_MODEL_ID, bundled_model_path
+        from .run_folder import holds_only_a_run
         from .train import TrainConfig, run
 
     with user_errors():
@@ -480,7 +483,8 @@ def demo(
         config = TrainConfig(
             data=str(data), model=DEFAULT_MODEL_ID, output_dir=output, max_steps=max_steps,
             batch_size=batch_size, lr=lr, max_seq_length=max_seq_length, lora_r=16,
-            eval_size=held_out or None, eval=held_out > 0, evals_per_run=1, overwrite=True,
+            eval_size=held_out or None, eval=held_out > 0, evals_per_run=1,
+            overwrite=overwrite or holds_only_a_run(Path(output)),  # never a folder of the user's own files
             eval_share=1.0,  # the demo shows before and after on the whole held-out set: evaluations exact
         )
         result = run(config)

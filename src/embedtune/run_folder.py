@@ -56,6 +56,16 @@ def resolve_output(output: str | os.PathLike, data: str | os.PathLike | None = N
     return real
 
 
+def holds_only_a_run(folder: Path) -> bool:
+    """`folder` is absent, empty, or holds a finished run's result (its metrics and its saved model): what
+    a demo may replace, with its own interrupted work, without being told to; anything else is the user's."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return not folder.exists()
+    return not any(folder.iterdir()) or ((folder / "metrics.json").is_file()
+                                         and (folder / "model" / "modules.json").is_file())
+
+
 def is_finished(work: Path) -> bool:
     return (Path(work) / FINISHED).is_file()
 
