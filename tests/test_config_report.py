@@ -177,6 +177,18 @@ def test_precedence_flag_over_file_over_default(tmp_path, recorded):
     assert config.epochs == 1.0 and config.seed == 42  # untouched defaults
 
 
+def test_data_sets_take_their_own_columns(tmp_path, recorded):
+    """`data:` maps a data set to {path, loss, columns} (as the README shows, and as a run's config.yaml
+    saves it), the columns by role name or as --columns' string."""
+    path = _config(tmp_path, "data:\n  code: a.jsonl\n  docs: {path: b.csv, columns: {anchor: query, positive: doc}}\n"
+                             "  qa: {path: c.jsonl, loss: mnrl, columns: 'anchor=q,positive=a'}\n")
+    result = runner.invoke(app, ["train", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert recorded[-1].data == {"code": "a.jsonl", "docs": {"path": "b.csv", "columns": {"anchor": "query",
+                                                                                         "positive": "doc"}},
+                                 "qa": {"path": "c.jsonl", "loss": "mnrl", "columns": "anchor=q,positive=a"}}
+
+
 def test_trainconfig_spellings_translate_to_flags(tmp_path, recorded):
     path = _config(tmp_path, "data: d.jsonl\noutput_dir: somewhere\nevals_per_run: 2\neval: false\nfast: false\n"
                              "lora_r: null\ngradient_checkpointing: unsloth\n")
@@ -220,6 +232,8 @@ def test_every_saved_field_reads_back(tmp_path, recorded):
         ("data: [unclosed\n", ["run.yaml:2", "invalid YAML"]),
         ("- a\n- b\n", ["run.yaml", "expected a mapping"]),
         ("config: other.yaml\n", ["run.yaml:1", "another config file"]),
+        ("data:\n  a: a.jsonl\n  b: {path: b.jsonl, colums: x}\n", ["run.yaml:3", "data: b:", "columns"]),
+        ("data:\n  a: a.jsonl\n\n  b: {path: b.jsonl, columns: [query]}\n", ["run.yaml:4", "data: b:"]),
     ],
 )
 def test_bad_config_is_one_line_naming_file_line_and_key(tmp_path, recorded, text, needles):

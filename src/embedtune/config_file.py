@@ -117,7 +117,7 @@ def read_yaml_mapping(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
         kind = "a list" if isinstance(data, list) else f"a {type(data).__name__}"
         raise EmbedtuneError(f"{name}: expected a mapping of setting: value, got {kind}")
     lines: dict[str, int] = {}
-    for key_node, _ in node.value:
+    for key_node, value_node in node.value:
         if not isinstance(key_node, yaml.ScalarNode):
             continue  # a complex key: reported as a bad key below
         line = key_node.start_mark.line + 1
@@ -125,6 +125,10 @@ def read_yaml_mapping(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
         if key in lines:
             raise EmbedtuneError(f"{name}:{line}: {key!r} is set twice (first on line {lines[key]})")
         lines[key] = line
+        if isinstance(value_node, yaml.MappingNode):  # `data:`'s data sets: a mistake in one names its line
+            for child, _ in value_node.value:
+                if isinstance(child, yaml.ScalarNode):
+                    lines.setdefault(f"{key}.{child.value}", child.start_mark.line + 1)
     return data, lines
 
 
@@ -169,7 +173,7 @@ def load_config_defaults(ctx, param, path: str | os.PathLike | None, fields_of: 
         norm = key.strip().lstrip("-").replace("-", "_")
         if norm == "data" and fields_of is not None and "data" in fields:
             if isinstance(value, dict):  # name -> file or {path, loss}: no flag spells it, the field takes it
-                file_fields["data"] = _data_mapping(where, key, value)
+                file_fields["data"] = _data_mapping(name, lines, key, value)
                 set_by["data"] = key
                 continue
             if isinstance(value, str):  # the data argument takes a list of files
@@ -211,15 +215,21 @@ def load_config_defaults(ctx, param, path: str | os.PathLike | None, fields_of: 
     ctx.meta[_META_KEY] = file_fields
 
 
-def _data_mapping(where: str, key: str, value: dict) -> dict:
-    """`data:` as a mapping of data set name -> file, or -> {path: FILE, loss: NAME}; checked here so
-    that a mistake names the config file's line."""
+def _data_mapping(file: str, lines: dict[str, int], key: str, value: dict) -> dict:
+    """`data:` as a mapping of data set name -> file, or -> {path: FILE, loss: NAME, columns: ...}; checked
+    here so that a mistake names the config file's line."""
     for name, item in value.items():
+        line = lines.get(f"{key}.{name}", lines.get(key))
+        where = f"{file}:{line}" if line else file
         if isinstance(item, str):
             continue
-        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or set(item) - {"path", "loss"}:
-            raise EmbedtuneError(f"{where}: {key}: {name}: expected a file path or {{path: FILE, loss: NAME}}, "
-                                 f"got {_show(item)}")
+        columns = item.get("columns") if isinstance(item, dict) else None
+        if (not isinstance(item, dict) or not isinstance(item.get("path"), str) or set(item) - {"path", "loss", "columns"}
+                or not isinstance(item.get("loss", ""), str)
+                or not (columns is None or isinstance(columns, str)
+                        or (isinstance(columns, dict) and all(isinstance(v, (str, int)) for v in columns.values())))):
+            raise EmbedtuneError(f"{where}: {key}: {name}: expected a file path or {{path: FILE, loss: NAME, "
+                                 f"columns: {{ROLE: COLUMN, ...}}}} (loss and columns optional), got {_show(item)}")
     return value
 
 
