@@ -216,6 +216,16 @@ def test_roles_by_position_read_a_file_without_a_header_row(tmp_path, delimiter,
                      "negative_1": ["len(xs)", "pass"]}
 
 
+@pytest.mark.parametrize("header", ["anchor,positive", "Query,Answer,extra", "text1,text2"])
+def test_roles_by_position_refuse_a_header_row(tmp_path, header):
+    """A header read by position would train as a pair: refused in one line naming the file's first line."""
+    path = tmp_path / "pairs.csv"
+    path.write_text(header + "\n" + "how to sort,sorted(xs),x\nsplit words,s.split(),y\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"pairs.csv:1: the first row \(.*\) is a header, but --columns names the "
+                                        "columns by position"):
+        load_pairs(path, "anchor=1,positive=2")
+
+
 def test_roles_by_position_name_lines_as_the_file_has_them(tmp_path):
     path = tmp_path / "scored.tsv"
     path.write_text('a1\t"p\n1"\t0.5\na2\tp2\tnot a number\n', encoding="utf-8")

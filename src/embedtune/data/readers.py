@@ -1089,6 +1089,8 @@ def _read_csv(p: Path, name: str, collector: _Collector, delimiter: str = ",") -
     if _odd_quote_count(p) and (problem := _csv_problem(p, name, delimiter)):
         raise DataError(problem)
     header = not collector.headerless  # without one, the columns are named 1, 2, ... (roles by position)
+    if not header:
+        _refuse_header_row(p, name, delimiter, collector._named)
     collector.line_of = lambda row: _csv_row_line(p, row, delimiter, header)
     # Quoted values may span lines (code snippets do); every column is read as text, because type
     # inference would turn an anchor such as "42" into a number.
@@ -1112,6 +1114,23 @@ def _read_csv(p: Path, name: str, collector: _Collector, delimiter: str = ",") -
         # pyarrow's messages name no line and quote whole rows; find the line ourselves.
         problem = _csv_problem(p, name, delimiter) or f"{name}: invalid {kind}: {_quoted(str(e), 120)}"
         raise DataError(problem) from None
+
+
+def _refuse_header_row(p: Path, name: str, delimiter: str, positions: set[str]) -> None:
+    """Roles given by position read a file without a header row; a first row whose cells there are all
+    column names (anchor, query, positive, ...) is a header, which would otherwise train as a pair."""
+    import csv
+
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as f:
+            first = next(csv.reader(f, delimiter=delimiter), [])
+    except (UnicodeDecodeError, csv.Error):
+        return  # the reader itself names what is wrong with the file
+    cells = [first[int(i) - 1].strip() for i in sorted(positions, key=int) if 0 < int(i) <= len(first)]
+    if cells and all(_is_pair_column(cell.lower()) for cell in cells):
+        raise DataError(f"{name}:1: the first row ({', '.join(cells)}) is a header, but --columns names the columns "
+                        "by position, which reads a file without one; name them by the header instead (e.g. "
+                        f"--columns anchor={cells[0]},...), or leave --columns out for these names")
 
 
 class _BadCsv(Exception):
