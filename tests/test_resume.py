@@ -305,6 +305,11 @@ def test_resume_refusals_are_one_line(tmp_path, tiny, tiny_pairs, monkeypatch, o
     data_changed.write_text(tiny_pairs.read_text().replace("question 0 ", "question zero "))
     result = runner.invoke(app, [flags[0], str(data_changed), *flags[2:], "--resume"])
     assert result.exit_code == 1 and "the data's content changed" in " ".join(result.output.split())
+    renamed = tmp_path / "same_pairs_renamed.jsonl"  # the data's path may change, its file name too
+    renamed.write_bytes(tiny_pairs.read_bytes())
+    result = runner.invoke(app, [flags[0], str(renamed), *flags[2:], "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 2
 
 
 @pytest.fixture

@@ -219,15 +219,16 @@ def reference_weights(checkpoint: Path, weights_file: Path, params: dict, stored
 
 
 def data_digest(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = ()) -> str | None:
-    """sha256 of a data file (or of every file of a dataset folder, but those under `exclude`: a run's
-    own folders inside it; of a hub dataset id, every data file of the snapshot it names now); None for
-    anything else."""
+    """sha256 of a data file and its format (or of every file of a dataset folder, but those under
+    `exclude`: a run's own folders inside it; of a hub dataset id, every data file of the snapshot it
+    names now); None for anything else."""
+    from .data.formats import file_format
+
     root = Path(path)
     skip = [Path(os.path.realpath(folder)) for folder in exclude]
     hub = False
     if not root.exists():
         from .data.hub import dataset_folder, is_hub_id
-        from .data.formats import file_format
 
         if is_hub_id(os.fspath(path)):
             root, hub = dataset_folder(os.fspath(path)), True
@@ -244,7 +245,9 @@ def data_digest(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] 
         return None
     digest = hashlib.sha256()
     for file in files:
-        digest.update(str(file.relative_to(root) if file != root else file.name).encode())
+        # a folder's files by their names (which order and type them); a lone file by how it is read, so
+        # a renamed copy of the same data still resumes
+        digest.update(str(file.relative_to(root) if file != root else file_format(file)).encode())
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
