@@ -305,11 +305,47 @@ def test_resume_refusals_are_one_line(tmp_path, tiny, tiny_pairs, monkeypatch, o
     data_changed.write_text(tiny_pairs.read_text().replace("question 0 ", "question zero "))
     result = runner.invoke(app, [flags[0], str(data_changed), *flags[2:], "--resume"])
     assert result.exit_code == 1 and "the data's content changed" in " ".join(result.output.split())
+    # an optimizer state changed after the checkpoint was sealed (its size recorded again): torch refuses what is
+    # not tensors, and the refusal is one line naming the file, not torch's advice to load it unsafely
+    checkpoint = latest_checkpoint(checkpoints_dir(out))
+    state, marker = checkpoint / "optimizer.pt", json.loads((checkpoint / MARKER).read_text())
+    sealed = state.read_bytes()
+    torch.save({"state": torch.load(state, weights_only=True), "extra": _NotATensor()}, state)
+    (checkpoint / MARKER).write_text(json.dumps({**marker, "files": {**marker["files"],
+                                                                     "optimizer.pt": state.stat().st_size}}))
+    result = runner.invoke(app, [*flags, "--resume"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.strip()][-1].startswith("error:")
+    assert f"{state}: holds more than tensors" in text and "weights_only" not in text, text
+    state.write_bytes(sealed)
+    (checkpoint / MARKER).write_text(json.dumps(marker))
     renamed = tmp_path / "same_pairs_renamed.jsonl"  # the data's path may change, its file name too
     renamed.write_bytes(tiny_pairs.read_bytes())
     result = runner.invoke(app, [flags[0], str(renamed), *flags[2:], "--resume"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 2
+
+
+class _NotATensor:
+    """What no tensors-only load accepts."""
+
+
+def test_checkpoints_of_older_runs_still_resume(tmp_path, tiny_pairs):
+    """Runs recorded a lone data file's digest with its name; their checkpoints match the same data, and only it."""
+    from embedtune.checkpoint_format import check_same_run, run_record
+    from embedtune.train import TrainConfig
+
+    config = TrainConfig(data=str(tiny_pairs), output_dir=str(tmp_path / "run"))
+    older = {k: v for k, v in run_record(config, file_name=True).items() if k != "data_file"}
+    assert older["data_sha256"] != run_record(config)["data_sha256"]
+    (tmp_path / RUN_CONFIG).write_text(json.dumps(older))
+    check_same_run(tmp_path, config)
+    changed = tmp_path / "elsewhere" / tiny_pairs.name
+    changed.parent.mkdir()
+    changed.write_text(tiny_pairs.read_text().replace("question 0 ", "question zero "))
+    with pytest.raises(Exception, match="the data's content changed"):
+        check_same_run(tmp_path, TrainConfig(data=str(changed), output_dir=str(tmp_path / "run")))
 
 
 @pytest.fixture

@@ -217,11 +217,15 @@ def reference_weights(checkpoint: Path, weights_file: Path, params: dict, stored
 
 # ----------------------------------------------------------------------------------- same run?
 
+DIGEST_OF_A_FILE = "content and format"  # what a lone data file's digest covers (before: content and name)
 
-def data_digest(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = ()) -> str | None:
+
+def data_digest(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = (),
+                file_name: bool = False) -> str | None:
     """sha256 of a data file and its format (or of every file of a dataset folder, but those under
     `exclude`: a run's own folders inside it; of a hub dataset id, every data file of the snapshot it
-    names now); None for anything else."""
+    names now); None for anything else. `file_name`: a lone file's name instead of its format, as runs
+    recorded it before `DIGEST_OF_A_FILE` (their checkpoints still resume)."""
     from .data.formats import file_format
 
     root = Path(path)
@@ -247,15 +251,17 @@ def data_digest(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] 
     for file in files:
         # a folder's files by their names (which order and type them); a lone file by how it is read, so
         # a renamed copy of the same data still resumes
-        digest.update(str(file.relative_to(root) if file != root else file_format(file)).encode())
+        lone = file.name if file_name else file_format(file)
+        digest.update(str(file.relative_to(root) if file != root else lone).encode())
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
 
 
-def run_record(config) -> dict:
-    """What must match between a checkpointed run and its resumption (JSON-normalised)."""
+def run_record(config, file_name: bool = False) -> dict:
+    """What must match between a checkpointed run and its resumption (JSON-normalised); `file_name`: the
+    data's digest as older runs recorded it."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
     own = ()
     if getattr(config, "output_dir", None):  # a run's folders may lie inside a dataset folder
@@ -265,10 +271,10 @@ def run_record(config) -> dict:
     if isinstance(data, (list, tuple, dict)):  # several data sets: each file's digest, in order
         from .multi_data import data_sources
 
-        digest = {s.name: data_digest(s.path, exclude=own) for s in data_sources(data)}
+        digest = {s.name: data_digest(s.path, exclude=own, file_name=file_name) for s in data_sources(data)}
     else:
-        digest = data_digest(data, exclude=own)
-    record = {"config": fields, "data_sha256": digest}
+        digest = data_digest(data, exclude=own, file_name=file_name)
+    record = {"config": fields, "data_sha256": digest, **({} if file_name else {"data_file": DIGEST_OF_A_FILE})}
     return json.loads(json.dumps(record, default=str))
 
 
@@ -287,7 +293,7 @@ def check_same_run(checkpoints: Path, config) -> None:
     except (OSError, ValueError):
         raise EmbedtuneError(f"{checkpoints / RUN_CONFIG}: missing or unreadable, so this run can't be resumed; "
                              "start over with --overwrite") from None
-    now, defaults = run_record(config), _defaults(config)
+    now, defaults = run_record(config, file_name=saved.get("data_file") != DIGEST_OF_A_FILE), _defaults(config)
     then = saved.get("config", {})
     diffs = [(k, then.get(k, defaults.get(k)), v) for k, v in now["config"].items() if then.get(k, defaults.get(k)) != v]
     if saved.get("data_sha256") != now["data_sha256"]:

@@ -10,6 +10,7 @@ sealed, Ctrl-C/SIGTERM turned into a checkpoint and a clean stop, GPU OOM into a
 from __future__ import annotations
 
 import contextlib
+import pickle
 import shlex
 import shutil
 import sys
@@ -374,6 +375,21 @@ def _already_done(trainer, resume_from: Path) -> bool:
     return True
 
 
+def refused_checkpoint_state(checkpoint: Path) -> str:
+    """The one-line error for a checkpoint whose optimizer, scheduler or RNG state torch refused to unpickle
+    (it holds more than tensors: changed after it was sealed). Each state file is tried again, tensors
+    only, to name the one at fault; torch's own message would suggest loading it unsafely."""
+    for file in sorted(Path(checkpoint).glob("*.pt*")):
+        try:
+            torch.load(file, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - any refusal names this file
+            return (f"{file}: holds more than tensors, so it was refused (loading it could run code); the checkpoint "
+                    "was changed after it was written: remove it to resume from the one before, or start over "
+                    "with --overwrite")
+    return (f"{checkpoint}: its saved training state was refused (it holds more than tensors); remove this checkpoint "
+            "to resume from the one before, or start over with --overwrite")
+
+
 def train_resumably(trainer, best=None, resume_from: Path | None = None, resumable: bool = True,
                     clock: CheckpointClock | None = None) -> None:
     """`trainer.train()`, continuing from `resume_from`, with checkpoints sealed (when `clock` says, if
@@ -395,6 +411,11 @@ def train_resumably(trainer, best=None, resume_from: Path | None = None, resumab
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except OUT_OF_MEMORY:
             out_of_memory = True  # raised below, outside this block, so the failed step's tensors can go
+        except pickle.UnpicklingError as exc:
+            _close_progress_bars(trainer)
+            if resume_from is None:
+                raise
+            raise EmbedtuneError(refused_checkpoint_state(resume_from)) from exc
         except BaseException:
             _close_progress_bars(trainer)
             raise
