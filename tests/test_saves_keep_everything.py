@@ -162,8 +162,9 @@ def test_run_folder_names_no_absolute_local_path(trained, tmp_path_factory):
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["data"] == data.name and config["output_dir"] == run_dir.name
     assert config == metrics["config"]
-    for name in ("metrics.json", "config.yaml", "model/README.md"):
+    for name in ("metrics.json", "config.yaml", "model/README.md", "adapter/README.md"):
         assert str(tmp_path_factory.getbasetemp()) not in (run_dir / name).read_text(), name
+    assert "## Fine-tuned with embedtune" in (run_dir / "adapter" / "README.md").read_text()  # not peft's template
 
 
 def test_saved_config_replays_and_report_reads_the_run(trained, models, tmp_path, monkeypatch):

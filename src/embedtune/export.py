@@ -323,6 +323,19 @@ def complete_run_card(st, model_dir: Path, metrics: dict) -> None:
         normalize=pipeline["normalize"], max_seq_length=pipeline["max_seq_length"], prompts=pipeline["prompts"]))
 
 
+def write_run_adapter_card(st, adapter_dir: Path, metrics: dict) -> None:
+    """A training run's adapter/ card: embedtune's, as `export --to adapter` writes it (peft's own is a
+    blank template that names the base by its local path)."""
+    recorded = _read_json(Path(adapter_dir) / "adapter_config.json")
+    base = recorded.get("base_model_name_or_path") if isinstance(recorded, dict) else None
+    pipeline = _pipeline_facts(st)
+    write_model_card(adapter_dir, CardFacts(
+        format="adapter", location=Path(adapter_dir).name, base_model=(metrics.get("config") or {}).get("model"),
+        metrics=metrics, pooling=pipeline["pooling"], normalize=pipeline["normalize"],
+        max_seq_length=pipeline["max_seq_length"], prompts=pipeline["prompts"], adapter_base=base,
+        adapter_base_kwargs="add_pooling_layer=False" if base and _builds_pooler(base) else None))
+
+
 def verify_written(folder: Path) -> None:
     """What an export wrote, read back before the folder is put in place: every safetensors file whole
     (its header parses and its tensors cover the file exactly) and every JSON file parses. A write

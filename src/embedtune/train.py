@@ -703,9 +703,11 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
                 shutil.copyfile(card, model_dir / "README.md")
         else:
             model_dir = save_merged(st_model, work / "model")
-        from .export import complete_run_card  # the card sentence-transformers wrote, with embedtune's facts
+        from .export import complete_run_card, write_run_adapter_card
 
-        complete_run_card(st_model, model_dir, metrics)
+        complete_run_card(st_model, model_dir, metrics)  # the card sentence-transformers wrote, with embedtune's facts
+        if lora:
+            write_run_adapter_card(st_model, work / "adapter", metrics)
         if phases is not None:
             phases.mark("save_model")
         plot.result()
