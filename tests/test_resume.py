@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from embedtune.cli import app
+from embedtune.checkpoint_format import EVALUATION_RECORD
 from embedtune.resilience import MARKER, RUN_CONFIG, checkpoints_dir, is_complete, latest_checkpoint
 
 HERE = Path(__file__).parent
@@ -261,10 +262,24 @@ def test_resume_keeps_the_best_weights_found_before_the_crash(tmp_path, tiny, ti
         loads.append(kwargs.get("weights_only"))
         return original_load(*args, **kwargs)
 
+    import embedtune.run_eval as run_eval
+
+    kept = json.loads((checkpoints_dir(out) / EVALUATION_RECORD).read_text())
+
+    def busier_machine(requested, *args, **kwargs):  # what planning anew on a loaded machine could choose
+        return run_eval.plan_evals(0, *args, **kwargs)
+
     with monkeypatch.context() as patch:
         patch.setattr(torch, "load", recording_load)
+        patch.setattr(run_eval, "plan_evals", busier_machine)
+        patch.setattr(run_eval.RunEvaluation, "probe", lambda *a: pytest.fail("a resumed run probes again"))
         resumed = run(_tiny_config(tiny_pairs, tiny, out, resume=True, lora_r=lora_r))
     assert loads and all(flag is True for flag in loads), "a resume unpickles nothing: weights_only loads only"
+    # the interrupted run's evaluation plan and base score, kept with its checkpoints, not planned again
+    plan = resumed.metrics["eval"]["plan"]
+    assert (plan["evals"], plan["budget_s"], plan["reason"]) == (kept["plan"]["evals"], kept["plan"]["budget_s"],
+                                                                 kept["plan"]["reason"]) and plan["evals"] == 4
+    assert resumed.metrics["base"] == reference.metrics["base"] == kept["base"] and kept["base"]
     assert resumed.metrics["best_step"] == reference.metrics["best_step"]
     assert resumed.metrics["final"] == reference.metrics["final"]
     diff = _max_diff(out / "model" / "model.safetensors", tmp_path / "reference" / "model" / "model.safetensors")

@@ -49,6 +49,7 @@ BEST_WEIGHTS = "best_weights.safetensors"
 WEIGHTS_REFERENCE = "weights_reference.json"  # instead of TRAINABLE_WEIGHTS: another file's tensors, by name
 MODEL_CARD_COPY = "model_card.md"  # the card sentence-transformers wrote in a referenced model folder
 RUN_CONFIG = "run_config.json"
+EVALUATION_RECORD = "evaluation.json"  # beside RUN_CONFIG: the evaluation plan and the base score of the run
 CHECKPOINTS = "checkpoints"
 # The newest checkpoint is unmarked while the trainer writes it (and rotates old ones out), so the
 # one before it must survive until then.
@@ -326,6 +327,20 @@ def resume_point(work: Path, config, resumable: bool) -> Path | None:
         raise EmbedtuneError(f"{work}: holds an interrupted run (checkpoint at step {checkpoint_step(latest)}); "
                              "pass --resume to continue it or --overwrite to start over")
     return None
+
+
+def write_evaluation_record(work: Path, record: dict) -> None:
+    """Keep the run's evaluation plan and base score with its checkpoints (after `prepare_work`)."""
+    write_json_atomic(work / CHECKPOINTS / EVALUATION_RECORD, record)
+
+
+def read_evaluation_record(work: Path) -> dict | None:
+    """The evaluation plan and base score an interrupted run kept (None: none kept, or unreadable)."""
+    try:
+        record = json.loads((work / CHECKPOINTS / EVALUATION_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def prepare_work(work: Path, config, resume_from: Path | None, resumable: bool) -> None:

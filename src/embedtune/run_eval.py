@@ -9,6 +9,7 @@ and must agree on when to evaluate, so there the requested evaluations run on th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -157,6 +158,30 @@ class RunEvaluation:
                 self.base_metrics = evaluate_model(st_model, self.during, batch_size=EVAL_BATCH, show_progress=True,
                                                    **self.prompts)
         return self.base_metrics
+
+    def record(self) -> dict:
+        """The plan and the base score, kept with the checkpoints: a resumed run goes on with them, so
+        it evaluates as the uninterrupted run would, whatever the machine's load when it resumes."""
+        return {"plan": dataclasses.asdict(self.plan) if self.plan else None, "base": self.base_metrics,
+                "costs": dataclasses.asdict(self.costs) if self.costs else None}
+
+    def restore(self, record: dict) -> bool:
+        """Take an interrupted run's `record` instead of planning and scoring the base again; False (and
+        nothing changed) where it does not fit this run's eval set."""
+        try:
+            fields = dict(record["plan"])
+            fields["full"], fields["during"] = EvalSize(**fields["full"]), EvalSize(**fields["during"])
+            plan = EvalPlan(**fields)
+            costs = Costs(**record["costs"]) if record.get("costs") else None
+            base = dict(record["base"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        if plan.full != self.full:
+            return False
+        self.plan, self.costs, self.base_metrics = plan, costs, base
+        if plan.subsampled:
+            self.during = subsample_task(self.source.task, plan.during, plan.seed)
+        return True
 
     def evaluator(self):
         """The trainer's evaluator over the in-training set, timed; None when the plan has no in-training evaluation."""

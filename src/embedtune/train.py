@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from .checkpoint_format import (
-    MODEL_CARD_COPY, checkpoint_step, discard_on_failure, prepare_work, referenced_folder, resume_point,
+    MODEL_CARD_COPY, checkpoint_step, discard_on_failure, prepare_work, read_evaluation_record, referenced_folder,
+    resume_point, write_evaluation_record,
 )
 from .compile_cache import compile_seconds
 from .config_file import CONFIG_NAME, resolved_config, write_config_yaml
@@ -307,7 +308,9 @@ def loss_and_evaluator(config: TrainConfig, data: RunData, model: Model, phases:
     run_eval = build_run_evaluation(config, held_out, data.eval_source, model.query_prompt, model.document_prompt,
                                     EVAL_NAME)
     if run_eval is not None:
-        run_eval.probe(model.st)
+        saved = read_evaluation_record(data.work) if data.resume_from is not None else None
+        if saved is None or not run_eval.restore(saved):  # a resumed run goes on with its plan and base score
+            run_eval.probe(model.st)
         phases.mark("eval_probe")
     return Objective(loss, None, {}, evaluation, run_eval)
 
@@ -370,14 +373,19 @@ def set_up_trainer(config: TrainConfig, data: RunData, model: Model, objective: 
     from .resumable_trainer import ResumableTrainer
 
     plan = plan_run(config, data, model, phases, prebuild)
-    if objective.run_eval is not None:  # evaluations sized to the planned run (`eval_plan`), then the base score
-        objective.base_metrics = objective.run_eval.plan_and_score_base(
-            model.st, plan.total_steps, plan.tokens_per_row * plan.rows_per_step, sum(phases.seconds.values()))
-        objective.evaluator = objective.run_eval.evaluator()
+    run_eval = objective.run_eval
+    if run_eval is not None:  # evaluations sized to the planned run (`eval_plan`), then the base score
+        if run_eval.plan is None:  # (a resumed run restored both in `loss_and_evaluator`)
+            run_eval.plan_and_score_base(model.st, plan.total_steps, plan.tokens_per_row * plan.rows_per_step,
+                                         sum(phases.seconds.values()))
+        objective.base_metrics = run_eval.base_metrics
+        objective.evaluator = run_eval.evaluator()
         phases.mark("base_eval")
 
     if distributed.is_main():  # only rank 0 writes; the others wait until the work folder exists
         prepare_work(data.work, config, data.resume_from, resumable=data.resumable)
+        if run_eval is not None and data.resumable and data.resume_from is None:
+            write_evaluation_record(data.work, run_eval.record())
     distributed.barrier()
     phases.mark("prepare_work")
     st_model = model.st
