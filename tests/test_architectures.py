@@ -369,3 +369,18 @@ def test_t5_checkpoints_train_their_encoder(layout, tiny_root, pairs_file, tmp_p
     assert all(torch.equal(v, base[k]) for k, v in loaded.items())
     st_model, _ = _run_roundtrip("t5", path, pairs_file, tmp_path / "out", lora_r=4)
     assert st_model[1].pooling_mode == "mean"
+
+
+def test_guide_targets_that_miss_an_architectures_layers_are_named(tiny):
+    """The guide's query/key/value/dense matches only MPNet's `dense`: peft wraps that silently, embedtune
+    says which names matched nothing and what MPNet calls its projections; on BERT every name matches."""
+    guide_targets = ["query", "key", "value", "dense"]
+    model, _ = _load(tiny("mpnet"))
+    with pytest.warns(UserWarning, match=r"target_modules query, key, value matched no layer of this mpnet model, "
+                                         r"so LoRA trains only dense; .* q, k, v, o, dense"):
+        FastModel.get_peft_model(model, r=4, target_modules=guide_targets)
+    model, _ = _load(tiny("bert"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="(?!target_modules)")  # only this warning must not come
+        FastModel.get_peft_model(model, r=4, target_modules=guide_targets)

@@ -143,6 +143,7 @@ def get_peft_model(
     if random_state is not None:
         torch.manual_seed(random_state)
     _loftq(loftq_config)
+    named = target_modules  # the caller's own names, checked against the layers once wrapped
     if target_modules is None:
         target_modules = default_targets(model.config.model_type, finetune_attention_modules, finetune_mlp_modules,
                                          finetune_language_layers)
@@ -161,12 +162,30 @@ def get_peft_model(
     )
     info = model.__dict__.get("embedtune_info")
     peft_model = LoraEmbeddingModel(model, config)
+    _warn_unmatched_targets(peft_model, named, model.config.model_type)
     if info is not None:
         peft_model.embedtune_info = info
         if info.bundled:  # the bundled package IS the hub model: record the portable name
             config.base_model_name_or_path = DEFAULT_MODEL_ID
     peft_model.embedtune_checkpointing = enable_checkpointing(peft_model, use_gradient_checkpointing)
     return peft_model
+
+
+def _warn_unmatched_targets(peft_model, target_modules, model_type: str) -> None:
+    """peft refuses targets that match no layer at all, but not a list of names some of which match none
+    (the guide's query/key/value/dense on MPNet wraps only `dense`): say which named nothing, and what
+    this architecture's own projections are called."""
+    if isinstance(target_modules, str) or not target_modules:
+        return
+    wrapped = [name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")]
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in wrapped)]
+    if not unmatched:
+        return
+    own = default_lora_targets(model_type)
+    hint = (f"; {model_type}'s attention and MLP projections are {', '.join(own)} (target_modules=None picks them)"
+            if not isinstance(own, str) else "")
+    warnings.warn(f"target_modules {', '.join(unmatched)} matched no layer of this {model_type} model, so LoRA "
+                  f"trains only {', '.join(t for t in target_modules if t not in unmatched)}{hint}", stacklevel=3)
 
 
 def merge_lora(model):
