@@ -333,8 +333,6 @@ def test_unsupported_format(tmp_path):
         ("empty_list.json", b"[]"),
         ("empty_data.json", b'{"data": []}'),
         ("empty.csv", b""),
-        ("header_only.csv", b"anchor,positive\n"),
-        ("header_no_newline.csv", b"anchor,positive"),
         ("empty.parquet", b""),
     ],
 )
@@ -346,12 +344,18 @@ def test_empty_files(tmp_path, name, content):
     assert _message(e) == f"{path}: file is empty"
 
 
-def test_empty_parquet_table(tmp_path):
-    path = tmp_path / "zero.parquet"
-    pq.write_table(pa.table({"anchor": pa.array([], pa.string()), "positive": pa.array([], pa.string())}), path)
+@pytest.mark.parametrize("name, content", [("header_only.csv", b"anchor,positive\n"),
+                                           ("header_no_newline.csv", b"anchor,positive"),
+                                           ("header_only.tsv", b"anchor\tpositive\r\n"), ("zero.parquet", None)])
+def test_column_names_without_rows(tmp_path, name, content):
+    path = tmp_path / name
+    if content is None:
+        pq.write_table(pa.table({"anchor": pa.array([], pa.string()), "positive": pa.array([], pa.string())}), path)
+    else:
+        path.write_bytes(content)
     with pytest.raises(DataError) as e:
         load_pairs(path)
-    assert _message(e) == f"{path}: file is empty"
+    assert _message(e) == f"{path}: holds column names (anchor, positive) but no rows"
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
@@ -387,6 +391,10 @@ def test_invalid_json_line_names_file_and_line(tmp_path):
     with pytest.raises(DataError) as e:
         load_pairs(path)
     assert _message(e).startswith(f"{path}:3: invalid JSON: Expecting value")
+    path.write_text('{"anchor": "a", "positive": "p}', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_pairs(path)
+    assert _message(e) == f"{path}:1: invalid JSON: Unterminated string starting at column 29"
 
 
 @pytest.mark.parametrize("line, problem", [

@@ -301,7 +301,9 @@ def check_same_run(checkpoints: Path, config) -> None:
         diffs.append(("data_sha256", "", ""))
     if diffs:
         name, was, is_ = diffs[0]
-        detail = f"{_flag(name)} changed" if name in ("data_sha256", "extra") else f"{_flag(name)} is {is_!r}, was {was!r}"
+        shown = lambda value: "automatic" if value is None else repr(value)  # noqa: E731 - None: embedtune chose
+        detail = (f"{_flag(name)} changed" if name in ("data_sha256", "extra")
+                  else f"{_flag(name)} is {shown(is_)}, was {shown(was)}")
         more = f" (and {', '.join(_flag(d[0]) for d in diffs[1:])})" if len(diffs) > 1 else ""
         raise EmbedtuneError(f"can't resume {checkpoints.parent}: {detail}{more}; rerun with the settings of the "
                              "interrupted run, or drop --resume and pass --overwrite to start over")

@@ -193,7 +193,8 @@ class InterruptGuard(TrainerCallback):
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
         print(f"\n{self.NAMES.get(signum, signum)}: saving a checkpoint after this step, then stopping "
-              "(Ctrl-C again aborts at once)", file=sys.stderr, flush=True)
+              f"({'Ctrl-C' if signum == signal.SIGINT else 'a second signal'} aborts at once)", file=sys.stderr,
+              flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -675,6 +675,8 @@ class _Collector:
         """Check what was collected and assemble the Arrow-backed dataset."""
         name = self.name
         if self.records == 0:
+            if self.found:  # a table's header (or a Parquet schema), and no rows under it
+                raise DataError(f"{name}: holds column names ({_quoted(', '.join(self.found), 80)}) but no rows")
             raise DataError(f"{name}: file is empty")
         absent = [(role, key) for role, keys in self.roles.items() for key in keys if key not in self.found]
         if absent:
@@ -875,7 +877,8 @@ def _json_type(value: Any) -> str:
 
 def _json_error(e: Exception) -> str:
     if isinstance(e, json.JSONDecodeError):
-        return f"{e.msg} at column {e.colno}"
+        # some messages already end in "at" ("Unterminated string starting at")
+        return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
     if isinstance(e, RecursionError):
         return "nesting too deep"
     return one_line(str(e))  # e.g. an integer with too many digits
@@ -1109,7 +1112,8 @@ def _read_csv(p: Path, name: str, collector: _Collector, delimiter: str = ",") -
             with p.open("rb") as f:
                 head = f.read(1 << 20).rstrip()
             if b"\n" not in head and b"\r" not in head:  # a lone header line: no rows
-                raise DataError(f"{name}: file is empty") from None
+                header = head.decode("utf-8", "replace").replace(delimiter, ", ")
+                raise DataError(f"{name}: holds column names ({_quoted(header, 80)}) but no rows") from None
             raise DataError(f"{name}:1: invalid {kind}: the header row never ends (unbalanced quote?)") from None
         # pyarrow's messages name no line and quote whole rows; find the line ourselves.
         problem = _csv_problem(p, name, delimiter) or f"{name}: invalid {kind}: {_quoted(str(e), 120)}"
