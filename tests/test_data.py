@@ -458,7 +458,7 @@ def test_no_usable_rows(tmp_path):
     _write_jsonl(path, rows)
     with pytest.raises(DataError) as e:
         load_pairs(path)
-    assert _message(e) == f"{path}: no usable rows (3 skipped for empty or null text)"
+    assert _message(e) == f"{path}: no usable rows (3 skipped for empty, null or missing text)"
 
 
 def test_ragged_csv(tmp_path):

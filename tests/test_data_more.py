@@ -260,7 +260,7 @@ def test_one_row_without_negatives_is_skipped_and_reported(tmp_path):
     assert "a17" not in loaded.dataset["anchor"]
     assert (loaded.skipped, loaded.skipped_few_negatives, loaded.first_few_negatives) == (0, 1, "line 17")
     assert loaded.skipped_summary() == (
-        "0 rows skipped for empty text; 1 row skipped: fewer than 2 hard negatives (first at line 17)"
+        "0 rows skipped for empty, null or missing text; 1 row skipped: fewer than 2 hard negatives (first at line 17)"
     )
 
 
@@ -272,7 +272,7 @@ def test_blank_negatives_count_as_missing_and_summary_counts_both_reasons(tmp_pa
     loaded = load_pairs(_write_jsonl(tmp_path / "negs.jsonl", rows))
     assert len(loaded.dataset) == 7 and loaded.num_negatives == 2
     assert loaded.skipped_summary() == (
-        "1 row skipped for empty text; 2 rows skipped: fewer than 2 hard negatives (first at line 4)"
+        "1 row skipped for empty, null or missing text; 2 rows skipped: fewer than 2 hard negatives (first at line 4)"
     )
 
 
@@ -312,7 +312,7 @@ def test_tie_keeps_the_larger_count_and_rows_with_more_are_trimmed(tmp_path):
 def test_no_negatives_anywhere_reports_nothing_extra(tmp_path):
     loaded = load_pairs(_write_jsonl(tmp_path / "plain.jsonl", _pairs(3)))
     assert loaded.num_negatives == 0 and loaded.skipped_few_negatives == 0 and loaded.first_few_negatives is None
-    assert loaded.skipped_summary() == "0 rows skipped for empty text"
+    assert loaded.skipped_summary() == "0 rows skipped for empty, null or missing text"
 
 
 # ------------------------------------------------------------------------------------------ TSV

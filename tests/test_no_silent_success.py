@@ -316,7 +316,7 @@ def test_rows_with_more_negatives_than_most_are_counted(tmp_path):
     rows[3]["neg"] = ["x", "y", "z", "w"]
     loaded = load_pairs(write_jsonl(rows, tmp_path / "more.jsonl"))
     assert (loaded.num_negatives, loaded.cut_negatives, loaded.first_cut_negatives) == (2, 1, "line 4")
-    assert loaded.skipped_summary() == ("0 rows skipped for empty text; 1 row held more than 2 hard negatives: "
+    assert loaded.skipped_summary() == ("0 rows skipped for empty, null or missing text; 1 row held more than 2 hard negatives: "
                                         "only the first 2 used (first at line 4)")
     rows = [{"anchor": f"a{i}", "positive": f"p{i}"} for i in range(5)]
     rows[1]["neg"] = ["x"]

@@ -172,7 +172,7 @@ def print_summary(metrics: dict, folder: Optional[Path] = None) -> None:
     console.print(
         f"trained {steps} on {metrics['train_pairs']} pairs in {metrics['train_time_s']:.1f} s "
         f"(evaluation not included; {metrics['tokens_per_s'] or 0:,.0f} tokens/s); {metrics['eval_pairs']} held-out pairs; "
-        + (metrics.get("skipped_summary") or f"{metrics['skipped_rows']} rows skipped for empty text")
+        + (metrics.get("skipped_summary") or f"{metrics['skipped_rows']} rows skipped for empty, null or missing text")
         + (f"; {metrics['world_size']} processes" if metrics.get("world_size", 1) > 1 else ""),
         soft_wrap=True,
     )

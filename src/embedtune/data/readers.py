@@ -116,7 +116,7 @@ class LoadedPairs:
 
     def skipped_summary(self) -> str:
         """Every reason rows were dropped or cut, on one line, e.g. for the CLI's end-of-run report."""
-        text = f"{_rows(self.skipped)} skipped for empty text"
+        text = f"{_rows(self.skipped)} skipped for empty, null or missing text"
         negatives = f"{self.num_negatives} hard negative{'s' if self.num_negatives != 1 else ''}"
         if self.skipped_few_negatives:
             text += (
@@ -690,7 +690,7 @@ class _Collector:
             )
         self._flush()
         if not self.chunks:
-            raise DataError(f"{name}: no usable rows ({self.skipped} skipped for empty or null text)")
+            raise DataError(f"{name}: no usable rows ({self.skipped} skipped for empty, null or missing text)")
 
         import datasets
         import pyarrow as pa
