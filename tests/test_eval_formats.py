@@ -134,6 +134,19 @@ def test_pairs_task_grades_are_binary():
     assert task.graded is None and task.grades() == {"q": {"a": 1, "b": 1}}
 
 
+def test_scored_pairs_say_their_scores_are_not_judgements(tmp_path):
+    from embedtune.retrieval import load_eval_task
+
+    path = tmp_path / "sts.jsonl"
+    path.write_text("".join(json.dumps({"sentence1": f"a{i}", "sentence2": f"b{i}", "score": i / 4}) + "\n"
+                            for i in range(5)), encoding="utf-8")
+    notes = load_eval_task(path).notes
+    assert any("'score' column is not used" in note for note in notes), notes
+    plain = tmp_path / "pairs.jsonl"
+    plain.write_text("".join(json.dumps({"anchor": f"a{i}", "positive": f"b{i}"}) + "\n" for i in range(5)))
+    assert load_eval_task(plain).notes == []
+
+
 BAD_INPUTS = {
     "bad json": (lambda r: (r / "corpus.jsonl").write_text('{"_id": "a", "text": "x"}\n{"_id": "b", "text": \n'),
                  ["corpus.jsonl:2", "invalid JSON"]),

@@ -262,6 +262,9 @@ def load_eval_task(data: str | os.PathLike, split: str | None = None, keep_ident
                         "qrels/<split>.tsv); this is a pairs file")
     loaded = load_pairs(data, columns)
     notes = [loaded.skipped_summary()] if loaded.skipped or loaded.skipped_few_negatives else []
+    if loaded.label_column is not None:  # graded pairs (STS-style) are not retrieval judgements
+        notes.append(f"the {loaded.label_column!r} column is not used: every anchor's positive counts as relevant, "
+                     "whatever its score")
     task = pairs_to_ir_task(loaded.dataset, corpus_texts=column(loaded.dataset, "positive"))
     return EvalData(task=task, kind="pairs", notes=notes)
 
