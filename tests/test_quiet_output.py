@@ -78,8 +78,8 @@ def test_mine_prints_no_third_party_noise_and_names_its_bars(folder):
 
 
 def test_guide_lora_steps_warn_nothing(tmp_path):
-    """The guide's LoRA steps in Python, offline: adding LoRA (peft reads transformers' deprecated
-    `is_gradient_checkpointing`) and saving the adapter of a hub-named base (peft looks its config up on
+    """The guide's LoRA steps in Python, offline: adding LoRA with checkpointing (peft reads transformers'
+    deprecated `is_gradient_checkpointing`; transformers renamed `gradient_checkpointing_enable`) and saving the adapter of a hub-named base (peft looks its config up on
     the hub) raise no warning."""
     import warnings
 
@@ -90,7 +90,7 @@ def test_guide_lora_steps_warn_nothing(tmp_path):
     model, _ = FastModel.from_pretrained(max_seq_length=32, fast=False, device="cpu", dtype=torch.float32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        peft_model = FastModel.get_peft_model(model, r=4)
+        peft_model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing="unsloth")  # as the guide
         assert peft_model.peft_config["default"].base_model_name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
         peft_model.save_pretrained(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -275,7 +275,10 @@ def enable_checkpointing(model, mode) -> str:
     elif not getattr(base, "supports_gradient_checkpointing", False):
         raise SettingError(f"{type(base).__name__} does not support gradient checkpointing; train without it")
     else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x: its name for it
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # With frozen embeddings (LoRA) the first layer's input carries no grad; the offloaded
     # checkpoint only runs its backward when an input requires grad.
     base.enable_input_require_grads()
