@@ -263,6 +263,21 @@ def test_full_finetuning_trains_every_weight():
     assert copied.merge_and_unload() is copied
 
 
+def test_lora_init_is_seeded_as_in_unsloth():
+    """Unsloth's get_peft_model seeds the LoRA init (random_state=3407): the same program, the same model."""
+    def lora_a(**kwargs):
+        model, _ = FastModel.from_pretrained(MINILM, max_seq_length=32)
+        peft = FastModel.get_peft_model(model, r=4, **kwargs)
+        torch.rand(3)  # whatever the program draws next does not reach back into the init
+        return torch.cat([p.detach().flatten() for n, p in peft.named_parameters() if "lora_A" in n])
+
+    torch.manual_seed(1)
+    first = lora_a()
+    torch.manual_seed(2)
+    assert torch.equal(first, lora_a())
+    assert not torch.equal(first, lora_a(random_state=7))
+
+
 def test_unsloth_peft_keywords():
     from peft import PeftModel
 

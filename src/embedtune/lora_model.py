@@ -111,7 +111,7 @@ def get_peft_model(
     bias: str = "none",
     use_gradient_checkpointing: bool | str = False,
     task_type: Any = TaskType.FEATURE_EXTRACTION,
-    random_state: int | None = None,
+    random_state: int | None = 3407,
     finetune_vision_layers: bool = True,
     finetune_language_layers: bool = True,
     finetune_attention_modules: bool = True,
@@ -125,7 +125,8 @@ def get_peft_model(
 
     `use_gradient_checkpointing` takes True, False or "unsloth" (checkpointing with the saved
     layer inputs offloaded to CPU on GPU machines), also as strings. `random_state` seeds the LoRA
-    init; `use_rslora` and peft's other LoraConfig fields pass through. A model loaded with
+    init (3407 unless given, as in Unsloth: the same program gives the same model; None leaves torch's
+    generator as it is); `use_rslora` and peft's other LoraConfig fields pass through. A model loaded with
     `full_finetuning=True` gets no adapters (as in Unsloth): it is returned, fully trainable, and its
     `merge_and_unload()` returns it unchanged.
     """
