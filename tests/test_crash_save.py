@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from embedtune import FastModel, save_merged, to_sentence_transformer
-from embedtune.save import clear_stale
+from embedtune.files import clear_stale
 
 HERE = Path(__file__).parent
 HANG_GUARD_S = 600  # only ends a hung test; nothing waits for a duration

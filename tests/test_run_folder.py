@@ -87,7 +87,7 @@ def test_resume_works_when_the_run_lies_inside_a_dataset_folder(tmp_path, tiny):
 def _kill_finish_at(monkeypatch, where: str):
     """Make the finish stop (as a kill would) at one of its steps."""
     import embedtune.run_folder as run_folder
-    import embedtune.save as save
+    import embedtune.files as files
     import embedtune.train as recipe_module
 
     recipe = __import__("importlib").import_module("embedtune.train")
@@ -107,7 +107,7 @@ def _kill_finish_at(monkeypatch, where: str):
                 raise Killed()
             return original(src, dst)
 
-        monkeypatch.setattr(save.os, "replace", replace)
+        monkeypatch.setattr(files.os, "replace", replace)
     del run_folder, recipe_module
     return Killed
 

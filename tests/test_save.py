@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from embedtune import FastModel, SaveError, save_adapter, save_hf, save_merged, to_sentence_transformer
+from embedtune.errors import EmbedtuneError
+from embedtune.files import atomic_folder
 from embedtune.loading import bundled_model_path
-from embedtune.save import atomic_folder
 
 TEXTS = ["binary search over a sorted list", "def f(x):\n    return x * 2", "parse a date string"]
 
@@ -101,6 +102,34 @@ def test_save_hf_refuses_st_folder_and_writes_plain_encoder(tmp_path, lora_st):
     ref = model.get_base_model()
     for (n1, p1), (n2, p2) in zip(encoder.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(p1, p2), n1
+
+
+def test_unsloths_save_pretrained_merged_writes_the_merged_encoder_and_keeps_the_adapters(tmp_path, lora_st):
+    """`model.save_pretrained_merged(dir, tokenizer)` (Unsloth's; the guide names it): a plain HF folder whose
+    encoder gives the LoRA model's hidden states, while the model in memory keeps training its adapters."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model, tok, st = lora_st
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+    model.save_pretrained_merged(str(tmp_path / "hf"), tok)
+    assert not model.is_merged and any(p.requires_grad for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).last_hidden_state, expected)  # the adapters as they were
+    encoder = AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert not any("lora" in k for k in encoder.state_dict())
+    reloaded_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        got = encoder(**reloaded_tok(TEXTS, padding=True, return_tensors="pt")).last_hidden_state
+    mask = batch["attention_mask"].bool()
+    assert (got[mask] - expected[mask]).abs().max().item() < 1e-5
+    save_merged(st, tmp_path / "st")
+    with pytest.raises(EmbedtuneError, match="holds a SentenceTransformer"):  # the guide's warning, enforced
+        lora_st[0].save_pretrained_merged(str(tmp_path / "st"), tok)
+    with pytest.raises(EmbedtuneError, match="save_method='merged_4bit'"):
+        model.save_pretrained_merged(str(tmp_path / "q"), tok, save_method="merged_4bit")
 
 
 def test_save_adapter_reloads_onto_base_with_plain_peft(tmp_path, lora_st):

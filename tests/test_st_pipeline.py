@@ -263,6 +263,12 @@ def test_full_finetuning_trains_every_weight():
     assert copied.merge_and_unload() is copied
 
 
+def test_unsloth_mode_switches():
+    model, _ = FastModel.from_pretrained(MINILM, max_seq_length=32)
+    assert FastModel.for_inference(model) is model and not any(m.training for m in model.modules())
+    assert FastModel.for_training(model) is model and all(m.training for m in model.modules())
+
+
 def test_lora_init_is_seeded_as_in_unsloth():
     """Unsloth's get_peft_model seeds the LoRA init (random_state=3407): the same program, the same model."""
     def lora_a(**kwargs):

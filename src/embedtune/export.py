@@ -58,7 +58,8 @@ from .lora import (
     read_adapter_pipeline,
 )
 from .model_card import CardFacts, complete_saved_card, source_card, st_card_text, write_model_card
-from .save import ADAPTER_PIPELINE, atomic_folder, check_target
+from .files import atomic_folder, check_target
+from .save import ADAPTER_PIPELINE
 from .st import set_backbone, to_sentence_transformer
 
 FORMATS = ("sentence-transformers", "hf", "adapter", "onnx")

@@ -507,3 +507,9 @@ class FastModel:
         """Kept for API parity with the guide's library; the model is already trainable."""
         model.train()
         return model
+
+    @staticmethod
+    def for_inference(model):
+        """Unsloth's switch to inference: evaluation mode (no dropout), the model returned."""
+        model.eval()
+        return model

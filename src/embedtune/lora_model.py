@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import types
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, PeftModelForFeatureExtraction, TaskType
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import Linear as LoraLinear
 
 from .architectures import default_lora_targets
 from .checkpointing import enable_checkpointing, parse_mode
 from .errors import EmbedtuneError, SettingError
-from .hf_quiet import ignoring_warnings
+from .files import atomic_folder
+from .hf_quiet import ignoring_warnings, quiet_transformers
 from .model_facts import DEFAULT_MODEL_ID, load_info
 
 
@@ -55,6 +59,52 @@ class LoraEmbeddingModel(PeftModelForFeatureExtraction):
         # serves (was the vocabulary resized?) does not apply: embedtune never resizes it.
         with ignoring_warnings("Could not find a config file"):
             return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+    def merged_state_dict(self) -> dict:
+        """The base model's weights with every LoRA layer's delta added, under the plain model's names; the
+        adapters stay in place (no merge and unmerge, which would round the weights twice)."""
+        state: dict = {}
+        for name, module in self.get_base_model().named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            if type(module) is not LoraLinear or getattr(module, "use_dora", {}).get("default"):
+                raise EmbedtuneError(f"{name}: a {type(module).__name__} layer; merge it with merge_and_unload() "
+                                     "and save_pretrained instead")
+            base = module.get_base_layer()
+            weight = base.weight.detach()
+            for adapter in module.active_adapters:
+                weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            state[f"{name}.weight"] = weight
+            if base.bias is not None:
+                state[f"{name}.bias"] = base.bias.detach()
+        for key, value in self.get_base_model().state_dict().items():
+            if ".lora_" in key or ".base_layer." in key:
+                continue
+            state[key] = value
+        return state
+
+    def save_pretrained_merged(self, save_directory, tokenizer=None, save_method: str = "merged_16bit",
+                               **kwargs: Any):
+        """Unsloth's save of the merged encoder (with `tokenizer`) as a plain HF folder, leaving this model's
+        adapters as they are: each LoRA layer's weight plus its delta, written in the model's own dtype.
+        `save_method="lora"` saves the adapter instead. Not into a SentenceTransformer's folder (the guide's
+        warning): that is refused."""
+        if save_method == "lora":
+            self.save_pretrained(save_directory, **kwargs)
+        elif save_method in ("merged_16bit", "merged_32bit"):
+            if (Path(save_directory) / "modules.json").exists():
+                raise EmbedtuneError(f"{save_directory}: holds a SentenceTransformer model; save the merged encoder "
+                                     "to a different folder")
+            with atomic_folder(save_directory, overwrite=True) as tmp, quiet_transformers(logs=False,
+                                                                                          progress_bars=True):
+                self.get_base_model().save_pretrained(str(tmp), state_dict=self.merged_state_dict(),
+                                                      safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp))
+        else:
+            raise EmbedtuneError(f"save_method={save_method!r}: embedtune saves 'merged_16bit' (the merged encoder, "
+                                 "in the model's dtype) or 'lora' (the adapter); quantised saves are not supported")
 
 
 # Per family: the attention and the MLP projections, as peft regexes (full match on the module name),

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 from .errors import EmbedtuneError
-from .files import write_text_atomic
+from .files import clear_stale, replace_folder, write_text_atomic
 
 FINISHED = "embedtune_finished.json"  # written last into OUTPUT.partial: the result there is complete
 
@@ -89,8 +89,6 @@ def discard_checkpoints(work: Path, name: str = "checkpoints") -> None:
 
 def complete_finish(work: Path, output: Path) -> Path:
     """Move a sealed work folder into place (replacing the previous result) and drop its marker."""
-    from .save import clear_stale, replace_folder
-
     discard_checkpoints(work)
     result = replace_folder(work, output)
     (result / FINISHED).unlink(missing_ok=True)
@@ -103,8 +101,6 @@ def recover_at_start(output: Path, resume: bool, overwrite: bool) -> Path | None
     moved into place (its path is returned: nothing to train). Otherwise a previous result set aside
     mid-rename is put back (with a notice), the marker of a result already in place is dropped, a
     sealed result is named, not silently retrained over, and a resume of a finished run is refused."""
-    from .save import clear_stale
-
     work = work_folder(output)
     for restored in clear_stale(output):
         logger.warning("embedtune: put back %s, which a run stopped mid-save had set aside as %s", output, restored)

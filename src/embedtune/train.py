@@ -51,7 +51,8 @@ from .run_data import (
 )
 from .run_eval import build_run_evaluation, read_eval_data
 from .run_folder import complete_finish, recover_at_start, resolve_output, seal_finished
-from .save import check_target, save_adapter, save_merged
+from .files import check_target
+from .save import save_adapter, save_merged
 from .speed import mark_cache_warm
 from .st import to_sentence_transformer
 
