@@ -37,6 +37,7 @@ from .data.token_cache import install_token_cache
 from . import distributed
 from .errors import EmbedtuneError
 from .evaluate import metric_key
+from .files import check_target
 from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
 from .lora import get_peft_model
 from .model_card import pick_card_examples
@@ -51,7 +52,6 @@ from .run_data import (
 )
 from .run_eval import build_run_evaluation, read_eval_data
 from .run_folder import complete_finish, recover_at_start, resolve_output, seal_finished
-from .files import check_target
 from .save import save_adapter, save_merged
 from .speed import mark_cache_warm
 from .st import to_sentence_transformer
