@@ -100,6 +100,25 @@ def test_torchrun_train_end_to_end_writes_once(tmp_path, tiny_bert, flags):
     assert proc.stdout.count("trained 3 steps") == 1  # one summary, from rank 0
 
 
+def test_torchrun_resume_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path, tiny_bert):
+    """A run under torchrun stopped mid-epoch (steps 13-24 are its second epoch; the last checkpoint is at
+    step 15) and resumed under torchrun trains the batches the uninterrupted run trained: the same weights
+    (dropout on, so the ranks' RNG states come back too). The resumed epoch used to replay epoch 0's order."""
+    data = _pairs_file(tmp_path / "pairs.jsonl", 96)  # 96 pairs / (4 x 2 ranks): 12 steps an epoch
+    flags = ["--model", tiny_bert, "--max-steps", "20", "--batch-size", "4", "--max-seq-length", "16", "--no-eval",
+             "--save-every", "3", "--lr", "1e-3", "--lora-r", "4"]
+    whole = torchrun("-m", "embedtune", "train", data, "--output", tmp_path / "whole", *flags, cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    crashed = torchrun(HERE / "ddp_crash.py", "train", data, "--output", tmp_path / "run", *flags, cwd=tmp_path,
+                       env={"CRASH_AT_STEP": "17"})
+    assert crashed.returncode != 0 and (tmp_path / "run.partial" / "checkpoints" / "checkpoint-15").is_dir()
+    resumed = torchrun("-m", "embedtune", "train", data, "--output", tmp_path / "run", *flags, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["resumed_from_step"] == 15
+    a, b = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("whole", "run"))
+    assert _max_diff(a, b) <= 1e-6
+
+
 @pytest.fixture(scope="module")
 def tiny_qwen3(tmp_path_factory):
     return make_tiny_model("qwen3", tmp_path_factory.mktemp("tiny_fsdp"))

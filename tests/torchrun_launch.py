@@ -25,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, nproc: int = 2, cwd=None, timeout: int = 300, attempts: int = 2):
+def torchrun(*args, nproc: int = 2, cwd=None, timeout: int = 300, attempts: int = 2, env: dict | None = None):
     """Run a torchrun launch to its end. A launch that hangs (once in a CI run, gloo ranks waited on
     each other for 10 minutes; the same launch takes seconds and passed on every rerun) is killed with
     its workers and started again on a fresh port, once; a second hang fails the test."""
@@ -35,7 +35,7 @@ def torchrun(*args, nproc: int = 2, cwd=None, timeout: int = 300, attempts: int 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                *map(str, args)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(), cwd=cwd,
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**worker_env(), **(env or {})}, cwd=cwd,
                                 start_new_session=True)  # its own process group: a hang is killed whole
         try:
             stdout, stderr = proc.communicate(timeout=timeout)

@@ -298,6 +298,21 @@ class ResumableTrainer(SentenceTransformerTrainer):
     _finite_gate = None  # a guards._NonFiniteGate, if the first step chose the deferred check
     _finite_gate_decided = False
 
+    def get_resumed_dataloader(self, train_dataloader, steps_trained_in_current_epoch):
+        """The trainer's loader for the resumed epoch, its batches already trained skipped. Under torchrun
+        the skipping wrapper sits around accelerate's shard of the batch sampler, deeper than the
+        trainer's and accelerate's `set_epoch` reach, so the sampler would replay epoch 0's order: the
+        wrapper forwards `set_epoch` to the sampler (one process reaches it already)."""
+        loader = super().get_resumed_dataloader(train_dataloader, steps_trained_in_current_epoch)
+        outer = inner = getattr(loader, "batch_sampler", None)
+        for _ in range(4):  # skip wrapper -> accelerate's shard -> the batch sampler
+            inner = getattr(inner, "batch_sampler", None)
+            if inner is None or hasattr(inner, "set_epoch"):
+                break
+        if outer is not None and not hasattr(outer, "set_epoch") and hasattr(inner, "set_epoch"):
+            outer.set_epoch = inner.set_epoch
+        return loader
+
     def get_train_dataloader(self):
         """With CUDA graphs, batches stay on the host: the graph step pads and pins them and copies them
         into its buffers without blocking. accelerate's copy to the device (a blocking one per tensor)
