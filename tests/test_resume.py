@@ -346,6 +346,25 @@ class _NotATensor:
     """What no tensors-only load accepts."""
 
 
+def test_resume_refuses_another_number_of_processes(tmp_path, tiny_pairs, monkeypatch):
+    """A torchrun run resumed in one process (the batch and its in-batch negatives halved) is refused, and
+    the printed resume command names the launcher."""
+    from embedtune import distributed
+    from embedtune.checkpoint_format import check_same_run, run_record
+    from embedtune.resumable_trainer import resume_command
+    from embedtune.train import TrainConfig
+
+    config = TrainConfig(data=str(tiny_pairs), output_dir=str(tmp_path / "run"))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    (tmp_path / RUN_CONFIG).write_text(json.dumps(run_record(config)))
+    check_same_run(tmp_path, config)
+    assert resume_command(["embedtune", "train", "d.jsonl"]).startswith("torchrun --nproc-per-node 2 -m embedtune train")
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)
+    with pytest.raises(Exception, match=r"the number of processes \(torchrun --nproc-per-node\) is 1, was 2"):
+        check_same_run(tmp_path, config)
+    assert resume_command(["embedtune", "train", "d.jsonl"]) == "embedtune train d.jsonl --resume"
+
+
 def test_checkpoints_of_older_runs_still_resume(tmp_path, tiny_pairs):
     """Runs recorded a lone data file's digest with its name; their checkpoints match the same data, and only it."""
     from embedtune.checkpoint_format import check_same_run, run_record

@@ -62,7 +62,8 @@ RESUMABLE_CHANGES = frozenset({
     "gradient_checkpointing", "fast", "cached_loss", "token_budget", "compile", "cuda_graphs",
 })
 _FLAG_NAMES = {"evals_per_run": "--evals", "eval": "--no-eval", "lora_r": "--lora-r/--full",
-               "data_sha256": "the data's content", "extra": "extra training arguments"}
+               "data_sha256": "the data's content", "extra": "extra training arguments",
+               "world_size": "the number of processes (torchrun --nproc-per-node)"}
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -275,7 +276,10 @@ def run_record(config, file_name: bool = False) -> dict:
         digest = {s.name: data_digest(s.path, exclude=own, file_name=file_name) for s in data_sources(data)}
     else:
         digest = data_digest(data, exclude=own, file_name=file_name)
-    record = {"config": fields, "data_sha256": digest, **({} if file_name else {"data_file": DIGEST_OF_A_FILE})}
+    from . import distributed
+
+    record = {"config": fields, "data_sha256": digest, "world_size": distributed.world_size(),
+              **({} if file_name else {"data_file": DIGEST_OF_A_FILE})}
     return json.loads(json.dumps(record, default=str))
 
 
@@ -299,6 +303,8 @@ def check_same_run(checkpoints: Path, config) -> None:
     diffs = [(k, then.get(k, defaults.get(k)), v) for k, v in now["config"].items() if then.get(k, defaults.get(k)) != v]
     if saved.get("data_sha256") != now["data_sha256"]:
         diffs.append(("data_sha256", "", ""))
+    if saved.get("world_size", now["world_size"]) != now["world_size"]:  # (older records lack it)
+        diffs.append(("world_size", saved["world_size"], now["world_size"]))
     if diffs:
         name, was, is_ = diffs[0]
         shown = lambda value: "automatic" if value is None else repr(value)  # noqa: E731 - None: embedtune chose

@@ -87,7 +87,11 @@ def resume_command(argv: list[str] | None = None) -> str:
     args = list(sys.argv if argv is None else argv)[1:]
     if "--resume" not in args:
         args.append("--resume")
-    return shlex.join(["embedtune", *args])
+    from . import distributed
+
+    processes = distributed.world_size()
+    launcher = ["torchrun", "--nproc-per-node", str(processes), "-m", "embedtune"] if processes > 1 else ["embedtune"]
+    return shlex.join([*launcher, *args])
 
 
 @contextlib.contextmanager
