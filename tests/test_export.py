@@ -343,3 +343,22 @@ def test_card_snippets_run_and_give_the_fine_tuned_embeddings(trained, tmp_path,
         embeddings = namespace["embeddings"]
         embeddings = embeddings.numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
         assert _max_diff(embeddings, trained.expected_snippet) < 1e-5, code
+
+
+def test_card_reports_the_saved_weights_final_scores(tmp_path):
+    """sentence-transformers' card states the evaluator's last evaluation; after the best weights are restored
+    the saved model is not that one: its card states the run's final (exact) scores instead."""
+    from embedtune.evaluate import metric_key, shared_ir_evaluator
+    from embedtune.ir_task import IRTask
+    from embedtune.model_card import card_reports_final
+
+    base = make_tiny_model("bert", tmp_path)
+    model, tok = FastModel.from_pretrained(str(base), max_seq_length=32)
+    st = to_sentence_transformer(model, tok)
+    evaluator = shared_ir_evaluator(IRTask(queries={"q": "x"}, corpus={"d": "y"}, relevant={"q": {"d"}}))
+    evaluator.store_metrics_in_model_card_data(st, {metric_key("ir-eval", "ndcg@10"): 0.0724}, 1, 1500)
+    assert card_reports_final(st, "ir-eval", {"ndcg@10": 0.0824}, lambda m: metric_key("ir-eval", m))
+    st.save(str(tmp_path / "saved"))
+    header = (tmp_path / "saved" / "README.md").read_text().split("\n---\n", 1)[0]
+    assert "0.0824" in header and "0.0724" not in header
+    assert not card_reports_final(st, "other-eval", {"ndcg@10": 0.5}, lambda m: m)

@@ -377,6 +377,22 @@ def complete_saved_card(folder: str | os.PathLike, facts: CardFacts) -> Path | N
     return write_model_card(folder, facts)
 
 
+def card_reports_final(st_model, evaluator_name: str, final: dict[str, float], key) -> bool:
+    """sentence-transformers' card reports each evaluator's last evaluation (its model-index and
+    metrics table), but the saved weights are the restored best ones, scored exactly by the run's final
+    evaluation: the card reports that instead. `key(metric)`: the evaluator's name for a metric. True
+    where the evaluator was on the card."""
+    results = getattr(getattr(st_model, "model_card_data", None), "eval_results_dict", None)
+    if not results or not final:
+        return False
+    found = False
+    for evaluator in list(results):
+        if getattr(evaluator, "name", None) == evaluator_name:
+            results[evaluator] = {key(metric): value for metric, value in final.items()}
+            found = True
+    return found
+
+
 def pick_card_examples(st_model, dataset) -> None:
     """sentence-transformers' trainer picks the card's example texts from the training data when it
     starts, under a progress bar of its own; picked here first, with that bar silenced, it keeps them."""

@@ -40,7 +40,7 @@ from .evaluate import metric_key
 from .files import check_target
 from .loading import DEFAULT_MODEL_ID, FastModel, resolve_dtype
 from .lora import get_peft_model
-from .model_card import pick_card_examples
+from .model_card import card_reports_final, pick_card_examples
 from .plots import warm_up_callback
 from .monitoring import (
     TENSORBOARD_DIR, Phases, attach_tokens_per_second, check_report_to, point_tensorboard,
@@ -711,6 +711,8 @@ def _finish_output(st_model, metrics: dict, work: Path, output: Path, overwrite:
             if card.is_file():
                 shutil.copyfile(card, model_dir / "README.md")
         else:
+            if (metrics.get("evaluation") or {}).get("kind") == "retrieval":
+                card_reports_final(st_model, EVAL_NAME, metrics["final"], lambda m: metric_key(EVAL_NAME, m))
             model_dir = save_merged(st_model, work / "model")
         from .export import complete_run_card, write_run_adapter_card
 
