@@ -132,6 +132,14 @@ def test_corpus_file_and_skipped_rows(st_model, pairs_file, tmp_path):
     for name in ("negative_1", "negative_2"):
         assert set(column(ds, name)) <= set(docs)
     assert all(p != n for p, n in zip(column(ds, "positive"), column(ds, "negative_1")))
+    # A corpus copy of a positive that differs only in whitespace is that positive, never its negative.
+    spaced = tmp_path / "spaced.jsonl"
+    spaced.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs + [d + " " for d in docs[:15]]),
+                      encoding="utf-8")
+    result = mine_hard_negatives(st_model, small, tmp_path / "spaced_out.jsonl", corpus=spaced, num_negatives=2,
+                                 rank_range=(0, 10), margin=0.0, use_faiss=False, show_progress=False)
+    for row in load_pairs(result.path).dataset:
+        assert row["positive"].strip() not in (row["negative_1"].strip(), row["negative_2"].strip()), row
     # Rows whose positive is missing from the corpus still get a positive score and negatives.
     far = write_jsonl(pairs[100:104], tmp_path / "far.jsonl")
     far_result = mine_hard_negatives(st_model, far, tmp_path / "far_out.jsonl", corpus=corpus, num_negatives=1,

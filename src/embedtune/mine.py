@@ -9,7 +9,7 @@ it is installed (see ``use_faiss``).
 
 False-negative filters, per row, in rank order:
 
-* the anchor's own positives (every positive of every row with that anchor, compared as text) are
+* the anchor's own positives (every positive of every row with that anchor, compared as text, whitespace aside) are
   removed from the ranking before ranks are counted;
 * candidates ranked below ``rank_range[0]`` (0-based) are skipped, and ranking stops at
   ``rank_range[1]`` (exclusive): the closest documents are the likeliest unlabelled positives;
@@ -171,15 +171,20 @@ class _PairIds:
     @classmethod
     def build(cls, anchors_col: list[str], positives_col: list[str], docs: list[str]) -> _PairIds:
         doc_id = {text: i for i, text in enumerate(docs)}
+        # a corpus copy of a positive that differs only in whitespace tokenizes alike and scores alike:
+        # it is that positive, not a negative
+        same_text: dict[str, list[int]] = {}
+        for i, text in enumerate(docs):
+            same_text.setdefault(" ".join(text.split()), []).append(i)
         anchor_id: dict[str, int] = {}
         row_anchor = [anchor_id.setdefault(a, len(anchor_id)) for a in anchors_col]
         own: list[set[int] | None] = [None] * len(anchor_id)
         for a, p in zip(row_anchor, positives_col):
-            cid = doc_id.get(p)
-            if cid is not None:
+            cids = same_text.get(" ".join(p.split()))
+            if cids:
                 if own[a] is None:
                     own[a] = set()
-                own[a].add(cid)
+                own[a].update(cids)
         max_own = max((len(s) for s in own if s), default=0)
         extra_id: dict[str, int] = {}
         for p in positives_col:
