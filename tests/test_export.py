@@ -250,6 +250,7 @@ def test_model_card_states_the_run_and_its_metrics(trained, tmp_path):
         after = metrics["final"][name]
         assert f"| {name} | {before:.4f} | {after:.4f} | {after - before:+.4f} |" in card
     assert f"| training pairs | {metrics['train_pairs']} |" in card
+    assert f"| batch per step | `{metrics['config']['batch_size']}` |" in card  # one process
     assert f"| held-out pairs | {metrics['eval_pairs']} |" in card
     assert f"| lora_r | {metrics['config']['lora_r']} |" in card
     assert f"| lr | {metrics['config']['lr']:g} |" in card
@@ -362,3 +363,10 @@ def test_card_reports_the_saved_weights_final_scores(tmp_path):
     header = (tmp_path / "saved" / "README.md").read_text().split("\n---\n", 1)[0]
     assert "0.0824" in header and "0.0724" not in header
     assert not card_reports_final(st, "other-eval", {"ndcg@10": 0.5}, lambda m: m)
+
+
+def test_batch_fact_counts_every_process():
+    from embedtune.report import batch_fact
+
+    assert batch_fact(4, 2) == "4 per process x 2 processes = 8"
+    assert batch_fact(4, 1) == batch_fact(4, None) == "4" and batch_fact(None, 2) is None

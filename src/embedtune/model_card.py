@@ -135,6 +135,12 @@ def _loss_fact(config: dict) -> str:
     return "in-batch negatives contrastive loss (InfoNCE)" + (f": {', '.join(parts)}" if parts else "")
 
 
+def _batch_fact(config: dict, metrics: dict) -> str | None:
+    from .report import batch_fact  # the words `embedtune report` uses
+
+    return batch_fact(config.get("batch_size"), metrics.get("world_size"))
+
+
 def _speed_fact(metrics: dict) -> str | None:
     from .report import speed_fact  # the words `embedtune report` uses; only when a card is written
 
@@ -154,6 +160,7 @@ def _training_section(metrics: dict | None) -> list[str]:
         f"| held-out pairs | {_cell(metrics.get('eval_pairs'))} |",
         f"| rows skipped | {_cell(metrics.get('skipped_summary') or metrics.get('skipped_rows'))} |",
         f"| steps | {_cell(metrics.get('steps'))} |",
+        f"| batch per step | {_cell(_batch_fact(config, metrics))} |",
         f"| loss | {_cell(_loss_fact(config))} |",
         f"| speed mode | {_cell(_speed_fact(metrics))} |",
         f"| training time | {_cell(metrics.get('train_time_s'))} s |",

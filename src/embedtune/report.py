@@ -192,7 +192,7 @@ def facts_table(metrics: dict):
                                 for d in metrics["datasets"]) if len(metrics.get("datasets") or ()) > 1 else None),
         ("method", None if "lora_r" not in config else (f"LoRA r{lora}" if lora else "full fine-tuning")),
         ("steps", metrics.get("steps")),
-        ("batch size", config.get("batch_size")),
+        ("batch size", batch_fact(config.get("batch_size"), metrics.get("world_size"))),
         ("learning rate", config.get("lr")),
         ("train pairs", metrics.get("train_pairs")),
         ("held-out pairs", metrics.get("eval_pairs")),
@@ -288,6 +288,15 @@ def eval_table(history: list[dict], base: dict, best_step):
         table.add_row(f"{step}{mark}", *[_fmt(v) for v in values], _fmt(recent[-1]) if recent else "-")
     table.caption = "* best step: its weights are the saved model" if best_step in steps else None
     return table
+
+
+def batch_fact(batch_size, world_size) -> str | None:
+    """The batch a step trains: per process, and in all where several processes train (torchrun)."""
+    if batch_size is None:
+        return None
+    if isinstance(world_size, int) and world_size > 1:
+        return f"{batch_size} per process x {world_size} processes = {batch_size * world_size}"
+    return str(batch_size)
 
 
 def _number(value) -> bool:
