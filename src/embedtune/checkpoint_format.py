@@ -291,6 +291,11 @@ def _flag(name: str) -> str:
     return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
+def _shown(value) -> str:
+    """A setting's value in a refusal; None is embedtune's own choice."""
+    return "automatic" if value is None else repr(value)
+
+
 def check_same_run(checkpoints: Path, config) -> None:
     """Refuse to resume a run made with other settings, naming the first difference."""
     try:
@@ -307,9 +312,8 @@ def check_same_run(checkpoints: Path, config) -> None:
         diffs.append(("world_size", saved["world_size"], now["world_size"]))
     if diffs:
         name, was, is_ = diffs[0]
-        shown = lambda value: "automatic" if value is None else repr(value)  # noqa: E731 - None: embedtune chose
         detail = (f"{_flag(name)} changed" if name in ("data_sha256", "extra")
-                  else f"{_flag(name)} is {shown(is_)}, was {shown(was)}")
+                  else f"{_flag(name)} is {_shown(is_)}, was {_shown(was)}")
         more = f" (and {', '.join(_flag(d[0]) for d in diffs[1:])})" if len(diffs) > 1 else ""
         raise EmbedtuneError(f"can't resume {checkpoints.parent}: {detail}{more}; rerun with the settings of the "
                              "interrupted run, or drop --resume and pass --overwrite to start over")

@@ -676,7 +676,7 @@ class _Collector:
         name = self.name
         if self.records == 0:
             if self.found:  # a table's header (or a Parquet schema), and no rows under it
-                raise DataError(f"{name}: holds column names ({_quoted(', '.join(self.found), 80)}) but no rows")
+                raise _no_rows(name, ", ".join(self.found))
             raise DataError(f"{name}: file is empty")
         absent = [(role, key) for role, keys in self.roles.items() for key in keys if key not in self.found]
         if absent:
@@ -1112,12 +1112,16 @@ def _read_csv(p: Path, name: str, collector: _Collector, delimiter: str = ",") -
             with p.open("rb") as f:
                 head = f.read(1 << 20).rstrip()
             if b"\n" not in head and b"\r" not in head:  # a lone header line: no rows
-                header = head.decode("utf-8", "replace").replace(delimiter, ", ")
-                raise DataError(f"{name}: holds column names ({_quoted(header, 80)}) but no rows") from None
+                raise _no_rows(name, head.decode("utf-8", "replace").replace(delimiter, ", ")) from None
             raise DataError(f"{name}:1: invalid {kind}: the header row never ends (unbalanced quote?)") from None
         # pyarrow's messages name no line and quote whole rows; find the line ourselves.
         problem = _csv_problem(p, name, delimiter) or f"{name}: invalid {kind}: {_quoted(str(e), 120)}"
         raise DataError(problem) from None
+
+
+def _no_rows(name: str, column_names: str) -> DataError:
+    """A table with a header (or a Parquet schema) and no rows under it."""
+    return DataError(f"{name}: holds column names ({_quoted(column_names, 80)}) but no rows")
 
 
 def _refuse_header_row(p: Path, name: str, delimiter: str, positions: set[str]) -> None:
