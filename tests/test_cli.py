@@ -215,3 +215,61 @@ def test_demo_keeps_a_folder_of_the_users_own_files(tmp_path, monkeypatch):
     assert not (out / "notes.txt").exists() and (out / "metrics.json").is_file()
     result = runner.invoke(app, ["demo", "--output", str(out), *flags])  # an earlier run's result: replaced
     assert result.exit_code == 0, result.output
+
+
+def _launched_as(monkeypatch, rank: int, error_file: Path | None):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    if error_file is None:
+        monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    else:
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+
+def _run_user_errors(raised: BaseException) -> str:
+    """What `cli.user_errors` prints to stderr for `raised` (it always ends in typer.Exit)."""
+    import io
+
+    import typer
+
+    from embedtune import cli
+
+    held = io.StringIO()
+    console = cli.err_console
+    cli.err_console = type(console)(file=held, width=200)
+    try:
+        with pytest.raises(typer.Exit), cli.user_errors():
+            raise raised
+    finally:
+        cli.err_console = console
+    return held.getvalue()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_launched_rank_leaves_its_error_with_the_launcher_and_rank_0_prints_it(tmp_path, monkeypatch, rank):
+    """Under torchrun (TORCHELASTIC_ERROR_FILE set) each rank writes its one line where torchrun's failure
+    summary reads it; only rank 0 prints it, so N ranks meeting the same bad input print it once."""
+    from embedtune.errors import DataError
+
+    error_file = tmp_path / "error.json"
+    _launched_as(monkeypatch, rank, error_file)
+    printed = _run_user_errors(DataError("pairs.jsonl:2: invalid JSON"))
+    recorded = json.loads(error_file.read_text())["message"]
+    assert recorded["extraInfo"]["py_callstack"] == recorded["message"] == "error: pairs.jsonl:2: invalid JSON"
+    assert ("pairs.jsonl:2: invalid JSON" in printed) == (rank == 0), printed
+
+
+def test_a_launched_rank_without_a_launcher_error_file_prints_its_error_marked(monkeypatch):
+    from embedtune.errors import DataError
+
+    _launched_as(monkeypatch, 1, None)
+    printed = _run_user_errors(DataError("pairs.jsonl:2: invalid JSON"))
+    assert printed.strip() == "rank 1 error: pairs.jsonl:2: invalid JSON"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_interrupt_under_a_launcher_is_announced_once(monkeypatch, rank):
+    """torchrun hands Ctrl-C to every rank: rank 0 says "interrupted", the others only exit."""
+    _launched_as(monkeypatch, rank, None)
+    printed = _run_user_errors(KeyboardInterrupt())
+    assert ("interrupted" in printed) == (rank == 0), printed

@@ -98,6 +98,24 @@ def test_torchrun_train_end_to_end_writes_once(tmp_path, tiny_bert, flags):
     assert (output / "model" / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl", "run"]  # no stray partial/temp folders
     assert proc.stdout.count("trained 3 steps") == 1  # one summary, from rank 0
+    # one set of progress bars, rank 0's (every rank drew its evaluation's and the sampler's hashing bars)
+    assert proc.stderr.count("Encoding queries:   0%") == 1, proc.stderr[-4000:]
+    assert proc.stderr.count("Hashing dataset values:   0%") <= 1, proc.stderr[-4000:]
+    assert "broadcast_buffers" not in proc.stderr and "find_unused_parameters" not in proc.stderr
+
+
+def test_torchrun_bad_input_is_one_line_and_names_each_rank(tmp_path, tiny_bert):
+    """Bad input under torchrun: the one-line error printed once (by rank 0, not once per rank), and
+    torchrun's failure summary gives each rank's reason instead of a pointer to its docs."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"anchor": "a", "positive": "b"}\n{"anchor": "a", "positive": \n')
+    proc = torchrun("-m", "embedtune", "train", data, "--model", tiny_bert, "--output", tmp_path / "run",
+                    "--max-steps", "2", cwd=tmp_path)
+    assert proc.returncode != 0
+    printed = [row for row in proc.stderr.splitlines() if row.startswith(("error:", "rank 1 error:"))]
+    assert len(printed) == 1 and printed[0].endswith("pairs.jsonl:2: invalid JSON: Expecting value at column 1"), proc.stderr
+    assert proc.stderr.count(f"traceback : {printed[0]}") == 2, proc.stderr  # both ranks, in torchrun's summary
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
 
 
 def test_torchrun_resume_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path, tiny_bert):

@@ -57,11 +57,23 @@ def user_errors():
     except EmbedtuneError as exc:
         from rich.markup import escape
 
-        # escaped: messages quote the user's files (column names such as "[/x]" are not markup)
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        from .distributed import launched_rank, tell_launcher
+
+        # Under torchrun every rank meets the same bad input: rank 0 prints the line, and each rank leaves
+        # its own in the launcher's failure summary (a rank that alone failed is named there). A rank
+        # whose launcher keeps no error file prints it, marked with its rank.
+        rank = launched_rank()
+        told = tell_launcher(f"error: {exc}")
+        if not rank or not told:
+            where = f"rank {rank} " if rank else ""
+            # escaped: messages quote the user's files (column names such as "[/x]" are not markup)
+            err_console.print(f"[bold red]{where}error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during training (`TrainingInterrupted.signum`)
-        err_console.print("[yellow]interrupted[/]")
+        from .distributed import launched_rank
+
+        if not launched_rank():  # one notice per run, rank 0's: torchrun hands the signal to every rank
+            err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(128 + getattr(exc, "signum", 2)) from None
 
 
@@ -71,8 +83,11 @@ def resume_hint(output: str | None):
     try:
         yield
     except KeyboardInterrupt:
+        from .distributed import launched_rank
         from .run_folder import work_folder  # only on Ctrl-C: kept off the CLI's start
 
+        if launched_rank():  # under torchrun, rank 0 names the checkpoint and the command
+            raise
         if not output or not work_folder(output).is_dir():  # "run/", "run" and a link to it: one run.partial
             raise
         from .resilience import checkpoint_step, checkpoints_dir, latest_checkpoint, resume_command  # heavy: torch

@@ -3,14 +3,19 @@
 The launcher sets RANK / WORLD_SIZE; the HF Trainer (through accelerate) wraps the model in DDP.
 embedtune adds what a contrastive run needs on top: the process group exists before the first
 evaluation (so evaluation can be split across ranks), only rank 0 writes files and prints, and
-the loss gathers embeddings across ranks (see `losses.gather_with_grad`).
+the loss gathers embeddings across ranks (see `losses.gather_with_grad`). torch is imported by the
+functions that use it: the CLI asks who prints before torch loads (its errors, its notices).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def launched() -> bool:
@@ -49,6 +54,45 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_rank() -> int | None:
+    """This process's rank when a launcher started several (from its environment, so without torch);
+    None in a single process."""
+    return int(os.environ.get("RANK", "0")) if launched() else None
+
+
+def quiet_other_ranks() -> None:
+    """On every rank but 0, the libraries' own progress bars are off (datasets' map bars, such as the
+    no-duplicates sampler's hashing; transformers' loading bars): a run shows one set of bars, rank
+    0's, as the trainer does with its own."""
+    if not launched() or is_main():
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+    except ImportError:
+        return
+    datasets.disable_progress_bars()
+
+
+def tell_launcher(line: str) -> bool:
+    """Leave `line` as this process's failure in the launcher's error file (torchrun names each failed
+    rank with its reason in its summary instead of "To enable traceback see ..."); False when no
+    launcher asked for one (`TORCHELASTIC_ERROR_FILE` unset) or it can't be written."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE") if launched() else None
+    if not path:
+        return False
+    try:
+        with open(path, "w") as f:
+            # the layout of torch's own `ErrorHandler.record_exception`; the summary shows "py_callstack"
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                   "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        return False
+    return True
+
+
 def barrier() -> None:
     if initialized():
         import torch.distributed as dist
@@ -60,6 +104,7 @@ def rank0_says(flag: bool) -> bool:
     """Rank 0's value of `flag` on every rank: decisions made from one clock (when to checkpoint)."""
     if not initialized() or world_size() == 1:
         return flag
+    import torch
     import torch.distributed as dist
 
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -76,6 +121,7 @@ def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
     world = world_size()
     if world == 1:
         return local
+    import torch
     import torch.distributed as dist
 
     per_rank = -(-total // world)
@@ -95,6 +141,7 @@ def check_in_sync(model) -> None:
     (no gradient averaging) fails here rather than saving one rank's model as if it were the run's."""
     if not initialized() or world_size() == 1:
         return
+    import torch
     import torch.distributed as dist
 
     with torch.no_grad():

@@ -27,6 +27,7 @@ from .checkpoint_format import (
     reference_weights, referenced_folder, restore_best, seal_checkpoint,
 )
 from .errors import EmbedtuneError
+from .hf_quiet import ignoring_warnings
 from .guards import (
     OUT_OF_MEMORY, HostCopy, InterruptGuard, NonFiniteLoss, TrainingInterrupted, check_finite_weights, finite_gate_for,
     nonfinite_loss_message, oom_message,
@@ -427,7 +428,9 @@ def train_resumably(trainer, best=None, resume_from: Path | None = None, resumab
     out_of_memory = False
     with guard if resumable else contextlib.nullcontext():
         try:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            # torch 2.13 deprecates DDP's broadcast_buffers, the only name the trainer has for it
+            with ignoring_warnings("`broadcast_buffers` is deprecated", category=FutureWarning):
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except OUT_OF_MEMORY:
             out_of_memory = True  # raised below, outside this block, so the failed step's tensors can go
         except pickle.UnpicklingError as exc:

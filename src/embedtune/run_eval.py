@@ -155,8 +155,8 @@ class RunEvaluation:
             self.during = subsample_task(self.source.task, self.plan.during, self.plan.seed)
         if self.plan.evals:
             with self.clock.measure("base"):
-                self.base_metrics = evaluate_model(st_model, self.during, batch_size=EVAL_BATCH, show_progress=True,
-                                                   **self.prompts)
+                self.base_metrics = evaluate_model(st_model, self.during, batch_size=EVAL_BATCH,
+                                                   show_progress=distributed.is_main(), **self.prompts)
         return self.base_metrics
 
     def record(self) -> dict:
@@ -190,7 +190,8 @@ class RunEvaluation:
         from .monitoring import ENCODE_BAR_MIN_TEXTS
 
         big = len(self.during.queries) + len(self.during.corpus) >= ENCODE_BAR_MIN_TEXTS  # bars only if slow
-        return shared_ir_evaluator(self.during, name=self.name, batch_size=EVAL_BATCH, show_progress=big,
+        return shared_ir_evaluator(self.during, name=self.name, batch_size=EVAL_BATCH,
+                                   show_progress=big and distributed.is_main(),
                                    clock=self.clock, **self.prompts)
 
     def schedule(self, total_steps: int):
@@ -250,8 +251,8 @@ class RunEvaluation:
             if self.plan.final_is_best:
                 return dict(self.best_during)
         with self.clock.measure("final"):
-            return evaluate_model(st_model, self.source.task, batch_size=EVAL_BATCH, show_progress=True,
-                                  **self.prompts)
+            return evaluate_model(st_model, self.source.task, batch_size=EVAL_BATCH,
+                                  show_progress=distributed.is_main(), **self.prompts)
 
     def summary(self) -> dict:
         """metrics.json's `eval`: the source, the plan and why, the seconds by kind, the skipped steps."""

@@ -158,6 +158,7 @@ def run(config: TrainConfig, progress=None) -> RunResult:
         return _finished_result(finished)
     data = read_data(config, output, phases)
     distributed.init_if_launched()  # under torchrun: join the process group before evaluating
+    distributed.quiet_other_ranks()  # one set of progress bars, rank 0's
     model = load_model(config, phases)
     objective = loss_and_evaluator(config, data, model, phases)
     with discard_on_failure(data.work, fresh=data.resume_from is None):
@@ -491,6 +492,7 @@ def training_arguments(config: TrainConfig, data: RunData, objective: Objective,
         # The same parameters take part in every step: DDP learns them on the first step instead of
         # searching the autograd graph for unused ones every step (the trainer's default for ST models).
         ddp_static_graph=True,
+        ddp_find_unused_parameters=False,  # a static graph finds them once itself (torch warns at both)
         # On CPU, accelerate treats a torchrun launch as distributed (DDP over gloo) only when told to use the CPU.
         use_cpu=distributed.launched() and not torch.cuda.is_available(),
     )
