@@ -184,3 +184,27 @@ def test_resume_record_holds_each_data_files_digest(tmp_path):
     assert record["data_sha256"] == {"a": data_digest(a), "b": data_digest(b)} and None not in record["data_sha256"].values()
     b.write_text(b.read_text(encoding="utf-8").replace("0.", "1."), encoding="utf-8")
     assert run_record(TrainConfig(data=[str(a), str(b)]))["data_sha256"]["b"] != record["data_sha256"]["b"]
+
+
+def test_a_short_data_set_among_several_warns_of_its_batches_not_the_runs_steps(tmp_path):
+    """With several data sets the run's steps come from all of them: the first data set's batch plan is
+    its own (under `data`), not the run's `batches`, and its shortfall warning predicts no run steps
+    (it used to say "the run trains about N of M planned steps" for that data set alone)."""
+    from embedtune.monitoring import Phases
+    from embedtune.train import TrainConfig, place_output, read_data
+
+    short = tmp_path / "short.jsonl"
+    with short.open("w", encoding="utf-8") as f:  # 40 rows, 10 distinct positives: 4 batches of 8 a pass, not 5
+        for i in range(40):
+            f.write(json.dumps({"anchor": f"question number {i}", "positive": f"answer {i % 10}"}) + "\n")
+    whole = _pairs_file(tmp_path / "whole.jsonl", rows=60)
+    config = TrainConfig(data=[str(short), str(whole)], output_dir=str(tmp_path / "out"), batch_size=8, epochs=2,
+                         eval=False, max_seq_length=32)
+    output, _ = place_output(config)
+    data = read_data(config, output, Phases())
+    assert data.batches is None
+    plan = data.parts[0].batches
+    assert plan["full_batches_per_pass"] < plan["batches_planned_per_epoch"] == 5
+    assert plan["warning"].startswith(f"{short}: ") and "the run trains" not in plan["warning"], plan["warning"]
+    assert "expected_steps" not in plan and "planned_steps" not in plan
+    assert data.parts[1].batches["warning"] is None

@@ -42,11 +42,12 @@ def _sampler_is_no_duplicates(config) -> bool:
     return choice is None or str(getattr(choice, "value", choice)) in ("no_duplicates", "no_duplicates_hashed")
 
 
-def check_batches(config, train_ds) -> dict | None:
+def check_batches(config, train_ds, alone: bool = True) -> dict | None:
     """The full batches the NO_DUPLICATES sampler will really yield (`data.sampler.plan_batches`):
     zero optimizer steps is an error naming the data and why; fewer batches than the row count
     promises is a one-line warning, also returned for metrics.json (`batches`, with its `warning`).
-    None when the run uses another sampler."""
+    Where the data set is one of several (`alone` False), the run's steps depend on all of them: the
+    warning and the result say nothing of the run's steps. None when the run uses another sampler."""
     from .data.sampler import fitting_batch_size, plan_batches
 
     if not _sampler_is_no_duplicates(config):
@@ -66,17 +67,19 @@ def check_batches(config, train_ds) -> dict | None:
         fix = (f"remove the duplicate rows or lower --batch-size (to {smaller}, for one)" if smaller else
                "remove the duplicate rows (not even --batch-size 2 fills a batch)")
         raise EmbedtuneError(f"{config.data}: {plan.describe()}{step}: the run would train no step; {fix}")
-    planned_per_epoch = max(1, len(train_ds) // (batch_size * per_step))  # as `run` plans
-    planned = config.max_steps or max(1, math.ceil(planned_per_epoch * config.epochs))
-    expected = min(planned, steps_per_epoch * math.ceil(planned / planned_per_epoch))
     line = f"{config.data}: {plan.describe()}"
     if plan.per_epoch > plan.per_pass:
         line += f"; the sampler repeats rows to make {plan.per_epoch} batches per epoch"
-    if expected < planned:
-        line += f"; the run trains about {expected} of {planned} planned steps"
+    if alone:
+        planned_per_epoch = max(1, len(train_ds) // (batch_size * per_step))  # as `run` plans
+        planned = config.max_steps or max(1, math.ceil(planned_per_epoch * config.epochs))
+        expected = min(planned, steps_per_epoch * math.ceil(planned / planned_per_epoch))
+        if expected < planned:
+            line += f"; the run trains about {expected} of {planned} planned steps"
+        info.update(planned_steps=planned, expected_steps=expected)
     if distributed.is_main():  # one line, not one per rank
         logger.warning("embedtune: %s", line)
-    info.update(warning=line, planned_steps=planned, expected_steps=expected)
+    info.update(warning=line)
     return info
 
 

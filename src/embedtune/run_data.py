@@ -87,7 +87,7 @@ def split_parts(config, parts: list[Part], eval_size: int | None) -> None:
             raise EmbedtuneError(f"{part.source.path}: {len(part.train_ds)} training pairs, fewer than one batch "
                                  f"of {config.batch_size}")
         part.batches = check_batches(dataclasses.replace(config, data=part.source.path),
-                                     part.train_ds.select_columns(list(part.choice.text_columns)))
+                                     part.train_ds.select_columns(list(part.choice.text_columns)), alone=len(parts) == 1)
 
 
 def trainer_dataset(parts: list[Part]):

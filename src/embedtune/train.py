@@ -197,7 +197,7 @@ class RunData:
     loaded: Any
     train_ds: Any
     eval_ds: Any | None
-    batches: dict | None
+    batches: dict | None  # the sampler's batches of the one data set (`run_checks.check_batches`); None for several
     output: Path | None
     work: Path
     resumable: bool
@@ -223,7 +223,8 @@ def read_data(config: TrainConfig, output: Path | None, phases: Phases) -> RunDa
     eval_size = 0 if not config.eval or (eval_source is not None and config.eval_size is None) else config.eval_size
     # per data set: split, refuse fewer rows than a batch, count the full batches (no-silent-success)
     split_parts(config, parts, eval_size)
-    train_ds, eval_ds, batches = parts[0].train_ds, parts[0].eval_ds, parts[0].batches
+    train_ds, eval_ds = parts[0].train_ds, parts[0].eval_ds
+    batches = parts[0].batches if len(parts) == 1 else None  # several: each data set's, under metrics' `data`
     resumable = output is not None and not config.fsdp  # FSDP runs keep no resumable checkpoints (yet)
     work = Path(f"{output}.partial") if output else Path(os.environ.get("TMPDIR", "/tmp")) / f"embedtune-{os.getpid()}"
     resume_from = resume_point(work, config, resumable=resumable)  # checked before any loading
@@ -593,8 +594,9 @@ def run_metrics(config: TrainConfig, started: float, data: RunData, objective: O
         ),
     }
     setup.checks.report(metrics, state, first_step, plan.total_steps, data.batches, loaded)  # adds "warnings"
-    # a loss leaving a column out, and the other data sets' batch shortfalls (the first's is in `warnings` already)
-    shortfalls = [p.batches["warning"] for p in data.parts[1:] if p.batches and p.batches.get("warning")]
+    # a loss leaving a column out, and with several data sets each one's batch shortfall (one data set's is
+    # in `warnings` already)
+    shortfalls = [p.batches["warning"] for p in data.parts if len(data.parts) > 1 and p.batches and p.batches.get("warning")]
     metrics["warnings"] = [p.choice.warning for p in data.parts if p.choice.warning] + metrics["warnings"] + shortfalls
     return metrics
 
