@@ -251,8 +251,11 @@ def test_a_launched_rank_leaves_its_error_with_the_launcher_and_rank_0_prints_it
     summary reads it; only rank 0 prints it, so N ranks meeting the same bad input print it once."""
     from embedtune.errors import DataError
 
+    from embedtune import cli
+
     error_file = tmp_path / "error.json"
     _launched_as(monkeypatch, rank, error_file)
+    monkeypatch.setattr(cli, "RANK_ERROR_GRACE_S", 0.0)
     printed = _run_user_errors(DataError("pairs.jsonl:2: invalid JSON"))
     recorded = json.loads(error_file.read_text())["message"]
     assert recorded["extraInfo"]["py_callstack"] == recorded["message"] == "error: pairs.jsonl:2: invalid JSON"

@@ -193,3 +193,29 @@ def test_fsdp_refuses_what_it_does_not_cover(tmp_path, tiny_qwen3):
     assert alone.returncode != 0 and "torchrun" in alone.stderr and not (tmp_path / "a").exists()
     lora = torchrun("-m", "embedtune", "train", data, "--model", tiny_qwen3, "--output", tmp_path / "b", "--fsdp")
     assert lora.returncode != 0 and "--full" in lora.stderr and not (tmp_path / "b").exists()
+
+
+def test_a_finished_torchrun_worker_leaves_its_process_group_before_exiting(tmp_path):
+    """A worker whose command finished ends its process group itself: left to the interpreter's teardown,
+    torch's communication threads sometimes aborted it ("terminate called without an active exception"),
+    and torchrun reported the finished, saved run as failed."""
+    from torchrun_launch import free_port
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import torch.distributed as dist\n"
+        "from embedtune import cli\n"
+        "def command():\n"
+        "    dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "cli.main = command\n"
+        "destroy = dist.destroy_process_group\n"
+        "def spy(*args, **kwargs):\n"
+        "    print('process group ended', flush=True)\n"
+        "    destroy(*args, **kwargs)\n"
+        "dist.destroy_process_group = spy\n"
+        "cli.console_main()\n"
+        "print('not reached: the command exits', flush=True)\n")
+    env = {**worker_env(), "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["process group ended"], proc.stdout

@@ -403,9 +403,10 @@ def test_the_command_leaves_at_once_with_its_exit_code(quick_exits, monkeypatch,
     assert quick_exits == [0, 2] and "batch-size" in capsys.readouterr().err  # typer's usage error, exit code 2
 
 
-@pytest.mark.parametrize("why", ["tracker", "torchrun"])
-def test_the_command_exits_the_usual_way_where_exit_handlers_matter(quick_exits, monkeypatch, why):
-    """A tracker's exit handler (it syncs the run) or a torchrun worker: SystemExit, never os._exit."""
+@pytest.mark.parametrize("why", ["tracker", "failed torchrun worker"])
+def test_the_command_exits_the_usual_way_where_exit_handlers_matter(quick_exits, monkeypatch, tmp_path, why):
+    """A tracker's exit handler (it syncs the run), or a torchrun worker that failed: SystemExit with the
+    command's code, never os._exit."""
     import types
 
     from embedtune.cli import console_main
@@ -413,12 +414,29 @@ def test_the_command_exits_the_usual_way_where_exit_handlers_matter(quick_exits,
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     if why == "tracker":
         monkeypatch.setitem(sys.modules, "wandb", types.ModuleType("wandb"))
+        argv, code = ["embedtune", "--help"], 0
     else:
         monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(sys, "argv", ["embedtune", "--help"])
+        argv, code = ["embedtune", "train", str(tmp_path / "pairs.jsonl"), "--batch-size", "many"], 2
+    monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exited:
         console_main()
-    assert exited.value.code == 0 and quick_exits == []
+    assert exited.value.code == code and quick_exits == []
+
+
+def test_a_finished_torchrun_worker_ends_its_process_group_then_leaves_at_once(quick_exits, monkeypatch):
+    """Its process group ended by the command (`distributed.end_process_group`), nothing is left for the
+    teardown: the finished worker leaves at once, as one process does."""
+    from embedtune import distributed
+    from embedtune.cli import console_main
+
+    ended = []
+    monkeypatch.setattr(distributed, "end_process_group", lambda: ended.append(True))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "argv", ["embedtune", "--help"])
+    with pytest.raises(_Exited):
+        console_main()
+    assert ended == [True] and quick_exits == [0]
 
 
 def test_python_m_embedtune_and_the_console_script_use_the_quick_exit():

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -49,6 +50,9 @@ def heavy_imports():
             gc.enable()
 
 
+RANK_ERROR_GRACE_S = 3.0  # how long a launched rank other than 0 waits after its error, for rank 0's line
+
+
 @contextlib.contextmanager
 def user_errors():
     """Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
@@ -68,6 +72,8 @@ def user_errors():
             where = f"rank {rank} " if rank else ""
             # escaped: messages quote the user's files (column names such as "[/x]" are not markup)
             err_console.print(f"[bold red]{where}error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        else:  # torchrun stops every rank once one exits: rank 0, a moment behind, gets to print the line
+            time.sleep(RANK_ERROR_GRACE_S)
         raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during training (`TrainingInterrupted.signum`)
         from .distributed import launched_rank
@@ -568,8 +574,10 @@ def console_main() -> None:
     one by one, CUDA's context destroyed. After a CPU training job that took 0.5 s (from the run's last
     phase to the exit: 0.55 s, 0.06 s with this), for nothing the user keeps, so the process ends with
     `os._exit` after flushing its output.
-    Where that could lose something (a tracker's exit handler syncing a run, a torchrun worker whose
-    process group shuts down at exit) it exits the usual way. An exception other than SystemExit
+    A torchrun worker whose command finished leaves its process group first
+    (`distributed.end_process_group`; left to the teardown, it sometimes aborted a finished run). Where
+    leaving at once could lose something (a tracker's exit handler syncing a run) it exits the usual
+    way, as a torchrun worker that failed does. An exception other than SystemExit
     propagates as usual (a traceback is an error, not a finish). Before `main`, the process is set to
     skip imports a run never uses (`deferred_imports`) and to reuse transformers' scans of the
     installed files from an earlier run (`import_memo`)."""
@@ -583,7 +591,12 @@ def console_main() -> None:
         code = 0
     except SystemExit as exc:
         code = exc.code
-    if any(name in sys.modules for name in EXIT_HANDLERS_NEEDED) or os.environ.get("WORLD_SIZE", "1") != "1":
+    launched = os.environ.get("WORLD_SIZE", "1") != "1"
+    if launched and not code:
+        from .distributed import end_process_group
+
+        end_process_group()
+    if any(name in sys.modules for name in EXIT_HANDLERS_NEEDED) or (launched and code):
         sys.exit(code)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)  # what sys.exit does with a message

@@ -93,6 +93,21 @@ def tell_launcher(line: str) -> bool:
     return True
 
 
+def end_process_group() -> None:
+    """Leave the process group now, before the interpreter's teardown: torch's communication threads
+    left for the teardown to destroy sometimes abort the process ("terminate called without an active
+    exception"), and torchrun then reports a run that finished and saved as failed. For a finished
+    run only (every rank here, nothing in flight)."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # no group was ever made in this process
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if initialized():
         import torch.distributed as dist
