@@ -122,6 +122,32 @@ def test_plain_hf_checkpoint_keeps_the_guides_head(tiny_root):
     assert _names(to_sentence_transformer(model, tok)) == ["Transformer", "Pooling", "Normalize"]
 
 
+def test_wrapper_keeps_the_checkpoints_similarity_and_default_prompt_through_save(dense_nonorm_dir, tmp_path):
+    """A dot-product checkpoint with a default prompt is saved as one: its config_sentence_transformers.json's
+    similarity_fn_name and default_prompt_name survive wrapping and `save_merged`."""
+    import shutil
+
+    folder = tmp_path / "dot_model"
+    shutil.copytree(dense_nonorm_dir, folder)
+    settings_file = folder / "config_sentence_transformers.json"
+    settings = json.loads(settings_file.read_text())
+    settings.update(similarity_fn_name="dot", prompts={"query": "query: ", "document": ""},
+                    default_prompt_name="query")
+    settings_file.write_text(json.dumps(settings))
+    stock = _stock(folder)
+    assert (stock.similarity_fn_name, stock.default_prompt_name) == ("dot", "query")
+
+    model, tok = FastModel.from_pretrained(str(folder), max_seq_length=64)
+    st = to_sentence_transformer(model, tok)
+    assert (st.similarity_fn_name, st.default_prompt_name) == ("dot", "query")
+    assert (st.encode(TEXTS, convert_to_tensor=True) - stock.encode(TEXTS, convert_to_tensor=True)).abs().max() < 1e-5
+    save_merged(st, tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config_sentence_transformers.json").read_text())
+    assert (saved["similarity_fn_name"], saved["default_prompt_name"]) == ("dot", "query")
+    reloaded = _stock(tmp_path / "saved")
+    assert (reloaded.similarity_fn_name, reloaded.default_prompt_name) == ("dot", "query")
+
+
 def test_lora_freezes_the_dense_layers_and_save_roundtrip(dense_dir, tmp_path):
     model, tok = FastModel.from_pretrained(str(dense_dir), max_seq_length=64)
     model = FastModel.get_peft_model(model, r=4)

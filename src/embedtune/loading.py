@@ -476,6 +476,8 @@ class FastModel:
             max_seq_length=max_seq_length,
             spec=arch_spec(config.model_type),
             prompts=layout.prompts if layout else None,
+            similarity_fn_name=layout.similarity_fn_name if layout else None,
+            default_prompt_name=layout.default_prompt_name if layout else None,
             st_folder=_st_folder(source, layout),
             st_modules=layout.modules if layout else None,
             bundled=_is_bundled(name, source),

@@ -34,6 +34,9 @@ class LoadInfo:
     max_seq_length: int
     spec: ArchSpec | None
     prompts: dict[str, str] | None = None
+    # the checkpoint's similarity function (e.g. "dot") and default prompt, when its ST config names them
+    similarity_fn_name: str | None = None
+    default_prompt_name: str | None = None
     # The SentenceTransformer pipeline, when the checkpoint has one: where its modules load from (a
     # folder, or the hub id) and its modules.json entries, so `to_sentence_transformer` rebuilds it.
     st_folder: str | None = None

@@ -246,6 +246,9 @@ class _StLayout:
     prompts: dict[str, str] | None
     modules: list[dict] | None = None  # modules.json as written
     folder: Path | None = None  # the folder holding modules.json
+    # config_sentence_transformers.json's other settings of the model as a whole (None: not given)
+    similarity_fn_name: str | None = None
+    default_prompt_name: str | None = None
 
 
 def read_st_layout(folder: Path) -> _StLayout:
@@ -268,10 +271,14 @@ def read_st_layout(folder: Path) -> _StLayout:
             normalize = True
     if max_len is None:  # sentence-transformers 6 saves it as the tokenizer's model_max_length instead
         max_len = _tokenizer_max_length(transformer_dir)
-    prompts = None
+    prompts, similarity, default_prompt = None, None, None
     if (folder / "config_sentence_transformers.json").exists():
-        prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or None
-    return _StLayout(transformer_dir, pooling, normalize, max_len, prompts, modules, folder)
+        settings = _read_json(folder / "config_sentence_transformers.json")
+        prompts = settings.get("prompts") or None
+        similarity = settings.get("similarity_fn_name") if isinstance(settings.get("similarity_fn_name"), str) else None
+        default_prompt = settings.get("default_prompt_name") if isinstance(settings.get("default_prompt_name"), str) \
+            else None
+    return _StLayout(transformer_dir, pooling, normalize, max_len, prompts, modules, folder, similarity, default_prompt)
 
 
 def _tokenizer_max_length(folder: Path) -> int | None:

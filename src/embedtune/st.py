@@ -256,6 +256,11 @@ def to_sentence_transformer(model, tokenizer, pooling: str | None = None, max_se
     if info is not None:
         if info.prompts:  # a checkpoint's own prompts (e.g. E5's "query: ") keep applying
             st_model.prompts = dict(info.prompts)
+        # and its similarity function (a dot-product model stays one) and default prompt, saved with it
+        if info.similarity_fn_name:
+            st_model.similarity_fn_name = info.similarity_fn_name
+        if info.default_prompt_name and info.default_prompt_name in (st_model.prompts or {}):
+            st_model.default_prompt_name = info.default_prompt_name
         _card_base_model(st_model, info)
     return st_model
 
