@@ -148,6 +148,39 @@ def test_wrapper_keeps_the_checkpoints_similarity_and_default_prompt_through_sav
     assert (reloaded.similarity_fn_name, reloaded.default_prompt_name) == ("dot", "query")
 
 
+def test_wrapper_lowercases_as_the_checkpoints_transformer_module_and_save_roundtrip(dense_nonorm_dir, tmp_path):
+    """A cased tokenizer under a Transformer module saved with `do_lower_case: true` (sentence-transformers 5's
+    layout): the texts are lowercased in training as stock loading does, and the saved model lowercases too."""
+    import shutil
+
+    folder = tmp_path / "lowercased"
+    shutil.copytree(dense_nonorm_dir, folder)
+    tokenizer_file = folder / "tokenizer.json"
+    tokenizer_json = json.loads(tokenizer_file.read_text())
+    tokenizer_json["normalizer"]["lowercase"] = False  # a cased WordPiece tokenizer
+    tokenizer_file.write_text(json.dumps(tokenizer_json))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "do_lower_case": False}))
+    module_config = json.loads((folder / "sentence_bert_config.json").read_text())
+    (folder / "sentence_bert_config.json").write_text(json.dumps({**module_config, "do_lower_case": True}))
+    texts = ["Open A File For READING.", "open a file for reading.", "Return The Sum"]
+    stock = _stock(folder)
+    want = stock.encode(texts, convert_to_tensor=True)
+    assert (want[0] - want[1]).abs().max() < 1e-6, "stock loading lowercases the input"
+
+    model, tok = FastModel.from_pretrained(str(folder), max_seq_length=64)
+    assert tok(texts[0])["input_ids"] == tok(texts[1])["input_ids"], "the tokenizer that trains lowercases"
+    st = to_sentence_transformer(model, tok)
+    assert (st.encode(texts, convert_to_tensor=True) - want).abs().max() < 1e-5
+    _perturb(st)
+    st.eval()
+    expected = st.encode(texts)
+    save_merged(st, tmp_path / "saved")
+    reloaded = _stock(tmp_path / "saved").encode(texts)
+    assert np.abs(reloaded - expected).max() < 1e-5
+    assert np.abs(reloaded[0] - reloaded[1]).max() < 1e-6, "the saved model lowercases"
+
+
 def test_lora_freezes_the_dense_layers_and_save_roundtrip(dense_dir, tmp_path):
     model, tok = FastModel.from_pretrained(str(dense_dir), max_seq_length=64)
     model = FastModel.get_peft_model(model, r=4)

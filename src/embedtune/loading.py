@@ -395,6 +395,27 @@ def _load_tokenizer(folder: str, name: str, trust_remote_code: bool, local: dict
                              "re-export or re-download the model's tokenizer files") from None
 
 
+def lowercase_inputs(tokenizer) -> None:
+    """Make `tokenizer` lowercase its texts, as sentence-transformers does for a Transformer module saved
+    with `do_lower_case: true` (a Lowercase normalizer first; the slow tokenizers' own flag). A tokenizer
+    class with a `do_lower_case` setting (BERT's) gets it too: transformers 5 rebuilds such a tokenizer's
+    normalizer from its saved tokenizer_config.json, which then says to lowercase."""
+    if hasattr(tokenizer, "do_lower_case") or not getattr(tokenizer, "is_fast", False):
+        try:
+            tokenizer.do_lower_case = True
+        except AttributeError:
+            tokenizer.basic_tokenizer.do_lower_case = True
+    if getattr(tokenizer, "is_fast", False):
+        from tokenizers.normalizers import Lowercase, Sequence
+
+        backend = tokenizer.backend_tokenizer
+        normalizer = backend.normalizer
+        if normalizer is not None and normalizer.normalize_str("A") == "a":
+            return  # it lowercases already
+        parts = list(normalizer) if isinstance(normalizer, Sequence) else [normalizer] if normalizer else []
+        backend.normalizer = Sequence([Lowercase(), *parts])
+
+
 def _set_max_length(tokenizer, config, layout: _StLayout | None, max_seq_length: int | None) -> int:
     """Fix the tokenizer's length limit and padding: the length asked for, else the checkpoint's own
     setting, else its position table, else 512, never past what the position table holds; decoders
@@ -464,6 +485,8 @@ class FastModel:
             # not built (training never reads it), but the checkpoint's own pooler goes into every save
             keep_unbuilt_weights(model, checkpoint_tensors(weights, _pooler_key_names(cls), local))
         tokenizer = _load_tokenizer(weights, name, trust_remote_code, local)
+        if layout is not None and layout.do_lower_case:
+            lowercase_inputs(tokenizer)  # as the checkpoint's Transformer module does: trained and saved so
         max_seq_length = _set_max_length(tokenizer, config, layout, max_seq_length)
 
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))

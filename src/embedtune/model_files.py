@@ -249,6 +249,7 @@ class _StLayout:
     # config_sentence_transformers.json's other settings of the model as a whole (None: not given)
     similarity_fn_name: str | None = None
     default_prompt_name: str | None = None
+    do_lower_case: bool = False  # the Transformer module lowercases its input (sentence_bert_config.json)
 
 
 def read_st_layout(folder: Path) -> _StLayout:
@@ -256,7 +257,7 @@ def read_st_layout(folder: Path) -> _StLayout:
     modules = _read_json(folder / "modules.json")
     if not isinstance(modules, list) or not all(isinstance(e, dict) for e in modules):
         raise EmbedtuneError(f"{folder / 'modules.json'}: not a list of modules")
-    transformer_dir, pooling, normalize, max_len = folder, None, False, None
+    transformer_dir, pooling, normalize, max_len, lower = folder, None, False, None, False
     for entry in modules:
         kind = str(entry.get("type", ""))
         sub = folder / entry.get("path", "")
@@ -264,7 +265,9 @@ def read_st_layout(folder: Path) -> _StLayout:
             transformer_dir = sub
             for name in ("sentence_bert_config.json", "config_sentence_transformers_module.json"):
                 if (sub / name).exists():
-                    max_len = _read_json(sub / name).get("max_seq_length", max_len)
+                    module_config = _read_json(sub / name)
+                    max_len = module_config.get("max_seq_length", max_len)
+                    lower = lower or module_config.get("do_lower_case") is True
         elif kind.endswith("Pooling") and (sub / "config.json").exists():
             pooling = pooling_from_config(_read_json(sub / "config.json"))
         elif kind.endswith("Normalize"):
@@ -278,7 +281,8 @@ def read_st_layout(folder: Path) -> _StLayout:
         similarity = settings.get("similarity_fn_name") if isinstance(settings.get("similarity_fn_name"), str) else None
         default_prompt = settings.get("default_prompt_name") if isinstance(settings.get("default_prompt_name"), str) \
             else None
-    return _StLayout(transformer_dir, pooling, normalize, max_len, prompts, modules, folder, similarity, default_prompt)
+    return _StLayout(transformer_dir, pooling, normalize, max_len, prompts, modules, folder, similarity, default_prompt,
+                     lower)
 
 
 def _tokenizer_max_length(folder: Path) -> int | None:
