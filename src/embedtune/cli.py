@@ -591,12 +591,11 @@ def console_main() -> None:
         code = 0
     except SystemExit as exc:
         code = exc.code
-    launched = os.environ.get("WORLD_SIZE", "1") != "1"
-    if launched and not code:
-        from .distributed import end_process_group
+    from .distributed import end_process_group, launched  # torch-free until a process group exists
 
+    if launched() and not code:
         end_process_group()
-    if any(name in sys.modules for name in EXIT_HANDLERS_NEEDED) or (launched and code):
+    if any(name in sys.modules for name in EXIT_HANDLERS_NEEDED) or (launched() and code):
         sys.exit(code)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)  # what sys.exit does with a message

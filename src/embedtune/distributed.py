@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -98,8 +99,6 @@ def end_process_group() -> None:
     left for the teardown to destroy sometimes abort the process ("terminate called without an active
     exception"), and torchrun then reports a run that finished and saved as failed. For a finished
     run only (every rank here, nothing in flight)."""
-    import sys
-
     if "torch.distributed" not in sys.modules:  # no group was ever made in this process
         return
     import torch.distributed as dist
