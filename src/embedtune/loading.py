@@ -144,9 +144,9 @@ def unsloth_keywords(kwargs: dict) -> Any:
     return kwargs.pop("use_gradient_checkpointing", None)
 
 
-def _model_class(config, auto_model):
+def _model_class(config, auto_model, name: str = ""):
     if auto_model is not None:
-        return auto_model
+        return _fitting_class(config, auto_model, name)
     from transformers import AutoModel
 
     try:
@@ -156,6 +156,31 @@ def _model_class(config, auto_model):
             f"no transformers model class for model_type {config.model_type!r}; pass auto_model=..."
         ) from None
     return _encoder_only_class(cls)
+
+
+def _fitting_class(config, auto_model, name: str):
+    """`auto_model` where it is a class of the checkpoint's family; where it is another family's base
+    model class (the guide's `auto_model=BertModel` kept for a RoBERTa / XLM-R checkpoint, its
+    `Qwen2Model` for Qwen3), the checkpoint's own base class, with a warning: the other family's
+    class would build other layers than the checkpoint's (RoBERTa's position offset, Qwen3's q/k
+    norms), so the model would train, and reload, as another model than the one saved."""
+    import warnings
+
+    from transformers import AutoModel
+
+    wanted = getattr(getattr(auto_model, "config_class", None), "model_type", None)
+    if not wanted or wanted == config.model_type:
+        return auto_model
+    try:
+        if AutoModel._model_mapping[auto_model.config_class] is not auto_model:
+            return auto_model  # a task-head class: not swapped for a base model
+        own = _encoder_only_class(AutoModel._model_mapping[type(config)])
+    except (KeyError, AttributeError, ImportError, ValueError):
+        return auto_model
+    warnings.warn(f"auto_model={auto_model.__name__} is a {wanted} class, but {name or 'the checkpoint'} is a "
+                  f"{config.model_type} model: loading it as {own.__name__}, its own class (pass "
+                  f"auto_model={own.__name__} or AutoModel to say so)", stacklevel=4)
+    return own
 
 
 def _encoder_only_class(cls):
@@ -473,7 +498,7 @@ class FastModel:
         if token is not None:
             local["token"] = token
         config = _load_config(weights, name, trust_remote_code, local)
-        cls = _model_class(config, auto_model)
+        cls = _model_class(config, auto_model, name)
         load_kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code, **local}
         if not allow_pickle:
             load_kwargs["use_safetensors"] = True
