@@ -42,3 +42,36 @@ def test_auto_model_of_the_checkpoints_family_is_kept(tmp_path):
     folder = make_tiny_model("bert", tmp_path)
     model, _ = FastModel.from_pretrained(str(folder), auto_model=BertModel, max_seq_length=64)
     assert type(model) is BertModel
+
+
+def test_lora_bias_trains_and_counts_in_the_packed_forward(tmp_path):
+    """peft's `lora_bias=True` (a bias on each lora_B) passed through get_peft_model: the packed forward
+    must add it, and it must get a gradient, as in peft's own layer."""
+    from transformers import BertModel
+
+    folder = make_tiny_model("bert", tmp_path)
+    models = []
+    for fast in (True, False):
+        model, tokenizer = FastModel.from_pretrained(str(folder), auto_model=BertModel, max_seq_length=64, fast=fast)
+        models.append(FastModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=["query", "value"],
+                                               lora_bias=True))
+    fast_model, peft_model = models
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in fast_model.named_parameters():
+            if ".lora_" in name:
+                param.normal_(0, 0.3)
+    peft_model.load_state_dict(fast_model.state_dict())
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    outs = []
+    for model in (fast_model, peft_model):
+        model.eval()  # the two forwards' dropout masks would differ; the comparison is of the math
+        out = model(**batch).last_hidden_state
+        out[mask].square().sum().backward()
+        outs.append(out.detach())
+    assert (outs[0][mask] - outs[1][mask]).abs().max().item() < 1e-4
+    grads = {name: p.grad for name, p in fast_model.named_parameters() if name.endswith("lora_B.default.bias")}
+    want = {name: p.grad for name, p in peft_model.named_parameters() if name.endswith("lora_B.default.bias")}
+    assert grads and all(g is not None for g in grads.values())
+    assert all(torch.allclose(grads[n], want[n], atol=1e-4) for n in grads)

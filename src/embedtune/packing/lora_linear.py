@@ -24,7 +24,7 @@ FUSE_PROJECTIONS = True  # `linears`: projections of one input as one matrix pro
 
 
 def _vanilla_adapter(module) -> str | None:
-    """The single active plain-LoRA adapter of a peft Linear, or None if it is anything else."""
+    """The single active plain-LoRA adapter (no `lora_bias`) of a peft Linear, or None if it is anything else."""
     base = getattr(module, "base_layer", None)
     if base is None or type(base) is not torch.nn.Linear:
         return None
@@ -32,6 +32,8 @@ def _vanilla_adapter(module) -> str | None:
         return None
     active = [a for a in module.active_adapters if a in module.lora_A]
     if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
+        return None
+    if module.lora_B[active[0]].bias is not None:  # peft's lora_bias=True: the module adds it
         return None
     return active[0]
 
