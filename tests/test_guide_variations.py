@@ -75,3 +75,37 @@ def test_lora_bias_trains_and_counts_in_the_packed_forward(tmp_path):
     want = {name: p.grad for name, p in peft_model.named_parameters() if name.endswith("lora_B.default.bias")}
     assert grads and all(g is not None for g in grads.values())
     assert all(torch.allclose(grads[n], want[n], atol=1e-4) for n in grads)
+
+
+def test_save_pretrained_merged_keeps_modules_to_save(tmp_path):
+    """peft's `modules_to_save=[...]` (a module trained in full beside LoRA): Unsloth's
+    `save_pretrained_merged` must write the trained copy under the module's own name, as
+    merge_and_unload() + save_pretrained does; not peft's wrapper keys, which a plain load ignores
+    (leaving that module at random initialisation)."""
+    from transformers import AutoModel, BertModel
+
+    folder = make_tiny_model("bert", tmp_path)
+    model, tokenizer = FastModel.from_pretrained(str(folder), auto_model=BertModel, max_seq_length=64)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=["query", "value"],
+                                     modules_to_save=["word_embeddings"])
+    torch.manual_seed(0)
+    with torch.no_grad():  # as if trained: LoRA and the embedding copy moved
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state[mask]
+    model.save_pretrained_merged(str(tmp_path / "merged"), tokenizer)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "merged" / "model.safetensors")))
+    assert "embeddings.word_embeddings.weight" in keys
+    assert not any("modules_to_save" in k or "original_module" in k for k in keys)
+    reloaded = AutoModel.from_pretrained(str(tmp_path / "merged"))
+    reloaded.eval()
+    with torch.no_grad():
+        got = reloaded(**batch).last_hidden_state[mask]
+    assert (got - expected).abs().max().item() < 1e-4

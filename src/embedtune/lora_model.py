@@ -62,10 +62,25 @@ class LoraEmbeddingModel(PeftModelForFeatureExtraction):
 
 
     def merged_state_dict(self) -> dict:
-        """The base model's weights with every LoRA layer's delta added, under the plain model's names; the
-        adapters stay in place (no merge and unmerge, which would round the weights twice)."""
+        """The base model's weights with every LoRA layer's delta added, and `modules_to_save`'s trained
+        copies in place of their originals, under the plain model's names; the adapters stay in place
+        (no merge and unmerge, which would round the weights twice)."""
+        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
         state: dict = {}
+        wrapped: list[str] = []  # modules_to_save wrappers: their trained copy is the module
         for name, module in self.get_base_model().named_modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                if type(module) is not ModulesToSaveWrapper:
+                    raise EmbedtuneError(f"{name}: a {type(module).__name__}; merge it with merge_and_unload() and "
+                                         "save_pretrained instead")
+                inner = module.unload_and_optionally_merge_module(merge=False, safe_merge=False, adapter_names=None)
+                if isinstance(inner, LoraLayer):
+                    raise EmbedtuneError(f"{name}: LoRA inside modules_to_save; merge it with merge_and_unload() "
+                                         "and save_pretrained instead")
+                state.update({f"{name}.{key}": value.detach() for key, value in inner.state_dict().items()})
+                wrapped.append(name + ".")
+                continue
             if not isinstance(module, LoraLayer):
                 continue
             if type(module) is not LoraLinear or getattr(module, "use_dora", {}).get("default"):
@@ -79,7 +94,7 @@ class LoraEmbeddingModel(PeftModelForFeatureExtraction):
             if base.bias is not None:
                 state[f"{name}.bias"] = base.bias.detach()
         for key, value in self.get_base_model().state_dict().items():
-            if ".lora_" in key or ".base_layer." in key:
+            if ".lora_" in key or ".base_layer." in key or key.startswith(tuple(wrapped)):
                 continue
             state[key] = value
         return state
