@@ -109,3 +109,15 @@ def test_save_pretrained_merged_keeps_modules_to_save(tmp_path):
     with torch.no_grad():
         got = reloaded(**batch).last_hidden_state[mask]
     assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_guide_targets_that_match_nothing_are_one_line_naming_the_models_own(tmp_path):
+    """The guide's query/key/value/dense kept for a decoder embedder (Qwen3): one line naming the model's
+    own projections, not peft's exception."""
+    from embedtune.errors import EmbedtuneError
+
+    folder = make_tiny_model("qwen3", tmp_path)
+    model, _ = FastModel.from_pretrained(str(folder), max_seq_length=64)
+    with pytest.raises(EmbedtuneError, match="matched no layer of this qwen3 model; qwen3's attention and MLP "
+                                             "projections are .*q_proj"):
+        FastModel.get_peft_model(model, r=8, lora_alpha=8, target_modules=["query", "key", "value", "dense"])

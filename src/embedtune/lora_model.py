@@ -227,7 +227,13 @@ def get_peft_model(
         **kwargs,
     )
     info = model.__dict__.get("embedtune_info")
-    peft_model = LoraEmbeddingModel(model, config)
+    try:
+        peft_model = LoraEmbeddingModel(model, config)
+    except ValueError as exc:
+        if named is None or type(exc).__name__ != "NoMatchingPeftModuleError":
+            raise
+        raise SettingError(f"target_modules {named!r} matched no layer of this {model.config.model_type} model"
+                           f"{_own_targets_hint(model.config.model_type)}") from None
     _warn_unmatched_targets(peft_model, named, model.config.model_type)
     if info is not None:
         peft_model.embedtune_info = info
@@ -247,11 +253,16 @@ def _warn_unmatched_targets(peft_model, target_modules, model_type: str) -> None
     unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in wrapped)]
     if not unmatched:
         return
-    own = default_lora_targets(model_type)
-    hint = (f"; {model_type}'s attention and MLP projections are {', '.join(own)} (target_modules=None picks them)"
-            if not isinstance(own, str) else "")
     warnings.warn(f"target_modules {', '.join(unmatched)} matched no layer of this {model_type} model, so LoRA "
-                  f"trains only {', '.join(t for t in target_modules if t not in unmatched)}{hint}", stacklevel=3)
+                  f"trains only {', '.join(t for t in target_modules if t not in unmatched)}"
+                  f"{_own_targets_hint(model_type)}", stacklevel=3)
+
+
+def _own_targets_hint(model_type: str) -> str:
+    """'; <family>'s attention and MLP projections are ...' where the registry lists them by name."""
+    own = default_lora_targets(model_type)
+    return (f"; {model_type}'s attention and MLP projections are {', '.join(own)} (target_modules=None picks them)"
+            if not isinstance(own, str) else "")
 
 
 def merge_lora(model):
