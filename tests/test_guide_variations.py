@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -121,3 +123,54 @@ def test_guide_targets_that_match_nothing_are_one_line_naming_the_models_own(tmp
     with pytest.raises(EmbedtuneError, match="matched no layer of this qwen3 model; qwen3's attention and MLP "
                                              "projections are .*q_proj"):
         FastModel.get_peft_model(model, r=8, lora_alpha=8, target_modules=["query", "key", "value", "dense"])
+
+
+def _lora_st(tmp_path):
+    """A tiny BERT with LoRA moved off its zero start (as if trained), in the guide's SentenceTransformer."""
+    from transformers import BertModel
+
+    from embedtune import to_sentence_transformer
+
+    folder = make_tiny_model("bert", tmp_path)
+    model, tokenizer = FastModel.from_pretrained(str(folder), auto_model=BertModel, max_seq_length=64)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    st = to_sentence_transformer(model, tokenizer, pooling="cls")
+    st.eval()
+    return model, tokenizer, st
+
+
+def test_merged_save_over_an_earlier_adapter_save_reloads_the_trained_model(tmp_path):
+    """An ST save before merging (an adapter), then the guide's step 6 (merge, save) into the same folder: the
+    earlier adapter files must not stay beside the merged weights, where a load applies the LoRA twice."""
+    from sentence_transformers import SentenceTransformer
+
+    model, _, st = _lora_st(tmp_path)
+    expected = st.encode(TEXTS, convert_to_tensor=True)
+    out = tmp_path / "embeddings_merged"
+    st.save_pretrained(str(out))
+    assert (out / "adapter_config.json").exists()
+    model.merge_and_unload()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        st.save_pretrained(str(out))
+    got = SentenceTransformer(str(out), device="cpu").encode(TEXTS, convert_to_tensor=True)
+    assert (got - expected).abs().max().item() < 1e-5
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
+    assert any("removed adapter_config.json, adapter_model.safetensors" in str(w.message) for w in caught)
+
+
+def test_adapter_save_into_a_merged_models_folder_is_refused(tmp_path):
+    """save_pretrained_merged, then the ST save without merging into the same folder: the adapter would load on top
+    of the merged weights (the LoRA twice); one line instead of a silently wrong folder."""
+    from embedtune.errors import EmbedtuneError
+
+    model, tokenizer, st = _lora_st(tmp_path)
+    out = tmp_path / "out"
+    model.save_pretrained_merged(str(out), tokenizer)
+    with pytest.raises(EmbedtuneError, match="holds a full model's weights .*merge first"):
+        st.save_pretrained(str(out))

@@ -30,6 +30,27 @@ from .hf_quiet import ignoring_warnings, quiet_transformers
 from .model_facts import DEFAULT_MODEL_ID, load_info
 
 
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+_FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin")
+
+
+def _files(folder, patterns: tuple[str, ...]) -> list[Path]:
+    folder = Path(folder)
+    return sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()}) if folder.is_dir() else []
+
+
+def _clear_stale(folder, patterns: tuple[str, ...], why: str) -> None:
+    """Remove the files matching `patterns` that an earlier save left in `folder`, saying so."""
+    folder = Path(folder)
+    stale = _files(folder, patterns)
+    for path in stale:
+        path.unlink()
+    if stale:
+        warnings.warn(f"{folder}: removed {', '.join(p.name for p in stale)}, left there by an earlier save; {why}",
+                      stacklevel=4)
+
+
 class LoraEmbeddingModel(PeftModelForFeatureExtraction):
     """A peft feature-extraction model that saves the merged encoder once it has been merged."""
 
@@ -52,9 +73,18 @@ class LoraEmbeddingModel(PeftModelForFeatureExtraction):
         return self._embedtune_merged
 
     def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
-        """Before merging: the adapter (peft's behaviour). After merging: the full encoder."""
+        """Before merging: the adapter (peft's behaviour), refused in a folder holding a full model's
+        weights (a load would take them as the adapter's base). After merging: the full encoder, and an
+        adapter that an earlier save left in the folder is removed (a load would add it to the merged
+        weights again)."""
         if self._embedtune_merged:
+            _clear_stale(save_directory, _ADAPTER_FILES, "a load would add that adapter to the merged weights again")
             return self.get_base_model().save_pretrained(save_directory, **kwargs)
+        full = _files(save_directory, _FULL_WEIGHTS)
+        if full:
+            raise EmbedtuneError(f"{Path(save_directory)}: holds a full model's weights ({full[0].name}), which a load would "
+                                 "take as the adapter's base; save the adapter to a different folder, or merge first "
+                                 "(model.merge_and_unload())")
         # Offline, peft's look-up of a hub-named base's config.json fails with a note; the check it
         # serves (was the vocabulary resized?) does not apply: embedtune never resizes it.
         with ignoring_warnings("Could not find a config file"):
