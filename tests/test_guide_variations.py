@@ -174,3 +174,67 @@ def test_adapter_save_into_a_merged_models_folder_is_refused(tmp_path):
     model.save_pretrained_merged(str(out), tokenizer)
     with pytest.raises(EmbedtuneError, match="holds a full model's weights .*merge first"):
         st.save_pretrained(str(out))
+
+
+@pytest.mark.parametrize("peft_step", [True, False])
+def test_full_finetuning_has_unsloths_merged_saves(tmp_path, monkeypatch, peft_step):
+    """`full_finetuning=True` (with the guide's get_peft_model, or without it): Unsloth's
+    `save_pretrained_merged(dir, tokenizer)` writes the model as a plain HF folder, and `push_to_hub_merged`
+    uploads that folder; neither is an AttributeError."""
+    from transformers import AutoModel, BertModel
+
+    folder = make_tiny_model("bert", tmp_path)
+    model, tokenizer = FastModel.from_pretrained(str(folder), auto_model=BertModel, max_seq_length=64,
+                                                 full_finetuning=True)
+    if peft_step:
+        with pytest.warns(UserWarning, match="adds no adapters"):
+            model = FastModel.get_peft_model(model, r=8, target_modules=["query", "key", "value", "dense"])
+    with torch.no_grad():  # as if trained
+        model.embeddings.word_embeddings.weight.add_(1.0)
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state[mask]
+    out = tmp_path / "merged"
+    model.save_pretrained_merged(str(out), tokenizer)
+    assert (out / "tokenizer.json").exists()
+    reloaded = AutoModel.from_pretrained(str(out))
+    with torch.no_grad():
+        assert (reloaded(**batch).last_hidden_state[mask] - expected).abs().max().item() < 1e-5
+
+    uploads = _fake_hub(monkeypatch)
+    model.push_to_hub_merged("me/tuned", tokenizer)
+    assert uploads[0] == "me/tuned" and {"config.json", "model.safetensors", "tokenizer.json"} <= set(uploads[1])
+
+
+def _fake_hub(monkeypatch) -> list:
+    """huggingface_hub.HfApi replaced by one that records the repository created and the files uploaded."""
+    import huggingface_hub
+
+    uploads: list = []
+
+    class Api:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            uploads.append(repo_id)
+
+        def upload_folder(self, repo_id, folder_path, commit_message=None):
+            from pathlib import Path
+
+            uploads.append(sorted(p.name for p in Path(folder_path).iterdir()))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    return uploads
+
+
+def test_lora_push_to_hub_merged_uploads_the_merged_encoder(tmp_path, monkeypatch):
+    """Unsloth's `model.push_to_hub_merged(repo, tokenizer)` on the guide's LoRA model: what
+    save_pretrained_merged writes, uploaded; the model in memory keeps its adapters."""
+    model, tokenizer, _ = _lora_st(tmp_path)
+    uploads = _fake_hub(monkeypatch)
+    model.push_to_hub_merged("me/tuned", tokenizer)
+    assert uploads[0] == "me/tuned" and {"config.json", "model.safetensors", "tokenizer.json"} <= set(uploads[1])
+    assert "adapter_config.json" not in uploads[1] and not model.is_merged

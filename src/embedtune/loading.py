@@ -541,6 +541,10 @@ class FastModel:
             enable_fast_path(model, compile=compile)
         if full_finetuning and checkpointing not in (None, False):
             enable_checkpointing(model, parse_mode(checkpointing))
+        if full_finetuning:  # Unsloth's saves, also without get_peft_model (peft imported for this case only)
+            from .lora_model import attach_full_finetuning_saves
+
+            attach_full_finetuning_saves(model)
         install_compat()  # what the guide's own wrapper code needs, for the models embedtune builds
         install_trainer_steps()  # a SentenceTransformerTrainer runs the steps embedtune chooses for its models
         return model, tokenizer

@@ -138,18 +138,67 @@ class LoraEmbeddingModel(PeftModelForFeatureExtraction):
         if save_method == "lora":
             self.save_pretrained(save_directory, **kwargs)
         elif save_method in ("merged_16bit", "merged_32bit"):
-            if (Path(save_directory) / "modules.json").exists():
-                raise EmbedtuneError(f"{save_directory}: holds a SentenceTransformer model; save the merged encoder "
-                                     "to a different folder")
-            with atomic_folder(save_directory, overwrite=True) as tmp, quiet_transformers(logs=False,
-                                                                                          progress_bars=True):
-                self.get_base_model().save_pretrained(str(tmp), state_dict=self.merged_state_dict(),
-                                                      safe_serialization=True)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(str(tmp))
+            _write_merged(save_directory, tokenizer, lambda folder: self.get_base_model().save_pretrained(
+                folder, state_dict=self.merged_state_dict(), safe_serialization=True))
         else:
             raise EmbedtuneError(f"save_method={save_method!r}: embedtune saves 'merged_16bit' (the merged encoder, "
                                  "in the model's dtype) or 'lora' (the adapter); quantised saves are not supported")
+
+    def push_to_hub_merged(self, repo_id: str, tokenizer=None, save_method: str = "merged_16bit", token=None,
+                           private: bool | None = None, commit_message: str = "Upload model", **kwargs: Any):
+        """Unsloth's upload of what `save_pretrained_merged` writes, to the hub repository `repo_id`."""
+        return _push_merged(self.save_pretrained_merged, repo_id, tokenizer, save_method, token, private,
+                            commit_message)
+
+
+def _write_merged(save_directory, tokenizer, save) -> None:
+    """`save(folder)` and the tokenizer into `save_directory`, whole or not at all; not into a
+    SentenceTransformer's folder (the guide's warning: its config.json would be overwritten)."""
+    if (Path(save_directory) / "modules.json").exists():
+        raise EmbedtuneError(f"{save_directory}: holds a SentenceTransformer model; save the merged encoder "
+                             "to a different folder")
+    with atomic_folder(save_directory, overwrite=True) as tmp, quiet_transformers(logs=False, progress_bars=True):
+        save(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+
+def _push_merged(save_merged, repo_id: str, tokenizer, save_method: str, token, private, commit_message: str):
+    """`save_merged` into a temporary folder, uploaded as the hub repository `repo_id` (created if missing)."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        save_merged(str(folder), tokenizer, save_method=save_method)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+
+
+def _full_save_pretrained_merged(model, save_directory, tokenizer=None, save_method: str = "merged_16bit",
+                                 **kwargs: Any):
+    """Unsloth's `save_pretrained_merged` of a fully fine-tuned model: nothing to merge, the model and
+    `tokenizer` as a plain HF folder (refused in a SentenceTransformer's folder, as with LoRA)."""
+    if save_method not in ("merged_16bit", "merged_32bit"):
+        raise EmbedtuneError(f"save_method={save_method!r}: a fully fine-tuned model has no adapter; embedtune saves "
+                             "it as 'merged_16bit' (the whole encoder, in the model's dtype)")
+    _write_merged(save_directory, tokenizer, lambda folder: model.save_pretrained(folder, safe_serialization=True))
+
+
+def _full_push_to_hub_merged(model, repo_id: str, tokenizer=None, save_method: str = "merged_16bit", token=None,
+                             private: bool | None = None, commit_message: str = "Upload model", **kwargs: Any):
+    return _push_merged(model.save_pretrained_merged, repo_id, tokenizer, save_method, token, private, commit_message)
+
+
+def attach_full_finetuning_saves(model) -> None:
+    """What the guide's step 6 and Unsloth's saves call on a model trained in full (no adapters):
+    `merge_and_unload()` returns the model itself; `save_pretrained_merged` / `push_to_hub_merged`
+    write it as a plain HF folder."""
+    model.merge_and_unload = types.MethodType(_nothing_to_merge, model)
+    model.save_pretrained_merged = types.MethodType(_full_save_pretrained_merged, model)
+    model.push_to_hub_merged = types.MethodType(_full_push_to_hub_merged, model)
 
 
 # Per family: the attention and the MLP projections, as peft regexes (full match on the module name),
@@ -234,7 +283,7 @@ def get_peft_model(
         warnings.warn("full_finetuning=True: get_peft_model adds no adapters; every weight trains", stacklevel=2)
         model.embedtune_checkpointing = enable_checkpointing(model, use_gradient_checkpointing)
         # the guide's step 6 merges before saving: with nothing to merge, that is the model itself
-        model.merge_and_unload = types.MethodType(_nothing_to_merge, model)
+        attach_full_finetuning_saves(model)
         return model
     if random_state is not None:
         torch.manual_seed(random_state)
