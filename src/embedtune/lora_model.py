@@ -40,7 +40,7 @@ def _files(folder, patterns: tuple[str, ...]) -> list[Path]:
     return sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()}) if folder.is_dir() else []
 
 
-def _clear_stale(folder, patterns: tuple[str, ...], why: str) -> None:
+def _remove_earlier_saves(folder, patterns: tuple[str, ...], why: str) -> None:
     """Remove the files matching `patterns` that an earlier save left in `folder`, saying so."""
     folder = Path(folder)
     stale = _files(folder, patterns)
@@ -78,7 +78,8 @@ class LoraEmbeddingModel(PeftModelForFeatureExtraction):
         adapter that an earlier save left in the folder is removed (a load would add it to the merged
         weights again)."""
         if self._embedtune_merged:
-            _clear_stale(save_directory, _ADAPTER_FILES, "a load would add that adapter to the merged weights again")
+            _remove_earlier_saves(save_directory, _ADAPTER_FILES,
+                                  "a load would add that adapter to the merged weights again")
             return self.get_base_model().save_pretrained(save_directory, **kwargs)
         full = _files(save_directory, _FULL_WEIGHTS)
         if full:
