@@ -263,3 +263,15 @@ def test_prompted_and_plain_columns_merge_when_pooling_ignores_prompt_length(tin
     hook.remove()
     assert len(calls) == 1
     _assert_same(_grads(st, _PerColumn(st), features), merged)
+
+
+def test_the_model_card_cites_gradcache_only_for_the_cached_loss(tiny_bert):
+    """sentence-transformers' card lists each loss's `citation`: GradCache belongs to the cached mode only."""
+    from sentence_transformers.model_card import SentenceTransformerModelCardData
+
+    st = _st(tiny_bert, fast=True)
+    for cached in (False, True):
+        card = SentenceTransformerModelCardData()
+        card.set_losses([ContrastiveLoss(st, cached=cached)])
+        cites_gradcache = any("GradCache" in text for text in card.citations.values())
+        assert cites_gradcache == cached, card.citations

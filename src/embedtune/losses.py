@@ -499,6 +499,10 @@ class ColumnLoss(nn.Module):
 
     @property
     def citation(self) -> str:
+        """For the model card's citations, where the cached mode ran; an uncached loss cites nothing (the
+        card reads an AttributeError as no citation)."""
+        if not self.cached:
+            raise AttributeError("citation: only the cached (GradCache) mode has one")
         return "GradCache: Gao et al., 2021, Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"
 
 
