@@ -227,3 +227,33 @@ def test_use_faiss_missing_is_one_line_error(monkeypatch, pairs_file, tmp_path):
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out.jsonl").exists()
     assert _pick_backend(None) == "torch" and _pick_backend(False) == "torch"  # auto falls back
+
+
+def test_cli_mine_uses_the_models_passage_prompt(tmp_path, monkeypatch):
+    """A model whose document prompt is saved under "passage" (or "corpus"), as e5-style models keep it and
+    as `encode_document` reads it: `embedtune mine` encodes the corpus with it, as `embedtune eval` does."""
+    from tiny_models import make_tiny_st_model
+    from typer.testing import CliRunner
+
+    import embedtune.mine
+    from embedtune.cli import app
+
+    folder = make_tiny_st_model(tmp_path, "st")
+    config_file = folder / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config["prompts"] = {"query": "q: ", "passage": "p: "}
+    config_file.write_text(json.dumps(config))
+    seen = {}
+    real = embedtune.mine.mine_hard_negatives
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedtune.mine, "mine_hard_negatives", spy)
+    data = write_jsonl(build_stdlib_pairs(max_pairs=40, seed=1), tmp_path / "pairs.jsonl")
+    result = CliRunner().invoke(app, ["mine", str(data), "--model", str(folder), "--output", str(tmp_path / "m.jsonl"),
+                                      "--num-negatives", "1", "--range", "0:30", "--margin", "-1",
+                                      "--max-seq-length", "32"])
+    assert result.exit_code == 0, result.output
+    assert seen["query_prompt"] == "q: " and seen["document_prompt"] == "p: "

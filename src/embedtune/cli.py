@@ -431,6 +431,7 @@ def mine(
         from .loading import DEFAULT_MODEL_ID, FastModel
         from .data.readers import column_roles
         from .mine import check_mine_options, mine_hard_negatives
+        from .retrieval import model_prompts
         from .st import to_sentence_transformer
 
     with user_errors():
@@ -441,11 +442,11 @@ def mine(
         model = run_model_folder(model)
         backbone, tokenizer = FastModel.from_pretrained(model or DEFAULT_MODEL_ID, max_seq_length=max_seq_length)
         st_model = to_sentence_transformer(backbone, tokenizer)
-        prompts = st_model.prompts or {}
+        query_prompt, document_prompt = model_prompts(st_model)  # "passage"/"corpus" as encode_document reads them
         result = mine_hard_negatives(
             st_model, data, output, corpus=corpus, num_negatives=num_negatives, rank_range=(low, high),
             margin=margin, batch_size=batch_size, overwrite=overwrite,
-            query_prompt=prompts.get("query"), document_prompt=prompts.get("document"), columns=columns,
+            query_prompt=query_prompt, document_prompt=document_prompt, columns=columns,
         )
         stats = result.stats
         console.print(
