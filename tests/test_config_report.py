@@ -280,6 +280,8 @@ def test_report_on_missing_folder(tmp_path):
 def test_report_on_unfinished_and_non_run_folders(tmp_path):
     (tmp_path / "run.partial").mkdir()
     _one_line_error(runner.invoke(app, ["report", str(tmp_path / "run")]), "has not finished")
+    # the output as `train --output run/` was given: its work folder is still run.partial
+    _one_line_error(runner.invoke(app, ["report", str(tmp_path / "run") + "/"]), "has not finished", "run.partial")
     (tmp_path / "plain").mkdir()
     _one_line_error(runner.invoke(app, ["report", str(tmp_path / "plain")]), "no metrics.json")
 

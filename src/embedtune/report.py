@@ -14,6 +14,7 @@ from typing import Any
 
 from embedtune.errors import EmbedtuneError
 from embedtune.plots import plot_curves
+from embedtune.run_folder import work_folder
 
 METRICS_FILE = "metrics.json"
 DEFAULT_PNG = "report.png"
@@ -29,7 +30,7 @@ def load_run(folder: str | os.PathLike) -> dict[str, Any]:
     name = os.fspath(folder)
     p = Path(name)
     if not p.exists():
-        partial = Path(f"{name}.partial")
+        partial = work_folder(p)  # as `train --output` names it: "run/" and "run" both work in run.partial
         if partial.is_dir():
             raise EmbedtuneError(f"{name}: the run has not finished (its work folder {partial} exists)")
         raise EmbedtuneError(f"{name}: no such folder")
