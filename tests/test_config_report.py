@@ -345,3 +345,17 @@ def test_extra_training_arguments_override_the_recipes_own(pairs, tmp_path, monk
         eval=False, extra={"max_grad_norm": 0.5, "logging_nan_inf_filter": True, "gradient_accumulation_steps": 2}))
     args = seen[0]
     assert (args.max_grad_norm, args.logging_nan_inf_filter, args.gradient_accumulation_steps) == (0.5, True, 2)
+
+
+def test_report_png_without_suffix_or_of_an_unknown_format(tmp_path):
+    """--png curves (no suffix) writes a PNG there; --png curves.txt is one error line before anything is
+    printed (the image format used to be guessed from the temp file's name, after the whole report)."""
+    history = [{"loss": 1.0 - i / 10, "step": i} for i in range(1, 4)]
+    (tmp_path / "metrics.json").write_text(json.dumps({"steps": 3, "history": history, "config": {}}))
+    result = runner.invoke(app, ["report", str(tmp_path), "--png", str(tmp_path / "curves")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "curves").read_bytes()[:4] == b"\x89PNG"
+    result = runner.invoke(app, ["report", str(tmp_path), "--png", str(tmp_path / "curves.txt")])
+    _one_line_error(result, "curves.txt", ".txt image", ".png")
+    assert result.output.lstrip().startswith("error:")  # nothing of the report printed before it
+    assert not (tmp_path / "curves.txt").exists() and not list(tmp_path.glob(".*tmp*"))

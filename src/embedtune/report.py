@@ -96,7 +96,8 @@ def render_png(metrics: dict, path: str | os.PathLike) -> Path:
     history = metrics.get("history") or []
     key = eval_key(history) or "eval_ndcg@10"
     base = (metrics.get("base") or {}).get("ndcg@10")
-    tmp = target.parent / f".{target.stem}.tmp-{os.getpid()}{target.suffix}"
+    # the temp name ends in the target's suffix, which picks the image format (none: PNG, as --png says)
+    tmp = target.parent / f".{target.stem}.tmp-{os.getpid()}{target.suffix or '.png'}"
     try:
         plot_curves(history, tmp, metric=key, base=base if _number(base) else None)
         os.replace(tmp, target)
@@ -115,6 +116,13 @@ def _check_png(path: str | os.PathLike) -> Path:
         raise EmbedtuneError(f"{target}: is a folder; give an image file name such as report.png")
     if not target.parent.is_dir():
         raise EmbedtuneError(f"{target}: folder {target.parent} does not exist")
+    if target.suffix:  # checked here, before the report is printed, not when the image is drawn
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if target.suffix[1:].lower() not in formats:
+            raise EmbedtuneError(f"{target}: cannot render a {target.suffix} image; name it .png (or one of "
+                                 f"{', '.join('.' + f for f in sorted(formats))})")
     return target
 
 
