@@ -276,3 +276,13 @@ def test_an_interrupt_under_a_launcher_is_announced_once(monkeypatch, rank):
     _launched_as(monkeypatch, rank, None)
     printed = _run_user_errors(KeyboardInterrupt())
     assert ("interrupted" in printed) == (rank == 0), printed
+
+
+def test_eval_refuses_batch_size_zero_before_loading_anything(tmp_path):
+    """`eval --batch-size 0` is one line naming the flag, before the data (maybe a large BEIR corpus) and the
+    model load; it was refused only at the first encoding, as "batch size and chunk size must be at least 1"."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"anchor": "a", "positive": "b"}\n{"anchor": "c", "positive": "d"}\n')
+    result = runner.invoke(app, ["eval", str(tmp_path / "no-model"), str(data), "--batch-size", "0"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error: --batch-size 0") and len(result.output.strip().splitlines()) == 1

@@ -338,6 +338,8 @@ def evaluate(
 
     with user_errors():
         check_length(max_seq_length)
+        if batch_size < 1:  # before the data and the models load
+            raise EmbedtuneError(f"--batch-size {batch_size}: must be at least 1")
         device = resolve_device(device)
         model, compare = run_model_folder(model), run_model_folder(compare)
         if output_json:
