@@ -58,8 +58,9 @@ def resolve_output(output: str | os.PathLike, data: str | os.PathLike | None = N
 
 def holds_only_a_run(folder: Path) -> bool:
     """`folder` is absent, empty, or holds a finished run's result (its metrics and its saved model): what
-    a demo may replace, with its own interrupted work, without being told to; anything else is the user's."""
-    folder = Path(folder)
+    a demo may replace, with its own interrupted work, without being told to; anything else is the user's.
+    Looked up as the run finds it (`resolve_output`): "~" expanded, links and ".." followed."""
+    folder = Path(os.path.realpath(Path(folder).expanduser()))
     if not folder.is_dir():
         return not folder.exists()
     return not any(folder.iterdir()) or ((folder / "metrics.json").is_file()
