@@ -8,7 +8,7 @@ the train split's files where their paths name splits, read in name order as one
 id on the Hugging Face hub (``owner/name[/subset folder]``, its data files fetched: `data.hub`), and folders written
 by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk`` (the "train" split, else the first).
 Columns: anchor/query/question (or sentence1/text1), positive/pos/answer (or sentence2/text2),
-negative/neg/negative_<n>, and the scores some losses train on: ``score`` (or ``label``), one number
+negative/negatives/neg/negative_<n>, and the scores some losses train on: ``score`` (or ``label``), one number
 per row (a pair's similarity, for CoSENT/AnglE; CSV text such as "0.8" is read as a number), or
 ``scores``, a list of teacher scores, one per candidate: the positive's, then each negative's in order
 (for MarginMSE and KL distillation). A row lacking the score the file's other rows have is skipped
@@ -60,7 +60,7 @@ if TYPE_CHECKING:  # datasets/pyarrow are imported lazily so `embedtune --help` 
 ANCHOR_ALIASES: tuple[str, ...] = ("anchor", "query", "question")
 POSITIVE_ALIASES: tuple[str, ...] = ("positive", "pos", "answer")
 # Plus numbered columns negative_1, negative_2, ... (see _NUMBERED_NEGATIVE).
-NEGATIVE_ALIASES: tuple[str, ...] = ("negative", "neg")
+NEGATIVE_ALIASES: tuple[str, ...] = ("negative", "negatives", "neg")
 # Two-text data (STS style: sentence1, sentence2, score) reads as anchor and positive.
 _ANCHOR_KEYS: tuple[str, ...] = ANCHOR_ALIASES + ("sentence1", "text1")
 _POSITIVE_KEYS: tuple[str, ...] = POSITIVE_ALIASES + ("sentence2", "text2")
