@@ -40,3 +40,35 @@ def test_a_negatives_list_column_in_parquet_gives_the_hard_negatives(tmp_path):
     pq.write_table(pa.table({"query": ["a", "b"], "positive": ["x", "y"], "negatives": [["n1"], ["n2"]]}), path)
     loaded = load_pairs(path)
     assert loaded.num_negatives == 1 and loaded.dataset["negative_1"] == ["n1", "n2"]
+
+
+# ------------------------------------------------------------------ JSON: an object of columns
+
+
+def test_a_json_object_of_lists_reads_as_columns(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"anchor": ["a1", "a2", "a3"], "positive": ["p1", "p2", "p3"],
+                                "score": [0.1, 0.5, 0.9]}), encoding="utf-8")
+    assert load_pairs(path).dataset.to_dict() == {"anchor": ["a1", "a2", "a3"], "positive": ["p1", "p2", "p3"],
+                                                  "score": [0.1, 0.5, 0.9]}
+
+
+def test_pandas_default_to_json_reads_as_columns(tmp_path):
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "pairs.json"
+    pd.DataFrame({"query": ["a1", "a2"], "answer": ["p1", "p2"]}).to_json(path)  # {"query": {"0": "a1", ...}, ...}
+    assert load_pairs(path).dataset.to_dict() == {"anchor": ["a1", "a2"], "positive": ["p1", "p2"]}
+
+
+def test_json_columns_of_different_lengths_are_an_error_naming_them(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"anchor": ["a1", "a2", "a3"], "positive": ["p1", "p2"]}), encoding="utf-8")
+    assert _error(path) == (f"{path}: a JSON object of columns of different lengths: 'anchor' holds 3 values, "
+                            "'positive' 2")
+
+
+def test_a_single_flagembedding_record_in_a_json_file_is_still_one_row(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"query": "q", "pos": ["p1", "p2"], "neg": ["n1"]}), encoding="utf-8")
+    assert load_pairs(path).dataset.to_dict() == {"anchor": ["q", "q"], "positive": ["p1", "p2"],
+                                                  "negative_1": ["n1", "n1"]}

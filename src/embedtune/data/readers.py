@@ -1,7 +1,8 @@
 """Read (anchor, positive[, negatives]) training pairs from the file formats people actually have.
 
 Accepted: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects, an object holding one list such as
-``{"data": [...]}``, or JSON lines), ``.csv`` and ``.tsv`` (a header row, every cell read as text), each
+``{"data": [...]}``, an object of columns such as ``{"anchor": [...], "positive": [...]}`` or pandas'
+``to_json()`` default, or JSON lines), ``.csv`` and ``.tsv`` (a header row, every cell read as text), each
 of these also compressed (``.gz``, ``.bz2``, ``.xz``: read through a decompressed temporary copy),
 ``.parquet``, a folder of such files (a dataset repository as the hub keeps it, or an export's shards:
 the train split's files where their paths name splits, read in name order as one data set), a dataset's
@@ -1046,13 +1047,16 @@ def _parses_as_record(text: str) -> bool:
 
 
 def _json_document_records(document: Any, name: str, collector: _Collector) -> list:
-    """A list of records, an object holding one (e.g. under "data"), or a single record object."""
+    """A list of records, an object holding one (e.g. under "data"), an object of columns, or a single
+    record object."""
     if isinstance(document, list):
         return document
     if not isinstance(document, dict):
         raise DataError(f"{name}: expected a JSON list of objects, got {_json_type(document)}")
     anchors, positives, _ = collector.role_keys(document)
     if anchors and positives:
+        if isinstance(document[anchors[0]], (list, dict)):  # an anchor is never a list: columns, not a record
+            return _json_columns(document, name)
         return [document]  # one record, e.g. a one-line FlagEmbedding file named .json
     for key in _JSON_LIST_KEYS:
         if isinstance(document.get(key), list):
@@ -1064,6 +1068,26 @@ def _json_document_records(document: Any, name: str, collector: _Collector) -> l
         f"{name}: expected a list of objects, or an object holding one list (e.g. under \"data\"); "
         f"found keys: {_show_names(document)}"
     )
+
+
+def _json_columns(document: dict, name: str) -> list[dict]:
+    """A JSON object of columns as records: ``{"anchor": [...], "positive": [...]}`` (a dict of lists) or
+    pandas' ``to_json()`` default, ``{"anchor": {"0": ..., "1": ...}, ...}`` (row labels in every column),
+    as `datasets` reads both; columns of different lengths or labels are an error."""
+    columns = {key: list(value.values()) if isinstance(value, dict) else value for key, value in document.items()}
+    labels = {key: tuple(value) for key, value in document.items() if isinstance(value, dict)}
+    first = next(iter(document))
+    for key, values in columns.items():
+        if not isinstance(values, list):
+            raise DataError(f"{name}: a JSON object of columns, but column '{_printable(key)}' holds "
+                            f"{_json_type(values)}, not a list")
+        if len(values) != len(columns[first]):
+            raise DataError(f"{name}: a JSON object of columns of different lengths: '{_printable(first)}' holds "
+                            f"{len(columns[first])} values, '{_printable(key)}' {len(values)}")
+        if labels and labels.get(key) != labels.get(first):
+            raise DataError(f"{name}: a JSON object of columns whose row labels differ: "
+                            f"'{_printable(first)}' and '{_printable(key)}'")
+    return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
 
 # --------------------------------------------------------------------------------------------------
