@@ -72,3 +72,27 @@ def test_a_single_flagembedding_record_in_a_json_file_is_still_one_row(tmp_path)
     path.write_text(json.dumps({"query": "q", "pos": ["p1", "p2"], "neg": ["n1"]}), encoding="utf-8")
     assert load_pairs(path).dataset.to_dict() == {"anchor": ["q", "q"], "positive": ["p1", "p2"],
                                                   "negative_1": ["n1", "n1"]}
+
+
+# ------------------------------------------------------------------ CSV: a list column written as text
+
+
+def test_a_list_column_written_by_pandas_to_csv_is_an_error_naming_its_line(tmp_path):
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "mined.csv"
+    pd.DataFrame({"anchor": ["a", "b"], "positive": ["x", "y"],
+                  "neg": [["n1", "n2"], ["n3", "n4"]]}).to_csv(path, index=False)  # the cell: "['n1', 'n2']"
+    assert _error(path).startswith(f"{path}:2: column 'neg' holds a list written as text (['n1', 'n2']); CSV keeps "
+                                   "no lists: write the file as JSONL or Parquet")
+
+
+def test_a_written_list_after_a_multiline_cell_names_its_own_line(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text('anchor\tpositive\na\t"two\nlines"\nb\t["p1", "p2"]\n', encoding="utf-8")
+    assert _error(path).startswith(f"{path}:4: column 'positive' holds a list written as text")
+
+
+def test_code_with_brackets_in_a_csv_is_still_text(tmp_path):
+    path = tmp_path / "code.csv"
+    path.write_text('anchor,positive\nq1,"def f():\n    return [1]"\nq2,[x for x in y]\nq3,[1 2]\n', encoding="utf-8")
+    assert load_pairs(path).dataset["positive"] == ["def f():\n    return [1]", "[x for x in y]", "[1 2]"]

@@ -17,7 +17,8 @@ and counted; a score that is not a number, a ``scores`` list of the wrong length
 ``score`` and a ``scores`` column is an error. Anchors are strings,
 positives and negatives strings or lists of strings (FlagEmbedding style), a list of positives giving one
 row each. Null, empty and blank texts are skipped and counted; any other value where text is expected
-(a number, boolean, object) is an error, since skipping it would hide a broken export. A row keeps the
+(a number, boolean, object; in a CSV/TSV file, a list written out as text) is an error, since skipping it would
+hide a broken export. A row keeps the
 number of hard negatives most rows have; rows with fewer are skipped and counted, rows with more keep the
 first ones and are counted too. Nothing is chosen silently: a JSON object naming a key twice (JSON keeps
 the last value) is an error naming the line and key, and so is a row where two aliases of one column
@@ -1129,8 +1130,11 @@ def _read_csv(p: Path, name: str, collector: _Collector, delimiter: str = ",") -
         read = pa_csv.ReadOptions(column_names=None if header else names)
         convert = pa_csv.ConvertOptions(column_types={n: pa.string() for n in names})
         collector.declare_columns(names, where=f"{name}:1")
+        _, positives, negatives = collector.role_keys(names)
+        listed = [key for key in (*positives, *negatives) if key in names]
         with pa_csv.open_csv(p, parse_options=parse, read_options=read, convert_options=convert) as reader:
-            _feed_batches(collector, (batch.to_pydict() for batch in reader))
+            _feed_batches(collector, _refuse_written_lists((batch.to_pydict() for batch in reader), listed,
+                                                           collector, kind))
     except (pa.ArrowException, ValueError) as e:  # ValueError covers UnicodeDecodeError too
         if "Empty CSV file" in str(e):  # pyarrow found no complete row
             with p.open("rb") as f:
@@ -1141,6 +1145,31 @@ def _read_csv(p: Path, name: str, collector: _Collector, delimiter: str = ",") -
         # pyarrow's messages name no line and quote whole rows; find the line ourselves.
         problem = _csv_problem(p, name, delimiter) or f"{name}: invalid {kind}: {_quoted(str(e), 120)}"
         raise DataError(problem) from None
+
+
+def _refuse_written_lists(batches: Iterable[dict[str, list]], keys: list[str], collector: _Collector,
+                          kind: str) -> Iterator[dict[str, list]]:
+    """``batches`` unchanged, but a positive or negative cell holding a list written out as text
+    (``['n1', 'n2']``: pandas' ``to_csv`` of a list column) is an error naming its line: read as
+    text, the list's printout would be trained on as one document."""
+    import ast
+
+    at = 0
+    for batch in batches:
+        for key in keys:
+            for offset, value in enumerate(batch[key]):
+                text = value.strip() if value else ""
+                if text[:1] == "[" and text[-1:] == "]":
+                    with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+                        items = ast.literal_eval(text)
+                        if isinstance(items, list) and items and all(isinstance(i, str) for i in items):
+                            raise DataError(
+                                f"{collector.located(at + offset + 1)}: column '{_printable(key)}' holds a list "
+                                f"written as text ({_quoted(text)}); {kind} keeps no lists: write the file as "
+                                "JSONL or Parquet (e.g. pandas' to_json(orient=\"records\", lines=True)), or "
+                                "one negative per column (negative_1, negative_2, ...)")
+        at += len(next(iter(batch.values()), []))
+        yield batch
 
 
 def _no_rows(name: str, column_names: str) -> DataError:
