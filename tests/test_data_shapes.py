@@ -96,3 +96,34 @@ def test_code_with_brackets_in_a_csv_is_still_text(tmp_path):
     path = tmp_path / "code.csv"
     path.write_text('anchor,positive\nq1,"def f():\n    return [1]"\nq2,[x for x in y]\nq3,[1 2]\n', encoding="utf-8")
     assert load_pairs(path).dataset["positive"] == ["def f():\n    return [1]", "[x for x in y]", "[1 2]"]
+
+
+# ------------------------------------------------------------------ hard negatives under another name
+
+
+def _hard_negatives_file(tmp_path) -> Path:
+    path = tmp_path / "hard.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "anchor": f"a{i}", "positive": f"p{i}", "hard_negatives": [f"n{i}"]})
+                            + "\n" for i in range(3)), encoding="utf-8")
+    return path
+
+
+def test_hard_negatives_under_a_name_no_role_reads_are_a_warning_of_the_run(tmp_path):
+    from embedtune.run_data import load_parts
+    from embedtune.train import TrainConfig
+
+    path = _hard_negatives_file(tmp_path)
+    loaded = load_pairs(path)
+    assert loaded.num_negatives == 0 and loaded.unread_negatives == ("hard_negatives",)
+    (part,) = load_parts(TrainConfig(data=str(path)))  # the choice's warning: logged, in metrics.json and the summary
+    assert part.choice.warning == (f"{path}: column 'hard_negatives' not read (hard negatives are read from negative, "
+                                   "negatives, neg or negative_1..N); to train on them: --columns negative=hard_negatives")
+
+
+def test_hard_negatives_named_by_role_are_read_and_not_warned_about(tmp_path):
+    from embedtune.run_data import load_parts
+    from embedtune.train import TrainConfig
+
+    (part,) = load_parts(TrainConfig(data=str(_hard_negatives_file(tmp_path)), columns="negative=hard_negatives"))
+    assert part.loaded.num_negatives == 1 and part.choice.warning is None
+    assert part.loaded.dataset["negative_1"] == ["n0", "n1", "n2"]

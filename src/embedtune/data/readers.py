@@ -98,7 +98,8 @@ class LoadedPairs:
     ``skipped_few_negatives`` counts rows dropped for holding fewer than ``num_negatives`` hard
     negatives, the first of them at ``first_few_negatives`` (e.g. "line 17"); ``cut_negatives`` counts
     rows kept with only their first ``num_negatives`` hard negatives (they held more), the first of them
-    at ``first_cut_negatives``; ``source`` is the path as given.
+    at ``first_cut_negatives``; ``source`` is the path as given; ``unread_negatives`` names the columns
+    named like hard negatives (e.g. "hard_negatives") that were not read, for a warning (`unread_warning`).
     """
 
     dataset: datasets.Dataset
@@ -110,11 +111,21 @@ class LoadedPairs:
     cut_negatives: int = 0
     first_cut_negatives: str | None = None
     skipped_no_score: int = 0
+    unread_negatives: tuple[str, ...] = ()  # columns named like hard negatives that no role reads
 
     @property
     def label_column(self) -> str | None:
         """"score" (a number per row), "scores" (teacher scores per candidate) or None."""
         return next((c for c in ("score", TEACHER_SCORES) if c in self.dataset.column_names), None)
+
+    def unread_warning(self) -> str | None:
+        """The one-line warning for columns named like hard negatives that no role reads, or None."""
+        if not self.unread_negatives:
+            return None
+        names = ", ".join(f"'{_printable(k)}'" for k in self.unread_negatives)
+        example = ",".join(f"negative={k}" for k in self.unread_negatives)
+        return (f"{self.source}: column{'s' if len(self.unread_negatives) > 1 else ''} {names} not read (hard "
+                f"negatives are read from negative, negatives, neg or negative_1..N); to train on them: --columns {example}")
 
     def skipped_summary(self) -> str:
         """Every reason rows were dropped or cut, on one line, e.g. for the CLI's end-of-run report."""
@@ -740,7 +751,15 @@ class _Collector:
             cut_negatives=sum(rows for rows, _ in more),
             first_cut_negatives=self.place(min(first for _, first in more)) if more else None,
             skipped_no_score=no_score,
+            unread_negatives=self.unread_negatives(),
         )
+
+    def unread_negatives(self) -> tuple[str, ...]:
+        """Columns named like hard negatives ("hard_negatives", "negative_passages") that no role reads,
+        where the user named no negatives of their own: read nowhere, so to be warned about."""
+        if "negative" in self.roles:
+            return ()
+        return tuple(key for key in self.found if "neg" in key.lower() and not self.uses(key))
 
 
 def _is_pair_column(key: str) -> bool:
