@@ -127,3 +127,9 @@ def test_hard_negatives_named_by_role_are_read_and_not_warned_about(tmp_path):
     (part,) = load_parts(TrainConfig(data=str(_hard_negatives_file(tmp_path)), columns="negative=hard_negatives"))
     assert part.loaded.num_negatives == 1 and part.choice.warning is None
     assert part.loaded.dataset["negative_1"] == ["n0", "n1", "n2"]
+
+
+def test_a_json_object_of_columns_with_a_lone_value_names_that_column(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"anchor": ["a1", "a2"], "positive": ["p1", "p2"], "source": "wiki"}), encoding="utf-8")
+    assert _error(path) == f"{path}: a JSON object of columns, but column 'source' holds a JSON string, not a list"

@@ -1100,7 +1100,7 @@ def _json_columns(document: dict, name: str) -> list[dict]:
     for key, values in columns.items():
         if not isinstance(values, list):
             raise DataError(f"{name}: a JSON object of columns, but column '{_printable(key)}' holds "
-                            f"{_json_type(values)}, not a list")
+                            f"a JSON {_json_type(values)}, not a list")
         if len(values) != len(columns[first]):
             raise DataError(f"{name}: a JSON object of columns of different lengths: '{_printable(first)}' holds "
                             f"{len(columns[first])} values, '{_printable(key)}' {len(values)}")
