@@ -133,3 +133,14 @@ def test_a_json_object_of_columns_with_a_lone_value_names_that_column(tmp_path):
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps({"anchor": ["a1", "a2"], "positive": ["p1", "p2"], "source": "wiki"}), encoding="utf-8")
     assert _error(path) == f"{path}: a JSON object of columns, but column 'source' holds a JSON string, not a list"
+
+
+# ------------------------------------------------------------------ CSV with another separator
+
+
+def test_a_semicolon_separated_csv_is_an_error_naming_the_separator(tmp_path):
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "pairs.csv"
+    pd.DataFrame({"anchor": ["a1", "a2"], "positive": ["p1", "p2"]}).to_csv(path, sep=";", index=False)  # Excel's, in much of Europe
+    assert _error(path).endswith("found: anchor;positive (one column: the file separates its columns with ';'; "
+                                 "embedtune reads CSV with ',' and TSV with tabs: write it with one of those)")

@@ -696,10 +696,14 @@ class _Collector:
             role, key = absent[0]
             raise DataError(f"{name}: no column '{_printable(key)}' (named for the {role}); found: {_show_names(self.found)}")
         if not (self.has_anchor_column and self.has_positive_column):
+            (only, *others) = self.found or ("",)
+            separator = next((c for c in ";|" if c in only), None) if not others else None
+            hint = (f" (one column: the file separates its columns with '{separator}'; embedtune reads CSV with ',' "
+                    "and TSV with tabs: write it with one of those)") if separator else ""
             raise DataError(
                 f"{name}: missing columns: need one of anchor/query/question and one of "
                 f"positive/pos/answer, or name yours with --columns (e.g. anchor=query,positive=document); "
-                f"found: {_show_names(self.found)}"
+                f"found: {_show_names(self.found)}{hint}"
             )
         self._flush()
         if not self.chunks:
