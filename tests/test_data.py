@@ -185,7 +185,7 @@ def test_csv_numbers_stay_text(tmp_path):
 def test_aliases_are_exported():
     assert ANCHOR_ALIASES == ("anchor", "query", "question")
     assert POSITIVE_ALIASES == ("positive", "pos", "answer")
-    assert NEGATIVE_ALIASES == ("negative", "neg")
+    assert NEGATIVE_ALIASES == ("negative", "negatives", "neg")
 
 
 def test_flagembedding_style_lists_explode_positives_and_make_negatives_rectangular(tmp_path):

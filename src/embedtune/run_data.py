@@ -65,6 +65,9 @@ def load_parts(config) -> list[Part]:
     for source in sources:
         loaded = load_pairs(source.path, source.columns)
         choice = choose_loss(source.path, loaded.dataset.column_names, source.loss)
+        unread = loaded.unread_warning()  # hard negatives under a name no role reads: never dropped silently
+        if unread:
+            choice = dataclasses.replace(choice, warning=f"{choice.warning}; {unread}" if choice.warning else unread)
         check_options(config, choice.loss, source.path)
         if choice.warning and distributed.is_main():
             logger.warning("embedtune: %s", choice.warning)

@@ -1,14 +1,15 @@
 """Read (anchor, positive[, negatives]) training pairs from the file formats people actually have.
 
 Accepted: ``.jsonl``/``.ndjson``, ``.json`` (a list of objects, an object holding one list such as
-``{"data": [...]}``, or JSON lines), ``.csv`` and ``.tsv`` (a header row, every cell read as text), each
+``{"data": [...]}``, an object of columns such as ``{"anchor": [...], "positive": [...]}`` or pandas'
+``to_json()`` default, or JSON lines), ``.csv`` and ``.tsv`` (a header row, every cell read as text), each
 of these also compressed (``.gz``, ``.bz2``, ``.xz``: read through a decompressed temporary copy),
 ``.parquet``, a folder of such files (a dataset repository as the hub keeps it, or an export's shards:
 the train split's files where their paths name splits, read in name order as one data set), a dataset's
 id on the Hugging Face hub (``owner/name[/subset folder]``, its data files fetched: `data.hub`), and folders written
 by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk`` (the "train" split, else the first).
 Columns: anchor/query/question (or sentence1/text1), positive/pos/answer (or sentence2/text2),
-negative/neg/negative_<n>, and the scores some losses train on: ``score`` (or ``label``), one number
+negative/negatives/neg/negative_<n>, and the scores some losses train on: ``score`` (or ``label``), one number
 per row (a pair's similarity, for CoSENT/AnglE; CSV text such as "0.8" is read as a number), or
 ``scores``, a list of teacher scores, one per candidate: the positive's, then each negative's in order
 (for MarginMSE and KL distillation). A row lacking the score the file's other rows have is skipped
@@ -16,7 +17,8 @@ and counted; a score that is not a number, a ``scores`` list of the wrong length
 ``score`` and a ``scores`` column is an error. Anchors are strings,
 positives and negatives strings or lists of strings (FlagEmbedding style), a list of positives giving one
 row each. Null, empty and blank texts are skipped and counted; any other value where text is expected
-(a number, boolean, object) is an error, since skipping it would hide a broken export. A row keeps the
+(a number, boolean, object; in a CSV/TSV file, a list written out as text) is an error, since skipping it would
+hide a broken export. A row keeps the
 number of hard negatives most rows have; rows with fewer are skipped and counted, rows with more keep the
 first ones and are counted too. Nothing is chosen silently: a JSON object naming a key twice (JSON keeps
 the last value) is an error naming the line and key, and so is a row where two aliases of one column
@@ -60,7 +62,7 @@ if TYPE_CHECKING:  # datasets/pyarrow are imported lazily so `embedtune --help` 
 ANCHOR_ALIASES: tuple[str, ...] = ("anchor", "query", "question")
 POSITIVE_ALIASES: tuple[str, ...] = ("positive", "pos", "answer")
 # Plus numbered columns negative_1, negative_2, ... (see _NUMBERED_NEGATIVE).
-NEGATIVE_ALIASES: tuple[str, ...] = ("negative", "neg")
+NEGATIVE_ALIASES: tuple[str, ...] = ("negative", "negatives", "neg")
 # Two-text data (STS style: sentence1, sentence2, score) reads as anchor and positive.
 _ANCHOR_KEYS: tuple[str, ...] = ANCHOR_ALIASES + ("sentence1", "text1")
 _POSITIVE_KEYS: tuple[str, ...] = POSITIVE_ALIASES + ("sentence2", "text2")
@@ -96,7 +98,8 @@ class LoadedPairs:
     ``skipped_few_negatives`` counts rows dropped for holding fewer than ``num_negatives`` hard
     negatives, the first of them at ``first_few_negatives`` (e.g. "line 17"); ``cut_negatives`` counts
     rows kept with only their first ``num_negatives`` hard negatives (they held more), the first of them
-    at ``first_cut_negatives``; ``source`` is the path as given.
+    at ``first_cut_negatives``; ``source`` is the path as given; ``unread_negatives`` names the columns
+    named like hard negatives (e.g. "hard_negatives") that were not read, for a warning (`unread_warning`).
     """
 
     dataset: datasets.Dataset
@@ -108,11 +111,21 @@ class LoadedPairs:
     cut_negatives: int = 0
     first_cut_negatives: str | None = None
     skipped_no_score: int = 0
+    unread_negatives: tuple[str, ...] = ()  # columns named like hard negatives that no role reads
 
     @property
     def label_column(self) -> str | None:
         """"score" (a number per row), "scores" (teacher scores per candidate) or None."""
         return next((c for c in ("score", TEACHER_SCORES) if c in self.dataset.column_names), None)
+
+    def unread_warning(self) -> str | None:
+        """The one-line warning for columns named like hard negatives that no role reads, or None."""
+        if not self.unread_negatives:
+            return None
+        names = ", ".join(f"'{_printable(k)}'" for k in self.unread_negatives)
+        example = ",".join(f"negative={k}" for k in self.unread_negatives)
+        return (f"{self.source}: column{'s' if len(self.unread_negatives) > 1 else ''} {names} not read (hard "
+                f"negatives are read from negative, negatives, neg or negative_1..N); to train on them: --columns {example}")
 
     def skipped_summary(self) -> str:
         """Every reason rows were dropped or cut, on one line, e.g. for the CLI's end-of-run report."""
@@ -683,10 +696,14 @@ class _Collector:
             role, key = absent[0]
             raise DataError(f"{name}: no column '{_printable(key)}' (named for the {role}); found: {_show_names(self.found)}")
         if not (self.has_anchor_column and self.has_positive_column):
+            (only, *others) = self.found or ("",)
+            separator = next((c for c in ";|" if c in only), None) if not others else None
+            hint = (f" (one column: the file separates its columns with '{separator}'; embedtune reads CSV with ',' "
+                    "and TSV with tabs: write it with one of those)") if separator else ""
             raise DataError(
                 f"{name}: missing columns: need one of anchor/query/question and one of "
                 f"positive/pos/answer, or name yours with --columns (e.g. anchor=query,positive=document); "
-                f"found: {_show_names(self.found)}"
+                f"found: {_show_names(self.found)}{hint}"
             )
         self._flush()
         if not self.chunks:
@@ -738,7 +755,15 @@ class _Collector:
             cut_negatives=sum(rows for rows, _ in more),
             first_cut_negatives=self.place(min(first for _, first in more)) if more else None,
             skipped_no_score=no_score,
+            unread_negatives=self.unread_negatives(),
         )
+
+    def unread_negatives(self) -> tuple[str, ...]:
+        """Columns named like hard negatives ("hard_negatives", "negative_passages") that no role reads,
+        where the user named no negatives of their own: read nowhere, so to be warned about."""
+        if "negative" in self.roles:
+            return ()
+        return tuple(key for key in self.found if "neg" in key.lower() and not self.uses(key))
 
 
 def _is_pair_column(key: str) -> bool:
@@ -1046,13 +1071,16 @@ def _parses_as_record(text: str) -> bool:
 
 
 def _json_document_records(document: Any, name: str, collector: _Collector) -> list:
-    """A list of records, an object holding one (e.g. under "data"), or a single record object."""
+    """A list of records, an object holding one (e.g. under "data"), an object of columns, or a single
+    record object."""
     if isinstance(document, list):
         return document
     if not isinstance(document, dict):
         raise DataError(f"{name}: expected a JSON list of objects, got {_json_type(document)}")
     anchors, positives, _ = collector.role_keys(document)
     if anchors and positives:
+        if isinstance(document[anchors[0]], (list, dict)):  # an anchor is never a list: columns, not a record
+            return _json_columns(document, name)
         return [document]  # one record, e.g. a one-line FlagEmbedding file named .json
     for key in _JSON_LIST_KEYS:
         if isinstance(document.get(key), list):
@@ -1064,6 +1092,26 @@ def _json_document_records(document: Any, name: str, collector: _Collector) -> l
         f"{name}: expected a list of objects, or an object holding one list (e.g. under \"data\"); "
         f"found keys: {_show_names(document)}"
     )
+
+
+def _json_columns(document: dict, name: str) -> list[dict]:
+    """A JSON object of columns as records: ``{"anchor": [...], "positive": [...]}`` (a dict of lists) or
+    pandas' ``to_json()`` default, ``{"anchor": {"0": ..., "1": ...}, ...}`` (row labels in every column),
+    as `datasets` reads both; columns of different lengths or labels are an error."""
+    columns = {key: list(value.values()) if isinstance(value, dict) else value for key, value in document.items()}
+    labels = {key: tuple(value) for key, value in document.items() if isinstance(value, dict)}
+    first = next(iter(document))
+    for key, values in columns.items():
+        if not isinstance(values, list):
+            raise DataError(f"{name}: a JSON object of columns, but column '{_printable(key)}' holds "
+                            f"a JSON {_json_type(values)}, not a list")
+        if len(values) != len(columns[first]):
+            raise DataError(f"{name}: a JSON object of columns of different lengths: '{_printable(first)}' holds "
+                            f"{len(columns[first])} values, '{_printable(key)}' {len(values)}")
+        if labels and labels.get(key) != labels.get(first):
+            raise DataError(f"{name}: a JSON object of columns whose row labels differ: "
+                            f"'{_printable(first)}' and '{_printable(key)}'")
+    return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1105,8 +1153,11 @@ def _read_csv(p: Path, name: str, collector: _Collector, delimiter: str = ",") -
         read = pa_csv.ReadOptions(column_names=None if header else names)
         convert = pa_csv.ConvertOptions(column_types={n: pa.string() for n in names})
         collector.declare_columns(names, where=f"{name}:1")
+        _, positives, negatives = collector.role_keys(names)
+        listed = [key for key in (*positives, *negatives) if key in names]
         with pa_csv.open_csv(p, parse_options=parse, read_options=read, convert_options=convert) as reader:
-            _feed_batches(collector, (batch.to_pydict() for batch in reader))
+            _feed_batches(collector, _refuse_written_lists((batch.to_pydict() for batch in reader), listed,
+                                                           collector, kind))
     except (pa.ArrowException, ValueError) as e:  # ValueError covers UnicodeDecodeError too
         if "Empty CSV file" in str(e):  # pyarrow found no complete row
             with p.open("rb") as f:
@@ -1117,6 +1168,31 @@ def _read_csv(p: Path, name: str, collector: _Collector, delimiter: str = ",") -
         # pyarrow's messages name no line and quote whole rows; find the line ourselves.
         problem = _csv_problem(p, name, delimiter) or f"{name}: invalid {kind}: {_quoted(str(e), 120)}"
         raise DataError(problem) from None
+
+
+def _refuse_written_lists(batches: Iterable[dict[str, list]], keys: list[str], collector: _Collector,
+                          kind: str) -> Iterator[dict[str, list]]:
+    """``batches`` unchanged, but a positive or negative cell holding a list written out as text
+    (``['n1', 'n2']``: pandas' ``to_csv`` of a list column) is an error naming its line: read as
+    text, the list's printout would be trained on as one document."""
+    import ast
+
+    at = 0
+    for batch in batches:
+        for key in keys:
+            for offset, value in enumerate(batch[key]):
+                text = value.strip() if value else ""
+                if text[:1] == "[" and text[-1:] == "]":
+                    with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+                        items = ast.literal_eval(text)
+                        if isinstance(items, list) and items and all(isinstance(i, str) for i in items):
+                            raise DataError(
+                                f"{collector.located(at + offset + 1)}: column '{_printable(key)}' holds a list "
+                                f"written as text ({_quoted(text)}); {kind} keeps no lists: write the file as "
+                                "JSONL or Parquet (e.g. pandas' to_json(orient=\"records\", lines=True)), or "
+                                "one negative per column (negative_1, negative_2, ...)")
+        at += len(next(iter(batch.values()), []))
+        yield batch
 
 
 def _no_rows(name: str, column_names: str) -> DataError:
