@@ -159,3 +159,22 @@ def test_a_killed_finish_leaves_the_old_result_or_a_run_that_resume_completes(tm
     new = load_file(str(out / "model" / "model.safetensors"))
     ref = load_file(str(reference / "model" / "model.safetensors"))
     assert max((new[k] - ref[k]).abs().max().item() for k in ref) <= 1e-6  # the killed run's result, not the old
+
+
+def test_output_that_is_the_home_folder_or_above_it_is_refused_even_with_overwrite(tmp_path, monkeypatch, tiny):
+    """`--output ~` (or a folder above it) would replace the user's home folder when the run finishes:
+    refused whatever the current folder, and --overwrite does not change that."""
+    home, elsewhere = tmp_path / "home", tmp_path / "work"
+    (home / "notes").mkdir(parents=True)
+    (home / "notes" / "keep.txt").write_text("mine")
+    elsewhere.mkdir()
+    data = _pairs(elsewhere)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    for output in ("~", str(home), "~/notes/../", "~/.."):  # ~/.. is also above the current folder: named first
+        with pytest.raises(EmbedtuneError, match="(home|current) folder or one of its parents"):
+            resolve_output(output, data)
+    assert resolve_output("~/runs/one", data) == Path(os.path.realpath(home / "runs" / "one"))
+    result = _train(data, "~", tiny, "--overwrite")
+    assert result.exit_code != 0 and "home folder" in " ".join(result.output.split())
+    assert (home / "notes" / "keep.txt").read_text() == "mine" and sorted(p.name for p in home.iterdir()) == ["notes"]

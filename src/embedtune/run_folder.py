@@ -39,14 +39,16 @@ def work_folder(output: str | os.PathLike) -> Path:
 
 def resolve_output(output: str | os.PathLike, data: str | os.PathLike | None = None) -> Path:
     """The real folder a run writes to (symlinks followed), refused if finishing it would delete the
-    current folder, one of its parents, or the training data."""
+    current folder, the home folder, one of their parents, or the training data: even with --overwrite,
+    a run never replaces them."""
     given = Path(output).expanduser()
     real = Path(os.path.realpath(given))
     where = f"--output {output}" + (f" (a link to {real})" if real != given.absolute() else "")
-    cwd = Path(os.path.realpath(Path.cwd()))
-    if real == cwd or real in cwd.parents:
-        raise EmbedtuneError(f"{where}: is the current folder or one of its parents, which the finished run "
-                             "would replace; choose a new folder for the output")
+    for kind, folder in (("current", Path.cwd()), ("home", Path.home())):
+        folder = Path(os.path.realpath(folder))
+        if real == folder or real in folder.parents:
+            raise EmbedtuneError(f"{where}: is the {kind} folder or one of its parents, which the finished run "
+                                 "would replace; choose a new folder for the output")
     if data is not None:
         data_real = Path(os.path.realpath(Path(data).expanduser()))
         for folder in (real, work_folder(real)):
