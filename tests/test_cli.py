@@ -288,18 +288,23 @@ def test_eval_refuses_batch_size_zero_before_loading_anything(tmp_path):
     assert result.output.startswith("error: --batch-size 0") and len(result.output.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("given", ["~", "~/new/.."])
-def test_demo_output_naming_the_home_folder_keeps_the_users_files(tmp_path, monkeypatch, given):
-    """`demo --output=~` (a tilde the shell leaves alone after "=") or a path through ".." names a folder of the
-    user's: the demo refuses it, as it refuses any such folder. It once checked the name as given (no folder
-    "~" here: "nothing to lose") while the run expanded it, and replaced the home folder."""
+@pytest.mark.parametrize(("given", "refusal"), [("~", "home folder or one of its parents"),
+                                               ("~/new/..", "home folder or one of its parents"),
+                                               ("~/mywork", "--overwrite")])
+def test_demo_output_naming_the_home_folder_keeps_the_users_files(tmp_path, monkeypatch, given, refusal):
+    """`demo --output=~` (a tilde the shell leaves alone after "=") or a path through ".." names the home
+    folder, which no run replaces; `~/mywork` holding the user's files is refused as any such folder is.
+    The demo once checked the name as given (no folder "~" here: "nothing to lose") while the run
+    expanded it, and replaced the home folder."""
     home = tmp_path / "home"
-    home.mkdir()
+    (home / "mywork").mkdir(parents=True)
     (home / "notes.txt").write_text("keep me")
+    (home / "mywork" / "draft.txt").write_text("keep me too")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     flags = ["--pairs", "16", "--eval-size", "0", "--max-steps", "1", "--batch-size", "4", "--max-seq-length", "32"]
     result = runner.invoke(app, ["demo", f"--output={given}", *flags])
-    assert result.exit_code == 1 and "Traceback" not in result.output and "--overwrite" in result.output
-    assert [p.name for p in home.iterdir()] == ["notes.txt"] and not (tmp_path / "home.partial").exists()
+    assert result.exit_code == 1 and "Traceback" not in result.output and refusal in " ".join(result.output.split())
+    assert sorted(p.name for p in home.iterdir()) == ["mywork", "notes.txt"] and not (tmp_path / "home.partial").exists()
+    assert [p.name for p in (home / "mywork").iterdir()] == ["draft.txt"]

@@ -178,3 +178,26 @@ def test_output_that_is_the_home_folder_or_above_it_is_refused_even_with_overwri
     result = _train(data, "~", tiny, "--overwrite")
     assert result.exit_code != 0 and "home folder" in " ".join(result.output.split())
     assert (home / "notes" / "keep.txt").read_text() == "mine" and sorted(p.name for p in home.iterdir()) == ["notes"]
+
+
+def test_no_save_replaces_the_home_or_the_current_folder(tmp_path, monkeypatch):
+    """Every writer's folder goes through `files.atomic_folder`: a target that is the home or the current
+    folder, or above either, is refused with overwrite too, and nothing in it is touched."""
+    from embedtune.errors import SaveError
+    from embedtune.files import atomic_folder
+
+    home, here = tmp_path / "home", tmp_path / "here"
+    for folder in (home, here):
+        folder.mkdir()
+        (folder / "keep.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    for target in ("~", str(home), ".", str(here), str(tmp_path)):
+        with pytest.raises(SaveError, match="folder or one of its parents"):
+            with atomic_folder(target, overwrite=True) as tmp:
+                (Path(tmp) / "model.safetensors").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "home"]
+    assert [p.name for p in home.iterdir()] == [p.name for p in here.iterdir()] == ["keep.txt"]
+    with atomic_folder(home / "models" / "one", overwrite=True) as tmp:  # inside the home folder: fine
+        (Path(tmp) / "model.safetensors").write_text("x")
+    assert (home / "models" / "one" / "model.safetensors").is_file()

@@ -82,9 +82,25 @@ def _is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+def sheltering_folder(target: str | os.PathLike) -> str | None:
+    """"current" or "home" where `target` (links followed, "~" expanded) is the current or the home
+    folder or a parent of either, which no save may replace, overwrite or not; else None."""
+    real = Path(os.path.realpath(Path(target).expanduser()))
+    for kind, folder in (("current", Path.cwd()), ("home", Path.home())):
+        folder = Path(os.path.realpath(folder))
+        if real == folder or real in folder.parents:
+            return kind
+    return None
+
+
 def check_target(target: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse a target that exists as a file, or as a non-empty folder unless overwriting."""
+    """Refuse a target that exists as a file, or as a non-empty folder unless overwriting, or that is
+    the current or the home folder or a parent of either (`sheltering_folder`) in any case."""
     path = Path(target)
+    kind = sheltering_folder(path)
+    if kind is not None:
+        raise SaveError(f"{path}: is the {kind} folder or one of its parents, which saving there would replace; "
+                        "choose a new folder")
     if path.exists() and not path.is_dir():
         raise SaveError(f"{path}: exists and is not a folder")
     if _is_nonempty_dir(path) and not overwrite:

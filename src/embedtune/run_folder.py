@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 from .errors import EmbedtuneError
-from .files import clear_stale, replace_folder, write_text_atomic
+from .files import clear_stale, replace_folder, sheltering_folder, write_text_atomic
 
 FINISHED = "embedtune_finished.json"  # written last into OUTPUT.partial: the result there is complete
 
@@ -44,11 +44,10 @@ def resolve_output(output: str | os.PathLike, data: str | os.PathLike | None = N
     given = Path(output).expanduser()
     real = Path(os.path.realpath(given))
     where = f"--output {output}" + (f" (a link to {real})" if real != given.absolute() else "")
-    for kind, folder in (("current", Path.cwd()), ("home", Path.home())):
-        folder = Path(os.path.realpath(folder))
-        if real == folder or real in folder.parents:
-            raise EmbedtuneError(f"{where}: is the {kind} folder or one of its parents, which the finished run "
-                                 "would replace; choose a new folder for the output")
+    kind = sheltering_folder(real)
+    if kind is not None:
+        raise EmbedtuneError(f"{where}: is the {kind} folder or one of its parents, which the finished run "
+                             "would replace; choose a new folder for the output")
     if data is not None:
         data_real = Path(os.path.realpath(Path(data).expanduser()))
         for folder in (real, work_folder(real)):
