@@ -13,20 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedtune.data import load_pairs
-from embedtune.errors import DataError
+from reader_errors import one_line_error
 
 
 def _write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-def _error(path) -> str:
-    with pytest.raises(DataError) as e:
-        load_pairs(path)
-    message = str(e.value)
-    assert "\n" not in message and message.isprintable(), message
-    return message
 
 
 def _pairs(n: int, negatives: int = 0) -> list[dict]:
@@ -48,7 +40,7 @@ def test_csv_duplicate_column_is_an_error_on_line_1(tmp_path, header, duplicated
     path = tmp_path / "dup.csv"
     width = header.count(",") + 1
     path.write_text(header + "\n" + ",".join(f"v{i}" for i in range(width)) + "\n", encoding="utf-8")
-    assert _error(path) == f"{path}:1: duplicate column '{duplicated}'"
+    assert one_line_error(path) == f"{path}:1: duplicate column '{duplicated}'"
 
 
 def test_csv_duplicate_unused_columns_still_load(tmp_path):
@@ -63,7 +55,7 @@ def test_parquet_duplicate_column_is_an_error(tmp_path):
     table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["p1"]), pa.array(["p2"])],
                                  names=["anchor", "positive", "positive"])
     pq.write_table(table, path)
-    assert _error(path) == f"{path}: duplicate column 'positive'"
+    assert one_line_error(path) == f"{path}: duplicate column 'positive'"
 
 
 # ------------------------------------------------------------------------------- 2. wrong-typed values
@@ -78,7 +70,7 @@ def test_jsonl_wrong_typed_positive_names_file_line_column_and_type(tmp_path, va
     rows = _pairs(10)
     rows[6]["positive"] = value
     path = _write_jsonl(tmp_path / "pairs.jsonl", rows)
-    assert _error(path) == f"{path}:7: column 'positive' holds {held}, expected text"
+    assert one_line_error(path) == f"{path}:7: column 'positive' holds {held}, expected text"
 
 
 @pytest.mark.parametrize(
@@ -91,29 +83,29 @@ def test_jsonl_wrong_typed_positive_names_file_line_column_and_type(tmp_path, va
 )
 def test_jsonl_wrong_typed_anchor_or_negative(tmp_path, row, column, held):
     path = _write_jsonl(tmp_path / "pairs.jsonl", [{"anchor": "a", "positive": "p"}, row])
-    assert _error(path) == f"{path}:2: column '{column}' holds {held}, expected text"
+    assert one_line_error(path) == f"{path}:2: column '{column}' holds {held}, expected text"
 
 
 def test_line_number_is_the_files_line_not_the_record_count(tmp_path):
     path = tmp_path / "gaps.jsonl"
     path.write_text('\n{"anchor": "a", "positive": "p"}\n\n\n{"anchor": "b", "positive": 42}\n', encoding="utf-8")
-    assert _error(path) == f"{path}:5: column 'positive' holds a number (42), expected text"
+    assert one_line_error(path) == f"{path}:5: column 'positive' holds a number (42), expected text"
 
 
 def test_every_value_a_number_fails_on_the_first_line_not_as_empty_text(tmp_path):
     path = _write_jsonl(tmp_path / "numbers.jsonl", [{"anchor": f"a{i}", "positive": i} for i in range(50)])
-    assert _error(path) == f"{path}:1: column 'positive' holds a number (0), expected text"
+    assert one_line_error(path) == f"{path}:1: column 'positive' holds a number (0), expected text"
 
 
 def test_json_list_names_the_item(tmp_path):
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps({"data": [{"anchor": "a", "positive": "p"}, {"anchor": "b", "positive": 9}]}))
-    assert _error(path) == f"{path}: item 2: column 'positive' holds a number (9), expected text"
+    assert one_line_error(path) == f"{path}: item 2: column 'positive' holds a number (9), expected text"
 
 
 def test_long_wrong_typed_value_is_cut_short(tmp_path):
     path = _write_jsonl(tmp_path / "big.jsonl", [{"anchor": "a", "positive": {"x": "y" * 5000}}])
-    message = _error(path)
+    message = one_line_error(path)
     assert message.startswith(f"{path}:1: column 'positive' holds an object (") and len(message) < len(str(path)) + 120
 
 
@@ -145,13 +137,13 @@ def test_parquet_non_text_column_names_file_column_and_type(tmp_path, column, ar
     columns[column] = array
     path = tmp_path / "typed.parquet"
     pq.write_table(pa.table(columns), path)
-    assert _error(path) == f"{path}: column '{column}' {expected}"
+    assert one_line_error(path) == f"{path}: column '{column}' {expected}"
 
 
 def test_saved_dataset_non_text_column(tmp_path):
     folder = tmp_path / "ds"
     datasets.Dataset.from_dict({"query": ["q1", "q2"], "pos": [3, 4]}).save_to_disk(str(folder))
-    assert _error(folder) == f"{folder}: column 'pos' has type int64, expected text or a list of text"
+    assert one_line_error(folder) == f"{folder}: column 'pos' has type int64, expected text or a list of text"
 
 
 def test_typed_tables_keep_working_for_text_nulls_lists_and_unused_columns(tmp_path):
@@ -194,13 +186,13 @@ def _csv_file(path, n: int, replaced: dict[int, str]):
 
 def test_ragged_csv_row_names_its_line(tmp_path):
     path = _csv_file(tmp_path / "badline.csv", 19, {11: "a10,p10,extra"})
-    assert _error(path) == f"{path}:12: invalid CSV: expected 2 columns, got 3: a10,p10,extra"
+    assert one_line_error(path) == f"{path}:12: invalid CSV: expected 2 columns, got 3: a10,p10,extra"
 
 
 def test_ragged_csv_row_is_cut_short(tmp_path):
     path = tmp_path / "long.csv"
     path.write_text("anchor,positive\na,p\n" + ",".join(["x" * 50] * 20) + "\n", encoding="utf-8")
-    message = _error(path)
+    message = one_line_error(path)
     assert message.startswith(f"{path}:3: invalid CSV: expected 2 columns, got 20: xxx")
     assert message.endswith("...") and len(message) <= len(f"{path}:3: invalid CSV: expected 2 columns, got 20: ") + 80
 
@@ -208,13 +200,13 @@ def test_ragged_csv_row_is_cut_short(tmp_path):
 def test_unbalanced_quote_at_the_end_is_an_error_not_one_huge_value(tmp_path):
     """pyarrow read the rest of the file into one value, silently losing every later row."""
     path = _csv_file(tmp_path / "quote.csv", 19, {5: 'a5,"p5 never closed'})
-    assert _error(path) == f"{path}:6: invalid CSV: unbalanced quote: a quoted value that starts here never closes"
+    assert one_line_error(path) == f"{path}:6: invalid CSV: unbalanced quote: a quoted value that starts here never closes"
 
 
 def test_unbalanced_quote_that_meets_a_later_quote_names_where_it_opened(tmp_path):
     path = tmp_path / "quote.csv"
     path.write_text('anchor,positive\na1,p1\na2,"p2 open\na3,p3\na4,"p4",extra\na6,p6\n', encoding="utf-8")
-    message = _error(path)
+    message = one_line_error(path)
     assert message.startswith(f"{path}:3: invalid CSV: ") and "a3,p3" not in message
     assert "line 3 to 5: unbalanced quote?" in message
 
@@ -222,13 +214,13 @@ def test_unbalanced_quote_that_meets_a_later_quote_names_where_it_opened(tmp_pat
 def test_invalid_utf8_names_its_line(tmp_path):
     path = tmp_path / "latin1.csv"
     path.write_bytes("anchor,positive\na,p\nb,p\ncafé,p\n".encode("latin-1"))
-    assert _error(path) == f"{path}:4: invalid CSV: invalid UTF-8: invalid continuation byte at byte 4"
+    assert one_line_error(path) == f"{path}:4: invalid CSV: invalid UTF-8: invalid continuation byte at byte 4"
 
 
 def test_header_that_never_ends_names_line_1(tmp_path):
     path = tmp_path / "h.csv"
     path.write_text('anchor,"positive\na,p\n', encoding="utf-8")
-    assert _error(path).startswith(f"{path}:1: invalid CSV: ")
+    assert one_line_error(path).startswith(f"{path}:1: invalid CSV: ")
 
 
 def test_valid_csv_with_literal_and_multiline_quotes_loads_as_before(tmp_path):
@@ -330,10 +322,10 @@ def test_tsv_reads_commas_and_quotes_inside_values(tmp_path):
 def test_ragged_tsv_row_names_its_line(tmp_path):
     path = tmp_path / "bad.tsv"
     path.write_text("anchor\tpositive\na1\tp1\na2\tp2\textra\n", encoding="utf-8")
-    assert _error(path) == f"{path}:3: invalid TSV: expected 2 columns, got 3: a2\tp2\textra".replace("\t", " ")
+    assert one_line_error(path) == f"{path}:3: invalid TSV: expected 2 columns, got 3: a2\tp2\textra".replace("\t", " ")
 
 
 def test_a_tsv_row_after_a_multiline_value_is_named_by_its_line(tmp_path):
     path = tmp_path / "scores.tsv"
     path.write_text('anchor\tpositive\tscore\na1\t"two\nlines"\t0.1\na2\tp2\tmuch\n', encoding="utf-8")
-    assert _error(path).startswith(f"{path}:4: column 'score' holds text (\"much\")")
+    assert one_line_error(path).startswith(f"{path}:4: column 'score' holds text (\"much\")")

@@ -11,15 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedtune.data import load_pairs
-from embedtune.errors import DataError
-
-
-def _error(path) -> str:
-    with pytest.raises(DataError) as e:
-        load_pairs(path)
-    message = str(e.value)
-    assert "\n" not in message and message.isprintable(), message
-    return message
+from reader_errors import one_line_error
 
 
 # ------------------------------------------------------------------ a `negatives` column (plural)
@@ -63,7 +55,7 @@ def test_pandas_default_to_json_reads_as_columns(tmp_path):
 def test_json_columns_of_different_lengths_are_an_error_naming_them(tmp_path):
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps({"anchor": ["a1", "a2", "a3"], "positive": ["p1", "p2"]}), encoding="utf-8")
-    assert _error(path) == (f"{path}: a JSON object of columns of different lengths: 'anchor' holds 3 values, "
+    assert one_line_error(path) == (f"{path}: a JSON object of columns of different lengths: 'anchor' holds 3 values, "
                             "'positive' 2")
 
 
@@ -82,14 +74,14 @@ def test_a_list_column_written_by_pandas_to_csv_is_an_error_naming_its_line(tmp_
     path = tmp_path / "mined.csv"
     pd.DataFrame({"anchor": ["a", "b"], "positive": ["x", "y"],
                   "neg": [["n1", "n2"], ["n3", "n4"]]}).to_csv(path, index=False)  # the cell: "['n1', 'n2']"
-    assert _error(path).startswith(f"{path}:2: column 'neg' holds a list written as text (['n1', 'n2']); CSV keeps "
+    assert one_line_error(path).startswith(f"{path}:2: column 'neg' holds a list written as text (['n1', 'n2']); CSV keeps "
                                    "no lists: write the file as JSONL or Parquet")
 
 
 def test_a_written_list_after_a_multiline_cell_names_its_own_line(tmp_path):
     path = tmp_path / "pairs.tsv"
     path.write_text('anchor\tpositive\na\t"two\nlines"\nb\t["p1", "p2"]\n', encoding="utf-8")
-    assert _error(path).startswith(f"{path}:4: column 'positive' holds a list written as text")
+    assert one_line_error(path).startswith(f"{path}:4: column 'positive' holds a list written as text")
 
 
 def test_code_with_brackets_in_a_csv_is_still_text(tmp_path):
@@ -132,7 +124,7 @@ def test_hard_negatives_named_by_role_are_read_and_not_warned_about(tmp_path):
 def test_a_json_object_of_columns_with_a_lone_value_names_that_column(tmp_path):
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps({"anchor": ["a1", "a2"], "positive": ["p1", "p2"], "source": "wiki"}), encoding="utf-8")
-    assert _error(path) == f"{path}: a JSON object of columns, but column 'source' holds a JSON string, not a list"
+    assert one_line_error(path) == f"{path}: a JSON object of columns, but column 'source' holds a JSON string, not a list"
 
 
 # ------------------------------------------------------------------ CSV with another separator
@@ -142,5 +134,5 @@ def test_a_semicolon_separated_csv_is_an_error_naming_the_separator(tmp_path):
     pd = pytest.importorskip("pandas")
     path = tmp_path / "pairs.csv"
     pd.DataFrame({"anchor": ["a1", "a2"], "positive": ["p1", "p2"]}).to_csv(path, sep=";", index=False)  # Excel's, in much of Europe
-    assert _error(path).endswith("found: anchor;positive (one column: the file separates its columns with ';'; "
+    assert one_line_error(path).endswith("found: anchor;positive (one column: the file separates its columns with ';'; "
                                  "embedtune reads CSV with ',' and TSV with tabs: write it with one of those)")
