@@ -419,3 +419,24 @@ def test_guide_program_runs_with_the_hub_id_offline(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "embeddings_merged" / "modules.json").exists()
     assert (tmp_path / "embeddings_merged_hf" / "model.safetensors").exists()
+
+
+def test_a_run_trains_documents_with_the_checkpoints_passage_prompt(dense_nonorm_dir, tmp_path):
+    """An E5-style checkpoint names its document prompt "passage": the recipe trains and evaluates the
+    documents with it, as `encode_document` and `embedtune eval` use it (they were trained with none)."""
+    import shutil
+
+    from embedtune.monitoring import Phases
+    from embedtune.train import TrainConfig, load_model
+
+    folder = tmp_path / "e5_like"
+    shutil.copytree(dense_nonorm_dir, folder)
+    settings_file = folder / "config_sentence_transformers.json"
+    settings = json.loads(settings_file.read_text())
+    settings.update(prompts={"query": "query: ", "passage": "passage: "})
+    settings_file.write_text(json.dumps(settings))
+    model = load_model(TrainConfig(data="unused.jsonl", model=str(folder), max_seq_length=32), Phases())
+    assert (model.query_prompt, model.document_prompt) == ("query: ", "passage: ")
+    given = load_model(TrainConfig(data="unused.jsonl", model=str(folder), max_seq_length=32,
+                                   document_prompt="doc: "), Phases())
+    assert given.document_prompt == "doc: "  # --document-prompt still wins

@@ -46,6 +46,7 @@ from .monitoring import (
     TENSORBOARD_DIR, Phases, attach_tokens_per_second, check_report_to, point_tensorboard,
     readable_logs, report_arguments,
 )
+from .retrieval import model_prompts
 from .run_data import (
     Evaluation, build_losses, cached_texts, choose_evaluation, load_parts, similarity_evaluator, similarity_summary,
     split_parts, steps_per_epoch, text_columns, trainer_dataset,
@@ -269,7 +270,8 @@ def load_model(config: TrainConfig, phases: Phases) -> Model:
                              "weights after it (Dense, LayerNorm, ...); train it without --fsdp")
     given = {"query": config.query_prompt, "document": config.document_prompt}
     st_model.prompts = {**(st_model.prompts or {}), **{k: v for k, v in given.items() if v}}  # saved with the model
-    return Model(model, tokenizer, st_model, dtype, st_model.prompts.get("query"), st_model.prompts.get("document"))
+    query, document = model_prompts(st_model)  # a checkpoint's "passage" / "corpus" prompt is its document prompt
+    return Model(model, tokenizer, st_model, dtype, query, document)
 
 
 @dataclass
